@@ -1,0 +1,22 @@
+"""npmobile's exception types. Every expected failure is one of these, with a one-line message that
+names the file, the layer and, where there is one, the fix."""
+
+
+class NpmobileError(Exception):
+    """Base class: the CLI prints these as one line and exits 1."""
+
+
+class ModelFileError(NpmobileError):
+    """A model or weights file cannot be read: corrupt, truncated, wrong kind, inconsistent."""
+
+
+class UnsupportedLayerError(NpmobileError):
+    """A layer class npmobile does not run (or refuses to run, like Lambda)."""
+
+
+class WeightsError(NpmobileError):
+    """Weights are missing, of the wrong shape, or cannot be found / downloaded."""
+
+
+class ImageError(NpmobileError):
+    """An image file cannot be decoded."""
