@@ -20,3 +20,7 @@ class WeightsError(NpmobileError):
 
 class ImageError(NpmobileError):
     """An image file cannot be decoded."""
+
+
+class InputShapeError(NpmobileError, ValueError):
+    """The array given to predict does not have the shape the model takes."""

@@ -1,0 +1,303 @@
+"""The reference kernels: every operation a MobileNet needs, in plain NumPy, readable top to bottom.
+
+These are the definitions. The fast Numba kernels beside this file must agree with them (tests check
+that over many shapes), and a learner can read this file to see what each layer computes.
+
+Conventions, everywhere in npmobile:
+- activations are NHWC float32 arrays: x[n, row, column, channel];
+- a convolution kernel is [kernel_h, kernel_w, in_channels, out_channels], as Keras stores it;
+- a depthwise kernel is [kernel_h, kernel_w, channels, depth_multiplier];
+- padding is explicit: ((top, bottom), (left, right)) rows/columns of zeros around the image.
+  ``same_padding`` turns Keras's padding="same" into these numbers.
+
+Each function returns a new array; they are written for clarity, not speed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+NO_PADDING: Padding = ((0, 0), (0, 0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Shapes and padding
+# --------------------------------------------------------------------------------------------------
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """Zeros to add before and after one spatial axis for Keras/TensorFlow padding="same".
+
+    "same" means the output has ceil(size / stride) positions. The total padding needed for that is
+    split with the smaller half first (top/left), the extra one last: TensorFlow's rule, which is
+    why a stride-2 layer on an even input pads (0, 1) and MobileNets add ZeroPadding2D themselves.
+    """
+    effective_kernel = (kernel - 1) * dilation + 1
+    out = -(-size // stride)
+    total = max((out - 1) * stride + effective_kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def conv_output_size(size: int, kernel: int, stride: int, pad: tuple[int, int], dilation: int = 1) -> int:
+    """Number of positions a kernel visits along one axis of a padded input."""
+    effective_kernel = (kernel - 1) * dilation + 1
+    return (size + pad[0] + pad[1] - effective_kernel) // stride + 1
+
+
+def zero_pad(x: np.ndarray, padding: Padding) -> np.ndarray:
+    """Surround each image with rows and columns of zeros (Keras ZeroPadding2D)."""
+    (top, bottom), (left, right) = padding
+    return np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Convolutions
+# --------------------------------------------------------------------------------------------------
+
+
+def conv2d(
+    x: np.ndarray,
+    kernel: np.ndarray,
+    bias: np.ndarray | None = None,
+    strides: tuple[int, int] = (1, 1),
+    padding: Padding = NO_PADDING,
+    dilation: tuple[int, int] = (1, 1),
+) -> np.ndarray:
+    """Standard convolution: every output channel looks at every input channel.
+
+    out[n, i, j, co] = bias[co] + sum over (di, dj, ci) of
+                       x_padded[n, i*sh + di*dh, j*sw + dj*dw, ci] * kernel[di, dj, ci, co]
+
+    The loop runs over the kh*kw kernel taps; each tap is one matrix product of the shifted input
+    [N*H*W, Cin] with that tap's [Cin, Cout] slice of the kernel.
+    """
+    kh, kw, _cin, cout = kernel.shape
+    sh, sw = strides
+    dh, dw = dilation
+    xp = zero_pad(x, padding)
+    n, hp, wp, _ = xp.shape
+    oh = (hp - (kh - 1) * dh - 1) // sh + 1
+    ow = (wp - (kw - 1) * dw - 1) // sw + 1
+    out = np.zeros((n, oh, ow, cout), dtype=np.float32)
+    for di in range(kh):
+        for dj in range(kw):
+            rows = slice(di * dh, di * dh + (oh - 1) * sh + 1, sh)
+            cols = slice(dj * dw, dj * dw + (ow - 1) * sw + 1, sw)
+            out += xp[:, rows, cols, :] @ kernel[di, dj]
+    if bias is not None:
+        out += bias
+    return out
+
+
+def depthwise_conv2d(
+    x: np.ndarray,
+    kernel: np.ndarray,
+    bias: np.ndarray | None = None,
+    strides: tuple[int, int] = (1, 1),
+    padding: Padding = NO_PADDING,
+    dilation: tuple[int, int] = (1, 1),
+) -> np.ndarray:
+    """Depthwise convolution: each channel is filtered on its own, with its own small kernel.
+
+    out[n, i, j, c*M + m] = bias[c*M + m] + sum over (di, dj) of
+                            x_padded[n, i*sh + di*dh, j*sw + dj*dw, c] * kernel[di, dj, c, m]
+
+    where M is the depth multiplier (1 in MobileNets unless asked otherwise). No channel mixing:
+    that is the pointwise convolution's job. Cost: kh*kw*C multiply-adds per pixel, against
+    kh*kw*C*C' for a standard convolution.
+    """
+    kh, kw, c, multiplier = kernel.shape
+    sh, sw = strides
+    dh, dw = dilation
+    xp = zero_pad(x, padding)
+    n, hp, wp, _ = xp.shape
+    oh = (hp - (kh - 1) * dh - 1) // sh + 1
+    ow = (wp - (kw - 1) * dw - 1) // sw + 1
+    out = np.zeros((n, oh, ow, c, multiplier), dtype=np.float32)
+    for di in range(kh):
+        for dj in range(kw):
+            rows = slice(di * dh, di * dh + (oh - 1) * sh + 1, sh)
+            cols = slice(dj * dw, dj * dw + (ow - 1) * sw + 1, sw)
+            # [n, oh, ow, c, 1] * [c, M]: each channel times its own weights, summed over taps.
+            out += xp[:, rows, cols, :, None] * kernel[di, dj]
+    out = out.reshape(n, oh, ow, c * multiplier)
+    if bias is not None:
+        out += bias
+    return out
+
+
+def pointwise_conv2d(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """1x1 convolution: at every pixel, mix the channels with one matrix. A plain GEMM.
+
+    out[n, i, j, co] = bias[co] + sum over ci of x[n, i, j, ci] * kernel[ci, co]
+    ``kernel`` is [Cin, Cout] (a Keras 1x1 kernel with its two leading 1s dropped).
+    """
+    out = x @ kernel
+    if bias is not None:
+        out += bias
+    return out
+
+
+def dense(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """Fully connected layer on [N, features]: x @ kernel + bias."""
+    out = x @ kernel
+    if bias is not None:
+        out += bias
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalization and scaling
+# --------------------------------------------------------------------------------------------------
+
+
+def batch_norm(
+    x: np.ndarray,
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    mean: np.ndarray,
+    variance: np.ndarray,
+    epsilon: float = 1e-3,
+) -> np.ndarray:
+    """BatchNormalization at inference: a per-channel affine map, computed as Keras does.
+
+    inv = gamma / sqrt(variance + epsilon);  y = x * inv + (beta - mean * inv)
+    Written in this order (not (x - mean) * inv + beta) because that is Keras's order, and float32
+    rounding follows the order. Because it is affine, it folds into the convolution before it.
+    """
+    inv = np.float32(1.0) / np.sqrt(variance + np.float32(epsilon))
+    if gamma is not None:
+        inv = inv * gamma
+    shift = -mean * inv
+    if beta is not None:
+        shift = beta + shift
+    return x * inv + shift
+
+
+def rescale(x: np.ndarray, scale: float, offset: float) -> np.ndarray:
+    """Keras Rescaling: x * scale + offset (MobileNetV3 maps [0, 255] to [-1, 1] with it)."""
+    return x * np.float32(scale) + np.float32(offset)
+
+
+# --------------------------------------------------------------------------------------------------
+# Activations
+# --------------------------------------------------------------------------------------------------
+
+
+def relu(x: np.ndarray, max_value: float | None = None, negative_slope: float = 0.0, threshold: float = 0.0):
+    """Keras ReLU: x above threshold (capped at max_value), negative_slope * (x - threshold) below."""
+    if negative_slope == 0.0:
+        y = np.where(x > threshold, x, np.float32(0.0)) if threshold != 0.0 else np.maximum(x, np.float32(0))
+    else:
+        y = np.where(x >= threshold, x, np.float32(negative_slope) * (x - np.float32(threshold)))
+    if max_value is not None:
+        y = np.minimum(y, np.float32(max_value))
+    return y.astype(np.float32, copy=False)
+
+
+def relu6(x: np.ndarray) -> np.ndarray:
+    """min(max(x, 0), 6): the ReLU that keeps activations in a range low-precision hardware likes."""
+    return np.minimum(np.maximum(x, np.float32(0.0)), np.float32(6.0))
+
+
+def hard_sigmoid(x: np.ndarray) -> np.ndarray:
+    """Keras 3 hard_sigmoid: relu6(x + 3) / 6, a piecewise-linear sigmoid (0 below -3, 1 above 3)."""
+    return relu6(x + np.float32(3.0)) / np.float32(6.0)
+
+
+def hard_sigmoid_keras2(x: np.ndarray) -> np.ndarray:
+    """What Activation('hard_sigmoid') meant in Keras 2: clip(0.2 * x + 0.5, 0, 1)."""
+    return np.clip(np.float32(0.2) * x + np.float32(0.5), np.float32(0.0), np.float32(1.0))
+
+
+def hard_swish(x: np.ndarray) -> np.ndarray:
+    """x * hard_sigmoid(x): MobileNetV3's cheap swish. Keras computes x * (relu6(x + 3) / 6)."""
+    return x * hard_sigmoid(x)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    # Split by sign so exp never overflows.
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, np.float32(1.0) / (np.float32(1.0) + e), e / (np.float32(1.0) + e)).astype(np.float32)
+
+
+def swish(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(x), also called silu."""
+    return x * sigmoid(x)
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """exp(x) / sum(exp(x)) along ``axis``, with the max subtracted first so exp cannot overflow."""
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pooling
+# --------------------------------------------------------------------------------------------------
+
+
+def global_average_pool(x: np.ndarray, keepdims: bool = False) -> np.ndarray:
+    """Mean over all pixels of each channel: [N, H, W, C] -> [N, C] (or [N, 1, 1, C])."""
+    return x.mean(axis=(1, 2), keepdims=keepdims, dtype=np.float32)
+
+
+def global_max_pool(x: np.ndarray, keepdims: bool = False) -> np.ndarray:
+    return x.max(axis=(1, 2), keepdims=keepdims)
+
+
+def _pool_windows(x: np.ndarray, pool: tuple[int, int], strides: tuple[int, int], padding: Padding, fill: float):
+    """All pooling windows as one array [N, OH, OW, C, ph*pw], padding filled with ``fill``."""
+    (top, bottom), (left, right) = padding
+    xp = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=fill)
+    ph, pw = pool
+    sh, sw = strides
+    oh = (xp.shape[1] - ph) // sh + 1
+    ow = (xp.shape[2] - pw) // sw + 1
+    taps = [
+        xp[:, di : di + (oh - 1) * sh + 1 : sh, dj : dj + (ow - 1) * sw + 1 : sw, :]
+        for di in range(ph)
+        for dj in range(pw)
+    ]
+    return np.stack(taps, axis=-1)
+
+
+def max_pool2d(x: np.ndarray, pool: tuple[int, int], strides: tuple[int, int], padding: Padding = NO_PADDING):
+    """Largest value in each window; padded positions never win (they are -inf)."""
+    return _pool_windows(x, pool, strides, padding, -np.inf).max(axis=-1)
+
+
+def average_pool2d(x: np.ndarray, pool: tuple[int, int], strides: tuple[int, int], padding: Padding = NO_PADDING):
+    """Mean of each window, counting only real pixels: TensorFlow leaves padding out of the count."""
+    sums = _pool_windows(x, pool, strides, padding, 0.0).sum(axis=-1)
+    ones = np.ones((1,) + x.shape[1:3] + (1,), dtype=np.float32)
+    counts = _pool_windows(ones, pool, strides, padding, 0.0).sum(axis=-1)
+    return (sums / counts).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Squeeze-and-excite (MobileNetV3)
+# --------------------------------------------------------------------------------------------------
+
+
+def squeeze_excite(
+    x: np.ndarray,
+    reduce_kernel: np.ndarray,
+    reduce_bias: np.ndarray,
+    expand_kernel: np.ndarray,
+    expand_bias: np.ndarray,
+) -> np.ndarray:
+    """Reweight channels by a gate computed from the whole image.
+
+    squeeze: s = mean over pixels of x            [N, C]
+    excite:  g = hard_sigmoid(relu(s @ W1 + b1) @ W2 + b2)   two tiny dense layers, [N, C]
+    scale:   out = x * g                           each channel times its gate
+    The gate is computed as relu6(z + 3) * (1/6): MobileNetV3 builds it from ops, not the
+    hard_sigmoid activation, and multiplies by the rounded 1/6.
+    """
+    s = global_average_pool(x)
+    z = relu(dense(s, reduce_kernel, reduce_bias))
+    z = dense(z, expand_kernel, expand_bias)
+    gate = relu6(z + np.float32(3.0)) * np.float32(1.0 / 6.0)
+    return x * gate[:, None, None, :]

@@ -1,0 +1,120 @@
+"""What the three MobileNet families share: width rounding, input-shape rules, and turning a built
+ModelSpec plus a ``weights=`` argument into a runnable Model."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from npmobile.errors import NpmobileError
+from npmobile.graph import Graph, Node
+from npmobile.interpreter import Model
+from npmobile.layers import expected_weight_shapes
+from npmobile.spec import ModelSpec
+
+
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round a channel count to a multiple of ``divisor`` (Keras's _make_divisible / _depth):
+    to the nearest multiple, but never more than 10% below ``v``."""
+    if min_value is None:
+        min_value = divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+def input_shape_for(input_shape, default_size: int | None, include_top: bool, weights,
+                    require_static_top: bool = True) -> tuple:
+    """keras.applications' obtain_input_shape for channels_last.
+
+    ``default_size`` None means the family accepts an unknown size even with its top (V3).
+    """
+    default_shape = (default_size, default_size, 3) if default_size else (None, None, 3)
+    if weights == "imagenet" and include_top and require_static_top:
+        if input_shape is not None and tuple(input_shape) != default_shape:
+            raise NpmobileError(
+                f"with include_top=True and weights='imagenet', input_shape must be {default_shape}; "
+                f"got {tuple(input_shape)}"
+            )
+        return default_shape
+    if input_shape is not None:
+        input_shape = tuple(None if d is None else int(d) for d in input_shape)
+        if len(input_shape) != 3:
+            raise NpmobileError(f"input_shape must be (height, width, channels); got {input_shape}")
+        if any(d is not None and d < 32 for d in input_shape[:2]):
+            raise NpmobileError(f"input size must be at least 32x32; got input_shape={input_shape}")
+        if weights == "imagenet" and input_shape[2] != 3:
+            raise NpmobileError(f"imagenet weights need 3 input channels; got input_shape={input_shape}")
+        return input_shape
+    if include_top and require_static_top:
+        return default_shape
+    return (None, None, 3)
+
+
+def check_top_arguments(weights, include_top: bool, classes: int, classifier_activation) -> None:
+    if not (weights in (None, "imagenet") or isinstance(weights, (str, os.PathLike))):
+        raise NpmobileError(f"weights must be None, 'imagenet' or a file path; got {weights!r}")
+    if weights == "imagenet" and include_top and classes != 1000:
+        raise NpmobileError(f"weights='imagenet' with include_top=True needs classes=1000; got classes={classes}")
+    if weights == "imagenet" and include_top and classifier_activation not in (None, "softmax"):
+        raise NpmobileError("with weights='imagenet', classifier_activation must be None or 'softmax'")
+
+
+def random_weights(spec: ModelSpec, in_channels: dict[str, int], seed: int = 0) -> None:
+    """Fill ``spec.weights`` as Keras initializes a new model (glorot-uniform kernels, zero biases,
+    identity BatchNorm), seeded, so ``weights=None`` gives a runnable model like Keras's."""
+    rng = np.random.default_rng(seed)
+    for layer in spec.layers:
+        if layer.name not in in_channels:
+            continue
+        node = Node(layer.name, layer.class_name, layer.config, [])
+        shapes = expected_weight_shapes(node, in_channels[layer.name])
+        weights = {}
+        for var, shape in shapes.items():
+            if var in ("bias", "beta", "moving_mean"):
+                weights[var] = np.zeros(shape, np.float32)
+            elif var in ("gamma", "moving_variance"):
+                weights[var] = np.ones(shape, np.float32)
+            else:
+                receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+                fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
+                limit = np.sqrt(6.0 / (fan_in + fan_out))
+                weights[var] = rng.uniform(-limit, limit, shape).astype(np.float32)
+        if weights:
+            spec.weights[layer.name] = weights
+
+
+def finish_model(spec: ModelSpec, in_channels: dict[str, int], weights, official) -> Model:
+    """Attach weights to a built architecture and make it runnable.
+
+    ``weights``: None (random init, as Keras), "imagenet" (the official file, found or downloaded
+    by npmobile.weights; ``official`` is a zero-argument function returning its registry entry), or
+    a path to any Keras file npmobile reads (bound by layer name, by order where names differ).
+    """
+    if weights is None:
+        random_weights(spec, in_channels)
+    else:
+        from npmobile.io import bind_weights, read_weights
+
+        if weights == "imagenet":
+            from npmobile.weights import resolve
+
+            path = resolve(official())
+        else:
+            path = os.fspath(weights)
+        bind_weights(spec, read_weights(path))
+    return Model(Graph.from_spec(spec))
+
+
+def preprocess_tf(x) -> np.ndarray:
+    """Keras's "tf" preprocessing (MobileNet V1 and V2): pixels 0..255 to -1..1, as x / 127.5 - 1.
+
+    Computed in float32 in this order, as Keras does (dividing rounds differently from multiplying
+    by 1/127.5, which is what V3's Rescaling layer does)."""
+    x = np.asarray(x)
+    x = x.astype(np.float32) if x.dtype != np.float32 else x.copy()
+    x /= np.float32(127.5)
+    x -= np.float32(1.0)
+    return x

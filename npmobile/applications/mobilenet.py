@@ -1,0 +1,102 @@
+"""MobileNet V1 (Howard et al., 2017), built as keras.applications.MobileNet builds it.
+
+Each block: a 3x3 depthwise conv (spatial filtering, one channel at a time), BatchNorm, ReLU6, then a
+1x1 pointwise conv (mixing channels), BatchNorm, ReLU6. Stride-2 blocks pad ((0, 1), (0, 1)) by hand.
+"""
+
+from __future__ import annotations
+
+from npmobile.applications.builder import Builder, Tensor
+from npmobile.applications.common import (
+    check_top_arguments,
+    finish_model,
+    input_shape_for,
+    preprocess_tf,
+)
+from npmobile.applications.imagenet_utils import decode_predictions  # noqa: F401  (Keras's API)
+from npmobile.errors import NpmobileError
+from npmobile.interpreter import Model
+
+# (pointwise filters, stride) for blocks 1..13
+BLOCKS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+          (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1)]
+IMAGENET_SIZES = (128, 160, 192, 224)
+IMAGENET_ALPHAS = (0.25, 0.5, 0.75, 1.0)
+
+
+def preprocess_input(x):
+    """Pixels 0..255 to -1..1 (x / 127.5 - 1), as keras.applications.mobilenet.preprocess_input."""
+    return preprocess_tf(x)
+
+
+def _conv_block(b: Builder, x: Tensor, filters: int, alpha: float, strides: int) -> Tensor:
+    x = b.conv2d(x, int(filters * alpha), 3, strides=strides, use_bias=False, name="conv1")
+    x = b.batch_norm(x, name="conv1_bn")
+    return b.relu(x, 6.0, name="conv1_relu")
+
+
+def _depthwise_conv_block(b: Builder, x: Tensor, filters: int, alpha: float, depth_multiplier: int,
+                          strides: int, block_id: int) -> Tensor:
+    if strides != 1:
+        x = b.zero_padding(x, ((0, 1), (0, 1)), name=f"conv_pad_{block_id}")
+    x = b.depthwise_conv2d(x, 3, strides=strides, padding="same" if strides == 1 else "valid",
+                           depth_multiplier=depth_multiplier, name=f"conv_dw_{block_id}")
+    x = b.batch_norm(x, name=f"conv_dw_{block_id}_bn")
+    x = b.relu(x, 6.0, name=f"conv_dw_{block_id}_relu")
+    x = b.conv2d(x, int(filters * alpha), 1, use_bias=False, name=f"conv_pw_{block_id}")
+    x = b.batch_norm(x, name=f"conv_pw_{block_id}_bn")
+    return b.relu(x, 6.0, name=f"conv_pw_{block_id}_relu")
+
+
+def MobileNet(
+    input_shape=None,
+    alpha: float = 1.0,
+    depth_multiplier: int = 1,
+    dropout: float = 1e-3,
+    include_top: bool = True,
+    weights="imagenet",
+    pooling: str | None = None,
+    classes: int = 1000,
+    classifier_activation="softmax",
+    name: str | None = None,
+) -> Model:
+    """keras.applications.MobileNet, with the same arguments, layer names and numbers."""
+    check_top_arguments(weights, include_top, classes, classifier_activation)
+    default_size = 224
+    if input_shape is not None and input_shape[0] == input_shape[1] and input_shape[0] in IMAGENET_SIZES:
+        default_size = input_shape[0]
+    input_shape = input_shape_for(input_shape, default_size, include_top, weights)
+    rows = input_shape[0]
+    if weights == "imagenet":
+        if depth_multiplier != 1:
+            raise NpmobileError("imagenet weights exist only for depth_multiplier=1")
+        if alpha not in IMAGENET_ALPHAS:
+            raise NpmobileError(f"imagenet weights exist only for alpha in {IMAGENET_ALPHAS}; got {alpha}")
+        if rows != input_shape[1] or rows not in IMAGENET_SIZES:
+            rows = 224  # Keras loads the 224 weights then (and warns)
+
+    b = Builder()
+    inputs = b.input(input_shape)
+    x = _conv_block(b, inputs, 32, alpha, strides=2)
+    for block_id, (filters, stride) in enumerate(BLOCKS, start=1):
+        x = _depthwise_conv_block(b, x, filters, alpha, depth_multiplier, stride, block_id)
+
+    if include_top:
+        x = b.global_average_pool(x, keepdims=True)
+        x = b.dropout(x, dropout, name="dropout")
+        x = b.conv2d(x, classes, 1, name="conv_preds")
+        x = b.reshape(x, (classes,), name="reshape_2")
+        x = b.activation(x, classifier_activation, name="predictions")
+    elif pooling == "avg":
+        x = b.global_average_pool(x)
+    elif pooling == "max":
+        x = b.global_max_pool(x)
+
+    spec = b.spec(inputs, x, name or f"mobilenet_{alpha:0.2f}_{rows}")
+
+    def official():
+        from npmobile.weights import official_file
+
+        return official_file("mobilenet", alpha, rows, include_top)
+
+    return finish_model(spec, b.in_channels, weights, official)

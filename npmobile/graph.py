@@ -1,0 +1,253 @@
+"""The Keras functional graph as data.
+
+``Graph.from_spec`` turns a ModelSpec (from a reader or an architecture builder) into a list of nodes
+in an order where every node comes after its inputs. Each node is one Keras layer call and keeps the
+layer's name, class and config, so Keras names stay addressable (``predict(x, outputs=[...])``).
+Nested models are inlined: their layers become nodes of the outer graph under their own names, and
+the nested model's name becomes an alias of its output.
+
+Passes (npmobile/passes/) rewrite the node list; a node remembers in ``keras_names`` which Keras
+layers it now stands for, so a fused node still answers to the name of every layer folded into it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+
+from npmobile.errors import ModelFileError, UnsupportedLayerError
+from npmobile.spec import LayerSpec, ModelSpec, TensorRef
+
+# An input of a node: the name of the node whose output it is, or a scalar operand.
+Input = Union[str, float]
+
+# Every Keras class npmobile runs; anything else is refused by name.
+SUPPORTED_LAYERS = frozenset(
+    {
+        "InputLayer", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "BatchNormalization", "ReLU",
+        "Activation", "ZeroPadding2D", "Add", "Multiply", "Concatenate", "Rescaling",
+        "GlobalAveragePooling2D", "GlobalMaxPooling2D", "AveragePooling2D", "MaxPooling2D",
+        "Reshape", "Flatten", "Dropout", "Dense", "Softmax",
+    }
+)
+
+# Keras class names that mean the same layer under another name.
+CLASS_ALIASES = {
+    "Convolution2D": "Conv2D",
+    "SeparableConvolution2D": "SeparableConv2D",
+    "GlobalAvgPool2D": "GlobalAveragePooling2D",
+    "GlobalMaxPool2D": "GlobalMaxPooling2D",
+    "AvgPool2D": "AveragePooling2D",
+    "MaxPool2D": "MaxPooling2D",
+}
+
+NESTED_MODEL_CLASSES = frozenset({"Functional", "Model", "Sequential"})
+
+
+@dataclass
+class Node:
+    name: str
+    op: str
+    config: dict[str, Any]
+    inputs: list[Input]
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    keras_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.keras_names:
+            self.keras_names = [self.name]
+
+
+@dataclass
+class Graph:
+    name: str
+    nodes: list[Node]
+    inputs: list[str]
+    outputs: list[str]
+    input_shapes: dict[str, tuple[int | None, ...]]
+    aliases: dict[str, str] = field(default_factory=dict)  # nested model name -> node of its output
+    keras_version: int = 3
+    source: str = ""
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> Graph:
+        return _GraphBuilder(spec).build()
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def resolve(self, name: str) -> str:
+        """The node whose output is the output of the Keras layer (or nested model) called ``name``."""
+        name = self.aliases.get(name, name)
+        for node in self.nodes:
+            if node.name == name:
+                return node.name
+        for node in self.nodes:
+            if name in node.keras_names:
+                return node.name
+        known = ", ".join(n.name for n in self.nodes[:5])
+        raise KeyError(f"no layer named {name!r} in model {self.name!r} (layers include {known}, …)")
+
+    def consumers(self) -> dict[str, list[Node]]:
+        users: dict[str, list[Node]] = {n.name: [] for n in self.nodes}
+        for node in self.nodes:
+            for inp in node.inputs:
+                if isinstance(inp, str):
+                    users[inp].append(node)
+        return users
+
+
+class _GraphBuilder:
+    """Flattens a ModelSpec (and the ModelSpecs nested in it) into topologically ordered nodes."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.nodes: list[Node] = []
+        self.aliases: dict[str, str] = {}
+        self.taken: set[str] = set()
+
+    def build(self) -> Graph:
+        spec = self.spec
+        inputs, input_shapes = [], {}
+        outputs = self._inline(spec, outer_inputs=None, collect_inputs=(inputs, input_shapes))
+        return Graph(
+            name=spec.name,
+            nodes=self.nodes,
+            inputs=inputs,
+            outputs=outputs,
+            input_shapes=input_shapes,
+            aliases=self.aliases,
+            keras_version=spec.keras_version,
+            source=spec.source,
+        )
+
+    def _fail(self, spec: ModelSpec, message: str) -> ModelFileError:
+        return ModelFileError(f"{spec.source or spec.name}: {message}")
+
+    def _inline(self, spec: ModelSpec, outer_inputs: list[str] | None, collect_inputs=None) -> list[str]:
+        """Add the nodes of ``spec``; returns the node names of its outputs.
+
+        ``outer_inputs``: for a nested model, the outer nodes that feed its inputs, in order.
+        """
+        layers = {layer.name: layer for layer in spec.layers}
+        if len(layers) != len(spec.layers):
+            raise self._fail(spec, "two layers share one name")
+        # (layer name, call index) -> graph node name
+        produced: dict[tuple[str, int], str] = {}
+        if outer_inputs is not None:
+            if len(outer_inputs) != len(spec.inputs):
+                raise self._fail(spec, f"nested model {spec.name!r} takes {len(spec.inputs)} inputs, "
+                                       f"called with {len(outer_inputs)}")
+            for ref, outer in zip(spec.inputs, outer_inputs):
+                produced[(ref.layer, ref.node_index)] = outer
+
+        visiting: set[tuple[str, int]] = set()
+
+        def visit(ref: TensorRef, wanted_by: str) -> str:
+            key = (ref.layer, ref.node_index)
+            if key in produced:
+                return produced[key]
+            layer = layers.get(ref.layer)
+            if layer is None:
+                raise self._fail(spec, f"layer {wanted_by!r} takes input from {ref.layer!r}, "
+                                       "which is not in the model")
+            if key in visiting:
+                raise self._fail(spec, f"layer {ref.layer!r} is part of a cycle; a model must be acyclic")
+            visiting.add(key)
+            produced[key] = self._add_call(spec, layer, ref.node_index, visit, collect_inputs)
+            visiting.discard(key)
+            return produced[key]
+
+        outputs = [visit(ref, "the model's outputs") for ref in spec.outputs]
+        if collect_inputs is not None:
+            # Inputs nobody reaches still belong to the model's signature.
+            for ref in spec.inputs:
+                visit(ref, "the model's inputs")
+        return outputs
+
+    def _add_call(self, spec: ModelSpec, layer: LayerSpec, call: int, visit, collect_inputs) -> str:
+        cls = CLASS_ALIASES.get(layer.class_name, layer.class_name)
+        if cls == "InputLayer":
+            return self._add_input(spec, layer, collect_inputs)
+        if not 0 <= call < len(layer.inbound):
+            raise self._fail(spec, f"layer {layer.name!r} is referenced as call {call} "
+                                   f"but has {len(layer.inbound)} calls")
+        args: list[Input] = []
+        for arg in layer.inbound[call].args:
+            args.append(visit(arg, layer.name) if isinstance(arg, TensorRef) else float(arg))
+
+        if cls in NESTED_MODEL_CLASSES or layer.submodel is not None:
+            if layer.submodel is None:
+                raise self._fail(spec, f"nested model {layer.name!r} has no layers")
+            sub_outputs = self._inline(layer.submodel, outer_inputs=[a for a in args if isinstance(a, str)])
+            if len(sub_outputs) != 1:
+                raise UnsupportedLayerError(
+                    f"{spec.source or spec.name}: nested model {layer.name!r} has {len(sub_outputs)} outputs;"
+                    " npmobile runs nested models with one output"
+                )
+            self.aliases[layer.name] = sub_outputs[0]
+            return sub_outputs[0]
+
+        check_supported(layer, spec)
+        name = self._unique(layer.name if call == 0 else f"{layer.name}_{call}")
+        self.nodes.append(
+            Node(
+                name=name,
+                op=cls,
+                config=dict(layer.config),
+                inputs=args,
+                weights=dict(spec.weights.get(layer.name, {})),
+            )
+        )
+        return name
+
+    def _add_input(self, spec: ModelSpec, layer: LayerSpec, collect_inputs) -> str:
+        if collect_inputs is None:
+            raise self._fail(spec, f"input {layer.name!r} of nested model {spec.name!r} is not fed")
+        config = layer.config
+        shape = config.get("batch_shape") or config.get("batch_input_shape")
+        if shape is None:
+            raise self._fail(spec, f"input layer {layer.name!r} has no shape")
+        name = self._unique(layer.name)
+        self.nodes.append(Node(name=name, op="InputLayer", config=dict(config), inputs=[]))
+        if name not in collect_inputs[0]:
+            collect_inputs[0].append(name)
+            collect_inputs[1][name] = tuple(shape)
+        return name
+
+    def _unique(self, name: str) -> str:
+        # Keras names are unique within one model; a nested model may reuse an outer name.
+        candidate, k = name, 1
+        while candidate in self.taken:
+            candidate = f"{name}_{k}"
+            k += 1
+        self.taken.add(candidate)
+        return candidate
+
+
+def check_supported(layer: LayerSpec, spec: ModelSpec) -> None:
+    """Refuse, with one clear line, any layer npmobile does not run: nothing from a file is executed."""
+    where = f"{spec.source or spec.name}: layer {layer.name!r}"
+    cls = CLASS_ALIASES.get(layer.class_name, layer.class_name)
+    if cls == "Lambda":
+        raise UnsupportedLayerError(
+            f"{where} is a Lambda layer, which holds Python code; npmobile never executes code from a file "
+            "(rebuild the model with built-in layers)"
+        )
+    if cls == "TFOpLambda":
+        function = layer.config.get("function", "?")
+        raise UnsupportedLayerError(
+            f"{where} is a TFOpLambda calling {function!r}; npmobile runs only scalar add and multiply ops"
+        )
+    if cls in ("Add", "Multiply") and layer.inbound:
+        return
+    if cls not in SUPPORTED_LAYERS:
+        raise UnsupportedLayerError(
+            f"{where} has class {layer.class_name!r}, which npmobile does not support "
+            f"(supported: {', '.join(sorted(SUPPORTED_LAYERS))})"
+        )

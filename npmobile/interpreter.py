@@ -1,0 +1,174 @@
+"""Run a graph: walk its nodes in order, hand each one its inputs, keep what is still needed.
+
+The interpreter knows graphs, not arithmetic: what a node computes is in npmobile.layers (and below
+it, the kernels). Here live the things a user touches: ``Model.predict`` and ``Model.summary``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from npmobile.errors import InputShapeError, ModelFileError
+from npmobile.graph import Graph, Node
+from npmobile.layers import LAYER_FUNCTIONS, check_weights
+
+_NON_TRAINABLE = {"moving_mean", "moving_variance"}
+
+
+class Model:
+    """A loaded MobileNet (or any supported Keras graph), ready to run.
+
+    >>> model = npmobile.load_model("m.h5")                       # doctest: +SKIP
+    >>> probs = model.predict(x)                                  # doctest: +SKIP
+    >>> maps = model.predict(x, outputs=["block_3_depthwise"])    # doctest: +SKIP
+    """
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        for node in graph.nodes:
+            node.weights = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in node.weights.items()}
+        self._checked_shapes: set[tuple] = set()
+
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.graph.name
+
+    @property
+    def input_shape(self) -> tuple[int | None, ...]:
+        return self.graph.input_shapes[self.graph.inputs[0]]
+
+    @property
+    def layer_names(self) -> list[str]:
+        names = []
+        for node in self.graph.nodes:
+            names.extend(node.keras_names)
+        return names
+
+    def count_params(self) -> int:
+        return sum(int(w.size) for node in self.graph.nodes for w in node.weights.values())
+
+    # ---------------------------------------------------------------------------------------------
+    def predict(
+        self,
+        x: np.ndarray | Sequence[np.ndarray],
+        outputs: Sequence[str] | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray | dict[str, np.ndarray]:
+        """Run the model on a batch of NHWC images.
+
+        Returns the model's output (a list of arrays if it has several), or with ``outputs=[names]``
+        a dict from each requested Keras layer name to that layer's output.
+        ``batch_size`` splits a large batch into chunks to bound memory; results are the same.
+        """
+        feeds = self._check_inputs(x)
+        n = feeds[0].shape[0]
+        if batch_size is None or batch_size >= n:
+            return self._run(feeds, outputs)
+        parts = [self._run([f[i : i + batch_size] for f in feeds], outputs) for i in range(0, n, batch_size)]
+        if isinstance(parts[0], dict):
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        if isinstance(parts[0], list):
+            return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+        return np.concatenate(parts)
+
+    def _check_inputs(self, x) -> list[np.ndarray]:
+        arrays = list(x) if isinstance(x, (list, tuple)) else [x]
+        if len(arrays) != len(self.graph.inputs):
+            raise InputShapeError(f"model {self.name!r} takes {len(self.graph.inputs)} inputs, got {len(arrays)}")
+        feeds = []
+        for name, a in zip(self.graph.inputs, arrays):
+            a = np.ascontiguousarray(a, dtype=np.float32)
+            want = self.graph.input_shapes[name]
+            ok = a.ndim == len(want) and all(w is None or w == d for w, d in zip(want[1:], a.shape[1:]))
+            if not ok:
+                shape = "(batch, " + ", ".join("any" if w is None else str(w) for w in want[1:]) + ")"
+                raise InputShapeError(
+                    f"model {self.name!r} expects input of shape {shape}, got {tuple(a.shape)}"
+                )
+            feeds.append(a)
+        return feeds
+
+    def _run(self, feeds: list[np.ndarray], outputs: Sequence[str] | None):
+        graph = self.graph
+        wanted = [graph.resolve(name) for name in outputs] if outputs is not None else list(graph.outputs)
+        keep = set(wanted)
+        # How many nodes still need each value; a value is dropped when its last reader has run.
+        remaining: dict[str, int] = {}
+        for node in graph.nodes:
+            for inp in node.inputs:
+                if isinstance(inp, str):
+                    remaining[inp] = remaining.get(inp, 0) + 1
+
+        shape_key = tuple(f.shape[1:] for f in feeds)
+        check = shape_key not in self._checked_shapes
+        values: dict[str, np.ndarray] = dict(zip(graph.inputs, feeds))
+        for node in graph.nodes:
+            if node.op == "InputLayer":
+                continue
+            args = [values[i] if isinstance(i, str) else i for i in node.inputs]
+            if check:
+                self._check_node(node, args)
+            values[node.name] = LAYER_FUNCTIONS[node.op](node, args, graph.keras_version)
+            for inp in node.inputs:
+                if isinstance(inp, str):
+                    remaining[inp] -= 1
+                    if remaining[inp] == 0 and inp not in keep:
+                        del values[inp]
+        self._checked_shapes.add(shape_key)
+
+        if outputs is not None:
+            return {name: values[node] for name, node in zip(outputs, wanted)}
+        results = [values[name] for name in wanted]
+        return results[0] if len(results) == 1 else results
+
+    def _check_node(self, node: Node, args: list) -> None:
+        tensors = [a for a in args if isinstance(a, np.ndarray)]
+        if not tensors:
+            raise ModelFileError(f"{self.graph.source}: layer {node.name!r} has no tensor input")
+        check_weights(node, int(tensors[0].shape[-1]), self.graph.source)
+
+    # ---------------------------------------------------------------------------------------------
+    def layer_output_shapes(self, input_hw: tuple[int, int] | None = None) -> dict[str, tuple]:
+        """Output shape of every node (batch dim None), found by running one zero image through."""
+        shape = list(self.input_shape)
+        dynamic = any(d is None for d in shape[1:-1])
+        hw = input_hw or (224, 224)
+        probe = np.zeros([1] + [hw[i] if d is None else d for i, d in enumerate(shape[1:-1])] + [shape[-1]],
+                         dtype=np.float32)
+        names = [n.name for n in self.graph.nodes]
+        values = self._run([probe], names)
+        shapes = {}
+        for name, value in values.items():
+            s = (None,) + tuple(value.shape[1:])
+            if dynamic and input_hw is None and value.ndim == 4:
+                s = (None, None, None, s[-1])
+            shapes[name] = s
+        return shapes
+
+    def summary(self, print_fn: Callable[[str], None] | None = None, line_length: int = 98) -> None:
+        """Print a Keras-like table: layer (type), output shape, params; then the totals."""
+        (print_fn or print)(self.summary_text(line_length))
+
+    def summary_text(self, line_length: int = 98) -> str:
+        shapes = self.layer_output_shapes()
+        cols = (int(line_length * 0.45), int(line_length * 0.33))
+        rule = "─" * line_length
+        lines = [f'Model: "{self.name}"', rule,
+                 f"{'Layer (type)':<{cols[0]}}{'Output Shape':<{cols[1]}}{'Param #':>{line_length - sum(cols)}}",
+                 "━" * line_length]
+        for node in self.graph.nodes:
+            params = sum(int(w.size) for w in node.weights.values())
+            label = f"{node.name} ({node.op})"
+            shape = "(" + ", ".join("None" if d is None else str(d) for d in shapes[node.name]) + ")"
+            lines.append(f"{label:<{cols[0]}}{shape:<{cols[1]}}{params:>{line_length - sum(cols)},}")
+        total = self.count_params()
+        frozen = sum(int(w.size) for n in self.graph.nodes for k, w in n.weights.items() if k in _NON_TRAINABLE)
+        lines += [rule,
+                  f" Total params: {total:,} ({total * 4 / 2**20:.2f} MB)",
+                  f" Trainable params: {total - frozen:,}",
+                  f" Non-trainable params: {frozen:,}",
+                  rule]
+        return "\n".join(lines)

@@ -1,0 +1,327 @@
+"""What each Keras layer means, in terms of kernels.
+
+One function per Keras class: it reads the layer's config (padding="same", activation names,
+Keras-version quirks) and calls kernels. No arithmetic on tensors happens here beyond choosing and
+calling the kernel; the interpreter calls these functions and knows nothing of layers.
+
+``check_weights`` validates a node's weights against its config before anything runs, so a file
+whose shapes disagree fails with a message naming the layer rather than a NumPy error deep inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from npmobile.errors import ModelFileError, UnsupportedLayerError
+from npmobile.graph import Node
+from npmobile.kernels import reference as K
+
+
+def _pair(value) -> tuple[int, int]:
+    if isinstance(value, (list, tuple)):
+        return (int(value[0]), int(value[-1]))
+    return (int(value), int(value))
+
+
+def activation_function(name, keras_version: int = 3) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The kernel for a Keras activation name (None for linear).
+
+    ``hard_sigmoid`` depends on who wrote the file: Keras 2 meant clip(0.2x + 0.5, 0, 1),
+    Keras 3 means relu6(x + 3) / 6.
+    """
+    if isinstance(name, dict):  # {"class_name": "relu", "config": {...}} or a serialized function
+        name = name.get("config", {}).get("name") or name.get("class_name")
+    if name in (None, "linear"):
+        return None
+    if name == "hard_sigmoid" and keras_version < 3:
+        return K.hard_sigmoid_keras2
+    table = {
+        "relu": K.relu,
+        "relu6": K.relu6,
+        "sigmoid": K.sigmoid,
+        "hard_sigmoid": K.hard_sigmoid,
+        "hard_swish": K.hard_swish,
+        "hard_silu": K.hard_swish,
+        "swish": K.swish,
+        "silu": K.swish,
+        "softmax": K.softmax,
+        "tanh": np.tanh,
+    }
+    if name not in table:
+        raise UnsupportedLayerError(f"activation {name!r} is not supported (supported: {', '.join(table)})")
+    return table[name]
+
+
+def _activate(x: np.ndarray, node: Node, keras_version: int) -> np.ndarray:
+    fn = activation_function(node.config.get("activation"), keras_version)
+    return x if fn is None else fn(x)
+
+
+def conv_padding(node: Node, in_hw: tuple[int, int], kernel_hw, strides, dilation) -> K.Padding:
+    """Explicit ((top, bottom), (left, right)) padding for a conv or pooling node."""
+    padding = node.config.get("padding", "valid")
+    if isinstance(padding, (list, tuple)):  # already explicit (the ZeroPadding2D fusion pass writes it)
+        return tuple(tuple(int(v) for v in p) for p in padding)
+    if padding == "valid":
+        return K.NO_PADDING
+    if padding == "same":
+        return (
+            K.same_padding(in_hw[0], kernel_hw[0], strides[0], dilation[0]),
+            K.same_padding(in_hw[1], kernel_hw[1], strides[1], dilation[1]),
+        )
+    raise UnsupportedLayerError(f"layer {node.name!r}: padding {padding!r} is not supported")
+
+
+def _check_channels_last(node: Node) -> None:
+    fmt = node.config.get("data_format")
+    if fmt not in (None, "channels_last"):
+        raise UnsupportedLayerError(f"layer {node.name!r} uses data_format={fmt!r}; npmobile runs channels_last")
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer functions: (node, inputs, keras_version) -> output
+# --------------------------------------------------------------------------------------------------
+
+
+def run_conv2d(node: Node, inputs, keras_version: int) -> np.ndarray:
+    x = inputs[0]
+    kernel = node.weights["kernel"]
+    strides = _pair(node.config.get("strides", 1))
+    dilation = _pair(node.config.get("dilation_rate", 1))
+    padding = conv_padding(node, x.shape[1:3], kernel.shape[:2], strides, dilation)
+    bias = node.weights.get("bias")
+    if kernel.shape[:2] == (1, 1) and strides == (1, 1) and padding == K.NO_PADDING:
+        y = K.pointwise_conv2d(x, kernel[0, 0], bias)
+    else:
+        y = K.conv2d(x, kernel, bias, strides, padding, dilation)
+    return _activate(y, node, keras_version)
+
+
+def run_depthwise_conv2d(node: Node, inputs, keras_version: int) -> np.ndarray:
+    x = inputs[0]
+    kernel = node.weights["depthwise_kernel"]
+    strides = _pair(node.config.get("strides", 1))
+    dilation = _pair(node.config.get("dilation_rate", 1))
+    padding = conv_padding(node, x.shape[1:3], kernel.shape[:2], strides, dilation)
+    y = K.depthwise_conv2d(x, kernel, node.weights.get("bias"), strides, padding, dilation)
+    return _activate(y, node, keras_version)
+
+
+def run_separable_conv2d(node: Node, inputs, keras_version: int) -> np.ndarray:
+    x = inputs[0]
+    depthwise = node.weights["depthwise_kernel"]
+    strides = _pair(node.config.get("strides", 1))
+    dilation = _pair(node.config.get("dilation_rate", 1))
+    padding = conv_padding(node, x.shape[1:3], depthwise.shape[:2], strides, dilation)
+    y = K.depthwise_conv2d(x, depthwise, None, strides, padding, dilation)
+    y = K.pointwise_conv2d(y, node.weights["pointwise_kernel"][0, 0], node.weights.get("bias"))
+    return _activate(y, node, keras_version)
+
+
+def run_batch_norm(node: Node, inputs, keras_version: int) -> np.ndarray:
+    w = node.weights
+    return K.batch_norm(
+        inputs[0], w.get("gamma"), w.get("beta"), w["moving_mean"], w["moving_variance"],
+        float(node.config.get("epsilon", 1e-3)),
+    )
+
+
+def run_relu(node: Node, inputs, keras_version: int) -> np.ndarray:
+    c = node.config
+    max_value = c.get("max_value")
+    return K.relu(
+        inputs[0],
+        None if max_value is None else float(max_value),
+        float(c.get("negative_slope", c.get("alpha", 0.0)) or 0.0),
+        float(c.get("threshold", 0.0) or 0.0),
+    )
+
+
+def run_activation(node: Node, inputs, keras_version: int) -> np.ndarray:
+    return _activate(inputs[0], node, keras_version)
+
+
+def run_softmax(node: Node, inputs, keras_version: int) -> np.ndarray:
+    axis = node.config.get("axis", -1)
+    return K.softmax(inputs[0], axis=axis if isinstance(axis, int) else axis[0])
+
+
+def run_zero_padding(node: Node, inputs, keras_version: int) -> np.ndarray:
+    padding = node.config.get("padding", 1)
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    padding = tuple(_pair(p) for p in padding)
+    return K.zero_pad(inputs[0], padding)
+
+
+def run_add(node: Node, inputs, keras_version: int) -> np.ndarray:
+    y = inputs[0]
+    for other in inputs[1:]:
+        y = y + (np.float32(other) if isinstance(other, float) else other)
+    return y
+
+
+def run_multiply(node: Node, inputs, keras_version: int) -> np.ndarray:
+    y = inputs[0]
+    for other in inputs[1:]:
+        y = y * (np.float32(other) if isinstance(other, float) else other)
+    return y
+
+
+def run_concatenate(node: Node, inputs, keras_version: int) -> np.ndarray:
+    return np.concatenate(inputs, axis=int(node.config.get("axis", -1)))
+
+
+def run_rescaling(node: Node, inputs, keras_version: int) -> np.ndarray:
+    scale, offset = node.config.get("scale", 1.0), node.config.get("offset", 0.0)
+    if isinstance(scale, (list, tuple)) or isinstance(offset, (list, tuple)):
+        x = inputs[0]
+        return (x * np.asarray(scale, np.float32) + np.asarray(offset, np.float32)).astype(np.float32)
+    return K.rescale(inputs[0], float(scale), float(offset))
+
+
+def run_global_average_pool(node: Node, inputs, keras_version: int) -> np.ndarray:
+    _check_channels_last(node)
+    return K.global_average_pool(inputs[0], bool(node.config.get("keepdims", False)))
+
+
+def run_global_max_pool(node: Node, inputs, keras_version: int) -> np.ndarray:
+    _check_channels_last(node)
+    return K.global_max_pool(inputs[0], bool(node.config.get("keepdims", False)))
+
+
+def _pool_params(node: Node, x: np.ndarray):
+    _check_channels_last(node)
+    pool = _pair(node.config.get("pool_size", 2))
+    strides = node.config.get("strides")
+    strides = pool if strides is None else _pair(strides)
+    return pool, strides, conv_padding(node, x.shape[1:3], pool, strides, (1, 1))
+
+
+def run_average_pool(node: Node, inputs, keras_version: int) -> np.ndarray:
+    pool, strides, padding = _pool_params(node, inputs[0])
+    return K.average_pool2d(inputs[0], pool, strides, padding)
+
+
+def run_max_pool(node: Node, inputs, keras_version: int) -> np.ndarray:
+    pool, strides, padding = _pool_params(node, inputs[0])
+    return K.max_pool2d(inputs[0], pool, strides, padding)
+
+
+def run_reshape(node: Node, inputs, keras_version: int) -> np.ndarray:
+    x = inputs[0]
+    target = [int(d) if d is not None else -1 for d in node.config["target_shape"]]
+    try:
+        return x.reshape((x.shape[0], *target))
+    except ValueError:
+        raise ModelFileError(
+            f"layer {node.name!r}: cannot reshape {x.shape[1:]} to {tuple(target)}"
+        ) from None
+
+
+def run_flatten(node: Node, inputs, keras_version: int) -> np.ndarray:
+    x = inputs[0]
+    return x.reshape(x.shape[0], -1)
+
+
+def run_dense(node: Node, inputs, keras_version: int) -> np.ndarray:
+    y = K.dense(inputs[0], node.weights["kernel"], node.weights.get("bias"))
+    return _activate(y, node, keras_version)
+
+
+def run_identity(node: Node, inputs, keras_version: int) -> np.ndarray:
+    return inputs[0]
+
+
+LAYER_FUNCTIONS: dict[str, Callable] = {
+    "Conv2D": run_conv2d,
+    "DepthwiseConv2D": run_depthwise_conv2d,
+    "SeparableConv2D": run_separable_conv2d,
+    "BatchNormalization": run_batch_norm,
+    "ReLU": run_relu,
+    "Activation": run_activation,
+    "Softmax": run_softmax,
+    "ZeroPadding2D": run_zero_padding,
+    "Add": run_add,
+    "Multiply": run_multiply,
+    "Concatenate": run_concatenate,
+    "Rescaling": run_rescaling,
+    "GlobalAveragePooling2D": run_global_average_pool,
+    "GlobalMaxPooling2D": run_global_max_pool,
+    "AveragePooling2D": run_average_pool,
+    "MaxPooling2D": run_max_pool,
+    "Reshape": run_reshape,
+    "Flatten": run_flatten,
+    "Dense": run_dense,
+    "Dropout": run_identity,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight checks: what each class needs, compared with what the file holds
+# --------------------------------------------------------------------------------------------------
+
+
+def expected_weight_shapes(node: Node, in_channels: int) -> dict[str, tuple[int, ...]]:
+    """The weight shapes a layer with this config needs, given its input's channel count."""
+    c = node.config
+    op = node.op
+    if op == "Conv2D":
+        kh, kw = _pair(c["kernel_size"])
+        if int(c.get("groups", 1) or 1) != 1:
+            raise UnsupportedLayerError(f"layer {node.name!r}: grouped Conv2D (groups={c['groups']}) is not supported")
+        shapes = {"kernel": (kh, kw, in_channels, int(c["filters"]))}
+        if c.get("use_bias", True):
+            shapes["bias"] = (int(c["filters"]),)
+        return shapes
+    if op == "DepthwiseConv2D":
+        kh, kw = _pair(c["kernel_size"])
+        m = int(c.get("depth_multiplier", 1))
+        shapes = {"depthwise_kernel": (kh, kw, in_channels, m)}
+        if c.get("use_bias", True):
+            shapes["bias"] = (in_channels * m,)
+        return shapes
+    if op == "SeparableConv2D":
+        kh, kw = _pair(c["kernel_size"])
+        m = int(c.get("depth_multiplier", 1))
+        shapes = {
+            "depthwise_kernel": (kh, kw, in_channels, m),
+            "pointwise_kernel": (1, 1, in_channels * m, int(c["filters"])),
+        }
+        if c.get("use_bias", True):
+            shapes["bias"] = (int(c["filters"]),)
+        return shapes
+    if op == "BatchNormalization":
+        axis = c.get("axis", -1)
+        axis = axis[0] if isinstance(axis, (list, tuple)) else axis
+        if axis not in (-1, 3):
+            raise UnsupportedLayerError(f"layer {node.name!r}: BatchNormalization over axis {axis} is not supported")
+        shapes = {"moving_mean": (in_channels,), "moving_variance": (in_channels,)}
+        if c.get("scale", True):
+            shapes["gamma"] = (in_channels,)
+        if c.get("center", True):
+            shapes["beta"] = (in_channels,)
+        return shapes
+    if op == "Dense":
+        shapes = {"kernel": (in_channels, int(c["units"]))}
+        if c.get("use_bias", True):
+            shapes["bias"] = (int(c["units"]),)
+        return shapes
+    return {}
+
+
+def check_weights(node: Node, in_channels: int, source: str = "") -> None:
+    """Raise ModelFileError if the node's weights are missing or do not fit its config."""
+    where = f"{source + ': ' if source else ''}layer {node.name!r} ({node.op})"
+    expected = expected_weight_shapes(node, in_channels)
+    for var, shape in expected.items():
+        if var not in node.weights:
+            raise ModelFileError(f"{where}: weight {var!r} is missing")
+        found = tuple(node.weights[var].shape)
+        if found != shape:
+            raise ModelFileError(f"{where}: weight {var!r} has shape {found}, the layer needs {shape}")
+    extra = set(node.weights) - set(expected)
+    if extra and expected:
+        raise ModelFileError(f"{where}: unexpected weights {sorted(extra)}")
