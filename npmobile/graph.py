@@ -13,7 +13,7 @@ layers it now stands for, so a fused node still answers to the name of every lay
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from npmobile.errors import ModelFileError, UnsupportedLayerError
 from npmobile.spec import LayerSpec, ModelSpec, TensorRef
 
 # An input of a node: the name of the node whose output it is, or a scalar operand.
-Input = Union[str, float]
+Input = str | float
 
 # Every Keras class npmobile runs; anything else is refused by name.
 SUPPORTED_LAYERS = frozenset(

@@ -22,7 +22,7 @@ Canonical forms, whatever the file's Keras version:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +36,7 @@ class TensorRef:
     tensor_index: int = 0
 
 
-Arg = Union[TensorRef, float]
+Arg = TensorRef | float
 
 
 @dataclass
