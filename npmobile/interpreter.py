@@ -10,9 +10,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from npmobile.errors import InputShapeError, ModelFileError
-from npmobile.graph import Graph, Node
-from npmobile.layers import LAYER_FUNCTIONS, check_weights
+from npmobile.errors import InputShapeError
+from npmobile.graph import Graph
+from npmobile.layers import LAYER_FUNCTIONS, infer_shapes
+from npmobile.passes import optimize
 
 _NON_TRAINABLE = {"moving_mean", "moving_variance"}
 
@@ -29,7 +30,9 @@ class Model:
         self.graph = graph
         for node in graph.nodes:
             node.weights = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in node.weights.items()}
-        self._checked_shapes: set[tuple] = set()
+        # Checks every layer's weights against its config now, so a bad file fails at load time.
+        self.shapes = infer_shapes(graph)
+        self._plans: dict[frozenset[str], Graph] = {}
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -91,8 +94,17 @@ class Model:
             feeds.append(a)
         return feeds
 
+    def plan(self, outputs: Sequence[str] | None = None) -> Graph:
+        """The optimized graph that computes ``outputs`` (fusion stops at every requested layer)."""
+        key = frozenset(outputs or ())
+        if key not in self._plans:
+            for name in key:
+                self.graph.resolve(name)  # unknown names fail here, with the list of known ones
+            self._plans[key] = optimize(self.graph, keep=key)
+        return self._plans[key]
+
     def _run(self, feeds: list[np.ndarray], outputs: Sequence[str] | None):
-        graph = self.graph
+        graph = self.plan(outputs)
         wanted = [graph.resolve(name) for name in outputs] if outputs is not None else list(graph.outputs)
         keep = set(wanted)
         # How many nodes still need each value; a value is dropped when its last reader has run.
@@ -102,58 +114,30 @@ class Model:
                 if isinstance(inp, str):
                     remaining[inp] = remaining.get(inp, 0) + 1
 
-        shape_key = tuple(f.shape[1:] for f in feeds)
-        check = shape_key not in self._checked_shapes
         values: dict[str, np.ndarray] = dict(zip(graph.inputs, feeds))
         for node in graph.nodes:
             if node.op == "InputLayer":
                 continue
             args = [values[i] if isinstance(i, str) else i for i in node.inputs]
-            if check:
-                self._check_node(node, args)
             values[node.name] = LAYER_FUNCTIONS[node.op](node, args, graph.keras_version)
             for inp in node.inputs:
                 if isinstance(inp, str):
                     remaining[inp] -= 1
                     if remaining[inp] == 0 and inp not in keep:
                         del values[inp]
-        self._checked_shapes.add(shape_key)
 
         if outputs is not None:
             return {name: values[node] for name, node in zip(outputs, wanted)}
         results = [values[name] for name in wanted]
         return results[0] if len(results) == 1 else results
 
-    def _check_node(self, node: Node, args: list) -> None:
-        tensors = [a for a in args if isinstance(a, np.ndarray)]
-        if not tensors:
-            raise ModelFileError(f"{self.graph.source}: layer {node.name!r} has no tensor input")
-        check_weights(node, int(tensors[0].shape[-1]), self.graph.source)
-
     # ---------------------------------------------------------------------------------------------
-    def layer_output_shapes(self, input_hw: tuple[int, int] | None = None) -> dict[str, tuple]:
-        """Output shape of every node (batch dim None), found by running one zero image through."""
-        shape = list(self.input_shape)
-        dynamic = any(d is None for d in shape[1:-1])
-        hw = input_hw or (224, 224)
-        probe = np.zeros([1] + [hw[i] if d is None else d for i, d in enumerate(shape[1:-1])] + [shape[-1]],
-                         dtype=np.float32)
-        names = [n.name for n in self.graph.nodes]
-        values = self._run([probe], names)
-        shapes = {}
-        for name, value in values.items():
-            s = (None,) + tuple(value.shape[1:])
-            if dynamic and input_hw is None and value.ndim == 4:
-                s = (None, None, None, s[-1])
-            shapes[name] = s
-        return shapes
-
     def summary(self, print_fn: Callable[[str], None] | None = None, line_length: int = 98) -> None:
         """Print a Keras-like table: layer (type), output shape, params; then the totals."""
         (print_fn or print)(self.summary_text(line_length))
 
     def summary_text(self, line_length: int = 98) -> str:
-        shapes = self.layer_output_shapes()
+        shapes = self.shapes
         cols = (int(line_length * 0.45), int(line_length * 0.33))
         rule = "─" * line_length
         lines = [f'Model: "{self.name}"', rule,

@@ -96,6 +96,8 @@ def run_conv2d(node: Node, inputs, keras_version: int) -> np.ndarray:
         y = K.pointwise_conv2d(x, kernel[0, 0], bias)
     else:
         y = K.conv2d(x, kernel, bias, strides, padding, dilation)
+    if node.config.get("residual"):  # set by the residual-add fusion pass: Keras adds after the bias
+        y = y + inputs[1]
     return _activate(y, node, keras_version)
 
 
@@ -235,6 +237,12 @@ def run_identity(node: Node, inputs, keras_version: int) -> np.ndarray:
     return inputs[0]
 
 
+def run_squeeze_excite(node: Node, inputs, keras_version: int) -> np.ndarray:
+    """The node the squeeze-excite fusion pass makes of MobileNetV3's eight SE layers."""
+    w = node.weights
+    return K.squeeze_excite(inputs[0], w["reduce_kernel"], w["reduce_bias"], w["expand_kernel"], w["expand_bias"])
+
+
 LAYER_FUNCTIONS: dict[str, Callable] = {
     "Conv2D": run_conv2d,
     "DepthwiseConv2D": run_depthwise_conv2d,
@@ -256,6 +264,7 @@ LAYER_FUNCTIONS: dict[str, Callable] = {
     "Flatten": run_flatten,
     "Dense": run_dense,
     "Dropout": run_identity,
+    "SqueezeExcite": run_squeeze_excite,
 }
 
 
@@ -325,3 +334,106 @@ def check_weights(node: Node, in_channels: int, source: str = "") -> None:
     extra = set(node.weights) - set(expected)
     if extra and expected:
         raise ModelFileError(f"{where}: unexpected weights {sorted(extra)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Shapes: what each layer outputs, worked out from configs alone (batch and unknown sizes are None)
+# --------------------------------------------------------------------------------------------------
+
+Shape = tuple
+
+
+def _window_out(size, kernel: int, stride: int, dilation: int, padding, axis: int):
+    if size is None:
+        return None
+    if padding == "same":
+        return -(-size // stride)
+    pad = (0, 0) if padding == "valid" else tuple(padding[axis])
+    return (size + pad[0] + pad[1] - (kernel - 1) * dilation - 1) // stride + 1
+
+
+def _spatial(node: Node, shape: Shape, kernel_hw, strides, dilation) -> tuple:
+    padding = node.config.get("padding", "valid")
+    return tuple(_window_out(shape[1 + a], kernel_hw[a], strides[a], dilation[a], padding, a) for a in (0, 1))
+
+
+def _broadcast(node: Node, shapes: list[Shape]) -> Shape:
+    rank = max(len(s) for s in shapes)
+    out = []
+    for axis in range(rank):
+        dims = {s[axis - rank + len(s)] for s in shapes if axis - rank + len(s) >= 0} - {1}
+        known = {d for d in dims if d is not None}
+        if len(known) > 1:
+            raise ModelFileError(f"layer {node.name!r} ({node.op}) combines tensors of shapes {shapes}")
+        out.append(known.pop() if known else (None if None in dims else 1))
+    return (None, *out[1:])
+
+
+def output_shape(node: Node, inputs: list[Shape]) -> Shape:
+    """The shape of a node's output given its inputs' shapes (NHWC; None where unknown)."""
+    c = node.config
+    op = node.op
+    x = next(s for s in inputs if s is not None)
+    if op in ("Conv2D", "DepthwiseConv2D", "SeparableConv2D"):
+        h, w = _spatial(node, x, _pair(c["kernel_size"]), _pair(c.get("strides", 1)), _pair(c.get("dilation_rate", 1)))
+        channels = x[-1] * int(c.get("depth_multiplier", 1)) if op == "DepthwiseConv2D" else int(c["filters"])
+        return (None, h, w, channels)
+    if op in ("AveragePooling2D", "MaxPooling2D"):
+        pool = _pair(c.get("pool_size", 2))
+        strides = pool if c.get("strides") is None else _pair(c["strides"])
+        h, w = _spatial(node, x, pool, strides, (1, 1))
+        return (None, h, w, x[-1])
+    if op == "ZeroPadding2D":
+        padding = c.get("padding", 1)
+        if isinstance(padding, int):
+            padding = ((padding, padding), (padding, padding))
+        (t, b), (left, r) = (_pair(p) for p in padding)
+        return (None, None if x[1] is None else x[1] + t + b, None if x[2] is None else x[2] + left + r, x[3])
+    if op in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
+        return (None, 1, 1, x[-1]) if c.get("keepdims") else (None, x[-1])
+    if op == "Dense":
+        return (*x[:-1], int(c["units"]))
+    if op == "Flatten":
+        size = 1
+        for d in x[1:]:
+            size = None if size is None or d is None else size * d
+        return (None, size)
+    if op == "Reshape":
+        target = [None if d in (None, -1) else int(d) for d in c["target_shape"]]
+        known = 1
+        for d in x[1:]:
+            known = None if known is None or d is None else known * d
+        if None in target and known is not None:
+            rest = 1
+            for d in target:
+                rest *= d or 1
+            target = [known // rest if d is None else d for d in target]
+        elif known is not None and int(np.prod(target)) != known:
+            raise ModelFileError(f"layer {node.name!r}: cannot reshape {x[1:]} to {tuple(target)}")
+        return (None, *target)
+    if op in ("Add", "Multiply"):
+        return _broadcast(node, [s for s in inputs if s is not None])
+    if op == "Concatenate":
+        axis = int(c.get("axis", -1))
+        out = list(x)
+        out[axis] = None if any(s[axis] is None for s in inputs) else sum(s[axis] for s in inputs)
+        return tuple(out)
+    return x  # elementwise layers: BatchNorm, activations, Rescaling, Dropout, SqueezeExcite
+
+
+def infer_shapes(graph, check: bool = True) -> dict[str, Shape]:
+    """Every node's output shape, from the input shapes and configs; with ``check``, every node's
+    weights are validated against its config and input on the way (before anything is allocated)."""
+    shapes: dict[str, Shape] = {}
+    for node in graph.nodes:
+        if node.op == "InputLayer":
+            shapes[node.name] = (None, *graph.input_shapes[node.name][1:])
+            continue
+        ins = [shapes[i] if isinstance(i, str) else None for i in node.inputs]
+        tensors = [s for s in ins if s is not None]
+        if not tensors:
+            raise ModelFileError(f"{graph.source}: layer {node.name!r} has no tensor input")
+        if check and tensors[0][-1] is not None:
+            check_weights(node, int(tensors[0][-1]), graph.source)
+        shapes[node.name] = output_shape(node, ins)
+    return shapes

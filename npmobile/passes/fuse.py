@@ -1,0 +1,262 @@
+"""The fusion passes. Each takes a Graph and the set of Keras names to keep, rewrites the graph in
+place and returns it; ``optimize`` copies the graph first and runs them in the order that lets each
+one see the pattern it looks for."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from npmobile.graph import Graph, Node
+
+CONV_OPS = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D")
+# Activations the kernels can apply in a convolution's epilogue.
+FUSABLE_ACTIVATIONS = ("relu", "relu6", "hard_swish", "hard_silu", "sigmoid", "swish", "silu")
+
+
+# --------------------------------------------------------------------------------------------------
+# Small graph surgery helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_kept(node: Node, graph: Graph, keep: set[str]) -> bool:
+    return node.name in graph.outputs or any(name in keep for name in node.keras_names)
+
+
+def _only_consumer(graph: Graph, node: Node, keep: set[str]) -> Node | None:
+    """The single node reading ``node``'s output, if exactly one does and nobody else wants it."""
+    if _is_kept(node, graph, keep):
+        return None
+    users = [n for n in graph.nodes if node.name in n.inputs]
+    if len(users) != 1 or users[0].inputs.count(node.name) != 1:
+        return None
+    return users[0]
+
+
+def _producer(graph: Graph, name) -> Node | None:
+    if not isinstance(name, str):
+        return None
+    for node in graph.nodes:
+        if node.name == name:
+            return node
+    return None
+
+
+def _replace_uses(graph: Graph, old: str, new: str) -> None:
+    for node in graph.nodes:
+        node.inputs = [new if i == old else i for i in node.inputs]
+    graph.outputs = [new if o == old else o for o in graph.outputs]
+    graph.aliases = {k: (new if v == old else v) for k, v in graph.aliases.items()}
+
+
+def _absorb(graph: Graph, survivor: Node, absorbed: Node) -> None:
+    """``absorbed`` ran right after ``survivor``; now ``survivor``'s output is ``absorbed``'s output."""
+    survivor.keras_names.extend(absorbed.keras_names)
+    graph.nodes.remove(absorbed)
+    _replace_uses(graph, absorbed.name, survivor.name)
+
+
+def _is_linear(node: Node) -> bool:
+    return node.config.get("activation") in (None, "linear") and not node.config.get("residual")
+
+
+# --------------------------------------------------------------------------------------------------
+# Passes
+# --------------------------------------------------------------------------------------------------
+
+
+def drop_dropout(graph: Graph, keep: set[str]) -> Graph:
+    """Dropout is the identity at inference: its readers read its input instead."""
+    for node in [n for n in graph.nodes if n.op == "Dropout"]:
+        source = node.inputs[0]
+        producer = _producer(graph, source)
+        if producer is not None:
+            producer.keras_names.extend(node.keras_names)
+        graph.nodes.remove(node)
+        _replace_uses(graph, node.name, source)
+    return graph
+
+
+def fold_batchnorm(graph: Graph, keep: set[str]) -> Graph:
+    """Fold BatchNormalization into the convolution before it.
+
+    BN is y = x * inv + (beta - mean * inv) with inv = gamma / sqrt(var + eps), per channel; a
+    convolution is linear, so scaling its kernel's output channel by inv and setting its bias to
+    (bias - mean) * inv + beta gives the same y in one step. Computed in float64, stored float32.
+    """
+    for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
+        conv = _producer(graph, bn.inputs[0])
+        if conv is None or conv.op not in ("Conv2D", "DepthwiseConv2D") or not _is_linear(conv):
+            continue
+        if _only_consumer(graph, conv, keep) is not bn:
+            continue
+        w = bn.weights
+        eps = float(bn.config.get("epsilon", 1e-3))
+        inv = 1.0 / np.sqrt(w["moving_variance"].astype(np.float64) + eps)
+        if "gamma" in w:
+            inv = inv * w["gamma"]
+        shift = -w["moving_mean"].astype(np.float64) * inv
+        if "beta" in w:
+            shift = shift + w["beta"]
+        key = "kernel" if conv.op == "Conv2D" else "depthwise_kernel"
+        kernel = conv.weights[key].astype(np.float64)
+        if conv.op == "DepthwiseConv2D":  # output channel c * M + m comes from kernel[..., c, m]
+            kernel = kernel * inv.reshape(kernel.shape[2], kernel.shape[3])
+        else:
+            kernel = kernel * inv
+        bias = conv.weights.get("bias", np.zeros_like(inv)).astype(np.float64)
+        conv.weights = {key: kernel.astype(np.float32), "bias": (bias * inv + shift).astype(np.float32)}
+        conv.config = {**conv.config, "use_bias": True}
+        _absorb(graph, conv, bn)
+    return graph
+
+
+def fuse_zero_padding(graph: Graph, keep: set[str]) -> Graph:
+    """ZeroPadding2D before a 'valid' convolution becomes the convolution's own padding, which the
+    kernel applies by skipping out-of-image taps instead of copying the image into a bigger one."""
+    for pad in [n for n in graph.nodes if n.op == "ZeroPadding2D"]:
+        conv = _only_consumer(graph, pad, keep)
+        if conv is None or conv.op not in CONV_OPS or conv.config.get("padding") != "valid":
+            continue
+        amount = pad.config.get("padding", 1)
+        if isinstance(amount, int):
+            amount = ((amount, amount), (amount, amount))
+        amount = tuple((int(p[0]), int(p[1])) if isinstance(p, (list, tuple)) else (int(p), int(p))
+                       for p in amount)
+        conv.config = {**conv.config, "padding": amount}
+        conv.inputs = [pad.inputs[0]] + conv.inputs[1:]
+        graph.nodes.remove(pad)
+    return graph
+
+
+def _chain_op(graph: Graph, node: Node | None, keep: set[str], op: str) -> Node | None:
+    """The single consumer of ``node`` if it has class ``op``."""
+    if node is None:
+        return None
+    user = _only_consumer(graph, node, keep)
+    return user if user is not None and user.op == op else None
+
+
+def _scalar(node: Node) -> float | None:
+    scalars = [i for i in node.inputs if not isinstance(i, str)]
+    return scalars[0] if len(scalars) == 1 and len(node.inputs) == 2 else None
+
+
+def fuse_squeeze_excite(graph: Graph, keep: set[str]) -> Graph:
+    """MobileNetV3's squeeze-and-excite, eight Keras nodes, becomes one SqueezeExcite node:
+
+    x -> GlobalAveragePooling2D(keepdims) -> Conv2D 1x1 -> ReLU -> Conv2D 1x1 -> (+ 3) -> ReLU(6)
+      -> (* 1/6) -> Multiply([x, gate])
+    """
+    for pool in [n for n in graph.nodes if n.op == "GlobalAveragePooling2D"]:
+        if not pool.config.get("keepdims"):
+            continue
+        reduce = _chain_op(graph, pool, keep, "Conv2D")
+        relu = _chain_op(graph, reduce, keep, "ReLU")
+        expand = _chain_op(graph, relu, keep, "Conv2D")
+        plus3 = _chain_op(graph, expand, keep, "Add")
+        relu6 = _chain_op(graph, plus3, keep, "ReLU")
+        sixth = _chain_op(graph, relu6, keep, "Multiply")
+        mul = _chain_op(graph, sixth, keep, "Multiply")
+        if mul is None:
+            continue
+        x = pool.inputs[0]
+        if (
+            not all(_is_linear(c) and c.config.get("kernel_size") in ((1, 1), [1, 1]) for c in (reduce, expand))
+            or relu.config.get("max_value") is not None
+            or float(relu6.config.get("max_value") or 0) != 6.0
+            or _scalar(plus3) != 3.0
+            or _scalar(sixth) is None or abs(_scalar(sixth) - 1 / 6) > 1e-7
+            or len(mul.inputs) != 2 or x not in mul.inputs
+        ):
+            continue
+        se = Node(
+            name=mul.name,
+            op="SqueezeExcite",
+            config={},
+            inputs=[x],
+            weights={
+                "reduce_kernel": reduce.weights["kernel"][0, 0],
+                "reduce_bias": reduce.weights.get("bias", np.zeros(reduce.weights["kernel"].shape[-1], np.float32)),
+                "expand_kernel": expand.weights["kernel"][0, 0],
+                "expand_bias": expand.weights.get("bias", np.zeros(expand.weights["kernel"].shape[-1], np.float32)),
+            },
+            keras_names=list(mul.keras_names),
+        )
+        index = graph.nodes.index(mul)
+        graph.nodes[index] = se
+        for gone in (pool, reduce, relu, expand, plus3, relu6, sixth):
+            graph.nodes.remove(gone)
+    return graph
+
+
+def _activation_name(node: Node) -> str | None:
+    """The epilogue activation an activation node amounts to, if a kernel can apply it."""
+    if node.op == "ReLU":
+        c = node.config
+        if float(c.get("negative_slope") or 0) != 0 or float(c.get("threshold") or 0) != 0:
+            return None
+        max_value = c.get("max_value")
+        if max_value is None:
+            return "relu"
+        return "relu6" if float(max_value) == 6.0 else None
+    if node.op == "Activation":
+        name = node.config.get("activation")
+        return name if name in FUSABLE_ACTIVATIONS else None
+    return None
+
+
+def fuse_activation(graph: Graph, keep: set[str]) -> Graph:
+    """An activation right after a convolution is applied in the convolution's epilogue."""
+    for act in [n for n in graph.nodes if n.op in ("ReLU", "Activation")]:
+        if act not in graph.nodes:
+            continue
+        conv = _producer(graph, act.inputs[0])
+        name = _activation_name(act)
+        if name is None or conv is None or conv.op not in CONV_OPS + ("Dense",) or not _is_linear(conv):
+            continue
+        if _only_consumer(graph, conv, keep) is not act:
+            continue
+        conv.config = {**conv.config, "activation": name}
+        _absorb(graph, conv, act)
+    return graph
+
+
+def fuse_residual_add(graph: Graph, keep: set[str]) -> Graph:
+    """Add([shortcut, conv(x)]) becomes conv(x) with the shortcut added in its epilogue (MobileNetV2
+    and V3 blocks: the projection's output is summed with the block's input)."""
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    for add in [n for n in graph.nodes if n.op == "Add"]:
+        if len(add.inputs) != 2 or not all(isinstance(i, str) for i in add.inputs):
+            continue
+        for conv_name, shortcut in (add.inputs, add.inputs[::-1]):
+            conv = _producer(graph, conv_name)
+            if (
+                conv is not None and conv.op == "Conv2D" and _is_linear(conv)
+                and _only_consumer(graph, conv, keep) is add
+                and order[shortcut] < order[conv.name] and conv_name != shortcut
+            ):
+                conv.config = {**conv.config, "residual": True}
+                conv.inputs = conv.inputs + [shortcut]
+                _absorb(graph, conv, add)
+                break
+    return graph
+
+
+PASSES = (drop_dropout, fold_batchnorm, fuse_zero_padding, fuse_squeeze_excite, fuse_activation, fuse_residual_add)
+
+
+def optimize(graph: Graph, keep: set[str] | frozenset[str] = frozenset()) -> Graph:
+    """All passes, on a copy (the original graph stays as Keras wrote it, for summary and outputs=)."""
+    graph = copy.copy(graph)
+    graph.nodes = [copy.copy(n) for n in graph.nodes]
+    for node in graph.nodes:
+        node.keras_names = list(node.keras_names)
+        node.inputs = list(node.inputs)
+    graph.outputs = list(graph.outputs)
+    graph.aliases = dict(graph.aliases)
+    keep = set(keep)
+    for fuse in PASSES:
+        fuse(graph, keep)
+    return graph
