@@ -1,0 +1,5 @@
+import sys
+
+from npmobile.cli import main
+
+sys.exit(main())
