@@ -14,6 +14,7 @@ from npmobile.errors import InputShapeError
 from npmobile.graph import Graph
 from npmobile.layers import LAYER_FUNCTIONS, infer_shapes
 from npmobile.passes import optimize
+from npmobile.plan import PlanCache
 
 _NON_TRAINABLE = {"moving_mean", "moving_variance"}
 
@@ -33,6 +34,7 @@ class Model:
         # Checks every layer's weights against its config now, so a bad file fails at load time.
         self.shapes = infer_shapes(graph)
         self._plans: dict[frozenset[str], Graph] = {}
+        self._runners: dict[tuple[str, ...] | None, PlanCache] = {}
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -59,18 +61,22 @@ class Model:
         x: np.ndarray | Sequence[np.ndarray],
         outputs: Sequence[str] | None = None,
         batch_size: int | None = None,
+        reference: bool = False,
     ) -> np.ndarray | dict[str, np.ndarray]:
         """Run the model on a batch of NHWC images.
 
         Returns the model's output (a list of arrays if it has several), or with ``outputs=[names]``
         a dict from each requested Keras layer name to that layer's output.
         ``batch_size`` splits a large batch into chunks to bound memory; results are the same.
+        ``reference=True`` runs the graph as Keras wrote it, layer by layer, with the plain NumPy
+        reference kernels: slow, and the definition the fast path is checked against.
         """
         feeds = self._check_inputs(x)
+        run = self._run_reference if reference else self._run
         n = feeds[0].shape[0]
         if batch_size is None or batch_size >= n:
-            return self._run(feeds, outputs)
-        parts = [self._run([f[i : i + batch_size] for f in feeds], outputs) for i in range(0, n, batch_size)]
+            return run(feeds, outputs)
+        parts = [run([f[i : i + batch_size] for f in feeds], outputs) for i in range(0, n, batch_size)]
         if isinstance(parts[0], dict):
             return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         if isinstance(parts[0], list):
@@ -105,6 +111,19 @@ class Model:
 
     def _run(self, feeds: list[np.ndarray], outputs: Sequence[str] | None):
         graph = self.plan(outputs)
+        wanted = [graph.resolve(name) for name in outputs] if outputs is not None else list(graph.outputs)
+        key = tuple(outputs) if outputs is not None else None
+        runner = self._runners.get(key)
+        if runner is None:
+            runner = self._runners[key] = PlanCache(graph, list(dict.fromkeys(wanted)))
+        values = runner.run(feeds)
+        if outputs is not None:
+            return {name: values[node] for name, node in zip(outputs, wanted)}
+        results = [values[name] for name in wanted]
+        return results[0] if len(results) == 1 else results
+
+    def _run_reference(self, feeds: list[np.ndarray], outputs: Sequence[str] | None):
+        graph = self.graph
         wanted = [graph.resolve(name) for name in outputs] if outputs is not None else list(graph.outputs)
         keep = set(wanted)
         # How many nodes still need each value; a value is dropped when its last reader has run.

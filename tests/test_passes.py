@@ -110,3 +110,14 @@ def test_residual_pass_moves_add_into_projection():
     fuse_residual_add(g, set())
     assert not [n for n in g.nodes if n.op == "Add"]
     assert g.node("block_16_project").config.get("residual") is None  # 160 -> 320 channels: no shortcut
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_fast_plan_matches_layer_by_layer_reference(family):
+    model = _with_batchnorm_statistics(MODELS[family](), seed=3)
+    x = np.random.default_rng(4).uniform(0, 255, (3, *model.input_shape[1:])).astype(np.float32)
+    if not family.startswith("v3"):
+        x = x / 127.5 - 1
+    expected = model.predict(x, reference=True)
+    np.testing.assert_allclose(model.predict(x), expected, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(model.predict(x, batch_size=2), expected, rtol=0, atol=2e-6)

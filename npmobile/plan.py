@@ -1,0 +1,239 @@
+"""From an optimized graph and an input shape to a list of kernel calls over preallocated buffers.
+
+``build_plan`` does, once per input shape, everything that does not depend on the pixel values:
+works out every node's output shape, chooses the kernel for each node and prepares its arguments
+(padding amounts, activation codes, kernels reshaped the way the fast kernel wants them), and
+assigns every intermediate value a slot in a small pool of reusable buffers (a value's slot is
+freed once its last reader has run). ``Plan.run`` is then just a loop of kernel calls.
+
+Nodes whose op has no fast kernel run their reference function from npmobile.layers and the result
+is copied into the node's buffer: slower, never different.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from npmobile.graph import Graph, Node
+from npmobile.kernels import activations as act_kernels
+from npmobile.kernels import reference as K
+from npmobile.layers import LAYER_FUNCTIONS, _pair, conv_padding, infer_shapes
+
+# A prepared step: (args, out) -> None, writing every element of out.
+Runner = Callable[[list, np.ndarray], None]
+
+
+@dataclass
+class Step:
+    node: Node
+    run: Runner
+    inputs: list  # slot numbers (int) for tensors, or ("scalar", value)
+    out: int
+
+
+@dataclass
+class Plan:
+    steps: list[Step]
+    slot_shapes: list[tuple[int, ...]]  # the shape each slot holds, per value
+    value_slot: list[int]  # value number -> buffer number
+    buffer_sizes: list[int]
+    input_values: list[int]
+    output_values: dict[str, int]  # node name -> value number
+
+    def allocate(self) -> list[np.ndarray]:
+        return [np.empty(size, dtype=np.float32) for size in self.buffer_sizes]
+
+    def run(self, feeds: list[np.ndarray], buffers: list[np.ndarray]) -> dict[str, np.ndarray]:
+        values: list[np.ndarray | None] = [None] * len(self.slot_shapes)
+        for v, feed in zip(self.input_values, feeds):
+            values[v] = feed
+        for step in self.steps:
+            shape = self.slot_shapes[step.out]
+            size = int(np.prod(shape))
+            out = buffers[self.value_slot[step.out]][:size].reshape(shape)
+            args = [values[i] if isinstance(i, int) else i[1] for i in step.inputs]
+            step.run(args, out)
+            values[step.out] = out
+        # Copies: the buffers are reused by the next call.
+        return {name: values[v].copy() for name, v in self.output_values.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Preparing nodes: Keras config -> a fast kernel call
+# --------------------------------------------------------------------------------------------------
+
+
+def _act_code(node: Node, keras_version: int) -> int | None:
+    name = node.config.get("activation")
+    if isinstance(name, dict):
+        return None
+    if name == "hard_sigmoid" and keras_version < 3:
+        return None  # Keras 2's 0.2x + 0.5: no epilogue for it, use the reference path
+    return act_kernels.ACTIVATION_CODES.get(name)
+
+
+def _bias(node: Node, channels: int) -> np.ndarray:
+    bias = node.weights.get("bias")
+    return np.zeros(channels, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
+
+
+def prepare_depthwise(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
+    from npmobile.kernels.depthwise import depthwise_conv2d
+
+    kernel = node.weights["depthwise_kernel"]
+    act = _act_code(node, keras_version)
+    if kernel.shape[3] != 1 or act is None or _pair(node.config.get("dilation_rate", 1)) != (1, 1):
+        return None
+    strides = _pair(node.config.get("strides", 1))
+    (top, _), (left, _) = conv_padding(node, in_shapes[0][1:3], kernel.shape[:2], strides, (1, 1))
+    k3 = np.ascontiguousarray(kernel[:, :, :, 0])
+    bias = _bias(node, k3.shape[2])
+
+    def run(args, out):
+        depthwise_conv2d(args[0], k3, bias, out, strides[0], strides[1], top, left, act)
+
+    return run
+
+
+def prepare_conv2d(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
+    kernel = node.weights["kernel"]
+    strides = _pair(node.config.get("strides", 1))
+    padding = conv_padding(node, in_shapes[0][1:3], kernel.shape[:2], strides, (1, 1))
+    act = _act_code(node, keras_version)
+    if act is None or _pair(node.config.get("dilation_rate", 1)) != (1, 1):
+        return None
+    residual = bool(node.config.get("residual"))
+    bias = _bias(node, kernel.shape[3])
+    if kernel.shape[:2] == (1, 1) and strides == (1, 1) and padding == K.NO_PADDING:
+        w = np.ascontiguousarray(kernel[0, 0])
+
+        def run(args, out):
+            x = args[0]
+            flat = out.reshape(-1, out.shape[-1])
+            np.matmul(x.reshape(-1, x.shape[-1]), w, out=flat)
+            flat += bias
+            if residual:
+                flat += args[1].reshape(flat.shape)
+            act_kernels.activate(out, out, act)
+
+        return run
+    return None
+
+
+PREPARERS: dict[str, Callable[..., Runner | None]] = {
+    "DepthwiseConv2D": prepare_depthwise,
+    "Conv2D": prepare_conv2d,
+}
+
+
+def _reference_runner(node: Node, keras_version: int) -> Runner:
+    function = LAYER_FUNCTIONS[node.op]
+
+    def run(args, out):
+        out[...] = function(node, args, keras_version)
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the plan
+# --------------------------------------------------------------------------------------------------
+
+
+def build_plan(graph: Graph, input_shapes: list[tuple[int, ...]], outputs: list[str]) -> Plan:
+    """``outputs``: node names whose values the caller wants back."""
+    concrete = {name: tuple(shape) for name, shape in zip(graph.inputs, input_shapes)}
+    shaped = Graph(graph.name, graph.nodes, graph.inputs, graph.outputs, concrete, graph.aliases,
+                   graph.keras_version, graph.source)
+    shapes = infer_shapes(shaped, check=False)
+    batch = input_shapes[0][0]
+
+    def full(shape):
+        return (batch, *shape[1:])
+
+    value_of: dict[str, int] = {}
+    slot_shapes: list[tuple[int, ...]] = []
+    for name in graph.inputs:
+        value_of[name] = len(slot_shapes)
+        slot_shapes.append(concrete[name])
+
+    last_use: dict[str, int] = {}
+    nodes = [n for n in graph.nodes if n.op != "InputLayer"]
+    for index, node in enumerate(nodes):
+        for i in node.inputs:
+            if isinstance(i, str):
+                last_use[i] = index
+    keep = set(outputs)
+
+    steps: list[Step] = []
+    value_slot: list[int] = [-1] * len(graph.inputs)  # inputs live in the caller's arrays
+    buffer_sizes: list[int] = []
+    free: list[int] = []
+    buffer_of_value: dict[str, int] = {}
+    for index, node in enumerate(nodes):
+        in_shapes = [full(shapes[i]) for i in node.inputs if isinstance(i, str)]
+        out_shape = full(shapes[node.name])
+        preparer = PREPARERS.get(node.op)
+        run = preparer(node, in_shapes, out_shape, graph.keras_version) if preparer else None
+        run = run or _reference_runner(node, graph.keras_version)
+
+        size = int(np.prod(out_shape))
+        fitting = [b for b in free if buffer_sizes[b] >= size]
+        if fitting:
+            buffer = min(fitting, key=lambda b: buffer_sizes[b])
+            free.remove(buffer)
+        elif free:  # grow the largest free buffer rather than add one
+            buffer = max(free, key=lambda b: buffer_sizes[b])
+            free.remove(buffer)
+            buffer_sizes[buffer] = size
+        else:
+            buffer = len(buffer_sizes)
+            buffer_sizes.append(size)
+        value = len(slot_shapes)
+        slot_shapes.append(out_shape)
+        value_slot.append(buffer)
+        value_of[node.name] = value
+        buffer_of_value[node.name] = buffer
+        steps.append(Step(node, run, [value_of[i] if isinstance(i, str) else ("scalar", i) for i in node.inputs],
+                          value))
+        # Free the buffers of values read for the last time (after this step: kernels need
+        # their output distinct from their inputs).
+        for i in set(i for i in node.inputs if isinstance(i, str)):
+            if last_use.get(i) == index and i not in keep and i in buffer_of_value:
+                free.append(buffer_of_value.pop(i))
+        if node.name not in last_use and node.name not in keep:
+            free.append(buffer_of_value.pop(node.name))
+    return Plan(steps, slot_shapes, value_slot, buffer_sizes,
+                [value_of[n] for n in graph.inputs], {name: value_of[name] for name in outputs})
+
+
+class PlanCache:
+    """Plans by input shape, and one set of buffers per plan per thread (so concurrent predict calls
+    from several threads never share a buffer)."""
+
+    def __init__(self, graph: Graph, outputs: list[str], size: int = 4):
+        self.graph, self.outputs, self.size = graph, outputs, size
+        self.plans: dict[tuple, Plan] = {}
+        self.lock = threading.Lock()
+        self.local = threading.local()
+
+    def run(self, feeds: list[np.ndarray]) -> dict[str, np.ndarray]:
+        key = tuple(f.shape for f in feeds)
+        with self.lock:
+            plan = self.plans.get(key)
+            if plan is None:
+                if len(self.plans) >= self.size:
+                    self.plans.pop(next(iter(self.plans)))
+                plan = self.plans[key] = build_plan(self.graph, [f.shape for f in feeds], self.outputs)
+        arenas = getattr(self.local, "arenas", None)
+        if arenas is None:
+            arenas = self.local.arenas = {}
+        buffers = arenas.get(id(plan))
+        if buffers is None or arenas.get(("plan", id(plan))) is not plan:
+            buffers = arenas[id(plan)] = plan.allocate()
+            arenas[("plan", id(plan))] = plan
+        return plan.run(feeds, buffers)
