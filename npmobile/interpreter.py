@@ -122,6 +122,25 @@ class Model:
         results = [values[name] for name in wanted]
         return results[0] if len(results) == 1 else results
 
+    def profile(self, x: np.ndarray, repeats: int = 5) -> list[dict]:
+        """Time each step of the optimized plan on ``x``: one dict per step with the node's name, op,
+        the Keras layers it stands for, its output shape and the median seconds over ``repeats``
+        runs (after one warm-up run, which also compiles the kernels)."""
+        feeds = self._check_inputs(x)
+        self._run(feeds, None)
+        runner = self._runners[None]
+        runs: list[list] = []
+        for _ in range(repeats):
+            timings: list = []
+            runner.run(feeds, timings)
+            runs.append(timings)
+        rows = []
+        for k, (step, _) in enumerate(runs[0]):
+            seconds = sorted(run[k][1] for run in runs)[len(runs) // 2]
+            rows.append({"name": step.node.name, "op": step.node.op, "keras_names": list(step.node.keras_names),
+                         "node": step.node, "seconds": seconds})
+        return rows
+
     def _run_reference(self, feeds: list[np.ndarray], outputs: Sequence[str] | None):
         graph = self.graph
         wanted = [graph.resolve(name) for name in outputs] if outputs is not None else list(graph.outputs)

@@ -13,6 +13,7 @@ is copied into the node's buffer: slower, never different.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,7 +48,9 @@ class Plan:
     def allocate(self) -> list[np.ndarray]:
         return [np.empty(size, dtype=np.float32) for size in self.buffer_sizes]
 
-    def run(self, feeds: list[np.ndarray], buffers: list[np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: list[np.ndarray], buffers: list[np.ndarray],
+            timings: list[tuple[Step, float]] | None = None) -> dict[str, np.ndarray]:
+        """Run every step; with ``timings`` (a list), append (step, seconds) for each step."""
         values: list[np.ndarray | None] = [None] * len(self.slot_shapes)
         for v, feed in zip(self.input_values, feeds):
             values[v] = feed
@@ -56,7 +59,12 @@ class Plan:
             size = int(np.prod(shape))
             out = buffers[self.value_slot[step.out]][:size].reshape(shape)
             args = [values[i] if isinstance(i, int) else i[1] for i in step.inputs]
-            step.run(args, out)
+            if timings is None:
+                step.run(args, out)
+            else:
+                start = time.perf_counter()
+                step.run(args, out)
+                timings.append((step, time.perf_counter() - start))
             values[step.out] = out
         # Copies: the buffers are reused by the next call.
         return {name: values[v].copy() for name, v in self.output_values.items()}
@@ -221,7 +229,7 @@ class PlanCache:
         self.lock = threading.Lock()
         self.local = threading.local()
 
-    def run(self, feeds: list[np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: list[np.ndarray], timings: list | None = None) -> dict[str, np.ndarray]:
         key = tuple(f.shape for f in feeds)
         with self.lock:
             plan = self.plans.get(key)
@@ -236,4 +244,4 @@ class PlanCache:
         if buffers is None or arenas.get(("plan", id(plan))) is not plan:
             buffers = arenas[id(plan)] = plan.allocate()
             arenas[("plan", id(plan))] = plan
-        return plan.run(feeds, buffers)
+        return plan.run(feeds, buffers, timings)
