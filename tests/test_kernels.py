@@ -1,0 +1,352 @@
+"""The fast Numba kernels agree with their NumPy reference twins (kernels/reference.py).
+
+Tolerance is stated in float32 rounding: the fast kernels sum in a different order (and with
+FMA), so they may differ from the reference by a few ulps of the largest value involved:
+max |fast - ref| <= 1e-5 * max(1, max |ref|). Elementwise activations, which do the same
+operations in the same order, must match bit for bit.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from npmobile.kernels import reference as R
+from npmobile.kernels.activations import (
+    ACT_HARD_SIGMOID,
+    ACT_HARD_SWISH,
+    ACT_NONE,
+    ACT_RELU,
+    ACT_RELU6,
+    ACT_SIGMOID,
+    ACT_SWISH,
+    activate,
+    activation_code,
+    add,
+    softmax,
+)
+from npmobile.kernels.conv import conv2d
+from npmobile.kernels.depthwise import depthwise_conv2d, output_size
+from npmobile.kernels.pointwise import dense, pointwise_conv2d, pointwise_conv2d_numba
+from npmobile.kernels.pooling import global_average_pool
+from npmobile.kernels.squeeze_excite import squeeze_excite
+from npmobile.kernels.threads import max_threads, set_threads, thread_limits
+from threadpoolctl import threadpool_info, threadpool_limits
+
+REFERENCE_ACTIVATIONS = {
+    ACT_NONE: lambda x: x,
+    ACT_RELU: R.relu,
+    ACT_RELU6: R.relu6,
+    ACT_HARD_SWISH: R.hard_swish,
+    ACT_HARD_SIGMOID: R.hard_sigmoid,
+    ACT_SIGMOID: R.sigmoid,
+    ACT_SWISH: R.swish,
+}
+ALL_ACTS = list(REFERENCE_ACTIVATIONS)
+EXACT_ACTS = [ACT_NONE, ACT_RELU, ACT_RELU6, ACT_HARD_SWISH, ACT_HARD_SIGMOID]
+
+
+def assert_close(fast: np.ndarray, ref: np.ndarray) -> None:
+    assert fast.shape == ref.shape
+    assert np.all(np.isfinite(fast))
+    scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
+    err = float(np.abs(fast.astype(np.float64) - ref).max(initial=0.0))
+    assert err <= 1e-5 * scale, f"max error {err:.3g} exceeds 1e-5 * {scale:.3g}"
+
+
+def rand(rng, *shape, scale=1.0) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+# --------------------------------------------------------------------------------------------------
+# Activations and elementwise kernels
+# --------------------------------------------------------------------------------------------------
+
+
+def _activation_probe(rng) -> np.ndarray:
+    # The breakpoints (-3, 0, 3, 6) and their float32 neighbours, plus a spread of ordinary values.
+    edges = np.array([-3.0, 0.0, 3.0, 6.0, -6.0, 9.0, 1.0 / 3.0, 40.0, -40.0], dtype=np.float32)
+    near = np.concatenate([edges, np.nextafter(edges, np.float32(np.inf)), np.nextafter(edges, np.float32(-np.inf))])
+    x = np.concatenate([near, rand(rng, 2 * 7 * 5 * 13 - near.size, scale=4.0)])
+    return x.reshape(2, 7, 5, 13)
+
+
+@pytest.mark.parametrize("act", EXACT_ACTS)
+def test_piecewise_activations_match_reference_bit_for_bit(rng, act):
+    x = _activation_probe(rng)
+    out = np.empty_like(x)
+    activate(x, out, act)
+    np.testing.assert_array_equal(out, REFERENCE_ACTIVATIONS[act](x))
+
+
+@pytest.mark.parametrize("act", [ACT_SIGMOID, ACT_SWISH])
+def test_sigmoid_activations_match_reference_to_an_ulp(rng, act):
+    x = _activation_probe(rng)
+    out = np.empty_like(x)
+    activate(x, out, act)
+    ref = REFERENCE_ACTIVATIONS[act](x)
+    np.testing.assert_allclose(out, ref, rtol=4e-7, atol=1e-37)
+
+
+def test_hard_swish_divides_by_six_like_keras():
+    # Values where x * (r / 6) and x * (r * (1/6)) round differently in float32.
+    x = np.linspace(-3.0, 3.0, 20001, dtype=np.float32).reshape(1, 1, 1, -1)
+    out = np.empty_like(x)
+    activate(x, out, ACT_HARD_SWISH)
+    r = np.minimum(np.maximum(x + np.float32(3), np.float32(0)), np.float32(6))
+    by_multiply = x * (r * np.float32(1.0 / 6.0))
+    assert np.any(by_multiply != x * (r / np.float32(6)))  # the probe does tell them apart
+    np.testing.assert_array_equal(out, x * (r / np.float32(6)))
+
+
+def test_activate_works_in_place(rng):
+    x = _activation_probe(rng)
+    expected = R.relu6(x)
+    activate(x, x, ACT_RELU6)
+    np.testing.assert_array_equal(x, expected)
+
+
+@pytest.mark.parametrize("act", [ACT_NONE, ACT_RELU])
+def test_add_matches_numpy_sum_then_activation(rng, act):
+    a, b = rand(rng, 3, 9, 7, 13), rand(rng, 3, 9, 7, 13)
+    out = np.empty_like(a)
+    add(a, b, out, act)
+    np.testing.assert_array_equal(out, REFERENCE_ACTIVATIONS[act](a + b))
+
+
+def test_softmax_matches_reference(rng):
+    x = rand(rng, 3, 1000, scale=5.0)
+    out = np.empty_like(x)
+    softmax(x, out)
+    np.testing.assert_allclose(out, R.softmax(x), rtol=2e-6, atol=1e-9)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_activation_codes_cover_keras_names():
+    assert activation_code(None) == activation_code("linear") == ACT_NONE
+    assert activation_code("hard_silu") == activation_code("hard_swish") == ACT_HARD_SWISH
+    assert activation_code("silu") == ACT_SWISH
+    with pytest.raises(KeyError):
+        activation_code("softmax")
+
+
+# --------------------------------------------------------------------------------------------------
+# Depthwise convolution
+# --------------------------------------------------------------------------------------------------
+
+# (batch, height, width, channels, kernel, stride, ((top, bottom), (left, right)))
+DEPTHWISE_CASES = [
+    (1, 1, 1, 8, 3, 1, ((1, 1), (1, 1))),  # a 1x1 image: every tap but the centre is padding
+    (1, 1, 1, 3, 3, 2, ((0, 1), (0, 1))),
+    (1, 7, 5, 13, 3, 1, ((1, 1), (1, 1))),
+    (3, 7, 5, 13, 3, 2, ((0, 1), (0, 1))),  # MobileNetV1 stride-2 padding
+    (1, 8, 8, 72, 3, 2, ((1, 1), (1, 1))),  # V2/V3 correct_pad on an odd-sized step
+    (1, 9, 9, 1, 3, 2, ((1, 1), (1, 1))),
+    (1, 12, 12, 88, 5, 1, ((2, 2), (2, 2))),
+    (3, 11, 6, 40, 5, 2, ((1, 2), (1, 2))),
+    (1, 14, 14, 120, 5, 2, ((2, 2), (2, 2))),
+    (1, 6, 9, 17, 3, 1, ((0, 0), (0, 0))),  # valid padding
+    (1, 6, 9, 17, 5, 1, ((0, 1), (2, 0))),  # lopsided
+    (1, 10, 10, 24, 7, 1, ((3, 3), (3, 3))),  # a kernel size with no special path
+    (1, 113, 113, 16, 3, 2, ((1, 1), (1, 1))),
+    (1, 4, 4, 5, 5, 1, ((2, 2), (2, 2))),  # kernel wider than the image
+]
+
+
+def _reference_depthwise(x, kernel, bias, stride, pads, act):
+    y = R.depthwise_conv2d(x, kernel[..., None], bias, (stride, stride), pads)
+    return REFERENCE_ACTIVATIONS[act](y)
+
+
+def _fast_depthwise(x, kernel, bias, stride, pads, act):
+    (top, bottom), (left, right) = pads
+    k = kernel.shape[0]
+    oh = output_size(x.shape[1], k, stride, top, bottom)
+    ow = output_size(x.shape[2], k, stride, left, right)
+    out = np.full((x.shape[0], oh, ow, x.shape[3]), np.nan, dtype=np.float32)
+    depthwise_conv2d(x, kernel, bias, out, stride, stride, top, left, act)
+    return out
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=lambda c: "n{}_{}x{}x{}_k{}_s{}_p{}".format(*c))
+def test_depthwise_matches_reference(rng, case):
+    n, h, w, c, k, stride, pads = case
+    x, kernel, bias = rand(rng, n, h, w, c), rand(rng, k, k, c, scale=0.5), rand(rng, c)
+    for act in ALL_ACTS:
+        fast = _fast_depthwise(x, kernel, bias, stride, pads, act)
+        assert_close(fast, _reference_depthwise(x, kernel, bias, stride, pads, act))
+
+
+def test_depthwise_output_size_matches_reference_formula():
+    for size in (1, 7, 112, 113):
+        for k, s, pads in [(3, 1, (1, 1)), (3, 2, (0, 1)), (5, 2, (2, 2)), (5, 1, (0, 0))]:
+            if size + sum(pads) >= k:
+                assert output_size(size, k, s, *pads) == R.conv_output_size(size, k, s, pads)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pointwise convolution / dense (GEMM with fused epilogue)
+# --------------------------------------------------------------------------------------------------
+
+# (batch, height, width, cin, cout)
+POINTWISE_CASES = [
+    (1, 1, 1, 1, 1),
+    (1, 7, 5, 13, 3),
+    (3, 5, 7, 3, 13),
+    (1, 56, 56, 24, 144),
+    (1, 14, 14, 576, 88),
+    (1, 7, 7, 320, 1280),
+    (3, 9, 9, 72, 40),
+    (1, 113, 113, 16, 24),
+]
+POINTWISE_IMPLEMENTATIONS = {"blas": pointwise_conv2d, "numba": pointwise_conv2d_numba}
+
+
+@pytest.mark.parametrize("impl", POINTWISE_IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", POINTWISE_CASES, ids=lambda c: "n{}_{}x{}_{}to{}".format(*c))
+def test_pointwise_matches_reference(rng, case, impl):
+    n, h, w, cin, cout = case
+    fn = POINTWISE_IMPLEMENTATIONS[impl]
+    x, kernel, bias = rand(rng, n, h, w, cin), rand(rng, cin, cout, scale=cin**-0.5), rand(rng, cout)
+    shortcut = rand(rng, n, h, w, cout)
+    plain = R.pointwise_conv2d(x, kernel, bias)
+    for act in ALL_ACTS:
+        out = np.full((n, h, w, cout), np.nan, dtype=np.float32)
+        fn(x, kernel, bias, out, act)
+        assert_close(out, REFERENCE_ACTIVATIONS[act](plain))
+    for act in (ACT_NONE, ACT_RELU6):  # residual: added after bias (and activation), as Keras's Add
+        out = np.full((n, h, w, cout), np.nan, dtype=np.float32)
+        fn(x, kernel, bias, out, act, shortcut)
+        assert_close(out, REFERENCE_ACTIVATIONS[act](plain) + shortcut)
+
+
+def test_dense_matches_reference(rng):
+    x, kernel, bias = rand(rng, 3, 1280), rand(rng, 1280, 1000, scale=0.03), rand(rng, 1000)
+    out = np.empty((3, 1000), dtype=np.float32)
+    dense(x, kernel, bias, out, ACT_NONE)
+    assert_close(out, R.dense(x, kernel, bias))
+    probs = np.empty_like(out)
+    softmax(out, probs)
+    np.testing.assert_allclose(probs, R.softmax(R.dense(x, kernel, bias)), rtol=1e-4, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------
+# Standard convolution (im2col + GEMM)
+# --------------------------------------------------------------------------------------------------
+
+# (batch, height, width, cin, cout, kernel, stride, dilation, ((top, bottom), (left, right)))
+CONV_CASES = [
+    (1, 224, 224, 3, 32, 3, 2, 1, ((0, 1), (0, 1))),  # the MobileNet stem (V1/V2 padding)
+    (3, 17, 13, 3, 16, 3, 2, 1, ((1, 1), (1, 1))),  # V3 stem padding="same" on an odd image
+    (1, 1, 1, 3, 8, 3, 2, 1, ((1, 1), (1, 1))),
+    (1, 9, 11, 13, 7, 5, 1, 1, ((2, 2), (2, 2))),
+    (1, 9, 11, 4, 5, 3, 1, 2, ((2, 2), (2, 2))),  # dilated
+    (1, 8, 8, 6, 10, 1, 2, 1, ((0, 0), (0, 0))),  # strided 1x1
+    (1, 10, 7, 5, 3, 2, 2, 1, ((0, 1), (1, 0))),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "n{}_{}x{}_{}to{}_k{}_s{}_d{}_p{}".format(*c))
+def test_conv2d_matches_reference(rng, case):
+    n, h, w, cin, cout, k, stride, dil, pads = case
+    x, kernel, bias = rand(rng, n, h, w, cin), rand(rng, k, k, cin, cout, scale=0.3), rand(rng, cout)
+    (top, bottom), (left, right) = pads
+    oh = output_size(h, (k - 1) * dil + 1, stride, top, bottom)
+    ow = output_size(w, (k - 1) * dil + 1, stride, left, right)
+    plain = R.conv2d(x, kernel, bias, (stride, stride), pads, (dil, dil))
+    for act in (ACT_NONE, ACT_RELU6, ACT_HARD_SWISH):
+        out = np.full((n, oh, ow, cout), np.nan, dtype=np.float32)
+        conv2d(x, kernel, bias, out, stride, stride, top, left, act, dil, dil)
+        assert_close(out, REFERENCE_ACTIVATIONS[act](plain))
+
+
+# --------------------------------------------------------------------------------------------------
+# Pooling and squeeze-and-excite
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 5), (3, 7, 7, 1280), (2, 13, 5, 88), (1, 112, 112, 16)])
+def test_global_average_pool_matches_reference(rng, shape):
+    x = rand(rng, *shape)
+    out = np.empty((shape[0], 1, 1, shape[3]), dtype=np.float32)  # a keepdims buffer, filled via a view
+    global_average_pool(x, out.reshape(shape[0], shape[3]))
+    assert_close(out, R.global_average_pool(x, keepdims=True))
+
+
+@pytest.mark.parametrize("shape,reduced", [((1, 1, 1, 16), 8), ((3, 7, 7, 72), 24), ((1, 14, 14, 672), 168),
+                                           ((2, 5, 3, 13), 4)])
+def test_squeeze_excite_matches_reference(rng, shape, reduced):
+    c = shape[3]
+    x = rand(rng, *shape)
+    w1, b1 = rand(rng, c, reduced, scale=c**-0.5), rand(rng, reduced)
+    w2, b2 = rand(rng, reduced, c, scale=reduced**-0.5) * 3, rand(rng, c)
+    ref = R.squeeze_excite(x, w1, b1, w2, b2)
+    out = np.full_like(x, np.nan)
+    squeeze_excite(x, w1, b1, w2, b2, out)
+    assert_close(out, ref)
+    squeeze_excite(x, w1, b1, w2, b2, x)  # in place
+    assert_close(x, ref)
+
+
+# --------------------------------------------------------------------------------------------------
+# Threads
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_all(rng_seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(rng_seed)
+    x = rand(rng, 2, 29, 31, 40)
+    dw = np.empty((2, 15, 16, 40), dtype=np.float32)
+    depthwise_conv2d(x, rand(rng, 3, 3, 40), rand(rng, 40), dw, 2, 2, 1, 1, ACT_RELU6)
+    pw = np.empty((2, 15, 16, 24), dtype=np.float32)
+    pointwise_conv2d_numba(dw, rand(rng, 40, 24, scale=0.2), rand(rng, 24), pw, ACT_NONE, rand(rng, 2, 15, 16, 24))
+    pb = np.empty_like(pw)
+    pointwise_conv2d(dw, rand(rng, 40, 24, scale=0.2), rand(rng, 24), pb, ACT_HARD_SWISH)
+    stem = np.empty((2, 15, 16, 8), dtype=np.float32)
+    conv2d(x[..., :3].copy(), rand(rng, 3, 3, 3, 8), rand(rng, 8), stem, 2, 2, 1, 1, ACT_RELU)
+    se = np.empty_like(dw)
+    squeeze_excite(dw, rand(rng, 40, 8), rand(rng, 8), rand(rng, 8, 40), rand(rng, 40), se)
+    act = np.empty_like(x)
+    activate(x, act, ACT_HARD_SWISH)
+    return [dw, pw, pb, stem, se, act]
+
+
+def test_one_and_two_threads_give_identical_results():
+    with thread_limits(1):
+        one = _run_all(7)
+    with thread_limits(2):
+        two = _run_all(7)
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _blas_threads() -> list[int]:
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+def test_thread_limits_pins_blas_to_one_and_restores_both_pools():
+    np.ones((2, 2)) @ np.ones((2, 2))  # make sure NumPy's BLAS is loaded
+    numba_before, blas_before = numba.get_num_threads(), _blas_threads()
+    with thread_limits(1) as n:
+        assert n == 1 and numba.get_num_threads() == 1
+        assert _blas_threads() and all(t == 1 for t in _blas_threads())
+    assert numba.get_num_threads() == numba_before
+    assert _blas_threads() == blas_before
+
+
+def test_set_threads_clamps_to_what_numba_has():
+    before, blas_before = numba.get_num_threads(), _blas_threads()
+    try:
+        assert set_threads(10_000) == max_threads()
+        assert set_threads(0) == 1
+        assert numba.get_num_threads() == 1
+        assert all(t == 1 for t in _blas_threads())
+    finally:
+        numba.set_num_threads(before)
+        if blas_before:
+            threadpool_limits(limits=blas_before[0], user_api="blas")
