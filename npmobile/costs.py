@@ -1,0 +1,342 @@
+"""What a model costs: parameters and multiply-accumulates (MACs) per layer, from configs and shapes alone.
+
+Nothing here runs the model. ``layer_costs(model)`` walks ``model.graph`` (the graph as Keras wrote it)
+with the shapes from ``npmobile.layers.output_shape`` and counts, per layer:
+
+- params: every weight the layer holds (BatchNorm's moving mean and variance included, as Keras counts);
+- MACs, per image: the multiply-accumulates of convolutions (standard, depthwise, pointwise) and dense
+  layers. A k x k convolution from C to C' channels producing an H x W map costs H * W * k * k * C * C'.
+  BatchNorm, activations, adds, multiplies, pooling and padding are not counted: they cost O(outputs), not
+  O(outputs * inputs), and BatchNorm folds into the convolution before it. This is the convention of the
+  MobileNet papers and of the keras.applications tables (MobileNetV2 1.0 at 224: 300.8 M MACs), where the
+  squeeze-excite 1x1 convolutions count as convolutions and biases are free.
+
+For each depthwise layer it also works out what a standard convolution would cost instead: one with the
+same input and output shape, and (the comparison the MobileNet paper makes) one standard k x k convolution
+from the depthwise layer's C input channels straight to the C' output channels of the pointwise layer
+that follows it: k*k*C*C' weights against k*k*C + C*C' for the depthwise + pointwise pair.
+
+``step_costs`` counts FLOPs and bytes moved for the steps of an optimized plan (fused nodes), which
+the profiler divides by measured times.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from npmobile.graph import Graph, Node
+from npmobile.layers import _pair, infer_shapes
+
+CONVENTION = (
+    "MACs = multiply-accumulates per image of convolutions (standard, depthwise, pointwise, squeeze-excite) "
+    "and dense layers; BatchNorm, activations, adds, pooling and padding are not counted. 1 MAC = 2 FLOPs."
+)
+
+# Block parts, in the order a MobileNet meets them.
+PARTS = ("stem", "expand", "depthwise", "se", "project", "pointwise", "head", "classifier")
+
+# Keras layer names -> block part. MobileNetV2/V3 name every layer of an inverted-residual block
+# "<block>_<part>..." (block_3_expand_BN, expanded_conv_3_squeeze_excite_mul); V1 numbers its
+# depthwise/pointwise pairs conv_dw_N / conv_pw_N. The first match wins.
+_BLOCK = r"(block_\d+|expanded_conv(?:_\d+)?)"
+_PART_RULES: tuple[tuple[re.Pattern, str], ...] = tuple(
+    (re.compile(pattern), part)
+    for pattern, part in (
+        (_BLOCK + r"_expand", "expand"),
+        (_BLOCK + r"_(depthwise|pad)", "depthwise"),
+        (_BLOCK + r"_squeeze_excite", "se"),
+        (_BLOCK + r"_(project|add)", "project"),  # the residual add closes the block, after the projection
+        (r"conv_(dw|pad)_\d+", "depthwise"),
+        (r"conv_pw_\d+", "pointwise"),
+        (r"(predictions|logits|conv_preds|reshape_\d+|act_softmax|flatten)(_|$)", "classifier"),
+        (r"(Conv_1|conv_1|conv_2|out_relu|avg_pool|max_pool)(_|$)", "head"),
+        (r"(conv1|Conv1|bn_Conv1|conv1_bn|conv1_relu|Conv1_relu|conv1_pad|conv|conv_bn|rescaling|normalization)$",
+         "stem"),
+    )
+)
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One Keras layer's cost. MACs are per image; the ``*_standard_*`` fields are set on depthwise layers."""
+
+    name: str
+    op: str
+    part: str
+    output_shape: tuple
+    params: int
+    macs: int
+    # A standard convolution with this depthwise layer's input and output shape (kernel weights only).
+    standard_params: int | None = None
+    standard_macs: int | None = None
+    # The pointwise layer after this depthwise layer, and the pair against one standard conv C -> C'.
+    pointwise: str | None = None
+    pair_params: int | None = None
+    pair_macs: int | None = None
+    pair_standard_params: int | None = None
+    pair_standard_macs: int | None = None
+    kernel_size: tuple[int, int] | None = None  # depthwise layers: (kh, kw), C in and C' after the pointwise
+    in_channels: int | None = None
+    pair_channels: int | None = None
+
+    @property
+    def pair_saving(self) -> float | None:
+        """How many times fewer MACs the depthwise + pointwise pair needs than one standard convolution."""
+        if not self.pair_macs or self.pair_standard_macs is None:
+            return None
+        return self.pair_standard_macs / self.pair_macs
+
+
+@dataclass(frozen=True)
+class PartTotal:
+    part: str
+    layers: int
+    params: int
+    macs: int
+
+
+# --------------------------------------------------------------------------------------------------
+# One layer
+# --------------------------------------------------------------------------------------------------
+
+
+def node_params(node: Node) -> int:
+    return sum(int(w.size) for w in node.weights.values())
+
+
+def _pixels(shape: tuple) -> int:
+    """Output positions per image: H * W for a feature map, 1 for a vector."""
+    count = 1
+    for d in shape[1:-1]:
+        if d is None:
+            raise ValueError("unknown spatial size")
+        count *= int(d)
+    return count
+
+
+def node_macs(node: Node, in_shape: tuple, out_shape: tuple) -> int:
+    """Multiply-accumulates per image of one node (0 for layers the convention does not count).
+
+    Works on Keras layers and on the fused nodes of an optimized plan (``SqueezeExcite``).
+    """
+    op = node.op
+    if op == "Conv2D":
+        kh, kw, cin, cout = node.weights["kernel"].shape if "kernel" in node.weights else (
+            *_pair(node.config["kernel_size"]), in_shape[-1], out_shape[-1])
+        return _pixels(out_shape) * kh * kw * cin * cout
+    if op == "DepthwiseConv2D":
+        kh, kw = _pair(node.config["kernel_size"])
+        return _pixels(out_shape) * kh * kw * out_shape[-1]  # each output channel reads one input channel
+    if op == "SeparableConv2D":
+        kh, kw = _pair(node.config["kernel_size"])
+        mid = in_shape[-1] * int(node.config.get("depth_multiplier", 1))
+        return _pixels(out_shape) * (kh * kw * mid + mid * out_shape[-1])
+    if op == "Dense":
+        return _pixels(out_shape) * in_shape[-1] * out_shape[-1]
+    if op == "SqueezeExcite":  # two 1x1 convolutions on the pooled 1x1 map: C -> C_r -> C
+        return 2 * int(node.weights["reduce_kernel"].size)
+    return 0
+
+
+def part_of(name: str) -> str | None:
+    """The block part a Keras layer name belongs to, or None if the name says nothing."""
+    for pattern, part in _PART_RULES:
+        if pattern.match(name):
+            return part
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole model
+# --------------------------------------------------------------------------------------------------
+
+
+def with_input_size(graph: Graph, size: int | tuple[int, int] | None) -> Graph:
+    """The same graph with unknown input height/width set (costs need concrete spatial sizes)."""
+    if size is None:
+        return graph
+    h, w = (size, size) if isinstance(size, int) else size
+    shapes = {}
+    for name, shape in graph.input_shapes.items():
+        shape = tuple(shape)
+        if len(shape) == 4:
+            shape = (shape[0], shape[1] or h, shape[2] or w, shape[3])
+        shapes[name] = shape
+    return Graph(graph.name, graph.nodes, graph.inputs, graph.outputs, shapes, graph.aliases,
+                 graph.keras_version, graph.source)
+
+
+def _parts(graph: Graph) -> dict[str, str]:
+    """Every node's part: from its name, else inherited from the node that feeds it (Keras's automatic
+    names like ``re_lu_3`` or ``add_1`` carry no meaning), with a few rules by class."""
+    parts: dict[str, str] = {}
+    for node in graph.nodes:
+        part = part_of(node.name)
+        if part is None:
+            sources = [parts[i] for i in node.inputs if isinstance(i, str) and i in parts]
+            if node.op == "InputLayer" or not sources or sources[0] == "input":
+                part = "stem" if node.op != "InputLayer" else "input"
+            elif node.op in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
+                part = "head"
+            elif node.op == "Dense":
+                part = "classifier"
+            else:
+                part = sources[0]
+        parts[node.name] = part
+    return parts
+
+
+def _next_pointwise(graph: Graph, start: Node) -> Node | None:
+    """The first 1x1 convolution after ``start``, walking forward through layers that keep channels
+    (BatchNorm, activations, padding, the squeeze-excite multiply). The squeeze-excite branch stops at
+    its pooling, so its 1x1 convolutions are never taken for the block's pointwise layer."""
+    users = graph.consumers()
+    frontier = [start.name]
+    seen = set(frontier)
+    while frontier:
+        following = []
+        for name in frontier:
+            for user in users.get(name, []):
+                if user.name in seen:
+                    continue
+                seen.add(user.name)
+                if user.op == "Conv2D":
+                    if _pair(user.config.get("kernel_size", 1)) == (1, 1):
+                        return user
+                    continue
+                if user.op in ("DepthwiseConv2D", "SeparableConv2D", "Dense", "GlobalAveragePooling2D",
+                               "GlobalMaxPooling2D", "Flatten", "Reshape"):
+                    continue
+                following.append(user.name)
+        frontier = following
+    return None
+
+
+def layer_costs(model, input_size: int | tuple[int, int] | None = None) -> list[LayerCost]:
+    """Params and MACs of every layer of ``model`` (a npmobile Model), in graph order.
+
+    ``input_size`` fills in an unknown input height/width (a model built with input_shape=(None, None, 3));
+    MACs need concrete sizes, so without it such a model raises ValueError.
+    """
+    graph = with_input_size(model.graph, input_size)
+    shapes = infer_shapes(graph, check=False) if input_size is not None else model.shapes
+    for node in graph.nodes:
+        if node.op != "InputLayer" and any(d is None for d in shapes[node.name][1:]):
+            raise ValueError(f"model {graph.name!r} has an unknown input size {graph.input_shapes[graph.inputs[0]]};"
+                             " give an input size to count MACs")
+    parts = _parts(graph)
+    costs = []
+    for node in graph.nodes:
+        if node.op == "InputLayer":
+            continue
+        ins = [shapes[i] for i in node.inputs if isinstance(i, str)]
+        out = shapes[node.name]
+        extra = {}
+        if node.op == "DepthwiseConv2D":
+            extra = _depthwise_comparison(graph, shapes, node, ins[0], out)
+        costs.append(LayerCost(node.name, node.op, parts[node.name], out, node_params(node),
+                               node_macs(node, ins[0], out), **extra))
+    return costs
+
+
+def _depthwise_comparison(graph: Graph, shapes: dict, node: Node, in_shape: tuple, out_shape: tuple) -> dict:
+    kh, kw = _pair(node.config["kernel_size"])
+    c, c_out, pixels = in_shape[-1], out_shape[-1], _pixels(out_shape)
+    extra = {"standard_params": kh * kw * c * c_out, "standard_macs": pixels * kh * kw * c * c_out,
+             "kernel_size": (kh, kw), "in_channels": c}
+    pointwise = _next_pointwise(graph, node)
+    if pointwise is not None and _pixels(shapes[pointwise.name]) == pixels:
+        c_next = shapes[pointwise.name][-1]
+        extra.update(
+            pointwise=pointwise.name,
+            pair_channels=c_next,
+            pair_params=kh * kw * c_out + c_out * c_next,
+            pair_macs=pixels * (kh * kw * c_out + c_out * c_next),
+            pair_standard_params=kh * kw * c * c_next,
+            pair_standard_macs=pixels * kh * kw * c * c_next,
+        )
+    return extra
+
+
+def part_totals(costs: list[LayerCost]) -> list[PartTotal]:
+    """Params and MACs summed per block part, in PARTS order (parts a model lacks are left out)."""
+    totals: dict[str, list[int]] = {}
+    for cost in costs:
+        t = totals.setdefault(cost.part, [0, 0, 0])
+        t[0] += 1
+        t[1] += cost.params
+        t[2] += cost.macs
+    order = [p for p in PARTS if p in totals] + [p for p in totals if p not in PARTS]
+    return [PartTotal(p, *totals[p]) for p in order]
+
+
+def total_macs(costs: list[LayerCost]) -> int:
+    return sum(c.macs for c in costs)
+
+
+def total_params(costs: list[LayerCost]) -> int:
+    return sum(c.params for c in costs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Text
+# --------------------------------------------------------------------------------------------------
+
+
+def millions(n: int | float, digits: int = 1) -> str:
+    """300_774_272 -> '300.8 M' (the way the papers quote MACs and params)."""
+    return f"{n / 1e6:.{digits}f} M"
+
+
+def _shape_text(shape: tuple) -> str:
+    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ")"
+
+
+def costs_text(model, costs: list[LayerCost], line_length: int = 110) -> str:
+    """The ``npmobile summary --costs`` table: one row per layer, a comparison under every depthwise
+    layer, subtotals per block part, totals, and the counting convention."""
+    name_w, part_w, shape_w, num_w = 40, 11, 22, 12
+    rule = "─" * line_length
+    head = f"{'Layer (type)':<{name_w}}{'Part':<{part_w}}{'Output Shape':<{shape_w}}{'Params':>{num_w}}{'MACs':>{16}}"
+    lines = [f'Costs of "{model.name}" (per image)', CONVENTION, rule, head, "━" * line_length]
+    for c in costs:
+        label = f"{c.name} ({c.op})"
+        if len(label) > name_w - 1:
+            label = label[: name_w - 2] + "…"
+        lines.append(f"{label:<{name_w}}{c.part:<{part_w}}{_shape_text(c.output_shape):<{shape_w}}"
+                     f"{c.params:>{num_w},}{c.macs:>{16},}")
+        if c.standard_macs is not None:
+            lines.extend(_depthwise_notes(c))
+    lines.append(rule)
+    lines.append(f"{'Part':<{name_w}}{'Layers':<{part_w}}{'':<{shape_w}}{'Params':>{num_w}}{'MACs':>{16}}"
+                 f"{'share':>8}")
+    total_m, total_p = total_macs(costs), total_params(costs)
+    for t in part_totals(costs):
+        share = f"{100 * t.macs / total_m:.1f}%" if total_m else "-"
+        lines.append(f"{t.part:<{name_w}}{t.layers:<{part_w}}{'':<{shape_w}}{t.params:>{num_w},}{t.macs:>{16},}"
+                     f"{share:>8}")
+    lines += [rule,
+              f" Total params: {total_p:,} ({millions(total_p, 2)})",
+              f" Total MACs:   {total_m:,} ({millions(total_m)}, {2 * total_m / 1e9:.2f} GFLOPs)"]
+    dw = [c for c in costs if c.pair_macs is not None]
+    if dw:
+        pair = sum(c.pair_macs for c in dw)
+        standard = sum(c.pair_standard_macs for c in dw)
+        lines.append(f" Depthwise + pointwise pairs: {millions(pair)} MACs; as standard convolutions they would "
+                     f"need {millions(standard)} ({standard / pair:.1f}x more)")
+    lines.append(rule)
+    return "\n".join(lines)
+
+
+def _depthwise_notes(c: LayerCost) -> list[str]:
+    kh, kw = c.kernel_size
+    c_mid = c.output_shape[-1]
+    notes = [f"    = standard {kh}x{kw} conv {c.in_channels}→{c_mid}: {c.standard_params:,} weights, "
+             f"{millions(c.standard_macs)} MACs ({c.standard_macs / max(c.macs, 1):.1f}x this layer)"]
+    if c.pair_macs is not None:
+        notes.append(f"    + {c.pointwise} 1x1 {c_mid}→{c.pair_channels}: {c.pair_params:,} weights, "
+                     f"{millions(c.pair_macs)} MACs; one {kh}x{kw} conv {c.in_channels}→{c.pair_channels}: "
+                     f"{c.pair_standard_params:,} weights, {millions(c.pair_standard_macs)} MACs "
+                     f"({c.pair_saving:.1f}x more)")
+    return notes
