@@ -47,14 +47,28 @@ _BLOCK_BYTES = 512 * 1024
 
 @njit(cache=True)
 def _epilogue(out, bias, act, residual, row_start, row_stop):
-    """out[r] = act(out[r] + bias) (+ residual[r]) for rows [row_start, row_stop) of a 2-D GEMM."""
-    for r in range(row_start, row_stop):
-        row = out[r]
-        bias_act_row(row, bias, act)
+    """out[r] = act(out[r] + bias) (+ residual[r]) for rows [row_start, row_stop) of a 2-D GEMM.
+
+    The rows are contiguous, so they are processed as one flat run in chunks of several rows, with
+    the bias repeated to the chunk's length: with 16 or 24 output channels, a loop per row would
+    spend more time starting loops than adding (the vector loop runs once or twice per row).
+    """
+    cout = out.shape[1]
+    rows_per_chunk = max(1, 512 // cout)
+    tiled_bias = np.empty(rows_per_chunk * cout, dtype=np.float32)
+    for i in range(tiled_bias.shape[0]):
+        tiled_bias[i] = bias[i % cout]
+    flat = out[row_start:row_stop].reshape(-1)
+    res = flat if residual is None else residual[row_start:row_stop].reshape(-1)
+    chunk = tiled_bias.shape[0]
+    for start in range(0, flat.shape[0], chunk):
+        stop = min(flat.shape[0], start + chunk)
+        part = flat[start:stop]
+        bias_act_row(part, tiled_bias, act)
         if residual is not None:
-            res = residual[r]
-            for c in range(row.shape[0]):
-                row[c] = row[c] + res[c]
+            rp = res[start:stop]
+            for c in range(part.shape[0]):
+                part[c] = part[c] + rp[c]
 
 
 def gemm(a: np.ndarray, w: np.ndarray, bias: np.ndarray, out: np.ndarray, act: int,

@@ -1,0 +1,318 @@
+"""Micro-benchmark: each fast kernel vs its reference twin and vs the obvious NumPy/BLAS baseline.
+
+    .venv/bin/python bench/kernels.py [--rounds 15] [--quick]
+
+Shapes are MobileNetV2-224 (V3-Large for squeeze-excite), batch 1. Every case runs at 1 and 2
+threads: Numba kernels under kernels.threads.thread_limits(n) (Numba n threads, BLAS 1), the
+NumPy baselines with BLAS at n threads (their natural setting). Timings are medians of
+interleaved rounds (every candidate once per round, so a noisy neighbour hits them all alike);
+on a shared machine compare ratios, not absolute times.
+
+The "pipeline" section runs MobileNetV2's 17 inverted-residual blocks (expand 1x1, depthwise 3x3,
+project 1x1 + residual) under each thread-pool policy, each in a fresh process, because the
+policies differ in which thread pools exist and spin: that is what decides the interpreter's
+policy (kernels/threads.py).
+
+Prints a table and writes bench/results/kernels-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+from npmobile.kernels import reference as R
+from npmobile.kernels.activations import ACT_NONE, ACT_RELU6
+from npmobile.kernels.conv import conv2d
+from npmobile.kernels.depthwise import depthwise_conv2d, output_size
+from npmobile.kernels.pointwise import dense, pointwise_conv2d, pointwise_conv2d_numba
+from npmobile.kernels.pooling import global_average_pool
+from npmobile.kernels.squeeze_excite import squeeze_excite
+from npmobile.kernels.threads import thread_limits
+from threadpoolctl import threadpool_info, threadpool_limits
+
+RESULTS = Path(__file__).resolve().parent / "results"
+rng = np.random.default_rng(0)
+
+
+def rand(*shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases: name, flops, {candidate: (callable, kind)} where kind "numba" or "blas" decides the threads
+# --------------------------------------------------------------------------------------------------
+
+
+def depthwise_case(h, c, k, s, pads):
+    (top, bottom), (left, right) = pads
+    oh, ow = output_size(h, k, s, top, bottom), output_size(h, k, s, left, right)
+    x, ker, b = rand(1, h, h, c), rand(k, k, c), rand(c)
+    out = np.empty((1, oh, ow, c), np.float32)
+    return (
+        f"depthwise {h}x{h}x{c} k{k} s{s}",
+        2 * oh * ow * c * k * k,
+        {
+            "numba": (lambda: depthwise_conv2d(x, ker, b, out, s, s, top, left, ACT_RELU6), "numba"),
+            "reference": (lambda: R.relu6(R.depthwise_conv2d(x, ker[..., None], b, (s, s), pads)), "blas"),
+        },
+    )
+
+
+def pointwise_case(hw, cin, cout, residual=False):
+    x, w, b = rand(1, hw, hw, cin), rand(cin, cout, scale=cin**-0.5), rand(cout)
+    out = np.empty((1, hw, hw, cout), np.float32)
+    res = rand(1, hw, hw, cout) if residual else None
+    act = ACT_NONE if residual else ACT_RELU6
+    x2, plain = x.reshape(-1, cin), np.empty((hw * hw, cout), np.float32)
+    return (
+        f"pointwise {hw}x{hw} {cin}->{cout}" + (" +res" if residual else ""),
+        2 * hw * hw * cin * cout,
+        {
+            "blas+epilogue": (lambda: pointwise_conv2d(x, w, b, out, act, res), "numba"),
+            "numba gemm": (lambda: pointwise_conv2d_numba(x, w, b, out, act, res), "numba"),
+            "np.matmul only": (lambda: np.matmul(x2, w, out=plain), "blas"),
+            "reference": (lambda: R.relu6(R.pointwise_conv2d(x, w, b)), "blas"),
+        },
+    )
+
+
+def stem_case():
+    x, ker, b = rand(1, 224, 224, 3), rand(3, 3, 3, 32), rand(32)
+    out = np.empty((1, 112, 112, 32), np.float32)
+    pads = ((0, 1), (0, 1))
+    return (
+        "conv2d stem 224x224x3 k3 s2 ->32",
+        2 * 112 * 112 * 27 * 32,
+        {
+            "im2col+blas": (lambda: conv2d(x, ker, b, out, 2, 2, 0, 0, ACT_RELU6), "numba"),
+            "reference": (lambda: R.relu6(R.conv2d(x, ker, b, (2, 2), pads)), "blas"),
+        },
+    )
+
+
+def se_case(hw, c, cr):
+    x, w1, b1, w2, b2 = rand(1, hw, hw, c), rand(c, cr, scale=0.1), rand(cr), rand(cr, c, scale=0.1), rand(c)
+    out = np.empty_like(x)
+    return (
+        f"squeeze_excite {hw}x{hw}x{c} r{cr}",
+        2 * hw * hw * c + 4 * c * cr,
+        {
+            "numba": (lambda: squeeze_excite(x, w1, b1, w2, b2, out), "numba"),
+            "reference": (lambda: R.squeeze_excite(x, w1, b1, w2, b2), "blas"),
+        },
+    )
+
+
+def gap_dense_cases():
+    x = rand(1, 7, 7, 1280)
+    pooled = np.empty((1, 1280), np.float32)
+    w, b = rand(1280, 1000, scale=0.03), rand(1000)
+    logits = np.empty((1, 1000), np.float32)
+    return [
+        (
+            "global_average_pool 7x7x1280",
+            7 * 7 * 1280,
+            {
+                "numba": (lambda: global_average_pool(x, pooled), "numba"),
+                "reference": (lambda: R.global_average_pool(x), "blas"),
+            },
+        ),
+        (
+            "dense 1280->1000",
+            2 * 1280 * 1000,
+            {
+                "blas+epilogue": (lambda: dense(pooled, w, b, logits, ACT_NONE), "numba"),
+                "reference": (lambda: R.dense(pooled, w, b), "blas"),
+            },
+        ),
+    ]
+
+
+def all_cases(quick: bool):
+    cases = [
+        stem_case(),
+        depthwise_case(112, 32, 3, 1, ((1, 1), (1, 1))),
+        depthwise_case(112, 96, 3, 2, ((0, 1), (0, 1))),
+        depthwise_case(56, 144, 3, 1, ((1, 1), (1, 1))),
+        depthwise_case(28, 192, 3, 1, ((1, 1), (1, 1))),
+        depthwise_case(14, 576, 3, 1, ((1, 1), (1, 1))),
+        depthwise_case(7, 960, 3, 1, ((1, 1), (1, 1))),
+        depthwise_case(14, 672, 5, 2, ((1, 2), (1, 2))),  # V3-Large
+        pointwise_case(112, 32, 16),
+        pointwise_case(112, 16, 96),
+        pointwise_case(56, 24, 144),
+        pointwise_case(56, 144, 24, residual=True),
+        pointwise_case(28, 192, 32, residual=True),
+        pointwise_case(14, 576, 160),
+        pointwise_case(7, 960, 160, residual=True),
+        pointwise_case(7, 320, 1280),
+        se_case(28, 120, 32),  # V3-Large
+        se_case(14, 672, 168),
+        *gap_dense_cases(),
+    ]
+    return cases[:6] if quick else cases
+
+
+def time_case(candidates, threads: int, rounds: int) -> dict[str, float]:
+    """Median seconds per call of each candidate, interleaved over ``rounds`` rounds.
+
+    Numba-kind and BLAS-kind candidates are timed in separate groups, the BLAS group last and
+    followed by a pause: after a multi-threaded BLAS call OpenBLAS's workers keep spinning for a
+    while, and a Numba kernel timed in that window would measure the two pools fighting (that
+    effect is measured on purpose, in the pipeline section), not the kernel.
+    """
+    samples = {name: [] for name in candidates}
+    for kind in ("numba", "blas"):
+        group = {name: fn for name, (fn, k) in candidates.items() if k == kind}
+        ctx = thread_limits(threads) if kind == "numba" else threadpool_limits(threads, user_api="blas")
+        with ctx:
+            for _ in range(rounds + 1):  # the first round is warm-up (compilation, page faults)
+                for name, fn in group.items():
+                    reps, t0 = 0, time.perf_counter()
+                    while True:
+                        fn()
+                        reps += 1
+                        elapsed = time.perf_counter() - t0
+                        if elapsed > 0.004 or reps >= 50:
+                            break
+                    samples[name].append(elapsed / reps)
+        if kind == "blas" and threads > 1:
+            time.sleep(0.3)
+    return {name: float(np.median(s[1:])) for name, s in samples.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Pipeline: MobileNetV2's 17 blocks under each thread-pool policy (one process per policy)
+# --------------------------------------------------------------------------------------------------
+
+POLICIES = [
+    # (label, BLAS threads, Numba threads, GEMM implementation)
+    ("1 thread: BLAS 1, Numba 1, GEMM blas", 1, 1, "blas"),
+    ("1 thread: Numba 1, GEMM numba", 1, 1, "numba"),
+    ("2 threads: BLAS 1, Numba 2, GEMM blas  [recommended]", 1, 2, "blas"),
+    ("2 threads: Numba 2, GEMM numba", 1, 2, "numba"),
+    ("2 threads: BLAS 2, Numba 1, GEMM blas", 2, 1, "blas"),
+    ("2 threads: BLAS 2, Numba 2, GEMM blas (pools fight)", 2, 2, "blas"),
+]
+
+
+def pipeline_child(blas_threads: int, numba_threads: int, gemm: str, rounds: int) -> None:
+    """Runs in a subprocess: prints the median ms of the 17-block body as JSON."""
+    numba.set_num_threads(numba_threads)
+    threadpool_limits(blas_threads, user_api="blas")
+    pw = pointwise_conv2d if gemm == "blas" else pointwise_conv2d_numba
+    table = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+    steps = []
+    h, cin = 112, 32
+    for t, c, n, s in table:
+        for i in range(n):
+            stride = s if i == 0 else 1
+            e = cin * t
+            oh = (h + 1) // 2 if stride == 2 else h
+            steps.append({
+                "x": rand(1, h, h, cin),
+                "expand": None if t == 1 else (rand(cin, e, scale=cin**-0.5), rand(e), np.empty((1, h, h, e), "f4")),
+                "dw": (rand(3, 3, e), rand(e), np.empty((1, oh, oh, e), np.float32), stride, 0 if stride == 2 else 1),
+                "project": (rand(e, c, scale=e**-0.5), rand(c), np.empty((1, oh, oh, c), np.float32)),
+                "res": rand(1, oh, oh, c) if stride == 1 and cin == c else None,
+            })
+            h, cin = oh, c
+
+    def body():
+        for st in steps:
+            x = st["x"]
+            if st["expand"] is not None:
+                w, b, out = st["expand"]
+                pw(x, w, b, out, ACT_RELU6)
+                x = out
+            k, b, out, s, p = st["dw"]
+            depthwise_conv2d(x, k, b, out, s, s, p, p, ACT_RELU6)
+            w, b, y = st["project"]
+            pw(out, w, b, y, ACT_NONE, st["res"])
+
+    for _ in range(3):
+        body()
+    ts = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        body()
+        ts.append(time.perf_counter() - t0)
+    print(json.dumps({"median_ms": float(np.median(ts)) * 1e3, "min_ms": float(min(ts)) * 1e3}))
+
+
+def run_pipelines(rounds: int) -> list[dict]:
+    rows = []
+    for label, blas_t, numba_t, gemm in POLICIES:
+        cmd = [sys.executable, __file__, "--pipeline-child", str(blas_t), str(numba_t), gemm, str(rounds)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append({"policy": label, "blas_threads": blas_t, "numba_threads": numba_t, "gemm": gemm, **result})
+        print(f"  {label:58s} median {result['median_ms']:8.2f} ms   min {result['min_ms']:8.2f} ms", flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="a few cases, fewer pipeline rounds")
+    parser.add_argument("--pipeline-child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.pipeline_child:
+        b, n, g, r = args.pipeline_child
+        pipeline_child(int(b), int(n), g, int(r))
+        return
+
+    np.ones((2, 2)) @ np.ones((2, 2))  # load BLAS so threadpoolctl sees it
+    blas = [{k: p.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+            for p in threadpool_info() if p["user_api"] == "blas"]
+    env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
+                                          "NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
+    print(f"numba {numba.__version__} ({numba.config.THREADING_LAYER} layer), numpy {np.__version__}, BLAS {blas}")
+    print(f"env {env}\n")
+
+    results = []
+    header = f"{'case':38s} {'candidate':16s} {'1 thread':>18s} {'2 threads':>18s} {'x ref (1t)':>10s}"
+    print(header)
+    print("-" * len(header))
+    for name, flops, candidates in all_cases(args.quick):
+        timings = {n: time_case(candidates, n, args.rounds) for n in (1, 2)}
+        ref1 = timings[1].get("reference")
+        for cand in candidates:
+            t1, t2 = timings[1][cand], timings[2][cand]
+            speedup = f"{ref1 / t1:9.1f}x" if ref1 else ""
+            print(f"{name:38s} {cand:16s} {t1 * 1e3:8.3f} ms {flops / t1 / 1e9:5.1f} GF "
+                  f"{t2 * 1e3:8.3f} ms {flops / t2 / 1e9:5.1f} GF {speedup}")
+            results.append({"case": name, "candidate": cand, "flops": flops,
+                            "ms_1_thread": t1 * 1e3, "ms_2_threads": t2 * 1e3,
+                            "gflops_1_thread": flops / t1 / 1e9, "gflops_2_threads": flops / t2 / 1e9})
+        print()
+
+    print("MobileNetV2 17-block body (batch 1, 224 px), by thread-pool policy:")
+    pipelines = run_pipelines(15 if args.quick else 40)
+
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"kernels-{datetime.date.today().isoformat()}.json"
+    path.write_text(json.dumps({
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "numba": numba.__version__, "numpy": np.__version__, "blas": blas, "env": env,
+        "rounds": args.rounds, "kernels": results, "pipeline": pipelines,
+    }, indent=1))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
