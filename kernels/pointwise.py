@@ -18,7 +18,7 @@ the add, matching Keras's order for a conv whose activation is fused and an Add 
 Two implementations of the same contract:
 - ``pointwise_conv2d`` / ``dense``: the product by BLAS (NumPy's OpenBLAS, ``np.matmul(out=...)``),
   then a Numba epilogue over the freshly written rows. Used by default: measured at MobileNetV2
-  shapes it is 3-4x faster than the Numba GEMM below (see bench/kernels.py), because OpenBLAS has
+  shapes it is 2-3x faster than the Numba GEMM below (see bench/kernels.py), because OpenBLAS has
   hand-written AVX-512 microkernels that keep a register tile of C in registers; Numba cannot
   express that (LLVM will not keep an accumulator tile that lives in an array in registers).
   The product and the epilogue go block by block over rows so each block of ``out`` is still in
