@@ -1,4 +1,4 @@
-"""The command line: ``python -m npmobile classify|summary ...`` (also installed as ``npmobile``).
+"""The command line: ``python -m npmobile classify|summary|profile|show ...`` (also installed as ``npmobile``).
 
 Expected failures (a bad file, a missing weights file, an unreadable image) print one line to stderr
 and exit 1; usage errors exit 2; ``--debug`` shows the traceback instead.
@@ -34,6 +34,10 @@ examples:
   npmobile classify cat.png --model mobilenet --alpha 0.5 --size 160 --crop center
   npmobile summary mobilenet_v3_small
   npmobile summary my_model.h5
+  npmobile summary mobilenet_v2 --costs                 params and MACs per layer, depthwise vs standard conv
+  npmobile profile cat.jpg --size 160 --plot time.png --roofline roofline.png
+  npmobile show cat.jpg --layer block_3_depthwise --out maps.png
+  npmobile show cat.jpg --layer block_3_depthwise --filters --out kernels.png
 
 weights="imagenet" files are looked for in $NPMOBILE_WEIGHTS_DIR, then the Keras cache (~/.keras/models),
 then downloaded once into ~/.cache/npmobile (checksummed).
@@ -78,8 +82,59 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--alpha", type=float, default=1.0, help="width multiplier for a family name")
     summary.add_argument("--size", type=_positive_int, default=224, help="input size for a family name")
     summary.add_argument("--minimalistic", action="store_true", help="V3 minimalistic variant")
+    summary.add_argument("--costs", action="store_true",
+                         help="params and MACs per layer, subtotals per block part, and what each depthwise "
+                              "layer saves against a standard convolution (a file with an unknown input size "
+                              "is counted at --size)")
     summary.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    _add_teaching_parsers(commands)
     return parser
+
+
+TEACHING_EXAMPLES = """\
+examples:
+  npmobile profile cat.jpg                                  MobileNetV2 at 224, official weights
+  npmobile profile cat.jpg --model mobilenet --weights none --size 160 --repeats 10
+  npmobile profile cat.jpg --weights finetuned.keras --plot time.png --roofline roofline.png
+  npmobile show cat.jpg --layer block_3_depthwise --out maps.png
+  npmobile show cat.jpg --model mobilenet_v3_small --layer expanded_conv_1_depthwise --filters --out k.png
+
+--weights none runs the architecture with random weights (times do not depend on weights; feature maps do).
+exit status: 0 ok, 1 failure, 2 usage error.
+"""
+
+
+def _add_teaching_parsers(commands) -> None:
+    profile = commands.add_parser(
+        "profile", help="time each layer and explain it with FLOPs, bytes moved and a measured roofline",
+        description="Run a model on one image and print, per step of the optimized plan, its time, GFLOP/s, "
+                    "bytes moved and arithmetic intensity, against this machine's measured balance "
+                    "(peak GFLOP/s / memory GB/s): which layers are memory-bound and which compute-bound.",
+        epilog=TEACHING_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    profile.add_argument("image", metavar="IMAGE", help="an image file")
+    _add_model_options(profile)
+    profile.add_argument("--repeats", type=_positive_int, default=5, metavar="N",
+                         help="timed runs after one warm-up; the median is shown (default 5)")
+    profile.add_argument("--plot", metavar="PNG", help="write a bar chart of time per layer (needs matplotlib)")
+    profile.add_argument("--roofline", metavar="PNG", help="write a roofline chart (needs matplotlib)")
+    profile.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    show = commands.add_parser(
+        "show", help="draw one layer's feature maps (or a depthwise layer's kernels) as a PNG grid",
+        description="Run a model on one image and draw the output of one layer as a grid, one tile per "
+                    "channel, each normalized to its own min..max; --filters draws a depthwise layer's "
+                    "kernels instead (red positive, blue negative).",
+        epilog=TEACHING_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    show.add_argument("image", metavar="IMAGE", help="an image file")
+    show.add_argument("--layer", required=True, metavar="NAME", help="a Keras layer name, e.g. block_3_depthwise")
+    show.add_argument("--out", required=True, metavar="PNG", help="where to write the picture")
+    show.add_argument("--filters", action="store_true", help="draw the depthwise kernels instead of feature maps")
+    show.add_argument("--channels", type=_positive_int, default=64, metavar="N",
+                      help="draw the first N channels (default 64)")
+    _add_model_options(show)
+    show.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -253,7 +308,102 @@ def summary(args) -> int:
         model = _family_model(applications, args.model, args.alpha, args.size, args.minimalistic, None)
     else:
         model = npmobile.load_model(args.model)
-    print(model.summary_text())
+    if args.costs:
+        print(costs_report(model, args.size))
+    else:
+        print(model.summary_text())
+    return 0
+
+
+def costs_report(model, size: int) -> str:
+    from npmobile import costs
+
+    unknown = any(d is None for d in model.input_shape[1:3])
+    table = costs.costs_text(model, costs.layer_costs(model, input_size=size if unknown else None))
+    if unknown:
+        table = f"(the model takes any input size; counted at {size}x{size})\n" + table
+    return table
+
+
+# --------------------------------------------------------------------------------------------------
+# profile and show
+# --------------------------------------------------------------------------------------------------
+
+
+def _teaching_model(args):
+    """The model for profile/show: as classify opens it, plus ``--weights none`` for random weights."""
+    from npmobile import applications
+
+    if args.weights is not None and args.weights.lower() == "none":
+        return _family_model(applications, args.model, args.alpha, args.size, args.minimalistic, None)
+    return open_model(args.model, args.alpha, args.size, args.minimalistic, args.weights)
+
+
+def _model_input(model, path: str, size: int) -> np.ndarray:
+    """One image as the model wants it: resized to its input size (or --size) and preprocessed."""
+    from npmobile.applications.common import preprocess_tf
+    from npmobile.image import load_img
+
+    height, width = (d or size for d in model.input_shape[1:3])
+    x = load_img(path, target_size=(height, width))[None].astype(np.float32)
+    return preprocess_tf(x) if preprocess_for(model) == "tf" else x
+
+
+def profile(args) -> int:
+    from npmobile import applications, profiling
+
+    model = _teaching_model(args)
+    x = _model_input(model, args.image, args.size)
+    # Probe the machine before the model runs, so neither measurement disturbs the other.
+    machine = profiling.measure_machine()
+    rows = model.profile(x, repeats=args.repeats)
+    steps = profiling.profile_steps(model, rows, x.shape)
+    v1 = applications.MobileNet(weights=None, input_shape=(x.shape[1], x.shape[2], 3), include_top=False)
+    print(profiling.profile_text(model, steps, machine, args.image, x.shape, args.repeats,
+                                 profiling.bytes_per_mac(v1, x.shape[1:3])))
+    if args.plot or args.roofline:
+        from npmobile import visualize
+
+        title = f"{model.name}, {x.shape[1]}x{x.shape[2]}"
+        if args.plot:
+            visualize.plot_times(steps, args.plot, title=f"time per layer: {title}")
+            print(f"wrote {args.plot}")
+        if args.roofline:
+            visualize.plot_roofline(steps, machine, args.roofline, title=f"roofline: {title}")
+            print(f"wrote {args.roofline}")
+    return 0
+
+
+def show(args) -> int:
+    from npmobile import visualize
+
+    model = _teaching_model(args)
+    try:
+        node = model.graph.node(model.graph.resolve(args.layer))
+    except KeyError as error:
+        raise NpmobileError(str(error).strip("'\"")) from None
+    if args.filters:
+        if "depthwise_kernel" not in node.weights:
+            raise NpmobileError(f"layer {args.layer!r} is a {node.op}, not a depthwise layer: --filters draws "
+                                "depthwise kernels (try a layer named like block_3_depthwise or conv_dw_3)")
+        kernel = node.weights["depthwise_kernel"]
+        image = visualize.kernel_image(kernel, max_channels=args.channels)
+        what = f"{min(args.channels, kernel.shape[2] * kernel.shape[3])} of {kernel.shape[2] * kernel.shape[3]} " \
+               f"{kernel.shape[0]}x{kernel.shape[1]} depthwise filters"
+    else:
+        x = _model_input(model, args.image, args.size)
+        maps = model.predict(x, outputs=[args.layer])[args.layer]
+        if maps.ndim != 4:
+            raise NpmobileError(f"layer {args.layer!r} outputs shape {tuple(maps.shape)}, not feature maps "
+                                "(choose a convolution, e.g. block_3_depthwise)")
+        image = visualize.feature_map_image(maps[0], max_channels=args.channels)
+        what = f"{min(args.channels, maps.shape[-1])} of {maps.shape[-1]} feature maps, " \
+               f"{maps.shape[1]}x{maps.shape[2]} each"
+    try:
+        image.save(args.out)
+    except (OSError, ValueError) as error:
+        raise NpmobileError(f"{args.out}: cannot write the picture ({error})") from None
+    print(f"wrote {args.out}: {what} of {args.layer} ({image.width}x{image.height} px)")
     return 0
 
 
@@ -263,7 +413,7 @@ def summary(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"classify": classify, "summary": summary}
+    handlers = {"classify": classify, "summary": summary, "profile": profile, "show": show}
     try:
         return handlers[args.command](args)
     except NpmobileError as error:
