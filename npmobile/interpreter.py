@@ -12,6 +12,7 @@ import numpy as np
 
 from npmobile.errors import InputShapeError
 from npmobile.graph import Graph
+from npmobile.kernels.threads import thread_limits
 from npmobile.layers import LAYER_FUNCTIONS, infer_shapes
 from npmobile.passes import optimize
 from npmobile.plan import PlanCache
@@ -62,6 +63,7 @@ class Model:
         outputs: Sequence[str] | None = None,
         batch_size: int | None = None,
         reference: bool = False,
+        threads: int | None = None,
     ) -> np.ndarray | dict[str, np.ndarray]:
         """Run the model on a batch of NHWC images.
 
@@ -70,13 +72,16 @@ class Model:
         ``batch_size`` splits a large batch into chunks to bound memory; results are the same.
         ``reference=True`` runs the graph as Keras wrote it, layer by layer, with the plain NumPy
         reference kernels: slow, and the definition the fast path is checked against.
+        ``threads``: how many cores the kernels use (default: NUMBA_NUM_THREADS, i.e. all). BLAS is
+        held to one thread meanwhile: its pool and Numba's fight when both are awake.
         """
         feeds = self._check_inputs(x)
         run = self._run_reference if reference else self._run
         n = feeds[0].shape[0]
-        if batch_size is None or batch_size >= n:
-            return run(feeds, outputs)
-        parts = [run([f[i : i + batch_size] for f in feeds], outputs) for i in range(0, n, batch_size)]
+        with thread_limits(threads):
+            if batch_size is None or batch_size >= n:
+                return run(feeds, outputs)
+            parts = [run([f[i : i + batch_size] for f in feeds], outputs) for i in range(0, n, batch_size)]
         if isinstance(parts[0], dict):
             return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         if isinstance(parts[0], list):
@@ -122,18 +127,19 @@ class Model:
         results = [values[name] for name in wanted]
         return results[0] if len(results) == 1 else results
 
-    def profile(self, x: np.ndarray, repeats: int = 5) -> list[dict]:
+    def profile(self, x: np.ndarray, repeats: int = 5, threads: int | None = None) -> list[dict]:
         """Time each step of the optimized plan on ``x``: one dict per step with the node's name, op,
         the Keras layers it stands for, its output shape and the median seconds over ``repeats``
         runs (after one warm-up run, which also compiles the kernels)."""
         feeds = self._check_inputs(x)
-        self._run(feeds, None)
-        runner = self._runners[None]
         runs: list[list] = []
-        for _ in range(repeats):
-            timings: list = []
-            runner.run(feeds, timings)
-            runs.append(timings)
+        with thread_limits(threads):
+            self._run(feeds, None)
+            runner = self._runners[None]
+            for _ in range(repeats):
+                timings: list = []
+                runner.run(feeds, timings)
+                runs.append(timings)
         rows = []
         for k, (step, _) in enumerate(runs[0]):
             seconds = sorted(run[k][1] for run in runs)[len(runs) // 2]

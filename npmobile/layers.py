@@ -54,6 +54,27 @@ def activation_function(name, keras_version: int = 3) -> Callable[[np.ndarray], 
     return table[name]
 
 
+# Activations the kernels can apply in a convolution's epilogue.
+FUSABLE_ACTIVATIONS = ("relu", "relu6", "hard_swish", "hard_silu", "sigmoid", "swish", "silu")
+
+
+def epilogue_activation(node: Node) -> str | None:
+    """The epilogue activation an activation node amounts to, if a kernel can apply it."""
+    if node.op == "ReLU":
+        c = node.config
+        if float(c.get("negative_slope") or 0) != 0 or float(c.get("threshold") or 0) != 0:
+            return None
+        max_value = c.get("max_value")
+        if max_value is None:
+            return "relu"
+        return "relu6" if float(max_value) == 6.0 else None
+    if node.op == "Activation":
+        name = node.config.get("activation")
+        return name if name in FUSABLE_ACTIVATIONS else None
+    return None
+
+
+
 def _activate(x: np.ndarray, node: Node, keras_version: int) -> np.ndarray:
     fn = activation_function(node.config.get("activation"), keras_version)
     return x if fn is None else fn(x)

@@ -22,7 +22,7 @@ import numpy as np
 from npmobile.graph import Graph, Node
 from npmobile.kernels import activations as act_kernels
 from npmobile.kernels import reference as K
-from npmobile.layers import LAYER_FUNCTIONS, _pair, conv_padding, infer_shapes
+from npmobile.layers import LAYER_FUNCTIONS, _pair, conv_padding, epilogue_activation, infer_shapes
 
 # A prepared step: (args, out) -> None, writing every element of out.
 Runner = Callable[[list, np.ndarray], None]
@@ -108,33 +108,109 @@ def prepare_depthwise(node: Node, in_shapes, out_shape, keras_version: int) -> R
 
 
 def prepare_conv2d(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
+    from npmobile.kernels.conv import conv2d
+    from npmobile.kernels.pointwise import pointwise_conv2d
+
     kernel = node.weights["kernel"]
     strides = _pair(node.config.get("strides", 1))
-    padding = conv_padding(node, in_shapes[0][1:3], kernel.shape[:2], strides, (1, 1))
+    dilation = _pair(node.config.get("dilation_rate", 1))
+    padding = conv_padding(node, in_shapes[0][1:3], kernel.shape[:2], strides, dilation)
     act = _act_code(node, keras_version)
-    if act is None or _pair(node.config.get("dilation_rate", 1)) != (1, 1):
+    if act is None:
         return None
     residual = bool(node.config.get("residual"))
     bias = _bias(node, kernel.shape[3])
     if kernel.shape[:2] == (1, 1) and strides == (1, 1) and padding == K.NO_PADDING:
         w = np.ascontiguousarray(kernel[0, 0])
 
-        def run(args, out):
-            x = args[0]
-            flat = out.reshape(-1, out.shape[-1])
-            np.matmul(x.reshape(-1, x.shape[-1]), w, out=flat)
-            flat += bias
-            if residual:
-                flat += args[1].reshape(flat.shape)
-            act_kernels.activate(out, out, act)
+        def run_pointwise(args, out):
+            pointwise_conv2d(args[0], w, bias, out, act, args[1] if residual else None)
 
-        return run
-    return None
+        return run_pointwise
+    if residual:
+        return None
+    (top, _), (left, _) = padding
+    k4 = np.ascontiguousarray(kernel)
+
+    def run_conv(args, out):
+        conv2d(args[0], k4, bias, out, strides[0], strides[1], top, left, act, dilation[0], dilation[1])
+
+    return run_conv
+
+
+def prepare_dense(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
+    from npmobile.kernels.pointwise import dense
+
+    act = _act_code(node, keras_version)
+    if act is None or len(in_shapes[0]) != 2:
+        return None
+    kernel = np.ascontiguousarray(node.weights["kernel"])
+    bias = _bias(node, kernel.shape[1])
+
+    def run(args, out):
+        dense(args[0], kernel, bias, out, act)
+
+    return run
+
+
+def prepare_squeeze_excite(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
+    from npmobile.kernels.squeeze_excite import squeeze_excite
+
+    w = {k: np.ascontiguousarray(v, np.float32) for k, v in node.weights.items()}
+
+    def run(args, out):
+        squeeze_excite(args[0], w["reduce_kernel"], w["reduce_bias"], w["expand_kernel"], w["expand_bias"], out)
+
+    return run
+
+
+def prepare_global_average_pool(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
+    from npmobile.kernels.pooling import global_average_pool
+
+    if node.config.get("data_format") not in (None, "channels_last") or len(in_shapes[0]) != 4:
+        return None
+
+    def run(args, out):
+        global_average_pool(args[0], out.reshape(out.shape[0], out.shape[-1]))
+
+    return run
+
+
+def prepare_activation(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
+    """A standalone ReLU / Activation (one the fusion pass could not move into a conv)."""
+    name = epilogue_activation(node)
+    act = act_kernels.ACTIVATION_CODES.get(name) if name else None
+    if act is None:
+        return None
+
+    def run(args, out):
+        act_kernels.activate(args[0], out, act)
+
+    return run
+
+
+def prepare_add(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
+    """The Add merge layer of two same-shaped tensors (no broadcasting, no scalars)."""
+    if len(node.inputs) != 2 or not all(isinstance(i, str) for i in node.inputs):
+        return None
+    if any(tuple(s) != tuple(out_shape) for s in in_shapes):
+        return None
+
+    def run(args, out):
+        act_kernels.add(args[0], args[1], out, act_kernels.ACT_NONE)
+
+    return run
 
 
 PREPARERS: dict[str, Callable[..., Runner | None]] = {
     "DepthwiseConv2D": prepare_depthwise,
     "Conv2D": prepare_conv2d,
+    "Dense": prepare_dense,
+    "SqueezeExcite": prepare_squeeze_excite,
+    "GlobalAveragePooling2D": prepare_global_average_pool,
+    "ReLU": prepare_activation,
+    "Activation": prepare_activation,
+    "Add": prepare_add,
 }
 
 

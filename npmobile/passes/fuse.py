@@ -9,10 +9,9 @@ import copy
 import numpy as np
 
 from npmobile.graph import Graph, Node
+from npmobile.layers import epilogue_activation
 
 CONV_OPS = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D")
-# Activations the kernels can apply in a convolution's epilogue.
-FUSABLE_ACTIVATIONS = ("relu", "relu6", "hard_swish", "hard_silu", "sigmoid", "swish", "silu")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,29 +190,13 @@ def fuse_squeeze_excite(graph: Graph, keep: set[str]) -> Graph:
     return graph
 
 
-def _activation_name(node: Node) -> str | None:
-    """The epilogue activation an activation node amounts to, if a kernel can apply it."""
-    if node.op == "ReLU":
-        c = node.config
-        if float(c.get("negative_slope") or 0) != 0 or float(c.get("threshold") or 0) != 0:
-            return None
-        max_value = c.get("max_value")
-        if max_value is None:
-            return "relu"
-        return "relu6" if float(max_value) == 6.0 else None
-    if node.op == "Activation":
-        name = node.config.get("activation")
-        return name if name in FUSABLE_ACTIVATIONS else None
-    return None
-
-
 def fuse_activation(graph: Graph, keep: set[str]) -> Graph:
     """An activation right after a convolution is applied in the convolution's epilogue."""
     for act in [n for n in graph.nodes if n.op in ("ReLU", "Activation")]:
         if act not in graph.nodes:
             continue
         conv = _producer(graph, act.inputs[0])
-        name = _activation_name(act)
+        name = epilogue_activation(act)
         if name is None or conv is None or conv.op not in CONV_OPS + ("Dense",) or not _is_linear(conv):
             continue
         if _only_consumer(graph, conv, keep) is not act:
