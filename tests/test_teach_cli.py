@@ -1,0 +1,168 @@
+"""The teaching commands: ``summary --costs``, ``profile`` and ``show``, run in-process through cli.main."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from npmobile import cli
+
+SMALL = ["--weights", "none", "--size", "96"]
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> str:
+    """A 120x150 photo-like image: smooth colour gradients plus noise."""
+    rows, cols = np.mgrid[0:120, 0:150]
+    rgb = np.stack([rows * 2, cols * 1.5, (rows + cols) % 256], axis=-1)
+    rgb = rgb + np.random.default_rng(0).normal(0, 10, rgb.shape)
+    path = tmp_path_factory.mktemp("images") / "photo.png"
+    Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --------------------------------------------------------------------------------------------------
+# summary --costs
+# --------------------------------------------------------------------------------------------------
+
+
+def test_summary_costs_prints_v2_totals_parts_and_convention(capsys):
+    code, out, _ = run(capsys, "summary", "mobilenet_v2", "--costs")
+    assert code == 0
+    assert "Total MACs:   300,774,272 (300.8 M, 0.60 GFLOPs)" in out
+    assert "Total params: 3,538,984 (3.54 M)" in out
+    assert "MACs = multiply-accumulates per image of convolutions" in out
+    for part in ("stem", "expand", "depthwise", "project", "head", "classifier"):
+        assert any(line.startswith(part + " ") for line in out.splitlines()), part
+    # Every depthwise layer gets its comparison with a standard convolution.
+    assert out.count("= standard 3x3 conv") == 17
+    row = next(line for line in out.splitlines() if line.startswith("block_1_depthwise "))
+    assert row.split()[2:] == ["depthwise", "(None,", "56,", "56,", "96)", "864", "2,709,504"]
+
+
+def test_summary_costs_of_v3_small_has_a_squeeze_excite_subtotal(capsys):
+    code, out, _ = run(capsys, "summary", "mobilenet_v3_small", "--costs", "--size", "96")
+    assert code == 0
+    se = [line for line in out.splitlines() if line.startswith("se ")]
+    assert len(se) == 1 and int(se[0].split()[-2].replace(",", "")) > 0
+
+
+def test_summary_costs_reads_a_keras_file(capsys, tmp_path):
+    import keras
+
+    path = tmp_path / "small.keras"
+    keras.applications.MobileNetV3Small(weights=None, input_shape=(96, 96, 3)).save(path)
+    reference = keras.saving.load_model(path)
+    code, out, _ = run(capsys, "summary", str(path), "--costs")
+    assert code == 0
+    assert f"Total params: {reference.count_params():,}" in out
+    assert "expanded_conv_squeeze_excite_mul" in out
+
+
+def test_summary_without_costs_is_the_keras_like_table(capsys):
+    code, out, _ = run(capsys, "summary", "mobilenet", "--size", "128")
+    assert code == 0
+    assert "MACs" not in out and "Total params: 4,253,864" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# profile
+# --------------------------------------------------------------------------------------------------
+
+
+def test_profile_prints_time_intensity_and_bound_per_step(capsys, photo):
+    code, out, _ = run(capsys, "profile", photo, *SMALL, "--repeats", "1")
+    assert code == 0
+    assert "balance" in out and "FLOP/byte" in out
+    rows = [line for line in out.splitlines() if "(DepthwiseConv2D)" in line]
+    assert len(rows) == 17
+    # Stride-1 depthwise layers move ~2.25 FLOPs per byte; each row ends with its bound.
+    assert all(line.split()[-1] in ("memory", "compute") for line in rows)
+    assert any(line.split()[-2] == "2.25" for line in rows)
+    assert "depthwise   17 steps" in out and "pointwise" in out
+    assert "Why MobileNetV2 can be slower than V1 per MAC on a CPU" in out
+    assert "for MobileNet V1 1.0 at the same size" in out
+
+
+def test_profile_writes_time_and_roofline_pngs(capsys, photo, tmp_path):
+    times, roofline = tmp_path / "time.png", tmp_path / "roofline.png"
+    code, out, _ = run(capsys, "profile", photo, "--model", "mobilenet_v3_small", *SMALL, "--repeats", "1",
+                       "--plot", str(times), "--roofline", str(roofline))
+    assert code == 0
+    assert f"wrote {times}" in out and f"wrote {roofline}" in out
+    for path in (times, roofline):
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            assert image.width >= 600 and image.height >= 400
+            assert len(image.convert("RGB").getcolors(1 << 20)) > 10  # a chart, not a blank page
+
+
+# --------------------------------------------------------------------------------------------------
+# show
+# --------------------------------------------------------------------------------------------------
+
+
+def test_show_draws_feature_maps_normalized_per_channel(capsys, photo, tmp_path):
+    out_png = tmp_path / "maps.png"
+    code, out, _ = run(capsys, "show", photo, "--layer", "block_3_depthwise", "--channels", "16",
+                       "--out", str(out_png), *SMALL)
+    assert code == 0
+    assert "16 of 144 feature maps, 12x12 each" in out
+    with Image.open(out_png) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    # 16 maps -> 4x4 grid; 12x12 maps enlarged 4x to 48 px, 2 px gaps: 4 * 50 + 2 = 202.
+    assert pixels.shape == (202, 202, 3)
+    first = pixels[2:50, 2:50, 0]  # the first tile
+    assert first.min() == 0 and first.max() == 255  # stretched to its own min..max
+
+
+def test_show_filters_draws_depthwise_kernels(capsys, photo, tmp_path):
+    out_png = tmp_path / "kernels.png"
+    code, out, _ = run(capsys, "show", photo, "--model", "mobilenet_v3_small", "--layer",
+                       "expanded_conv_1_depthwise", "--filters", "--channels", "9", "--out", str(out_png), *SMALL)
+    assert code == 0
+    assert "9 of 72 3x3 depthwise filters" in out
+    with Image.open(out_png) as image:
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+    assert pixels.shape == (3 * 38 + 2, 3 * 38 + 2, 3)  # 3x3 grid of 36-px tiles
+    tile = pixels[2:38, 2:38]
+    reddish = (tile[..., 0] > tile[..., 2] + 50).any()
+    bluish = (tile[..., 2] > tile[..., 0] + 50).any()
+    assert reddish or bluish  # a signed picture, not grey
+
+
+def test_show_unknown_layer_is_a_one_line_error(capsys, photo, tmp_path):
+    code, out, err = run(capsys, "show", photo, "--layer", "block_99_depthwise", "--out",
+                         str(tmp_path / "x.png"), *SMALL)
+    assert code == 1
+    assert err.startswith("npmobile: no layer named 'block_99_depthwise'") and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_show_filters_on_a_non_depthwise_layer_says_what_to_pick(capsys, photo, tmp_path):
+    code, _, err = run(capsys, "show", photo, "--layer", "block_3_expand", "--filters", "--out",
+                       str(tmp_path / "x.png"), *SMALL)
+    assert code == 1
+    assert "not a depthwise layer" in err and err.count("\n") == 1
+
+
+def test_show_needs_layer_and_out(capsys, photo):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["show", photo])
+    assert exit_info.value.code == 2
+    assert "--layer" in capsys.readouterr().err
+
+
+def test_help_shows_examples(capsys):
+    for command in ("profile", "show"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "npmobile show cat.jpg --layer block_3_depthwise" in capsys.readouterr().out
