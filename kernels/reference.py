@@ -11,6 +11,11 @@ Conventions, everywhere in npmobile:
   ``same_padding`` turns Keras's padding="same" into these numbers.
 
 Each function returns a new array; they are written for clarity, not speed.
+
+Reading order, the way a MobileNet uses them: padding (``same_padding``, ``zero_pad``) → ``conv2d`` (the
+stem) → ``depthwise_conv2d`` + ``pointwise_conv2d`` (the separable pair every block is made of) →
+``batch_norm`` (folded away at inference) → activations (``relu6``, ``hard_swish``) → pooling and
+``dense`` (the head) → ``squeeze_excite`` (MobileNetV3). docs/depthwise.md runs them on a 4x4 image.
 """
 
 from __future__ import annotations
@@ -71,6 +76,9 @@ def conv2d(
 
     The loop runs over the kh*kw kernel taps; each tap is one matrix product of the shifted input
     [N*H*W, Cin] with that tap's [Cin, Cout] slice of the kernel.
+
+    So the two Python loops are the sum over (di, dj), and the matrix product ``@`` is the sum over ci.
+    Cost: kh*kw*Cin*Cout multiply-adds per output pixel: every output channel reads every input channel.
     """
     kh, kw, _cin, cout = kernel.shape
     sh, sw = strides
@@ -82,8 +90,11 @@ def conv2d(
     out = np.zeros((n, oh, ow, cout), dtype=np.float32)
     for di in range(kh):
         for dj in range(kw):
+            # The padded rows i*sh + di*dh for every output row i = 0..oh-1 (and likewise columns):
+            # the pixel each output position sees through tap (di, dj).
             rows = slice(di * dh, di * dh + (oh - 1) * sh + 1, sh)
             cols = slice(dj * dw, dj * dw + (ow - 1) * sw + 1, sw)
+            # [n, oh, ow, Cin] @ [Cin, Cout]: this tap's contribution, summed over input channels.
             out += xp[:, rows, cols, :] @ kernel[di, dj]
     if bias is not None:
         out += bias
@@ -106,6 +117,9 @@ def depthwise_conv2d(
     where M is the depth multiplier (1 in MobileNets unless asked otherwise). No channel mixing:
     that is the pointwise convolution's job. Cost: kh*kw*C multiply-adds per pixel, against
     kh*kw*C*C' for a standard convolution.
+
+    The loops are conv2d's, with the matrix product replaced by an elementwise product: there is no
+    sum over channels, which is the whole saving.
     """
     kh, kw, c, multiplier = kernel.shape
     sh, sw = strides
@@ -114,9 +128,11 @@ def depthwise_conv2d(
     n, hp, wp, _ = xp.shape
     oh = (hp - (kh - 1) * dh - 1) // sh + 1
     ow = (wp - (kw - 1) * dw - 1) // sw + 1
+    # Channel c's M outputs are kept on their own axis, then flattened to c*M + m (Keras's order).
     out = np.zeros((n, oh, ow, c, multiplier), dtype=np.float32)
     for di in range(kh):
         for dj in range(kw):
+            # The same shifted window as in conv2d: the input pixels tap (di, dj) sees.
             rows = slice(di * dh, di * dh + (oh - 1) * sh + 1, sh)
             cols = slice(dj * dw, dj * dw + (ow - 1) * sw + 1, sw)
             # [n, oh, ow, c, 1] * [c, M]: each channel times its own weights, summed over taps.
@@ -132,6 +148,8 @@ def pointwise_conv2d(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None 
 
     out[n, i, j, co] = bias[co] + sum over ci of x[n, i, j, ci] * kernel[ci, co]
     ``kernel`` is [Cin, Cout] (a Keras 1x1 kernel with its two leading 1s dropped).
+    It sees no neighbours: every pixel is an independent vector of channels, so the whole layer is one
+    matrix product [N*H*W, Cin] @ [Cin, Cout]. In MobileNets these layers hold most of the multiply-adds.
     """
     out = x @ kernel
     if bias is not None:
@@ -187,6 +205,8 @@ def rescale(x: np.ndarray, scale: float, offset: float) -> np.ndarray:
 
 def relu(x: np.ndarray, max_value: float | None = None, negative_slope: float = 0.0, threshold: float = 0.0):
     """Keras ReLU: x above threshold (capped at max_value), negative_slope * (x - threshold) below."""
+    # Keras's own branches: with no slope, values at or below the threshold become exactly 0;
+    # with a slope (leaky ReLU), they are scaled instead.
     if negative_slope == 0.0:
         y = np.where(x > threshold, x, np.float32(0.0)) if threshold != 0.0 else np.maximum(x, np.float32(0))
     else:
@@ -197,7 +217,10 @@ def relu(x: np.ndarray, max_value: float | None = None, negative_slope: float = 
 
 
 def relu6(x: np.ndarray) -> np.ndarray:
-    """min(max(x, 0), 6): the ReLU that keeps activations in a range low-precision hardware likes."""
+    """min(max(x, 0), 6): the ReLU that keeps activations in a range low-precision hardware likes.
+
+    A known range [0, 6] maps onto 8-bit integers with a fixed step; an unbounded ReLU would not.
+    """
     return np.minimum(np.maximum(x, np.float32(0.0)), np.float32(6.0))
 
 
@@ -212,7 +235,10 @@ def hard_sigmoid_keras2(x: np.ndarray) -> np.ndarray:
 
 
 def hard_swish(x: np.ndarray) -> np.ndarray:
-    """x * hard_sigmoid(x): MobileNetV3's cheap swish. Keras computes x * (relu6(x + 3) / 6)."""
+    """x * hard_sigmoid(x): MobileNetV3's cheap swish. Keras computes x * (relu6(x + 3) / 6).
+
+    Exactly 0 below -3 and exactly x above 3, close to swish in between, with no exponential.
+    """
     return x * hard_sigmoid(x)
 
 
@@ -288,7 +314,7 @@ def squeeze_excite(
     expand_kernel: np.ndarray,
     expand_bias: np.ndarray,
 ) -> np.ndarray:
-    """Reweight channels by a gate computed from the whole image.
+    """Reweight channels by a gate computed from the whole image (attention over channels).
 
     squeeze: s = mean over pixels of x            [N, C]
     excite:  g = hard_sigmoid(relu(s @ W1 + b1) @ W2 + b2)   two tiny dense layers, [N, C]
