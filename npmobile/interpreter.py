@@ -6,6 +6,7 @@ it, the kernels). Here live the things a user touches: ``Model.predict`` and ``M
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -18,6 +19,11 @@ from npmobile.passes import optimize
 from npmobile.plan import PlanCache
 
 _NON_TRAINABLE = {"moving_mean", "moving_variance"}
+
+# One prediction runs at a time in a process. Each run already uses every core it is given, the
+# thread-pool settings (Numba's and BLAS's) are process-wide, and Numba's fallback threading layer
+# (workqueue, where OpenMP/TBB are missing) must not be entered from two threads at once.
+_RUN_LOCK = threading.RLock()
 
 
 class Model:
@@ -78,7 +84,7 @@ class Model:
         feeds = self._check_inputs(x)
         run = self._run_reference if reference else self._run
         n = feeds[0].shape[0]
-        with thread_limits(threads):
+        with _RUN_LOCK, thread_limits(threads):
             if batch_size is None or batch_size >= n:
                 return run(feeds, outputs)
             parts = [run([f[i : i + batch_size] for f in feeds], outputs) for i in range(0, n, batch_size)]
@@ -133,7 +139,7 @@ class Model:
         runs (after one warm-up run, which also compiles the kernels)."""
         feeds = self._check_inputs(x)
         runs: list[list] = []
-        with thread_limits(threads):
+        with _RUN_LOCK, thread_limits(threads):
             self._run(feeds, None)
             runner = self._runners[None]
             for _ in range(repeats):

@@ -1,0 +1,36 @@
+"""predict from several threads at once returns exactly what serial calls return."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from npmobile import applications
+
+
+def test_concurrent_predicts_match_serial_results():
+    model = applications.MobileNetV3Small(weights=None, input_shape=(64, 64, 3))
+    inputs = [np.random.default_rng(i).uniform(0, 255, (1 + i % 3, 64, 64, 3)).astype(np.float32) for i in range(6)]
+    serial = [model.predict(x) for x in inputs]
+    results: dict[int, list[np.ndarray]] = {i: [] for i in range(len(inputs))}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(4):
+                results[i].append(model.predict(inputs[i], threads=1 + i % 2))
+        except BaseException as error:  # surfaced below: a thread's exception would vanish otherwise
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert all(not t.is_alive() for t in threads)
+    for i, expected in enumerate(serial):
+        assert len(results[i]) == 4
+        for got in results[i]:
+            np.testing.assert_array_equal(got, expected)
