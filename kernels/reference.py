@@ -242,6 +242,13 @@ def hard_swish(x: np.ndarray) -> np.ndarray:
     return x * hard_sigmoid(x)
 
 
+def hard_swish_from_ops(x: np.ndarray) -> np.ndarray:
+    """Hard-swish as tf_keras's MobileNetV3 builds it from separate layers:
+    Multiply([x, ReLU(6)(x + 3) * (1 / 6)]). Same function, rounded differently: it multiplies by
+    the float32 nearest 1/6 where Keras 3's activation divides by 6."""
+    return x * (relu6(x + np.float32(3.0)) * np.float32(1.0 / 6.0))
+
+
 def sigmoid(x: np.ndarray) -> np.ndarray:
     # Split by sign so exp never overflows.
     e = np.exp(-np.abs(x))

@@ -43,6 +43,7 @@ def activation_function(name, keras_version: int = 3) -> Callable[[np.ndarray], 
         "sigmoid": K.sigmoid,
         "hard_sigmoid": K.hard_sigmoid,
         "hard_swish": K.hard_swish,
+        "hard_swish_from_ops": K.hard_swish_from_ops,  # npmobile's own: what fuse_hard_swish_ops makes
         "hard_silu": K.hard_swish,
         "swish": K.swish,
         "silu": K.swish,

@@ -121,3 +121,25 @@ def test_fast_plan_matches_layer_by_layer_reference(family):
     expected = model.predict(x, reference=True)
     np.testing.assert_allclose(model.predict(x), expected, rtol=0, atol=2e-6)
     np.testing.assert_allclose(model.predict(x, batch_size=2), expected, rtol=0, atol=2e-6)
+
+
+def test_hard_swish_spelled_as_layers_becomes_one_activation_with_the_same_rounding():
+    from npmobile.graph import Graph
+    from npmobile.interpreter import Model
+    from npmobile.spec import CallSpec, LayerSpec, ModelSpec, TensorRef
+
+    def layer(name, cls, config, *args):
+        return LayerSpec(name, cls, config, [CallSpec([TensorRef(a) if isinstance(a, str) else a for a in args])])
+
+    layers = [
+        LayerSpec("img", "InputLayer", {"batch_shape": (None, 4, 4, 8)}, []),
+        layer("plus3", "Add", {}, "img", 3.0),
+        layer("relu6", "ReLU", {"max_value": 6.0}, "plus3"),
+        layer("sixth", "Multiply", {}, "relu6", 1 / 6),
+        layer("hswish", "Multiply", {}, "img", "sixth"),
+    ]
+    model = Model(Graph.from_spec(ModelSpec("m", layers, [TensorRef("img")], [TensorRef("hswish")], keras_version=2)))
+    plan = model.plan()
+    assert [n.op for n in plan.nodes] == ["InputLayer", "Activation"]
+    x = np.random.default_rng(0).uniform(-5, 5, (2, 4, 4, 8)).astype(np.float32)
+    np.testing.assert_array_equal(model.predict(x), model.predict(x, reference=True))

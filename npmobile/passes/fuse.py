@@ -190,6 +190,31 @@ def fuse_squeeze_excite(graph: Graph, keep: set[str]) -> Graph:
     return graph
 
 
+def fuse_hard_swish_ops(graph: Graph, keep: set[str]) -> Graph:
+    """tf_keras's MobileNetV3 spells hard-swish as four layers, Multiply([x, ReLU(6)(x + 3) * (1/6)]);
+    make them one Activation node that computes the same thing in the same order."""
+    for plus3 in [n for n in graph.nodes if n.op == "Add"]:
+        if plus3 not in graph.nodes or _scalar(plus3) != 3.0:
+            continue
+        x = next(i for i in plus3.inputs if isinstance(i, str))
+        relu6 = _chain_op(graph, plus3, keep, "ReLU")
+        sixth = _chain_op(graph, relu6, keep, "Multiply")
+        mul = _chain_op(graph, sixth, keep, "Multiply")
+        if (
+            mul is None
+            or float(relu6.config.get("max_value") or 0) != 6.0
+            or _scalar(sixth) is None or abs(_scalar(sixth) - 1 / 6) > 1e-7
+            or sorted(map(str, mul.inputs)) != sorted([x, sixth.name])
+        ):
+            continue
+        node = Node(name=mul.name, op="Activation", config={"activation": "hard_swish_from_ops"}, inputs=[x],
+                    keras_names=list(mul.keras_names))
+        graph.nodes[graph.nodes.index(mul)] = node
+        for gone in (plus3, relu6, sixth):
+            graph.nodes.remove(gone)
+    return graph
+
+
 def fuse_activation(graph: Graph, keep: set[str]) -> Graph:
     """An activation right after a convolution is applied in the convolution's epilogue."""
     for act in [n for n in graph.nodes if n.op in ("ReLU", "Activation")]:
@@ -227,7 +252,8 @@ def fuse_residual_add(graph: Graph, keep: set[str]) -> Graph:
     return graph
 
 
-PASSES = (drop_dropout, fold_batchnorm, fuse_zero_padding, fuse_squeeze_excite, fuse_activation, fuse_residual_add)
+PASSES = (drop_dropout, fold_batchnorm, fuse_zero_padding, fuse_squeeze_excite, fuse_hard_swish_ops, fuse_activation,
+          fuse_residual_add)
 
 
 def optimize(graph: Graph, keep: set[str] | frozenset[str] = frozenset()) -> Graph:
