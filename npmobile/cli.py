@@ -358,7 +358,7 @@ def profile(args) -> int:
     machine = profiling.measure_machine()
     rows = model.profile(x, repeats=args.repeats)
     steps = profiling.profile_steps(model, rows, x.shape)
-    v1 = applications.MobileNet(weights=None, input_shape=(x.shape[1], x.shape[2], 3), include_top=False)
+    v1 = applications.MobileNet(weights=None, input_shape=(x.shape[1], x.shape[2], 3))
     print(profiling.profile_text(model, steps, machine, args.image, x.shape, args.repeats,
                                  profiling.bytes_per_mac(v1, x.shape[1:3])))
     if args.plot or args.roofline:
