@@ -1,0 +1,168 @@
+"""Keras model configs (the JSON in a .h5's ``model_config`` or a .keras's config.json) -> ModelSpec.
+
+Two dialects, one result:
+- Keras 3: ``inbound_nodes`` is a list of calls ``{"args": [...], "kwargs": {...}}`` whose tensors are
+  ``{"class_name": "__keras_tensor__", "config": {"keras_history": [layer, node, tensor]}}``; a merge
+  layer gets one list of tensors; ``x + 3.0`` is a node of class "Add" with a float among its args.
+- Keras 2 / tf_keras: ``inbound_nodes`` is a list of calls, each a list of
+  ``[layer, node_index, tensor_index, kwargs]``; ``x + 3`` is a ``TFOpLambda`` with ``y`` in kwargs;
+  a nested model's own construction counts as its node 0, so calls of it are numbered from 1.
+Nothing in a config is executed: Lambda layers stay data (the graph refuses them by name).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from npmobile.errors import ModelFileError
+from npmobile.spec import CallSpec, LayerSpec, ModelSpec, TensorRef
+
+MODEL_CLASSES = ("Functional", "Model", "Sequential")
+# tf_keras TFOpLambda functions that are scalar arithmetic, and the op they amount to.
+TF_OP_LAMBDAS = {
+    "__operators__.add": "Add",
+    "math.add": "Add",
+    "__operators__.mul": "Multiply",
+    "math.multiply": "Multiply",
+}
+
+
+def parse_model_config(config: dict, keras_version: int, source: str) -> ModelSpec:
+    """A whole model config ({"class_name": ..., "config": {...}}) -> ModelSpec (no weights yet)."""
+    try:
+        return _parse_model(config, keras_version, source)
+    except ModelFileError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
+        raise ModelFileError(f"{source}: the model config is malformed ({type(error).__name__}: {error})") from None
+
+
+def _parse_model(config: dict, keras_version: int, source: str) -> ModelSpec:
+    if not isinstance(config, dict) or "config" not in config:
+        raise ModelFileError(f"{source}: the model config has no 'config' entry")
+    class_name = config.get("class_name")
+    body = config["config"]
+    if class_name == "Sequential":
+        return _parse_sequential(body, keras_version, source)
+    if class_name not in ("Functional", "Model"):
+        raise ModelFileError(f"{source}: the top-level model has class {class_name!r}; "
+                             "npmobile reads Functional and Sequential models")
+    layers = [_parse_layer(raw, keras_version, source) for raw in body["layers"]]
+    model_classes = {layer.name for layer in layers if layer.class_name in MODEL_CLASSES}
+    if keras_version < 3:
+        _renumber_nested_calls(layers, model_classes)
+    inputs = [_history_ref(ref) for ref in _ref_list(body["input_layers"])]
+    outputs = [_history_ref(ref) for ref in _ref_list(body["output_layers"])]
+    if keras_version < 3:
+        outputs = [_shift(ref, model_classes) for ref in outputs]
+    return ModelSpec(name=str(body.get("name", "model")), layers=layers, inputs=inputs, outputs=outputs,
+                     keras_version=keras_version, source=source)
+
+
+def _parse_sequential(body: dict, keras_version: int, source: str) -> ModelSpec:
+    """A Sequential model is a chain: each layer takes the previous layer's output."""
+    raw_layers = body["layers"] if isinstance(body, dict) else body
+    layers: list[LayerSpec] = []
+    previous: str | None = None
+    for raw in raw_layers:
+        layer = _parse_layer({**raw, "inbound_nodes": []}, keras_version, source)
+        if previous is None and layer.class_name != "InputLayer":
+            shape = layer.config.get("batch_input_shape") or layer.config.get("batch_shape") or (
+                body.get("build_input_shape") if isinstance(body, dict) else None)
+            if shape is None:
+                raise ModelFileError(f"{source}: Sequential model {body.get('name')!r} has no input shape")
+            input_name = f"{layer.name}_input"
+            layers.append(LayerSpec(input_name, "InputLayer", {"batch_shape": list(shape)}, []))
+            previous = input_name
+        if layer.class_name != "InputLayer":
+            layer.inbound = [CallSpec([TensorRef(previous)])]
+        layers.append(layer)
+        previous = layer.name
+    if not layers:
+        raise ModelFileError(f"{source}: Sequential model has no layers")
+    return ModelSpec(name=str(body.get("name", "sequential")), layers=layers, inputs=[TensorRef(layers[0].name)],
+                     outputs=[TensorRef(previous)], keras_version=keras_version, source=source)
+
+
+def _parse_layer(raw: dict, keras_version: int, source: str) -> LayerSpec:
+    class_name = str(raw["class_name"])
+    config = raw.get("config") or {}
+    name = str(raw.get("name") or config.get("name"))
+    if not name or name == "None":
+        raise ModelFileError(f"{source}: a layer of class {class_name} has no name")
+    calls = [_parse_call(node, keras_version) for node in raw.get("inbound_nodes", [])]
+    submodel = None
+    if class_name in MODEL_CLASSES:
+        submodel = _parse_model({"class_name": class_name, "config": config}, keras_version, source)
+        submodel.name = name
+    elif class_name == "TFOpLambda":
+        op = TF_OP_LAMBDAS.get(config.get("function"))
+        scalar_calls = [c for c in calls if any(isinstance(a, float) for a in c.args)]
+        if op is not None and scalar_calls and len(scalar_calls) == len(calls):
+            class_name, config = op, {"name": name}
+    return LayerSpec(name=name, class_name=class_name, config=config, inbound=calls, submodel=submodel)
+
+
+def _parse_call(node: Any, keras_version: int) -> CallSpec:
+    if isinstance(node, dict):  # Keras 3
+        args: list = []
+        for arg in node.get("args", []):
+            if isinstance(arg, list):  # a merge layer's list of tensors
+                args.extend(_keras3_arg(a) for a in arg)
+            else:
+                args.append(_keras3_arg(arg))
+        kwargs = {k: v for k, v in (node.get("kwargs") or {}).items() if not _is_tensor(v)}
+        return CallSpec(args=args, kwargs=kwargs)
+    # Keras 2: [[layer, node_index, tensor_index, kwargs], ...]; TFOpLambda calls drop one level:
+    # [layer, node_index, tensor_index, kwargs].
+    if node and isinstance(node[0], str):
+        node = [node]
+    args, kwargs = [], {}
+    for entry in node:
+        args.append(TensorRef(str(entry[0]), int(entry[1]), int(entry[2])))
+        if len(entry) > 3 and isinstance(entry[3], dict):
+            kwargs.update(entry[3])
+    # TFOpLambda puts the other operand of x + 3 in kwargs["y"].
+    y = kwargs.pop("y", None)
+    if isinstance(y, (int, float)) and not isinstance(y, bool):
+        args.append(float(y))
+    return CallSpec(args=args, kwargs={k: v for k, v in kwargs.items() if k != "name"})
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("class_name") == "__keras_tensor__"
+
+
+def _keras3_arg(arg: Any):
+    if _is_tensor(arg):
+        return _history_ref(arg["config"]["keras_history"])
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return float(arg)
+    raise ModelFileError(f"unsupported call argument {str(arg)[:80]!r}")
+
+
+def _ref_list(refs: Any) -> list:
+    """input_layers / output_layers: one [name, node, tensor] (Keras 3, single) or a list of them."""
+    if isinstance(refs, list) and refs and isinstance(refs[0], str):
+        return [refs]
+    return list(refs)
+
+
+def _history_ref(ref: Any) -> TensorRef:
+    return TensorRef(str(ref[0]), int(ref[1]), int(ref[2]))
+
+
+def _shift(ref: TensorRef, model_classes: set[str]) -> TensorRef:
+    if ref.layer in model_classes and ref.node_index > 0:
+        return TensorRef(ref.layer, ref.node_index - 1, ref.tensor_index)
+    return ref
+
+
+def _renumber_nested_calls(layers: list[LayerSpec], model_classes: set[str]) -> None:
+    """In Keras 2 configs a nested model's node 0 is its own construction, not saved: calls of it are
+    numbered from 1. Number them from 0, like every other layer's."""
+    if not model_classes:
+        return
+    for layer in layers:
+        for call in layer.inbound:
+            call.args = [_shift(a, model_classes) if isinstance(a, TensorRef) else a for a in call.args]
