@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from npmobile.errors import NpmobileError
+from npmobile.errors import ModelFileError, NpmobileError, WeightsError
 from npmobile.graph import Graph, Node
 from npmobile.interpreter import Model
 from npmobile.layers import expected_weight_shapes
@@ -105,6 +105,11 @@ def finish_model(spec: ModelSpec, in_channels: dict[str, int], weights, official
         else:
             path = os.fspath(weights)
         bind_weights(spec, read_weights(path))
+        spec.source = f"{path} (weights for {spec.name})"
+        try:
+            return Model(Graph.from_spec(spec))
+        except ModelFileError as error:  # shapes that do not fit: another alpha, size or include_top
+            raise WeightsError(f"{error}; is the file for another alpha or include_top?") from None
     return Model(Graph.from_spec(spec))
 
 
