@@ -31,7 +31,9 @@ def test_mobilenet_v2_224_params_match_keras_layer_by_layer(v2_costs):
     ours = {c.name: c.params for c in v2_costs}
     theirs = {layer.name: layer.count_params() for layer in reference.layers if layer.name in ours}
     assert theirs == {name: ours[name] for name in theirs}
-    assert len(theirs) == len(ours)
+    # Every layer with parameters is matched by name (Keras's automatic names, like input_layer_5,
+    # depend on how many models the session built before, so only weighted layers are compared).
+    assert {name for name, params in ours.items() if params} <= set(theirs)
 
 
 def test_mobilenet_v1_224_has_569_million_macs():
