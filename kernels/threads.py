@@ -16,6 +16,7 @@ BLAS runs on one thread, in the calling thread, so it never starts a pool of its
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import numba
@@ -69,3 +70,18 @@ def thread_limits(threads: int | None = None) -> Iterator[int]:
         numba.set_num_threads(previous)
         if limiter is not None:
             limiter.restore_original_limits()
+
+
+def kernels_cached() -> bool:
+    """True when the main kernels are in Numba's on-disk cache (so no compile pause is coming).
+
+    Checks the cache index file of each compiled kernel the MobileNets use; a False answer only
+    means "expect a compile", never an error.
+    """
+    from npmobile.kernels import conv, depthwise, pointwise, squeeze_excite
+
+    kernels = (depthwise.depthwise_conv2d, pointwise._epilogue, conv.im2col, squeeze_excite.squeeze_excite)
+    try:
+        return all(os.path.exists(k._cache._cache_file._index_path) for k in kernels)
+    except AttributeError:  # another Numba version keeps it elsewhere: say nothing rather than guess
+        return True

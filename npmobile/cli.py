@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -233,8 +232,6 @@ def classify(args) -> int:
     from npmobile.applications.common import preprocess_tf
     from npmobile.image import load_img
 
-    if args.threads:
-        os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
     images = list(find_images(args.images))
     if not images:
         raise NpmobileError(f"no images found in {', '.join(args.images)}")
@@ -258,7 +255,9 @@ def classify(args) -> int:
                 results.append({"path": str(path), "error": str(error)})
         if batch:
             x = np.stack(batch)
-            probs = model.predict(preprocess_tf(x) if mode == "tf" else x)
+            if start == 0:
+                notice_first_compile()
+            probs = model.predict(preprocess_tf(x) if mode == "tf" else x, threads=args.threads)
             for path, p in zip(chunk, np.asarray(probs).reshape(len(chunk), -1)):
                 results.append({"path": str(path), "top": top_classes(p, args.top)})
         progress.advance(len(images[start : start + BATCH]))
@@ -270,6 +269,15 @@ def classify(args) -> int:
     else:
         print_results([r for r in results if "top" in r])
     return 1 if failed else 0
+
+
+def notice_first_compile() -> None:
+    """Say so when the kernels are about to be compiled (first run after install: ~10-30 s);
+    afterwards Numba loads them from its cache in milliseconds."""
+    from npmobile.kernels.threads import kernels_cached
+
+    if not kernels_cached():
+        print("npmobile: compiling kernels (first run only, about half a minute)...", file=sys.stderr)
 
 
 def top_classes(probabilities: np.ndarray, k: int) -> list[dict]:
