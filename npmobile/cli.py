@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="center: keep the central 87.5%% before resizing (the published evaluations do)")
     classify.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                           help="CPU threads (default: all cores, or NUMBA_NUM_THREADS)")
-    classify.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    classify.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     summary = commands.add_parser(
         "summary", help="print a model as a Keras-like table",
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="params and MACs per layer, subtotals per block part, and what each depthwise "
                               "layer saves against a standard convolution (a file with an unknown input size "
                               "is counted at --size)")
-    summary.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    summary.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_teaching_parsers(commands)
     return parser
 
@@ -117,7 +117,7 @@ def _add_teaching_parsers(commands) -> None:
                          help="timed runs after one warm-up; the median is shown (default 5)")
     profile.add_argument("--plot", metavar="PNG", help="write a bar chart of time per layer (needs matplotlib)")
     profile.add_argument("--roofline", metavar="PNG", help="write a roofline chart (needs matplotlib)")
-    profile.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    profile.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     show = commands.add_parser(
         "show", help="draw one layer's feature maps (or a depthwise layer's kernels) as a PNG grid",
@@ -133,7 +133,7 @@ def _add_teaching_parsers(commands) -> None:
     show.add_argument("--channels", type=_positive_int, default=64, metavar="N",
                       help="draw the first N channels (default 64)")
     _add_model_options(show)
-    show.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    show.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
