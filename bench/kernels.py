@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numba
 import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
 from npmobile.kernels import reference as R
 from npmobile.kernels.activations import ACT_NONE, ACT_RELU6
 from npmobile.kernels.conv import conv2d
@@ -38,7 +40,6 @@ from npmobile.kernels.pointwise import dense, pointwise_conv2d, pointwise_conv2d
 from npmobile.kernels.pooling import global_average_pool
 from npmobile.kernels.squeeze_excite import squeeze_excite
 from npmobile.kernels.threads import thread_limits
-from threadpoolctl import threadpool_info, threadpool_limits
 
 RESULTS = Path(__file__).resolve().parent / "results"
 rng = np.random.default_rng(0)

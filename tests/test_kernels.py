@@ -11,6 +11,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
+
 from npmobile.kernels import reference as R
 from npmobile.kernels.activations import (
     ACT_HARD_SIGMOID,
@@ -31,7 +33,6 @@ from npmobile.kernels.pointwise import dense, pointwise_conv2d, pointwise_conv2d
 from npmobile.kernels.pooling import global_average_pool
 from npmobile.kernels.squeeze_excite import squeeze_excite
 from npmobile.kernels.threads import max_threads, set_threads, thread_limits
-from threadpoolctl import threadpool_info, threadpool_limits
 
 REFERENCE_ACTIVATIONS = {
     ACT_NONE: lambda x: x,
