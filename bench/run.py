@@ -1,0 +1,343 @@
+"""Side-by-side benchmark: npmobile against Keras (predict and tf.function) and ONNX Runtime, on the
+same weights and inputs, in one run.
+
+    .venv/bin/pip install -e ".[bench]"
+    .venv/bin/python bench/run.py                      # everything (about 10 minutes on 2 cores)
+    .venv/bin/python bench/run.py --quick --models v2 --batches 1 --threads 1
+    .venv/bin/python bench/run.py --profile --models v2 --threads 2     # where npmobile's time goes
+
+How it measures: the parent builds each model with keras.applications (weights=None, BatchNorm given
+non-trivial statistics), saves it as .keras (npmobile loads that file) and exports it to ONNX. Thread
+settings are per process (TensorFlow's can only be set before its first op), so one worker process
+per thread count times every engine there, in interleaved rounds: each round runs each engine a few
+times, in rotating order, so drift on this shared machine hits all engines alike. Reported: medians
+(ms) with interquartile range, npmobile/peer ratios (below 1: npmobile faster), output agreement,
+peak RSS per engine (a separate process each) and process start -> first prediction of
+`python -m npmobile classify`. Results are written to bench/results/<date>-<host>.json and
+bench/results/latest.json. No timing is ever asserted in tests; goals live here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+MODELS = {"v1": "MobileNet", "v2": "MobileNetV2", "v3s": "MobileNetV3Small", "v3l": "MobileNetV3Large"}
+ENGINES = ("npmobile", "keras_predict", "keras_tf_function", "onnxruntime")
+
+
+def quiet_tf() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+# --------------------------------------------------------------------------------------------------
+# Preparing the models (parent process)
+# --------------------------------------------------------------------------------------------------
+
+
+def prepare(models: list[str], folder: Path) -> dict[str, dict]:
+    """Save each model as .keras and .onnx in ``folder``; returns paths per model key."""
+    quiet_tf()
+    import keras
+
+    rng = np.random.default_rng(0)
+    files = {}
+    for key in models:
+        model = getattr(keras.applications, MODELS[key])(weights=None, input_shape=(224, 224, 3))
+        for layer in model.layers:
+            if type(layer).__name__ == "BatchNormalization":
+                c = layer.gamma.shape[0]
+                layer.set_weights([rng.uniform(0.5, 1.5, c).astype("f4"), rng.normal(0, 0.1, c).astype("f4"),
+                                   rng.normal(0, 0.1, c).astype("f4"), rng.uniform(0.5, 2, c).astype("f4")])
+        model.predict(np.zeros((1, 224, 224, 3), np.float32), verbose=0)  # export needs a called model
+        keras_path, onnx_path = folder / f"{key}.keras", folder / f"{key}.onnx"
+        model.save(keras_path)
+        try:
+            model.export(str(onnx_path), format="onnx", verbose=False)
+        except Exception as error:  # ONNX export is a peer's tooling: report, don't stop the bench
+            print(f"  {key}: ONNX export failed ({type(error).__name__}: {error})", file=sys.stderr)
+            onnx_path = None
+        files[key] = {"keras": str(keras_path), "onnx": str(onnx_path) if onnx_path else None}
+    return files
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing (worker process, one per thread count)
+# --------------------------------------------------------------------------------------------------
+
+
+def make_engines(files: dict, threads: int) -> dict:
+    """Callables x -> output per engine for one model, all with ``threads`` threads."""
+    import tensorflow as tf
+
+    import npmobile
+
+    engines = {}
+    ours = npmobile.load_model(files["keras"])
+    engines["npmobile"] = lambda x: ours.predict(x, threads=threads)
+    import keras
+
+    model = keras.saving.load_model(files["keras"])
+    engines["keras_predict"] = lambda x: model.predict(x, verbose=0, batch_size=len(x))
+    compiled = tf.function(lambda t: model(t, training=False), jit_compile=False, reduce_retracing=True)
+    engines["keras_tf_function"] = lambda x: compiled(tf.constant(x)).numpy()
+    if files.get("onnx"):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(files["onnx"], options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        engines["onnxruntime"] = lambda x: session.run(None, {name: x})[0]
+    return engines
+
+
+def time_engines(engines: dict, x: np.ndarray, rounds: int, per_round: int) -> dict[str, list[float]]:
+    for run in engines.values():  # warm-up: compile, allocate, fill caches
+        for _ in range(2):
+            run(x)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    names = list(engines)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            run = engines[name]
+            run(x)  # one untimed call: lets the previous engine's spinning threads go idle
+            for _ in range(per_round):
+                start = time.perf_counter()
+                run(x)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def worker(args) -> None:
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    files = json.loads(Path(args.files).read_text())
+    results = []
+    for key in args.models:
+        engines = make_engines(files[key], args.threads)
+        for batch in args.batches:
+            x = np.random.default_rng(batch).uniform(-1, 1, (batch, 224, 224, 3)).astype(np.float32)
+            if key.startswith("v3"):
+                x = (x + 1) * 127.5
+            outputs = {name: np.asarray(run(x)) for name, run in engines.items()}
+            reference = outputs["keras_predict"]
+            agreement = {name: {"max_abs_diff": float(np.abs(out - reference).max()),
+                                "same_top5": bool(np.array_equal(np.argsort(-out, 1)[:, :5],
+                                                                 np.argsort(-reference, 1)[:, :5]))}
+                         for name, out in outputs.items()}
+            times = time_engines(engines, x, args.rounds, args.per_round)
+            results.append({"model": key, "batch": batch, "threads": args.threads, "agreement": agreement,
+                            "ms": {name: summary(ts) for name, ts in times.items()}})
+            print(f"  threads {args.threads} {key} batch {batch}: " + ", ".join(
+                f"{n} {r['median']:.1f}" for n, r in results[-1]["ms"].items()), file=sys.stderr, flush=True)
+    Path(args.out).write_text(json.dumps(results))
+
+
+def summary(seconds: list[float]) -> dict:
+    ms = sorted(s * 1e3 for s in seconds)
+    q = statistics.quantiles(ms, n=4) if len(ms) >= 4 else [ms[0], statistics.median(ms), ms[-1]]
+    return {"median": statistics.median(ms), "iqr": q[2] - q[0], "n": len(ms)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory and start-up (separate processes)
+# --------------------------------------------------------------------------------------------------
+
+RSS_SNIPPET = """
+import os, resource, sys, json, numpy as np
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, {bench!r})
+from run import make_engines
+files = json.loads({files!r})
+engine = make_engines(files, 2) if {engine!r} != "npmobile" else None
+if engine is None:
+    import npmobile
+    model = npmobile.load_model(files["keras"])
+    run = lambda x: model.predict(x, threads=2)
+else:
+    run = engine[{engine!r}]
+x = np.zeros((1, 224, 224, 3), np.float32)
+for _ in range(20):
+    run(x)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss(files: dict, engine: str) -> float | None:
+    code = RSS_SNIPPET.format(bench=str(REPO / "bench"), files=json.dumps(files), engine=engine)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=bench_env())
+    try:
+        return int(result.stdout.strip().splitlines()[-1]) / 1024  # KB -> MB
+    except (ValueError, IndexError):
+        return None
+
+
+def startup_seconds(keras_file: str, image: Path, runs: int = 3) -> float:
+    command = [sys.executable, "-m", "npmobile", "classify", str(image), "--weights", keras_file]
+    subprocess.run(command, capture_output=True, env=bench_env(), check=True)  # warm the Numba cache
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(command, capture_output=True, env=bench_env(), check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_env() -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    # Older OpenBLAS builds need these on some CPUs; they slow a current one. Benchmarks only.
+    if "OPENBLAS_CORETYPE" in env or "OPENBLAS_L2_SIZE" in env:
+        env.pop("OPENBLAS_CORETYPE", None)
+        env.pop("OPENBLAS_L2_SIZE", None)
+    return env
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    versions = {}
+    for module in ("numpy", "numba", "tensorflow", "keras", "onnxruntime"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            versions[module] = None
+    try:
+        import threadpoolctl
+
+        blas = [{k: info.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+                for info in threadpoolctl.threadpool_info() if info.get("user_api") == "blas"]
+    except ImportError:
+        blas = []
+    return {"cpu": cpu, "cores": os.cpu_count(), "host": socket.gethostname(), "python": platform.python_version(),
+            "versions": versions, "blas": blas,
+            "openblas_env_unset": "OPENBLAS_CORETYPE" in os.environ or "OPENBLAS_L2_SIZE" in os.environ}
+
+
+def table(cells: list[dict]) -> str:
+    peers = ("keras_predict", "keras_tf_function", "onnxruntime")
+    header = f"{'model':<5}{'batch':>6}{'thr':>4}  {'npmobile':>9}" + "".join(f"{p:>19}" for p in peers)
+    lines = [header, "-" * len(header)]
+    for cell in cells:
+        ms = cell["ms"]
+        ours = ms["npmobile"]["median"]
+        row = f"{cell['model']:<5}{cell['batch']:>6}{cell['threads']:>4}  {ours:>7.2f}ms"
+        for peer in peers:
+            if peer in ms:
+                row += f"{ms[peer]['median']:>9.2f}ms ({ours / ms[peer]['median']:.2f}x)"
+            else:
+                row += f"{'n/a':>19}"
+        lines.append(row)
+    lines.append("ratio = npmobile / peer: below 1 means npmobile is faster. PyTorch: not installed here.")
+    return "\n".join(lines)
+
+
+def profile(models: list[str], threads: int) -> None:
+    from npmobile import applications
+    from npmobile.profiling import plan_costs  # noqa: F401  (same arithmetic as `npmobile profile`)
+
+    for key in models:
+        model = getattr(applications, MODELS[key])(weights=None, input_shape=(224, 224, 3))
+        x = np.random.default_rng(0).uniform(0, 255, (1, 224, 224, 3)).astype(np.float32)
+        rows = model.profile(x, repeats=9, threads=threads)
+        total = sum(r["seconds"] for r in rows)
+        print(f"\n{MODELS[key]} at 224, batch 1, {threads} thread(s): {total * 1e3:.2f} ms")
+        by_op: dict[str, float] = {}
+        for r in rows:
+            node = r["node"]
+            kind = node.op + (" 1x1" if node.op == "Conv2D" and node.weights["kernel"].shape[:2] == (1, 1) else "")
+            by_op[kind] = by_op.get(kind, 0.0) + r["seconds"]
+        for kind, seconds in sorted(by_op.items(), key=lambda kv: -kv[1]):
+            print(f"  {kind:<24}{seconds * 1e3:8.2f} ms {100 * seconds / total:5.1f}%")
+    print("\nPer layer, with GFLOP/s and arithmetic intensity: python -m npmobile profile IMAGE --weights none")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--per-round", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 2, no memory/start-up measurements")
+    parser.add_argument("--profile", action="store_true", help="npmobile's time per kind of layer")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--files", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.threads = args.threads[0]
+        return worker(args)
+    if args.profile:
+        return profile(args.models, args.threads[-1])
+    if args.quick:
+        args.rounds, args.per_round = min(args.rounds, 3), 2
+
+    folder = Path(tempfile.mkdtemp(prefix="npmobile-bench-"))
+    try:
+        print(f"preparing {', '.join(args.models)} (Keras models, .keras files, ONNX exports)...", file=sys.stderr)
+        files = prepare(args.models, folder)
+        (folder / "files.json").write_text(json.dumps(files))
+        cells = []
+        for threads in args.threads:
+            out = folder / f"threads{threads}.json"
+            command = [sys.executable, __file__, "--worker", "--threads", str(threads), "--files",
+                       str(folder / "files.json"), "--out", str(out), "--rounds", str(args.rounds),
+                       "--per-round", str(args.per_round), "--models", *args.models,
+                       "--batches", *map(str, args.batches)]
+            subprocess.run(command, check=True, env=bench_env())
+            cells.extend(json.loads(out.read_text()))
+        report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+                  "cells": cells, "peak_rss_mb": {}, "startup_seconds": None}
+        if not args.quick and "v2" in files:
+            print("measuring peak RSS and start-up...", file=sys.stderr)
+            report["peak_rss_mb"] = {e: peak_rss(files["v2"], e) for e in ENGINES}
+            image = REPO / "samples" / "chelsea.jpg"
+            report["startup_seconds"] = startup_seconds(files["v2"]["keras"], image)
+        print(table(cells))
+        for cell in cells:
+            bad = {k: v for k, v in cell["agreement"].items() if not v["same_top5"]}
+            worst = max(v["max_abs_diff"] for v in cell["agreement"].values())
+            print(f"  {cell['model']} b{cell['batch']} t{cell['threads']}: outputs agree "
+                  f"(max |diff| vs Keras {worst:.1e}{', TOP-5 DIFFERS: ' + str(list(bad)) if bad else ''})")
+        if report["peak_rss_mb"]:
+            print("peak RSS, MobileNetV2 b1 (MB): " + ", ".join(
+                f"{k} {v:.0f}" for k, v in report["peak_rss_mb"].items() if v))
+        if report["startup_seconds"]:
+            print(f"process start -> first prediction (`python -m npmobile classify`, warm cache): "
+                  f"{report['startup_seconds']:.2f} s")
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        name = f"{datetime.date.today().isoformat()}-{socket.gethostname()}.json"
+        (RESULTS / name).write_text(json.dumps(report, indent=1))
+        shutil.copy(RESULTS / name, RESULTS / "latest.json")
+        print(f"written {RESULTS / name} and latest.json")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
