@@ -7,10 +7,11 @@ same weights and inputs, in one run.
     .venv/bin/python bench/run.py --profile --models v2 --threads 2     # where npmobile's time goes
 
 How it measures: the parent builds each model with keras.applications (weights=None, BatchNorm given
-non-trivial statistics), saves it as .keras (npmobile loads that file) and exports it to ONNX. Thread
-settings are per process (TensorFlow's can only be set before its first op), so one worker process
-per thread count times every engine there, in interleaved rounds: each round runs each engine a few
-times, in rotating order, so drift on this shared machine hits all engines alike. Reported: medians
+non-trivial statistics), saves it as .keras (npmobile loads that file) and exports it to ONNX. Each
+engine runs in a process of its own (thread settings are per process, and idle thread pools of one
+engine would steal cores from another), and the parent interleaves them: each round asks every
+engine in turn, in rotating order, for a few timed predictions, so drift on this shared machine
+hits all engines alike. Reported: medians
 (ms) with interquartile range, npmobile/peer ratios (below 1: npmobile faster), output agreement,
 peak RSS per engine (a separate process each) and process start -> first prediction of
 `python -m npmobile classify`. Results are written to bench/results/<date>-<host>.json and
@@ -77,26 +78,22 @@ def prepare(models: list[str], folder: Path) -> dict[str, dict]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Timing (worker process, one per thread count)
+# Engines: each in its own process, driven by the parent
 # --------------------------------------------------------------------------------------------------
+# Every engine keeps a thread pool whose idle workers spin for a while after each call (OpenMP,
+# Eigen, ONNX Runtime): in one process they steal each other's cores. So each engine runs in its own
+# process, with its own thread settings, and the parent interleaves them: one round asks every
+# engine in turn (rotating the order) for a few timed predictions.
 
 
-def make_engines(files: dict, threads: int) -> dict:
-    """Callables x -> output per engine for one model, all with ``threads`` threads."""
-    import tensorflow as tf
+def load_engine(engine: str, files: dict, threads: int):
+    """A callable x -> output for one engine and model file, using ``threads`` threads."""
+    if engine == "npmobile":
+        import npmobile
 
-    import npmobile
-
-    engines = {}
-    ours = npmobile.load_model(files["keras"])
-    engines["npmobile"] = lambda x: ours.predict(x, threads=threads)
-    import keras
-
-    model = keras.saving.load_model(files["keras"])
-    engines["keras_predict"] = lambda x: model.predict(x, verbose=0, batch_size=len(x))
-    compiled = tf.function(lambda t: model(t, training=False), jit_compile=False, reduce_retracing=True)
-    engines["keras_tf_function"] = lambda x: compiled(tf.constant(x)).numpy()
-    if files.get("onnx"):
+        model = npmobile.load_model(files["keras"])
+        return lambda x: model.predict(x, threads=threads)
+    if engine == "onnxruntime":
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -104,53 +101,94 @@ def make_engines(files: dict, threads: int) -> dict:
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(files["onnx"], options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        engines["onnxruntime"] = lambda x: session.run(None, {name: x})[0]
-    return engines
-
-
-def time_engines(engines: dict, x: np.ndarray, rounds: int, per_round: int) -> dict[str, list[float]]:
-    for run in engines.values():  # warm-up: compile, allocate, fill caches
-        for _ in range(2):
-            run(x)
-    times: dict[str, list[float]] = {name: [] for name in engines}
-    names = list(engines)
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            run = engines[name]
-            run(x)  # one untimed call: lets the previous engine's spinning threads go idle
-            for _ in range(per_round):
-                start = time.perf_counter()
-                run(x)
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
-def worker(args) -> None:
+        return lambda x: session.run(None, {name: x})[0]
+    import keras
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    files = json.loads(Path(args.files).read_text())
-    results = []
-    for key in args.models:
-        engines = make_engines(files[key], args.threads)
-        for batch in args.batches:
-            x = np.random.default_rng(batch).uniform(-1, 1, (batch, 224, 224, 3)).astype(np.float32)
-            if key.startswith("v3"):
-                x = (x + 1) * 127.5
-            outputs = {name: np.asarray(run(x)) for name, run in engines.items()}
-            reference = outputs["keras_predict"]
-            agreement = {name: {"max_abs_diff": float(np.abs(out - reference).max()),
-                                "same_top5": bool(np.array_equal(np.argsort(-out, 1)[:, :5],
-                                                                 np.argsort(-reference, 1)[:, :5]))}
-                         for name, out in outputs.items()}
-            times = time_engines(engines, x, args.rounds, args.per_round)
-            results.append({"model": key, "batch": batch, "threads": args.threads, "agreement": agreement,
-                            "ms": {name: summary(ts) for name, ts in times.items()}})
-            print(f"  threads {args.threads} {key} batch {batch}: " + ", ".join(
-                f"{n} {r['median']:.1f}" for n, r in results[-1]["ms"].items()), file=sys.stderr, flush=True)
-    Path(args.out).write_text(json.dumps(results))
+    model = keras.saving.load_model(files["keras"])
+    if engine == "keras_predict":
+        return lambda x: model.predict(x, verbose=0, batch_size=len(x))
+    compiled = tf.function(lambda t: model(t, training=False), jit_compile=False, reduce_retracing=True)
+    return lambda x: compiled(tf.constant(x)).numpy()
+
+
+def model_input(key: str, batch: int) -> np.ndarray:
+    x = np.random.default_rng(batch).uniform(-1, 1, (batch, 224, 224, 3)).astype(np.float32)
+    return (x + 1) * np.float32(127.5) if key.startswith("v3") else x
+
+
+def serve(engine: str, threads: int, files_path: str) -> None:
+    """An engine process: reads commands on stdin, answers one JSON line each on stdout."""
+    if engine.startswith("keras"):
+        quiet_tf()
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    import resource
+
+    files = json.loads(Path(files_path).read_text())
+    loaded: dict[str, object] = {}
+    for line in sys.stdin:
+        command, *args = line.split()
+        if command == "run":  # run KEY BATCH COUNT OUT: COUNT timed calls after one untimed call
+            key, batch, count = args[0], int(args[1]), int(args[2])
+            if key not in loaded:
+                loaded[key] = load_engine(engine, files[key], threads)
+            run, x = loaded[key], model_input(key, batch)
+            out = np.asarray(run(x))
+            np.save(args[3], out)
+            times = []
+            for _ in range(count):
+                start = time.perf_counter()
+                run(x)
+                times.append(time.perf_counter() - start)
+            answer = {"times": times}
+        elif command == "rss":
+            answer = {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        else:
+            answer = {"error": f"unknown command {command}"}
+        print(json.dumps(answer), flush=True)
+
+
+class EngineProcess:
+    def __init__(self, engine: str, threads: int, files_path: Path):
+        self.engine = engine
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--serve", engine, "--threads", str(threads), "--files", str(files_path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=bench_env())
+
+    def ask(self, command: str) -> dict:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.engine} process died")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def time_cell(procs: dict[str, EngineProcess], key: str, batch: int, rounds: int, per_round: int,
+              folder: Path) -> dict:
+    names = list(procs)
+    outputs = {}
+    for name in names:  # warm-up (loads, compiles) and the outputs to compare
+        path = folder / f"{name}-{key}-{batch}.npy"
+        procs[name].ask(f"run {key} {batch} 2 {path}")
+        outputs[name] = np.load(path)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            time.sleep(0.05)  # let the previous engine's spinning workers go to sleep first
+            times[name] += procs[name].ask(f"run {key} {batch} {per_round} {folder / 'scratch.npy'}")["times"]
+    reference = outputs["keras_predict"]
+    agreement = {name: {"max_abs_diff": float(np.abs(out - reference).max()),
+                        "same_top5": bool(np.array_equal(np.argsort(-out, 1)[:, :5], np.argsort(-reference, 1)[:, :5]))}
+                 for name, out in outputs.items()}
+    return {"agreement": agreement, "ms": {name: summary(ts) for name, ts in times.items()}}
 
 
 def summary(seconds: list[float]) -> dict:
@@ -159,37 +197,43 @@ def summary(seconds: list[float]) -> dict:
     return {"median": statistics.median(ms), "iqr": q[2] - q[0], "n": len(ms)}
 
 
-# --------------------------------------------------------------------------------------------------
-# Memory and start-up (separate processes)
-# --------------------------------------------------------------------------------------------------
-
-RSS_SNIPPET = """
-import os, resource, sys, json, numpy as np
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, {bench!r})
-from run import make_engines
-files = json.loads({files!r})
-engine = make_engines(files, 2) if {engine!r} != "npmobile" else None
-if engine is None:
-    import npmobile
-    model = npmobile.load_model(files["keras"])
-    run = lambda x: model.predict(x, threads=2)
-else:
-    run = engine[{engine!r}]
-x = np.zeros((1, 224, 224, 3), np.float32)
-for _ in range(20):
-    run(x)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-"""
+def measure(files: dict, folder: Path, models: list[str], batches: list[int], threads_list: list[int],
+            rounds: int, per_round: int) -> list[dict]:
+    files_path = folder / "files.json"
+    files_path.write_text(json.dumps(files))
+    engines = [e for e in ENGINES if e != "onnxruntime" or all(f["onnx"] for f in files.values())]
+    cells = []
+    for threads in threads_list:
+        procs = {e: EngineProcess(e, threads, files_path) for e in engines}
+        try:
+            for key in models:
+                for batch in batches:
+                    cell = {"model": key, "batch": batch, "threads": threads,
+                            **time_cell(procs, key, batch, rounds, per_round, folder)}
+                    cells.append(cell)
+                    print(f"  threads {threads} {key} batch {batch}: " + ", ".join(
+                        f"{n} {r['median']:.1f}" for n, r in cell["ms"].items()), file=sys.stderr, flush=True)
+        finally:
+            for proc in procs.values():
+                proc.close()
+    return cells
 
 
-def peak_rss(files: dict, engine: str) -> float | None:
-    code = RSS_SNIPPET.format(bench=str(REPO / "bench"), files=json.dumps(files), engine=engine)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=bench_env())
-    try:
-        return int(result.stdout.strip().splitlines()[-1]) / 1024  # KB -> MB
-    except (ValueError, IndexError):
-        return None
+def peak_rss(files: dict, folder: Path, key: str = "v2") -> dict[str, float]:
+    """Peak resident memory of each engine's own process: load one model, 20 predictions."""
+    files_path = folder / "files-rss.json"
+    files_path.write_text(json.dumps({key: files[key]}))
+    result = {}
+    for engine in ENGINES:
+        if engine == "onnxruntime" and not files[key]["onnx"]:
+            continue
+        proc = EngineProcess(engine, 2, files_path)
+        try:
+            proc.ask(f"run {key} 1 20 {folder / 'rss.npy'}")
+            result[engine] = proc.ask("rss")["rss_mb"]
+        finally:
+            proc.close()
+    return result
 
 
 def startup_seconds(keras_file: str, image: Path, runs: int = 3) -> float:
@@ -285,13 +329,11 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="3 rounds of 2, no memory/start-up measurements")
     parser.add_argument("--profile", action="store_true", help="npmobile's time per kind of layer")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--files", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        args.threads = args.threads[0]
-        return worker(args)
+    if args.serve:
+        return serve(args.serve, args.threads[0], args.files)
     if args.profile:
         return profile(args.models, args.threads[-1])
     if args.quick:
@@ -301,21 +343,12 @@ def main() -> None:
     try:
         print(f"preparing {', '.join(args.models)} (Keras models, .keras files, ONNX exports)...", file=sys.stderr)
         files = prepare(args.models, folder)
-        (folder / "files.json").write_text(json.dumps(files))
-        cells = []
-        for threads in args.threads:
-            out = folder / f"threads{threads}.json"
-            command = [sys.executable, __file__, "--worker", "--threads", str(threads), "--files",
-                       str(folder / "files.json"), "--out", str(out), "--rounds", str(args.rounds),
-                       "--per-round", str(args.per_round), "--models", *args.models,
-                       "--batches", *map(str, args.batches)]
-            subprocess.run(command, check=True, env=bench_env())
-            cells.extend(json.loads(out.read_text()))
+        cells = measure(files, folder, args.models, args.batches, args.threads, args.rounds, args.per_round)
         report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
                   "cells": cells, "peak_rss_mb": {}, "startup_seconds": None}
         if not args.quick and "v2" in files:
             print("measuring peak RSS and start-up...", file=sys.stderr)
-            report["peak_rss_mb"] = {e: peak_rss(files["v2"], e) for e in ENGINES}
+            report["peak_rss_mb"] = peak_rss(files, folder)
             image = REPO / "samples" / "chelsea.jpg"
             report["startup_seconds"] = startup_seconds(files["v2"]["keras"], image)
         print(table(cells))

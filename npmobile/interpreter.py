@@ -7,6 +7,7 @@ it, the kernels). Here live the things a user touches: ``Model.predict`` and ``M
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -26,6 +27,16 @@ _NON_TRAINABLE = {"moving_mean", "moving_variance"}
 _RUN_LOCK = threading.RLock()
 
 
+def _warn_non_finite(graph: Graph) -> None:
+    """NaN or Inf weights load (a file may be mid-training), but every prediction would be NaN: say so."""
+    for node in graph.nodes:
+        for var, array in node.weights.items():
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            if bad:
+                warnings.warn(f"{graph.source}: layer {node.name!r} weight {var!r} has {bad} NaN/Inf values; "
+                              "predictions will not be finite", RuntimeWarning, stacklevel=3)
+
+
 class Model:
     """A loaded MobileNet (or any supported Keras graph), ready to run.
 
@@ -40,6 +51,7 @@ class Model:
             node.weights = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in node.weights.items()}
         # Checks every layer's weights against its config now, so a bad file fails at load time.
         self.shapes = infer_shapes(graph)
+        _warn_non_finite(graph)
         self._plans: dict[frozenset[str], Graph] = {}
         self._runners: dict[tuple[str, ...] | None, PlanCache] = {}
 

@@ -443,19 +443,88 @@ def output_shape(node: Node, inputs: list[Shape]) -> Shape:
     return x  # elementwise layers: BatchNorm, activations, Rescaling, Dropout, SqueezeExcite
 
 
+# No MobileNet tensor comes near this many values per image; a config that asks for more is refused
+# before anything is allocated (a hostile file could otherwise ask for terabytes).
+MAX_ELEMENTS = 2**28
+
+
+def _check_size(node: Node, shape: Shape, source: str) -> None:
+    dims = [d for d in shape[1:] if d is not None]
+    where = f"{source + ': ' if source else ''}layer {node.name!r} ({node.op})"
+    if any(not isinstance(d, int) or d < 1 for d in dims):
+        raise ModelFileError(f"{where}: output shape {shape} is impossible (input too small for its kernels?)")
+    size = 1
+    for d in dims:
+        size *= d
+    if size > MAX_ELEMENTS:
+        raise ModelFileError(f"{where}: output shape {shape} has {size:,} values per image; refusing it")
+
+
 def infer_shapes(graph, check: bool = True) -> dict[str, Shape]:
     """Every node's output shape, from the input shapes and configs; with ``check``, every node's
-    weights are validated against its config and input on the way (before anything is allocated)."""
+    weights are validated against its config and input on the way (before anything is allocated),
+    and absurd sizes are refused."""
     shapes: dict[str, Shape] = {}
     for node in graph.nodes:
         if node.op == "InputLayer":
-            shapes[node.name] = (None, *graph.input_shapes[node.name][1:])
+            shape = graph.input_shapes[node.name]
+            if not isinstance(shape, (list, tuple)) or len(shape) < 2:
+                raise ModelFileError(f"{graph.source}: input {node.name!r} has shape {shape!r}")
+            shapes[node.name] = (None, *(None if d is None else d for d in shape[1:]))
+            if check:
+                _check_size(node, shapes[node.name], graph.source)
             continue
         ins = [shapes[i] if isinstance(i, str) else None for i in node.inputs]
         tensors = [s for s in ins if s is not None]
         if not tensors:
             raise ModelFileError(f"{graph.source}: layer {node.name!r} has no tensor input")
-        if check and tensors[0][-1] is not None:
-            check_weights(node, int(tensors[0][-1]), graph.source)
-        shapes[node.name] = output_shape(node, ins)
+        try:
+            if check:
+                validate_config(node, keras_version=getattr(graph, "keras_version", 3))
+            if check and tensors[0][-1] is not None:
+                check_weights(node, int(tensors[0][-1]), graph.source)
+            shapes[node.name] = output_shape(node, ins)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError) as e:
+            # A config value of the wrong type or shape, in a file: name the layer, not a line of ours.
+            raise ModelFileError(f"{graph.source}: layer {node.name!r} ({node.op}) has an invalid config "
+                                 f"({type(e).__name__}: {e})") from None
+        if check:
+            _check_size(node, shapes[node.name], graph.source)
     return shapes
+
+
+def _positive_ints(node: Node, key: str, value, count: int | None = None) -> None:
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if (count is not None and len(values) not in (1, count)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise ModelFileError(f"layer {node.name!r} ({node.op}): {key}={value!r} must be positive integers")
+
+
+def validate_config(node: Node, keras_version: int = 3) -> None:
+    """Check the config values a layer uses have sane types, so a hostile or garbled file fails at load
+    with the layer's name instead of deep inside a kernel."""
+    c = node.config
+    if not isinstance(c, dict):
+        raise ModelFileError(f"layer {node.name!r} ({node.op}): config is not a mapping")
+    for key in ("kernel_size", "strides", "dilation_rate", "pool_size"):
+        if key in c and c[key] is not None:
+            _positive_ints(node, key, c[key], 2)
+    for key in ("filters", "units", "depth_multiplier"):
+        if key in c:
+            _positive_ints(node, key, c[key])
+    padding = c.get("padding")
+    if node.op in ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "AveragePooling2D", "MaxPooling2D") and \
+            padding not in ("same", "valid") and not isinstance(padding, (list, tuple)):
+        raise ModelFileError(f"layer {node.name!r} ({node.op}): padding={padding!r} is not 'same' or 'valid'")
+    if "activation" in c and node.op in ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Dense", "Activation"):
+        activation_function(c["activation"], keras_version)  # raises for unknown names
+    for key in ("max_value", "negative_slope", "threshold", "epsilon"):
+        value = c.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value != value):
+            raise ModelFileError(f"layer {node.name!r} ({node.op}): {key}={value!r} is not a number")
+    if node.op == "Rescaling":
+        for key in ("scale", "offset"):
+            value = np.asarray(c.get(key, 0.0))
+            if value.dtype.kind not in "fiu" or value.ndim > 1:
+                raise ModelFileError(f"layer {node.name!r} (Rescaling): {key}={c.get(key)!r} is not a number")
+

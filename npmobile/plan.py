@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from npmobile.errors import ModelFileError
 from npmobile.graph import Graph, Node
 from npmobile.kernels import activations as act_kernels
 from npmobile.kernels import reference as K
@@ -60,14 +61,24 @@ class Plan:
             out = buffers[self.value_slot[step.out]][:size].reshape(shape)
             args = [values[i] if isinstance(i, int) else i[1] for i in step.inputs]
             if timings is None:
-                step.run(args, out)
+                _run_step(step, args, out)
             else:
                 start = time.perf_counter()
-                step.run(args, out)
+                _run_step(step, args, out)
                 timings.append((step, time.perf_counter() - start))
             values[step.out] = out
         # Copies: the buffers are reused by the next call.
         return {name: values[v].copy() for name, v in self.output_values.items()}
+
+
+def _run_step(step: Step, args: list, out: np.ndarray) -> None:
+    try:
+        step.run(args, out)
+    except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError) as error:
+        # Shapes and configs were checked at load, so this is a file whose values still do not fit
+        # (a hostile or garbled config): name the layer rather than a line of npmobile.
+        raise ModelFileError(f"layer {step.node.name!r} ({step.node.op}) cannot run: "
+                             f"{type(error).__name__}: {error}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,7 +323,12 @@ class PlanCache:
             if plan is None:
                 if len(self.plans) >= self.size:
                     self.plans.pop(next(iter(self.plans)))
-                plan = self.plans[key] = build_plan(self.graph, [f.shape for f in feeds], self.outputs)
+                try:
+                    plan = build_plan(self.graph, [f.shape for f in feeds], self.outputs)
+                except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError) as error:
+                    raise ModelFileError(f"{self.graph.source}: cannot plan the model for input "
+                                         f"{[f.shape for f in feeds]}: {type(error).__name__}: {error}") from None
+                self.plans[key] = plan
         arenas = getattr(self.local, "arenas", None)
         if arenas is None:
             arenas = self.local.arenas = {}

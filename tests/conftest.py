@@ -18,3 +18,24 @@ def keras_files(tmp_path_factory):
     from keras_files import KerasFiles
 
     return KerasFiles(tmp_path_factory.mktemp("keras_files"))
+
+
+# Fuzzed inputs per target, reported at the end of the run (tests/test_fuzz.py).
+FUZZ_COUNTS: dict[str, dict[str, int]] = {}
+
+
+def record_fuzz(target: str, ran: int, outcomes: dict[str, int]) -> None:
+    counts = FUZZ_COUNTS.setdefault(target, {"ran": 0})
+    counts["ran"] += ran
+    for outcome, n in outcomes.items():
+        counts[outcome] = counts.get(outcome, 0) + n
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not FUZZ_COUNTS:
+        return
+    total = sum(c["ran"] for c in FUZZ_COUNTS.values())
+    terminalreporter.write_line(f"fuzzing: {total} mutated inputs ran; outcomes per target (any foreign one fails)")
+    for target, counts in sorted(FUZZ_COUNTS.items()):
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "ran")
+        terminalreporter.write_line(f"  {target}: {counts['ran']} ({detail})")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from npmobile.errors import ModelFileError, WeightsError
+from npmobile.errors import ModelFileError, NpmobileError, WeightsError
 from npmobile.io.config import parse_model_config
 from npmobile.io.hdf5 import StoredLayer, keras3_layers, keras_major_version, legacy_layers, model_config
 from npmobile.io.variables import canonical_name, split_weight_name, variable_order
@@ -128,9 +128,37 @@ class _KerasArchive:
 # --------------------------------------------------------------------------------------------------
 
 
+# What h5py and the HDF5 library raise on a corrupt file, at any point of reading it.
+_CORRUPT = (OSError, RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError, UnicodeDecodeError)
+
+
+def _corrupt(path: str, error: Exception) -> ModelFileError:
+    return ModelFileError(f"{path}: the file is corrupt ({type(error).__name__}: {str(error)[:160]})")
+
+
 def read_model(path: str | os.PathLike) -> ModelSpec:
     """A whole Keras model (architecture and weights) from a legacy .h5 or a .keras file."""
     path = os.fspath(path)
+    try:
+        return _read_model(path)
+    except NpmobileError:
+        raise
+    except _CORRUPT as error:
+        raise _corrupt(path, error) from None
+
+
+def read_weights(path: str | os.PathLike) -> WeightsFile:
+    """The weights of any Keras file npmobile reads, by layer, in file order."""
+    path = os.fspath(path)
+    try:
+        return _read_weights(path)
+    except NpmobileError:
+        raise
+    except _CORRUPT as error:
+        raise _corrupt(path, error) from None
+
+
+def _read_model(path: str) -> ModelSpec:
     if _kind(path) == "zip":
         archive = _KerasArchive(path)
         spec = parse_model_config(archive.json("config.json"), archive.keras_version(), path)
@@ -151,9 +179,7 @@ def read_model(path: str | os.PathLike) -> ModelSpec:
     return spec
 
 
-def read_weights(path: str | os.PathLike) -> WeightsFile:
-    """The weights of any Keras file npmobile reads, by layer, in file order."""
-    path = os.fspath(path)
+def _read_weights(path: str) -> WeightsFile:
     if _kind(path) == "zip":
         return WeightsFile(_KerasArchive(path).weights(), path)
     with _open_hdf5(path, path) as f:

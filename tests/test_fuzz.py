@@ -1,0 +1,133 @@
+"""Fuzzing, bounded: mutated real Keras files and images either work or raise npmobile's own error.
+Never a crash, a hang or a foreign exception type. The counts are printed at the end of the run.
+
+Byte-level mutations run in a child process (tests/fuzz_worker.py) with a timeout, because a corrupt
+HDF5 file could crash libhdf5 itself; config-level mutations run here under hypothesis."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import record_fuzz
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import npmobile
+from npmobile.errors import NpmobileError
+
+WORKER = Path(__file__).with_name("fuzz_worker.py")
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+SMALL = dict(input_shape=(64, 64, 3), alpha=0.75, minimalistic=True)
+
+
+def run_worker(kind: str, base: Path, count: int, seed: int, workdir: Path) -> dict:
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run([sys.executable, str(WORKER), kind, str(base), str(count), str(seed), str(workdir)],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, f"fuzz worker crashed on {base.name} (exit {result.returncode}): " \
+                                   f"{result.stderr[-2000:]}"
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    record_fuzz(f"{kind}:{base.name}", report["ran"], report["outcomes"])
+    return report
+
+
+@pytest.mark.parametrize(
+    "writer,kind,count",
+    [("keras3_h5", "model", 40), ("keras3_keras", "model", 30), ("tfkeras_h5", "model", 40),
+     ("official_h5", "weights", 40), ("keras3_weights", "weights", 40)],
+)
+def test_mutated_model_files_never_crash(keras_files, tmp_path, writer, kind, count):
+    case = keras_files.get("MobileNetV3Large", writer, **SMALL)
+    report = run_worker(kind, case.path, count, seed=zlib.crc32(writer.encode()), workdir=tmp_path)
+    assert report["foreign"] == [], report["foreign"]
+    assert report["ran"] == count
+
+
+@pytest.mark.parametrize("source", ["chelsea.jpg", "png", "gif", "webp"])
+def test_mutated_images_never_crash(tmp_path, source):
+    from PIL import Image
+
+    if source == "chelsea.jpg":
+        base = SAMPLES / source
+    else:
+        base = tmp_path / f"base.{source}"
+        Image.open(SAMPLES / "coffee.jpg").resize((60, 40)).save(base)
+    report = run_worker("image", base, 60, seed=7, workdir=tmp_path / "fuzz")
+    assert report["foreign"] == [], report["foreign"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Config mutations under hypothesis: what a hostile or careless writer could put in config.json
+# --------------------------------------------------------------------------------------------------
+
+VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**40), max_value=2**40),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.lists(st.integers(min_value=-3, max_value=10**7), max_size=4),
+    st.dictionaries(st.text(max_size=6), st.integers(), max_size=2),
+)
+
+
+def _paths(node, prefix=()):
+    """Every (path, value) in a JSON tree."""
+    yield prefix, node
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _paths(value, prefix + (key,))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _paths(value, prefix + (index,))
+
+
+def _set(tree, path, value):
+    for key in path[:-1]:
+        tree = tree[key]
+    if isinstance(tree, dict) or (isinstance(tree, list) and path[-1] < len(tree)):
+        tree[path[-1]] = value
+
+
+@pytest.fixture(scope="module")
+def keras_zip(keras_files):
+    return keras_files.get("MobileNetV3Large", "keras3_keras", **SMALL).path
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_mutated_configs_load_or_raise_our_error(keras_zip, tmp_path_factory, data):
+    with zipfile.ZipFile(keras_zip) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(members["config.json"])
+    paths = [p for p, _ in _paths(config) if p]
+    for _ in range(data.draw(st.integers(min_value=1, max_value=3))):
+        path = data.draw(st.sampled_from(paths))
+        if data.draw(st.booleans()) and isinstance(path[-1], str):
+            parent = config
+            for key in path[:-1]:
+                parent = parent[key]
+            parent.pop(path[-1], None)  # a missing key
+        else:
+            _set(config, path, data.draw(VALUES))
+        paths = [p for p, _ in _paths(config) if p]
+    target = tmp_path_factory.mktemp("cfg") / "mutated.keras"
+    with zipfile.ZipFile(target, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, json.dumps(config) if name == "config.json" else content)
+    outcome = "ok"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = npmobile.load_model(target)
+            shape = [d or 32 for d in model.input_shape[1:]]
+            if int(np.prod(shape)) <= 1_000_000:
+                model.predict(np.zeros([1, *shape], np.float32))
+    except NpmobileError:
+        outcome = "npmobile-error"
+    record_fuzz("config:mutated.keras", 1, {outcome: 1})
