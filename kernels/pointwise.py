@@ -34,9 +34,6 @@ prange right after an OpenBLAS call lands on cores where OpenBLAS's workers are 
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -48,7 +45,7 @@ from .activations import ACT_NONE, bias_act_row
 _BLOCK_BYTES = 512 * 1024
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def _epilogue(out, bias, act, residual, row_start, row_stop):
     """out[r] = act(out[r] + bias) (+ residual[r]) for rows [row_start, row_stop) of a 2-D GEMM.
 
@@ -74,43 +71,15 @@ def _epilogue(out, bias, act, residual, row_start, row_stop):
                 part[c] = part[c] + rp[c]
 
 
-def _gemm_rows(a, w, bias, out, act, residual, row_start: int, row_stop: int) -> None:
-    rows = max(16, _BLOCK_BYTES // (4 * max(out.shape[1], a.shape[1])))
-    for start in range(row_start, row_stop, rows):
-        stop = min(row_stop, start + rows)
-        np.matmul(a[start:stop], w, out=out[start:stop])
-        _epilogue(out, bias, act, residual, start, stop)
-
-
-# Products smaller than this (multiply-adds) are not worth handing to a second thread.
-SPLIT_MACS = 2_000_000
-_pool: ThreadPoolExecutor | None = None
-
-
 def gemm(a: np.ndarray, w: np.ndarray, bias: np.ndarray, out: np.ndarray, act: int,
          residual: np.ndarray | None) -> None:
-    """out = act(a @ w + bias) (+ residual) for 2-D a [M, K], w [K, N]: BLAS product, Numba epilogue.
-
-    With more than one thread allowed (numba.get_num_threads(), set by kernels.threads), a large
-    product is split by rows over that many Python threads, each running single-threaded BLAS and
-    the epilogue with the GIL released: every core works on the product, and OpenBLAS's own pool
-    (which would fight Numba's) is never woken.
-    """
-    global _pool
+    """out = act(a @ w + bias) (+ residual) for 2-D a [M, K], w [K, N]: BLAS product, Numba epilogue."""
     m, cout = out.shape
-    threads = numba.get_num_threads()
-    if threads < 2 or m * cout * a.shape[1] < SPLIT_MACS or m < 2 * threads:
-        _gemm_rows(a, w, bias, out, act, residual, 0, m)
-        return
-    if _pool is None or _pool._max_workers < threads - 1:
-        _pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="npmobile-gemm")
-    bounds = [m * i // threads for i in range(threads + 1)]
-    # The calling thread takes the first share; helpers the others.
-    futures = [_pool.submit(_gemm_rows, a, w, bias, out, act, residual, lo, hi)
-               for lo, hi in zip(bounds[1:-1], bounds[2:])]
-    _gemm_rows(a, w, bias, out, act, residual, bounds[0], bounds[1])
-    for future in futures:
-        future.result()
+    rows = max(16, _BLOCK_BYTES // (4 * max(cout, a.shape[1])))
+    for start in range(0, m, rows):
+        stop = min(m, start + rows)
+        np.matmul(a[start:stop], w, out=out[start:stop])
+        _epilogue(out, bias, act, residual, start, stop)
 
 
 def pointwise_conv2d(
