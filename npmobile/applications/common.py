@@ -53,6 +53,24 @@ def input_shape_for(input_shape, default_size: int | None, include_top: bool, we
     return (None, None, 3)
 
 
+def square_family_input(input_shape, alpha: float, include_top: bool, weights, sizes: tuple[int, ...],
+                        alphas: tuple[float, ...], family: str) -> tuple[tuple, int | None]:
+    """Input shape and the "rows" in the model's name, as MobileNet V1 and V2 work them out: the
+    default size is the input's if it is square and published, else 224; with imagenet weights the
+    alpha must be published, and an unpublished size loads the 224 weights (Keras warns)."""
+    default_size = 224
+    if input_shape is not None and input_shape[0] == input_shape[1] and input_shape[0] in sizes:
+        default_size = input_shape[0]
+    input_shape = input_shape_for(input_shape, default_size, include_top, weights)
+    rows = input_shape[0]
+    if weights == "imagenet":
+        if alpha not in alphas:
+            raise NpmobileError(f"imagenet weights for {family} exist only for alpha in {alphas}; got {alpha}")
+        if rows != input_shape[1] or rows not in sizes:
+            rows = 224
+    return input_shape, rows
+
+
 def check_top_arguments(weights, include_top: bool, classes: int, classifier_activation) -> None:
     if not (weights in (None, "imagenet") or isinstance(weights, (str, os.PathLike))):
         raise NpmobileError(f"weights must be None, 'imagenet' or a file path; got {weights!r}")

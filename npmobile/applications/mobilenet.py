@@ -10,8 +10,8 @@ from npmobile.applications.builder import Builder, Tensor
 from npmobile.applications.common import (
     check_top_arguments,
     finish_model,
-    input_shape_for,
     preprocess_tf,
+    square_family_input,
 )
 from npmobile.applications.imagenet_utils import decode_predictions  # noqa: F401  (Keras's API)
 from npmobile.errors import NpmobileError
@@ -62,18 +62,10 @@ def MobileNet(
 ) -> Model:
     """keras.applications.MobileNet, with the same arguments, layer names and numbers."""
     check_top_arguments(weights, include_top, classes, classifier_activation)
-    default_size = 224
-    if input_shape is not None and input_shape[0] == input_shape[1] and input_shape[0] in IMAGENET_SIZES:
-        default_size = input_shape[0]
-    input_shape = input_shape_for(input_shape, default_size, include_top, weights)
-    rows = input_shape[0]
-    if weights == "imagenet":
-        if depth_multiplier != 1:
-            raise NpmobileError("imagenet weights exist only for depth_multiplier=1")
-        if alpha not in IMAGENET_ALPHAS:
-            raise NpmobileError(f"imagenet weights exist only for alpha in {IMAGENET_ALPHAS}; got {alpha}")
-        if rows != input_shape[1] or rows not in IMAGENET_SIZES:
-            rows = 224  # Keras loads the 224 weights then (and warns)
+    if weights == "imagenet" and depth_multiplier != 1:
+        raise NpmobileError("imagenet weights exist only for depth_multiplier=1")
+    input_shape, rows = square_family_input(input_shape, alpha, include_top, weights, IMAGENET_SIZES,
+                                            IMAGENET_ALPHAS, "MobileNet")
 
     b = Builder()
     inputs = b.input(input_shape)

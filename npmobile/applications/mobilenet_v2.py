@@ -11,12 +11,11 @@ from npmobile.applications.builder import Builder, Tensor, correct_pad
 from npmobile.applications.common import (
     check_top_arguments,
     finish_model,
-    input_shape_for,
     make_divisible,
     preprocess_tf,
+    square_family_input,
 )
 from npmobile.applications.imagenet_utils import decode_predictions  # noqa: F401  (Keras's API)
-from npmobile.errors import NpmobileError
 from npmobile.interpreter import Model
 
 # (output filters, stride, expansion) for blocks 0..16
@@ -69,16 +68,8 @@ def MobileNetV2(
 ) -> Model:
     """keras.applications.MobileNetV2, with the same arguments, layer names and numbers."""
     check_top_arguments(weights, include_top, classes, classifier_activation)
-    default_size = 224
-    if input_shape is not None and input_shape[0] == input_shape[1] and input_shape[0] in IMAGENET_SIZES:
-        default_size = input_shape[0]
-    input_shape = input_shape_for(input_shape, default_size, include_top, weights)
-    rows = input_shape[0]
-    if weights == "imagenet":
-        if alpha not in IMAGENET_ALPHAS:
-            raise NpmobileError(f"imagenet weights exist only for alpha in {IMAGENET_ALPHAS}; got {alpha}")
-        if rows != input_shape[1] or rows not in IMAGENET_SIZES:
-            rows = 224
+    input_shape, rows = square_family_input(input_shape, alpha, include_top, weights, IMAGENET_SIZES,
+                                            IMAGENET_ALPHAS, "MobileNetV2")
 
     b = Builder()
     inputs = b.input(input_shape)
