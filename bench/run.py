@@ -125,8 +125,6 @@ def serve(engine: str, threads: int, files_path: str) -> None:
 
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
-    import resource
-
     files = json.loads(Path(files_path).read_text())
     loaded: dict[str, object] = {}
     for line in sys.stdin:
@@ -145,10 +143,19 @@ def serve(engine: str, threads: int, files_path: str) -> None:
                 times.append(time.perf_counter() - start)
             answer = {"times": times}
         elif command == "rss":
-            answer = {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            answer = {"rss_mb": peak_rss_of_this_process()}
         else:
             answer = {"error": f"unknown command {command}"}
         print(json.dumps(answer), flush=True)
+
+
+def peak_rss_of_this_process() -> float:
+    """VmHWM in MB. (getrusage's ru_maxrss is not used: a child started by a big parent can report
+    the parent's high-water mark.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 class EngineProcess:
