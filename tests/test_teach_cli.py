@@ -166,3 +166,30 @@ def test_help_shows_examples(capsys):
             cli.main([command, "--help"])
         assert exit_info.value.code == 0
         assert "npmobile show cat.jpg --layer block_3_depthwise" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------
+# The same commands on files Keras wrote (a whole model with weights, and a nested backbone)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_profile_and_show_on_a_keras_written_file(capsys, photo, keras_files, tmp_path):
+    case = keras_files.get("MobileNetV3Small", "keras3_h5", input_shape=(96, 96, 3))
+    code, out, _ = run(capsys, "profile", photo, "--weights", str(case.path), "--repeats", "1",
+                       "--plot", str(tmp_path / "t.png"))
+    assert code == 0 and "expanded_conv_3_squeeze_excite_mul (Squeez" in out and (tmp_path / "t.png").stat().st_size > 1000
+    out_png = tmp_path / "fm.png"
+    code, out, _ = run(capsys, "show", photo, "--weights", str(case.path), "--layer", "expanded_conv_3_depthwise",
+                       "--out", str(out_png))
+    assert code == 0
+    with Image.open(out_png) as image:
+        assert image.width > 50 and image.height > 50
+
+
+def test_summary_costs_on_a_nested_backbone_file(capsys, keras_files):
+    case = keras_files.get("nested", "tfkeras_h5", input_shape=(128, 128, 3), alpha=0.35)
+    code, out, _ = run(capsys, "summary", str(case.path), "--costs")
+    assert code == 0
+    assert "block_16_project" in out and "head (Dense)" in out
+    params = int(out.split("Total params:")[1].split()[0].replace(",", ""))
+    assert params == case.keras_model.count_params()
