@@ -103,7 +103,6 @@ def test_full_size_224(keras_files, family, kwargs):
     assert_bit_close(case.load().predict(case.x), case.y, f"{family} 224")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("writer", WRITERS)
 @pytest.mark.parametrize("family,kwargs", FULL_SIZE, ids=[f for f, _ in FULL_SIZE])
 def test_full_size_224_every_flavour(keras_files, family, kwargs, writer):
