@@ -128,6 +128,15 @@ class Builder:
         return self._add("GlobalMaxPooling2D", name, {"keepdims": keepdims, "data_format": "channels_last"},
                          [x], shape, "global_max_pooling2d")
 
+    def pooling(self, x: Tensor, mode: str | None, names: dict | None = None) -> Tensor:
+        """keras.applications' ``pooling=`` for include_top=False: None, "avg" or "max"."""
+        names = names or {}
+        if mode == "avg":
+            return self.global_average_pool(x, name=names.get("avg"))
+        if mode == "max":
+            return self.global_max_pool(x, name=names.get("max"))
+        return x
+
     def dropout(self, x: Tensor, rate: float, name: str | None = None) -> Tensor:
         return self._add("Dropout", name, {"rate": rate}, [x], x.shape, "dropout")
 

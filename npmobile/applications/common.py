@@ -104,12 +104,13 @@ def random_weights(spec: ModelSpec, in_channels: dict[str, int], seed: int = 0) 
             spec.weights[layer.name] = weights
 
 
-def finish_model(spec: ModelSpec, in_channels: dict[str, int], weights, official) -> Model:
+def finish_model(spec: ModelSpec, in_channels: dict[str, int], weights, official: tuple) -> Model:
     """Attach weights to a built architecture and make it runnable.
 
     ``weights``: None (random init, as Keras), "imagenet" (the official file, found or downloaded
-    by npmobile.weights; ``official`` is a zero-argument function returning its registry entry), or
-    a path to any Keras file npmobile reads (bound by layer name, by order where names differ).
+    by npmobile.weights; ``official`` holds its registry key: family, alpha, rows, include_top,
+    minimalistic), or a path to any Keras file npmobile reads (bound by layer name, by order where
+    names differ).
     """
     if weights is None:
         random_weights(spec, in_channels)
@@ -117,9 +118,9 @@ def finish_model(spec: ModelSpec, in_channels: dict[str, int], weights, official
         from npmobile.io import bind_weights, read_weights
 
         if weights == "imagenet":
-            from npmobile.weights import resolve
+            from npmobile.weights import official_file, resolve
 
-            path = resolve(official())
+            path = resolve(official_file(*official))
         else:
             path = os.fspath(weights)
         bind_weights(spec, read_weights(path))

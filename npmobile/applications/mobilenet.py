@@ -79,16 +79,9 @@ def MobileNet(
         x = b.conv2d(x, classes, 1, name="conv_preds")
         x = b.reshape(x, (classes,), name="reshape_2")
         x = b.activation(x, classifier_activation, name="predictions")
-    elif pooling == "avg":
-        x = b.global_average_pool(x)
-    elif pooling == "max":
-        x = b.global_max_pool(x)
+    else:
+        x = b.pooling(x, pooling)
 
     spec = b.spec(inputs, x, name or f"mobilenet_{alpha:0.2f}_{rows}")
 
-    def official():
-        from npmobile.weights import official_file
-
-        return official_file("mobilenet", alpha, rows, include_top)
-
-    return finish_model(spec, b.in_channels, weights, official)
+    return finish_model(spec, b.in_channels, weights, official=("mobilenet", alpha, rows, include_top, False))

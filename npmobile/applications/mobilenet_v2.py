@@ -87,16 +87,9 @@ def MobileNetV2(
     if include_top:
         x = b.global_average_pool(x)
         x = b.dense(x, classes, activation=classifier_activation, name="predictions")
-    elif pooling == "avg":
-        x = b.global_average_pool(x)
-    elif pooling == "max":
-        x = b.global_max_pool(x)
+    else:
+        x = b.pooling(x, pooling)
 
     spec = b.spec(inputs, x, name or f"mobilenetv2_{alpha:0.2f}_{rows}")
 
-    def official():
-        from npmobile.weights import official_file
-
-        return official_file("mobilenet_v2", alpha, rows, include_top)
-
-    return finish_model(spec, b.in_channels, weights, official)
+    return finish_model(spec, b.in_channels, weights, official=("mobilenet_v2", alpha, rows, include_top, False))

@@ -150,19 +150,13 @@ def _mobilenet_v3(blocks, last_point_ch: int, model_type: str, input_shape, alph
         x = b.conv2d(x, classes, 1, name="logits")
         x = b.flatten(x)
         x = b.activation(x, classifier_activation, name="predictions")
-    elif pooling == "avg":
-        x = b.global_average_pool(x, name="avg_pool")
-    elif pooling == "max":
-        x = b.global_max_pool(x, name="max_pool")
+    else:
+        x = b.pooling(x, pooling, names={"avg": "avg_pool", "max": "max_pool"})
 
     spec = b.spec(inputs, x, name)
 
-    def official():
-        from npmobile.weights import official_file
-
-        return official_file(f"mobilenet_v3_{model_type}", alpha, 224, include_top, minimalistic=minimalistic)
-
-    return finish_model(spec, b.in_channels, weights, official)
+    return finish_model(spec, b.in_channels, weights,
+                        official=(f"mobilenet_v3_{model_type}", alpha, 224, include_top, minimalistic))
 
 
 def MobileNetV3Small(input_shape=None, alpha: float = 1.0, minimalistic: bool = False, include_top: bool = True,
