@@ -108,3 +108,51 @@ def test_full_size_224(keras_files, family, kwargs):
 def test_full_size_224_every_flavour(keras_files, family, kwargs, writer):
     case = keras_files.get(family, writer, **kwargs)
     assert_bit_close(case.load().predict(case.x), case.y, f"{family} 224 {writer}")
+
+
+def _every_layer_model(keras):
+    """A small model with every layer class npmobile supports beyond the four MobileNets."""
+    layers = keras.layers
+    inputs = keras.Input((33, 29, 3))
+    x = layers.Rescaling(1 / 255.0, offset=0.1)(inputs)
+    x = layers.ZeroPadding2D(((1, 2), (0, 1)))(x)
+    a = layers.SeparableConv2D(8, 3, strides=2, padding="same", depth_multiplier=2, activation="swish")(x)
+    b = layers.Conv2D(8, 3, strides=2, padding="same", dilation_rate=1, activation="sigmoid")(x)
+    x = layers.Concatenate()([a, b])
+    x = layers.ReLU(max_value=4.0, negative_slope=0.1, threshold=0.5)(x)
+    x = layers.DepthwiseConv2D(5, padding="same", depth_multiplier=2, use_bias=True, activation="relu")(x)
+    x = layers.AveragePooling2D(3, strides=2, padding="same")(x)
+    x = layers.Conv2D(12, 3, padding="valid", dilation_rate=2, activation="tanh")(x)
+    y = layers.MaxPooling2D(2, padding="valid")(x)
+    z = layers.GlobalMaxPooling2D(keepdims=True)(x)
+    x = layers.Multiply()([y, z])
+    x = layers.Activation("hard_sigmoid")(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(20, activation="relu")(x)
+    x = layers.Reshape((4, 5))(x)
+    x = layers.Dense(6)(x)
+    x = layers.Reshape((24,))(x)
+    outputs = layers.Activation("softmax")(x)
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize("framework,suffix", [("keras", ".keras"), ("keras", ".h5"), ("tf_keras", ".h5")])
+def test_every_supported_layer_class_matches_keras(tmp_path, framework, suffix):
+    import importlib
+
+    import npmobile
+
+    keras = importlib.import_module(framework)
+    model = _every_layer_model(keras)
+    rng = np.random.default_rng(5)
+    for layer in model.layers:
+        weights = layer.get_weights()
+        if weights:
+            layer.set_weights([rng.normal(0, 0.5, w.shape).astype(np.float32) for w in weights])
+    x = rng.uniform(0, 255, (3, 33, 29, 3)).astype(np.float32)
+    path = tmp_path / f"every_layer{suffix}"
+    model.save(str(path))
+    got = npmobile.load_model(path)
+    assert_bit_close(got.predict(x), model.predict(x, verbose=0), f"every layer, {framework} {suffix}")
+    # Keras 2 meant hard_sigmoid as clip(0.2x + 0.5); Keras 3 as relu6(x + 3) / 6: both read right.
+    assert got.graph.keras_version == (2 if framework == "tf_keras" else 3)
