@@ -66,8 +66,12 @@ def _images_in_parallel_ok() -> bool:
 
     try:
         return numba.threading_layer() in ("omp", "tbb")
-    except ValueError:  # no parallel kernel has run yet, so no layer is chosen: stay serial this time
-        return False
+    except ValueError:  # no parallel kernel has run yet, so no layer is chosen: run a tiny one
+        from npmobile.kernels.activations import ACT_RELU, activate
+
+        probe = np.zeros(8, np.float32)
+        activate(probe, probe, ACT_RELU)
+        return numba.threading_layer() in ("omp", "tbb")
 
 
 class Model:

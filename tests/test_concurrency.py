@@ -40,8 +40,7 @@ def test_a_batch_on_two_cores_equals_one_core_exactly():
     model = applications.MobileNetV2(weights=None, input_shape=(64, 64, 3), alpha=0.35)
     x = np.random.default_rng(0).uniform(-1, 1, (5, 64, 64, 3)).astype(np.float32)
     one = model.predict(x, threads=1)
-    for _ in range(2):  # the first call may run serially (Numba picks its threading layer on first use)
-        np.testing.assert_array_equal(model.predict(x, threads=2), one)
+    np.testing.assert_array_equal(model.predict(x, threads=2), one)
     maps = model.predict(x, threads=2, outputs=["block_3_depthwise", "out_relu"])
     np.testing.assert_array_equal(maps["block_3_depthwise"],
                                   model.predict(x, threads=1, outputs=["block_3_depthwise"])["block_3_depthwise"])
