@@ -73,7 +73,10 @@ class Graph:
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> Graph:
-        return _GraphBuilder(spec).build()
+        try:
+            return _GraphBuilder(spec).build()
+        except RecursionError:  # only nested models recurse: thousands of levels is a hostile file
+            raise ModelFileError(f"{spec.source or spec.name}: nested models are nested too deeply") from None
 
     def node(self, name: str) -> Node:
         for node in self.nodes:
@@ -146,22 +149,32 @@ class _GraphBuilder:
             for ref, outer in zip(spec.inputs, outer_inputs):
                 produced[(ref.layer, ref.node_index)] = outer
 
-        visiting: set[tuple[str, int]] = set()
-
         def visit(ref: TensorRef, wanted_by: str) -> str:
-            key = (ref.layer, ref.node_index)
-            if key in produced:
-                return produced[key]
-            layer = layers.get(ref.layer)
-            if layer is None:
-                raise self._fail(spec, f"layer {wanted_by!r} takes input from {ref.layer!r}, "
-                                       "which is not in the model")
-            if key in visiting:
-                raise self._fail(spec, f"layer {ref.layer!r} is part of a cycle; a model must be acyclic")
-            visiting.add(key)
-            produced[key] = self._add_call(spec, layer, ref.node_index, visit, collect_inputs)
-            visiting.discard(key)
-            return produced[key]
+            # Depth-first with an explicit stack, not recursion: a long chain of layers (thousands, in
+            # a hostile or just deep file) must not hit Python's recursion limit.
+            visiting: set[tuple[str, int]] = set()
+            stack = [(ref, wanted_by)]
+            while stack:
+                top, by = stack[-1]
+                key = (top.layer, top.node_index)
+                if key in produced:
+                    stack.pop()
+                    continue
+                layer = layers.get(top.layer)
+                if layer is None:
+                    raise self._fail(spec, f"layer {by!r} takes input from {top.layer!r}, which is not in the model")
+                missing = [a for a in self._call_inputs(spec, layer, top.node_index)
+                           if (a.layer, a.node_index) not in produced]
+                if not missing:
+                    produced[key] = self._add_call(spec, layer, top.node_index, visit, collect_inputs)
+                    visiting.discard(key)
+                    stack.pop()
+                    continue
+                if key in visiting or any((a.layer, a.node_index) in visiting for a in missing):
+                    raise self._fail(spec, f"layer {top.layer!r} is part of a cycle; a model must be acyclic")
+                visiting.add(key)
+                stack.extend((a, layer.name) for a in missing)
+            return produced[(ref.layer, ref.node_index)]
 
         outputs = [visit(ref, "the model's outputs") for ref in spec.outputs]
         if collect_inputs is not None:
@@ -169,6 +182,15 @@ class _GraphBuilder:
             for ref in spec.inputs:
                 visit(ref, "the model's inputs")
         return outputs
+
+    def _call_inputs(self, spec: ModelSpec, layer: LayerSpec, call: int) -> list[TensorRef]:
+        """The tensors call number ``call`` of ``layer`` takes (none for an input layer)."""
+        if CLASS_ALIASES.get(layer.class_name, layer.class_name) == "InputLayer":
+            return []
+        if not 0 <= call < len(layer.inbound):
+            raise self._fail(spec, f"layer {layer.name!r} is referenced as call {call} "
+                                   f"but has {len(layer.inbound)} calls")
+        return [a for a in layer.inbound[call].args if isinstance(a, TensorRef)]
 
     def _add_call(self, spec: ModelSpec, layer: LayerSpec, call: int, visit, collect_inputs) -> str:
         cls = CLASS_ALIASES.get(layer.class_name, layer.class_name)
@@ -246,6 +268,11 @@ def check_supported(layer: LayerSpec, spec: ModelSpec) -> None:
         )
     if cls in ("Add", "Multiply") and layer.inbound:
         return
+    if ">" in cls:  # Keras's "package>Name": a class registered by user code, never imported here
+        raise UnsupportedLayerError(
+            f"{where} has class {layer.class_name!r}, a custom class defined by user code; npmobile never runs "
+            "code from a file (rebuild the model with built-in layers)"
+        )
     if cls not in SUPPORTED_LAYERS:
         raise UnsupportedLayerError(
             f"{where} has class {layer.class_name!r}, which npmobile does not support "

@@ -32,7 +32,12 @@ def activation_function(name, keras_version: int = 3) -> Callable[[np.ndarray], 
     Keras 3 means relu6(x + 3) / 6.
     """
     if isinstance(name, dict):  # {"class_name": "relu", "config": {...}} or a serialized function
-        name = name.get("config", {}).get("name") or name.get("class_name")
+        config = name.get("config")
+        if name.get("class_name") == "function" or isinstance(config, str):
+            # Keras 3 writes a user's own function as {"class_name": "function", "config": "pkg>name"}.
+            raise UnsupportedLayerError(f"activation {str(config)!r} is a custom function; npmobile never runs "
+                                        "code from a file")
+        name = (config or {}).get("name") or name.get("class_name")
     if name in (None, "linear"):
         return None
     if name == "hard_sigmoid" and keras_version < 3:
@@ -422,6 +427,8 @@ def output_shape(node: Node, inputs: list[Shape]) -> Shape:
         return (None, size)
     if op == "Reshape":
         target = [None if d in (None, -1) else int(d) for d in c["target_shape"]]
+        if target.count(None) > 1:
+            raise ModelFileError(f"layer {node.name!r}: target_shape {c['target_shape']} has more than one -1")
         known = 1
         for d in x[1:]:
             known = None if known is None or d is None else known * d
@@ -460,6 +467,45 @@ def _check_size(node: Node, shape: Shape, source: str) -> None:
         raise ModelFileError(f"{where}: output shape {shape} has {size:,} values per image; refusing it")
 
 
+# The widest window (kernel or pool, dilation included) along one axis, and the most window
+# positions x window size one layer may visit per image. MobileNets use 3x3 to 7x7 windows; a file
+# asking for more would allocate a huge padded copy, or materialize billions of windows, at run time.
+MAX_WINDOW = 2**12
+MAX_WINDOW_WORK = 2**30
+_WINDOWED = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "AveragePooling2D", "MaxPooling2D")
+
+
+def _check_window(node: Node, x: Shape, out: Shape, source: str) -> None:
+    """Refuse windows so wide, or so many, that running the layer would exhaust memory or time."""
+    if node.op not in _WINDOWED:
+        return
+    c = node.config
+    where = f"{source + ': ' if source else ''}layer {node.name!r} ({node.op})"
+    kernel = _pair(c.get("kernel_size") or c.get("pool_size", 2))
+    dilation = _pair(c.get("dilation_rate", 1))
+    strides = _pair(c.get("strides") or kernel)
+    spans = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
+    if max(spans) > MAX_WINDOW:
+        raise ModelFileError(f"{where}: a window spanning {spans} pixels is far beyond any MobileNet; refusing it")
+    if None in out[1:] or None in x[1:]:
+        return  # sizes known only at run time
+    # What the windows cover: the input plus any "same" padding.
+    padded = [(o - 1) * s + span for o, s, span in zip(out[1:3], strides, spans)]
+    if padded[0] * padded[1] * x[-1] > MAX_ELEMENTS:
+        raise ModelFileError(f"{where}: its padded input {tuple(padded)} x {x[-1]} is too large; refusing it")
+    work = out[1] * out[2] * out[3] * kernel[0] * kernel[1]
+    if work > MAX_WINDOW_WORK:
+        raise ModelFileError(f"{where}: {work:,} window values per image; refusing it")
+
+
+def _with_source(error: Exception, source: str) -> Exception:
+    """The same error with the file's name in front, if it does not start with it already."""
+    message = str(error)
+    if source and not message.startswith(source):
+        message = f"{source}: {message}"
+    return type(error)(message)
+
+
 def infer_shapes(graph, check: bool = True) -> dict[str, Shape]:
     """Every node's output shape, from the input shapes and configs; with ``check``, every node's
     weights are validated against its config and input on the way (before anything is allocated),
@@ -484,6 +530,10 @@ def infer_shapes(graph, check: bool = True) -> dict[str, Shape]:
             if check and tensors[0][-1] is not None:
                 check_weights(node, int(tensors[0][-1]), graph.source)
             shapes[node.name] = output_shape(node, ins)
+            if check:
+                _check_window(node, tensors[0], shapes[node.name], graph.source)
+        except (ModelFileError, UnsupportedLayerError) as e:
+            raise _with_source(e, graph.source) from None
         except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError) as e:
             # A config value of the wrong type or shape, in a file: name the layer, not a line of ours.
             raise ModelFileError(f"{graph.source}: layer {node.name!r} ({node.op}) has an invalid config "
@@ -517,7 +567,10 @@ def validate_config(node: Node, keras_version: int = 3) -> None:
             padding not in ("same", "valid") and not isinstance(padding, (list, tuple)):
         raise ModelFileError(f"layer {node.name!r} ({node.op}): padding={padding!r} is not 'same' or 'valid'")
     if "activation" in c and node.op in ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Dense", "Activation"):
-        activation_function(c["activation"], keras_version)  # raises for unknown names
+        try:
+            activation_function(c["activation"], keras_version)  # raises for unknown names
+        except UnsupportedLayerError as error:
+            raise UnsupportedLayerError(f"layer {node.name!r} ({node.op}): {error}") from None
     for key in ("max_value", "negative_slope", "threshold", "epsilon"):
         value = c.get(key)
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value != value):

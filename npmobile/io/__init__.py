@@ -98,7 +98,8 @@ class _KerasArchive:
             raise ModelFileError(f"{self.path}: {name} is {info.file_size:,} bytes; refusing it")
         try:
             with self.zip.open(info) as member:
-                data = member.read(limit + 1)  # the header's size may lie: never read past the limit
+                # The header's size may lie (a zip bomb): never decompress much past what it claims.
+                data = member.read(info.file_size + 1)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
             raise ModelFileError(f"{self.path}: {name} cannot be read from the archive ({error})") from None
         if len(data) > limit:

@@ -85,7 +85,7 @@ def _parse_sequential(body: dict, keras_version: int, source: str) -> ModelSpec:
 
 
 def _parse_layer(raw: dict, keras_version: int, source: str) -> LayerSpec:
-    class_name = str(raw["class_name"])
+    class_name = _class_name(raw)
     config = raw.get("config") or {}
     name = str(raw.get("name") or config.get("name"))
     if not name or name == "None":
@@ -101,6 +101,20 @@ def _parse_layer(raw: dict, keras_version: int, source: str) -> LayerSpec:
         if op is not None and scalar_calls and len(scalar_calls) == len(calls):
             class_name, config = op, {"name": name}
     return LayerSpec(name=name, class_name=class_name, config=config, inbound=calls, submodel=submodel)
+
+
+def _class_name(raw: dict) -> str:
+    """The layer's class, or ``"module>Class"`` when the file says user code defines it: a subclass of
+    ReLU registered as "mypkg>ReLU" is not Keras's ReLU, so it must not run as one (the graph refuses
+    any name with ">", as Keras 2 files already spell custom classes)."""
+    class_name = str(raw["class_name"])
+    registered, module = raw.get("registered_name"), raw.get("module")
+    if isinstance(registered, str) and registered and registered != class_name:
+        return registered if ">" in registered else f"{module}>{registered}"
+    # Keras 3 names the module of every built-in class ("keras.layers"); user classes get None or theirs.
+    if "module" in raw and not str(module or "").startswith(("keras", "tf_keras")):
+        return f"{module or 'custom'}>{class_name}"
+    return class_name
 
 
 def _parse_call(node: Any, keras_version: int) -> CallSpec:

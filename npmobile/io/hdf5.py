@@ -61,13 +61,25 @@ def keras_major_version(obj: h5py.HLObject, default: int = 3) -> int:
         return default
 
 
+def _inside(group: h5py.Group, path: str, where: str) -> None:
+    """Refuse an external link on the way to ``path``: HDF5 would open whatever file it names."""
+    for depth in range(1, len(path.split("/")) + 1):
+        link = group.get("/".join(path.split("/")[:depth]), getlink=True)
+        if isinstance(link, h5py.ExternalLink):
+            raise ModelFileError(f"{where}: {path!r} links to another file ({link.filename}); refusing it")
+
+
 def read_dataset(group: h5py.Group, path: str, where: str) -> np.ndarray:
+    _inside(group, path, where)
     try:
         dataset = group[path]
     except (KeyError, ValueError):
         raise ModelFileError(f"{where}: weight {path!r} is listed but missing from the file") from None
     if not isinstance(dataset, h5py.Dataset):
         raise ModelFileError(f"{where}: weight {path!r} is not a dataset")
+    if dataset.external or dataset.is_virtual:
+        # Raw storage in, or a view of, other files: reading it would read any file on this machine.
+        raise ModelFileError(f"{where}: weight {path!r} keeps its data outside the file; refusing it")
     if dataset.size > MAX_DATASET_ELEMENTS:
         raise ModelFileError(f"{where}: weight {path!r} has {dataset.size:,} values, more than any MobileNet layer")
     if dataset.dtype.kind not in "fiu":
@@ -89,11 +101,12 @@ def legacy_layers(f: h5py.File, source: str) -> list[StoredLayer]:
     """The per-layer weights of a legacy .h5 (full model or weights only), in the file's layer order."""
     root = f["model_weights"] if "model_weights" in f else f
     names = list_attr(root, "layer_names")
-    if not names and "layer_names0" not in root.attrs:
+    if "layer_names" not in root.attrs and "layer_names0" not in root.attrs:
         raise ModelFileError(f"{source}: no 'layer_names' attribute; not a Keras weights file")
     layers = []
     for name in names:
         where = f"{source}: layer {name!r}"
+        _inside(root, name, where)
         try:
             group = root[name]
         except (KeyError, ValueError):
@@ -114,10 +127,14 @@ def keras3_layers(f: h5py.File, source: str) -> list[StoredLayer]:
 
     def walk(group: h5py.Group, prefix: str) -> None:
         for key in group:
+            where = f"{source}: {prefix}{key}"
+            _inside(group, key, where)
             item = group[key]
             if not isinstance(item, h5py.Group):
                 continue
-            where = f"{source}: {prefix}{key}"
+            for child in ("vars", "layers"):
+                if child in item.keys():
+                    _inside(item, child, where)
             if "vars" in item and isinstance(item["vars"], h5py.Group):
                 vars_group = item["vars"]
                 name = text(vars_group.attrs.get("name", key))

@@ -1,0 +1,350 @@
+"""Hostile and broken model files fail cleanly: npmobile's own error, one line naming the file and the
+layer, raised at load time, before anything large is allocated, and nothing from the file is run or
+read from elsewhere on disk."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import tracemalloc
+import warnings
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import npmobile
+from npmobile.errors import ModelFileError, UnsupportedLayerError
+
+V3 = dict(input_shape=(96, 96, 3))
+
+
+# --------------------------------------------------------------------------------------------------
+# Hand-written files: a Keras 3 legacy .h5 with exactly the config and weights a test needs
+# --------------------------------------------------------------------------------------------------
+
+
+def _input(name="in", shape=(None, 32, 32, 3)) -> dict:
+    return {"class_name": "InputLayer", "name": name, "config": {"name": name, "batch_shape": list(shape)},
+            "inbound_nodes": []}
+
+
+def _tensor(layer: str) -> dict:
+    return {"class_name": "__keras_tensor__", "config": {"keras_history": [layer, 0, 0]}}
+
+
+def _layer(cls: str, name: str, *sources: str, **config) -> dict:
+    args = [_tensor(s) for s in sources]
+    return {"class_name": cls, "name": name, "config": {"name": name, **config},
+            "inbound_nodes": [{"args": args if len(args) == 1 else [args], "kwargs": {}}]}
+
+
+def write_h5(path: Path, layers: list[dict], output: str, weights: dict | None = None) -> Path:
+    """A legacy .h5 as Keras 3 writes it: model_config, and model_weights/<layer>/<layer>/<var>."""
+    weights = weights or {}
+    config = {"class_name": "Functional", "config": {"name": "m", "layers": layers,
+                                                     "input_layers": [[layers[0]["name"], 0, 0]],
+                                                     "output_layers": [[output, 0, 0]]}}
+    with h5py.File(path, "w") as f:
+        f.attrs["model_config"] = json.dumps(config)
+        f.attrs["keras_version"] = "3.15.1"
+        root = f.create_group("model_weights")
+        root.attrs["layer_names"] = [layer["name"] for layer in layers]
+        for layer in layers:
+            group = root.create_group(layer["name"])
+            arrays = weights.get(layer["name"], {})
+            group.attrs["weight_names"] = np.array([f"{layer['name']}/{v}" for v in arrays], dtype="S")
+            for var, array in arrays.items():
+                group.create_dataset(f"{layer['name']}/{var}", data=array)
+    return path
+
+
+def _load_error(path: Path, error=ModelFileError) -> str:
+    """The one-line message of the error loading ``path`` raises, which must name the file."""
+    with pytest.raises(error) as info:
+        npmobile.load_model(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message, message
+    return message
+
+
+# --------------------------------------------------------------------------------------------------
+# Graph structure
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_chain_of_thousands_of_layers_loads_without_recursion_limits(tmp_path):
+    layers = [_input()] + [_layer("ReLU", f"relu_{i}", "in" if i == 0 else f"relu_{i - 1}") for i in range(1500)]
+    model = npmobile.load_model(write_h5(tmp_path / "deep.h5", layers, "relu_1499"))
+    x = np.linspace(-1, 1, 32 * 32 * 3, dtype=np.float32).reshape(1, 32, 32, 3)
+    np.testing.assert_array_equal(model.predict(x), np.maximum(x, 0))
+
+
+def test_cyclic_inbound_nodes_are_refused(tmp_path):
+    layers = [_input(), _layer("ReLU", "a", "b"), _layer("ReLU", "b", "a")]
+    assert "cycle" in _load_error(write_h5(tmp_path / "cycle.h5", layers, "b"))
+
+
+def test_dangling_inbound_node_names_both_layers(tmp_path):
+    layers = [_input(), _layer("ReLU", "a", "ghost")]
+    message = _load_error(write_h5(tmp_path / "dangling.h5", layers, "a"))
+    assert "'a' takes input from 'ghost'" in message
+
+
+def test_call_index_beyond_a_layers_calls_is_refused(tmp_path):
+    layers = [_input(), _layer("ReLU", "a", "in")]
+    layers.append({**_layer("ReLU", "b"), "inbound_nodes": [{"args": [
+        {"class_name": "__keras_tensor__", "config": {"keras_history": ["a", 5, 0]}}], "kwargs": {}}]})
+    assert "'a' is referenced as call 5" in _load_error(write_h5(tmp_path / "calls.h5", layers, "b"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Absurd sizes: refused at load, naming the layer, before anything is allocated
+# --------------------------------------------------------------------------------------------------
+
+ONES = {"kernel": np.ones((3, 3, 3, 4), np.float32)}
+ABSURD = {
+    "input-10**6": ([_input(shape=(None, 10**6, 10**6, 3)), _layer("ReLU", "r", "in")], {}, "'in'"),
+    "filters-10**9": ([_input(), _layer("Conv2D", "c", "in", filters=10**9, kernel_size=[3, 3], padding="same",
+                                        use_bias=False)], {"c": ONES}, "'c'"),
+    "kernel-10**5": ([_input(), _layer("Conv2D", "c", "in", filters=4, kernel_size=[10**5, 10**5],
+                                       padding="same", use_bias=False)], {"c": ONES}, "'c'"),
+    "dilation-10**6": ([_input(), _layer("DepthwiseConv2D", "dw", "in", kernel_size=[3, 3], padding="same",
+                                         dilation_rate=[10**6, 10**6], use_bias=False)],
+                       {"dw": {"depthwise_kernel": np.ones((3, 3, 3, 1), np.float32)}}, "'dw'"),
+    "pool-3000": ([_input(shape=(None, 64, 64, 16)), _layer("MaxPooling2D", "p", "in", pool_size=[3000, 3000],
+                                                            strides=[1, 1], padding="same")], {}, "'p'"),
+    "zero-padding-10**5": ([_input(), _layer("ZeroPadding2D", "z", "in", padding=[[10**5, 10**5], [10**5, 10**5]])],
+                           {}, "'z'"),
+    "reshape-10**6": ([_input(), _layer("Reshape", "rs", "in", target_shape=[10**6, 10**6, -1])], {}, "'rs'"),
+}
+
+
+@pytest.mark.parametrize("case", ABSURD, ids=list(ABSURD))
+def test_absurd_sizes_are_refused_before_allocation(tmp_path, case):
+    layers, weights, layer = ABSURD[case]
+    path = write_h5(tmp_path / f"{case}.h5", layers, layers[-1]["name"], weights)
+    tracemalloc.start()
+    try:
+        message = _load_error(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert layer in message
+    assert peak < 50 * 2**20, f"{peak:,} bytes allocated before refusing"
+
+
+def test_reshape_with_two_unknown_sizes_fails_at_load(tmp_path):
+    layers = [_input(), _layer("Reshape", "rs", "in", target_shape=[-1, -1])]
+    assert "'rs'" in _load_error(write_h5(tmp_path / "reshape.h5", layers, "rs"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights: shapes against configs, NaN/Inf, data outside the file
+# --------------------------------------------------------------------------------------------------
+
+
+def test_weight_shape_disagreeing_with_config_in_a_real_file(keras_files, tmp_path):
+    source = keras_files.get("MobileNetV3Small", "keras3_h5", **V3).path
+    target = tmp_path / "resized.h5"
+    target.write_bytes(source.read_bytes())
+    with h5py.File(target, "r+") as f:
+        group = f["model_weights/expanded_conv_project"]
+        name = next(iter(n.decode() if isinstance(n, bytes) else n for n in group.attrs["weight_names"]))
+        kernel = group[name][()]
+        del group[name]
+        group.create_dataset(name, data=kernel[..., :-1])
+    message = _load_error(target)
+    assert "'expanded_conv_project'" in message and "shape" in message
+
+
+def test_nan_and_inf_weights_warn_naming_the_layer_and_still_load(tmp_path):
+    kernel = np.ones((3, 4), np.float32)
+    kernel[0, 0], kernel[1, 1] = np.nan, np.inf
+    layers = [_input(shape=(None, 3)), _layer("Dense", "d", "in", units=4, activation="linear")]
+    path = write_h5(tmp_path / "nan.h5", layers, "d", {"d": {"kernel": kernel, "bias": np.zeros(4, np.float32)}})
+    with pytest.warns(RuntimeWarning, match=r"layer 'd' weight 'kernel' has 2 NaN/Inf values"):
+        model = npmobile.load_model(path)
+    assert np.isnan(model.predict(np.ones((1, 3), np.float32))).any()
+
+
+def test_weights_stored_in_another_file_are_refused(tmp_path):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(108, dtype=np.float32).tobytes())
+    layers = [_input(), _layer("Conv2D", "c", "in", filters=4, kernel_size=[3, 3], use_bias=False)]
+    path = write_h5(tmp_path / "external.h5", layers, "c")
+    with h5py.File(path, "r+") as f:
+        group = f["model_weights/c"]
+        group.attrs["weight_names"] = np.array(["c/kernel"], dtype="S")
+        group.create_dataset("c/kernel", shape=(3, 3, 3, 4), dtype="f4", external=[(str(secret), 0, 432)])
+    assert "outside the file" in _load_error(path)
+
+
+def test_external_link_to_another_hdf5_file_is_refused(tmp_path):
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["kernel"] = np.ones((3, 3, 3, 4), np.float32)
+    layers = [_input(), _layer("Conv2D", "c", "in", filters=4, kernel_size=[3, 3], use_bias=False)]
+    path = write_h5(tmp_path / "link.h5", layers, "c")
+    with h5py.File(path, "r+") as f:
+        group = f["model_weights/c"]
+        group.attrs["weight_names"] = np.array(["c/kernel"], dtype="S")
+        group.create_group("c")["kernel"] = h5py.ExternalLink(str(other), "/kernel")
+    assert "links to another file" in _load_error(path)
+
+
+def test_missing_model_weights_group_and_layer_group(keras_files, tmp_path):
+    source = keras_files.get("MobileNetV3Small", "keras3_h5", **V3).path
+    for victim in ("model_weights", "model_weights/conv_bn"):
+        target = tmp_path / f"missing-{victim.replace('/', '-')}.h5"
+        target.write_bytes(source.read_bytes())
+        with h5py.File(target, "r+") as f:
+            del f[victim]
+        assert victim.rsplit("/", 1)[-1] in _load_error(target)
+
+
+# --------------------------------------------------------------------------------------------------
+# Code in files: Lambda, custom classes, custom functions
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def custom_files(tmp_path_factory):
+    """Real Keras-written files with a Lambda, a registered ReLU subclass, an unregistered custom
+    layer and a registered custom activation function."""
+    import keras
+
+    @keras.saving.register_keras_serializable(package="evil")
+    class ReLU(keras.layers.ReLU):  # Keras's name, user code: must not run as Keras's ReLU
+        def call(self, x):
+            return super().call(x) * 2
+
+    class Plain(keras.layers.Layer):
+        def call(self, x):
+            return x
+
+    @keras.saving.register_keras_serializable(package="evil")
+    def triple(x):
+        return x * 3
+
+    root = tmp_path_factory.mktemp("custom")
+    inputs = keras.Input((8, 8, 3))
+    models = {
+        "lambda": keras.layers.Lambda(lambda t: t * 2.0, name="double")(inputs),
+        "registered": ReLU(name="evil_relu")(inputs),
+        "unregistered": Plain(name="plain")(inputs),
+        "activation": keras.layers.Conv2D(4, 3, activation=triple, name="conv")(inputs),
+    }
+    paths = {}
+    for name, outputs in models.items():
+        for suffix in (".keras", ".h5"):
+            paths[name + suffix] = root / f"{name}{suffix}"
+            keras.Model(inputs, outputs).save(paths[name + suffix])
+    return paths
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+@pytest.mark.parametrize(
+    "name,layer,expected",
+    [("lambda", "double", "Lambda layer"), ("registered", "evil_relu", "evil>ReLU"),
+     ("unregistered", "plain", "Plain"), ("activation", "conv", "evil>triple")],
+)
+def test_code_carrying_layers_are_refused_by_name(custom_files, name, layer, expected, suffix):
+    message = _load_error(custom_files[name + suffix], UnsupportedLayerError)
+    assert f"'{layer}'" in message and expected in message
+
+
+# --------------------------------------------------------------------------------------------------
+# The wrong kind of file, and hostile .keras zips
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_directory_named_like_a_model_is_refused(tmp_path):
+    folder = tmp_path / "model.h5"
+    folder.mkdir()
+    assert "directory" in _load_error(folder)
+
+
+def test_a_real_jpeg_named_h5_is_refused(tmp_path):
+    photo = Path(__file__).resolve().parents[1] / "samples" / "chelsea.jpg"
+    path = tmp_path / "model.h5"
+    path.write_bytes(photo.read_bytes())
+    assert "not a Keras file" in _load_error(path)
+
+
+def _patch_sizes(path: Path, member: str, size: int) -> None:
+    """Make the zip's headers (local and central) claim ``member`` holds ``size`` bytes."""
+    data = bytearray(path.read_bytes())
+    name = member.encode()
+    for signature, offset, name_at in ((b"PK\x03\x04", 22, 30), (b"PK\x01\x02", 24, 46)):
+        start = 0
+        while (start := data.find(signature, start)) >= 0:
+            length = struct.unpack_from("<H", data, start + name_at - (2 if signature == b"PK\x03\x04" else 18))[0]
+            if data[start + name_at : start + name_at + length] == name:
+                struct.pack_into("<I", data, start + offset, size)
+            start += 4
+    path.write_bytes(bytes(data))
+
+
+def _copy_keras(source: Path, target: Path, replace: dict[str, bytes] | None = None) -> Path:
+    replace = replace or {}
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, replace.get(info.filename, src.read(info)))
+    return target
+
+
+def test_zip_bomb_whose_header_understates_its_size_is_refused(keras_files, tmp_path):
+    source = keras_files.get("MobileNetV3Small", "keras3_keras", **V3).path
+    config = zipfile.ZipFile(source).read("config.json")
+    bomb = config[:-1] + b" " * (200 * 2**20) + b"}"  # 200 MB of JSON that deflates to ~200 KB
+    path = _copy_keras(source, tmp_path / "bomb.keras", {"config.json": bomb})
+    _patch_sizes(path, "config.json", len(config))
+    tracemalloc.start()
+    try:
+        _load_error(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20, f"{peak:,} bytes read from the bomb"
+
+
+def test_member_claiming_a_huge_size_is_refused_before_reading(keras_files, tmp_path):
+    source = keras_files.get("MobileNetV3Small", "keras3_keras", **V3).path
+    path = _copy_keras(source, tmp_path / "huge.keras")
+    _patch_sizes(path, "model.weights.h5", 3 * 2**30)
+    assert "model.weights.h5" in _load_error(path) and "refusing" in _load_error(path)
+
+
+@pytest.mark.parametrize("member", ["/etc/passwd", "../../evil.txt", "a/../../evil.txt", "C:/evil.txt"])
+def test_members_with_unsafe_paths_are_refused(keras_files, tmp_path, member):
+    source = keras_files.get("MobileNetV3Small", "keras3_keras", **V3).path
+    path = _copy_keras(source, tmp_path / "unsafe.keras")
+    with zipfile.ZipFile(path, "a") as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the odd name it is asked to write
+        archive.writestr(zipfile.ZipInfo(member), b"x")
+    assert "unsafe path" in _load_error(path)
+    assert not (tmp_path.parent / "evil.txt").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line: one line, exit 1; --debug shows the traceback
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cli_reports_a_hostile_model_in_one_line(tmp_path):
+    layers = [_input(), _layer("ReLU", "a", "b"), _layer("ReLU", "b", "a")]
+    path = write_h5(tmp_path / "cycle.h5", layers, "b")
+    image = Path(__file__).resolve().parents[1] / "samples" / "chelsea.jpg"
+    command = [sys.executable, "-m", "npmobile", "classify", str(image), "--weights", str(path)]
+    quiet = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 1
+    lines = [line for line in quiet.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(path) in lines[0] and "cycle" in lines[0], quiet.stderr
+    loud = subprocess.run(command + ["--debug"], capture_output=True, text=True, timeout=120)
+    assert loud.returncode == 1 and "Traceback" in loud.stderr
+
