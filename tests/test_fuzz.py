@@ -6,7 +6,10 @@ HDF5 file could crash libhdf5 itself; config-level mutations run here under hypo
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -14,6 +17,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from conftest import record_fuzz
@@ -26,6 +30,8 @@ from npmobile.errors import NpmobileError
 WORKER = Path(__file__).with_name("fuzz_worker.py")
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 SMALL = dict(input_shape=(64, 64, 3), alpha=0.75, minimalistic=True)
+# A 64-pixel MobileNetV3 loads and runs in well under a second (after Numba's first compile).
+PER_INPUT_SECONDS = 20
 
 
 def run_worker(kind: str, base: Path, count: int, seed: int, workdir: Path) -> dict:
@@ -120,14 +126,102 @@ def test_mutated_configs_load_or_raise_our_error(keras_zip, tmp_path_factory, da
     with zipfile.ZipFile(target, "w") as archive:
         for name, content in members.items():
             archive.writestr(name, json.dumps(config) if name == "config.json" else content)
-    outcome = "ok"
+    record_fuzz("config:mutated.keras", 1, {load_and_predict(target): 1})
+
+
+class Hang(Exception):
+    """An input took longer than any file should: a bug, whatever the input."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Fail the example instead of hanging the run (SIGALRM interrupts Python code between bytecodes)."""
+    def expire(signum, frame):
+        raise Hang(f"no result after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = npmobile.load_model(target)
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def load_and_predict(path: Path) -> str:
+    """"ok" or "npmobile-error"; anything else (another exception type, a hang) fails the test."""
+    try:
+        with time_limit(PER_INPUT_SECONDS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NaN/Inf weights warn: an outcome, not a failure
+            model = npmobile.load_model(path)
             shape = [d or 32 for d in model.input_shape[1:]]
             if int(np.prod(shape)) <= 1_000_000:
                 model.predict(np.zeros([1, *shape], np.float32))
+        return "ok"
     except NpmobileError:
-        outcome = "npmobile-error"
-    record_fuzz("config:mutated.keras", 1, {outcome: 1})
+        return "npmobile-error"
+
+
+# --------------------------------------------------------------------------------------------------
+# Structured mutations of legacy .h5 files with h5py: the config attribute, datasets, attributes
+# --------------------------------------------------------------------------------------------------
+
+
+def _datasets(f: h5py.File) -> list[str]:
+    found: list[str] = []
+    f.visititems(lambda name, item: found.append(name) if isinstance(item, h5py.Dataset) else None)
+    return found
+
+
+def _mutate_config(f: h5py.File, data) -> None:
+    config = json.loads(f.attrs["model_config"])
+    paths = [p for p, _ in _paths(config) if p]
+    for _ in range(data.draw(st.integers(min_value=1, max_value=3), label="edits")):
+        _set(config, data.draw(st.sampled_from(paths), label="path"), data.draw(VALUES, label="value"))
+    f.attrs["model_config"] = json.dumps(config)
+
+
+def _mutate_dataset(f: h5py.File, data) -> None:
+    name = data.draw(st.sampled_from(_datasets(f)), label="dataset")
+    action = data.draw(st.sampled_from(["delete", "resize", "retype", "nan", "group"]), label="action")
+    array = f[name][()]
+    del f[name]
+    if action == "resize":
+        shape = data.draw(st.lists(st.integers(min_value=0, max_value=6), max_size=4), label="shape")
+        f.create_dataset(name, data=np.ones(shape, np.float32))
+    elif action == "retype":
+        f.create_dataset(name, data=np.array(["text"] * max(1, array.size), dtype=h5py.string_dtype()))
+    elif action == "nan":
+        f.create_dataset(name, data=np.full(array.shape, np.nan, array.dtype))
+    elif action == "group":
+        f.create_group(name)
+
+
+def _mutate_attribute(f: h5py.File, data) -> None:
+    groups: list[str] = ["/"]
+    f.visititems(lambda name, item: groups.append(name) if isinstance(item, h5py.Group) else None)
+    group = f[data.draw(st.sampled_from(groups), label="group")]
+    names = [n for n in group.attrs if n != "model_config"] or ["weight_names"]
+    value = data.draw(st.one_of(st.integers(-5, 10**6), st.text(max_size=8),
+                                st.lists(st.text(max_size=20), max_size=3)), label="attribute")
+    group.attrs[data.draw(st.sampled_from(names), label="attribute name")] = value
+
+
+H5_MUTATIONS = {"config": _mutate_config, "dataset": _mutate_dataset, "attribute": _mutate_attribute}
+
+
+@pytest.fixture(scope="module")
+def h5_models(keras_files):
+    return [keras_files.get("MobileNetV3Large", writer, **SMALL).path for writer in ("keras3_h5", "tfkeras_h5")]
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_mutated_h5_structures_load_or_raise_our_error(h5_models, tmp_path_factory, data):
+    source = data.draw(st.sampled_from(h5_models), label="file")
+    target = tmp_path_factory.mktemp("h5") / "mutated.h5"
+    shutil.copyfile(source, target)
+    kind = data.draw(st.sampled_from(sorted(H5_MUTATIONS)), label="mutation")
+    with h5py.File(target, "r+") as f:
+        H5_MUTATIONS[kind](f, data)
+    record_fuzz(f"h5-{kind}:{source.name}", 1, {load_and_predict(target): 1})

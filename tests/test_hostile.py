@@ -348,3 +348,25 @@ def test_cli_reports_a_hostile_model_in_one_line(tmp_path):
     loud = subprocess.run(command + ["--debug"], capture_output=True, text=True, timeout=120)
     assert loud.returncode == 1 and "Traceback" in loud.stderr
 
+
+
+def test_many_empty_datasets_cannot_add_up_to_gigabytes(tmp_path):
+    # Never-written chunks take no space in the file but read back as fill values: a 1 MB file
+    # could list 64 datasets of 60 M values each (15 GB), every one under the per-dataset limit.
+    layers = [_input(shape=(None, 3)), _layer("Dense", "d", "in", units=4, use_bias=False)]
+    path = write_h5(tmp_path / "sparse.h5", layers, "d")
+    with h5py.File(path, "r+") as f:
+        group = f["model_weights/d"]
+        names = [f"d/kernel_{i}" for i in range(64)]
+        group.attrs["weight_names"] = np.array(names, dtype="S")
+        for name in names:
+            group.create_dataset(name, shape=(60 * 2**20,), dtype="f4", chunks=(2**20,))
+    assert path.stat().st_size < 2**20
+    tracemalloc.start()
+    try:
+        message = _load_error(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "'d'" in message and "add up to" in message
+    assert peak < 2**31, f"{peak:,} bytes read"

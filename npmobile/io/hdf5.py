@@ -24,6 +24,23 @@ from npmobile.errors import ModelFileError
 
 # Larger than any MobileNet variable: a dataset bigger than this is refused before it is read.
 MAX_DATASET_ELEMENTS = 64 * 1024 * 1024
+# And all of one file's weights together (a full-size MobileNet holds under 6 M values).
+MAX_FILE_ELEMENTS = 256 * 1024 * 1024
+
+
+@dataclass
+class ReadBudget:
+    """Values one file may still have read from it. Chunks never written cost nothing on disk but read
+    back as fill values, so a tiny file could list gigabytes of datasets that each pass the per-dataset
+    limit (or one dataset many times over)."""
+
+    left: int = MAX_FILE_ELEMENTS
+
+    def take(self, size: int, where: str) -> None:
+        if size > self.left:
+            raise ModelFileError(f"{where}: the file's weights add up to more than {MAX_FILE_ELEMENTS:,} values; "
+                                 "refusing it")
+        self.left -= size
 
 
 @dataclass
@@ -69,7 +86,7 @@ def _inside(group: h5py.Group, path: str, where: str) -> None:
             raise ModelFileError(f"{where}: {path!r} links to another file ({link.filename}); refusing it")
 
 
-def read_dataset(group: h5py.Group, path: str, where: str) -> np.ndarray:
+def read_dataset(group: h5py.Group, path: str, where: str, budget: ReadBudget | None = None) -> np.ndarray:
     _inside(group, path, where)
     try:
         dataset = group[path]
@@ -84,6 +101,8 @@ def read_dataset(group: h5py.Group, path: str, where: str) -> np.ndarray:
         raise ModelFileError(f"{where}: weight {path!r} has {dataset.size:,} values, more than any MobileNet layer")
     if dataset.dtype.kind not in "fiu":
         raise ModelFileError(f"{where}: weight {path!r} is not numeric (dtype {dataset.dtype})")
+    if budget is not None:
+        budget.take(dataset.size, where)
     return np.asarray(dataset[()], dtype=np.float32)
 
 
@@ -104,6 +123,7 @@ def legacy_layers(f: h5py.File, source: str) -> list[StoredLayer]:
     if "layer_names" not in root.attrs and "layer_names0" not in root.attrs:
         raise ModelFileError(f"{source}: no 'layer_names' attribute; not a Keras weights file")
     layers = []
+    budget = ReadBudget()
     for name in names:
         where = f"{source}: layer {name!r}"
         _inside(root, name, where)
@@ -113,7 +133,7 @@ def legacy_layers(f: h5py.File, source: str) -> list[StoredLayer]:
             raise ModelFileError(f"{where} is listed but its group is missing") from None
         stored = StoredLayer(name)
         for weight_name in list_attr(group, "weight_names"):
-            stored.variables.append((weight_name, read_dataset(group, weight_name, where)))
+            stored.variables.append((weight_name, read_dataset(group, weight_name, where, budget)))
         layers.append(stored)
     return layers
 
@@ -124,6 +144,7 @@ def keras3_layers(f: h5py.File, source: str) -> list[StoredLayer]:
     if "layers" not in f:
         raise ModelFileError(f"{source}: no 'layers' group; not a Keras 3 weights file")
     layers: list[StoredLayer] = []
+    budget = ReadBudget()
 
     def walk(group: h5py.Group, prefix: str) -> None:
         for key in group:
@@ -139,7 +160,7 @@ def keras3_layers(f: h5py.File, source: str) -> list[StoredLayer]:
                 vars_group = item["vars"]
                 name = text(vars_group.attrs.get("name", key))
                 numbered = sorted((k for k in vars_group if k.isdigit()), key=int)
-                variables = [(None, read_dataset(vars_group, k, where)) for k in numbered]
+                variables = [(None, read_dataset(vars_group, k, where, budget)) for k in numbered]
                 layers.append(StoredLayer(name, variables))
             if "layers" in item and isinstance(item["layers"], h5py.Group):
                 walk(item["layers"], f"{prefix}{key}/layers/")
