@@ -370,3 +370,65 @@ def test_many_empty_datasets_cannot_add_up_to_gigabytes(tmp_path):
         tracemalloc.stop()
     assert "'d'" in message and "add up to" in message
     assert peak < 2**31, f"{peak:,} bytes read"
+
+
+# --------------------------------------------------------------------------------------------------
+# A folder of awkward and hostile images: the bad ones are reported, the rest classified
+# --------------------------------------------------------------------------------------------------
+
+
+def _png_claiming(path: Path, width: int, height: int) -> None:
+    """A PNG whose header (with a valid checksum) claims width x height pixels: a decompression bomb."""
+    import zlib
+
+    from PIL import Image
+
+    Image.new("RGB", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    struct.pack_into(">II", data, 16, width, height)  # IHDR's width and height follow its type
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+def _awkward_images(folder: Path) -> tuple[set[str], set[str]]:
+    """Images that must classify, and images that must fail; returns (good names, bad names)."""
+    from PIL import Image
+
+    photo = Path(__file__).resolve().parents[1] / "samples" / "chelsea.jpg"
+    base = Image.open(photo).convert("RGB")
+    base.resize((1, 1)).save(folder / "one_pixel.png")
+    base.resize((5000, 1)).save(folder / "wide_5000x1.png")
+    base.resize((1, 5000)).save(folder / "tall_1x5000.png")
+    base.convert("CMYK").save(folder / "cmyk.jpg")
+    grey16 = np.asarray(base.convert("L"), dtype=np.uint16) * 257
+    Image.fromarray(grey16).save(folder / "sixteen_bit.png")
+    frames = [base.resize((40, 30)), base.resize((40, 30)).rotate(90)]
+    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    frames[0].save(folder / "animated.webp", save_all=True, append_images=frames[1:], duration=50)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "truncated.jpg").write_bytes(photo.read_bytes()[:300])
+    (folder / "not_an_image.png").write_bytes(b"hello, this is text")
+    _png_claiming(folder / "bomb.png", 100_000, 100_000)
+    good = {"one_pixel.png", "wide_5000x1.png", "tall_1x5000.png", "cmyk.jpg", "sixteen_bit.png", "animated.gif",
+            "animated.webp"}
+    return good, {"empty.jpg", "truncated.jpg", "not_an_image.png", "bomb.png"}
+
+
+def test_folder_run_reports_each_bad_image_in_one_line_and_classifies_the_rest(keras_files, tmp_path):
+    model = keras_files.get("MobileNetV2", "keras3_keras", input_shape=(96, 96, 3), alpha=0.35).path
+    folder = tmp_path / "images"
+    folder.mkdir()
+    good, bad = _awkward_images(folder)
+    result = subprocess.run(
+        [sys.executable, "-m", "npmobile", "classify", str(folder), "--weights", str(model), "--size", "96", "--json"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    classified = {Path(entry["path"]).name for entry in report if "top" in entry}
+    failed = {Path(entry["path"]).name for entry in report if "error" in entry}
+    assert classified == good and failed == bad
+    assert all(len(entry["top"]) == 5 for entry in report if "top" in entry)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("npmobile:")]
+    assert sorted(next(name for name in bad if name in line) for line in errors) == sorted(bad)
+    assert "Traceback" not in result.stderr
+    assert any("too many pixels" in line for line in errors if "bomb.png" in line)
