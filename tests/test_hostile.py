@@ -184,6 +184,21 @@ def test_weights_stored_in_another_file_are_refused(tmp_path):
     assert "outside the file" in _load_error(path)
 
 
+def test_virtual_dataset_viewing_another_file_is_refused(tmp_path):
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["kernel"] = np.ones((3, 3, 3, 4), np.float32)
+    layout = h5py.VirtualLayout(shape=(3, 3, 3, 4), dtype="f4")
+    layout[...] = h5py.VirtualSource(str(other), "kernel", shape=(3, 3, 3, 4))
+    layers = [_input(), _layer("Conv2D", "c", "in", filters=4, kernel_size=[3, 3], use_bias=False)]
+    path = write_h5(tmp_path / "virtual.h5", layers, "c")
+    with h5py.File(path, "r+") as f:
+        group = f["model_weights/c"]
+        group.attrs["weight_names"] = np.array(["c/kernel"], dtype="S")
+        group.create_virtual_dataset("c/kernel", layout)
+    assert "outside the file" in _load_error(path)
+
+
 def test_external_link_to_another_hdf5_file_is_refused(tmp_path):
     other = tmp_path / "other.h5"
     with h5py.File(other, "w") as f:
@@ -432,3 +447,26 @@ def test_folder_run_reports_each_bad_image_in_one_line_and_classifies_the_rest(k
     assert sorted(next(name for name in bad if name in line) for line in errors) == sorted(bad)
     assert "Traceback" not in result.stderr
     assert any("too many pixels" in line for line in errors if "bomb.png" in line)
+
+
+# --------------------------------------------------------------------------------------------------
+# The weights cache: a download never writes through a link planted in the cache
+# --------------------------------------------------------------------------------------------------
+
+
+def test_download_replaces_a_planted_symlink_instead_of_writing_through_it(tmp_path, monkeypatch):
+    from npmobile.weights import cache, official_file
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("must not be overwritten")
+    monkeypatch.setenv("NPMOBILE_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setenv("NPMOBILE_CACHE_DIR", str(tmp_path / "cache"))
+    info = official_file("mobilenet_v2", 0.35, 96, include_top=True)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / info.filename).symlink_to(outside)
+    monkeypatch.setattr(cache, "_fetch", lambda url, out, progress: out.write(b"\x89HDF\r\n\x1a\n" + bytes(64)))
+    path = cache.resolve(info)
+    assert outside.read_text() == "must not be overwritten"
+    assert path == tmp_path / "cache" / info.filename and not path.is_symlink()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [info.filename]
