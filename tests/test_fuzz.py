@@ -212,16 +212,38 @@ H5_MUTATIONS = {"config": _mutate_config, "dataset": _mutate_dataset, "attribute
 
 @pytest.fixture(scope="module")
 def h5_models(keras_files):
-    return [keras_files.get("MobileNetV3Large", writer, **SMALL).path for writer in ("keras3_h5", "tfkeras_h5")]
+    writers = ("keras3_h5", "tfkeras_h5", "keras3_keras")
+    return [keras_files.get("MobileNetV3Large", writer, **SMALL).path for writer in writers]
 
 
-@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+def _mutated_copy(source: Path, folder: Path, kind: str, data) -> Path:
+    """A copy of ``source`` with one structured mutation: of the .h5 itself, or of the
+    model.weights.h5 inside a .keras zip (its config.json has its own test above)."""
+    if source.suffix != ".keras":
+        target = folder / "mutated.h5"
+        shutil.copyfile(source, target)
+        with h5py.File(target, "r+") as f:
+            H5_MUTATIONS[kind](f, data)
+        return target
+    with zipfile.ZipFile(source) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    inner = folder / "model.weights.h5"
+    inner.write_bytes(members["model.weights.h5"])
+    with h5py.File(inner, "r+") as f:
+        H5_MUTATIONS[kind](f, data)
+    members["model.weights.h5"] = inner.read_bytes()
+    target = folder / "mutated.keras"
+    with zipfile.ZipFile(target, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return target
+
+
+@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_mutated_h5_structures_load_or_raise_our_error(h5_models, tmp_path_factory, data):
     source = data.draw(st.sampled_from(h5_models), label="file")
-    target = tmp_path_factory.mktemp("h5") / "mutated.h5"
-    shutil.copyfile(source, target)
-    kind = data.draw(st.sampled_from(sorted(H5_MUTATIONS)), label="mutation")
-    with h5py.File(target, "r+") as f:
-        H5_MUTATIONS[kind](f, data)
+    kinds = ["dataset", "attribute"] if source.suffix == ".keras" else sorted(H5_MUTATIONS)
+    kind = data.draw(st.sampled_from(kinds), label="mutation")
+    target = _mutated_copy(source, tmp_path_factory.mktemp("h5"), kind, data)
     record_fuzz(f"h5-{kind}:{source.name}", 1, {load_and_predict(target): 1})
