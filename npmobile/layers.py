@@ -37,9 +37,11 @@ def activation_function(name, keras_version: int = 3) -> Callable[[np.ndarray], 
             # Keras 3 writes a user's own function as {"class_name": "function", "config": "pkg>name"}.
             raise UnsupportedLayerError(f"activation {str(config)!r} is a custom function; npmobile never runs "
                                         "code from a file")
-        name = (config or {}).get("name") or name.get("class_name")
+        name = (config.get("name") if isinstance(config, dict) else None) or name.get("class_name") or str(name)
     if name in (None, "linear"):
         return None
+    if not isinstance(name, str):
+        raise UnsupportedLayerError(f"activation {str(name)[:40]!r} is not an activation name")
     if name == "hard_sigmoid" and keras_version < 3:
         return K.hard_sigmoid_keras2
     table = {
@@ -556,6 +558,7 @@ def validate_config(node: Node, keras_version: int = 3) -> None:
     c = node.config
     if not isinstance(c, dict):
         raise ModelFileError(f"layer {node.name!r} ({node.op}): config is not a mapping")
+    _check_channels_last(node)  # a channels_first file would silently give other answers
     for key in ("kernel_size", "strides", "dilation_rate", "pool_size"):
         if key in c and c[key] is not None:
             _positive_ints(node, key, c[key], 2)

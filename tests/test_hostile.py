@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import npmobile
-from npmobile.errors import ModelFileError, UnsupportedLayerError
+from npmobile.errors import ModelFileError, NpmobileError, UnsupportedLayerError
 
 V3 = dict(input_shape=(96, 96, 3))
 
@@ -470,3 +470,42 @@ def test_download_replaces_a_planted_symlink_instead_of_writing_through_it(tmp_p
     assert outside.read_text() == "must not be overwritten"
     assert path == tmp_path / "cache" / info.filename and not path.is_symlink()
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [info.filename]
+
+
+# --------------------------------------------------------------------------------------------------
+# Malformed configs in a real .keras: our error, naming the file and (where there is one) the layer
+# --------------------------------------------------------------------------------------------------
+
+
+def _conv(config: dict) -> dict:
+    return next(layer for layer in config["config"]["layers"] if layer["name"] == "conv")
+
+
+MALFORMED = {
+    "config-not-a-mapping": (lambda c: _conv(c).__setitem__("config", [1, 2]), "'conv'"),
+    "channels-first": (lambda c: _conv(c)["config"].__setitem__("data_format", "channels_first"), "channels_first"),
+    "activation-a-list": (lambda c: _conv(c)["config"].__setitem__("activation", [1]), "'conv'"),
+    "call-args-a-mapping": (lambda c: _conv(c)["inbound_nodes"][0].__setitem__("args", {"a": 1}), "argument"),
+    "strides-zero": (lambda c: _conv(c)["config"].__setitem__("strides", [0, 0]), "'conv'"),
+    "history-nan": (lambda c: _conv(c)["inbound_nodes"][0]["args"][0]["config"].__setitem__(
+        "keras_history", ["rescaling", float("nan"), 0]), "malformed"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED, ids=list(MALFORMED))
+def test_malformed_configs_fail_naming_the_file(keras_files, tmp_path, case):
+    edit, expected = MALFORMED[case]
+    source = keras_files.get("MobileNetV3Small", "keras3_keras", **V3).path
+    with zipfile.ZipFile(source) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(members["config.json"])
+    edit(config)
+    members["config.json"] = json.dumps(config).encode()
+    path = tmp_path / f"{case}.keras"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    with pytest.raises(NpmobileError) as info:
+        npmobile.load_model(path)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(str(path)) and expected in message, message

@@ -31,8 +31,10 @@ def parse_model_config(config: dict, keras_version: int, source: str) -> ModelSp
     """A whole model config ({"class_name": ..., "config": {...}}) -> ModelSpec (no weights yet)."""
     try:
         return _parse_model(config, keras_version, source)
-    except ModelFileError:
-        raise
+    except ModelFileError as error:
+        if str(error).startswith(source):
+            raise
+        raise ModelFileError(f"{source}: {error}") from None
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
         raise ModelFileError(f"{source}: the model config is malformed ({type(error).__name__}: {error})") from None
 
@@ -87,6 +89,8 @@ def _parse_sequential(body: dict, keras_version: int, source: str) -> ModelSpec:
 def _parse_layer(raw: dict, keras_version: int, source: str) -> LayerSpec:
     class_name = _class_name(raw)
     config = raw.get("config") or {}
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{source}: layer {raw.get('name')!r} ({class_name}) has a config that is not a mapping")
     name = str(raw.get("name") or config.get("name"))
     if not name or name == "None":
         raise ModelFileError(f"{source}: a layer of class {class_name} has no name")
