@@ -1,7 +1,7 @@
 """The official keras-applications MobileNet weight files: names, addresses, checksums. Data only.
 
 Facts as keras.applications uses them (keras/src/applications/mobilenet*.py). Keras publishes md5
-hashes for the MobileNetV3 files only; V1/V2 files are checked by their HDF5 signature instead.
+hashes for the MobileNetV3 files only; V1/V2 files are checked as complete HDF5 files instead (cache.py).
 """
 
 from __future__ import annotations
@@ -37,7 +37,12 @@ class WeightsFileInfo:
 
 def official_file(family: str, alpha: float, rows: int, include_top: bool,
                   minimalistic: bool = False) -> WeightsFileInfo:
-    """The official file for a variant, or WeightsError saying which variants Keras publishes."""
+    """The official file for a variant, or WeightsError saying which variants Keras publishes.
+
+    ``family``: "mobilenet", "mobilenet_v2", "mobilenet_v3_small" or "mobilenet_v3_large".
+    ``rows``: the input size the weights were trained at. MobileNetV3 has 224 only and Keras loads
+    it at any input size (with a warning), so for V3 ``rows`` does not pick the file.
+    """
     alpha = float(alpha)
     if family == "mobilenet":
         if alpha not in V1_ALPHAS or rows not in V1_SIZES:
