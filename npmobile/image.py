@@ -3,13 +3,15 @@
 ``load_img`` returns what ``keras.utils.img_to_array(keras.utils.load_img(path, target_size=...))``
 returns for ordinary photos (H x W x 3 float32, 0..255, the same Pillow resampling filters), and
 goes further where Keras silently gets images wrong:
-- the EXIF orientation is applied (a phone photo taken upright is upright);
-- 16-bit images are scaled to 0..255 (Pillow's plain conversion would clip them to white);
-- a palette image with transparency, or an image with alpha, is converted the way Keras converts
-  it (alpha dropped, like ``Image.convert("RGB")``), so results match Keras on the same file;
-- an animated GIF/WebP gives its first frame.
-Any file that cannot be decoded raises ImageError with one line naming it. Pillow's guard against
-decompression bombs stays on.
+- the EXIF orientation is applied (a phone photo taken upright is upright; Keras ignores it);
+- 16-bit greyscale is scaled to 0..255 (Pillow's plain conversion, which Keras uses, clips it to white);
+- an animated GIF/WebP/PNG gives its first frame.
+Where Keras is merely a convention we keep it, so results match Keras on the same file: an image
+with alpha (RGBA, LA, a palette with transparency) is converted like ``Image.convert("RGB")`` —
+the alpha channel is dropped, not composited on a background, so a transparent pixel shows
+whatever colour it stores. Any file that cannot be decoded raises ImageError with one line naming
+it. Pillow's guard against decompression bombs stays on (and refuses, rather than warns, from
+``PIL.Image.MAX_IMAGE_PIXELS`` up).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -36,22 +39,24 @@ CENTER_CROP_FRACTION = 0.875  # the "central crop" of the slim/TF-Slim evaluatio
 
 
 def load_img(
-    path: str | os.PathLike,
+    path: str | os.PathLike | BinaryIO,
     target_size: tuple[int, int] | None = None,
     interpolation: str = "nearest",
     crop: str | None = None,
 ) -> np.ndarray:
-    """An image file as an H x W x 3 float32 RGB array with values 0..255.
+    """An image file (a path, or a binary file object as ``io.BytesIO``) as an H x W x 3 float32 RGB
+    array with values 0..255.
 
     ``target_size``: (height, width) to resize to, with ``interpolation`` (Keras's default is
-    nearest). ``crop="center"`` keeps the central 87.5% of the height and width before resizing, as
-    the published MobileNet accuracies were measured.
+    nearest). ``crop="center"`` keeps the central 87.5% of the height and width before resizing,
+    exactly as ``tf.image.central_crop(image, 0.875)`` in the TF-Slim evaluation the published
+    MobileNet accuracies were measured with.
     """
     if interpolation not in INTERPOLATIONS:
         raise ImageError(f"unknown interpolation {interpolation!r} (choose from {', '.join(INTERPOLATIONS)})")
     if crop not in (None, "center"):
         raise ImageError(f"unknown crop {crop!r} (choose 'center' or none)")
-    image = _decode(Path(path))
+    image = _decode(path if hasattr(path, "read") else Path(path))
     if crop == "center":
         image = center_crop(image, CENTER_CROP_FRACTION)
     if target_size is not None:
@@ -62,45 +67,64 @@ def load_img(
 
 
 def center_crop(image: Image.Image, fraction: float) -> Image.Image:
-    """The central ``fraction`` of the image's height and width."""
+    """The central ``fraction`` of the image's height and width, with tf.image.central_crop's
+    rounding: the margin is ``int((size - size * fraction) / 2)`` on each side."""
     width, height = image.size
-    crop_w, crop_h = max(1, round(width * fraction)), max(1, round(height * fraction))
-    left, top = (width - crop_w) // 2, (height - crop_h) // 2
-    return image.crop((left, top, left + crop_w, top + crop_h))
+    left, top = int((width - width * fraction) / 2), int((height - height * fraction) / 2)
+    return image.crop((left, top, width - left, height - top))
 
 
-def _decode(path: Path) -> Image.Image:
+def _decode(source: Path | BinaryIO) -> Image.Image:
+    name = source if isinstance(source, Path) else getattr(source, "name", "<image stream>")
     try:
         with warnings.catch_warnings():
-            # Pillow warns on images just under its bomb limit; we refuse those too, as errors.
+            # Pillow only warns on images between its limit and twice it; we refuse those too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.seek(0)  # animated GIF / WebP: the first frame
+            with Image.open(source) as image:
+                image.seek(0)  # animated GIF / WebP / PNG: the first frame
                 image.load()
-                image = ImageOps.exif_transpose(image) or image
-                return _to_rgb(image)
+                return _to_rgb(_upright(image))
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
+        raise ImageError(f"{name}: no such file") from None
     except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not an image") from None
+        raise ImageError(f"{name}: is a directory, not an image") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image Pillow can read") from None
+        raise ImageError(f"{name}: not an image Pillow can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{path}: refused: too many pixels (a decompression bomb?)") from None
+        raise ImageError(f"{name}: refused: too many pixels, over Pillow's limit of {Image.MAX_IMAGE_PIXELS} "
+                         "(a decompression bomb?); raise PIL.Image.MAX_IMAGE_PIXELS if you trust it") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
-        # Pillow reports truncated and corrupt data as OSError/SyntaxError/ValueError.
-        raise ImageError(f"{path}: cannot be decoded ({error})") from None
+        # Pillow reports truncated and corrupt data as OSError/SyntaxError/ValueError/EOFError.
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ImageError(f"{name}: cannot be decoded ({reason})") from None
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says."""
+    try:
+        return ImageOps.exif_transpose(image) or image
+    except Exception:  # malformed EXIF can fail in many ways; Keras ignores EXIF anyway
+        return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16/32-bit integer greyscale: scale the full range to 0..255 instead of clipping.
+    """Any Pillow mode as 8-bit RGB.
+
+    Integer greyscale deeper than 8 bits (I;16*, and I holding values above 255, as 16-bit PNG, PGM
+    and TIFF files open) is scaled from 0..65535 to 0..255 rather than clipped; values past 16 bits
+    clip. Floating point greyscale (F) is taken as 0..1 when it stays within that, else as 0..255.
+    Everything else is Pillow's own conversion, as Keras does it.
+    """
+    if image.mode.startswith("I"):
         data = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or data.max() > 255 else 255.0
-        grey = np.clip(np.round(data * (255.0 / top)), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
+        top = 65535.0 if image.mode.startswith("I;16") or data.max(initial=0) > 255 else 255.0
+        return _grey_to_rgb(data * (255.0 / top))
     if image.mode == "F":
         data = np.asarray(image, dtype=np.float64)
-        scale = 255.0 if data.max() <= 1.0 else 1.0
-        return Image.fromarray(np.clip(np.round(data * scale), 0, 255).astype(np.uint8)).convert("RGB")
+        finite = data[np.isfinite(data)]
+        return _grey_to_rgb(np.nan_to_num(data) * (255.0 if finite.size and finite.max() <= 1.0 else 1.0))
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8)).convert("RGB")
