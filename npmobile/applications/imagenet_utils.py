@@ -12,7 +12,7 @@ from importlib import resources
 
 import numpy as np
 
-from npmobile.errors import NpmobileError
+from npmobile.errors import InputShapeError
 
 
 @functools.cache
@@ -24,10 +24,12 @@ def class_index() -> dict[int, tuple[str, str]]:
 
 def decode_predictions(preds, top: int = 5) -> list[list[tuple[str, str, float]]]:
     """For each row of ``preds`` (N, 1000), the ``top`` most likely classes as (wnid, label, score),
-    most likely first: Keras's format exactly."""
+    most likely first: Keras's format exactly (the score is the array's own scalar, as in Keras).
+
+    A wrong shape raises InputShapeError, which is also a ValueError, as Keras raises."""
     preds = np.asarray(preds)
     if preds.ndim != 2 or preds.shape[1] != 1000:
-        raise NpmobileError(
+        raise InputShapeError(
             "decode_predictions expects a batch of ImageNet predictions, shape (samples, 1000); "
             f"got {preds.shape}"
         )
