@@ -175,8 +175,8 @@ def _datasets(f: h5py.File) -> list[str]:
 
 def _mutate_config(f: h5py.File, data) -> None:
     config = json.loads(f.attrs["model_config"])
-    paths = [p for p, _ in _paths(config) if p]
     for _ in range(data.draw(st.integers(min_value=1, max_value=3), label="edits")):
+        paths = [p for p, _ in _paths(config) if p]  # an edit may remove paths drawn before it
         _set(config, data.draw(st.sampled_from(paths), label="path"), data.draw(VALUES, label="value"))
     f.attrs["model_config"] = json.dumps(config)
 
@@ -202,8 +202,8 @@ def _mutate_attribute(f: h5py.File, data) -> None:
     f.visititems(lambda name, item: groups.append(name) if isinstance(item, h5py.Group) else None)
     group = f[data.draw(st.sampled_from(groups), label="group")]
     names = [n for n in group.attrs if n != "model_config"] or ["weight_names"]
-    value = data.draw(st.one_of(st.integers(-5, 10**6), st.text(max_size=8),
-                                st.lists(st.text(max_size=20), max_size=3)), label="attribute")
+    text = st.text(st.characters(exclude_characters="\x00"), max_size=20)  # HDF5 strings cannot hold NUL
+    value = data.draw(st.one_of(st.integers(-5, 10**6), text, st.lists(text, max_size=3)), label="attribute")
     group.attrs[data.draw(st.sampled_from(names), label="attribute name")] = value
 
 
