@@ -17,7 +17,6 @@ it. Pillow's guard against decompression bombs stays on (and refuses, rather tha
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import BinaryIO
 
@@ -77,13 +76,11 @@ def center_crop(image: Image.Image, fraction: float) -> Image.Image:
 def _decode(source: Path | BinaryIO) -> Image.Image:
     name = source if isinstance(source, Path) else getattr(source, "name", "<image stream>")
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns on images between its limit and twice it; we refuse those too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
-                image.seek(0)  # animated GIF / WebP / PNG: the first frame
-                image.load()
-                return _to_rgb(_upright(image))
+        with Image.open(source) as image:  # raises DecompressionBombError past twice Pillow's limit
+            _refuse_bomb(image)
+            image.seek(0)  # animated GIF / WebP / PNG: the first frame
+            image.load()
+            return _to_rgb(_upright(image))
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
     except IsADirectoryError:
@@ -97,6 +94,15 @@ def _decode(source: Path | BinaryIO) -> Image.Image:
         # Pillow reports truncated and corrupt data as OSError/SyntaxError/ValueError/EOFError.
         reason = " ".join(str(error).split()) or type(error).__name__
         raise ImageError(f"{name}: cannot be decoded ({reason})") from None
+
+
+def _refuse_bomb(image: Image.Image) -> None:
+    """Refuse, before decoding, images past Pillow's limit, where Pillow itself only warns (between
+    the limit and twice it). Checked here rather than by turning the warning into an error with
+    warnings.catch_warnings, which changes process-wide state and is not thread-safe."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.width * image.height > limit:
+        raise Image.DecompressionBombError(f"{image.width * image.height} pixels")
 
 
 def _upright(image: Image.Image) -> Image.Image:

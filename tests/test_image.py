@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -174,14 +176,16 @@ def test_broken_files_raise_one_line_image_error(tmp_path, content, expected):
     assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
+# Pillow still warns at open between its limit and twice it; we refuse those images all the same.
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_missing_file_directory_and_decompression_bomb(tmp_path, monkeypatch):
     with pytest.raises(ImageError, match="no such file"):
         load_img(tmp_path / "nope.jpg")
     with pytest.raises(ImageError, match="directory"):
         load_img(tmp_path)
     path = _save(tmp_path, _gradient((200, 200)), "big.png")
-    # Pillow's guard, scaled down for the test: 40000 pixels is past its warning at 30000 (which we
-    # make an error) and past its own error at 2 x 1000.
+    # Pillow's guard, scaled down for the test: 40000 pixels is past its warning at 30000 (where we
+    # refuse) and past its own error at 2 x 1000.
     for pixels in (30000, 1000):
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pixels)
         with pytest.raises(ImageError, match="too many pixels.*MAX_IMAGE_PIXELS") as error:
@@ -194,3 +198,20 @@ def test_bad_options_are_image_errors():
         load_img(SAMPLES / "chelsea.jpg", interpolation="cubic")
     with pytest.raises(ImageError, match="crop"):
         load_img(SAMPLES / "chelsea.jpg", crop="middle")
+
+
+def test_loading_in_threads_leaves_warning_filters_alone():
+    """The bomb guard changes no process-wide state (warnings.catch_warnings would, across threads)."""
+    before = list(warnings.filters)
+    results = []
+
+    def work():
+        results.extend(load_img(SAMPLES / "chelsea.jpg").shape for _ in range(50))
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [(300, 451, 3)] * 400
+    assert warnings.filters == before
