@@ -238,7 +238,28 @@ def test_offline_error_is_one_line_naming_the_file_and_where_to_put_it(isolated)
     message = str(error.value)
     assert "\n" not in message
     assert "mobilenet_5_0_160_tf_no_top.h5" in message
-    assert "NPMOBILE_WEIGHTS_DIR" in message and "~/.keras/models" in message
+    # the directories as they are now: the weights dir's value, and $KERAS_HOME/models (set here)
+    assert f"$NPMOBILE_WEIGHTS_DIR ({isolated['weights']}) or {isolated['keras'] / 'models'}" in message
+    assert list(isolated["cache"].iterdir()) == []
+
+
+def test_offline_error_names_the_default_keras_cache(isolated, monkeypatch):
+    monkeypatch.delenv("KERAS_HOME")
+    monkeypatch.delenv("NPMOBILE_WEIGHTS_DIR")
+    monkeypatch.setenv("HOME", str(isolated["keras"]))  # an empty home: nothing found there either
+    info = official_file("mobilenet_v3_small", 1.0, 224, include_top=True)
+    with pytest.raises(WeightsError) as error:
+        resolve(info)
+    assert str(error.value).endswith(f"put {info.filename} in $NPMOBILE_WEIGHTS_DIR or ~/.keras/models")
+
+
+@pytest.mark.parametrize("base", ["http://[::1/", "http://127.0.0.1:notaport/", "ftp://127.0.0.1/"])
+def test_malformed_weights_url_is_a_one_line_weights_error(isolated, monkeypatch, base):
+    monkeypatch.setenv("NPMOBILE_WEIGHTS_URL", base)
+    info = official_file("mobilenet_v2", 1.0, 224, include_top=True)
+    with pytest.raises(WeightsError) as error:
+        resolve(info)
+    assert info.filename in str(error.value) and "\n" not in str(error.value)
     assert list(isolated["cache"].iterdir()) == []
 
 

@@ -133,7 +133,7 @@ def download(info: WeightsFileInfo, target_dir: Path, progress: Progress | None 
     base = os.environ.get("NPMOBILE_WEIGHTS_URL") or BASE_URL
     url = base.rstrip("/") + "/" + info.url
     target = target_dir / info.filename
-    where = f"put {info.filename} in $NPMOBILE_WEIGHTS_DIR or ~/.keras/models"
+    where = where_to_put(info.filename)
     try:
         target_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -149,11 +149,22 @@ def download(info: WeightsFileInfo, target_dir: Path, progress: Progress | None 
             raise WeightsError(f"downloaded {info.filename} from {url} but it fails its {what}; {where}")
         os.replace(tmp, target)  # atomic; replaces a planted link itself, never the file it points to
         return target
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
+    # ValueError: urllib's word for an address it cannot parse (a mistyped $NPMOBILE_WEIGHTS_URL).
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:
         raise WeightsError(f"cannot download {info.filename} from {url} ({_reason(error)}); offline? {where}") from None
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
+
+
+def where_to_put(filename: str) -> str:
+    """The fix for a file we cannot fetch: the directories resolve() reads it from, as they are now
+    (~/.keras/models unless $KERAS_HOME moves it; $NPMOBILE_WEIGHTS_DIR with its value when set)."""
+    keras = keras_cache_dir()
+    shown = "~/.keras/models" if keras == Path.home() / ".keras" / "models" else str(keras)
+    weights_dir = os.environ.get("NPMOBILE_WEIGHTS_DIR")
+    first = f"$NPMOBILE_WEIGHTS_DIR ({weights_dir})" if weights_dir else "$NPMOBILE_WEIGHTS_DIR"
+    return f"put {filename} in {first} or {shown}"
 
 
 def _fetch(url: str, out: BinaryIO, progress: Progress | None) -> None:
