@@ -15,43 +15,112 @@ the add -- exactly the MobileNetV2/V3 ``project -> BN -> Add`` sequence, so the 
 the Add into the projection (act is ACT_NONE there; an activation with a residual is applied before
 the add, matching Keras's order for a conv whose activation is fused and an Add that follows).
 
-Two implementations of the same contract:
-- ``pointwise_conv2d`` / ``dense``: the product by BLAS (NumPy's OpenBLAS, ``np.matmul(out=...)``),
-  then a Numba epilogue over the freshly written rows. Used by default: measured at MobileNetV2
-  shapes it is 2-3x faster than the Numba GEMM below (see bench/kernels.py), because OpenBLAS has
-  hand-written AVX-512 microkernels that keep a register tile of C in registers; Numba cannot
-  express that (LLVM will not keep an accumulator tile that lives in an array in registers).
-  The product and the epilogue go block by block over rows so each block of ``out`` is still in
-  cache when the epilogue reads it back.
+Three implementations of the same contract:
+- ``pointwise_conv2d`` / ``dense`` / ``gemm``: by default a Numba kernel that cuts the product into
+  tiles of ``out`` (blocks of rows, and of columns when there are few rows) and, on each of its
+  workers, asks BLAS's sgemm for one tile, then runs the epilogue on that tile while it is still
+  in cache. BLAS because OpenBLAS's hand-written AVX-512 microkernels keep a register tile of the
+  output in registers, which Numba cannot express (LLVM will not keep an accumulator tile that
+  lives in an array in registers): 2-3x faster at MobileNet shapes (bench/kernels.py). Tiles
+  because OpenBLAS's own threads would fight Numba's for the cores (kernels/threads.py): this way
+  Numba's pool owns the cores and every product still uses all of them (MobileNetV2's 1x1 convs
+  at batch 1: 5.4 ms on one core, 2.9 ms on two).
+- the same, with ``np.matmul`` for the product, when kernels/blas.py finds no sgemm to call from
+  Numba (a NumPy built on another BLAS): one thread for the product, the epilogue block by block.
 - ``pointwise_conv2d_numba``: the whole thing in Numba (4 rows at a time, the epilogue fused per
-  block). Slower per call, but it never wakes OpenBLAS's thread pool; kept for the
-  "one pool owns the cores" comparison in bench/kernels.py and as the fallback if BLAS is absent.
-
-Threads: with BLAS doing the product, BLAS's own thread count decides the parallelism of the
-product (set it with kernels.threads.set_threads); the epilogue is serial on purpose -- a Numba
-prange right after an OpenBLAS call lands on cores where OpenBLAS's workers are still spinning.
+  block). Slower, but it needs no BLAS at all; kept for the comparison in bench/kernels.py.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
+from . import blas
 from .activations import ACT_NONE, bias_act_row
 
-# Rows of the GEMM per block: the block's output (rows x Cout floats) should stay in L2 until the
-# epilogue reads it back, and blocks should be few enough that the per-call overhead of
-# np.matmul (~2 us) stays small.
+# np.matmul fallback: rows of the GEMM per block, so that the block's output (rows x Cout floats)
+# is still in L2 when the epilogue reads it back, and blocks are few enough that the per-call
+# overhead of np.matmul (~2 us) stays small.
 _BLOCK_BYTES = 512 * 1024
+
+
+@njit(inline="always")
+def _epilogue_rows(out, bias, act, residual, row_start, row_stop, col_start, col_stop):
+    """out[r, cols] = act(out[r, cols] + bias[cols]) (+ residual[r, cols]) for rows [row_start, row_stop)."""
+    b = bias[col_start:col_stop]
+    for r in range(row_start, row_stop):
+        row = out[r, col_start:col_stop]
+        bias_act_row(row, b, act)
+        if residual is not None:
+            res = residual[r, col_start:col_stop]
+            for c in range(row.shape[0]):
+                row[c] = row[c] + res[c]
+
+
+@njit(parallel=True, cache=True)
+def gemm_tiles(a, w, bias, out, act, residual, tile_rows, tile_cols):
+    """out = act(a @ w + bias) (+ residual), one BLAS call per tile of out, tiles spread over the cores.
+
+    All arrays C-contiguous 2-D; a [M, K], w [K, N], out and residual [M, N].
+    """
+    m, k = a.shape
+    n = w.shape[1]
+    row_tiles = (m + tile_rows - 1) // tile_rows
+    col_tiles = (n + tile_cols - 1) // tile_cols
+    a_address = np.int64(a.ctypes.data)
+    w_address = np.int64(w.ctypes.data)
+    out_address = np.int64(out.ctypes.data)
+    for tile in prange(row_tiles * col_tiles):
+        r0 = (tile // col_tiles) * tile_rows
+        c0 = (tile % col_tiles) * tile_cols
+        r1 = min(m, r0 + tile_rows)
+        c1 = min(n, c0 + tile_cols)
+        # Row-major: a tile of out is rows r0..r1 of a times columns c0..c1 of w; the leading
+        # dimensions stay those of the whole arrays.
+        blas.sgemm(blas.ROW_MAJOR, blas.NO_TRANS, blas.NO_TRANS, r1 - r0, c1 - c0, k,
+                   np.float32(1.0), a_address + 4 * r0 * k, k, w_address + 4 * c0, n,
+                   np.float32(0.0), out_address + 4 * (r0 * n + c0), n)
+        _epilogue_rows(out, bias, act, residual, r0, r1, c0, c1)
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def tile_shape(m: int, n: int, threads: int) -> tuple[int, int]:
+    """Rows and columns of ``out`` per BLAS call, for an [m, n] product on ``threads`` cores.
+
+    Measured at MobileNet shapes (bench/kernels.py): blocks of rows sized so a block of the output
+    (~32 KiB) is still in L1/L2 for the epilogue, but at least 64 rows, because each call repacks
+    the weights; the same number of tiles on every core; and when there are too few rows to give
+    every core two tiles (7x7 layers, dense), columns are split too, never narrower than 32.
+    """
+    rows = -(-m // max(64, 8192 // n))
+    cols = 1
+    if m < 16:  # a matrix-vector product: BLAS is slow on one very wide tile
+        cols = max(cols, 4)
+    if threads > 1:
+        if rows < 2 * threads:
+            if m >= 64 * threads:
+                rows = 2 * threads
+            else:
+                cols = max(cols, -(-2 * threads // rows))
+        if cols == 1 and rows < 8 * threads:
+            rows = -(-rows // threads) * threads
+    tile_rows = -(-m // rows)
+    tile_cols = n if cols == 1 else min(n, max(32, _round_up(-(-n // cols), 16)))
+    return tile_rows, tile_cols
 
 
 @njit(cache=True)
 def _epilogue(out, bias, act, residual, row_start, row_stop):
     """out[r] = act(out[r] + bias) (+ residual[r]) for rows [row_start, row_stop) of a 2-D GEMM.
 
-    The rows are contiguous, so they are processed as one flat run in chunks of several rows, with
-    the bias repeated to the chunk's length: with 16 or 24 output channels, a loop per row would
-    spend more time starting loops than adding (the vector loop runs once or twice per row).
+    (The np.matmul fallback's epilogue.) The rows are contiguous, so they are processed as one
+    flat run in chunks of several rows, with the bias repeated to the chunk's length: with 16 or
+    24 output channels, a loop per row would spend more time starting loops than adding.
     """
     cout = out.shape[1]
     rows_per_chunk = max(1, 512 // cout)
@@ -71,9 +140,24 @@ def _epilogue(out, bias, act, residual, row_start, row_stop):
                 part[c] = part[c] + rp[c]
 
 
+def _contiguous(*arrays) -> bool:
+    return all(x is None or x.flags.c_contiguous for x in arrays)
+
+
 def gemm(a: np.ndarray, w: np.ndarray, bias: np.ndarray, out: np.ndarray, act: int,
          residual: np.ndarray | None) -> None:
-    """out = act(a @ w + bias) (+ residual) for 2-D a [M, K], w [K, N]: BLAS product, Numba epilogue."""
+    """out = act(a @ w + bias) (+ residual) for 2-D a [M, K], w [K, N], on Numba's threads."""
+    m, cout = out.shape
+    if blas.AVAILABLE and _contiguous(a, w, out, residual) and a.dtype == w.dtype == out.dtype == np.float32:
+        tile_rows, tile_cols = tile_shape(m, cout, numba.get_num_threads())
+        gemm_tiles(a, w, bias, out, act, residual, tile_rows, tile_cols)
+    else:
+        gemm_matmul(a, w, bias, out, act, residual)
+
+
+def gemm_matmul(a: np.ndarray, w: np.ndarray, bias: np.ndarray, out: np.ndarray, act: int,
+                residual: np.ndarray | None) -> None:
+    """``gemm`` with the product by np.matmul (one thread), the epilogue block by block."""
     m, cout = out.shape
     rows = max(16, _BLOCK_BYTES // (4 * max(cout, a.shape[1])))
     for start in range(0, m, rows):
@@ -90,7 +174,7 @@ def pointwise_conv2d(
     act: int = ACT_NONE,
     residual: np.ndarray | None = None,
 ) -> None:
-    """out = act(x @ kernel + bias) (+ residual), over the last axis of NHWC ``x``; BLAS product."""
+    """out = act(x @ kernel + bias) (+ residual), over the last axis of NHWC ``x``."""
     cin, cout = kernel.shape
     a = x.reshape(-1, cin)
     o = out.reshape(-1, cout)

@@ -7,7 +7,9 @@ started in that window shares its cores with spinning threads. On this 2-core ma
 a 10 ms MobileNetV2 body into ~140 ms (bench/kernels.py, "pipeline" rows).
 
 The policy measured best (and safe): Numba owns the cores -- ``threads`` Numba threads -- and
-BLAS runs on one thread, in the calling thread, so it never starts a pool of its own.
+BLAS runs on one thread, in whichever thread calls it, so it never starts a pool of its own. The
+products still use every core: the pointwise kernel cuts each product into tiles and its Numba
+workers call BLAS on one tile each (kernels/blas.py, kernels/pointwise.py).
 
     with thread_limits(2):
         model.predict(x)
@@ -30,20 +32,36 @@ def max_threads() -> int:
 _controller = None
 
 
-def _blas_limiter(blas_threads: int):
-    """threadpoolctl's limiter for BLAS, or None when threadpoolctl is not installed.
+def _threadpool_controller():
+    """threadpoolctl's view of the loaded thread pools, or None when threadpoolctl is not installed.
 
-    The controller (which finds the loaded BLAS libraries by scanning the process) is made once:
-    making it per call costs milliseconds, more than a whole MobileNetV3-Small prediction.
+    Made once: making it scans the process's libraries and costs milliseconds, more than a whole
+    MobileNetV3-Small prediction.
     """
     global _controller
     try:
         from threadpoolctl import ThreadpoolController
-    except ImportError:  # without it BLAS keeps its own setting (OPENBLAS_NUM_THREADS=1 does the same)
+    except ImportError:
         return None
     if _controller is None:
         _controller = ThreadpoolController()
-    return _controller.limit(limits=blas_threads, user_api="blas")
+    return _controller
+
+
+def blas_libraries(internal_api: str) -> list[str]:
+    """File paths of the loaded BLAS libraries of one kind ("openblas", "mkl", ...)."""
+    controller = _threadpool_controller()
+    if controller is None:
+        return []
+    return [lib.filepath for lib in controller.lib_controllers
+            if lib.user_api == "blas" and lib.internal_api == internal_api]
+
+
+def _blas_limiter(blas_threads: int):
+    """Limit BLAS to ``blas_threads``; returns the limiter (to restore), or None without threadpoolctl
+    (BLAS then keeps its own setting: OPENBLAS_NUM_THREADS=1 does the same)."""
+    controller = _threadpool_controller()
+    return None if controller is None else controller.limit(limits=blas_threads, user_api="blas")
 
 
 def set_threads(threads: int | None = None) -> int:
@@ -80,7 +98,7 @@ def kernels_cached() -> bool:
     """
     from npmobile.kernels import conv, depthwise, pointwise, squeeze_excite
 
-    kernels = (depthwise.depthwise_conv2d, pointwise._epilogue, conv.im2col, squeeze_excite.squeeze_excite)
+    kernels = (depthwise.depthwise_conv2d, pointwise.gemm_tiles, conv.im2col, squeeze_excite.squeeze_excite)
     try:
         return all(os.path.exists(k._cache._cache_file._index_path) for k in kernels)
     except AttributeError:  # another Numba version keeps it elsewhere: say nothing rather than guess

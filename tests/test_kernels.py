@@ -29,7 +29,15 @@ from npmobile.kernels.activations import (
 )
 from npmobile.kernels.conv import conv2d
 from npmobile.kernels.depthwise import depthwise_conv2d, output_size
-from npmobile.kernels.pointwise import dense, pointwise_conv2d, pointwise_conv2d_numba
+from npmobile.kernels import blas
+from npmobile.kernels.pointwise import (
+    dense,
+    gemm_matmul,
+    gemm_tiles,
+    pointwise_conv2d,
+    pointwise_conv2d_numba,
+    tile_shape,
+)
 from npmobile.kernels.pooling import global_average_pool
 from npmobile.kernels.squeeze_excite import squeeze_excite
 from npmobile.kernels.threads import max_threads, set_threads, thread_limits
@@ -224,6 +232,50 @@ def test_pointwise_matches_reference(rng, case, impl):
         out = np.full((n, h, w, cout), np.nan, dtype=np.float32)
         fn(x, kernel, bias, out, act, shortcut)
         assert_close(out, REFERENCE_ACTIVATIONS[act](plain) + shortcut)
+
+
+def test_blas_sgemm_is_found():
+    """NumPy's wheels bundle a 64-bit-integer OpenBLAS: the tiled kernel must be the one that runs."""
+    assert blas.AVAILABLE
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 1280, 1000), (7, 5, 3), (49, 160, 960), (196, 24, 144), (3136, 8, 24)])
+def test_gemm_tiles_any_tiling_matches_reference(rng, m, k, n):
+    """Every way of cutting the product -- ragged last tiles, single rows or columns, one tile --
+    gives the reference's answer, with and without a residual, on one thread and on all."""
+    a, w, bias, shortcut = rand(rng, m, k), rand(rng, k, n, scale=k**-0.5), rand(rng, n), rand(rng, m, n)
+    plain = R.dense(a, w, bias)
+    tilings = {(m, n), (1, 1), (max(1, m // 3), max(1, n // 2)), (5, 17), (64, n)}
+    for threads in sorted({1, max_threads()}):
+        with thread_limits(threads):
+            tilings.add(tile_shape(m, n, threads))
+            for tile_rows, tile_cols in sorted(tilings):
+                out = np.full((m, n), np.nan, dtype=np.float32)
+                gemm_tiles(a, w, bias, out, ACT_RELU6, None, tile_rows, tile_cols)
+                assert_close(out, R.relu6(plain))
+                gemm_tiles(a, w, bias, out, ACT_NONE, shortcut, tile_rows, tile_cols)
+                assert_close(out, plain + shortcut)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_tile_shape_gives_every_core_work(threads):
+    for m in (1, 7, 49, 196, 784, 3136, 12544, 100000):
+        for n in (1, 16, 24, 96, 160, 1000, 1280):
+            tile_rows, tile_cols = tile_shape(m, n, threads)
+            assert 1 <= tile_rows <= m and 1 <= tile_cols <= n
+            tiles = -(-m // tile_rows) * -(-n // tile_cols)
+            if m * n >= 64 * 32 * threads:  # big enough to split: at least one tile per core
+                assert tiles >= threads, (m, n, tile_rows, tile_cols)
+
+
+def test_gemm_matmul_fallback_matches_reference(rng):
+    """The path taken when no sgemm can be called from Numba (a NumPy on another BLAS)."""
+    a, w, bias, shortcut = rand(rng, 300, 40), rand(rng, 40, 24, scale=0.2), rand(rng, 24), rand(rng, 300, 24)
+    out = np.full((300, 24), np.nan, dtype=np.float32)
+    gemm_matmul(a, w, bias, out, ACT_HARD_SWISH, None)
+    assert_close(out, R.hard_swish(R.dense(a, w, bias)))
+    gemm_matmul(a, w, bias, out, ACT_NONE, shortcut)
+    assert_close(out, R.dense(a, w, bias) + shortcut)
 
 
 def test_dense_matches_reference(rng):
