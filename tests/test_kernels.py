@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
+from npmobile.kernels import blas
 from npmobile.kernels import reference as R
 from npmobile.kernels.activations import (
     ACT_HARD_SIGMOID,
@@ -29,7 +30,6 @@ from npmobile.kernels.activations import (
 )
 from npmobile.kernels.conv import conv2d
 from npmobile.kernels.depthwise import depthwise_conv2d, output_size
-from npmobile.kernels import blas
 from npmobile.kernels.pointwise import (
     dense,
     gemm_matmul,
@@ -239,7 +239,10 @@ def test_blas_sgemm_is_found():
     assert blas.AVAILABLE
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 1280, 1000), (7, 5, 3), (49, 160, 960), (196, 24, 144), (3136, 8, 24)])
+GEMM_SHAPES = [(1, 1, 1), (1, 1280, 1000), (7, 5, 3), (49, 160, 960), (196, 24, 144), (3136, 8, 24)]
+
+
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
 def test_gemm_tiles_any_tiling_matches_reference(rng, m, k, n):
     """Every way of cutting the product -- ragged last tiles, single rows or columns, one tile --
     gives the reference's answer, with and without a residual, on one thread and on all."""
