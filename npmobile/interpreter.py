@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -47,31 +46,6 @@ def _concat(parts: list):
     if isinstance(parts[0], list):
         return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
     return np.concatenate(parts)
-
-
-_pool: ThreadPoolExecutor | None = None
-
-
-def _image_pool(workers: int) -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None or _pool._max_workers < workers:
-        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="npmobile-images")
-    return _pool
-
-
-def _images_in_parallel_ok() -> bool:
-    """Kernels may run from several threads at once only on a thread-safe Numba threading layer
-    (OpenMP or TBB); the fallback 'workqueue' layer aborts on concurrent use."""
-    import numba
-
-    try:
-        return numba.threading_layer() in ("omp", "tbb")
-    except ValueError:  # no parallel kernel has run yet, so no layer is chosen: run a tiny one
-        from npmobile.kernels.activations import ACT_RELU, activate
-
-        probe = np.zeros(8, np.float32)
-        activate(probe, probe, ACT_RELU)
-        return numba.threading_layer() in ("omp", "tbb")
 
 
 class Model:
@@ -133,29 +107,10 @@ class Model:
         feeds = self._check_inputs(x)
         run = self._run_reference if reference else self._run
         n = feeds[0].shape[0]
-        with _RUN_LOCK, thread_limits(threads) as allowed:
+        with _RUN_LOCK, thread_limits(threads):
             if batch_size is None or batch_size >= n:
-                if allowed > 1 and n > 1 and not reference and _images_in_parallel_ok():
-                    return self._run_images_in_parallel(feeds, outputs, allowed)
                 return run(feeds, outputs)
             return _concat([run([f[i : i + batch_size] for f in feeds], outputs) for i in range(0, n, batch_size)])
-
-    def _run_images_in_parallel(self, feeds: list[np.ndarray], outputs, threads: int):
-        """A batch on several cores: each thread runs its share of the images through the whole network
-        on one core. The pointwise products (most of the work) then use every core, and no thread pool
-        spins while another works (splitting each layer across cores lost that way)."""
-        n = feeds[0].shape[0]
-        parts = min(threads, n)
-        bounds = [n * i // parts for i in range(parts + 1)]
-
-        def share(lo: int, hi: int):
-            with thread_limits(1):
-                return self._run([f[lo:hi] for f in feeds], outputs)
-
-        pool = _image_pool(parts - 1)
-        futures = [pool.submit(share, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
-        first = share(bounds[0], bounds[1])
-        return _concat([first] + [future.result() for future in futures])
 
     def _check_inputs(self, x) -> list[np.ndarray]:
         arrays = list(x) if isinstance(x, (list, tuple)) else [x]

@@ -152,7 +152,8 @@ def prepare_conv2d(node: Node, in_shapes, out_shape, keras_version: int) -> Runn
 def prepare_dense(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
     from npmobile.kernels.pointwise import dense
 
-    act = _act_code(node, keras_version)
+    softmax = node.config.get("activation") == "softmax"  # the classifier: product, then softmax in place
+    act = act_kernels.ACT_NONE if softmax else _act_code(node, keras_version)
     if act is None or len(in_shapes[0]) != 2:
         return None
     kernel = np.ascontiguousarray(node.weights["kernel"])
@@ -160,6 +161,8 @@ def prepare_dense(node: Node, in_shapes, out_shape, keras_version: int) -> Runne
 
     def run(args, out):
         dense(args[0], kernel, bias, out, act)
+        if softmax:
+            act_kernels.softmax(out, out)
 
     return run
 
@@ -189,6 +192,13 @@ def prepare_global_average_pool(node: Node, in_shapes, out_shape, keras_version:
 
 def prepare_activation(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
     """A standalone ReLU / Activation (one the fusion pass could not move into a conv)."""
+    if node.op == "Activation" and node.config.get("activation") == "softmax":  # over the last axis
+
+        def run_softmax(args, out):
+            channels = out.shape[-1]
+            act_kernels.softmax(args[0].reshape(-1, channels), out.reshape(-1, channels))
+
+        return run_softmax
     name = epilogue_activation(node)
     act = act_kernels.ACTIVATION_CODES.get(name) if name else None
     if act is None:
