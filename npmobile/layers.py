@@ -116,6 +116,8 @@ def _check_channels_last(node: Node) -> None:
 
 def run_conv2d(node: Node, inputs, keras_version: int) -> np.ndarray:
     x = inputs[0]
+    if "input_scale" in node.config:  # a Rescaling folded in by the passes: it comes before the padding
+        x = K.rescale(x, node.config["input_scale"], node.config["input_offset"])
     kernel = node.weights["kernel"]
     strides = _pair(node.config.get("strides", 1))
     dilation = _pair(node.config.get("dilation_rate", 1))

@@ -12,7 +12,6 @@ is copied into the node's buffer: slower, never different.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,7 +130,9 @@ def prepare_conv2d(node: Node, in_shapes, out_shape, keras_version: int) -> Runn
         return None
     residual = bool(node.config.get("residual"))
     bias = _bias(node, kernel.shape[3])
-    if kernel.shape[:2] == (1, 1) and strides == (1, 1) and padding == K.NO_PADDING:
+    scale, offset = node.config.get("input_scale", 1.0), node.config.get("input_offset", 0.0)
+    rescaled = (scale, offset) != (1.0, 0.0)
+    if kernel.shape[:2] == (1, 1) and strides == (1, 1) and padding == K.NO_PADDING and not rescaled:
         w = np.ascontiguousarray(kernel[0, 0])
 
         def run_pointwise(args, out):
@@ -142,9 +143,12 @@ def prepare_conv2d(node: Node, in_shapes, out_shape, keras_version: int) -> Runn
         return None
     (top, _), (left, _) = padding
     k4 = np.ascontiguousarray(kernel)
+    # The im2col scratch, made once per plan (one prediction runs at a time: interpreter._RUN_LOCK).
+    patches = np.empty(int(np.prod(out_shape[:3])) * int(np.prod(kernel.shape[:3])), dtype=np.float32)
 
     def run_conv(args, out):
-        conv2d(args[0], k4, bias, out, strides[0], strides[1], top, left, act, dilation[0], dilation[1])
+        conv2d(args[0], k4, bias, out, strides[0], strides[1], top, left, act, dilation[0], dilation[1],
+               scale, offset, patches)
 
     return run_conv
 
@@ -317,33 +321,27 @@ def build_plan(graph: Graph, input_shapes: list[tuple[int, ...]], outputs: list[
 
 
 class PlanCache:
-    """Plans by input shape, and one set of buffers per plan per thread (so concurrent predict calls
-    from several threads never share a buffer)."""
+    """Plans by input shape, each with its buffers, made on first use and kept for the next calls.
+
+    One prediction runs at a time in a process (interpreter._RUN_LOCK), so a plan's buffers and
+    scratch are never used by two calls at once.
+    """
 
     def __init__(self, graph: Graph, outputs: list[str], size: int = 4):
         self.graph, self.outputs, self.size = graph, outputs, size
-        self.plans: dict[tuple, Plan] = {}
-        self.lock = threading.Lock()
-        self.local = threading.local()
+        self.plans: dict[tuple, tuple[Plan, list[np.ndarray]]] = {}
 
     def run(self, feeds: list[np.ndarray], timings: list | None = None) -> dict[str, np.ndarray]:
         key = tuple(f.shape for f in feeds)
-        with self.lock:
-            plan = self.plans.get(key)
-            if plan is None:
-                if len(self.plans) >= self.size:
-                    self.plans.pop(next(iter(self.plans)))
-                try:
-                    plan = build_plan(self.graph, [f.shape for f in feeds], self.outputs)
-                except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError) as error:
-                    raise ModelFileError(f"{self.graph.source}: cannot plan the model for input "
-                                         f"{[f.shape for f in feeds]}: {type(error).__name__}: {error}") from None
-                self.plans[key] = plan
-        arenas = getattr(self.local, "arenas", None)
-        if arenas is None:
-            arenas = self.local.arenas = {}
-        buffers = arenas.get(id(plan))
-        if buffers is None or arenas.get(("plan", id(plan))) is not plan:
-            buffers = arenas[id(plan)] = plan.allocate()
-            arenas[("plan", id(plan))] = plan
+        entry = self.plans.get(key)
+        if entry is None:
+            if len(self.plans) >= self.size:
+                self.plans.pop(next(iter(self.plans)))
+            try:
+                plan = build_plan(self.graph, [f.shape for f in feeds], self.outputs)
+            except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError) as error:
+                raise ModelFileError(f"{self.graph.source}: cannot plan the model for input "
+                                     f"{[f.shape for f in feeds]}: {type(error).__name__}: {error}") from None
+            entry = self.plans[key] = (plan, plan.allocate())
+        plan, buffers = entry
         return plan.run(feeds, buffers, timings)

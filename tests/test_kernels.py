@@ -319,6 +319,22 @@ def test_conv2d_matches_reference(rng, case):
         out = np.full((n, oh, ow, cout), np.nan, dtype=np.float32)
         conv2d(x, kernel, bias, out, stride, stride, top, left, act, dil, dil)
         assert_close(out, REFERENCE_ACTIVATIONS[act](plain))
+    # A Rescaling folded in (V3's [0, 255] -> [-1, 1]): rescaled inside the image, zero in the padding.
+    pixels = (x * 40 + 128).astype(np.float32)
+    rescaled = R.conv2d(R.rescale(pixels, 1 / 127.5, -1), kernel, bias, (stride, stride), pads, (dil, dil))
+    for patches in (None, np.full(n * oh * ow * k * k * cin + 5, np.nan, np.float32)):
+        out = np.full((n, oh, ow, cout), np.nan, dtype=np.float32)
+        conv2d(pixels, kernel, bias, out, stride, stride, top, left, ACT_NONE, dil, dil, 1 / 127.5, -1.0, patches)
+        assert_close(out, rescaled)
+
+
+def test_conv2d_without_blas_matches_reference(rng, monkeypatch):
+    """The im2col + np.matmul path, taken when kernels/blas.py finds no sgemm."""
+    monkeypatch.setattr(blas, "AVAILABLE", False)
+    x, kernel, bias = rand(rng, 2, 15, 12, 3), rand(rng, 3, 3, 3, 8, scale=0.3), rand(rng, 8)
+    out = np.full((2, 8, 6, 8), np.nan, dtype=np.float32)
+    conv2d(x, kernel, bias, out, 2, 2, 1, 0, ACT_RELU6, 1, 1, 0.5, 0.25)
+    assert_close(out, R.relu6(R.conv2d(R.rescale(x, 0.5, 0.25), kernel, bias, (2, 2), ((1, 1), (0, 1)))))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from npmobile import applications
 from npmobile.passes import (
     drop_dropout,
     fold_batchnorm,
+    fold_rescaling,
     fuse_activation,
     fuse_residual_add,
     fuse_squeeze_excite,
@@ -76,6 +77,23 @@ def test_v3_squeeze_excite_becomes_one_node():
     assert Counter(n.op for n in plan.nodes)["SqueezeExcite"] == 9
 
 
+def test_v3_rescaling_is_read_by_the_stem_exactly():
+    """The stem convolution reads x * scale + offset inside the image and zeros in its padding, so
+    the folded Rescaling gives Keras's answer at the border pixels too (the image's edge columns
+    are where folding into the weights would be wrong)."""
+    model = _with_batchnorm_statistics(MODELS["v3small"]())
+    stem = model.plan().node("conv")
+    assert "Rescaling" not in Counter(n.op for n in model.plan().nodes)
+    assert (stem.config["input_scale"], stem.config["input_offset"]) == (1 / 127.5, -1.0)
+    assert stem.inputs == [model.graph.inputs[0]]
+    x = np.random.default_rng(5).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    x[:, :, 0], x[:, 0] = 255.0, 0.0  # edge pixels far from 127.5, where a weight fold would differ
+    keras_order = model.predict(x, outputs=["rescaling", "conv"])  # asking for rescaling keeps the layer
+    assert model.plan(["rescaling", "conv"]).node("rescaling").op == "Rescaling"
+    folded = model.predict(x, outputs=["conv"])["conv"]
+    np.testing.assert_allclose(folded, keras_order["conv"], rtol=0, atol=2e-6)
+
+
 def test_requested_layer_is_not_absorbed():
     model = _with_batchnorm_statistics(MODELS["v2"]())
     x = np.random.default_rng(2).uniform(-1, 1, (1, 64, 72, 3)).astype(np.float32)
@@ -92,7 +110,7 @@ def test_requested_layer_is_not_absorbed():
 @pytest.mark.parametrize(
     "fuse,op_gone",
     [(drop_dropout, "Dropout"), (fold_batchnorm, "BatchNormalization"), (fuse_zero_padding, "ZeroPadding2D"),
-     (fuse_activation, "ReLU"), (fuse_squeeze_excite, "GlobalAveragePooling2D")],
+     (fuse_activation, "ReLU"), (fuse_squeeze_excite, "GlobalAveragePooling2D"), (fold_rescaling, "Rescaling")],
 )
 def test_each_pass_removes_what_it_fuses(fuse, op_gone):
     model = applications.MobileNetV3Small(weights=None, input_shape=(64, 64, 3), dropout_rate=0.2)

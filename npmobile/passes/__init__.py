@@ -2,7 +2,8 @@
 
 Each pass rewrites nodes that Keras wrote as separate layers into fewer nodes (BatchNorm folded into
 the convolution before it, the activation and the residual add moved into the convolution's
-epilogue, ZeroPadding2D moved into the convolution's padding). A node that absorbs another appends
+epilogue, ZeroPadding2D moved into the convolution's padding, a Rescaling into the way the
+convolution reads its input). A node that absorbs another appends
 the absorbed layer's name to ``keras_names``: its output is now that layer's output, so asking for
 it by name still works. Layers named in ``keep`` (outputs the user asked for) are never absorbed,
 since their values would no longer exist.
@@ -13,6 +14,7 @@ since their values would no longer exist.
 from npmobile.passes.fuse import (
     drop_dropout,
     fold_batchnorm,
+    fold_rescaling,
     fuse_activation,
     fuse_hard_swish_ops,
     fuse_residual_add,
@@ -24,6 +26,7 @@ from npmobile.passes.fuse import (
 __all__ = [
     "drop_dropout",
     "fold_batchnorm",
+    "fold_rescaling",
     "fuse_activation",
     "fuse_hard_swish_ops",
     "fuse_residual_add",

@@ -129,6 +129,28 @@ def fuse_zero_padding(graph: Graph, keep: set[str]) -> Graph:
     return graph
 
 
+def fold_rescaling(graph: Graph, keep: set[str]) -> Graph:
+    """Rescaling (x * scale + offset, MobileNetV3's [0, 255] -> [-1, 1]) right before a Conv2D becomes
+    the way the convolution reads its input, saving a pass over the image.
+
+    Not folded into the weights: conv(x * s + o) = s * conv(x) + o * (sum of the taps) holds only
+    where the window lies inside the image, because the padding zeros come *after* the rescale.
+    The convolution kernel rescales the taps inside the image and reads zeros outside: exactly
+    what Keras computes, every pixel.
+    """
+    for rescaling in [n for n in graph.nodes if n.op == "Rescaling"]:
+        scale, offset = rescaling.config.get("scale", 1.0), rescaling.config.get("offset", 0.0)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (scale, offset)):
+            continue  # per-channel scales stay a layer of their own
+        conv = _only_consumer(graph, rescaling, keep)
+        if conv is None or conv.op != "Conv2D" or "input_scale" in conv.config or conv.inputs[0] != rescaling.name:
+            continue
+        conv.config = {**conv.config, "input_scale": float(scale), "input_offset": float(offset)}
+        conv.inputs = [rescaling.inputs[0]] + conv.inputs[1:]
+        graph.nodes.remove(rescaling)
+    return graph
+
+
 def _chain_op(graph: Graph, node: Node | None, keep: set[str], op: str) -> Node | None:
     """The single consumer of ``node`` if it has class ``op``."""
     if node is None:
@@ -252,8 +274,8 @@ def fuse_residual_add(graph: Graph, keep: set[str]) -> Graph:
     return graph
 
 
-PASSES = (drop_dropout, fold_batchnorm, fuse_zero_padding, fuse_squeeze_excite, fuse_hard_swish_ops, fuse_activation,
-          fuse_residual_add)
+PASSES = (drop_dropout, fold_batchnorm, fuse_zero_padding, fold_rescaling, fuse_squeeze_excite, fuse_hard_swish_ops,
+          fuse_activation, fuse_residual_add)
 
 
 def optimize(graph: Graph, keep: set[str] | frozenset[str] = frozenset()) -> Graph:
