@@ -45,19 +45,25 @@ class Plan:
     input_values: list[int]
     output_values: dict[str, int]  # node name -> value number
 
-    def allocate(self) -> list[np.ndarray]:
-        return [np.empty(size, dtype=np.float32) for size in self.buffer_sizes]
+    def allocate(self) -> list[np.ndarray | None]:
+        """The array each value is written to: views into a few reusable buffers, made once per plan
+        so that a run only looks them up. Input values are None: the caller's arrays fill them."""
+        buffers = [np.empty(size, dtype=np.float32) for size in self.buffer_sizes]
+        views: list[np.ndarray | None] = [None] * len(self.slot_shapes)
+        for value, buffer in enumerate(self.value_slot):
+            if buffer >= 0:
+                shape = self.slot_shapes[value]
+                views[value] = buffers[buffer][: int(np.prod(shape))].reshape(shape)
+        return views
 
-    def run(self, feeds: list[np.ndarray], buffers: list[np.ndarray],
+    def run(self, feeds: list[np.ndarray], views: list[np.ndarray | None],
             timings: list[tuple[Step, float]] | None = None) -> dict[str, np.ndarray]:
         """Run every step; with ``timings`` (a list), append (step, seconds) for each step."""
-        values: list[np.ndarray | None] = [None] * len(self.slot_shapes)
+        values = list(views)
         for v, feed in zip(self.input_values, feeds):
             values[v] = feed
         for step in self.steps:
-            shape = self.slot_shapes[step.out]
-            size = int(np.prod(shape))
-            out = buffers[self.value_slot[step.out]][:size].reshape(shape)
+            out = values[step.out]
             args = [values[i] if isinstance(i, int) else i[1] for i in step.inputs]
             if timings is None:
                 _run_step(step, args, out)
@@ -65,7 +71,6 @@ class Plan:
                 start = time.perf_counter()
                 _run_step(step, args, out)
                 timings.append((step, time.perf_counter() - start))
-            values[step.out] = out
         # Copies: the buffers are reused by the next call.
         return {name: values[v].copy() for name, v in self.output_values.items()}
 
@@ -343,5 +348,5 @@ class PlanCache:
                 raise ModelFileError(f"{self.graph.source}: cannot plan the model for input "
                                      f"{[f.shape for f in feeds]}: {type(error).__name__}: {error}") from None
             entry = self.plans[key] = (plan, plan.allocate())
-        plan, buffers = entry
-        return plan.run(feeds, buffers, timings)
+        plan, views = entry
+        return plan.run(feeds, views, timings)
