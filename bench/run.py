@@ -1,7 +1,8 @@
-"""Side-by-side benchmark: npmobile against Keras (predict and tf.function) and ONNX Runtime, on the
-same weights and inputs, in one run.
+"""Side-by-side benchmark: npmobile against Keras (predict and tf.function), ONNX Runtime and, when
+installed, PyTorch (traced), on the same weights and inputs, in one run.
 
     .venv/bin/pip install -e ".[bench]"
+    .venv/bin/pip install torch                        # optional (here: torch==2.13.0, the CPU wheel on disk)
     .venv/bin/python bench/run.py                      # everything (about 10 minutes on 2 cores)
     .venv/bin/python bench/run.py --quick --models v2 --batches 1 --threads 1
     .venv/bin/python bench/run.py --profile --models v2 --threads 2     # where npmobile's time goes
@@ -11,11 +12,18 @@ non-trivial statistics), saves it as .keras (npmobile loads that file) and expor
 engine runs in a process of its own (thread settings are per process, and idle thread pools of one
 engine would steal cores from another), and the parent interleaves them: each round asks every
 engine in turn, in rotating order, for a few timed predictions, so drift on this shared machine
-hits all engines alike. Reported: medians
-(ms) with interquartile range, npmobile/peer ratios (below 1: npmobile faster), output agreement,
-peak RSS per engine (a separate process each) and process start -> first prediction of
-`python -m npmobile classify`. Results are written to bench/results/<date>-<host>.json and
-bench/results/latest.json. No timing is ever asserted in tests; goals live here.
+hits all engines alike. Reported: medians (ms) with interquartile range, npmobile/peer ratios
+(below 1: npmobile faster), output agreement with Keras per engine, peak RSS per engine (a separate
+process each) and process start -> first prediction of `python -m npmobile classify`. Results are
+written to bench/results/<date>-<host>.json and bench/results/latest.json. No timing is ever
+asserted in tests; goals live here.
+
+PyTorch is optional: `pip install torch` (here: `torch==2.13.0`, the CPU wheel on disk); when
+importable, it is benchmarked. bench/torch_model.py builds a torch module from the same .keras file
+(read by npmobile) and the parent saves it traced with TorchScript, as it exports ONNX; the PyTorch
+process loads and freezes it, with torch alone (no TensorFlow, npmobile or Numba).
+It is not in the `bench` extra: a plain `pip install torch` pulls a CUDA build of several GB on most
+machines.
 """
 
 from __future__ import annotations
@@ -39,7 +47,26 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 MODELS = {"v1": "MobileNet", "v2": "MobileNetV2", "v3s": "MobileNetV3Small", "v3l": "MobileNetV3Large"}
-ENGINES = ("npmobile", "keras_predict", "keras_tf_function", "onnxruntime")
+ENGINES = ("npmobile", "keras_predict", "keras_tf_function", "onnxruntime", "pytorch")
+PEERS = ENGINES[1:]
+
+
+def torch_installed() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def engines_to_run(files: dict) -> list[str]:
+    """Every engine, less ONNX Runtime and PyTorch where their exports failed (or PyTorch is not installed)."""
+    skip = set()
+    if not all(f["onnx"] for f in files.values()):
+        skip.add("onnxruntime")
+    if not all(f["torchscript"] for f in files.values()):
+        skip.add("pytorch")
+    return [e for e in ENGINES if e not in skip]
 
 
 def quiet_tf() -> None:
@@ -52,7 +79,8 @@ def quiet_tf() -> None:
 
 
 def prepare(models: list[str], folder: Path) -> dict[str, dict]:
-    """Save each model as .keras and .onnx in ``folder``; returns paths per model key."""
+    """Save each model as .keras, .onnx and (PyTorch installed) TorchScript .pt in ``folder``; returns
+    paths per model key."""
     quiet_tf()
     import keras
 
@@ -73,8 +101,22 @@ def prepare(models: list[str], folder: Path) -> dict[str, dict]:
         except Exception as error:  # ONNX export is a peer's tooling: report, don't stop the bench
             print(f"  {key}: ONNX export failed ({type(error).__name__}: {error})", file=sys.stderr)
             onnx_path = None
-        files[key] = {"keras": str(keras_path), "onnx": str(onnx_path) if onnx_path else None}
+        files[key] = {"keras": str(keras_path), "onnx": str(onnx_path) if onnx_path else None,
+                      "torchscript": torchscript_file(key, keras_path, folder) if torch_installed() else None}
     return files
+
+
+def torchscript_file(key: str, keras_path: Path, folder: Path) -> str | None:
+    """The model saved for the PyTorch engine (bench/torch_model.py), or None if that failed."""
+    import torch_model  # bench/ is on sys.path: this file runs as a script
+
+    path = folder / f"{key}.pt"
+    try:
+        torch_model.export_torchscript(str(keras_path), str(path))
+    except Exception as error:  # like the ONNX export: report, don't stop the bench
+        print(f"  {key}: TorchScript export failed ({type(error).__name__}: {error})", file=sys.stderr)
+        return None
+    return str(path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -102,6 +144,16 @@ def load_engine(engine: str, files: dict, threads: int):
         session = ort.InferenceSession(files["onnx"], options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return lambda x: session.run(None, {name: x})[0]
+    if engine == "pytorch":
+        import torch
+
+        module = torch.jit.freeze(torch.jit.load(files["torchscript"]).eval())  # inlines weights, folds BN
+
+        def run(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return module(torch.from_numpy(x)).numpy()
+
+        return run
     import keras
     import tensorflow as tf
 
@@ -125,6 +177,11 @@ def serve(engine: str, threads: int, files_path: str) -> None:
 
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
+    if engine == "pytorch":
+        import torch
+
+        torch.set_num_threads(threads)
+        torch.set_num_interop_threads(1)
     files = json.loads(Path(files_path).read_text())
     loaded: dict[str, object] = {}
     for line in sys.stdin:
@@ -208,7 +265,7 @@ def measure(files: dict, folder: Path, models: list[str], batches: list[int], th
             rounds: int, per_round: int) -> list[dict]:
     files_path = folder / "files.json"
     files_path.write_text(json.dumps(files))
-    engines = [e for e in ENGINES if e != "onnxruntime" or all(f["onnx"] for f in files.values())]
+    engines = engines_to_run(files)
     cells = []
     for threads in threads_list:
         procs = {e: EngineProcess(e, threads, files_path) for e in engines}
@@ -231,9 +288,7 @@ def peak_rss(files: dict, folder: Path, key: str = "v2") -> dict[str, float]:
     files_path = folder / "files-rss.json"
     files_path.write_text(json.dumps({key: files[key]}))
     result = {}
-    for engine in ENGINES:
-        if engine == "onnxruntime" and not files[key]["onnx"]:
-            continue
+    for engine in engines_to_run({key: files[key]}):
         proc = EngineProcess(engine, 2, files_path)
         try:
             proc.ask(f"run {key} 1 20 {folder / 'rss.npy'}")
@@ -272,7 +327,7 @@ def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     versions = {}
-    for module in ("numpy", "numba", "tensorflow", "keras", "onnxruntime"):
+    for module in ("numpy", "numba", "tensorflow", "keras", "onnxruntime", "torch"):
         try:
             versions[module] = __import__(module).__version__
         except ImportError:
@@ -290,7 +345,7 @@ def machine() -> dict:
 
 
 def table(cells: list[dict]) -> str:
-    peers = ("keras_predict", "keras_tf_function", "onnxruntime")
+    peers = [p for p in PEERS if p != "pytorch" or any(p in cell["ms"] for cell in cells)]
     header = f"{'model':<5}{'batch':>6}{'thr':>4}  {'npmobile':>9}" + "".join(f"{p:>19}" for p in peers)
     lines = [header, "-" * len(header)]
     for cell in cells:
@@ -303,7 +358,11 @@ def table(cells: list[dict]) -> str:
             else:
                 row += f"{'n/a':>19}"
         lines.append(row)
-    lines.append("ratio = npmobile / peer: below 1 means npmobile is faster. PyTorch: not installed here.")
+    if "pytorch" in peers:
+        note = ""
+    else:
+        note = " PyTorch: export failed." if torch_installed() else " PyTorch: not installed here."
+    lines.append(f"ratio = npmobile / peer: below 1 means npmobile is faster.{note}")
     return "\n".join(lines)
 
 
@@ -360,10 +419,11 @@ def main() -> None:
             report["startup_seconds"] = startup_seconds(files["v2"]["keras"], image)
         print(table(cells))
         for cell in cells:
-            bad = {k: v for k, v in cell["agreement"].items() if not v["same_top5"]}
-            worst = max(v["max_abs_diff"] for v in cell["agreement"].values())
+            bad = [k for k, v in cell["agreement"].items() if not v["same_top5"]]
+            diffs = ", ".join(f"{k} {v['max_abs_diff']:.1e}" for k, v in cell["agreement"].items()
+                              if k != "keras_predict")
             print(f"  {cell['model']} b{cell['batch']} t{cell['threads']}: outputs agree "
-                  f"(max |diff| vs Keras {worst:.1e}{', TOP-5 DIFFERS: ' + str(list(bad)) if bad else ''})")
+                  f"(max |diff| vs Keras: {diffs}{'; TOP-5 DIFFERS: ' + str(bad) if bad else ''})")
         if report["peak_rss_mb"]:
             print("peak RSS, MobileNetV2 b1 (MB): " + ", ".join(
                 f"{k} {v:.0f}" for k, v in report["peak_rss_mb"].items() if v))
