@@ -36,7 +36,7 @@ from npmobile.kernels import reference as R
 from npmobile.kernels.activations import ACT_NONE, ACT_RELU6
 from npmobile.kernels.conv import conv2d
 from npmobile.kernels.depthwise import depthwise_conv2d, output_size
-from npmobile.kernels.pointwise import dense, pointwise_conv2d, pointwise_conv2d_numba
+from npmobile.kernels.pointwise import dense, gemm_matmul, pointwise_conv2d, pointwise_conv2d_numba
 from npmobile.kernels.pooling import global_average_pool
 from npmobile.kernels.squeeze_excite import squeeze_excite
 from npmobile.kernels.threads import thread_limits
@@ -79,7 +79,9 @@ def pointwise_case(hw, cin, cout, residual=False):
         f"pointwise {hw}x{hw} {cin}->{cout}" + (" +res" if residual else ""),
         2 * hw * hw * cin * cout,
         {
-            "blas+epilogue": (lambda: pointwise_conv2d(x, w, b, out, act, res), "numba"),
+            "blas tiles": (lambda: pointwise_conv2d(x, w, b, out, act, res), "numba"),
+            "np.matmul+epilogue": (lambda: gemm_matmul(x2, w, b, out.reshape(-1, cout), act,
+                                                       None if res is None else res.reshape(-1, cout)), "numba"),
             "numba gemm": (lambda: pointwise_conv2d_numba(x, w, b, out, act, res), "numba"),
             "np.matmul only": (lambda: np.matmul(x2, w, out=plain), "blas"),
             "reference": (lambda: R.relu6(R.pointwise_conv2d(x, w, b)), "blas"),
@@ -90,12 +92,13 @@ def pointwise_case(hw, cin, cout, residual=False):
 def stem_case():
     x, ker, b = rand(1, 224, 224, 3), rand(3, 3, 3, 32), rand(32)
     out = np.empty((1, 112, 112, 32), np.float32)
+    patches = np.empty(112 * 112 * 27, np.float32)  # the plan's scratch, made once
     pads = ((0, 1), (0, 1))
     return (
         "conv2d stem 224x224x3 k3 s2 ->32",
         2 * 112 * 112 * 27 * 32,
         {
-            "im2col+blas": (lambda: conv2d(x, ker, b, out, 2, 2, 0, 0, ACT_RELU6), "numba"),
+            "im2col+blas tiles": (lambda: conv2d(x, ker, b, out, 2, 2, 0, 0, ACT_RELU6, patches=patches), "numba"),
             "reference": (lambda: R.relu6(R.conv2d(x, ker, b, (2, 2), pads)), "blas"),
         },
     )
@@ -132,7 +135,7 @@ def gap_dense_cases():
             "dense 1280->1000",
             2 * 1280 * 1000,
             {
-                "blas+epilogue": (lambda: dense(pooled, w, b, logits, ACT_NONE), "numba"),
+                "blas tiles": (lambda: dense(pooled, w, b, logits, ACT_NONE), "numba"),
                 "reference": (lambda: R.dense(pooled, w, b), "blas"),
             },
         ),
@@ -197,21 +200,30 @@ def time_case(candidates, threads: int, rounds: int) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------
 
 POLICIES = [
-    # (label, BLAS threads, Numba threads, GEMM implementation)
-    ("1 thread: BLAS 1, Numba 1, GEMM blas", 1, 1, "blas"),
+    # (label, BLAS threads, Numba threads, GEMM implementation): "tiles" is BLAS called per tile from
+    # Numba's workers (the default), "matmul" one np.matmul per product (BLAS's own threads)
+    ("1 thread: BLAS 1, Numba 1, GEMM tiles", 1, 1, "tiles"),
+    ("1 thread: BLAS 1, Numba 1, GEMM matmul", 1, 1, "matmul"),
     ("1 thread: Numba 1, GEMM numba", 1, 1, "numba"),
-    ("2 threads: BLAS 1, Numba 2, GEMM blas  [recommended]", 1, 2, "blas"),
+    ("2 threads: BLAS 1, Numba 2, GEMM tiles  [default]", 1, 2, "tiles"),
+    ("2 threads: BLAS 1, Numba 2, GEMM matmul", 1, 2, "matmul"),
     ("2 threads: Numba 2, GEMM numba", 1, 2, "numba"),
-    ("2 threads: BLAS 2, Numba 1, GEMM blas", 2, 1, "blas"),
-    ("2 threads: BLAS 2, Numba 2, GEMM blas (pools fight)", 2, 2, "blas"),
+    ("2 threads: BLAS 2, Numba 1, GEMM matmul", 2, 1, "matmul"),
+    ("2 threads: BLAS 2, Numba 2, GEMM matmul (pools fight)", 2, 2, "matmul"),
 ]
+
+
+def _pointwise_matmul(x, w, b, out, act, res=None):
+    cout = w.shape[1]
+    gemm_matmul(x.reshape(-1, w.shape[0]), w, b, out.reshape(-1, cout), act,
+                None if res is None else res.reshape(-1, cout))
 
 
 def pipeline_child(blas_threads: int, numba_threads: int, gemm: str, rounds: int) -> None:
     """Runs in a subprocess: prints the median ms of the 17-block body as JSON."""
     numba.set_num_threads(numba_threads)
     threadpool_limits(blas_threads, user_api="blas")
-    pw = pointwise_conv2d if gemm == "blas" else pointwise_conv2d_numba
+    pw = {"tiles": pointwise_conv2d, "matmul": _pointwise_matmul, "numba": pointwise_conv2d_numba}[gemm]
     table = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
     steps = []
     h, cin = 112, 32
