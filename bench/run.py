@@ -5,7 +5,7 @@ installed, PyTorch (traced), on the same weights and inputs, in one run.
     .venv/bin/pip install torch                        # optional (here: torch==2.13.0, the CPU wheel on disk)
     .venv/bin/python bench/run.py                      # everything (about 10 minutes on 2 cores)
     .venv/bin/python bench/run.py --quick --models v2 --batches 1 --threads 1
-    .venv/bin/python bench/run.py --profile --models v2 --threads 2     # where npmobile's time goes
+    .venv/bin/python bench/run.py --profile --models v2 --threads 2     # where the time goes, npmobile beside ORT
 
 How it measures: the parent builds each model with keras.applications (weights=None, BatchNorm given
 non-trivial statistics), saves it as .keras (npmobile loads that file) and exports it to ONNX. Each
@@ -366,24 +366,91 @@ def table(cells: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def profile(models: list[str], threads: int) -> None:
-    from npmobile import applications
-    from npmobile.profiling import plan_costs  # noqa: F401  (same arithmetic as `npmobile profile`)
+def npmobile_kind(node) -> str:
+    """The kind of layer a node of npmobile's optimized plan is, for the per-kind profile."""
+    if node.op == "Conv2D":
+        return "pointwise 1x1" if node.weights["kernel"].shape[:2] == (1, 1) else "stem conv"
+    return {"DepthwiseConv2D": "depthwise", "Dense": "dense (+softmax)", "SqueezeExcite": "squeeze-excite"}.get(
+        node.op, "other")
 
-    for key in models:
-        model = getattr(applications, MODELS[key])(weights=None, input_shape=(224, 224, 3))
-        x = np.random.default_rng(0).uniform(0, 255, (1, 224, 224, 3)).astype(np.float32)
-        rows = model.profile(x, repeats=9, threads=threads)
-        total = sum(r["seconds"] for r in rows)
-        print(f"\n{MODELS[key]} at 224, batch 1, {threads} thread(s): {total * 1e3:.2f} ms")
-        by_op: dict[str, float] = {}
-        for r in rows:
-            node = r["node"]
-            kind = node.op + (" 1x1" if node.op == "Conv2D" and node.weights["kernel"].shape[:2] == (1, 1) else "")
-            by_op[kind] = by_op.get(kind, 0.0) + r["seconds"]
-        for kind, seconds in sorted(by_op.items(), key=lambda kv: -kv[1]):
-            print(f"  {kind:<24}{seconds * 1e3:8.2f} ms {100 * seconds / total:5.1f}%")
-    print("\nPer layer, with GFLOP/s and arithmetic intensity: python -m npmobile profile IMAGE --weights none")
+
+def onnx_kind(op: str, weight_shape: list[int] | None) -> str:
+    """The same kinds for an ONNX Runtime node (its Conv weights are [Cout, Cin/groups, KH, KW])."""
+    if op in ("Conv", "FusedConv") and weight_shape:
+        if weight_shape[1] == 1 and weight_shape[2:] != [1, 1]:
+            return "depthwise"
+        return "pointwise 1x1" if weight_shape[2:] == [1, 1] else "stem conv"
+    if op in ("MatMul", "Gemm", "FusedMatMul", "Softmax"):
+        return "dense (+softmax)"
+    return "other"  # ORT runs squeeze-excite and hard-swish as separate Mul/Add/Clip/ReduceMean nodes
+
+
+def onnx_profile(onnx_path: str, threads: int, runs: int = 30) -> dict[str, float]:
+    """Mean seconds per run by kind of layer, from ONNX Runtime's own profiler (which adds a little
+    time per node), plus "total" (its whole run, same overhead)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "npmobile-ort-profile")
+    session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    x = model_input("v2", 1)
+    for _ in range(runs):
+        session.run(None, {name: x})
+    trace = Path(session.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    by_kind: dict[str, float] = {}
+    model_runs, total = 0, 0.0
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            shapes = event["args"].get("input_type_shape", [])
+            weight = next(iter(shapes[1].values())) if len(shapes) > 1 else None
+            kind = onnx_kind(event["args"]["op_name"], weight)
+            by_kind[kind] = by_kind.get(kind, 0.0) + event["dur"] * 1e-6
+        elif event.get("name") == "model_run":
+            model_runs, total = model_runs + 1, total + event["dur"] * 1e-6
+    # The first runs are warm-up, like npmobile's; every run is counted alike in both sums.
+    result = {kind: seconds / model_runs for kind, seconds in by_kind.items()}
+    result["total"] = total / model_runs
+    return result
+
+
+def profile(models: list[str], threads: int) -> None:
+    """npmobile's time per kind of layer beside ONNX Runtime's, on the same model and input."""
+    folder = Path(tempfile.mkdtemp(prefix="npmobile-profile-"))
+    try:
+        print(f"preparing {', '.join(models)} (Keras models, .keras files, ONNX exports)...", file=sys.stderr)
+        files = prepare(models, folder)
+        for key in models:
+            import npmobile
+
+            model = npmobile.load_model(files[key]["keras"])
+            rows = model.profile(model_input(key, 1), repeats=30, threads=threads)
+            ours: dict[str, float] = {}
+            for r in rows:
+                ours[npmobile_kind(r["node"])] = ours.get(npmobile_kind(r["node"]), 0.0) + r["seconds"]
+            ours["total"] = sum(r["seconds"] for r in rows)
+            # ONNX Runtime in a process of its own: its spinning workers must not share ours' cores.
+            theirs = {}
+            if files[key]["onnx"]:
+                done = subprocess.run([sys.executable, __file__, "--onnx-profile", files[key]["onnx"],
+                                       "--threads", str(threads)], capture_output=True, text=True, check=True)
+                theirs = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"\n{MODELS[key]} at 224, batch 1, {threads} thread(s): ms per kind of layer")
+            print(f"  {'kind':<20}{'npmobile':>10}{'ORT':>10}{'difference':>12}")
+            kinds = sorted((set(ours) | set(theirs)) - {"total"}, key=lambda k: -ours.get(k, 0.0))
+            for kind in kinds + ["total"]:
+                mine, peer = ours.get(kind, 0.0) * 1e3, theirs.get(kind, float("nan")) * 1e3
+                print(f"  {kind:<20}{mine:10.2f}{peer:10.2f}{mine - peer:+12.2f}" if kind in theirs else
+                      f"  {kind:<20}{mine:10.2f}{'-':>10}{'':>12}")
+        print("\nORT's times come from its profiler (a few us added per node); it runs squeeze-excite and\n"
+              "hard-swish as separate Mul/Add/Clip nodes, counted under 'other'.\n"
+              "Per layer, with GFLOP/s and arithmetic intensity: python -m npmobile profile IMAGE --weights none")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> None:
@@ -394,12 +461,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--per-round", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="3 rounds of 2, no memory/start-up measurements")
-    parser.add_argument("--profile", action="store_true", help="npmobile's time per kind of layer")
+    parser.add_argument("--profile", action="store_true",
+                        help="npmobile's time per kind of layer, beside ONNX Runtime's")
+    parser.add_argument("--onnx-profile", help=argparse.SUPPRESS)
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--files", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         return serve(args.serve, args.threads[0], args.files)
+    if args.onnx_profile:
+        return print(json.dumps(onnx_profile(args.onnx_profile, args.threads[-1])))
     if args.profile:
         return profile(args.models, args.threads[-1])
     if args.quick:
