@@ -453,6 +453,53 @@ def profile(models: list[str], threads: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+PEER_TITLES = {"keras_predict": "Keras predict", "keras_tf_function": "Keras tf.function",
+               "onnxruntime": "ONNX Runtime", "pytorch": "PyTorch"}
+
+
+def markdown(report: dict) -> str:
+    """The README's benchmark block for one results file (bench/results/latest.json)."""
+    m = report["machine"]
+    versions = m["versions"]
+    names = {"numpy": "numpy", "numba": "numba", "tensorflow": "TensorFlow", "onnxruntime": "ONNX Runtime",
+             "torch": "PyTorch"}
+    version_text = ", ".join(f"{title} {versions[key]}" for key, title in names.items() if versions.get(key))
+    peers = [p for p in PEERS if any(p in cell["ms"] for cell in report["cells"])]
+    calls = max(cell["ms"]["npmobile"]["n"] for cell in report["cells"])
+
+    def ms(value: float) -> str:
+        return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+    lines = [
+        f"Latest run: {report['date'][:10]}, {m['cpu']}, {m['cores']} cores (host {m['host']}), {version_text}.",
+        f"224 px; milliseconds per call (median of {calls} calls); in brackets npmobile / peer — "
+        "**below 1 means npmobile is faster**.",
+        "",
+        "| model | batch | threads | npmobile | " + " | ".join(PEER_TITLES[p] for p in peers) + " |",
+        "|---" * (4 + len(peers)) + "|",
+    ]
+    for cell in report["cells"]:
+        ours = cell["ms"]["npmobile"]["median"]
+        row = [cell["model"], str(cell["batch"]), str(cell["threads"]), ms(ours)]
+        for peer in peers:
+            theirs = cell["ms"].get(peer, {}).get("median")
+            row.append("n/a" if theirs is None else f"{ms(theirs)} ({ours / theirs:.2f}×)")
+        lines.append("| " + " | ".join(row) + " |")
+    worst = max(cell["agreement"]["npmobile"]["max_abs_diff"] for cell in report["cells"])
+    same = all(a["same_top5"] for cell in report["cells"] for a in cell["agreement"].values())
+    lines += ["", f"Outputs {'agree' if same else 'DO NOT agree'} with Keras in every cell "
+              f"(same top-5: {'yes' if same else 'NO'}; npmobile's max |difference| {worst:.1e} on these "
+              "random-weight models)."]
+    if report.get("peak_rss_mb"):
+        rss = ", ".join(f"{'npmobile' if k == 'npmobile' else PEER_TITLES[k]} {v:.0f} MB"
+                        for k, v in report["peak_rss_mb"].items() if v)
+        lines.append(f"Peak memory, MobileNetV2 batch 1: {rss}.")
+    if report.get("startup_seconds"):
+        lines.append("Process start → first prediction (`python -m npmobile classify`, warm Numba cache): "
+                     f"{report['startup_seconds']:.2f} s.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -464,11 +511,15 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="npmobile's time per kind of layer, beside ONNX Runtime's")
     parser.add_argument("--onnx-profile", help=argparse.SUPPRESS)
+    parser.add_argument("--markdown", nargs="?", const=str(RESULTS / "latest.json"), metavar="RESULTS_JSON",
+                        help="print the README's benchmark block for a results file (default: latest.json)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--files", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         return serve(args.serve, args.threads[0], args.files)
+    if args.markdown:
+        return print(markdown(json.loads(Path(args.markdown).read_text())))
     if args.onnx_profile:
         return print(json.dumps(onnx_profile(args.onnx_profile, args.threads[-1])))
     if args.profile:
@@ -502,10 +553,15 @@ def main() -> None:
             print(f"process start -> first prediction (`python -m npmobile classify`, warm cache): "
                   f"{report['startup_seconds']:.2f} s")
         RESULTS.mkdir(parents=True, exist_ok=True)
-        name = f"{datetime.date.today().isoformat()}-{socket.gethostname()}.json"
+        # A quick or partial run is a smoke test: it never replaces latest.json, which the README shows.
+        partial = args.quick or set(args.models) != set(MODELS) or args.batches != [1, 8] or args.threads != [1, 2]
+        name = f"{datetime.date.today().isoformat()}-{socket.gethostname()}{'-partial' if partial else ''}.json"
         (RESULTS / name).write_text(json.dumps(report, indent=1))
-        shutil.copy(RESULTS / name, RESULTS / "latest.json")
-        print(f"written {RESULTS / name} and latest.json")
+        if partial:
+            print(f"written {RESULTS / name} (a partial run: latest.json is left alone)")
+        else:
+            shutil.copy(RESULTS / name, RESULTS / "latest.json")
+            print(f"written {RESULTS / name} and latest.json; README table: python bench/run.py --markdown")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

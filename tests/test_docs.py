@@ -1,8 +1,11 @@
-"""docs/depthwise.md: every printed number is a doctest, and every cost it quotes agrees with npmobile.costs."""
+"""docs/depthwise.md: every printed number is a doctest, and every cost it quotes agrees with npmobile.costs.
+README.md: the benchmark table is the latest full bench run."""
 
 from __future__ import annotations
 
 import doctest
+import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -12,7 +15,8 @@ from npmobile import applications, costs
 from npmobile.applications.builder import Builder
 from npmobile.applications.common import finish_model
 
-TUTORIAL = Path(__file__).resolve().parent.parent / "docs" / "depthwise.md"
+REPO = Path(__file__).resolve().parent.parent
+TUTORIAL = REPO / "docs" / "depthwise.md"
 
 # A number quoted with a unit of cost: "864 MACs", "300.8 M MACs", "3,538,984 parameters", "54 weights".
 QUOTED = re.compile(r"(\d[\d,]*(?:\.\d+)?(?: M)?) (MACs|weights|parameters)\b")
@@ -83,3 +87,18 @@ def test_tutorial_quotes_the_headline_costs(computed):
     assert computed["300.8 M"] == "MobileNetV2 MACs"
     assert computed["3,538,984"] == "MobileNetV2 params"
     assert computed["864"] == "toy standard MACs" and computed["384"] == "toy separable MACs"
+
+
+def test_readme_benchmark_table_is_the_latest_run():
+    """README's benchmark block is bench/results/latest.json as `python bench/run.py --markdown` renders it,
+    so the table a reader sees is the newest full run, with its date and machine."""
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
+    bench_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_run)
+    report = json.loads((REPO / "bench" / "results" / "latest.json").read_text())
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("\n", readme.index("<!-- bench-table")) + 1
+    block = readme[start : readme.index("<!-- /bench-table -->")].strip()
+    assert block == bench_run.markdown(report)
+    assert {(c["model"], c["batch"], c["threads"]) for c in report["cells"]} == {
+        (m, b, t) for m in ("v1", "v2", "v3s", "v3l") for b in (1, 8) for t in (1, 2)}
