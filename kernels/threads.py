@@ -96,9 +96,10 @@ def kernels_cached() -> bool:
     Checks the cache index file of each compiled kernel the MobileNets use; a False answer only
     means "expect a compile", never an error.
     """
-    from npmobile.kernels import conv, depthwise, pointwise, squeeze_excite
+    from npmobile.kernels import blas, conv, depthwise, pointwise, squeeze_excite
 
-    kernels = (depthwise.depthwise_conv2d, pointwise.gemm_tiles, conv.im2col, squeeze_excite.squeeze_excite)
+    products = (pointwise.gemm_tiles, conv.conv_tiles) if blas.AVAILABLE else (pointwise._epilogue, conv.im2col)
+    kernels = (depthwise.depthwise_conv2d, squeeze_excite.squeeze_excite, *products)
     try:
         return all(os.path.exists(k._cache._cache_file._index_path) for k in kernels)
     except AttributeError:  # another Numba version keeps it elsewhere: say nothing rather than guess

@@ -76,7 +76,8 @@ def test_folder_run_reports_a_bad_image_and_classifies_the_rest(keras_files, tmp
     report = json.loads(result.stdout)
     assert sorted(Path(e["path"]).name for e in report if "top" in e) == sorted(p.name for p in PHOTOS)
     assert [Path(e["path"]).name for e in report if "error" in e] == ["broken.jpg"]
-    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    # (On a cold Numba cache the run also says it is compiling: a notice, not an error.)
+    errors = [line for line in result.stderr.splitlines() if line.strip() and "compiling kernels" not in line]
     assert len(errors) == 1 and "broken.jpg" in errors[0] and "Traceback" not in result.stderr
 
 
