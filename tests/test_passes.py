@@ -161,3 +161,16 @@ def test_hard_swish_spelled_as_layers_becomes_one_activation_with_the_same_round
     assert [n.op for n in plan.nodes] == ["InputLayer", "Activation"]
     x = np.random.default_rng(0).uniform(-5, 5, (2, 4, 4, 8)).astype(np.float32)
     np.testing.assert_array_equal(model.predict(x), model.predict(x, reference=True))
+
+
+def test_plan_without_blas_gives_the_same_answer(monkeypatch):
+    """With a NumPy whose BLAS npmobile cannot call from Numba, the 1x1 and stem convolutions take the
+    np.matmul path (kernels/blas.py AVAILABLE False): same answers, end to end."""
+    from npmobile.kernels import blas
+
+    model = _with_batchnorm_statistics(MODELS["v3small"](), seed=6)
+    x = np.random.default_rng(7).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    with_blas = model.predict(x)
+    monkeypatch.setattr(blas, "AVAILABLE", False)
+    np.testing.assert_allclose(model.predict(x), with_blas, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(model.predict(x, reference=True), with_blas, rtol=0, atol=2e-6)
