@@ -141,7 +141,7 @@ def conv2d(
     if blas.AVAILABLE and x.flags.c_contiguous and w2.flags.c_contiguous and o2.flags.c_contiguous:
         # Column tiles would rebuild the same patch rows twice: rows only.
         tile_rows = max(16, min(256, -(-rows // (2 * numba.get_num_threads()))))
-        tile_rows = min(tile_rows, tile_shape(rows, cout, numba.get_num_threads())[0])
+        tile_rows = min(tile_rows, tile_shape(rows, width, cout, numba.get_num_threads())[0])
         conv_tiles(x, patches, w2, bias, o2, act, kh, kw, stride_h, stride_w, pad_top, pad_left,
                    dilation_h, dilation_w, oh, ow, scale, offset, tile_rows)
     else:

@@ -89,15 +89,20 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def tile_shape(m: int, n: int, threads: int) -> tuple[int, int]:
-    """Rows and columns of ``out`` per BLAS call, for an [m, n] product on ``threads`` cores.
+def tile_shape(m: int, k: int, n: int, threads: int) -> tuple[int, int]:
+    """Rows and columns of ``out`` per BLAS call, for an [m, k] x [k, n] product on ``threads`` cores.
 
-    Measured at MobileNet shapes (bench/kernels.py): blocks of rows sized so a block of the output
-    (~32 KiB) is still in L1/L2 for the epilogue, but at least 64 rows, because each call repacks
-    the weights; the same number of tiles on every core; and when there are too few rows to give
-    every core two tiles (7x7 layers, dense), columns are split too, never narrower than 32.
+    Measured at MobileNet shapes (bench/kernels.py, and whole models with bench/run.py --profile):
+    - each call repacks its columns of the weights, so tiles are few and tall: 256 rows when the
+      product is deep (k >= 128: the weights are big and the product, not the epilogue, is the
+      work); when it is shallow, blocks whose output (~32 KiB) is still in cache for the epilogue,
+      but at least 64 rows. (MobileNet V1's 1x1 convs on one core: 11.8 -> 10.1 ms going from 64-row
+      to 256-row tiles for the deep ones.)
+    - the same number of tiles on every core, at least two each;
+    - when there are too few rows for that (7x7 layers, dense), columns are split too, never
+      narrower than 32.
     """
-    rows = -(-m // max(64, 8192 // n))
+    rows = -(-m // (256 if k >= 128 else max(64, 8192 // n)))
     cols = 1
     if m < 16:  # a matrix-vector product: BLAS is slow on one very wide tile
         cols = max(cols, 4)
@@ -109,9 +114,11 @@ def tile_shape(m: int, n: int, threads: int) -> tuple[int, int]:
                 cols = max(cols, -(-2 * threads // rows))
         if cols == 1 and rows < 8 * threads:
             rows = -(-rows // threads) * threads
-    tile_rows = -(-m // rows)
     tile_cols = n if cols == 1 else min(n, max(32, _round_up(-(-n // cols), 16)))
-    return tile_rows, tile_cols
+    col_tiles = -(-n // tile_cols)
+    if threads > 1 and rows * col_tiles < 2 * threads:  # columns this narrow ran out: cut the rows too
+        rows = min(m, -(-2 * threads // col_tiles))
+    return -(-m // rows), tile_cols
 
 
 @njit(cache=True)
@@ -149,7 +156,7 @@ def gemm(a: np.ndarray, w: np.ndarray, bias: np.ndarray, out: np.ndarray, act: i
     """out = act(a @ w + bias) (+ residual) for 2-D a [M, K], w [K, N], on Numba's threads."""
     m, cout = out.shape
     if blas.AVAILABLE and _contiguous(a, w, out, residual) and a.dtype == w.dtype == out.dtype == np.float32:
-        tile_rows, tile_cols = tile_shape(m, cout, numba.get_num_threads())
+        tile_rows, tile_cols = tile_shape(m, a.shape[1], cout, numba.get_num_threads())
         gemm_tiles(a, w, bias, out, act, residual, tile_rows, tile_cols)
     else:
         gemm_matmul(a, w, bias, out, act, residual)

@@ -251,7 +251,7 @@ def test_gemm_tiles_any_tiling_matches_reference(rng, m, k, n):
     tilings = {(m, n), (1, 1), (max(1, m // 3), max(1, n // 2)), (5, 17), (64, n)}
     for threads in sorted({1, max_threads()}):
         with thread_limits(threads):
-            tilings.add(tile_shape(m, n, threads))
+            tilings.add(tile_shape(m, k, n, threads))
             for tile_rows, tile_cols in sorted(tilings):
                 out = np.full((m, n), np.nan, dtype=np.float32)
                 gemm_tiles(a, w, bias, out, ACT_RELU6, None, tile_rows, tile_cols)
@@ -264,11 +264,12 @@ def test_gemm_tiles_any_tiling_matches_reference(rng, m, k, n):
 def test_tile_shape_gives_every_core_work(threads):
     for m in (1, 7, 49, 196, 784, 3136, 12544, 100000):
         for n in (1, 16, 24, 96, 160, 1000, 1280):
-            tile_rows, tile_cols = tile_shape(m, n, threads)
-            assert 1 <= tile_rows <= m and 1 <= tile_cols <= n
-            tiles = -(-m // tile_rows) * -(-n // tile_cols)
-            if m * n >= 64 * 32 * threads:  # big enough to split: at least one tile per core
-                assert tiles >= threads, (m, n, tile_rows, tile_cols)
+            for k in (3, 27, 128, 1024):
+                tile_rows, tile_cols = tile_shape(m, k, n, threads)
+                assert 1 <= tile_rows <= m and 1 <= tile_cols <= n
+                tiles = -(-m // tile_rows) * -(-n // tile_cols)
+                if m * n >= 64 * 32 * threads:  # big enough to split: at least one tile per core
+                    assert tiles >= threads, (m, k, n, tile_rows, tile_cols)
 
 
 def test_gemm_matmul_fallback_matches_reference(rng):
