@@ -33,7 +33,7 @@ from numba import njit, prange
 
 from . import blas
 from .activations import ACT_NONE
-from .pointwise import _epilogue_rows, gemm_matmul, tile_shape
+from .pointwise import epilogue_rows, gemm_matmul, tile_shape
 
 
 @njit(inline="always")
@@ -109,7 +109,7 @@ def conv_tiles(x, patches, w, bias, out, act, kh, kw, stride_h, stride_w, pad_to
         blas.sgemm(blas.ROW_MAJOR, blas.NO_TRANS, blas.NO_TRANS, r1 - r0, n, k,
                    np.float32(1.0), patches_address + 4 * r0 * k, k, w_address, n,
                    np.float32(0.0), out_address + 4 * r0 * n, n)
-        _epilogue_rows(out, bias, act, None, r0, r1, 0, n)
+        epilogue_rows(out, bias, act, None, r0, r1, 0, n)
 
 
 def conv2d(

@@ -47,7 +47,7 @@ _BLOCK_BYTES = 512 * 1024
 
 
 @njit(inline="always")
-def _epilogue_rows(out, bias, act, residual, row_start, row_stop, col_start, col_stop):
+def epilogue_rows(out, bias, act, residual, row_start, row_stop, col_start, col_stop):
     """out[r, cols] = act(out[r, cols] + bias[cols]) (+ residual[r, cols]) for rows [row_start, row_stop)."""
     b = bias[col_start:col_stop]
     for r in range(row_start, row_stop):
@@ -82,7 +82,7 @@ def gemm_tiles(a, w, bias, out, act, residual, tile_rows, tile_cols):
         blas.sgemm(blas.ROW_MAJOR, blas.NO_TRANS, blas.NO_TRANS, r1 - r0, c1 - c0, k,
                    np.float32(1.0), a_address + 4 * r0 * k, k, w_address + 4 * c0, n,
                    np.float32(0.0), out_address + 4 * (r0 * n + c0), n)
-        _epilogue_rows(out, bias, act, residual, r0, r1, c0, c1)
+        epilogue_rows(out, bias, act, residual, r0, r1, c0, c1)
 
 
 def _round_up(x: int, multiple: int) -> int:
