@@ -131,6 +131,9 @@ def conv2d(
     """out = act(conv2d(x * scale + offset, kernel) + bias); see the module docstring for the contract."""
     kh, kw, cin, cout = kernel.shape
     n, oh, ow, _ = out.shape
+    if x.shape[0] != n or x.shape[3] != cin or out.shape[3] != cout or bias.shape != (cout,):
+        raise ValueError(f"conv2d shapes do not fit: x {x.shape}, kernel {kernel.shape}, bias {bias.shape}, "
+                         f"out {out.shape}")
     rows, width = n * oh * ow, kh * kw * cin
     if patches is None:
         patches = np.empty(rows * width, dtype=np.float32)

@@ -155,6 +155,11 @@ def gemm(a: np.ndarray, w: np.ndarray, bias: np.ndarray, out: np.ndarray, act: i
          residual: np.ndarray | None) -> None:
     """out = act(a @ w + bias) (+ residual) for 2-D a [M, K], w [K, N], on Numba's threads."""
     m, cout = out.shape
+    # BLAS is handed raw addresses: a wrong shape would read or write past an array, not raise.
+    if a.shape != (m, w.shape[0]) or w.shape[1] != cout or bias.shape != (cout,) or (
+            residual is not None and residual.shape != out.shape):
+        raise ValueError(f"gemm shapes do not fit: a {a.shape} @ w {w.shape} + bias {bias.shape} -> out {out.shape}"
+                         + ("" if residual is None else f" + residual {residual.shape}"))
     if blas.AVAILABLE and _contiguous(a, w, out, residual) and a.dtype == w.dtype == out.dtype == np.float32:
         tile_rows, tile_cols = tile_shape(m, a.shape[1], cout, numba.get_num_threads())
         gemm_tiles(a, w, bias, out, act, residual, tile_rows, tile_cols)

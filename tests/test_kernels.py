@@ -272,6 +272,19 @@ def test_tile_shape_gives_every_core_work(threads):
                     assert tiles >= threads, (m, k, n, tile_rows, tile_cols)
 
 
+def test_products_refuse_shapes_that_do_not_fit(rng):
+    """The tiled kernels hand BLAS raw addresses, so a mismatched shape must raise before any call."""
+    x, w, b = rand(rng, 1, 4, 4, 8), rand(rng, 8, 6), rand(rng, 6)
+    with pytest.raises(ValueError, match="do not fit"):
+        pointwise_conv2d(x, w, b, np.empty((1, 4, 5, 6), np.float32))  # more pixels out than in
+    with pytest.raises(ValueError, match="do not fit"):
+        pointwise_conv2d(x, w, b, np.empty((1, 4, 4, 6), np.float32), ACT_NONE, rand(rng, 1, 4, 2, 6))
+    with pytest.raises(ValueError, match="do not fit"):
+        dense(rand(rng, 2, 7), w, b, np.empty((2, 6), np.float32))
+    with pytest.raises(ValueError, match="do not fit"):
+        conv2d(x, rand(rng, 3, 3, 8, 6), b, np.empty((2, 2, 2, 6), np.float32), 2, 2, 0, 0)  # batch 2 from 1
+
+
 def test_gemm_matmul_fallback_matches_reference(rng):
     """The path taken when no sgemm can be called from Numba (a NumPy on another BLAS)."""
     a, w, bias, shortcut = rand(rng, 300, 40), rand(rng, 40, 24, scale=0.2), rand(rng, 24), rand(rng, 300, 24)
