@@ -171,9 +171,20 @@ def _clipped_taps(acc, x, n, ih0, iw0, kernel, di_lo, di_hi, dj_lo, dj_hi, c_cou
                 acc[c] += xr[c] * kr[c]
 
 
-@njit(parallel=True, cache=True, fastmath={"contract"})
-def depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
+def depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act) -> None:
     """out = act(depthwise(x, kernel) + bias); see the module docstring for the contract."""
+    # Numba does not check indices: shapes that do not fit would read past an array, not raise.
+    c_count = x.shape[3]
+    if (x.ndim != 4 or out.ndim != 4 or out.shape[0] != x.shape[0] or out.shape[3] != c_count
+            or kernel.shape[2:] != (c_count,) or bias.shape != (c_count,)):
+        raise ValueError(f"depthwise_conv2d shapes do not fit: x {x.shape}, kernel {kernel.shape}, "
+                         f"bias {bias.shape}, out {out.shape}")
+    _depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
+
+
+@njit(parallel=True, cache=True, fastmath={"contract"})
+def _depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
+    """depthwise_conv2d's loop, on shapes already checked."""
     n_images, h, w, c_count = x.shape
     kh, kw = kernel.shape[0], kernel.shape[1]
     oh, ow = out.shape[1], out.shape[2]

@@ -63,9 +63,20 @@ def _gates(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias):
     return gate
 
 
-@njit(parallel=True, cache=True)
-def squeeze_excite(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, out):
+def squeeze_excite(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, out) -> None:
     """out = x * gate(x); see the module docstring for the contract."""
+    # Numba does not check indices: shapes that do not fit would read past an array, not raise.
+    c, cr = x.shape[3], reduce_kernel.shape[1]
+    if (out.shape != x.shape or reduce_kernel.shape != (c, cr) or reduce_bias.shape != (cr,)
+            or expand_kernel.shape != (cr, c) or expand_bias.shape != (c,)):
+        raise ValueError(f"squeeze_excite shapes do not fit: x {x.shape}, reduce {reduce_kernel.shape}, "
+                         f"expand {expand_kernel.shape}, out {out.shape}")
+    _squeeze_excite(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, out)
+
+
+@njit(parallel=True, cache=True)
+def _squeeze_excite(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, out):
+    """squeeze_excite's loops, on shapes already checked."""
     n_images, h, w, c_count = x.shape
     gate = _gates(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias)
     for job in prange(n_images * h):

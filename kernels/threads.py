@@ -99,7 +99,7 @@ def kernels_cached() -> bool:
     from npmobile.kernels import blas, conv, depthwise, pointwise, squeeze_excite
 
     products = (pointwise.gemm_tiles, conv.conv_tiles) if blas.AVAILABLE else (pointwise._epilogue, conv.im2col)
-    kernels = (depthwise.depthwise_conv2d, squeeze_excite.squeeze_excite, *products)
+    kernels = (depthwise._depthwise_conv2d, squeeze_excite._squeeze_excite, *products)
     try:
         return all(os.path.exists(k._cache._cache_file._index_path) for k in kernels)
     except AttributeError:  # another Numba version keeps it elsewhere: say nothing rather than guess

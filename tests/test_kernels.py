@@ -272,8 +272,9 @@ def test_tile_shape_gives_every_core_work(threads):
                     assert tiles >= threads, (m, k, n, tile_rows, tile_cols)
 
 
-def test_products_refuse_shapes_that_do_not_fit(rng):
-    """The tiled kernels hand BLAS raw addresses, so a mismatched shape must raise before any call."""
+def test_kernels_refuse_shapes_that_do_not_fit(rng):
+    """Numba does not check indices and the tiled kernels hand BLAS raw addresses: a mismatched shape
+    must raise before any of them runs."""
     x, w, b = rand(rng, 1, 4, 4, 8), rand(rng, 8, 6), rand(rng, 6)
     with pytest.raises(ValueError, match="do not fit"):
         pointwise_conv2d(x, w, b, np.empty((1, 4, 5, 6), np.float32))  # more pixels out than in
@@ -283,6 +284,10 @@ def test_products_refuse_shapes_that_do_not_fit(rng):
         dense(rand(rng, 2, 7), w, b, np.empty((2, 6), np.float32))
     with pytest.raises(ValueError, match="do not fit"):
         conv2d(x, rand(rng, 3, 3, 8, 6), b, np.empty((2, 2, 2, 6), np.float32), 2, 2, 0, 0)  # batch 2 from 1
+    with pytest.raises(ValueError, match="do not fit"):
+        depthwise_conv2d(x, rand(rng, 3, 3, 6), rand(rng, 6), np.empty((1, 4, 4, 8), np.float32), 1, 1, 1, 1, ACT_NONE)
+    with pytest.raises(ValueError, match="do not fit"):
+        squeeze_excite(x, rand(rng, 8, 2), rand(rng, 2), rand(rng, 2, 6), rand(rng, 6), np.empty_like(x))
 
 
 def test_gemm_matmul_fallback_matches_reference(rng):
