@@ -116,8 +116,16 @@ def bias_act_row(row, bias, act):
             row[c] = apply_activation(row[c] + bias[c], act)
 
 
+def activate(x, out, act) -> None:
+    """out = act(x), elementwise, any shape; ``out`` may be ``x``."""
+    # Numba does not check indices: sizes that do not fit would run past an array, not raise.
+    if out.size != x.size:
+        raise ValueError(f"activate: out {out.shape} does not fit x {x.shape}")
+    _activate(x, out, act)
+
+
 @njit(parallel=True, cache=True)
-def activate(x, out, act):
+def _activate(x, out, act):
     """out = act(x), elementwise, any shape; ``out`` may be ``x``."""
     xf = x.reshape(-1)
     of = out.reshape(-1)
@@ -128,8 +136,16 @@ def activate(x, out, act):
             of[i] = apply_activation(xf[i], act)
 
 
+def add(a, b, out, act) -> None:
+    """out = act(a + b), elementwise, same shapes; ``out`` may be ``a`` or ``b``."""
+    # Numba does not check indices: sizes that do not fit would run past an array, not raise.
+    if not a.size == b.size == out.size:
+        raise ValueError(f"add: shapes do not fit: {a.shape} + {b.shape} -> {out.shape}")
+    _add(a, b, out, act)
+
+
 @njit(parallel=True, cache=True)
-def add(a, b, out, act):
+def _add(a, b, out, act):
     """out = act(a + b), elementwise, same shapes; ``out`` may be ``a`` or ``b``."""
     af = a.reshape(-1)
     bf = b.reshape(-1)
@@ -141,8 +157,15 @@ def add(a, b, out, act):
             of[i] = apply_activation(af[i] + bf[i], act)
 
 
+def softmax(x, out) -> None:
+    """Softmax over the last axis of a 2-D [N, classes] array; ``out`` may be ``x`` (see _softmax)."""
+    if x.ndim != 2 or out.shape != x.shape or x.shape[1] == 0:
+        raise ValueError(f"softmax: x {x.shape} and out {out.shape} must be the same 2-D shape")
+    _softmax(x, out)
+
+
 @njit(cache=True)
-def softmax(x, out):
+def _softmax(x, out):
     """Softmax over the last axis of a 2-D [N, classes] array, as reference.softmax computes it.
 
     exp(x - max) / sum(exp(x - max)), the sum accumulated in float32 left to right (NumPy sums

@@ -16,9 +16,16 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True)
-def global_average_pool(x, out):
+def global_average_pool(x, out) -> None:
     """out[n, c] = mean over (h, w) of x[n, h, w, c]."""
+    if x.ndim != 4 or out.shape != (x.shape[0], x.shape[3]):  # Numba does not check indices
+        raise ValueError(f"global_average_pool: out {out.shape} does not fit x {x.shape}")
+    average_pool_rows(x, out)
+
+
+@njit(cache=True)
+def average_pool_rows(x, out):
+    """global_average_pool's loop, on shapes already checked (callable from other Numba kernels)."""
     n_images, h, w, c_count = x.shape
     count = np.float32(h * w)
     for n in range(n_images):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .pooling import global_average_pool
+from .pooling import average_pool_rows
 
 _SIXTH = np.float32(1.0 / 6.0)
 
@@ -37,7 +37,7 @@ def _gates(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias):
     c_count = x.shape[3]
     cr = reduce_kernel.shape[1]
     s = np.empty((n_images, c_count), dtype=np.float32)
-    global_average_pool(x, s)
+    average_pool_rows(x, s)
     z = np.empty(cr, dtype=np.float32)
     gate = np.empty((n_images, c_count), dtype=np.float32)
     for n in range(n_images):

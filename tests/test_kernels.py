@@ -288,6 +288,12 @@ def test_kernels_refuse_shapes_that_do_not_fit(rng):
         depthwise_conv2d(x, rand(rng, 3, 3, 6), rand(rng, 6), np.empty((1, 4, 4, 8), np.float32), 1, 1, 1, 1, ACT_NONE)
     with pytest.raises(ValueError, match="do not fit"):
         squeeze_excite(x, rand(rng, 8, 2), rand(rng, 2), rand(rng, 2, 6), rand(rng, 6), np.empty_like(x))
+    for call in (lambda: activate(x, np.empty(5, np.float32), ACT_RELU),
+                 lambda: add(x, x[:, :2], np.empty_like(x), ACT_NONE),
+                 lambda: softmax(rand(rng, 2, 10), np.empty((2, 9), np.float32)),
+                 lambda: global_average_pool(x, np.empty((2, 8), np.float32))):
+        with pytest.raises(ValueError):
+            call()
 
 
 def test_gemm_matmul_fallback_matches_reference(rng):
