@@ -385,9 +385,10 @@ def onnx_kind(op: str, weight_shape: list[int] | None) -> str:
     return "other"  # ORT runs squeeze-excite and hard-swish as separate Mul/Add/Clip/ReduceMean nodes
 
 
-def onnx_profile(onnx_path: str, threads: int, runs: int = 30) -> dict[str, float]:
-    """Mean seconds per run by kind of layer, from ONNX Runtime's own profiler (which adds a little
-    time per node), plus "total" (its whole run, same overhead)."""
+def onnx_profile(onnx_path: str, key: str, threads: int, repeats: int = 30) -> dict[str, float]:
+    """Seconds per run by kind of layer from ONNX Runtime's own profiler (which adds a little time per
+    node), measured as npmobile's Model.profile is: one warm-up run left out, then each node's
+    median over ``repeats`` runs; "total" is the median whole run (same profiler overhead)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -396,25 +397,28 @@ def onnx_profile(onnx_path: str, threads: int, runs: int = 30) -> dict[str, floa
     options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "npmobile-ort-profile")
     session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    x = model_input("v2", 1)
-    for _ in range(runs):
+    x = model_input(key, 1)
+    for _ in range(1 + repeats):
         session.run(None, {name: x})
     trace = Path(session.end_profiling())
     events = json.loads(trace.read_text())
     trace.unlink()
-    by_kind: dict[str, float] = {}
-    model_runs, total = 0, 0.0
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[1:]
+    per_node: dict[str, list[float]] = {}  # node name -> seconds in each timed run
+    kind_of: dict[str, str] = {}
     for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            shapes = event["args"].get("input_type_shape", [])
-            weight = next(iter(shapes[1].values())) if len(shapes) > 1 else None
-            kind = onnx_kind(event["args"]["op_name"], weight)
-            by_kind[kind] = by_kind.get(kind, 0.0) + event["dur"] * 1e-6
-        elif event.get("name") == "model_run":
-            model_runs, total = model_runs + 1, total + event["dur"] * 1e-6
-    # The first runs are warm-up, like npmobile's; every run is counted alike in both sums.
-    result = {kind: seconds / model_runs for kind, seconds in by_kind.items()}
-    result["total"] = total / model_runs
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        if not any(start <= event["ts"] <= stop for start, stop in runs):
+            continue  # the warm-up run
+        shapes = event["args"].get("input_type_shape", [])
+        weight = next(iter(shapes[1].values())) if len(shapes) > 1 else None
+        kind_of[event["name"]] = onnx_kind(event["args"]["op_name"], weight)
+        per_node.setdefault(event["name"], []).append(event["dur"] * 1e-6)
+    result: dict[str, float] = {}
+    for node, seconds in per_node.items():
+        result[kind_of[node]] = result.get(kind_of[node], 0.0) + statistics.median(seconds)
+    result["total"] = statistics.median((stop - start) * 1e-6 for start, stop in runs)
     return result
 
 
@@ -437,7 +441,8 @@ def profile(models: list[str], threads: int) -> None:
             theirs = {}
             if files[key]["onnx"]:
                 done = subprocess.run([sys.executable, __file__, "--onnx-profile", files[key]["onnx"],
-                                       "--threads", str(threads)], capture_output=True, text=True, check=True)
+                                       "--models", key, "--threads", str(threads)],
+                                      capture_output=True, text=True, check=True)
                 theirs = json.loads(done.stdout.strip().splitlines()[-1])
             print(f"\n{MODELS[key]} at 224, batch 1, {threads} thread(s): ms per kind of layer")
             print(f"  {'kind':<20}{'npmobile':>10}{'ORT':>10}{'difference':>12}")
@@ -521,7 +526,7 @@ def main() -> None:
     if args.markdown:
         return print(markdown(json.loads(Path(args.markdown).read_text())))
     if args.onnx_profile:
-        return print(json.dumps(onnx_profile(args.onnx_profile, args.threads[-1])))
+        return print(json.dumps(onnx_profile(args.onnx_profile, args.models[0], args.threads[-1])))
     if args.profile:
         return profile(args.models, args.threads[-1])
     if args.quick:
