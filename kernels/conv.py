@@ -142,9 +142,10 @@ def conv2d(
     o2 = out.reshape(rows, cout)
     scale, offset = np.float32(scale), np.float32(offset)  # Keras rescales in float32
     if blas.AVAILABLE and x.flags.c_contiguous and w2.flags.c_contiguous and o2.flags.c_contiguous:
-        # Column tiles would rebuild the same patch rows twice: rows only.
-        tile_rows = max(16, min(256, -(-rows // (2 * numba.get_num_threads()))))
-        tile_rows = min(tile_rows, tile_shape(rows, width, cout, numba.get_num_threads())[0])
+        # Tiles of rows only (column tiles would build the same patch rows twice): pointwise's row
+        # height, but at least two tiles per core however few the rows.
+        threads = numba.get_num_threads()
+        tile_rows = min(tile_shape(rows, width, cout, threads)[0], max(16, -(-rows // (2 * threads))))
         conv_tiles(x, patches, w2, bias, o2, act, kh, kw, stride_h, stride_w, pad_top, pad_left,
                    dilation_h, dilation_w, oh, ow, scale, offset, tile_rows)
     else:
