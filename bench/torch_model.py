@@ -25,32 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from npmobile.graph import Graph, Node
-from npmobile.kernels.reference import same_padding
-from npmobile.layers import infer_shapes
+from npmobile.layers import _pair, conv_padding, infer_shapes
 
 # Keras axis of a 4-D NHWC tensor -> the same axis of the NCHW tensor torch holds.
 NHWC_TO_NCHW_AXIS = {0: 0, 1: 2, 2: 3, 3: 1, -1: 1, -2: 3, -3: 2, -4: 0}
 
 
-def _pair(value) -> tuple[int, int]:
-    if isinstance(value, (list, tuple)):
-        return int(value[0]), int(value[-1])
-    return int(value), int(value)
-
-
 def _tensor(array: np.ndarray) -> nn.Parameter:
     return nn.Parameter(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), requires_grad=False)
-
-
-def _explicit_padding(config: dict, in_hw, kernel_hw, strides, dilation) -> tuple[tuple[int, int], ...]:
-    """((top, bottom), (left, right)) for a conv's padding: "valid", "same" (TensorFlow's rule:
-    the odd pixel goes bottom/right) or already explicit."""
-    padding = config.get("padding", "valid")
-    if padding == "valid":
-        return (0, 0), (0, 0)
-    if padding == "same":
-        return tuple(same_padding(in_hw[a], kernel_hw[a], strides[a], dilation[a]) for a in (0, 1))
-    raise NotImplementedError(f"padding {padding!r}")
 
 
 def _zero_padding(config: dict) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -123,7 +105,7 @@ class Conv(nn.Module):
         self.bias = _tensor(weights["bias"]) if "bias" in weights else None
         self.strides = _pair(config.get("strides", 1))
         self.dilation = _pair(config.get("dilation_rate", 1))
-        (top, bottom), (left, right) = _explicit_padding(config, in_hw, kernel.shape[:2], self.strides, self.dilation)
+        (top, bottom), (left, right) = conv_padding(node, in_hw, kernel.shape[:2], self.strides, self.dilation)
         if top == bottom and left == right:  # symmetric: the conv pads, as a PyTorch model would
             self.pad_first, self.conv_padding = None, (top, left)
         else:  # TensorFlow's "same" with an odd total: the extra row/column goes bottom/right
