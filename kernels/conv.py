@@ -27,13 +27,12 @@ and it is what lets the product run in BLAS instead of a 27-term loop per pixel.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
 
 from . import blas
 from .activations import ACT_NONE
-from .pointwise import epilogue_rows, gemm_matmul, tile_shape
+from .pointwise import TILES_PER_IMAGE, epilogue_rows, gemm_matmul, tile_shape
 
 
 @njit(inline="always")
@@ -95,15 +94,19 @@ def conv_tiles(x, patches, w, bias, out, act, kh, kw, stride_h, stride_w, pad_to
     """im2col and the BLAS product fused per tile of ``tile_rows`` output pixels, tiles over the cores.
 
     w [KH*KW*Cin, Cout], out [N*OH*OW, Cout] and patches [N*OH*OW, KH*KW*Cin] are 2-D, C-contiguous.
+    Each image is cut into the same tiles, none spanning two images (as pointwise.gemm_tiles does).
     """
-    m, k = patches.shape
+    k = patches.shape[1]
     n = w.shape[1]
+    rows_per_image = oh * ow
+    row_tiles = (rows_per_image + tile_rows - 1) // tile_rows
     patches_address = np.int64(patches.ctypes.data)
     w_address = np.int64(w.ctypes.data)
     out_address = np.int64(out.ctypes.data)
-    for tile in prange((m + tile_rows - 1) // tile_rows):
-        r0 = tile * tile_rows
-        r1 = min(m, r0 + tile_rows)
+    for tile in prange(x.shape[0] * row_tiles):
+        image_start = (tile // row_tiles) * rows_per_image
+        r0 = image_start + (tile % row_tiles) * tile_rows
+        r1 = min(image_start + rows_per_image, r0 + tile_rows)
         _patch_rows(x, patches, r0, r1, kh, kw, stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w,
                     oh, ow, scale, offset)
         blas.sgemm(blas.ROW_MAJOR, blas.NO_TRANS, blas.NO_TRANS, r1 - r0, n, k,
@@ -143,12 +146,11 @@ def conv2d(
     scale, offset = np.float32(scale), np.float32(offset)  # Keras rescales in float32
     if blas.AVAILABLE and x.flags.c_contiguous and w2.flags.c_contiguous and o2.flags.c_contiguous:
         # Tiles of rows only (column tiles would build the same patch rows twice): pointwise's row
-        # height, but at least two tiles per core however few the rows.
-        threads = numba.get_num_threads()
-        tile_rows = min(tile_shape(rows, width, cout, threads)[0], max(16, -(-rows // (2 * threads))))
+        # height, cut by the shape of one image alone (see pointwise.tile_shape).
+        tile_rows = min(tile_shape(oh * ow, width, cout)[0], max(16, -(-oh * ow // TILES_PER_IMAGE)))
         conv_tiles(x, patches, w2, bias, o2, act, kh, kw, stride_h, stride_w, pad_top, pad_left,
                    dilation_h, dilation_w, oh, ow, scale, offset, tile_rows)
     else:
         im2col(x, patches, kh, kw, stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w, oh, ow,
                scale, offset)
-        gemm_matmul(patches, w2, bias, o2, act, None)
+        gemm_matmul(patches, w2, bias, o2, act, None, oh * ow)

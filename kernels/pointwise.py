@@ -33,7 +33,6 @@ Three implementations of the same contract:
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -60,22 +59,27 @@ def epilogue_rows(out, bias, act, residual, row_start, row_stop, col_start, col_
 
 
 @njit(parallel=True, cache=True)
-def gemm_tiles(a, w, bias, out, act, residual, tile_rows, tile_cols):
+def gemm_tiles(a, w, bias, out, act, residual, rows_per_image, tile_rows, tile_cols):
     """out = act(a @ w + bias) (+ residual), one BLAS call per tile of out, tiles spread over the cores.
 
-    All arrays C-contiguous 2-D; a [M, K], w [K, N], out and residual [M, N].
+    All arrays C-contiguous 2-D; a [M, K], w [K, N], out and residual [M, N]; M is a whole number of
+    images of ``rows_per_image`` rows each, and no tile spans two images (see ``tile_shape``).
     """
     m, k = a.shape
     n = w.shape[1]
-    row_tiles = (m + tile_rows - 1) // tile_rows
+    images = m // rows_per_image
+    row_tiles = (rows_per_image + tile_rows - 1) // tile_rows
     col_tiles = (n + tile_cols - 1) // tile_cols
     a_address = np.int64(a.ctypes.data)
     w_address = np.int64(w.ctypes.data)
     out_address = np.int64(out.ctypes.data)
-    for tile in prange(row_tiles * col_tiles):
-        r0 = (tile // col_tiles) * tile_rows
-        c0 = (tile % col_tiles) * tile_cols
-        r1 = min(m, r0 + tile_rows)
+    for tile in prange(images * row_tiles * col_tiles):
+        image = tile // (row_tiles * col_tiles)
+        within = tile % (row_tiles * col_tiles)
+        image_start = image * rows_per_image
+        r0 = image_start + (within // col_tiles) * tile_rows
+        c0 = (within % col_tiles) * tile_cols
+        r1 = min(image_start + rows_per_image, r0 + tile_rows)
         c1 = min(n, c0 + tile_cols)
         # Row-major: a tile of out is rows r0..r1 of a times columns c0..c1 of w; the leading
         # dimensions stay those of the whole arrays.
@@ -89,36 +93,39 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def tile_shape(m: int, k: int, n: int, threads: int) -> tuple[int, int]:
-    """Rows and columns of ``out`` per BLAS call, for an [m, k] x [k, n] product on ``threads`` cores.
+# Tiles per image the cut aims for: enough to keep up to four cores busy on one image. A constant,
+# never the thread count, so that every output value is summed in the same order whatever the
+# thread count (see tile_shape).
+TILES_PER_IMAGE = 4
 
-    Measured at MobileNet shapes (bench/kernels.py, and whole models with bench/run.py --profile):
+
+def tile_shape(rows: int, k: int, n: int) -> tuple[int, int]:
+    """Rows and columns of ``out`` per BLAS call, for one image's [rows, k] x [k, n] product.
+
+    A function of the shape alone. BLAS may round a product differently when its shape differs
+    (OpenBLAS's Haswell kernels do), so the cut must not depend on the thread count nor on the
+    batch: each image is cut the same way wherever it sits in a batch, and every output value is
+    then summed in the same order -- the same answer bit for bit on 1 core or 4, alone or in a batch.
+
     - each call repacks its columns of the weights, so tiles are few and tall: 256 rows when the
       product is deep (k >= 128: the weights are big and the product, not the epilogue, is the
       work); when it is shallow, blocks whose output (~32 KiB) is still in cache for the epilogue,
-      but at least 64 rows. (MobileNet V1's 1x1 convs on one core: 11.8 -> 10.1 ms going from 64-row
-      to 256-row tiles for the deep ones.)
-    - the same number of tiles on every core, at least two each;
-    - when there are too few rows for that (7x7 layers, dense), columns are split too, never
-      narrower than 32.
+      but at least 64 rows;
+    - at least TILES_PER_IMAGE tiles where the image has the rows for it; when it has too few rows
+      (7x7 layers, dense), columns are split too, never narrower than 32.
     """
-    rows = -(-m // (256 if k >= 128 else max(64, 8192 // n)))
-    cols = 1
-    if m < 16:  # a matrix-vector product: BLAS is slow on one very wide tile
-        cols = max(cols, 4)
-    if threads > 1:
-        if rows < 2 * threads:
-            if m >= 64 * threads:
-                rows = 2 * threads
-            else:
-                cols = max(cols, -(-2 * threads // rows))
-        if cols == 1 and rows < 8 * threads:
-            rows = -(-rows // threads) * threads
+    row_tiles = -(-rows // (256 if k >= 128 else max(64, 8192 // n)))
+    cols = 4 if rows < 16 else 1  # a matrix-vector product: BLAS is slow on one very wide tile
+    if row_tiles < TILES_PER_IMAGE:
+        if rows >= 64 * TILES_PER_IMAGE:
+            row_tiles = TILES_PER_IMAGE
+        else:
+            cols = max(cols, -(-TILES_PER_IMAGE // row_tiles))
     tile_cols = n if cols == 1 else min(n, max(32, _round_up(-(-n // cols), 16)))
     col_tiles = -(-n // tile_cols)
-    if threads > 1 and rows * col_tiles < 2 * threads:  # columns this narrow ran out: cut the rows too
-        rows = min(m, -(-2 * threads // col_tiles))
-    return -(-m // rows), tile_cols
+    if row_tiles * col_tiles < TILES_PER_IMAGE:  # columns this narrow ran out: cut the rows too
+        row_tiles = min(rows, -(-TILES_PER_IMAGE // col_tiles))
+    return -(-rows // row_tiles), tile_cols
 
 
 @njit(cache=True)
@@ -152,30 +159,45 @@ def _contiguous(*arrays) -> bool:
 
 
 def gemm(a: np.ndarray, w: np.ndarray, bias: np.ndarray, out: np.ndarray, act: int,
-         residual: np.ndarray | None) -> None:
-    """out = act(a @ w + bias) (+ residual) for 2-D a [M, K], w [K, N], on Numba's threads."""
+         residual: np.ndarray | None, rows_per_image: int | None = None) -> None:
+    """out = act(a @ w + bias) (+ residual) for 2-D a [M, K], w [K, N], on Numba's threads.
+
+    ``rows_per_image``: the rows of one image (H*W for a convolution, 1 for a dense layer; default
+    all of M): the product is cut image by image, so an image's answer does not depend on its batch.
+    """
     m, cout = out.shape
+    rows_per_image = m if rows_per_image is None else rows_per_image
     # BLAS is handed raw addresses: a wrong shape would read or write past an array, not raise.
     if a.shape != (m, w.shape[0]) or w.shape[1] != cout or bias.shape != (cout,) or (
             residual is not None and residual.shape != out.shape):
         raise ValueError(f"gemm shapes do not fit: a {a.shape} @ w {w.shape} + bias {bias.shape} -> out {out.shape}"
                          + ("" if residual is None else f" + residual {residual.shape}"))
+    if m and (rows_per_image < 1 or m % rows_per_image):
+        raise ValueError(f"gemm: {m} rows are not a whole number of images of {rows_per_image} rows")
+    if m == 0:
+        return
     if blas.AVAILABLE and _contiguous(a, w, out, residual) and a.dtype == w.dtype == out.dtype == np.float32:
-        tile_rows, tile_cols = tile_shape(m, a.shape[1], cout, numba.get_num_threads())
-        gemm_tiles(a, w, bias, out, act, residual, tile_rows, tile_cols)
+        tile_rows, tile_cols = tile_shape(rows_per_image, a.shape[1], cout)
+        gemm_tiles(a, w, bias, out, act, residual, rows_per_image, tile_rows, tile_cols)
     else:
-        gemm_matmul(a, w, bias, out, act, residual)
+        gemm_matmul(a, w, bias, out, act, residual, rows_per_image)
 
 
 def gemm_matmul(a: np.ndarray, w: np.ndarray, bias: np.ndarray, out: np.ndarray, act: int,
-                residual: np.ndarray | None) -> None:
-    """``gemm`` with the product by np.matmul (one thread), the epilogue block by block."""
+                residual: np.ndarray | None, rows_per_image: int | None = None) -> None:
+    """``gemm`` with the product by np.matmul (one thread), the epilogue block by block.
+
+    Blocks never span two images and are cut the same way in each, as in ``gemm``.
+    """
     m, cout = out.shape
+    rows_per_image = m if rows_per_image is None else rows_per_image
     rows = max(16, _BLOCK_BYTES // (4 * max(cout, a.shape[1])))
-    for start in range(0, m, rows):
-        stop = min(m, start + rows)
-        np.matmul(a[start:stop], w, out=out[start:stop])
-        _epilogue(out, bias, act, residual, start, stop)
+    for image_start in range(0, m, max(1, rows_per_image)):
+        image_stop = min(m, image_start + rows_per_image)
+        for start in range(image_start, image_stop, rows):
+            stop = min(image_stop, start + rows)
+            np.matmul(a[start:stop], w, out=out[start:stop])
+            _epilogue(out, bias, act, residual, start, stop)
 
 
 def pointwise_conv2d(
@@ -191,12 +213,12 @@ def pointwise_conv2d(
     a = x.reshape(-1, cin)
     o = out.reshape(-1, cout)
     r = None if residual is None else residual.reshape(-1, cout)
-    gemm(a, kernel, bias, o, act, r)
+    gemm(a, kernel, bias, o, act, r, rows_per_image=x.shape[1] * x.shape[2] if x.ndim == 4 else None)
 
 
 def dense(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, out: np.ndarray, act: int = ACT_NONE) -> None:
     """out = act(x @ kernel + bias) for x [M, features] (softmax is a separate step: activations.softmax)."""
-    gemm(x, kernel, bias, out, act, None)
+    gemm(x, kernel, bias, out, act, None, rows_per_image=1)
 
 
 # --------------------------------------------------------------------------------------------------

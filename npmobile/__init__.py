@@ -9,7 +9,25 @@ from __future__ import annotations
 
 import os
 
-from npmobile.errors import (
+
+def _find_top_level_subpackages() -> None:
+    """Let ``npmobile.kernels`` and ``npmobile.weights`` be found in a source checkout.
+
+    They sit at the top of the repository (the design card's layout) and are installed into the
+    package as npmobile/kernels and npmobile/weights. Run from the repository root, this folder
+    shadows any installed copy, so an installed one (editable or not) is never what is imported:
+    when the two folders are not inside the package, look for them one level up.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    in_checkout = os.path.isfile(os.path.join(root, "kernels", "__init__.py"))
+    if in_checkout and not os.path.isdir(os.path.join(here, "kernels")):
+        __path__.append(root)  # noqa: F821 -- a package's __path__, set by the import system
+
+
+_find_top_level_subpackages()
+
+from npmobile.errors import (  # noqa: E402 -- after the search path is complete
     ImageError,
     InputShapeError,
     ModelFileError,
@@ -17,7 +35,7 @@ from npmobile.errors import (
     UnsupportedLayerError,
     WeightsError,
 )
-from npmobile.interpreter import Model
+from npmobile.interpreter import Model  # noqa: E402
 
 __version__ = "0.1.0"
 

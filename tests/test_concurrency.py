@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -44,3 +49,19 @@ def test_a_batch_on_two_cores_equals_one_core_exactly():
     maps = model.predict(x, threads=2, outputs=["block_3_depthwise", "out_relu"])
     np.testing.assert_array_equal(maps["block_3_depthwise"],
                                   model.predict(x, threads=1, outputs=["block_3_depthwise"])["block_3_depthwise"])
+
+
+def test_an_image_answers_the_same_on_1_to_4_threads_in_any_batch_and_position():
+    """The determinism contract (README), on one model of each family: final and intermediate outputs
+    bit-identical for threads 1-4, batches of 1, 3 and 7, the image at different positions.
+
+    In a process of its own with NUMBA_NUM_THREADS=4: Numba caps its threads at the core count."""
+    worker = Path(__file__).with_name("determinism_worker.py")
+    env = {**os.environ, "NUMBA_NUM_THREADS": "4"}
+    result = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True, timeout=600, env=env,
+                            cwd=worker.parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["threads"] == [1, 2, 3, 4]
+    assert report["checked"] == 4 * 3 * 4 * 5  # models x layers x thread counts x (batch, position)
+    assert report["mismatches"] == []

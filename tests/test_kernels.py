@@ -8,6 +8,8 @@ operations in the same order, must match bit for bit.
 
 from __future__ import annotations
 
+import inspect
+
 import numba
 import numpy as np
 import pytest
@@ -31,6 +33,7 @@ from npmobile.kernels.activations import (
 from npmobile.kernels.conv import conv2d
 from npmobile.kernels.depthwise import depthwise_conv2d, output_size
 from npmobile.kernels.pointwise import (
+    TILES_PER_IMAGE,
     dense,
     gemm_matmul,
     gemm_tiles,
@@ -244,32 +247,53 @@ GEMM_SHAPES = [(1, 1, 1), (1, 1280, 1000), (7, 5, 3), (49, 160, 960), (196, 24, 
 
 @pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
 def test_gemm_tiles_any_tiling_matches_reference(rng, m, k, n):
-    """Every way of cutting the product -- ragged last tiles, single rows or columns, one tile --
-    gives the reference's answer, with and without a residual, on one thread and on all."""
+    """Every way of cutting the product -- ragged last tiles, single rows or columns, one tile, one
+    image or several -- gives the reference's answer, with and without a residual, on one thread and on all."""
     a, w, bias, shortcut = rand(rng, m, k), rand(rng, k, n, scale=k**-0.5), rand(rng, n), rand(rng, m, n)
     plain = R.dense(a, w, bias)
-    tilings = {(m, n), (1, 1), (max(1, m // 3), max(1, n // 2)), (5, 17), (64, n)}
+    tilings = {(m, n), (1, 1), (max(1, m // 3), max(1, n // 2)), (5, 17), (64, n), tile_shape(m, k, n)}
+    images = [1] + [d for d in (3, 7) if m % d == 0]
     for threads in sorted({1, max_threads()}):
         with thread_limits(threads):
-            tilings.add(tile_shape(m, k, n, threads))
-            for tile_rows, tile_cols in sorted(tilings):
-                out = np.full((m, n), np.nan, dtype=np.float32)
-                gemm_tiles(a, w, bias, out, ACT_RELU6, None, tile_rows, tile_cols)
-                assert_close(out, R.relu6(plain))
-                gemm_tiles(a, w, bias, out, ACT_NONE, shortcut, tile_rows, tile_cols)
-                assert_close(out, plain + shortcut)
+            for count in images:
+                for tile_rows, tile_cols in sorted(tilings):
+                    out = np.full((m, n), np.nan, dtype=np.float32)
+                    gemm_tiles(a, w, bias, out, ACT_RELU6, None, m // count, min(tile_rows, m // count), tile_cols)
+                    assert_close(out, R.relu6(plain))
+                    gemm_tiles(a, w, bias, out, ACT_NONE, shortcut, m // count, min(tile_rows, m // count), tile_cols)
+                    assert_close(out, plain + shortcut)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 4])
-def test_tile_shape_gives_every_core_work(threads):
+def test_tile_shape_gives_four_cores_work_and_ignores_the_thread_count():
+    """The cut is a function of one image's shape (the determinism contract): it takes no thread count,
+    and gives at least TILES_PER_IMAGE tiles wherever an image is big enough to split."""
+    assert "threads" not in inspect.signature(tile_shape).parameters
     for m in (1, 7, 49, 196, 784, 3136, 12544, 100000):
         for n in (1, 16, 24, 96, 160, 1000, 1280):
             for k in (3, 27, 128, 1024):
-                tile_rows, tile_cols = tile_shape(m, k, n, threads)
+                tile_rows, tile_cols = tile_shape(m, k, n)
                 assert 1 <= tile_rows <= m and 1 <= tile_cols <= n
                 tiles = -(-m // tile_rows) * -(-n // tile_cols)
-                if m * n >= 64 * 32 * threads:  # big enough to split: at least one tile per core
-                    assert tiles >= threads, (m, k, n, tile_rows, tile_cols)
+                if m * n >= 64 * 32 * TILES_PER_IMAGE:  # big enough to split
+                    assert tiles >= TILES_PER_IMAGE, (m, k, n, tile_rows, tile_cols)
+
+
+def test_gemm_answers_an_image_the_same_wherever_it_sits_in_a_batch(rng):
+    """Bit for bit, not within a tolerance: the engine cuts each image the same way, so the same
+    arithmetic runs in the same order for it alone, in a batch, on one core or on all."""
+    h, w, k, n = 14, 14, 144, 24
+    image = rand(rng, 1, h, w, k)
+    weights, bias = rand(rng, k, n, scale=k**-0.5), rand(rng, n)
+    alone = np.empty((1, h, w, n), np.float32)
+    pointwise_conv2d(image, weights, bias, alone, ACT_RELU6)
+    for threads in sorted({1, max_threads()}):
+        with thread_limits(threads):
+            for position in range(3):
+                batch = rand(rng, 3, h, w, k)
+                batch[position] = image[0]
+                out = np.empty((3, h, w, n), np.float32)
+                pointwise_conv2d(batch, weights, bias, out, ACT_RELU6)
+                np.testing.assert_array_equal(out[position], alone[0])
 
 
 def test_kernels_refuse_shapes_that_do_not_fit(rng):
