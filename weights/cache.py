@@ -205,19 +205,19 @@ def _inside(path: Path, directory: Path) -> bool:
 
 
 def terminal_progress(label: str, stream: TextIO | None = None) -> Progress | None:
-    """A one-line progress bar on ``stream`` (stderr) when it is a terminal; None (silent) otherwise."""
+    """tqdm's bar on ``stream`` (stderr) when it is a terminal; None (silent) otherwise."""
     stream = stream if stream is not None else sys.stderr
     if not (hasattr(stream, "isatty") and stream.isatty()):
         return None
+    from tqdm import tqdm
+
+    bar = tqdm(desc=f"downloading {label}", unit="B", unit_scale=True, unit_divisor=1024, file=stream)
 
     def show(done: int, total: int | None) -> None:
-        if total:
-            filled = int(30 * min(done, total) / total)
-            stream.write(f"\rdownloading {label} [{'#' * filled}{'.' * (30 - filled)}] {done / 2**20:.1f} MB")
-            if done >= total:
-                stream.write("\n")
-        else:
-            stream.write(f"\rdownloading {label} {done / 2**20:.1f} MB")
-        stream.flush()
+        if total is not None and bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+        if total is not None and done >= total:
+            bar.close()
 
     return show

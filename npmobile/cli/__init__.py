@@ -1,0 +1,66 @@
+"""The command line: ``python -m npmobile COMMAND ...`` (also installed as ``npmobile``).
+
+One module per command (classify, summary, profile, show), each with ``add_parser(commands)`` and
+``run(args)``; what they share -- opening a model from a family name, a file or weights -- is in
+``npmobile.cli.models``. Expected failures (a bad file, a missing weights file, an unreadable image)
+print one line to stderr and exit 1; usage errors exit 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from npmobile.cli import classify, profile, show, summary
+from npmobile.errors import NpmobileError
+
+COMMANDS = (classify, summary, profile, show)
+
+EXAMPLES = """\
+examples:
+  npmobile classify samples/chelsea.jpg                 top-5 ImageNet classes (MobileNetV2, official weights)
+  npmobile classify photos/ --model mobilenet_v3_large --top 3 --json > labels.json
+  npmobile classify cat.png --weights my_finetuned.keras
+  npmobile classify cat.png --model mobilenet --alpha 0.5 --size 160 --crop center
+  npmobile summary mobilenet_v3_small
+  npmobile summary my_model.h5
+  npmobile summary mobilenet_v2 --costs                 params and MACs per layer, depthwise vs standard conv
+  npmobile profile cat.jpg --size 160 --plot time.png --roofline roofline.png
+  npmobile show cat.jpg --layer block_3_depthwise --out maps.png
+  npmobile show cat.jpg --layer block_3_depthwise --filters --out kernels.png
+
+weights="imagenet" files are looked for in $NPMOBILE_WEIGHTS_DIR, then the Keras cache (~/.keras/models),
+then downloaded once into ~/.cache/npmobile (checksummed).
+exit status: 0 ok, 1 failure (any image that could not be classified), 2 usage error.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="npmobile",
+        description="Run MobileNet V1/V2/V3 on the CPU without TensorFlow; reads Keras files.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        sub = command.add_parser(commands)
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sub.set_defaults(handler=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except NpmobileError as error:
+        if args.debug:
+            raise
+        print(f"npmobile: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

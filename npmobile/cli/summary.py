@@ -1,0 +1,47 @@
+"""``npmobile summary``: a model as a Keras-like table, or with ``--costs`` its params and MACs per layer."""
+
+from __future__ import annotations
+
+from npmobile.cli.models import family_model, positive_int
+from npmobile.weights.registry import FAMILIES
+
+
+def add_parser(commands):
+    parser = commands.add_parser(
+        "summary", help="print a model as a Keras-like table",
+        description="Print a model's layers, output shapes and parameter counts.",
+    )
+    parser.add_argument("model", metavar="MODEL",
+                        help="a Keras file (.h5, .keras) or a family name: " + ", ".join(FAMILIES))
+    parser.add_argument("--alpha", type=float, default=1.0, help="width multiplier for a family name")
+    parser.add_argument("--size", type=positive_int, default=224, help="input size for a family name")
+    parser.add_argument("--minimalistic", action="store_true", help="V3 minimalistic variant")
+    parser.add_argument("--costs", action="store_true",
+                        help="params and MACs per layer, subtotals per block part, and what each depthwise "
+                             "layer saves against a standard convolution (a file with an unknown input size "
+                             "is counted at --size)")
+    return parser
+
+
+def run(args) -> int:
+    import npmobile
+
+    if args.model in FAMILIES:
+        model = family_model(args.model, args.alpha, args.size, args.minimalistic, None)
+    else:
+        model = npmobile.load_model(args.model)
+    if args.costs:
+        print(costs_report(model, args.size))
+    else:
+        print(model.summary_text())
+    return 0
+
+
+def costs_report(model, size: int) -> str:
+    from npmobile import costs
+
+    unknown = any(d is None for d in model.input_shape[1:3])
+    table = costs.costs_text(model, costs.layer_costs(model, input_size=size if unknown else None))
+    if unknown:
+        table = f"(the model takes any input size; counted at {size}x{size})\n" + table
+    return table
