@@ -8,9 +8,9 @@ and, when installed, PyTorch (traced), on the same weights and inputs, in one ru
     .venv/bin/python bench/run.py --profile --models v2 --threads 2     # where the time goes, npmobile beside ORT
 
 How it measures: the parent builds each model with keras.applications (weights=None, BatchNorm given
-non-trivial statistics), saves it as .keras (npmobile loads that file) and exports it to ONNX and to LiteRT's .tflite (Keras's
-own `model.export(format="litert")`; LiteRT runs it with its default XNNPACK delegate). Each
-engine runs in a process of its own (thread settings are per process, and idle thread pools of one
+non-trivial statistics), saves it as .keras (npmobile loads that file) and exports it to ONNX and to
+LiteRT's .tflite (Keras's own `model.export(format="litert")`; LiteRT runs it with its default XNNPACK
+delegate). Each engine runs in a process of its own (thread settings are per process, and idle thread pools of one
 engine would steal cores from another), and the parent interleaves them: each round asks every
 engine in turn, in rotating order, for a few timed predictions, so drift on this shared machine
 hits all engines alike. Reported: medians (ms) with interquartile range, npmobile/peer ratios

@@ -378,9 +378,10 @@ def _window_out(size, kernel: int, stride: int, dilation: int, padding, axis: in
     if size is None:
         return None
     if padding == "same":
-        return -(-size // stride)
-    pad = (0, 0) if padding == "valid" else tuple(padding[axis])
-    return (size + pad[0] + pad[1] - (kernel - 1) * dilation - 1) // stride + 1
+        pad = K.same_padding(size, kernel, stride, dilation)
+    else:
+        pad = (0, 0) if padding == "valid" else tuple(padding[axis])
+    return K.conv_output_size(size, kernel, stride, pad, dilation)
 
 
 def _spatial(node: Node, shape: Shape, kernel_hw, strides, dilation) -> tuple:
