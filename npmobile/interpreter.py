@@ -129,8 +129,11 @@ class Model:
             feeds.append(a)
         return feeds
 
-    def plan(self, outputs: Sequence[str] | None = None) -> Graph:
-        """The optimized graph that computes ``outputs`` (fusion stops at every requested layer)."""
+    def optimized_graph(self, outputs: Sequence[str] | None = None) -> Graph:
+        """The optimized graph that computes ``outputs`` (fusion stops at every requested layer).
+
+        (Its nodes are what the plan -- npmobile.plan, the kernel calls over buffers -- is built from.)
+        """
         key = frozenset(outputs or ())
         if key not in self._plans:
             for name in key:
@@ -138,8 +141,14 @@ class Model:
             self._plans[key] = optimize(self.graph, keep=key)
         return self._plans[key]
 
+    def plan(self, outputs: Sequence[str] | None = None) -> Graph:
+        """Deprecated name of ``optimized_graph`` (a plan is npmobile.plan.Plan, a list of kernel calls)."""
+        warnings.warn("Model.plan() is renamed Model.optimized_graph(); plan() will be removed",
+                      DeprecationWarning, stacklevel=2)
+        return self.optimized_graph(outputs)
+
     def _run(self, feeds: list[np.ndarray], outputs: Sequence[str] | None):
-        graph = self.plan(outputs)
+        graph = self.optimized_graph(outputs)
         wanted = [graph.resolve(name) for name in outputs] if outputs is not None else list(graph.outputs)
         key = tuple(outputs) if outputs is not None else None
         runner = self._runners.get(key)

@@ -131,7 +131,7 @@ def plan_costs(plan: Graph, input_shape: tuple) -> list[StepCost]:
 
 def profile_steps(model, rows: list[dict], input_shape: tuple) -> list[StepProfile]:
     """Join ``Model.profile`` rows (seconds per step) with the steps' costs, by node name."""
-    costs = {c.name: c for c in plan_costs(model.plan(), input_shape)}
+    costs = {c.name: c for c in plan_costs(model.optimized_graph(), input_shape)}
     return [StepProfile(costs[r["name"]], float(r["seconds"]), tuple(r["keras_names"])) for r in rows
             if r["name"] in costs]
 
@@ -139,7 +139,7 @@ def profile_steps(model, rows: list[dict], input_shape: tuple) -> list[StepProfi
 def bytes_per_mac(model, size: int | tuple[int, int]) -> float:
     """Compulsory bytes moved per multiply-accumulate over the whole optimized plan, batch 1."""
     h, w = (size, size) if isinstance(size, int) else size
-    steps = plan_costs(model.plan(), (1, h, w, model.input_shape[-1]))
+    steps = plan_costs(model.optimized_graph(), (1, h, w, model.input_shape[-1]))
     macs = sum(s.macs for s in steps)
     return sum(s.bytes for s in steps) / macs if macs else 0.0
 

@@ -115,10 +115,11 @@ def _mobilenet_v3(blocks, last_point_ch: int, model_type: str, input_shape, alph
         raise NpmobileError("imagenet weights exist for alpha 0.75 and 1.0 (minimalistic: 1.0 only); "
                             f"got alpha={alpha}, minimalistic={minimalistic}")
 
+    # Keras passes se_ratio=None (minimalistic) or 0.25 (SE_RATIO, used by _se_block).
     if minimalistic:
-        kernel, activation, se_ratio = 3, _relu, False
+        kernel, activation, use_se = 3, _relu, False
     else:
-        kernel, activation, se_ratio = 5, _hard_swish, True
+        kernel, activation, use_se = 5, _hard_swish, True
 
     b = Builder()
     inputs = b.input(input_shape)
@@ -132,7 +133,7 @@ def _mobilenet_v3(blocks, last_point_ch: int, model_type: str, input_shape, alph
     for block_id, (expansion, filters, k, stride, se, act) in enumerate(blocks):
         x = _inverted_res_block(
             b, x, expansion, make_divisible(filters * alpha), kernel if k == "k" else k, stride,
-            se and se_ratio, _relu if act == "relu" else activation, block_id,
+            se and use_se, _relu if act == "relu" else activation, block_id,
         )
 
     last_conv_ch = make_divisible(x.channels * 6)
