@@ -1,7 +1,7 @@
 """Run a graph: walk its nodes in order, hand each one its inputs, keep what is still needed.
 
-The interpreter knows graphs, not arithmetic: what a node computes is in npmobile.layers (and below
-it, the kernels). Here live the things a user touches: ``Model.predict`` and ``Model.summary``.
+The interpreter knows graphs, not arithmetic: what a node computes is in its layer record
+(npmobile.ops, and below it the kernels). Here live the things a user touches: ``Model.predict`` and ``Model.summary``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import numpy as np
 from npmobile.errors import InputShapeError
 from npmobile.graph import Graph
 from npmobile.kernels.threads import thread_limits
-from npmobile.layers import LAYER_FUNCTIONS, infer_shapes
+from npmobile.layers import infer_shapes
+from npmobile.ops import layer_type
 from npmobile.passes import optimize
 from npmobile.plan import PlanCache
 
@@ -196,7 +197,7 @@ class Model:
             if node.op == "InputLayer":
                 continue
             args = [values[i] if isinstance(i, str) else i for i in node.inputs]
-            values[node.name] = LAYER_FUNCTIONS[node.op](node, args, graph.keras_version)
+            values[node.name] = layer_type(node.op).reference(node, args, graph.keras_version)
             for inp in node.inputs:
                 if isinstance(inp, str):
                     remaining[inp] -= 1

@@ -28,6 +28,7 @@ import numpy as np
 from npmobile.costs import node_macs, with_input_size
 from npmobile.graph import Graph, Node
 from npmobile.layers import infer_shapes
+from npmobile.ops import layer_type
 
 _NO_WORK = ("InputLayer", "ZeroPadding2D", "Reshape", "Flatten", "Dropout")
 
@@ -77,18 +78,8 @@ class StepProfile:
 
 
 def step_kind(node: Node) -> str:
-    if node.op == "DepthwiseConv2D":
-        return "depthwise"
-    if node.op == "Conv2D":
-        kernel = node.weights.get("kernel")
-        return "pointwise" if kernel is not None and kernel.shape[:2] == (1, 1) else "conv"
-    if node.op == "SeparableConv2D":
-        return "conv"
-    if node.op == "Dense":
-        return "dense"
-    if node.op == "SqueezeExcite":
-        return "se"
-    return "other"
+    """The bucket a step's time goes in: pointwise, depthwise, conv, dense, se or other (its record's kind)."""
+    return layer_type(node.op).kind(node)
 
 
 def _elements(shape: tuple, batch: int) -> int:

@@ -8,9 +8,9 @@ import os
 import numpy as np
 
 from npmobile.errors import ModelFileError, NpmobileError, WeightsError
-from npmobile.graph import Graph, Node
+from npmobile.graph import Graph
 from npmobile.interpreter import Model
-from npmobile.layers import expected_weight_shapes
+from npmobile.ops import layer_type
 from npmobile.spec import ModelSpec
 
 
@@ -87,8 +87,7 @@ def random_weights(spec: ModelSpec, in_channels: dict[str, int], seed: int = 0) 
     for layer in spec.layers:
         if layer.name not in in_channels:
             continue
-        node = Node(layer.name, layer.class_name, layer.config, [])
-        shapes = expected_weight_shapes(node, in_channels[layer.name])
+        shapes = layer_type(layer.class_name).weights(layer.config, in_channels[layer.name])
         weights = {}
         for var, shape in shapes.items():
             if var in ("bias", "beta", "moving_mean"):
