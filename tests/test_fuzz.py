@@ -101,13 +101,20 @@ def _set(tree, path, value):
 
 
 @pytest.fixture(scope="module")
-def keras_zip(keras_files):
-    return keras_files.get("MobileNetV3Large", "keras3_keras", **SMALL).path
+def keras_zips(keras_files, tmp_path_factory):
+    """A MobileNetV3-Large and a segmentation head with UpSampling2D (bilinear), as .keras archives."""
+    import keras
+    from keras_files import segmentation_head
+
+    head = tmp_path_factory.mktemp("segmentation") / "segmentation.keras"
+    segmentation_head(keras, "bilinear").save(str(head))
+    return [keras_files.get("MobileNetV3Large", "keras3_keras", **SMALL).path, head]
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
-def test_mutated_configs_load_or_raise_our_error(keras_zip, tmp_path_factory, data):
+def test_mutated_configs_load_or_raise_our_error(keras_zips, tmp_path_factory, data):
+    keras_zip = data.draw(st.sampled_from(keras_zips), label="file")
     with zipfile.ZipFile(keras_zip) as archive:
         members = {name: archive.read(name) for name in archive.namelist()}
     config = json.loads(members["config.json"])
@@ -126,7 +133,7 @@ def test_mutated_configs_load_or_raise_our_error(keras_zip, tmp_path_factory, da
     with zipfile.ZipFile(target, "w") as archive:
         for name, content in members.items():
             archive.writestr(name, json.dumps(config) if name == "config.json" else content)
-    record_fuzz("config:mutated.keras", 1, {load_and_predict(target): 1})
+    record_fuzz(f"config:{keras_zip.name}", 1, {load_and_predict(target): 1})
 
 
 class Hang(Exception):

@@ -1,5 +1,5 @@
-"""Layers that move or rescale values without mixing them: ZeroPadding2D, Reshape, Flatten, Rescaling,
-Dropout (the identity at inference)."""
+"""Layers that move, repeat or rescale values without mixing channels: ZeroPadding2D, Reshape, Flatten,
+Rescaling, UpSampling2D, Dropout (the identity at inference)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from npmobile.errors import ModelFileError
+from npmobile.errors import ModelFileError, UnsupportedLayerError
 from npmobile.kernels import reference as ref
 from npmobile.ops import LayerType, register
 from npmobile.ops.common import pair
@@ -102,3 +102,35 @@ register(
     LayerType("Rescaling", rescaling_reference, validate=rescaling_validate),
     LayerType("Dropout", identity_reference),
 )
+
+
+# --------------------------------------------------------------------------------------------------
+# UpSampling2D: the worked example of README's "Adding a layer type"
+# --------------------------------------------------------------------------------------------------
+
+UPSAMPLING_INTERPOLATIONS = ("nearest", "bilinear")
+
+
+def upsampling_validate(node: Node, keras_version: int) -> None:
+    size = node.config.get("size", (2, 2))
+    values = list(size) if isinstance(size, (list, tuple)) else [size]
+    if len(values) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                            for v in values):
+        raise ModelFileError(f"layer {node.name!r} (UpSampling2D): size={size!r} must be positive integers")
+    interpolation = node.config.get("interpolation", "nearest")
+    if interpolation not in UPSAMPLING_INTERPOLATIONS:
+        raise UnsupportedLayerError(f"layer {node.name!r} (UpSampling2D): interpolation {interpolation!r} is not "
+                                    f"supported ({', '.join(UPSAMPLING_INTERPOLATIONS)})")
+
+
+def upsampling_output_shape(node: Node, inputs: list) -> tuple:
+    x = next(s for s in inputs if s is not None)
+    sh, sw = pair(node.config.get("size", 2))
+    return (None, None if x[1] is None else x[1] * sh, None if x[2] is None else x[2] * sw, x[3])
+
+
+def upsampling_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
+    return ref.upsample2d(inputs[0], pair(node.config.get("size", 2)), node.config.get("interpolation", "nearest"))
+
+
+register(LayerType("UpSampling2D", upsampling_reference, upsampling_output_shape, validate=upsampling_validate))
