@@ -41,14 +41,20 @@ __version__ = "0.1.0"
 
 
 def load_model(path: str | os.PathLike) -> Model:
-    """Load a whole Keras model: a legacy .h5 (Keras 2/tf_keras or Keras 3) or a .keras file.
+    """Load a whole Keras model: a legacy .h5 (Keras 2/tf_keras or Keras 3) or a .keras file; or a PyTorch
+    state dict (.pth, .safetensors) of a torchvision MobileNetV2/V3, its architecture read from its tensors.
 
     Weights-only files (.weights.h5, or the official keras-applications .h5) carry no architecture:
     pass them as ``weights=`` to an architecture in npmobile.applications instead.
     """
     from npmobile.graph import Graph
     from npmobile.io import read_model
+    from npmobile.io.torch import torch_format
 
+    if torch_format(os.fspath(path)) is not None:
+        from npmobile.applications.torchvision import load_state_dict_model
+
+        return load_state_dict_model(path)
     return Model(Graph.from_spec(read_model(os.fspath(path))))
 
 

@@ -49,6 +49,15 @@ def _concat(parts: list):
     return np.concatenate(parts)
 
 
+def _nchw_to_nhwc(x) -> np.ndarray:
+    x = np.asarray(x)
+    return x.transpose(0, 2, 3, 1) if x.ndim == 4 else x
+
+
+def _nhwc_to_nchw(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if x.ndim == 4 else x
+
+
 class Model:
     """A loaded MobileNet (or any supported Keras graph), ready to run.
 
@@ -94,6 +103,7 @@ class Model:
         batch_size: int | None = None,
         reference: bool = False,
         threads: int | None = None,
+        data_format: str = "channels_last",
     ) -> np.ndarray | dict[str, np.ndarray]:
         """Run the model on a batch of NHWC images.
 
@@ -104,7 +114,16 @@ class Model:
         reference kernels: slow, and the definition the fast path is checked against.
         ``threads``: how many cores the kernels use (default: NUMBA_NUM_THREADS, i.e. all). BLAS is
         held to one thread meanwhile: its pool and Numba's fight when both are awake.
+        ``data_format="channels_first"``: ``x`` is NCHW (PyTorch's layout), and so are the 4-D outputs.
         """
+        if data_format not in ("channels_last", "channels_first"):
+            raise ValueError(f"data_format must be 'channels_last' or 'channels_first'; got {data_format!r}")
+        if data_format == "channels_first":
+            x = [_nchw_to_nhwc(a) for a in x] if isinstance(x, (list, tuple)) else _nchw_to_nhwc(x)
+            result = self.predict(x, outputs, batch_size, reference, threads)
+            if isinstance(result, dict):
+                return {name: _nhwc_to_nchw(a) for name, a in result.items()}
+            return [_nhwc_to_nchw(a) for a in result] if isinstance(result, list) else _nhwc_to_nchw(result)
         feeds = self._check_inputs(x)
         run = self._run_reference if reference else self._run
         n = feeds[0].shape[0]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from npmobile.errors import WeightsError
-from npmobile.weights.registry import BASE_URL, WeightsFileInfo
+from npmobile.weights.registry import WeightsFileInfo
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 CHUNK = 1 << 20
@@ -44,7 +44,10 @@ def resolve(info: WeightsFileInfo, *, cache_dir: str | os.PathLike | None = None
     is a terminal, and nothing otherwise.
     """
     own = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    for directory in search_dirs(own):
+    dirs = search_dirs(own)
+    if info.sha256_prefix is not None:  # a torchvision file: torch hub's cache is the Keras cache's twin
+        dirs.insert(-1, torch_hub_dir())
+    for directory in dirs:
         candidate = directory / info.filename
         if directory == own and not _inside(candidate, own):
             continue  # a link planted in our cache pointing elsewhere: never read through it
@@ -69,6 +72,13 @@ def keras_cache_dir() -> Path:
     return Path(keras_home).expanduser() / "models"
 
 
+def torch_hub_dir() -> Path:
+    """Where torch.hub.load_state_dict_from_url keeps torchvision's weights."""
+    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "torch")
+    return Path(torch_home).expanduser() / "hub" / "checkpoints"
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("NPMOBILE_CACHE_DIR") or Path.home() / ".cache" / "npmobile").expanduser()
 
@@ -83,6 +93,8 @@ def file_ok(path: Path, info: WeightsFileInfo) -> bool:
     try:
         if not path.is_file():
             return False
+        if info.sha256_prefix is not None:
+            return sha256(path).startswith(info.sha256_prefix)
         if info.md5 is not None:
             return md5(path) == info.md5
         return hdf5_complete(path)
@@ -126,11 +138,19 @@ def md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def download(info: WeightsFileInfo, target_dir: Path, progress: Progress | None = None) -> Path:
     """Fetch ``info`` into ``target_dir`` atomically, checked; WeightsError in one line if impossible."""
     if Path(info.filename).name != info.filename:
         raise WeightsError(f"refusing weights file name {info.filename!r}: not a plain file name")
-    base = os.environ.get("NPMOBILE_WEIGHTS_URL") or BASE_URL
+    base = os.environ.get("NPMOBILE_WEIGHTS_URL") or info.base_url
     url = base.rstrip("/") + "/" + info.url
     target = target_dir / info.filename
     where = where_to_put(info.filename)
@@ -145,7 +165,8 @@ def download(info: WeightsFileInfo, target_dir: Path, progress: Progress | None 
             _fetch(url, out, progress)
         tmp = Path(tmp_name)
         if not file_ok(tmp, info):
-            what = "md5 checksum" if info.md5 else "check (not a complete HDF5 file)"
+            what = ("sha256 check" if info.sha256_prefix else "md5 checksum" if info.md5
+                    else "check (not a complete HDF5 file)")
             raise WeightsError(f"downloaded {info.filename} from {url} but it fails its {what}; {where}")
         os.replace(tmp, target)  # atomic; replaces a planted link itself, never the file it points to
         return target

@@ -28,11 +28,23 @@ V3_HASHES = {
 FAMILIES = ("mobilenet", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
 
 
+# torchvision's ImageNet weights (IMAGENET1K_V1, the files the torchvision tutorials load). torch hub checks a
+# download against the hex in its file name: the first digits of the file's sha256.
+TORCHVISION_URL = "https://download.pytorch.org/models/"
+TORCHVISION_FILES = {
+    "mobilenet_v2": "mobilenet_v2-b0353104.pth",
+    "mobilenet_v3_small": "mobilenet_v3_small-047dcff4.pth",
+    "mobilenet_v3_large": "mobilenet_v3_large-8738ca79.pth",
+}
+
+
 @dataclass(frozen=True)
 class WeightsFileInfo:
     filename: str
-    url: str  # relative to the keras-applications base address (NPMOBILE_WEIGHTS_URL overrides the base)
+    url: str  # relative to base_url (NPMOBILE_WEIGHTS_URL overrides the base)
     md5: str | None
+    sha256_prefix: str | None = None  # torch hub's check: the file's sha256 starts with these hex digits
+    base_url: str = BASE_URL
 
 
 def official_file(family: str, alpha: float, rows: int, include_top: bool,
@@ -65,3 +77,12 @@ def official_file(family: str, alpha: float, rows: int, include_top: bool,
         name = f"weights_mobilenet_v3_{key}{'' if include_top else '_no_top_v2'}.h5"
         return WeightsFileInfo(name, "mobilenet_v3/" + name, V3_HASHES[key][0 if include_top else 1])
     raise WeightsError(f"no official weights for {family!r} (families: {', '.join(FAMILIES)})")
+
+
+def torchvision_file(family: str) -> WeightsFileInfo:
+    """torchvision's official ImageNet state dict for ``family`` (width 1.0, 1000 classes)."""
+    name = TORCHVISION_FILES.get(family)
+    if name is None:
+        raise WeightsError(f"torchvision publishes ImageNet weights for {', '.join(TORCHVISION_FILES)}; not {family!r}")
+    return WeightsFileInfo(name, name, None, sha256_prefix=name.rsplit("-", 1)[1].split(".")[0],
+                           base_url=TORCHVISION_URL)

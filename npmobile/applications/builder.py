@@ -26,10 +26,14 @@ class Tensor:
         return self.shape[-1]
 
 
-def _conv_out(size, kernel: int, stride: int, padding: str):
+def _conv_out(size, kernel: int, stride: int, padding, axis: int = 0):
+    """Output size along one axis; ``padding`` is "same", "valid" or explicit ((top, bottom), (left, right))."""
     if size is None:
         return None
-    pad = same_padding(size, kernel, stride) if padding == "same" else (0, 0)
+    if padding == "same":
+        pad = same_padding(size, kernel, stride)
+    else:
+        pad = (0, 0) if padding == "valid" else tuple(padding[axis])
     return conv_output_size(size, kernel, stride, pad)
 
 
@@ -69,19 +73,19 @@ class Builder:
         self.layers.append(LayerSpec(name, "InputLayer", {"name": name, "batch_shape": batch_shape}, []))
         return Tensor(TensorRef(name), batch_shape)
 
-    def conv2d(self, x: Tensor, filters: int, kernel: int, strides: int = 1, padding: str = "same",
+    def conv2d(self, x: Tensor, filters: int, kernel: int, strides: int = 1, padding="same",
                use_bias: bool = True, name: str | None = None) -> Tensor:
-        h = _conv_out(x.shape[1], kernel, strides, padding)
-        w = _conv_out(x.shape[2], kernel, strides, padding)
+        h = _conv_out(x.shape[1], kernel, strides, padding, 0)
+        w = _conv_out(x.shape[2], kernel, strides, padding, 1)
         config = {"filters": filters, "kernel_size": (kernel, kernel), "strides": (strides, strides),
                   "padding": padding, "dilation_rate": (1, 1), "groups": 1, "activation": "linear",
                   "use_bias": use_bias, "data_format": "channels_last"}
         return self._add("Conv2D", name, config, [x], (None, h, w, filters), "conv2d")
 
-    def depthwise_conv2d(self, x: Tensor, kernel: int, strides: int = 1, padding: str = "same",
+    def depthwise_conv2d(self, x: Tensor, kernel: int, strides: int = 1, padding="same",
                          depth_multiplier: int = 1, use_bias: bool = False, name: str | None = None) -> Tensor:
-        h = _conv_out(x.shape[1], kernel, strides, padding)
-        w = _conv_out(x.shape[2], kernel, strides, padding)
+        h = _conv_out(x.shape[1], kernel, strides, padding, 0)
+        w = _conv_out(x.shape[2], kernel, strides, padding, 1)
         config = {"kernel_size": (kernel, kernel), "strides": (strides, strides), "padding": padding,
                   "depth_multiplier": depth_multiplier, "dilation_rate": (1, 1), "activation": "linear",
                   "use_bias": use_bias, "data_format": "channels_last"}

@@ -22,6 +22,7 @@ import numpy as np
 from npmobile.errors import ModelFileError, NpmobileError, WeightsError
 from npmobile.io.config import parse_model_config
 from npmobile.io.hdf5 import StoredLayer, keras3_layers, keras_major_version, legacy_layers, model_config
+from npmobile.io.torch import torch_format
 from npmobile.io.variables import canonical_name, split_weight_name, variable_order
 from npmobile.spec import LayerSpec, ModelSpec
 
@@ -57,6 +58,9 @@ def _kind(path: str) -> str:
         raise ModelFileError(f"{path}: no such file") from None
     except OSError as error:
         raise ModelFileError(f"{path}: cannot be read ({error.strerror or error})") from None
+    if torch_format(path) is not None:  # the one hook for PyTorch files: say where they belong
+        raise ModelFileError(f"{path}: is a PyTorch file, not a Keras file; load it with npmobile.load_model(PATH) "
+                             "or npmobile.applications.torchvision")
     if head.startswith(HDF5_SIGNATURE):
         return "hdf5"
     if head.startswith(ZIP_SIGNATURE):

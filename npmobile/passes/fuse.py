@@ -287,7 +287,8 @@ def optimize(graph: Graph, keep: set[str] | frozenset[str] = frozenset()) -> Gra
         node.inputs = list(node.inputs)
     graph.outputs = list(graph.outputs)
     graph.aliases = dict(graph.aliases)
-    keep = set(keep)
+    # A kept name may be an alias (a nested model, a torchvision module path): keep the layer it stands for.
+    keep = set(keep) | {graph.aliases[name] for name in keep if name in graph.aliases}
     for fuse in PASSES:
         fuse(graph, keep)
     return graph

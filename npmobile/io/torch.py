@@ -1,0 +1,442 @@
+"""PyTorch weight files, read without PyTorch: ``torch.save(model.state_dict(), "best.pth")`` in the zip
+format (the default since PyTorch 1.6), in the legacy format before it, and ``.safetensors``.
+
+A ``.pth`` is a pickle, and unpickling can call any function a file names. Here it is read by an
+unpickler that knows four kinds of global and nothing else: ``collections.OrderedDict`` (the dict
+around the tensors), the storage classes (``torch.FloatStorage`` ...: only their names, turned into
+NumPy dtypes), and ``torch._utils._rebuild_tensor_v2`` / ``_rebuild_parameter`` (replaced by our own
+functions that record offset, size and stride). Any other global -- a class of a whole pickled
+model, ``os.system`` in a hostile file -- is refused by name before anything is imported or called.
+Tensor bytes come from the file's storages, checked against the sizes the pickle claims.
+
+What comes out is a ``StateDict``: the tensors by PyTorch name, in PyTorch layouts, as NumPy arrays.
+Mapping names and layouts onto an architecture is npmobile.applications.torchvision's job.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from npmobile.errors import ModelFileError, NpmobileError
+
+# torch.serialization's legacy format starts with this number, pickled, then the protocol version.
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL_VERSION = 1001
+LEGACY_HEAD = b"\x80\x02\x8a\x0a" + LEGACY_MAGIC.to_bytes(10, "little")
+ZIP_SIGNATURE = b"PK\x03\x04"
+# A MobileNet's state dict is ~22 MB; nothing a reader is given should come near these.
+MAX_FILE_BYTES = 512 * 1024 * 1024
+MAX_PICKLE_BYTES = 64 * 1024 * 1024
+MAX_SAFETENSORS_HEADER = 64 * 1024 * 1024
+# Checkpoints nest the state dict under one of these keys (next to an optimizer's state, an epoch...).
+NESTED_KEYS = ("state_dict", "model_state_dict", "model")
+
+# The storage classes torch pickles by name, and what their bytes are.
+STORAGE_DTYPES = {
+    "FloatStorage": np.dtype("<f4"),
+    "DoubleStorage": np.dtype("<f8"),
+    "HalfStorage": np.dtype("<f2"),
+    "BFloat16Storage": np.dtype("<u2"),  # the top half of a float32: widened in _as_float
+    "LongStorage": np.dtype("<i8"),
+    "IntStorage": np.dtype("<i4"),
+    "ShortStorage": np.dtype("<i2"),
+    "CharStorage": np.dtype("i1"),
+    "ByteStorage": np.dtype("u1"),
+    "BoolStorage": np.dtype("?"),
+}
+SAFETENSORS_DTYPES = {
+    "F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+}
+
+
+@dataclass
+class StateDict:
+    """A file's tensors by PyTorch name (``features.0.0.weight``), PyTorch layouts, float32."""
+
+    tensors: dict[str, np.ndarray]
+    source: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Recognising the formats
+# --------------------------------------------------------------------------------------------------
+
+
+def torch_format(path: str, head: bytes | None = None) -> str | None:
+    """"zip", "legacy" or "safetensors" for a PyTorch file, None for anything else."""
+    if head is None:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(16)
+        except OSError:
+            return None
+    if head.startswith(LEGACY_HEAD):
+        return "legacy"
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= MAX_SAFETENSORS_HEADER:
+        return "safetensors"
+    if head.startswith(ZIP_SIGNATURE):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return "zip" if _pickle_member(archive.namelist()) else None
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return None
+    return None
+
+
+def _pickle_member(names: list[str]) -> str | None:
+    """The archive's ``<name>/data.pkl``: torch writes one folder named after the file."""
+    found = [n for n in names if n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1)]
+    return found[0] if len(found) == 1 else None
+
+
+# --------------------------------------------------------------------------------------------------
+# The restricted unpickler
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Storage:
+    """A storage named by the pickle; its bytes are found by ``key`` once the pickle is read."""
+
+    dtype: np.dtype
+    key: str
+    numel: int
+    view: tuple[str, int, int] | None = None  # legacy views: (root key, offset, size)
+
+
+@dataclass
+class _TensorStub:
+    """What ``_rebuild_tensor_v2`` asked for, materialized once the storages are read."""
+
+    storage: _Storage
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+class _StorageType:
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _ints(value, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ModelFileError(f"{what} is not a tuple of integers")
+    return tuple(value)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> _TensorStub:
+    """Stands in for torch._utils._rebuild_tensor(_v2): (storage, offset, size, stride, requires_grad,
+    backward_hooks[, metadata]); the last ones do not matter for inference."""
+    if not isinstance(storage, _Storage) or not isinstance(storage_offset, int):
+        raise ModelFileError("a tensor is rebuilt from something that is not a storage")
+    size, stride = _ints(size, "a tensor's size"), _ints(stride, "a tensor's stride")
+    if len(size) != len(stride) or storage_offset < 0 or min(size, default=1) < 0 or min(stride, default=0) < 0:
+        raise ModelFileError(f"a tensor has an impossible size {size} / stride {stride}")
+    return _TensorStub(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *_ignored):
+    """torch._utils._rebuild_parameter(_with_state): a Parameter is its data, for inference."""
+    if not isinstance(data, _TensorStub):
+        raise ModelFileError("a parameter is rebuilt from something that is not a tensor")
+    return data
+
+
+# (module, name) -> what the unpickler gives for it. Nothing else is ever looked up.
+_ALLOWED = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    **{("torch", name): _StorageType(name) for name in STORAGE_DTYPES},
+}
+_MODEL_MODULES = ("torch.nn", "torchvision", "__main__", "timm")
+
+
+class _Refused(Exception):
+    pass
+
+
+class _StateDictUnpickler(pickle.Unpickler):
+    def __init__(self, stream: io.BytesIO):
+        super().__init__(stream)
+        self.storages: dict[str, _Storage] = {}
+
+    def find_class(self, module: str, name: str):
+        found = _ALLOWED.get((module, name))
+        if found is None:
+            raise _Refused(f"{module}.{name}")
+        return found
+
+    def persistent_load(self, pid):
+        # ('storage', storage_type, key, location, numel[, view_metadata])
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and isinstance(pid[4], int)):
+            raise ModelFileError(f"an unknown persistent id {str(pid)[:80]!r}")
+        view = pid[5] if len(pid) == 6 else None
+        if view is not None and not (isinstance(view, tuple) and len(view) == 3 and isinstance(view[0], str)
+                                     and all(isinstance(v, int) for v in view[1:])):
+            raise ModelFileError(f"an unknown storage view {str(view)[:80]!r}")
+        storage = self.storages.setdefault(pid[2], _Storage(STORAGE_DTYPES[pid[1].name], pid[2], pid[4]))
+        if view is None:
+            return storage
+        return _Storage(storage.dtype, view[0], view[2], (pid[2], view[1], view[2]))
+
+
+def _unpickle(unpickler: _StateDictUnpickler, path: str):
+    """``unpickler.load()``, with every failure as one ModelFileError naming the file."""
+    try:
+        return unpickler.load()
+    except _Refused as refused:
+        name = str(refused)
+        if name.startswith(_MODEL_MODULES):
+            raise ModelFileError(
+                f"{path}: holds a whole pickled model (class {name}), not a state dict; npmobile never unpickles "
+                "classes: save the weights with torch.save(model.state_dict(), PATH)") from None
+        raise ModelFileError(
+            f"{path}: the pickle refers to {name}, which a state dict never contains; npmobile only rebuilds tensors "
+            "(refusing the file, nothing was run)") from None
+    except ModelFileError as error:
+        raise ModelFileError(f"{path}: {error}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            MemoryError, RecursionError, UnicodeDecodeError, struct.error, OverflowError) as error:
+        raise ModelFileError(f"{path}: the pickle is corrupt ({type(error).__name__}: {str(error)[:120]})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Storages and tensors
+# --------------------------------------------------------------------------------------------------
+
+
+def _tensor(stub: _TensorStub, buffers: dict[str, np.ndarray], path: str) -> np.ndarray:
+    storage = stub.storage
+    if storage.view is not None:
+        root, offset, size = storage.view
+        flat = buffers[root][offset : offset + size]
+    else:
+        flat = buffers[storage.key]
+    if stub.size and min(stub.size) == 0:
+        return np.zeros(stub.size, flat.dtype)
+    last = stub.offset + sum((n - 1) * s for n, s in zip(stub.size, stub.stride))
+    if last >= flat.size:
+        raise ModelFileError(f"{path}: a tensor of size {stub.size} reaches past its storage of {flat.size} values")
+    itemsize = flat.dtype.itemsize
+    view = np.lib.stride_tricks.as_strided(flat[stub.offset :], shape=stub.size,
+                                           strides=[s * itemsize for s in stub.stride], writeable=False)
+    return np.array(view)
+
+
+def _as_float(array: np.ndarray, bfloat16: bool = False) -> np.ndarray:
+    """Floats as float32 (bfloat16 is the top half of a float32); integers (num_batches_tracked) as they are."""
+    if bfloat16:
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array.astype(np.float32) if array.dtype.kind == "f" else array
+
+
+def _materialize(obj, buffers: dict[str, np.ndarray], path: str, depth: int = 0):
+    """The unpickled object with every tensor stub replaced by its array."""
+    if depth > 8:
+        raise ModelFileError(f"{path}: nested too deeply for a checkpoint")
+    if isinstance(obj, _TensorStub):
+        return _as_float(_tensor(obj, buffers, path), bfloat16=obj.storage.dtype == STORAGE_DTYPES["BFloat16Storage"])
+    if isinstance(obj, dict):
+        return {k: _materialize(v, buffers, path, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_materialize(v, buffers, path, depth + 1) for v in obj]
+    return obj
+
+
+def _check_storage(storage: _Storage, nbytes: int, path: str) -> None:
+    if storage.numel < 0 or storage.numel * storage.dtype.itemsize != nbytes:
+        raise ModelFileError(f"{path}: storage {storage.key!r} holds {nbytes} bytes, the pickle says "
+                             f"{storage.numel} values of {storage.dtype.itemsize} bytes")
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, path: str) -> bytes:
+    if info.file_size > limit:
+        raise ModelFileError(f"{path}: archive member {info.filename!r} is {info.file_size:,} bytes; refusing it")
+    with archive.open(info) as member:
+        data = member.read(info.file_size + 1)  # the header's size may lie: never read much past it
+    if len(data) != info.file_size:
+        raise ModelFileError(f"{path}: archive member {info.filename!r} is not the size its header says")
+    return data
+
+
+def _read_zip(path: str):
+    try:
+        archive = zipfile.ZipFile(path)
+        members = {info.filename: info for info in archive.infolist()}
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        raise ModelFileError(f"{path}: the PyTorch zip archive is corrupt ({error})") from None
+    with archive:
+        pkl = _pickle_member(list(members))
+        if pkl is None:
+            raise ModelFileError(f"{path}: a zip archive without PyTorch's data.pkl")
+        prefix = pkl[: -len("data.pkl")]
+        order = members.get(prefix + "byteorder")
+        if order is not None and _read_member(archive, order, 16, path).strip() != b"little":
+            raise ModelFileError(f"{path}: written on a big-endian machine; npmobile reads little-endian files")
+        unpickler = _StateDictUnpickler(io.BytesIO(_read_member(archive, members[pkl], MAX_PICKLE_BYTES, path)))
+        obj = _unpickle(unpickler, path)
+        buffers = {}
+        for key, storage in unpickler.storages.items():
+            info = members.get(f"{prefix}data/{key}")
+            if info is None:
+                raise ModelFileError(f"{path}: storage {key!r} is missing from the archive")
+            data = _read_member(archive, info, MAX_FILE_BYTES, path)
+            _check_storage(storage, len(data), path)
+            buffers[key] = np.frombuffer(data, storage.dtype)
+    return obj, buffers
+
+
+def _read_legacy(path: str):
+    with open(path, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ModelFileError(f"{path}: over {MAX_FILE_BYTES:,} bytes; refusing it")
+    stream = io.BytesIO(data)
+    # Three small pickles (magic number, protocol version, system info), the object, the storage keys,
+    # then each storage as its value count (int64) and its bytes.
+    header = [_unpickle(_StateDictUnpickler(stream), path) for _ in range(3)]
+    if header[0] != LEGACY_MAGIC or header[1] != LEGACY_PROTOCOL_VERSION or not isinstance(header[2], dict):
+        raise ModelFileError(f"{path}: not a PyTorch legacy file (wrong magic number or protocol)")
+    if header[2].get("little_endian") is False:
+        raise ModelFileError(f"{path}: written on a big-endian machine; npmobile reads little-endian files")
+    unpickler = _StateDictUnpickler(stream)
+    obj = _unpickle(unpickler, path)
+    keys = _unpickle(_StateDictUnpickler(stream), path)
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ModelFileError(f"{path}: the list of storages is corrupt")
+    buffers = {}
+    for key in keys:
+        storage = unpickler.storages.get(key)
+        if storage is None:
+            raise ModelFileError(f"{path}: storage {key!r} is not used by any tensor")
+        head = stream.read(8)
+        if len(head) != 8:
+            raise ModelFileError(f"{path}: the file is truncated (storage {key!r})")
+        numel = int.from_bytes(head, "little", signed=True)
+        nbytes = numel * storage.dtype.itemsize
+        if numel != storage.numel or nbytes > len(data):
+            raise ModelFileError(f"{path}: storage {key!r} holds {numel} values, the pickle says {storage.numel}")
+        raw = stream.read(nbytes)
+        if len(raw) != nbytes:
+            raise ModelFileError(f"{path}: the file is truncated (storage {key!r})")
+        buffers[key] = np.frombuffer(raw, storage.dtype)
+    missing = set(unpickler.storages) - set(buffers)
+    if missing:
+        raise ModelFileError(f"{path}: storage {sorted(missing)[0]!r} is missing from the file")
+    return obj, buffers
+
+
+# --------------------------------------------------------------------------------------------------
+# safetensors: an 8-byte header length, a JSON header, raw little-endian bytes
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    with open(path, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ModelFileError(f"{path}: over {MAX_FILE_BYTES:,} bytes; refusing it")
+    length = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or length > min(MAX_SAFETENSORS_HEADER, len(data) - 8):
+        raise ModelFileError(f"{path}: the safetensors header is truncated")
+    try:
+        header = json.loads(data[8 : 8 + length].decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelFileError(f"{path}: the safetensors header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path}: the safetensors header is not a JSON object")
+    body = memoryview(data)[8 + length :]
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name!r}"
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = _ints(entry["shape"], "its shape")
+            begin, end = _ints(entry["data_offsets"], "its data_offsets")
+        except (KeyError, TypeError, ModelFileError) as error:
+            raise ModelFileError(f"{where} has an invalid header entry ({error})") from None
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= len(body) or end - begin != count * dtype.itemsize:
+            raise ModelFileError(f"{where}: shape {shape} of {entry['dtype']} does not fit bytes {begin}..{end}")
+        array = np.frombuffer(body[begin:end], dtype).reshape(shape)
+        tensors[name] = _as_float(array, bfloat16=entry["dtype"] == "BF16")
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def read_state_dict(path: str | os.PathLike) -> StateDict:
+    """The state dict in a .pth (zip or legacy) or .safetensors file: tensors by PyTorch name.
+
+    Accepts what ``torch.load(weights_only=True)`` gives for a state dict: a bare one, or one nested
+    under ``state_dict`` / ``model_state_dict`` / ``model`` (a training checkpoint); ``module.``
+    prefixes (DataParallel) are removed and ``num_batches_tracked`` counters are dropped.
+    """
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError as error:
+        raise ModelFileError(f"{path}: cannot be read ({error.strerror or error})") from None
+    if size > MAX_FILE_BYTES:
+        raise ModelFileError(f"{path}: {size:,} bytes, far more than any MobileNet; refusing it")
+    kind = torch_format(path)
+    try:
+        if kind == "safetensors":
+            return StateDict(_clean(_read_safetensors(path), path), path)
+        if kind == "zip":
+            obj, buffers = _read_zip(path)
+        elif kind == "legacy":
+            obj, buffers = _read_legacy(path)
+        else:
+            raise ModelFileError(f"{path}: not a PyTorch file (a .pth state dict or .safetensors)")
+        return StateDict(_clean(_materialize(_state_dict_of(obj, path), buffers, path), path), path)
+    except NpmobileError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, IndexError, zipfile.BadZipFile, EOFError, MemoryError) as error:
+        raise ModelFileError(f"{path}: the file is corrupt ({type(error).__name__}: {str(error)[:120]})") from None
+
+
+def _state_dict_of(obj, path: str):
+    if not isinstance(obj, dict):
+        raise ModelFileError(f"{path}: holds a {type(obj).__name__}, not a state dict (a dict of tensors)")
+    if not any(isinstance(v, _TensorStub) for v in obj.values()):
+        for key in NESTED_KEYS:
+            if isinstance(obj.get(key), dict):
+                return obj[key]
+    return obj
+
+
+def _clean(tensors: dict, path: str) -> dict[str, np.ndarray]:
+    """Tensors only, without DataParallel's ``module.`` and without BatchNorm's step counters."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in tensors.items():
+        if not isinstance(name, str) or not isinstance(value, np.ndarray):
+            continue
+        if name.endswith("num_batches_tracked"):
+            continue
+        name = name[len("module."):] if name.startswith("module.") else name
+        out[name] = value
+    if not out:
+        raise ModelFileError(f"{path}: holds no tensors")
+    return out

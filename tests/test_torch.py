@@ -1,0 +1,339 @@
+"""PyTorch state dicts on npmobile, checked against PyTorch itself (torch==2.13.0, the test extra).
+
+torchvision-named MobileNetV2 / V3 (tests/torchvision_models.py) with random weights and BatchNorm
+statistics far from the identity, saved the ways PyTorch users save them (.pth zip, legacy .pth,
+.safetensors, a training checkpoint); npmobile reads them without torch and must give PyTorch's logits
+within 1e-4 x max(1, max|reference|) and the same top-5, and PyTorch's intermediate outputs by module path.
+Hostile pickles must never run anything.
+"""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import npmobile
+from npmobile.applications import torchvision as tv
+from npmobile.errors import ModelFileError, WeightsError
+from npmobile.io.torch import read_state_dict, torch_format
+
+torch = pytest.importorskip("torch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+import torchvision_models as tvm  # noqa: E402  (needs torch)
+
+RTOL = 1e-4
+# (architecture, constructor kwargs): every variant the issue names.
+VARIANTS = [
+    ("mobilenet_v2", {}),
+    ("mobilenet_v2", {"width_mult": 0.5}),
+    ("mobilenet_v3_small", {}),
+    ("mobilenet_v3_small", {"reduced_tail": True, "num_classes": 10}),
+    ("mobilenet_v3_large", {}),
+]
+FORMATS = ["zip", "legacy", "safetensors"]
+MAX_DIFF: dict[str, float] = {}  # per model, for the report at the end of the module
+
+
+def _id(arch, kwargs):
+    return arch + "".join(f"-{k}={v}" for k, v in kwargs.items())
+
+
+def save(model, path: Path, fmt: str) -> Path:
+    state = model.state_dict()
+    if fmt == "zip":
+        torch.save(state, path)
+    elif fmt == "legacy":
+        torch.save(state, path, _use_new_zipfile_serialization=False)
+    else:
+        safetensors_torch.save_file({k: v.contiguous() for k, v in state.items()}, path)
+    return path
+
+
+class Case:
+    def __init__(self, arch: str, kwargs: dict, folder: Path, seed: int):
+        self.arch, self.kwargs = arch, kwargs
+        self.model = tvm.randomize(tvm.build(arch, **kwargs), seed)
+        generator = torch.Generator().manual_seed(seed)
+        # Odd, non-square sizes: PyTorch's symmetric padding differs from Keras's "same" exactly there.
+        self.x = torch.rand(2, 3, 113, 97, generator=generator)
+        with torch.no_grad():
+            self.y = self.model(self.x).numpy()
+        self.folder = folder
+
+    def file(self, fmt: str) -> Path:
+        path = self.folder / f"{self.arch}-{fmt}.{'safetensors' if fmt == 'safetensors' else 'pth'}"
+        return path if path.exists() else save(self.model, path, fmt)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    made: dict[str, Case] = {}
+
+    def get(arch: str, kwargs: dict) -> Case:
+        key = _id(arch, kwargs)
+        if key not in made:
+            made[key] = Case(arch, kwargs, tmp_path_factory.mktemp(key), seed=len(made))
+        return made[key]
+
+    return get
+
+
+def assert_logits_close(got: np.ndarray, expected: np.ndarray, what: str) -> float:
+    assert got.shape == expected.shape, what
+    np.testing.assert_array_equal(np.argsort(-got, axis=1)[:, :5], np.argsort(-expected, axis=1)[:, :5],
+                                  err_msg=f"{what}: top-5 differs")
+    return assert_close(got, expected, what)
+
+
+def assert_close(got: np.ndarray, expected: np.ndarray, what: str) -> float:
+    assert got.shape == expected.shape, what
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=RTOL * scale, err_msg=what)
+    return float(np.abs(got - expected).max()) / scale
+
+
+# --------------------------------------------------------------------------------------------------
+# Parity with PyTorch
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("arch,kwargs", VARIANTS, ids=[_id(*v) for v in VARIANTS])
+def test_logits_match_pytorch(cases, arch, kwargs, fmt):
+    case = cases(arch, kwargs)
+    path = case.file(fmt)
+    assert torch_format(str(path)) == fmt
+    model = npmobile.load_model(path)  # architecture, width, classes and tail read from the tensors
+    assert (model.arch, model.width_mult) == (arch, kwargs.get("width_mult", 1.0))
+    assert model.reduced_tail == kwargs.get("reduced_tail", False)
+    got = model.predict(case.x.numpy(), data_format="channels_first")
+    diff = assert_logits_close(got, case.y, f"{arch} {kwargs} {fmt}")
+    key = _id(arch, kwargs)
+    MAX_DIFF[key] = max(MAX_DIFF.get(key, 0.0), diff)
+    # NHWC, as everywhere in npmobile, gives the same answer.
+    np.testing.assert_array_equal(model.predict(case.x.numpy().transpose(0, 2, 3, 1)), got)
+
+
+@pytest.mark.parametrize("arch,kwargs", [VARIANTS[0], VARIANTS[4]], ids=[_id(*VARIANTS[0]), _id(*VARIANTS[4])])
+def test_reference_kernels_match_pytorch(cases, arch, kwargs):
+    case = cases(arch, kwargs)
+    model = npmobile.load_model(case.file("zip"))
+    assert_logits_close(model.predict(case.x.numpy(), data_format="channels_first", reference=True), case.y,
+                        f"{arch} reference")
+
+
+def test_constructor_with_named_architecture(cases):
+    case = cases("mobilenet_v3_small", {"reduced_tail": True, "num_classes": 10})
+    model = tv.mobilenet_v3_small(weights=case.file("safetensors"), reduced_tail=True)
+    assert model.num_classes == 10
+    assert_logits_close(model.predict(case.x.numpy(), data_format="channels_first"), case.y, "named")
+
+
+def _torch_outputs(model, x, names: list[str]) -> dict[str, np.ndarray]:
+    modules = dict(model.named_modules())
+    found: dict[str, np.ndarray] = {}
+    hooks = [modules[name].register_forward_hook(lambda m, i, o, name=name: found.__setitem__(name, o.clone()))
+             for name in names]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return {name: found[name].numpy() for name in names}
+
+
+INTERMEDIATE = {
+    ("mobilenet_v3_large", ()): ["features.0", "features.0.0", "features.1", "features.3", "features.4.block.0",
+                                 "features.4.block.1.0", "features.4.block.2", "features.4.block.2.fc1",
+                                 "features.4.block.3", "features.13", "features", "avgpool", "classifier.1"],
+    ("mobilenet_v2", ()): ["features.0.1", "features.1.conv.0", "features.2", "features.3", "features.3.conv.1.2",
+                           "features.17.conv.3", "features.18"],
+}
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_large", "mobilenet_v2"])
+def test_intermediate_outputs_by_module_path(cases, arch):
+    case = cases(arch, {})
+    names = INTERMEDIATE[(arch, ())]
+    expected = _torch_outputs(case.model, case.x, names)
+    model = npmobile.load_model(case.file("zip"))
+    got = model.predict(case.x.numpy(), outputs=names, data_format="channels_first")
+    for name in names:
+        assert_close(got[name], expected[name], f"{arch} {name}")
+    # Asking for one layer alone (fusion stops elsewhere) gives the same values.
+    alone = model.predict(case.x.numpy(), outputs=[names[3]], data_format="channels_first")[names[3]]
+    assert_close(alone, expected[names[3]], f"{arch} {names[3]} alone")
+
+
+def test_module_max_differences_reported(cases, capsys):
+    """Not a check: prints the worst difference per model (for the README), after the parity tests ran."""
+    with capsys.disabled():
+        for key, diff in sorted(MAX_DIFF.items()):
+            print(f"\n  max |npmobile - torch| / max(1, max|torch|): {key}: {diff:.1e}", end="")
+
+
+# --------------------------------------------------------------------------------------------------
+# What PyTorch users save
+# --------------------------------------------------------------------------------------------------
+
+
+def test_training_checkpoint_with_dataparallel_prefixes(cases, tmp_path):
+    case = cases("mobilenet_v3_small", {})
+    optimizer = torch.optim.SGD(case.model.parameters(), lr=0.1, momentum=0.9)
+    case.model.train()
+    case.model(case.x).sum().backward()
+    optimizer.step()  # momentum buffers: tensors in the optimizer state, as in a real checkpoint
+    optimizer.zero_grad()
+    case.model.eval()
+    with torch.no_grad():
+        expected = case.model(case.x).numpy()
+    state = {f"module.{k}": v for k, v in case.model.state_dict().items()}
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"epoch": 7, "model_state_dict": state, "optimizer_state_dict": optimizer.state_dict(),
+                "best_acc": 0.5}, path)
+    tensors = read_state_dict(path).tensors
+    assert not any(k.startswith("module.") or k.endswith("num_batches_tracked") for k in tensors)
+    model = npmobile.load_model(path)
+    assert_logits_close(model.predict(case.x.numpy(), data_format="channels_first"), expected, "checkpoint")
+
+
+def test_wrong_width_names_the_tensor(cases):
+    path = cases("mobilenet_v2", {"width_mult": 0.5}).file("zip")
+    with pytest.raises(WeightsError, match=r"features\.0\.0\.weight.*\(16, 3, 3, 3\).*\(32, 3, 3, 3\)"):
+        tv.mobilenet_v2(weights=path, width_mult=1.0)
+    with pytest.raises(WeightsError, match=r"no tensor .features\.1\.block\.0\.0\.weight"):
+        tv.mobilenet_v3_small(weights=path)
+
+
+def test_whole_pickled_model_is_refused_with_the_fix(cases, tmp_path):
+    path = tmp_path / "whole.pth"
+    torch.save(cases("mobilenet_v3_small", {}).model, path)
+    with pytest.raises(ModelFileError, match=r"whole pickled model.*model\.state_dict\(\)") as error:
+        npmobile.load_model(path)
+    assert "\n" not in str(error.value) and str(path) in str(error.value)
+
+
+def test_keras_readers_point_pytorch_files_elsewhere(cases):
+    from npmobile.io import read_weights
+
+    with pytest.raises(ModelFileError, match="PyTorch file"):
+        read_weights(cases("mobilenet_v3_small", {}).file("zip"))
+
+
+def test_engine_never_imports_torch(cases):
+    path = cases("mobilenet_v3_small", {}).file("legacy")
+    code = ("import sys, numpy as np, npmobile; m = npmobile.load_model(sys.argv[1]); "
+            "m.predict(np.zeros((1, 64, 64, 3), np.float32)); assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_untouched_state_dict_reads_back_exactly(tmp_path):
+    state = {"a": torch.arange(24, dtype=torch.float32).reshape(2, 3, 4).transpose(0, 2),  # not contiguous
+             "b": torch.randn(5, dtype=torch.float16), "c": torch.randn(3, 2, dtype=torch.bfloat16),
+             "d": torch.randn(4, 4, dtype=torch.float64)[1:3], "n": torch.tensor(5)}
+    for fmt in ("zip", "legacy"):
+        path = tmp_path / f"s-{fmt}.pth"
+        torch.save(state, path, _use_new_zipfile_serialization=fmt == "zip")
+        tensors = read_state_dict(path).tensors
+        for key, value in state.items():
+            np.testing.assert_array_equal(tensors[key], value.float().numpy() if key != "n" else value.numpy())
+
+
+# --------------------------------------------------------------------------------------------------
+# Hostile files: nothing runs, one clear error
+# --------------------------------------------------------------------------------------------------
+
+
+class _Command:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _Writer:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (eval, (f"open({str(self.marker)!r}, 'w').write('x')",))
+
+
+@pytest.mark.parametrize("payload", [_Command, _Writer])
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_hostile_pickle_never_executes(tmp_path, payload, fmt):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "best.pth"
+    state = {"features.0.0.weight": torch.zeros(2, 3, 3, 3), "evil": payload(marker)}
+    torch.save(state, path, _use_new_zipfile_serialization=fmt == "zip")
+    refused = r"refers to ((posix|os|nt)\.system|(__builtin__|builtins)\.eval)"
+    for load in (npmobile.load_model, read_state_dict):
+        with pytest.raises(ModelFileError, match=refused) as error:
+            load(path)
+        assert "\n" not in str(error.value) and str(path) in str(error.value)
+    assert not marker.exists()
+
+
+def test_hostile_pickle_hand_written_in_a_zip(tmp_path):
+    """A data.pkl written by hand (no torch): GLOBAL os.system + REDUCE, and the old INST/OBJ opcodes."""
+    marker = tmp_path / "pwned"
+    command = f"touch {marker}".encode()
+    payloads = [
+        b"cos\nsystem\n(V" + command + b"\ntR.",
+        b"(V" + command + b"\nios\nsystem\n.",  # INST
+        b"\x80\x02csubprocess\ncall\n]V" + command + b"\na\x85R.",
+    ]
+    for n, data in enumerate(payloads):
+        path = tmp_path / f"p{n}.pth"
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr(f"p{n}/data.pkl", data)
+        with pytest.raises(ModelFileError, match="refers to"):
+            npmobile.load_model(path)
+    assert not marker.exists()
+
+
+def test_lying_tensor_sizes_are_refused(tmp_path):
+    path = tmp_path / "lie.pth"
+    torch.save({"w": torch.zeros(4)}, path)
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    pkl = next(n for n in members if n.endswith("data.pkl"))
+    members[pkl] = members[pkl].replace(b"K\x04\x85", b"J\x00\x00\x00\x10\x85")  # size 4 -> 2**28
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    with pytest.raises(ModelFileError, match="reaches past its storage"):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize("cut", [10, 200, -9])
+def test_truncated_files_fail_cleanly(cases, tmp_path, cut):
+    for fmt in FORMATS:
+        data = cases("mobilenet_v3_small", {}).file(fmt).read_bytes()
+        path = tmp_path / f"cut-{fmt}"
+        path.write_bytes(data[:cut])
+        with pytest.raises(ModelFileError) as error:
+            npmobile.load_model(path)
+        assert "\n" not in str(error.value)
+
+
+def test_safetensors_header_lies_are_refused(tmp_path):
+    header = b'{"w": {"dtype": "F32", "shape": [1000, 1000], "data_offsets": [0, 4000000]}}'
+    path = tmp_path / "lie.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
+    with pytest.raises(ModelFileError, match="does not fit"):
+        read_state_dict(path)
+
+
+def test_plain_pickle_is_not_taken_for_pytorch(tmp_path):
+    path = tmp_path / "x.pkl"
+    path.write_bytes(pickle.dumps({"a": 1}))
+    assert torch_format(str(path)) is None
