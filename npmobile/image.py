@@ -65,6 +65,44 @@ def load_img(
     return np.asarray(image, dtype=np.float32)
 
 
+# torchvision's ImageNet statistics (torchvision.transforms.Normalize in every ImageNet recipe).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_torchvision(path: str | os.PathLike | BinaryIO, crop_size: int = 224, resize_size: int = 256) -> np.ndarray:
+    """An image prepared as torchvision's ImageNet models want it, as an H x W x 3 float32 array (NHWC
+    once batched; ``predict(x, data_format="channels_first")`` after ``x.transpose(0, 3, 1, 2)`` for NCHW).
+
+    The steps of ``Resize(256)``, ``CenterCrop(224)``, ``ToTensor()``, ``Normalize(mean, std)``: the
+    shorter side resized to ``resize_size`` with Pillow's bilinear filter (antialiased, as torchvision
+    resizes PIL images), the longer one to ``int(resize_size * long / short)``; the central
+    ``crop_size`` square, its corner at ``round((size - crop_size) / 2)``; pixels / 255, then minus
+    the mean and over the std per channel, in float32. Decoding is npmobile's (EXIF orientation
+    applied, 16-bit greyscale scaled, first frame), where torchvision's tutorials open files with
+    ``Image.open(path).convert("RGB")``: the same pixels for ordinary photos.
+    """
+    image = _decode(path if hasattr(path, "read") else Path(path))
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = resize_size, int(resize_size * long / short)
+    size = (new_short, new_long) if width <= height else (new_long, new_short)
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    image = _center_square(image, crop_size)
+    x = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+    return (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+
+
+def _center_square(image: Image.Image, size: int) -> Image.Image:
+    """torchvision's CenterCrop on an image at least ``size`` on each side (Resize makes sure of it)."""
+    width, height = image.size
+    if width < size or height < size:
+        raise ImageError(f"image of {width}x{height} is smaller than the {size}x{size} crop")
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
 def center_crop(image: Image.Image, fraction: float) -> Image.Image:
     """The central ``fraction`` of the image's height and width, with tf.image.central_crop's
     rounding: the margin is ``int((size - size * fraction) / 2)`` on each side."""

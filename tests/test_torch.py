@@ -337,3 +337,111 @@ def test_plain_pickle_is_not_taken_for_pytorch(tmp_path):
     path = tmp_path / "x.pkl"
     path.write_bytes(pickle.dumps({"a": 1}))
     assert torch_format(str(path)) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# torchvision's image preparation, the command line, the registry
+# --------------------------------------------------------------------------------------------------
+
+SAMPLES = Path(__file__).parent.parent / "samples"
+
+
+def _pillow_steps(path: Path, resized: tuple[int, int], corner: tuple[int, int]) -> np.ndarray:
+    """Resize(256) + CenterCrop(224) + ToTensor + Normalize done by hand with Pillow and torch, with the
+    resized size and crop corner worked out in the test (not by npmobile's code): NCHW, one image."""
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB").resize(resized, Image.Resampling.BILINEAR)
+    left, top = corner
+    image = image.crop((left, top, left + 224, top + 224))
+    t = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div(255)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    return ((t - mean[:, None, None]) / std[:, None, None]).numpy()[None]
+
+
+# (width, height) -> the resized (width, height) and the crop's (left, top)
+GEOMETRY = [((451, 300), (384, 256), (80, 16)), ((300, 451), (256, 384), (16, 80)),
+            ((1000, 257), (996, 256), (386, 16)), ((256, 256), (256, 256), (16, 16)),
+            ((225, 333), (256, 378), (16, 77))]
+
+
+@pytest.mark.parametrize("size,resized,corner", GEOMETRY)
+def test_torchvision_preprocessing_matches_pillow_steps(tmp_path, size, resized, corner):
+    from PIL import Image
+
+    from npmobile.image import load_torchvision
+
+    path = tmp_path / "photo.png"
+    Image.open(SAMPLES / "chelsea.jpg").convert("RGB").resize(size, Image.Resampling.LANCZOS).save(path)
+    got = load_torchvision(path)
+    assert got.shape == (224, 224, 3) and got.dtype == np.float32
+    np.testing.assert_array_equal(got.transpose(2, 0, 1)[None], _pillow_steps(path, resized, corner))
+
+
+def test_classify_with_a_pth_uses_torchvision_preprocessing_and_softmax(cases, tmp_path, capsys):
+    import json
+
+    from npmobile.cli import main
+
+    case = cases("mobilenet_v3_small", {"reduced_tail": True, "num_classes": 10})
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"kind {i}\n" for i in range(10)))
+    image = SAMPLES / "chelsea.jpg"
+    assert main(["classify", str(image), "--weights", str(case.file("zip")), "--labels", str(labels), "--json",
+                 "--top", "5"]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["top"]
+    with torch.no_grad():
+        assert _image_size(image) == (451, 300)  # so Resize(256) gives 384 x 256, cropped at (80, 16)
+        expected = torch.softmax(case.model(torch.from_numpy(_pillow_steps(image, (384, 256), (80, 16)))), 1)[0]
+    order = torch.argsort(expected, descending=True)[:5].tolist()
+    assert [t["label"] for t in top] == [f"kind {i}" for i in order]
+    np.testing.assert_allclose([t["probability"] for t in top], expected[order].numpy(), atol=5e-5)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size
+
+
+def test_classify_labels_must_match_the_classes(cases, tmp_path, capsys):
+    from npmobile.cli import main
+
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\n")
+    path = cases("mobilenet_v3_small", {"reduced_tail": True, "num_classes": 10}).file("zip")
+    assert main(["classify", str(SAMPLES / "chelsea.jpg"), "--weights", str(path), "--labels", str(labels)]) == 1
+    assert "2 labels, the model has 10 classes" in capsys.readouterr().err
+
+
+def test_registry_names_torchvision_files_with_torch_hubs_hash_prefix():
+    from npmobile.weights import torchvision_file
+
+    info = torchvision_file("mobilenet_v3_large")
+    assert info.filename == "mobilenet_v3_large-8738ca79.pth" and info.sha256_prefix == "8738ca79"
+    assert info.base_url + info.url == "https://download.pytorch.org/models/mobilenet_v3_large-8738ca79.pth"
+    assert torchvision_file("mobilenet_v2").filename == "mobilenet_v2-b0353104.pth"
+    assert torchvision_file("mobilenet_v3_small").filename == "mobilenet_v3_small-047dcff4.pth"
+
+
+def test_imagenet_weights_found_in_the_torch_hub_cache_by_hash(cases, tmp_path, monkeypatch):
+    import hashlib
+
+    from npmobile.weights import registry
+
+    data = cases("mobilenet_v3_small", {}).file("zip").read_bytes()
+    name = f"mobilenet_v3_small-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    for var, folder in (("NPMOBILE_WEIGHTS_DIR", "w"), ("KERAS_HOME", "k"), ("NPMOBILE_CACHE_DIR", "c"),
+                        ("TORCH_HOME", "t")):
+        monkeypatch.setenv(var, str(tmp_path / folder))
+    monkeypatch.setenv("NPMOBILE_WEIGHTS_URL", "http://127.0.0.1:9/")  # offline: nothing listens there
+    monkeypatch.setitem(registry.TORCHVISION_FILES, "mobilenet_v3_small", name)
+    hub = tmp_path / "t" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / name).write_bytes(data)
+    model = tv.mobilenet_v3_small(weights="imagenet")
+    assert model.num_classes == 1000
+    (hub / name).write_bytes(data[:-1] + b"x")  # fails torch hub's hash check: not used, and offline
+    with pytest.raises(WeightsError, match=f"cannot download {name}.*put {name} in"):
+        tv.mobilenet_v3_small(weights="imagenet")

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from npmobile.cli.models import add_model_options, notice_first_compile, open_model, positive_int, preprocess_for
+from npmobile.cli.models import (
+    add_model_options,
+    load_torchvision_sized,
+    notice_first_compile,
+    open_model,
+    positive_int,
+    preprocess_for,
+)
 from npmobile.errors import NpmobileError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -29,9 +36,13 @@ def add_parser(commands) -> argparse.ArgumentParser:
     add_model_options(parser)
     parser.add_argument("--top", type=positive_int, default=5, metavar="K", help="how many classes (default 5)")
     parser.add_argument("--json", action="store_true", help="print JSON: per image its path and top-K list")
+    parser.add_argument("--labels", metavar="FILE",
+                        help="class names, one per line in class order (a fine-tuned model's classes); "
+                             "default: ImageNet's for 1000 classes, class numbers otherwise")
     parser.add_argument("--interpolation", default="nearest",
                         choices=["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"],
-                        help="resize filter, as keras.utils.load_img (default nearest, Keras's default)")
+                        help="resize filter, as keras.utils.load_img (default nearest, Keras's default; "
+                             "PyTorch weights always use torchvision's bilinear resize and crop)")
     parser.add_argument("--crop", choices=["none", "center"], default="none",
                         help="center: keep the central 87.5%% before resizing (the published evaluations do)")
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
@@ -67,6 +78,10 @@ def run(args) -> int:
     model = open_model(args.model, args.alpha, args.size, args.minimalistic, args.weights)
     height, width = (d or args.size for d in model.input_shape[1:3])
     mode = preprocess_for(model)
+    labels = read_labels(args.labels) if args.labels else None
+    classes = model.shapes[model.graph.outputs[0]][-1]
+    if labels is not None and len(labels) != classes:
+        raise NpmobileError(f"{args.labels}: {len(labels)} labels, the model has {classes} classes")
 
     results: list[dict] = []
     failed = 0
@@ -75,8 +90,11 @@ def run(args) -> int:
             chunk, batch = [], []
             for path in images[start : start + BATCH]:
                 try:
-                    batch.append(load_img(path, target_size=(height, width), interpolation=args.interpolation,
-                                          crop=None if args.crop == "none" else args.crop))
+                    if mode == "torchvision":
+                        batch.append(load_torchvision_sized(path, height))
+                    else:
+                        batch.append(load_img(path, target_size=(height, width), interpolation=args.interpolation,
+                                              crop=None if args.crop == "none" else args.crop))
                     chunk.append(path)
                 except NpmobileError as error:
                     failed += 1
@@ -87,8 +105,12 @@ def run(args) -> int:
                 if start == 0:
                     notice_first_compile()
                 probs = model.predict(preprocess_tf(x) if mode == "tf" else x, threads=args.threads)
+                if getattr(model, "outputs_logits", False):  # PyTorch models end at the logits
+                    from npmobile.kernels.reference import softmax
+
+                    probs = softmax(np.asarray(probs, np.float64)).astype(np.float32)
                 for path, p in zip(chunk, np.asarray(probs).reshape(len(chunk), -1)):
-                    results.append({"path": str(path), "top": top_classes(p, args.top)})
+                    results.append({"path": str(path), "top": top_classes(p, args.top, labels)})
             progress.update(len(images[start : start + BATCH]))
 
     order = {str(p): i for i, p in enumerate(images)}
@@ -100,9 +122,30 @@ def run(args) -> int:
     return 1 if failed else 0
 
 
-def top_classes(probabilities: np.ndarray, k: int) -> list[dict]:
-    """The k most likely classes with ImageNet labels when there are 1000 classes, indices otherwise."""
+def read_labels(path: str) -> list[str]:
+    """Class names from a text file, one per line (blank lines at the end ignored)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f.read().splitlines()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise NpmobileError(f"{path}: cannot read the labels ({getattr(error, 'strerror', None) or error})") from None
+    while names and not names[-1]:
+        names.pop()
+    if not names:
+        raise NpmobileError(f"{path}: no labels in the file")
+    return names
+
+
+def top_classes(probabilities: np.ndarray, k: int, labels: list[str] | None = None) -> list[dict]:
+    """The k most likely classes: named by ``labels`` if given, with ImageNet labels when there are 1000
+    classes, by index otherwise."""
     order = np.argsort(-probabilities, kind="stable")[:k]
+    if labels is not None:
+        if len(labels) != probabilities.shape[0]:
+            raise NpmobileError(f"the labels file has {len(labels)} names, the model has "
+                                f"{probabilities.shape[0]} classes")
+        return [{"rank": i + 1, "wnid": None, "label": labels[c], "probability": float(probabilities[c])}
+                for i, c in enumerate(order)]
     if probabilities.shape[0] == 1000:
         from npmobile.applications.imagenet_utils import decode_predictions
 

@@ -40,7 +40,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minimalistic", action="store_true", help="V3 minimalistic variant")
     parser.add_argument("--weights", metavar="PATH", default=None,
                         help="any Keras file npmobile reads: a whole model (.h5, .keras) or weights for --model "
-                             "(.weights.h5, official .h5); default: the official ImageNet weights")
+                             "(.weights.h5, official .h5); or a PyTorch state dict (.pth, .safetensors) of a "
+                             "torchvision MobileNetV2/V3, architecture read from the file, images prepared the "
+                             "torchvision way (shorter side to 256 bilinear, center crop 224, ImageNet mean/std) "
+                             "and the top-k a softmax over its logits; default: the official ImageNet weights")
 
 
 def open_model(family: str, alpha: float, size: int, minimalistic: bool, weights: str | None):
@@ -81,8 +84,10 @@ def teaching_model(args):
 
 
 def preprocess_for(model) -> str:
-    """How a model wants its pixels: MobileNetV3 graphs start with a Rescaling layer and take 0..255;
-    V1/V2 take x / 127.5 - 1."""
+    """How a model wants its pixels: "torchvision" for PyTorch state dicts (npmobile.image.load_torchvision);
+    MobileNetV3 graphs start with a Rescaling layer and take 0..255; V1/V2 take x / 127.5 - 1."""
+    if getattr(model, "preprocessing", None) == "torchvision":
+        return "torchvision"
     first = next(n for n in model.graph.nodes if n.op != "InputLayer")
     return "none" if first.op == "Rescaling" else "tf"
 
@@ -93,8 +98,17 @@ def model_input(model, path: str, size: int) -> np.ndarray:
     from npmobile.image import load_img
 
     height, width = (d or size for d in model.input_shape[1:3])
+    if preprocess_for(model) == "torchvision":
+        return load_torchvision_sized(path, height)[None]
     x = load_img(path, target_size=(height, width))[None].astype(np.float32)
     return preprocess_tf(x) if preprocess_for(model) == "tf" else x
+
+
+def load_torchvision_sized(path, size: int) -> np.ndarray:
+    """torchvision's preparation for a ``size`` crop: resized to 256/224 of it first (Resize(256), CenterCrop(224))."""
+    from npmobile.image import load_torchvision
+
+    return load_torchvision(path, crop_size=size, resize_size=round(size * 256 / 224))
 
 
 def notice_first_compile() -> None:
