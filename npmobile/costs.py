@@ -148,8 +148,9 @@ def _parts(graph: Graph) -> dict[str, str]:
     """Every node's part: from its name, else inherited from the node that feeds it (Keras's automatic
     names like ``re_lu_3`` or ``add_1`` carry no meaning), with a few rules by class."""
     parts: dict[str, str] = {}
+    named = _torchvision_parts(graph)
     for node in graph.nodes:
-        part = part_of(node.name)
+        part = named.get(node.name) or part_of(node.name)
         if part is None:
             sources = [parts[i] for i in node.inputs if isinstance(i, str) and i in parts]
             if node.op == "InputLayer" or not sources or sources[0] == "input":
@@ -161,6 +162,46 @@ def _parts(graph: Graph) -> dict[str, str]:
             else:
                 part = sources[0]
         parts[node.name] = part
+    return parts
+
+
+_TORCHVISION_BLOCK = re.compile(r"features\.(\d+)\.(?:block|conv)\.(\d+)")
+
+
+def _torchvision_parts(graph: Graph) -> dict[str, str]:
+    """Parts for torchvision's module paths (npmobile.applications.torchvision): ``features.0`` is the stem,
+    the last ``features.N`` the head; inside a block, ``block.K`` / ``conv.K`` is what its first layer
+    is (a depthwise conv, squeeze-excite's pooling, a 1x1 conv before the depthwise one: expand, after
+    it: project). Layers not named here (BatchNorm, activations, the residual add) inherit their input's."""
+    names = [n.name for n in graph.nodes]
+    if "features.0.0" not in names:
+        return {}
+    first: dict[tuple[int, int], Node] = {}  # (block, sub-module) -> its first layer
+    for node in graph.nodes:
+        m = _TORCHVISION_BLOCK.match(node.name)
+        if m:
+            first.setdefault((int(m.group(1)), int(m.group(2))), node)
+    last = max(int(n.split(".")[1]) for n in names if re.match(r"features\.\d+\.", n))
+    parts: dict[str, str] = {}
+    for node in graph.nodes:
+        m = _TORCHVISION_BLOCK.match(node.name)
+        if node.name.startswith("features.0."):
+            parts[node.name] = "stem"
+        elif node.name.startswith(f"features.{last}."):
+            parts[node.name] = "head"
+        elif node.name.startswith("classifier.") or node.name == "flatten":
+            parts[node.name] = "classifier"
+        elif node.name == "avgpool":
+            parts[node.name] = "head"
+        elif re.fullmatch(r"features\.\d+", node.name):
+            parts[node.name] = "project"  # the residual add closes the block, after the projection
+        elif m and m.end() == len(node.name):
+            parts[node.name] = "se"  # squeeze-excite's multiply: the only layer named by its module alone
+        elif m and first[(int(m.group(1)), int(m.group(2)))] is node:
+            block, sub = int(m.group(1)), int(m.group(2))
+            later = [first[(block, k)].op for k in range(sub + 1, sub + 4) if (block, k) in first]
+            parts[node.name] = {"DepthwiseConv2D": "depthwise", "GlobalAveragePooling2D": "se"}.get(
+                node.op, "expand" if "DepthwiseConv2D" in later else "project")
     return parts
 
 

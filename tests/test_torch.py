@@ -445,3 +445,32 @@ def test_imagenet_weights_found_in_the_torch_hub_cache_by_hash(cases, tmp_path, 
     (hub / name).write_bytes(data[:-1] + b"x")  # fails torch hub's hash check: not used, and offline
     with pytest.raises(WeightsError, match=f"cannot download {name}.*put {name} in"):
         tv.mobilenet_v3_small(weights="imagenet")
+
+
+def test_costs_name_the_block_parts_of_torchvision_paths():
+    from npmobile.costs import layer_costs
+
+    model = tv.mobilenet_v3_large()  # random weights: costs depend on shapes only
+    parts = {c.name: c.part for c in layer_costs(model, 224)}
+    assert parts["features.0.0"] == "stem" and parts["features.16.0"] == "head"
+    assert (parts["features.1.block.0.0"], parts["features.1.block.1.0"], parts["features.1"]) == \
+        ("depthwise", "project", "project")
+    assert [parts[f"features.4.block.{k}.0"] for k in (0, 1, 3)] == ["expand", "depthwise", "project"]
+    assert parts["features.4.block.2.fc1"] == parts["features.4.block.2"] == "se"
+    assert parts["classifier.3"] == "classifier"
+    macs = sum(c.macs for c in layer_costs(model, 224))
+    assert 215e6 < macs < 220e6  # torchvision's documented 0.217 GFLOPS (multiply-adds) for V3-Large
+
+
+@pytest.mark.parametrize("arch,params,gmacs", [("mobilenet_v2", 3_504_872, 0.301),
+                                               ("mobilenet_v3_small", 2_542_856, 0.057),
+                                               ("mobilenet_v3_large", 5_483_032, 0.217)])
+def test_parameter_and_mac_counts_are_torchvisions(arch, params, gmacs):
+    """torchvision's model cards: num_params (trainable: BatchNorm's running statistics excluded) and GFLOPS."""
+    from npmobile.costs import layer_costs
+
+    model = tv.CONSTRUCTORS[arch]()
+    stats = sum(int(w.size) for n in model.graph.nodes for k, w in n.weights.items()
+                if k in ("moving_mean", "moving_variance"))
+    assert model.count_params() - stats == params
+    assert round(sum(c.macs for c in layer_costs(model, 224)) / 1e9, 3) == gmacs
