@@ -306,7 +306,7 @@ def test_lying_tensor_sizes_are_refused(tmp_path):
     with zipfile.ZipFile(path) as archive:
         members = {name: archive.read(name) for name in archive.namelist()}
     pkl = next(n for n in members if n.endswith("data.pkl"))
-    members[pkl] = members[pkl].replace(b"K\x04\x85", b"J\x00\x00\x00\x10\x85")  # size 4 -> 2**28
+    members[pkl] = members[pkl].replace(b"K\x04\x85", b"J\x00\x00\x10\x00\x85")  # size 4 -> 2**20
     with zipfile.ZipFile(path, "w") as archive:
         for name, data in members.items():
             archive.writestr(name, data)
@@ -474,3 +474,20 @@ def test_parameter_and_mac_counts_are_torchvisions(arch, params, gmacs):
                 if k in ("moving_mean", "moving_variance"))
     assert model.count_params() - stats == params
     assert round(sum(c.macs for c in layer_costs(model, 224)) / 1e9, 3) == gmacs
+
+
+def test_zero_stride_tensor_asking_for_terabytes_is_refused(tmp_path):
+    """A hand-edited pickle: one float of storage, size (2**20, 2**20) with stride (0, 0)."""
+    path = tmp_path / "huge.pth"
+    torch.save({"w": torch.zeros(1, 1)}, path)
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    pkl = next(n for n in members if n.endswith("data.pkl"))
+    big = b"J\x00\x00\x10\x00"  # BININT 2**20
+    members[pkl] = members[pkl].replace(b"K\x01K\x01\x86", big + big + b"\x86", 1).replace(
+        b"K\x01K\x01\x86", b"K\x00K\x00\x86", 1)
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    with pytest.raises(ModelFileError, match="far larger than any MobileNet"):
+        read_state_dict(path)

@@ -37,6 +37,9 @@ ZIP_SIGNATURE = b"PK\x03\x04"
 MAX_FILE_BYTES = 512 * 1024 * 1024
 MAX_PICKLE_BYTES = 64 * 1024 * 1024
 MAX_SAFETENSORS_HEADER = 64 * 1024 * 1024
+# Values in one tensor, and in the whole state dict (a full-size MobileNet holds under 6 M).
+MAX_TENSOR_ELEMENTS = 64 * 1024 * 1024
+MAX_TOTAL_ELEMENTS = 256 * 1024 * 1024
 # Checkpoints nest the state dict under one of these keys (next to an optimizer's state, an epoch...).
 NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 
@@ -144,6 +147,9 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> _Tensor
     size, stride = _ints(size, "a tensor's size"), _ints(stride, "a tensor's stride")
     if len(size) != len(stride) or storage_offset < 0 or min(size, default=1) < 0 or min(stride, default=0) < 0:
         raise ModelFileError(f"a tensor has an impossible size {size} / stride {stride}")
+    # A zero stride repeats one value: a tiny storage could otherwise ask for terabytes.
+    if int(np.prod(size, dtype=np.float64)) > MAX_TENSOR_ELEMENTS:
+        raise ModelFileError(f"a tensor of size {size} is far larger than any MobileNet weight; refusing it")
     return _TensorStub(storage, storage_offset, size, stride)
 
 
@@ -246,17 +252,16 @@ def _as_float(array: np.ndarray, bfloat16: bool = False) -> np.ndarray:
     return array.astype(np.float32) if array.dtype.kind == "f" else array
 
 
-def _materialize(obj, buffers: dict[str, np.ndarray], path: str, depth: int = 0):
-    """The unpickled object with every tensor stub replaced by its array."""
-    if depth > 8:
-        raise ModelFileError(f"{path}: nested too deeply for a checkpoint")
-    if isinstance(obj, _TensorStub):
-        return _as_float(_tensor(obj, buffers, path), bfloat16=obj.storage.dtype == STORAGE_DTYPES["BFloat16Storage"])
-    if isinstance(obj, dict):
-        return {k: _materialize(v, buffers, path, depth + 1) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_materialize(v, buffers, path, depth + 1) for v in obj]
-    return obj
+def _materialize(state: dict, buffers: dict[str, np.ndarray], path: str) -> dict:
+    """The state dict's tensors as arrays (anything else in it is left out, as is the rest of a checkpoint:
+    an optimizer's tensors are never built). Their total size is bounded before any is made."""
+    stubs = {k: v for k, v in state.items() if isinstance(v, _TensorStub)}
+    total = sum(int(np.prod(stub.size, dtype=np.int64)) for stub in stubs.values())
+    if total > MAX_TOTAL_ELEMENTS:
+        raise ModelFileError(f"{path}: its tensors add up to {total:,} values, more than any MobileNet; refusing it")
+    bf16 = STORAGE_DTYPES["BFloat16Storage"]
+    return {key: _as_float(_tensor(stub, buffers, path), bfloat16=stub.storage.dtype == bf16)
+            for key, stub in stubs.items()}
 
 
 def _check_storage(storage: _Storage, nbytes: int, path: str) -> None:
