@@ -22,6 +22,7 @@ examples:
   npmobile classify samples/chelsea.jpg                 top-5 ImageNet classes (MobileNetV2, official weights)
   npmobile classify photos/ --model mobilenet_v3_large --top 3 --json > labels.json
   npmobile classify cat.png --weights my_finetuned.keras
+  npmobile classify cat.png --weights best.pth --labels classes.txt   a PyTorch state dict (torchvision's way)
   npmobile classify cat.png --model mobilenet --alpha 0.5 --size 160 --crop center
   npmobile summary mobilenet_v3_small
   npmobile summary my_model.h5

@@ -12,7 +12,8 @@ def add_parser(commands):
         description="Print a model's layers, output shapes and parameter counts.",
     )
     parser.add_argument("model", metavar="MODEL",
-                        help="a Keras file (.h5, .keras) or a family name: " + ", ".join(FAMILIES))
+                        help="a Keras file (.h5, .keras), a PyTorch state dict of a torchvision MobileNetV2/V3 "
+                             "(.pth, .safetensors) or a family name: " + ", ".join(FAMILIES))
     parser.add_argument("--alpha", type=float, default=1.0, help="width multiplier for a family name")
     parser.add_argument("--size", type=positive_int, default=224, help="input size for a family name")
     parser.add_argument("--minimalistic", action="store_true", help="V3 minimalistic variant")
