@@ -133,7 +133,7 @@ class _Net:
         s = b.multiply([s, 1.0 / 6.0], name=f"{prefix}.scale_activation")
         return b.multiply([x, s], name=prefix)
 
-    def head(self, x: Tensor, layers: list[tuple], name: str) -> Tensor:
+    def head(self, x: Tensor, layers: list[tuple]) -> Tensor:
         """avgpool + flatten, then the classifier: ("dense", units) / ("hardswish",) / ("dropout",)."""
         x = self.b.global_average_pool(x, keepdims=True, name="avgpool")  # (N, C, 1, 1), as nn.AdaptiveAvgPool2d
         x = self.b.flatten(x, name="flatten")
@@ -175,7 +175,7 @@ def build_mobilenet_v2(width_mult: float = 1.0, num_classes: int = 1000, input_s
     last = make_divisible(1280 * max(1.0, width_mult), 8)
     x = net.conv_norm_act(x, last, 1, 1, "relu6", f"features.{index}")
     net.alias("features", x)
-    x = net.head(x, [("dropout",), ("dense", num_classes)], "mobilenet_v2")
+    x = net.head(x, [("dropout",), ("dense", num_classes)])
     return net, b.spec(inputs, x, "mobilenet_v2")
 
 
@@ -207,7 +207,7 @@ def build_mobilenet_v3(arch: str, width_mult: float = 1.0, num_classes: int = 10
         x = _v3_block(net, x, kernel, width(expanded), width(out), se, act, stride, f"features.{index}")
     x = net.conv_norm_act(x, 6 * x.channels, 1, 1, "hardswish", f"features.{len(setting) + 1}")
     net.alias("features", x)
-    x = net.head(x, [("dense", width(last_channel)), ("hardswish",), ("dropout",), ("dense", num_classes)], arch)
+    x = net.head(x, [("dense", width(last_channel)), ("hardswish",), ("dropout",), ("dense", num_classes)])
     return net, b.spec(inputs, x, arch)
 
 
@@ -307,11 +307,11 @@ def random_state_dict(spec: ModelSpec, in_channels: dict[str, int], seed: int = 
     rng = np.random.default_rng(seed)
     tensors = {}
     for key, shape in expected_state_dict(spec, in_channels).items():
-        if key.endswith(("running_var",)) or (key.endswith("weight") and len(shape) == 1):
+        if key.endswith("running_var") or (key.endswith("weight") and len(shape) == 1):  # BatchNorm: identity
             tensors[key] = np.ones(shape, np.float32)
         elif key.endswith(("bias", "running_mean")):
             tensors[key] = np.zeros(shape, np.float32)
-        elif len(shape) == 4:  # fan_out = out_channels * kh * kw / groups... torchvision: kaiming_normal_ fan_out
+        elif len(shape) == 4:  # kaiming_normal_(mode="fan_out"): fan_out = out_channels * kh * kw
             tensors[key] = rng.normal(0, np.sqrt(2.0 / (shape[0] * shape[2] * shape[3])), shape).astype(np.float32)
         else:
             tensors[key] = rng.normal(0, 0.01, shape).astype(np.float32)
