@@ -491,3 +491,18 @@ def test_zero_stride_tensor_asking_for_terabytes_is_refused(tmp_path):
             archive.writestr(name, data)
     with pytest.raises(ModelFileError, match="far larger than any MobileNet"):
         read_state_dict(path)
+
+
+def test_summary_and_show_work_on_a_pth(cases, tmp_path, capsys):
+    from npmobile.cli import main
+
+    path = str(cases("mobilenet_v3_small", {}).file("zip"))
+    assert main(["summary", path]) == 0
+    assert "features.4.block.2.fc1 (Conv2D)" in capsys.readouterr().out
+    out = tmp_path / "maps.png"
+    assert main(["show", str(SAMPLES / "chelsea.jpg"), "--weights", path, "--layer", "features.3", "--out",
+                 str(out)]) == 0
+    assert out.is_file() and "of features.3" in capsys.readouterr().out
+    assert main(["show", str(SAMPLES / "chelsea.jpg"), "--weights", path, "--layer", "features.4.block.1.0",
+                 "--filters", "--out", str(out)]) == 0
+    assert "5x5 depthwise filters" in capsys.readouterr().out
