@@ -120,6 +120,20 @@ def test_logits_match_pytorch(cases, arch, kwargs, fmt):
     np.testing.assert_array_equal(model.predict(case.x.numpy().transpose(0, 2, 3, 1)), got)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,kwargs", VARIANTS, ids=[_id(*v) for v in VARIANTS])
+def test_full_size_logits_match_pytorch(tmp_path, arch, kwargs):
+    """At 224 px, batch 4, as torchvision's ImageNet models run (legacy .pth: the older format)."""
+    model = tvm.randomize(tvm.build(arch, **kwargs), seed=7)
+    x = torch.rand(4, 3, 224, 224, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    path = save(model, tmp_path / "full.pth", "legacy")
+    got = npmobile.load_model(path).predict(x.numpy(), data_format="channels_first")
+    diff = assert_logits_close(got, expected, f"{arch} {kwargs} 224")
+    MAX_DIFF[_id(arch, kwargs) + "@224"] = diff
+
+
 @pytest.mark.parametrize("arch,kwargs", [VARIANTS[0], VARIANTS[4]], ids=[_id(*VARIANTS[0]), _id(*VARIANTS[4])])
 def test_reference_kernels_match_pytorch(cases, arch, kwargs):
     case = cases(arch, kwargs)
@@ -235,6 +249,18 @@ def test_engine_never_imports_torch(cases):
     code = ("import sys, numpy as np, npmobile; m = npmobile.load_model(sys.argv[1]); "
             "m.predict(np.zeros((1, 64, 64, 3), np.float32)); assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code, str(path)], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_safetensors_of_every_float_width_read_back_exactly(tmp_path):
+    state = {"f32": torch.randn(2, 3), "f16": torch.randn(4, dtype=torch.float16),
+             "bf16": torch.randn(3, 2, dtype=torch.bfloat16), "f64": torch.randn(5, dtype=torch.float64),
+             "i64": torch.tensor([1, 2]), "scalar": torch.tensor(2.5)}
+    path = tmp_path / "s.safetensors"
+    safetensors_torch.save_file(state, path)
+    tensors = read_state_dict(path).tensors
+    for key, value in state.items():
+        np.testing.assert_array_equal(tensors[key], value.float().numpy() if value.is_floating_point()
+                                      else value.numpy())
 
 
 def test_untouched_state_dict_reads_back_exactly(tmp_path):
