@@ -92,7 +92,7 @@ def torch_format(path: str, head: bytes | None = None) -> str | None:
         try:
             with zipfile.ZipFile(path) as archive:
                 return "zip" if _pickle_member(archive.namelist()) else None
-        except (zipfile.BadZipFile, OSError, ValueError):
+        except Exception:  # a sniff: a zip too broken to list is no PyTorch file; the Keras reader says why
             return None
     return None
 
