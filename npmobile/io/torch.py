@@ -168,6 +168,8 @@ _ALLOWED = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     **{("torch", name): _StorageType(name) for name in STORAGE_DTYPES},
+    # Legacy files saved from a GPU name its storages; the bytes are the same, read to the CPU.
+    **{("torch.cuda", name): _StorageType(name) for name in STORAGE_DTYPES},
 }
 _MODEL_MODULES = ("torch.nn", "torchvision", "__main__", "timm")
 
