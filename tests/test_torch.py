@@ -537,3 +537,21 @@ def test_summary_and_show_work_on_a_pth(cases, tmp_path, capsys):
     assert main(["show", str(SAMPLES / "chelsea.jpg"), "--weights", path, "--layer", "features.4.block.1.0",
                  "--filters", "--out", str(out)]) == 0
     assert "5x5 depthwise filters" in capsys.readouterr().out
+
+
+def test_a_pickle_editing_what_it_is_given_changes_nothing_for_the_next_file(tmp_path):
+    """BUILD sets attributes on what find_class returned: on a shared storage type or function, one file
+    could change how the next is read. Each file gets its own copies."""
+    edits = [
+        b"ctorch\nFloatStorage\nN}(Vname\nVDoubleStorage\nu\x86b.",  # FloatStorage now reads as float64?
+        b"ctorch._utils\n_rebuild_parameter\nN}(V__defaults__\n(I1\ntu\x86b.",  # new defaults?
+    ]
+    for n, data in enumerate(edits):
+        path = tmp_path / f"edit{n}.pth"
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr(f"edit{n}/data.pkl", data)
+        with pytest.raises(ModelFileError):
+            read_state_dict(path)
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.arange(6, dtype=torch.float32)}, good)
+    np.testing.assert_array_equal(read_state_dict(good).tensors["w"], np.arange(6, dtype=np.float32))

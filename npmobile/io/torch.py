@@ -23,6 +23,7 @@ import pickle
 import struct
 import zipfile
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -129,8 +130,24 @@ class _TensorStub:
 
 
 class _StorageType:
+    """``torch.FloatStorage`` and its kin, by name only."""
+
+    __slots__ = ("name",)
+
     def __init__(self, name: str):
         self.name = name
+
+
+class _Call:
+    """One of our rebuild functions as the pickle sees it."""
+
+    __slots__ = ("function",)
+
+    def __init__(self, function):
+        self.function = function
+
+    def __call__(self, *args):
+        return self.function(*args)
 
 
 def _ints(value, what: str) -> tuple[int, ...]:
@@ -160,16 +177,18 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *_ignored
     return data
 
 
-# (module, name) -> what the unpickler gives for it. Nothing else is ever looked up.
+# (module, name) -> what the unpickler gives for it. Nothing else is ever looked up. Each lookup makes a new
+# object (OrderedDict's class is immutable): a pickle can edit what it is given (the BUILD opcode sets
+# attributes), and must only ever edit its own copy, never what the next file is read with.
 _ALLOWED = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    **{("torch", name): _StorageType(name) for name in STORAGE_DTYPES},
+    ("collections", "OrderedDict"): lambda: collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor"): lambda: _Call(_rebuild_tensor),
+    ("torch._utils", "_rebuild_tensor_v2"): lambda: _Call(_rebuild_tensor),
+    ("torch._utils", "_rebuild_parameter"): lambda: _Call(_rebuild_parameter),
+    ("torch._utils", "_rebuild_parameter_with_state"): lambda: _Call(_rebuild_parameter),
+    **{("torch", name): partial(_StorageType, name) for name in STORAGE_DTYPES},
     # Legacy files saved from a GPU name its storages; the bytes are the same, read to the CPU.
-    **{("torch.cuda", name): _StorageType(name) for name in STORAGE_DTYPES},
+    **{("torch.cuda", name): partial(_StorageType, name) for name in STORAGE_DTYPES},
 }
 _MODEL_MODULES = ("torch.nn", "torchvision", "__main__", "timm")
 
@@ -184,15 +203,16 @@ class _StateDictUnpickler(pickle.Unpickler):
         self.storages: dict[str, _Storage] = {}
 
     def find_class(self, module: str, name: str):
-        found = _ALLOWED.get((module, name))
-        if found is None:
+        make = _ALLOWED.get((module, name))
+        if make is None:
             raise _Refused(f"{module}.{name}")
-        return found
+        return make()
 
     def persistent_load(self, pid):
         # ('storage', storage_type, key, location, numel[, view_metadata])
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and isinstance(pid[4], int)):
+                and isinstance(pid[1], _StorageType) and pid[1].name in STORAGE_DTYPES
+                and isinstance(pid[2], str) and isinstance(pid[4], int)):
             raise ModelFileError(f"an unknown persistent id {str(pid)[:80]!r}")
         view = pid[5] if len(pid) == 6 else None
         if view is not None and not (isinstance(view, tuple) and len(view) == 3 and isinstance(view[0], str)
