@@ -14,16 +14,15 @@ import io
 import json
 import os
 import zipfile
-from dataclasses import dataclass
 
 import h5py
 import numpy as np
 
 from npmobile.errors import ModelFileError, NpmobileError, WeightsError
 from npmobile.io.config import parse_model_config
-from npmobile.io.hdf5 import StoredLayer, keras3_layers, keras_major_version, legacy_layers, model_config
+from npmobile.io.hdf5 import keras3_layers, keras_major_version, legacy_layers, model_config
 from npmobile.io.variables import canonical_name, split_weight_name, variable_order
-from npmobile.spec import LayerSpec, ModelSpec
+from npmobile.spec import LayerSpec, ModelSpec, StoredLayer, WeightsFile
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 ZIP_SIGNATURE = b"PK\x03\x04"
@@ -32,14 +31,6 @@ MAX_ZIP_MEMBER_BYTES = 512 * 1024 * 1024
 MAX_CONFIG_BYTES = 64 * 1024 * 1024
 
 __all__ = ["WeightsFile", "bind_weights", "read_model", "read_weights"]
-
-
-@dataclass
-class WeightsFile:
-    """A file's weights by layer, in file order, before they are bound to an architecture."""
-
-    layers: list[StoredLayer]
-    source: str
 
 
 # --------------------------------------------------------------------------------------------------
