@@ -22,16 +22,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from npmobile.applications.builder import Builder, Tensor
 from npmobile.applications.common import make_divisible
 from npmobile.errors import ModelFileError, NpmobileError, WeightsError
-from npmobile.graph import Graph, Node
-from npmobile.interpreter import Model
-from npmobile.layers import expected_weight_shapes
+from npmobile.graph import Graph
+from npmobile.io.torch import StateDict
+from npmobile.isolation import DEFAULT_TIMEOUT
+from npmobile.ops import layer_type
 from npmobile.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from npmobile.interpreter import Model
 
 V2_EPS = 1e-5  # nn.BatchNorm2d's default
 V3_EPS = 1e-3  # torchvision's MobileNetV3 norm_layer
@@ -68,17 +73,14 @@ def _v3_setting(arch: str, reduced_tail: bool) -> tuple[list[tuple], int]:
     raise NpmobileError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHITECTURES)})")
 
 
-class TorchvisionModel(Model):
-    """A Model whose layers carry torchvision's module paths; it outputs logits and wants its images
-    the torchvision way (npmobile.image.load_torchvision)."""
-
-    preprocessing = "torchvision"
-    outputs_logits = True
-
-    def __init__(self, graph: Graph, arch: str, width_mult: float, reduced_tail: bool = False):
-        super().__init__(graph)
-        self.arch, self.width_mult, self.reduced_tail = arch, width_mult, reduced_tail
-        self.num_classes = int(self.shapes[graph.outputs[0]][-1])
+def _as_torchvision(model: Model, arch: str, width_mult: float, reduced_tail: bool) -> Model:
+    """Mark a Model as torchvision's: it outputs logits and wants its images the torchvision way
+    (npmobile.image.load_torchvision), which the CLI reads from ``preprocessing`` and ``outputs_logits``."""
+    model.preprocessing = "torchvision"
+    model.outputs_logits = True
+    model.arch, model.width_mult, model.reduced_tail = arch, width_mult, reduced_tail
+    model.num_classes = int(model.shapes[model.graph.outputs[0]][-1])
+    return model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,8 +270,7 @@ def expected_state_dict(spec: ModelSpec, in_channels: dict[str, int]) -> dict[st
     for layer in spec.layers:
         if layer.class_name not in _LAYOUTS:
             continue
-        node = Node(layer.name, layer.class_name, layer.config, [])
-        for var, shape in expected_weight_shapes(node, in_channels[layer.name]).items():
+        for var, shape in layer_type(layer.class_name).weights(layer.config, in_channels[layer.name]).items():
             suffix = _LAYOUTS[layer.class_name][var][0]
             shapes[f"{layer.name}.{suffix}"] = _torch_shape(layer.class_name, var, shape)
     return shapes
@@ -360,31 +361,19 @@ def identify(tensors: dict[str, np.ndarray], source: str) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def _model(arch: str, weights, width_mult: float, num_classes: int | None, reduced_tail: bool,
-           input_shape) -> TorchvisionModel:
-    from npmobile.io.torch import StateDict, read_state_dict
-
-    what = f"{arch}(width_mult={width_mult}" + (", reduced_tail=True" if reduced_tail else "")
+def _model(arch: str, weights, width_mult: float, num_classes: int | None, reduced_tail: bool, input_shape,
+           timeout: float | None, trusted: bool) -> Model:
     if weights is None:
         tensors, source = None, f"npmobile.applications.torchvision ({arch})"
     else:
-        if weights == "imagenet":
-            from npmobile.weights import resolve, torchvision_file
-
-            if width_mult != 1.0 or reduced_tail:
-                raise NpmobileError(f"torchvision publishes {arch} ImageNet weights for width_mult=1.0 only")
-            path = os.fspath(resolve(torchvision_file(arch)))
-        elif isinstance(weights, (str, os.PathLike, StateDict)):
-            path = weights.source if isinstance(weights, StateDict) else os.fspath(weights)
-        else:
-            raise NpmobileError(f"weights must be None, 'imagenet' or a file path; got {weights!r}")
-        state = weights if isinstance(weights, StateDict) else read_state_dict(path)
-        tensors, source = state.tensors, path
+        state = weights if isinstance(weights, StateDict) else _read(arch, weights, width_mult, reduced_tail,
+                                                                     timeout, trusted)
+        tensors, source = state.tensors, state.source
         if num_classes is None:
-            head = "classifier.1.weight" if arch == "mobilenet_v2" else "classifier.3.weight"
-            num_classes = int(tensors[head].shape[0]) if head in tensors and tensors[head].ndim == 2 else 1000
+            head = tensors.get("classifier.1.weight" if arch == "mobilenet_v2" else "classifier.3.weight")
+            num_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else None
     num_classes = 1000 if num_classes is None else int(num_classes)
-    what += f", num_classes={num_classes})"
+    what = f"{arch}(width_mult={width_mult}{', reduced_tail=True' if reduced_tail else ''}, num_classes={num_classes})"
     net, spec = _build(arch, width_mult, num_classes, reduced_tail, input_shape)
     if tensors is None:
         tensors = random_state_dict(spec, net.b.in_channels)
@@ -392,37 +381,63 @@ def _model(arch: str, weights, width_mult: float, num_classes: int | None, reduc
     spec.source = source
     graph = Graph.from_spec(spec)
     graph.aliases.update(net.aliases)
-    return TorchvisionModel(graph, arch, width_mult, reduced_tail)
+    from npmobile.interpreter import Model  # the engine (Numba) only once a model is made
+
+    return _as_torchvision(Model(graph), arch, width_mult, reduced_tail)
 
 
-def mobilenet_v2(weights=None, width_mult: float = 1.0, num_classes: int | None = None,
-                 input_shape=None) -> TorchvisionModel:
+def _read(arch: str, weights, width_mult: float, reduced_tail: bool, timeout: float | None,
+          trusted: bool) -> StateDict:
+    """The state dict at ``weights`` (a path, or "imagenet": torchvision's file), read by the isolated reader."""
+    from npmobile.isolation import read_file
+
+    if weights == "imagenet":
+        from npmobile.weights import resolve, torchvision_file
+
+        if width_mult != 1.0 or reduced_tail:
+            raise NpmobileError(f"torchvision publishes {arch} ImageNet weights for width_mult=1.0 only")
+        weights = resolve(torchvision_file(arch))
+    if not isinstance(weights, (str, os.PathLike)):
+        raise NpmobileError(f"weights must be None, 'imagenet' or a file path; got {weights!r}")
+    state = read_file(weights, "model", timeout, trusted)
+    if not isinstance(state, StateDict):
+        raise WeightsError(f"{os.fspath(weights)}: a Keras file, not a PyTorch state dict (.pth, .safetensors); "
+                           "load it with npmobile.load_model or npmobile.applications.MobileNetV2 and kin")
+    return state
+
+
+def mobilenet_v2(weights=None, width_mult: float = 1.0, num_classes: int | None = None, input_shape=None,
+                 timeout: float | None = DEFAULT_TIMEOUT, trusted: bool = False) -> Model:
     """torchvision.models.mobilenet_v2: ``weights`` None (random, seeded), "imagenet" (torchvision's
-    IMAGENET1K_V1 file) or a .pth / .safetensors state dict path. ``num_classes`` defaults to the file's."""
-    return _model("mobilenet_v2", weights, width_mult, num_classes, False, input_shape)
+    IMAGENET1K_V1 file) or a .pth / .safetensors state dict path. ``num_classes`` defaults to the file's.
+    The file is read in a child process bounded by ``timeout`` seconds (see npmobile.isolation), or in
+    this one if ``trusted``."""
+    return _model("mobilenet_v2", weights, width_mult, num_classes, False, input_shape, timeout, trusted)
 
 
 def mobilenet_v3_small(weights=None, width_mult: float = 1.0, num_classes: int | None = None,
-                       reduced_tail: bool = False, input_shape=None) -> TorchvisionModel:
+                       reduced_tail: bool = False, input_shape=None, timeout: float | None = DEFAULT_TIMEOUT,
+                       trusted: bool = False) -> Model:
     """torchvision.models.mobilenet_v3_small, as mobilenet_v2 (``reduced_tail`` halves the last blocks)."""
-    return _model("mobilenet_v3_small", weights, width_mult, num_classes, reduced_tail, input_shape)
+    return _model("mobilenet_v3_small", weights, width_mult, num_classes, reduced_tail, input_shape, timeout,
+                  trusted)
 
 
 def mobilenet_v3_large(weights=None, width_mult: float = 1.0, num_classes: int | None = None,
-                       reduced_tail: bool = False, input_shape=None) -> TorchvisionModel:
+                       reduced_tail: bool = False, input_shape=None, timeout: float | None = DEFAULT_TIMEOUT,
+                       trusted: bool = False) -> Model:
     """torchvision.models.mobilenet_v3_large, as mobilenet_v2 (``reduced_tail`` halves the last blocks)."""
-    return _model("mobilenet_v3_large", weights, width_mult, num_classes, reduced_tail, input_shape)
+    return _model("mobilenet_v3_large", weights, width_mult, num_classes, reduced_tail, input_shape, timeout,
+                  trusted)
 
 
 CONSTRUCTORS = {"mobilenet_v2": mobilenet_v2, "mobilenet_v3_small": mobilenet_v3_small,
                 "mobilenet_v3_large": mobilenet_v3_large}
 
 
-def load_state_dict_model(path: str | os.PathLike, input_shape=None) -> TorchvisionModel:
-    """A .pth / .safetensors state dict as a runnable model, its architecture read from the file."""
-    from npmobile.io.torch import read_state_dict
-
-    state = read_state_dict(path)
+def model_from_state_dict(state: StateDict, input_shape=None) -> Model:
+    """A state dict already read (npmobile.load_model's) as a runnable model, its architecture, width,
+    classes and tail read from its tensors."""
     found = identify(state.tensors, state.source)
     arch = found.pop("arch")
     if arch == "mobilenet_v2":

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from npmobile.errors import NpmobileError
+from npmobile.isolation import DEFAULT_TIMEOUT
 from npmobile.weights.registry import FAMILIES
 
 TEACHING_EXAMPLES = """\
@@ -32,6 +33,27 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
+def add_load_options(parser: argparse.ArgumentParser) -> None:
+    """How a model file is read: in a child process with a time limit (a hostile file cannot hang or crash
+    the command), or, for a file the user trusts, in the command's own process."""
+    parser.add_argument("--load-timeout", type=positive_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help="give up reading a model file after this long: a corrupt or hostile file fails "
+                             f"instead of hanging (default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--trusted", action="store_true",
+                        help="read the model file in this process, without the time and memory limits "
+                             "(a faster start; only for files you trust)")
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=list(FAMILIES), default="mobilenet_v2",
                         help="architecture (default mobilenet_v2)")
@@ -44,31 +66,46 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "torchvision MobileNetV2/V3, architecture read from the file, images prepared the "
                              "torchvision way (shorter side to 256 bilinear, center crop 224, ImageNet mean/std) "
                              "and the top-k a softmax over its logits; default: the official ImageNet weights")
+    add_load_options(parser)
 
 
-def open_model(family: str, alpha: float, size: int, minimalistic: bool, weights: str | None):
+def open_model(family: str, alpha: float, size: int, minimalistic: bool, weights: str | None,
+               timeout: float | None = DEFAULT_TIMEOUT, trusted: bool = False):
     """A model for the CLI: a whole Keras model from ``weights`` if the file holds one, otherwise the
-    ``family`` architecture with ``weights`` (a weights file, or the official ImageNet weights)."""
-    import npmobile
+    ``family`` architecture with ``weights`` (a weights file, or the official ImageNet weights).
 
-    if weights is not None:
-        if not Path(weights).is_file():
-            raise NpmobileError(f"{weights}: no such file")
-        try:
-            return npmobile.load_model(weights)
-        except npmobile.ModelFileError as whole_model_error:
-            try:
-                return family_model(family, alpha, size, minimalistic, weights)
-            except NpmobileError:
-                raise whole_model_error from None
-    return family_model(family, alpha, size, minimalistic, "imagenet")
+    The file is read once (one child process, see npmobile.isolation), and what it holds decides."""
+    if weights is None:
+        return family_model(family, alpha, size, minimalistic, "imagenet", timeout, trusted)
+    if not Path(weights).is_file():
+        raise NpmobileError(f"{weights}: no such file")
+    from npmobile.io.torch import StateDict
+    from npmobile.isolation import start_read
+    from npmobile.spec import ModelSpec
+
+    pending = start_read(weights, "any", timeout, trusted)
+    from npmobile.graph import Graph  # the engine's imports (Numba) overlap with the reading
+    from npmobile.interpreter import Model
+
+    contents = pending.result()
+    if isinstance(contents, ModelSpec):
+        return Model(Graph.from_spec(contents))
+    if isinstance(contents, StateDict):  # PyTorch: the architecture is read from the tensors
+        from npmobile.applications.torchvision import model_from_state_dict
+
+        return model_from_state_dict(contents)
+    try:
+        return family_model(family, alpha, size, minimalistic, contents)
+    except NpmobileError:
+        raise contents.model_error from None
 
 
-def family_model(family: str, alpha: float, size: int, minimalistic: bool, weights):
+def family_model(family: str, alpha: float, size: int, minimalistic: bool, weights,
+                 timeout: float | None = DEFAULT_TIMEOUT, trusted: bool = False):
     """The ``family`` architecture (a name from weights.registry.FAMILIES) with ``weights``."""
     from npmobile import applications
 
-    kwargs = {"alpha": alpha, "weights": weights}
+    kwargs = {"alpha": alpha, "weights": weights, "timeout": timeout, "trusted": trusted}
     if family.startswith("mobilenet_v3"):
         kwargs["minimalistic"] = minimalistic
     if weights is None or weights != "imagenet" or size != 224 or family.startswith("mobilenet_v3"):
@@ -80,7 +117,8 @@ def teaching_model(args):
     """The model for profile/show: as classify opens it, plus ``--weights none`` for random weights."""
     if args.weights is not None and args.weights.lower() == "none":
         return family_model(args.model, args.alpha, args.size, args.minimalistic, None)
-    return open_model(args.model, args.alpha, args.size, args.minimalistic, args.weights)
+    return open_model(args.model, args.alpha, args.size, args.minimalistic, args.weights, args.load_timeout,
+                      args.trusted)
 
 
 def preprocess_for(model) -> str:

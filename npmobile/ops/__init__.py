@@ -17,6 +17,9 @@ A layer class without a record is refused when a file is loaded (npmobile.graph.
 never given a default. Records are framework-neutral: a PyTorch model built on the same operations
 states its padding and activations explicitly in the node's config.
 
+Records import the fast kernels (Numba) only inside ``prepare``: the readers and the architectures
+use the records, and they run without Numba (a file is read in a child process that never loads it).
+
 Adding a layer type: write its record in the module of its kind (or a new one imported below), its
 reference function in kernels/reference.py, a kernel if it is on a hot path, and its tests.
 """

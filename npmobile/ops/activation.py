@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from npmobile.errors import UnsupportedLayerError
-from npmobile.kernels import activations as act_kernels
 from npmobile.kernels import reference as ref
 from npmobile.ops import LayerType, Runner, register
 
@@ -73,7 +72,9 @@ def epilogue_code(node: Node, keras_version: int) -> int | None:
         return None
     if keras_version < 3 and name in KERAS2_ACTIVATIONS:
         return None  # e.g. Keras 2's 0.2x + 0.5: no epilogue for it, use the reference path
-    return act_kernels.ACTIVATION_CODES.get(name)
+    from npmobile.kernels.activations import ACTIVATION_CODES
+
+    return ACTIVATION_CODES.get(name)
 
 
 def epilogue_activation(node: Node) -> str | None:
@@ -119,6 +120,8 @@ def softmax_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
 
 def prepare_activation(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
     """A standalone ReLU / Activation (one the fusion pass could not move into a conv)."""
+    from npmobile.kernels import activations as act_kernels
+
     if node.op == "Activation" and node.config.get("activation") == "softmax":  # over the last axis
 
         def run_softmax(args, out):

@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from npmobile.kernels import activations as act_kernels
 from npmobile.kernels import reference as ref
 from npmobile.ops import LayerType, Runner, register
 from npmobile.ops.activation import apply_activation, epilogue_code, validate_activation
@@ -34,6 +33,7 @@ def dense_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
 
 
 def dense_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
+    from npmobile.kernels import activations as act_kernels
     from npmobile.kernels.pointwise import dense
 
     softmax = node.config.get("activation") == "softmax"  # the classifier: product, then softmax in place

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from npmobile.errors import ModelFileError
-from npmobile.kernels import activations as act_kernels
 from npmobile.ops import LayerType, Runner, register
 
 if TYPE_CHECKING:
@@ -37,6 +36,8 @@ def add_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
 
 def add_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
     """The Add merge layer of two same-shaped tensors (no broadcasting, no scalars)."""
+    from npmobile.kernels import activations as act_kernels
+
     if len(node.inputs) != 2 or not all(isinstance(i, str) for i in node.inputs):
         return None
     if any(tuple(s) != tuple(out_shape) for s in in_shapes):
