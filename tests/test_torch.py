@@ -555,3 +555,32 @@ def test_a_pickle_editing_what_it_is_given_changes_nothing_for_the_next_file(tmp
     good = tmp_path / "good.pth"
     torch.save({"w": torch.arange(6, dtype=torch.float32)}, good)
     np.testing.assert_array_equal(read_state_dict(good).tensors["w"], np.arange(6, dtype=np.float32))
+
+
+def test_other_architectures_are_named_as_such(tmp_path):
+    path = tmp_path / "resnet_like.pth"
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).state_dict(), path)
+    with pytest.raises(ModelFileError, match="not a torchvision MobileNetV2/V3 state dict") as error:
+        npmobile.load_model(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_read_in_a_child_or_trusted_in_process_the_same(cases, monkeypatch):
+    """A .pth is read by the isolated reader's child like a Keras file (sent back as arrays, no pickle);
+    trusted, in this process: the same model either way."""
+    from npmobile import isolation
+
+    case = cases("mobilenet_v3_small", {})
+    path = case.file("legacy")
+    isolated = npmobile.load_model(path).predict(case.x.numpy(), data_format="channels_first")
+    started = []
+    monkeypatch.setattr(isolation, "PendingRead", lambda *a: started.append(a))  # no child may start
+    trusted = npmobile.load_model(path, trusted=True).predict(case.x.numpy(), data_format="channels_first")
+    np.testing.assert_array_equal(isolated, trusted)
+    assert not started
+
+
+def test_keras_file_given_to_a_torchvision_constructor_says_so(keras_files):
+    case = keras_files.get("MobileNetV3Small", "keras3_keras", input_shape=(96, 96, 3))
+    with pytest.raises(WeightsError, match="a Keras file, not a PyTorch state dict"):
+        tv.mobilenet_v3_small(weights=case.path)
