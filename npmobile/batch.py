@@ -303,6 +303,11 @@ def output_format(path: str | os.PathLike) -> str:
     raise NpmobileError(f"{path}: write .parquet or .jsonl (JSON lines)")
 
 
+def folder_format(path: str | os.PathLike) -> str:
+    """"jsonl" for a folder of JSON lines files (its name ends in .jsonl), else "parquet"."""
+    return "jsonl" if Path(path).suffix.lower() in (".jsonl", ".ndjson") else "parquet"
+
+
 def write_rows(rows: Iterable[dict], path: str | os.PathLike, output: str = "top") -> int:
     """Write rows to one file, Parquet or JSON lines by its suffix; returns how many were written."""
     kind = output_format(path)

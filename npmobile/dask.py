@@ -21,7 +21,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 
-from npmobile.batch import BatchClassifier, arrow_schema, output_format, record
+from npmobile.batch import BatchClassifier, arrow_schema, folder_format, record
 
 try:
     import dask.bag as db
@@ -88,7 +88,7 @@ def write_bag(rows: db.Bag, out: str, output: str = "top") -> None:
     """Write a bag of rows as Dask writes files: a folder ``out`` of Parquet files (schema
     ``arrow_schema(output)``), or of JSON lines files when ``out`` ends in .jsonl; one file per partition,
     named by its position, so a task run again rewrites its own file rather than adding one."""
-    if output_format(out) == "jsonl":
+    if folder_format(out) == "jsonl":
         rows.map(lambda row: json.dumps(record(row))).to_textfiles(os.path.join(out, "part-*.jsonl"))
         return
     meta = {"path": object, "error": object, output: object}

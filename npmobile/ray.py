@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from npmobile.batch import BatchClassifier, output_format, rows_to_table
+from npmobile.batch import BatchClassifier, folder_format, rows_to_table
 
 try:
     import ray
@@ -88,7 +88,7 @@ def classify_files(paths: str | Sequence[str], out: str, classifier: BatchClassi
     """Read image files, classify them and write the rows: one call, all through Ray. ``out`` is a
     folder Ray writes Parquet files into, or JSON lines files when it ends in .jsonl (local or a URI)."""
     rows = classify_dataset(read_images(paths, **read_args), classifier, workers, batch_size)
-    if output_format(out) == "jsonl":
+    if folder_format(out) == "jsonl":
         rows.write_json(out, lines=True)  # a row with an error has "error" set and a null output
     else:
         rows.write_parquet(out)
