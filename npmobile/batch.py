@@ -57,7 +57,22 @@ class ModelRef:
 
         if self.weights is not None and self.weights.lower() == "none":
             return family_model(self.model, self.alpha, self.size, self.minimalistic, None)
-        return open_model(self.model, self.alpha, self.size, self.minimalistic, self.weights)
+        weights = None if self.weights is None else shipped_file(self.weights)
+        return open_model(self.model, self.alpha, self.size, self.minimalistic, weights)
+
+
+def shipped_file(path: str) -> str:
+    """``path``, or where a Dask worker keeps the file of that name when it was shipped to every worker
+    with ``client.register_plugin(UploadFile(path))`` (the worker's local directory, not its cwd)."""
+    if os.path.exists(path):
+        return path
+    try:
+        from distributed import get_worker
+
+        uploaded = os.path.join(get_worker().local_directory, os.path.basename(path))
+    except Exception:  # not in a Dask worker, or distributed not installed
+        return path
+    return uploaded if os.path.exists(uploaded) else path
 
 
 def model_ref(model: str | os.PathLike | ModelRef = "mobilenet_v2", **options) -> ModelRef:

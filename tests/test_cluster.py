@@ -116,13 +116,13 @@ def classifier(model_file: str, output: str = "probabilities"):
     return BatchClassifier(model_file, output=output)
 
 
-def check_rows(rows: list[dict], expected: dict[str, np.ndarray]) -> None:
+def check_rows(rows: list[dict], expected: dict[str, np.ndarray], corrupt: set[str] = CORRUPT) -> None:
     """Every image exactly once; probabilities equal predict's bit for bit; corrupt files as error rows."""
     names = Counter(Path(row["path"]).name for row in rows)
-    assert names == Counter(list(expected) + sorted(CORRUPT)), "each image exactly once"
+    assert names == Counter(list(expected) + sorted(corrupt)), "each image exactly once"
     for row in rows:
         name = Path(row["path"]).name
-        if name in CORRUPT:
+        if name in corrupt:
             assert row["probabilities"] is None and name in row["error"]
         else:
             assert row["error"] is None, row["error"]
@@ -161,6 +161,24 @@ def test_dask_answers_bit_for_bit_as_one_process(model_file, photos, expected, t
 
         check_rows(pq.read_table(tmp_path / "out.parquet").to_pylist(), expected)
         assert all(n == 1 for n in client.nthreads().values())
+
+
+def test_dask_workers_open_a_model_file_shipped_to_them(model_file, photos, expected, tmp_path):
+    import shutil
+
+    from distributed.diagnostics.plugin import UploadFile
+
+    from npmobile.dask import classify_bag, local_client
+
+    shipped = tmp_path / "shipped-to-workers.keras"
+    shutil.copy(model_file, shipped)
+    paths = sorted(str(p) for p in photos.iterdir())[:20]
+    with deadline(120), local_client(workers=2, threads=1) as client:
+        client.register_plugin(UploadFile(str(shipped), load=False))
+        shipped.unlink()  # the workers' copies only, found by name in their local directories
+        rows = classify_bag(paths, classifier(shipped.name), partition_size=8).compute()
+    subset = {Path(p).name: expected[Path(p).name] for p in paths if Path(p).name in expected}
+    check_rows(rows, subset, corrupt=CORRUPT & {Path(p).name for p in paths})
 
 
 def test_dask_cli_prints_what_one_process_prints(model_file, photos, cli_json, tmp_path):
