@@ -7,9 +7,11 @@ model, same images, in one run.
 
 Every run reads and decodes the files with npmobile's pipeline and classifies them (top-5), end to end.
 Reported per configuration: images per second over the job, from submitting it to its last row, with the
-cluster already started and the kernels in Numba's cache (the cache is warmed in this process first);
-the cluster's start-up is reported beside it. Ray starts its actors (and each opens the model) inside
-the job, Dask workers open it on their first task: both are part of the job's time, as a user sees it.
+cluster already started and the kernels in Numba's cache (the cache is warmed in this process first), and
+after the first rows came back; the cluster's start-up beside it. One process and Dask's workers have
+the model open before the job; Ray starts its actors (each opening the model) inside the job, as a user
+sees it: the rate after the first rows leaves that out. The machine's load average is recorded: on a
+shared machine, compare within one run.
 The model has seeded random weights (weights="none"): speed does not depend on the weights. Results go to
 bench/results/cluster-<date>-<host>.json and bench/results/cluster-latest.json.
 """
@@ -20,6 +22,8 @@ import argparse
 import datetime
 import json
 import os
+import platform
+import socket
 import sys
 import tempfile
 import time
@@ -29,7 +33,6 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # this checkout's npmobile, and its workers' (PYTHONPATH below)
-sys.path.insert(0, str(HERE))
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> list[str]:
@@ -49,27 +52,46 @@ def make_images(folder: Path, n: int, seed: int = 0) -> list[str]:
     return paths
 
 
-def timed(rows_in_batches) -> tuple[float, int]:
-    start, n = time.perf_counter(), 0
+def machine() -> dict:
+    """The CPU by name, its cores and the versions that matter here (bench/run.py's machine() imports
+    TensorFlow for its version; not wanted in a process that times Numba)."""
+    from importlib.metadata import version
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    packages = ("numpy", "numba", "ray", "dask", "distributed", "pyarrow")
+    return {"cpu": cpu, "cores": os.cpu_count(), "host": socket.gethostname(), "python": platform.python_version(),
+            "versions": {name: version(name) for name in packages}}
+
+
+def timed(rows_in_batches) -> dict:
+    """Images per second over the whole job, and over its steady part (from the first batch's rows on:
+    actors starting and opening the model are behind it)."""
+    start, n, first = time.perf_counter(), 0, None
     for rows in rows_in_batches:
+        if first is None:
+            first, n_first = time.perf_counter(), len(rows)
         n += len(rows)
-    return time.perf_counter() - start, n
+    seconds = time.perf_counter() - start
+    steady = (n - n_first) / (start + seconds - first) if n > n_first else None
+    return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "steady_images_per_s": steady,
+            "first_rows_after_s": first - start}
 
 
 def one_process(paths: list[str], classifier, batch: int) -> dict:
     classifier.load()  # opened and warmed, as a worker's __init__ does (outside the timed job)
-    seconds, n = timed(classifier(paths[i : i + batch]) for i in range(0, len(paths), batch))
-    return {"images": n, "seconds": seconds, "images_per_s": n / seconds}
+    return timed(classifier(paths[i : i + batch]) for i in range(0, len(paths), batch))
 
 
 def on_dask(paths: list[str], classifier, workers: int, batch: int) -> dict:
-    from npmobile.dask import classify_paths, local_client
+    from npmobile.dask import classify_paths, local_client, open_on_workers
 
     start = time.perf_counter()
     with local_client(workers=workers, threads=1) as client:
         started = time.perf_counter() - start
-        seconds, n = timed(classify_paths(paths, classifier, client=client, batch_size=batch))
-    return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "cluster_start_s": started}
+        open_on_workers(client, classifier)  # as one_process: the model is open before the job
+        result = timed(classify_paths(paths, classifier, client=client, batch_size=batch))
+    return {**result, "cluster_start_s": started}
 
 
 def on_ray(paths: list[str], classifier, workers: int, batch: int) -> dict:
@@ -78,8 +100,8 @@ def on_ray(paths: list[str], classifier, workers: int, batch: int) -> dict:
     start = time.perf_counter()
     with local_ray(threads=1):
         started = time.perf_counter() - start
-        seconds, n = timed(classify_paths(paths, classifier, workers=workers, batch_size=batch))
-    return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "cluster_start_s": started}
+        result = timed(classify_paths(paths, classifier, workers=workers, batch_size=batch))
+    return {**result, "cluster_start_s": started}
 
 
 def main(argv=None) -> int:
@@ -93,8 +115,6 @@ def main(argv=None) -> int:
     parser.add_argument("--engines", nargs="+", default=["dask", "ray"], choices=["dask", "ray"])
     args = parser.parse_args(argv)
 
-    from run import machine
-
     from npmobile.batch import BatchClassifier, ModelRef
 
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p)
@@ -102,6 +122,7 @@ def main(argv=None) -> int:
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "images": args.images,
                "model": {"family": args.model, "alpha": args.alpha, "size": args.size, "weights": "random"},
                "batch": args.batch, "workers": args.workers, "runs": {}}
+    results["load_average_before"] = os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
         paths = make_images(Path(folder), args.images)
         runs = results["runs"]
@@ -111,9 +132,13 @@ def main(argv=None) -> int:
             run = on_dask if engine == "dask" else on_ray
             runs[f"{engine}, {args.workers} workers x 1 thread"] = run(paths, BatchClassifier(ref, threads=1),
                                                                        args.workers, args.batch)
+    results["load_average_after"] = os.getloadavg()
+    print(f"{results['machine']['cpu']}, {results['machine']['cores']} cores; load average "
+          f"{results['load_average_before'][0]:.1f} before, {results['load_average_after'][0]:.1f} after")
     for name, run in results["runs"].items():
-        start = f"  (cluster start {run['cluster_start_s']:.1f} s)" if "cluster_start_s" in run else ""
-        print(f"{name:<32} {run['images_per_s']:8.1f} images/s  {run['seconds']:6.2f} s{start}")
+        start = f", cluster start {run['cluster_start_s']:.1f} s" if "cluster_start_s" in run else ""
+        print(f"{name:<30} {run['images_per_s']:7.1f} images/s over the job ({run['seconds']:.2f} s), "
+              f"{run['steady_images_per_s'] or 0:7.1f} after the first rows ({run['first_rows_after_s']:.2f} s{start})")
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     text = json.dumps(results, indent=2)

@@ -107,6 +107,16 @@ def warm(model, size: int, threads: int) -> None:
     model.predict(np.zeros((1, height, width, 3), np.float32), threads=threads)
 
 
+def warm_cache(families: Sequence[str] = ("mobilenet_v2", "mobilenet_v3_small")) -> None:
+    """Compile every kernel the MobileNets use into Numba's on-disk cache (or load it from there): run
+    once per node (or while building its image) before workers start, so none of them compiles.
+    Small random-weight models suffice: kernels are compiled per array type, not per shape; V1 uses
+    V2's kernels, V3-Large V3-Small's."""
+    for family in families:
+        model = ModelRef(family, "none", alpha=0.35 if family == "mobilenet_v2" else 1.0, size=96).open()
+        warm(model, 96, 1)
+
+
 def input_size(model, size: int) -> tuple[int, int]:
     """(height, width) the images are resized to: the model's, or ``size`` where it takes any."""
     height, width = (d or size for d in model.input_shape[1:3])

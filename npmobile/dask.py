@@ -56,6 +56,15 @@ def local_client(workers: int | None = None, threads: int = 1) -> Iterator[Clien
         cluster.close()
 
 
+def open_on_workers(client: Client, classifier: BatchClassifier) -> None:
+    """Open (and warm) the model on every worker now rather than on each one's first task."""
+    client.run(_open, classifier)
+
+
+def _open(classifier: BatchClassifier) -> None:
+    classifier.load()  # nothing returned: the model stays in the worker
+
+
 def _classify_partition(paths: Sequence[str], classifier: BatchClassifier) -> list[dict]:
     return classifier([str(p) for p in paths])
 
@@ -121,5 +130,5 @@ def _stream(client: Client, paths: Sequence[str], classifier: BatchClassifier, b
         client.cancel(futures)
 
 
-__all__ = ["arrow_schema", "classify_bag", "classify_dataframe", "classify_paths", "local_client",
+__all__ = ["arrow_schema", "classify_bag", "classify_dataframe", "classify_paths", "local_client", "open_on_workers",
            "worker_environment", "write_bag"]
