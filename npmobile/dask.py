@@ -46,9 +46,12 @@ def local_client(workers: int | None = None, threads: int = 1) -> Iterator[Clien
     ``workers`` processes (default: cores // threads) of one task thread, each running ``threads``
     Numba threads."""
     workers = workers or max(1, (os.cpu_count() or 1) // threads)
+    # No dashboard; the scheduler's own HTTP routes on a free loopback port (its default is 8787 on all
+    # interfaces). Failed tasks are raised to the caller, so the workers' log lines are silenced.
+    scheduler = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                           dashboard_address=None, env=worker_environment(threads),
-                           silence_logs=logging.CRITICAL)  # a failed task is raised here; no log lines too
+                           dashboard_address=None, scheduler_kwargs=scheduler, env=worker_environment(threads),
+                           silence_logs=logging.CRITICAL)
     try:
         with Client(cluster) as client:
             yield client

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -97,14 +98,39 @@ def classify_files(paths: str | Sequence[str], out: str, classifier: BatchClassi
 @contextlib.contextmanager
 def local_ray(threads: int = 1, cpus: int | None = None) -> Iterator[None]:
     """A throwaway single-node Ray on the loopback interface, with no dashboard and no usage reports."""
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=cpus or os.cpu_count(), _node_ip_address="127.0.0.1", include_dashboard=False,
-             runtime_env={"env_vars": worker_environment(threads)}, object_store_memory=256 * 2**20,
-             log_to_driver=False, logging_level=logging.ERROR, configure_logging=False)
+    saved = {k: os.environ.get(k) for k in LOOPBACK_ENVIRONMENT}
+    os.environ.update(LOOPBACK_ENVIRONMENT)
+    loopback = _only_loopback(True)
     try:
+        ray.init(num_cpus=cpus or os.cpu_count(), _node_ip_address="127.0.0.1", include_dashboard=False,
+                 runtime_env={"env_vars": worker_environment(threads)}, object_store_memory=256 * 2**20,
+                 log_to_driver=False, logging_level=logging.ERROR, configure_logging=False)
         yield
     finally:
         ray.shutdown()
+        _only_loopback(loopback)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# _node_ip_address="127.0.0.1" alone is not enough: Ray swaps a loopback address for the machine's
+# routable one and its servers listen on every interface. Ray's switch for a node that is the whole
+# cluster (named for Windows and macOS, where it is the default) makes the node's address 127.0.0.1
+# and binds every server there; child processes read it from the environment.
+LOOPBACK_ENVIRONMENT = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def _only_loopback(on: bool) -> bool:
+    """Set this process's copy of that switch (Ray read the environment when it was imported);
+    returns the previous value."""
+    from ray._private import ray_constants
+
+    previous = not ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = not on
+    return previous
 
 
 def classify_paths(paths: Sequence[str], classifier: BatchClassifier, address: str | None = None,
@@ -123,10 +149,38 @@ def classify_paths(paths: Sequence[str], classifier: BatchClassifier, address: s
     with session:
         workers = workers or max(1, math.floor(ray.cluster_resources().get("CPU", 1) / threads))
         ray.data.DataContext.get_current().enable_progress_bars = False  # the caller draws its own
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # and reports failures (below) in one line
         dataset = ray.data.from_items([{"path": p} for p in paths])
-        for table in classify_dataset(dataset, classifier, workers, batch_size).iter_batches(
-                batch_size=None, batch_format="pyarrow"):
-            yield table.to_pylist()
+        try:
+            for table in classify_dataset(dataset, classifier, workers, batch_size).iter_batches(
+                    batch_size=None, batch_format="pyarrow"):
+                yield table.to_pylist()
+        except Exception as error:
+            cause = npmobile_cause(error)
+            if cause is None:
+                raise
+            raise cause from None  # the model could not be opened on a worker: say why in one line
+
+
+def npmobile_cause(error: BaseException):
+    """The NpmobileError a worker raised, out of the exceptions Ray wraps it in; None if there is none.
+
+    A task's error keeps the exception (``cause``); an actor that died in ``__init__`` keeps only its
+    traceback as text (ActorDiedError), where the error's last line is read back."""
+    from npmobile import errors
+
+    seen, outer = set(), error
+    while error is not None and id(error) not in seen:
+        if isinstance(error, errors.NpmobileError):
+            return error
+        seen.add(id(error))
+        inner = getattr(error, "cause", None)
+        error = inner if isinstance(inner, BaseException) else (error.__cause__ or error.__context__)
+    found = re.findall(r"npmobile\.errors\.(\w+): ([^\n\x1b]+)", str(outer))
+    kind = getattr(errors, found[-1][0], None) if found else None
+    if isinstance(kind, type) and issubclass(kind, errors.NpmobileError):
+        return kind(found[-1][1].strip())
+    return None
 
 
 class _Shutdown:

@@ -130,6 +130,21 @@ def check_rows(rows: list[dict], expected: dict[str, np.ndarray], corrupt: set[s
             assert np.array_equal(got, expected[name]), f"{name}: max |diff| {np.abs(got - expected[name]).max()}"
 
 
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+
+
+def listening_addresses() -> set[str]:
+    """Addresses this process and its descendants (the local cluster) listen on."""
+    import psutil
+
+    me = psutil.Process()
+    addresses = set()
+    for process in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            addresses |= {c.laddr.ip for c in process.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+    return addresses
+
+
 def check_cli(engine: str, model_file: str, photos: Path, cli_json: str, tmp_path: Path) -> None:
     out = tmp_path / "preds.parquet"
     result = run_cli("classify", str(photos), "--weights", model_file, "--json", "--engine", engine,
@@ -161,6 +176,7 @@ def test_dask_answers_bit_for_bit_as_one_process(model_file, photos, expected, t
 
         check_rows(pq.read_table(tmp_path / "out.parquet").to_pylist(), expected)
         assert all(n == 1 for n in client.nthreads().values())
+        assert listening_addresses() <= LOOPBACK
 
 
 def test_dask_workers_open_a_model_file_shipped_to_them(model_file, photos, expected, tmp_path):
@@ -236,6 +252,7 @@ def test_ray_reads_classifies_and_writes_bit_for_bit_as_one_process(ray_session,
 
     with deadline(180):
         classify_files(str(photos), str(tmp_path / "out"), classifier(model_file), workers=2)
+    assert listening_addresses() <= LOOPBACK
     check_rows(pq.read_table(tmp_path / "out").to_pylist(), expected)
 
 
