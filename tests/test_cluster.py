@@ -279,3 +279,33 @@ def test_ray_survives_a_killed_actor(ray_session, model_file, photos, expected):
     check_rows(rows, expected)
     assert killed is not None, "two actors were running"
     assert len(seen - {killed}) >= 2, f"a restarted actor answered (actors seen: {sorted(seen)})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The core, without an engine
+
+def test_embeddings_are_the_pooled_features_bit_for_bit(model_file, photos, tmp_path):
+    import npmobile
+    from npmobile.applications.common import preprocess_tf
+    from npmobile.batch import pooled_layer
+    from npmobile.image import load_img
+
+    out = tmp_path / "features.jsonl"
+    result = run_cli("classify", str(photos), "--weights", model_file, "--output", "features", "--out", str(out))
+    assert result.returncode == 1, result.stderr  # the corrupt files
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(Path(r["path"]).name for r in rows if "error" in r) == sorted(CORRUPT)
+    good = [r for r in rows if "error" not in r][:16]
+    model = npmobile.load_model(model_file)
+    layer = pooled_layer(model)
+    x = np.stack([load_img(r["path"], target_size=(SIZE, SIZE)) for r in good])
+    pooled = model.predict(preprocess_tf(x), outputs=[layer])[layer].reshape(len(good), -1)
+    assert layer.startswith("global_average_pooling")
+    assert np.array_equal(np.asarray([r["features"] for r in good], np.float32), pooled)
+
+
+def test_output_values_need_json_or_out(model_file, photos):
+    result = run_cli("classify", str(photos), "--weights", model_file, "--output", "probabilities")
+    assert result.returncode == 1 and "needs --json or --out" in result.stderr
+    result = run_cli("classify", str(photos), "--weights", model_file, "--out", "preds.csv")
+    assert result.returncode == 1 and "preds.csv: write .parquet or .jsonl" in result.stderr
