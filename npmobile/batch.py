@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import sys
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ class ModelRef:
 def shipped_file(path: str) -> str:
     """``path``, or where a Dask worker keeps the file of that name when it was shipped to every worker
     with ``client.register_plugin(UploadFile(path))`` (the worker's local directory, not its cwd)."""
-    if os.path.exists(path):
+    if os.path.exists(path) or "distributed" not in sys.modules:
         return path
     try:
         from distributed import get_worker
@@ -135,6 +136,8 @@ def worker_threads(requested: int | None = None) -> int:
 
 def _ray_cpus() -> int | None:
     """The actor's CPUs (fractional CPUs round up: an actor given 0.5 CPU still runs one thread)."""
+    if "ray" not in sys.modules:  # not in a Ray worker; and importing Ray to find out costs a second
+        return None
     try:
         import ray
 
@@ -147,6 +150,8 @@ def _ray_cpus() -> int | None:
 
 
 def _dask_threads() -> int | None:
+    if "distributed" not in sys.modules:  # not in a Dask worker
+        return None
     try:
         from distributed import get_worker
 

@@ -74,6 +74,8 @@ def run(args) -> int:
     images = [str(p) for p in find_images(args.images)]
     if not images:
         raise NpmobileError(f"no images found in {', '.join(args.images)}")
+    if args.engine is None and (args.address or args.workers):
+        raise NpmobileError("--address and --workers need --engine ray or --engine dask")
     if args.output != "top" and not (args.json or args.out):
         raise NpmobileError(f"--output {args.output} needs --json or --out: its values are for programs")
     if args.out:
