@@ -47,7 +47,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
                          help="the cluster to join (ray://host:10001 or auto; tcp://scheduler:8786); "
                               "default: start a local cluster on this machine for this run")
     cluster.add_argument("--workers", type=positive_int, default=None, metavar="N",
-                         help="workers (Ray actors / Dask worker processes); default: the cluster's CPUs")
+                         help="Ray actors, or the worker processes of a local Dask cluster (a Dask cluster "
+                              "at --address keeps its own); default: the CPUs / --threads")
     return parser
 
 
