@@ -138,18 +138,18 @@ def classify_paths(paths: Sequence[str], classifier: BatchClassifier, address: s
     """Rows for ``paths`` in batches as Ray finishes them (for a progress bar; the CLI's path), on the
     cluster at ``address``, on Ray already initialized in this process, or on a local Ray started for this."""
     threads = classifier.threads or 1
-    if address is not None:
-        ray.init(address, runtime_env={"env_vars": worker_environment(threads)}, log_to_driver=False,
-                 logging_level=logging.ERROR)
-        session = contextlib.closing(_Shutdown())
-    elif ray.is_initialized():
-        session = contextlib.nullcontext()
-    else:
-        session = local_ray(threads)
-    with session:
+    data_log = logging.getLogger("ray.data")
+    with contextlib.ExitStack() as session:
+        if address is not None:
+            ray.init(address, runtime_env={"env_vars": worker_environment(threads)}, log_to_driver=False,
+                     logging_level=logging.ERROR)
+            session.callback(ray.shutdown)
+        elif not ray.is_initialized():
+            session.enter_context(local_ray(threads))
+        session.callback(data_log.setLevel, data_log.level)
+        data_log.setLevel(logging.CRITICAL)  # failures are raised (below) in one line
         workers = workers or max(1, math.floor(ray.cluster_resources().get("CPU", 1) / threads))
         ray.data.DataContext.get_current().enable_progress_bars = False  # the caller draws its own
-        logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # and reports failures (below) in one line
         dataset = ray.data.from_items([{"path": p} for p in paths])
         try:
             for table in classify_dataset(dataset, classifier, workers, batch_size).iter_batches(
@@ -181,11 +181,6 @@ def npmobile_cause(error: BaseException):
     if isinstance(kind, type) and issubclass(kind, errors.NpmobileError):
         return kind(found[-1][1].strip())
     return None
-
-
-class _Shutdown:
-    def close(self) -> None:
-        ray.shutdown()
 
 
 __all__ = ["Classifier", "actor_cpus", "classify_dataset", "classify_files", "classify_paths", "local_ray",
