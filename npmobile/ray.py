@@ -18,6 +18,7 @@ the engine, never the UDF, writes the output, so every image is in it exactly on
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from npmobile.batch import BatchClassifier, folder_format, rows_to_table
+from npmobile.batch import BatchClassifier, folder_format, record, rows_to_table
 
 try:
     import ray
@@ -90,9 +91,22 @@ def classify_files(paths: str | Sequence[str], out: str, classifier: BatchClassi
     folder Ray writes Parquet files into, or JSON lines files when it ends in .jsonl (local or a URI)."""
     rows = classify_dataset(read_images(paths, **read_args), classifier, workers, batch_size)
     if folder_format(out) == "jsonl":
-        rows.write_json(out, lines=True)  # a row with an error has "error" set and a null output
+        rows.write_datasink(JSONLinesDatasink(out))
     else:
         rows.write_parquet(out)
+
+
+class JSONLinesDatasink(ray.data.datasource.BlockBasedFileDatasink):
+    """Rows as ``npmobile classify --json`` prints them, one JSON object a line (a folder of files,
+    written by Ray). Not Dataset.write_json: pandas rounds floats to 10 decimal places, and a
+    probability of 1e-9 would keep one digit."""
+
+    def __init__(self, path: str, **file_datasink_args):
+        super().__init__(path, file_format="jsonl", **file_datasink_args)
+
+    def write_block_to_file(self, block, file) -> None:
+        for row in block.to_arrow().to_pylist():
+            file.write((json.dumps(record(row)) + "\n").encode())
 
 
 @contextlib.contextmanager
@@ -183,5 +197,5 @@ def npmobile_cause(error: BaseException):
     return None
 
 
-__all__ = ["Classifier", "actor_cpus", "classify_dataset", "classify_files", "classify_paths", "local_ray",
-           "read_images", "worker_environment"]
+__all__ = ["Classifier", "JSONLinesDatasink", "actor_cpus", "classify_dataset", "classify_files", "classify_paths",
+           "local_ray", "read_images", "worker_environment"]
