@@ -584,3 +584,17 @@ def test_keras_file_given_to_a_torchvision_constructor_says_so(keras_files):
     case = keras_files.get("MobileNetV3Small", "keras3_keras", input_shape=(96, 96, 3))
     with pytest.raises(WeightsError, match="a Keras file, not a PyTorch state dict"):
         tv.mobilenet_v3_small(weights=case.path)
+
+
+def test_batch_classifier_on_a_pth_gives_probabilities_and_features(cases):
+    """npmobile.batch (what classify, Ray and Dask run): softmax over the logits; features = avgpool."""
+    from npmobile.batch import BatchClassifier, ModelRef
+
+    path = str(cases("mobilenet_v3_small", {}).file("zip"))
+    images = [str(SAMPLES / "chelsea.jpg"), str(SAMPLES / "coffee.jpg")]
+    probabilities = BatchClassifier(ModelRef(weights=path), output="probabilities", threads=1)(images)
+    for row in probabilities:
+        assert row["error"] is None and len(row["probabilities"]) == 1000
+        assert abs(sum(row["probabilities"]) - 1) < 1e-4 and min(row["probabilities"]) >= 0
+    features = BatchClassifier(ModelRef(weights=path), output="features", threads=1)(images)
+    assert [len(row["features"]) for row in features] == [576, 576]  # V3-Small's last conv, pooled

@@ -24,6 +24,7 @@ examples:
   npmobile classify cat.png --weights my_finetuned.keras
   npmobile classify cat.png --weights best.pth --labels classes.txt   a PyTorch state dict (torchvision's way)
   npmobile classify cat.png --model mobilenet --alpha 0.5 --size 160 --crop center
+  npmobile classify photos/ --engine ray --workers 4 --out preds.parquet   on Ray Data (or --engine dask)
   npmobile summary mobilenet_v3_small
   npmobile summary my_model.h5
   npmobile summary mobilenet_v2 --costs                 params and MACs per layer, depthwise vs standard conv
