@@ -279,11 +279,22 @@ def test_the_readers_import_neither_numba_nor_the_engine(keras_files):
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
+def test_the_reader_never_imports_from_the_working_directory(keras_files, tmp_path, monkeypatch):
+    """A folder of downloads may hold a planted module beside the hostile file: the child must not import it."""
+    marker = tmp_path / "imported"
+    (tmp_path / "numpy.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit(3)\n")
+    path = tmp_path / "model.h5"
+    shutil.copyfile(keras_files.get("MobileNetV2", "keras3_h5", **SMALL_V2).path, path)
+    monkeypatch.chdir(tmp_path)
+    assert isinstance(isolation.read_file("model.h5", "model"), ModelSpec) and not marker.exists()
+
+
 def test_a_timeout_must_be_a_positive_number(keras_files):
     path = keras_files.get("MobileNetV2", "keras3_h5", **SMALL_V2).path
-    for bad in (0, -1, "5", True):
-        with pytest.raises(NpmobileError, match="timeout"):
-            npmobile.load_model(path, timeout=bad)
+    for bad in (0, -1, "5", True, float("nan")):
+        for trusted in (False, True):
+            with pytest.raises(NpmobileError, match="timeout"):
+                npmobile.load_model(path, timeout=bad, trusted=trusted)
 
 
 def load_in_worker(path: str, queue) -> None:
