@@ -289,8 +289,8 @@ class _Arrays:
 
     def add(self, array: np.ndarray) -> int:
         array = np.ascontiguousarray(array)
-        if array.dtype.kind not in "fiub" or array.dtype.hasobject:
-            raise ModelFileError(f"an array of dtype {array.dtype} cannot be sent")
+        if array.dtype.kind not in "fiub" or array.dtype.hasobject:  # the readers make float32 only
+            raise TypeError(f"an array of dtype {array.dtype} cannot be sent")
         self.size += -self.size % _ALIGN
         self.table.append([array.dtype.str, list(array.shape), self.size])
         self.arrays.append(array)
@@ -331,7 +331,7 @@ def encode(result) -> tuple[bytes, _Arrays]:
     if isinstance(result, ModelSpec):
         message = {"model": _encode_model(result, arrays)}
     elif isinstance(result, WeightsFile):
-        error = getattr(result, "model_error", None)
+        error = result.model_error
         message = {"weights": {
             "source": result.source,
             "layers": [[layer.name, [[name, arrays.add(a)] for name, a in layer.variables]] for layer in result.layers],
@@ -377,7 +377,7 @@ def _array(entry: list, data: bytearray) -> np.ndarray:
         raise ValueError(f"dtype {dtype}")
     shape = tuple(int(d) for d in shape)
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if count < 0 or offset < 0 or offset + count * dtype.itemsize > len(data):
+    if min(shape, default=0) < 0 or offset < 0 or offset + count * dtype.itemsize > len(data):
         raise ValueError("an array outside the data")
     return np.frombuffer(data, dtype=dtype, count=count, offset=int(offset)).reshape(shape)
 

@@ -224,6 +224,15 @@ def test_errors_come_back_as_the_readers_raise_them(tmp_path):
     assert clean_error(lambda: npmobile.load_model(path), path) == here
 
 
+@pytest.mark.parametrize("entry", [["|O", [1], 0], ["<f4", [4], 8], ["<f4", [-1, 2], 0], ["<f4", [1], -4]],
+                         ids=["objects", "past-the-end", "negative-shape", "negative-offset"])
+def test_a_result_that_is_not_plain_numbers_is_refused(entry):
+    """Whatever a child sends is data: never objects, never memory outside the buffer it sent."""
+    message = {"arrays": [entry], "weights": {"source": "f.h5", "layers": [["dense", [["kernel", 0]]]]}}
+    with pytest.raises(ModelFileError, match="malformed"):
+        isolation.decode(message, bytearray(16), "f.h5")
+
+
 def test_a_weights_only_file_opened_by_the_cli_costs_one_child(keras_files, monkeypatch):
     from npmobile.cli.models import open_model
 
