@@ -1,0 +1,358 @@
+"""A register-tiled GEMM microkernel for 1x1 convolutions and dense layers, written as LLVM vector IR.
+
+    packed = pack(w, bias, variant)                       # once, when the plan is made
+    gemm_packed(a, packed, out, act, residual)            # every call
+
+a [M, K], out and residual [M, N]: float32, C-contiguous. out = act(a @ w + bias) (+ residual), the
+contract of kernels/pointwise.py; kernels/reference.py ``dense`` is the twin it is tested against.
+
+Why LLVM IR: a GEMM is fast when a tile of the output (MR rows x NR columns) stays in registers for
+the whole loop over K, each loaded weight vector feeding MR multiply-adds and each broadcast input
+value NR of them. Numba compiles array code, and LLVM will not keep an accumulator tile that lives
+in an array in registers (a scalar-unrolled 6x16 tile did not even vectorize). It does keep SSA
+values of vector type in registers, so the tile is emitted directly through
+``numba.extending.intrinsic`` and llvmlite's IR builder: MR x (NR / VW) accumulators of type
+``<VW x float>`` as phi nodes of one loop over K, the input value broadcast with a shufflevector,
+``llvm.fma`` on whole vectors, then bias, activation and residual on the registers before the store.
+
+The types are generic LLVM vectors: every variant compiles and gives the same answers on any
+x86-64 (LLVM splits a <16 x float> into two AVX2 registers); the CPU's features only decide which
+variant is fast (``VARIANT``).
+
+Weights are packed once into column panels: panel p holds columns [p*NR, p*NR + NR) of w as K rows
+of NR contiguous floats, zero-padded past N, so the microkernel streams one panel front to back.
+
+Determinism: every output value is one FMA chain over k = 0..K-1 starting from zero, then + bias,
+then the activation, then + residual, whatever tile, thread or batch position it falls in. Edge
+tiles run the very same instructions (rows past M re-read the last row and are not stored; columns
+past N are computed from the zero padding into a scratch tile and not copied), so how the product
+is cut never changes an answer.
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llvm
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .activations import ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, apply_activation
+
+_F32 = ir.FloatType()
+_I64 = ir.IntType(64)
+_PTR = ir.PointerType()
+
+
+def _emit_tile(builder: ir.IRBuilder, args, mr: int, nr: int, vw: int) -> None:
+    """The IR of one MR x NR tile: see the module docstring. ``args`` are the intrinsic's int64 values."""
+    a_addr, lda, rows, w_addr, k, bias_addr, c_addr, ldc, act, r_addr, ldr = args
+    vec = ir.VectorType(_F32, vw)
+    nv = nr // vw
+    module = builder.module
+    fma = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vw}f32")
+    a = builder.inttoptr(a_addr, _PTR)
+    w = builder.inttoptr(w_addr, _PTR)
+    one = ir.Constant(_I64, 1)
+    last = builder.sub(rows, one)
+    # Rows past ``rows`` re-read the last row: the same instructions run, the values are not stored.
+    a_rows = []
+    for i in range(mr):
+        row = builder.select(builder.icmp_signed("<", ir.Constant(_I64, i), rows), ir.Constant(_I64, i), last)
+        a_rows.append(builder.gep(a, [builder.mul(row, lda)], source_etype=_F32))
+
+    zero = ir.Constant(vec, [0.0] * vw)
+    entry = builder.block
+    loop = builder.append_basic_block("tile.k")
+    done = builder.append_basic_block("tile.done")
+    builder.cbranch(builder.icmp_signed(">", k, ir.Constant(_I64, 0)), loop, done)
+
+    builder.position_at_end(loop)
+    kk = builder.phi(_I64, "kk")
+    kk.add_incoming(ir.Constant(_I64, 0), entry)
+    acc = [[builder.phi(vec) for _ in range(nv)] for _ in range(mr)]
+    for row in acc:
+        for phi in row:
+            phi.add_incoming(zero, entry)
+    w_row = builder.gep(w, [builder.mul(kk, ir.Constant(_I64, nr))], source_etype=_F32)
+    wv = [builder.load(builder.gep(w_row, [ir.Constant(_I64, j * vw)], source_etype=_F32), typ=vec, align=4)
+          for j in range(nv)]
+    mask = ir.Constant(ir.VectorType(ir.IntType(32), vw), [0] * vw)
+    new = []
+    for i in range(mr):
+        x = builder.load(builder.gep(a_rows[i], [kk], source_etype=_F32), typ=_F32, align=4)
+        xv = builder.shuffle_vector(builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(_I64, 0)),
+                                    ir.Constant(vec, ir.Undefined), mask)
+        new.append([builder.call(fma, [xv, wv[j], acc[i][j]]) for j in range(nv)])
+    next_k = builder.add(kk, one)
+    body_end = builder.block
+    kk.add_incoming(next_k, body_end)
+    for i in range(mr):
+        for j in range(nv):
+            acc[i][j].add_incoming(new[i][j], body_end)
+    builder.cbranch(builder.icmp_signed("<", next_k, k), loop, done)
+
+    builder.position_at_end(done)
+    sums = []
+    for i in range(mr):
+        sums.append([])
+        for j in range(nv):
+            phi = builder.phi(vec)
+            phi.add_incoming(zero, entry)
+            phi.add_incoming(new[i][j], body_end)
+            sums[i].append(phi)
+
+    bias = builder.inttoptr(bias_addr, _PTR)
+    bv = [builder.load(builder.gep(bias, [ir.Constant(_I64, j * vw)], source_etype=_F32), typ=vec, align=4)
+          for j in range(nv)]
+    values = [[builder.fadd(sums[i][j], bv[j]) for j in range(nv)] for i in range(mr)]
+
+    c = builder.inttoptr(c_addr, _PTR)
+    r = builder.inttoptr(r_addr, _PTR)
+    zero_v, three, six = (ir.Constant(vec, [v] * vw) for v in (0.0, 3.0, 6.0))
+
+    def relu(v):  # NaN stays NaN, as np.maximum keeps it
+        return builder.select(builder.fcmp_ordered("<", v, zero_v), zero_v, v)
+
+    def relu6(v):
+        v = relu(v)
+        return builder.select(builder.fcmp_ordered(">", v, six), six, v)
+
+    def hard_swish(v):  # x * (relu6(x + 3) / 6): a division, as Keras writes it
+        return builder.fmul(v, builder.fdiv(relu6(builder.fadd(v, three)), six))
+
+    def store_all(fn):
+        with builder.if_else(builder.icmp_signed("!=", r_addr, ir.Constant(_I64, 0))) as (with_res, without):
+            for residual in (True, False):
+                with (with_res if residual else without):
+                    for i in range(mr):
+                        with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, i), rows)):
+                            c_row = builder.gep(c, [builder.mul(ir.Constant(_I64, i), ldc)], source_etype=_F32)
+                            r_row = builder.gep(r, [builder.mul(ir.Constant(_I64, i), ldr)], source_etype=_F32)
+                            for j in range(nv):
+                                v = fn(values[i][j])
+                                off = [ir.Constant(_I64, j * vw)]
+                                if residual:
+                                    v = builder.fadd(v, builder.load(builder.gep(r_row, off, source_etype=_F32),
+                                                                     typ=vec, align=4))
+                                builder.store(v, builder.gep(c_row, off, source_etype=_F32), align=4)
+
+    after = builder.append_basic_block("tile.stored")
+    cases = [(ACT_RELU, relu), (ACT_RELU6, relu6), (ACT_HARD_SWISH, hard_swish)]
+    default = builder.append_basic_block("tile.act.none")
+    switch = builder.switch(act, default)
+    for code, fn in cases:
+        block = builder.append_basic_block(f"tile.act.{code}")
+        switch.add_case(ir.Constant(_I64, code), block)
+        builder.position_at_end(block)
+        store_all(fn)
+        builder.branch(after)
+    builder.position_at_end(default)
+    store_all(lambda v: v)
+    builder.branch(after)
+    builder.position_at_end(after)
+
+
+def _tile_intrinsic(mr: int, nr: int, vw: int):
+    """A Numba intrinsic computing one MR x NR tile (arguments: addresses and strides in floats, as int64).
+
+    tile(a, lda, rows, w_panel, k, bias, c, ldc, act, residual, ldr): rows [0, rows) of the tile at
+    ``c`` = act(a[rows, :k] @ w_panel[:k, :NR] + bias[:NR]) (+ residual when its address is not 0).
+    """
+
+    def tile(typingctx, a, lda, rows, w, k, bias, c, ldc, act, residual, ldr):
+        sig = types.void(*([types.int64] * 11))
+
+        def codegen(context, builder, signature, args):
+            _emit_tile(builder, args, mr, nr, vw)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    tile.__name__ = f"tile_{mr}x{nr}_v{vw}"
+    return intrinsic(tile)
+
+
+# (MR, NR, VW) per variant, the index being what ``pack`` records and the driver dispatches on.
+# 6x16 of <8 x float>: twelve accumulators of AVX2's sixteen registers. 8x32 and 28x16 of
+# <16 x float>: 16 and 28 of AVX-512's 32; 28x16 for outputs whose width is closer to a multiple of
+# 16 than of 32 (16, 40, 80, 112, 144 channels). 1x128: a matrix-vector product (a dense layer on
+# one image), where the rows of a taller tile would be computed and thrown away.
+VARIANTS = ((6, 16, 8), (8, 32, 16), (28, 16, 16), (1, 128, 16))
+_MR = tuple(v[0] for v in VARIANTS)
+_tile0 = _tile_intrinsic(*VARIANTS[0])
+_tile1 = _tile_intrinsic(*VARIANTS[1])
+_tile2 = _tile_intrinsic(*VARIANTS[2])
+_tile3 = _tile_intrinsic(*VARIANTS[3])
+
+
+@njit(inline="always")
+def _tile(variant, a, lda, rows, w, k, bias, c, ldc, act, res, ldr):
+    if variant == 0:
+        _tile0(a, lda, rows, w, k, bias, c, ldc, act, res, ldr)
+    elif variant == 1:
+        _tile1(a, lda, rows, w, k, bias, c, ldc, act, res, ldr)
+    elif variant == 2:
+        _tile2(a, lda, rows, w, k, bias, c, ldc, act, res, ldr)
+    else:
+        _tile3(a, lda, rows, w, k, bias, c, ldc, act, res, ldr)
+
+
+@njit(inline="always")
+def _cdiv(x, y):
+    return (x + y - 1) // y
+
+
+@njit(parallel=True, cache=True)
+def gemm_panels(a, panels, bias, out, act, residual, variant, tile_rows, panels_per_tile):
+    """out = act(a @ w + bias) (+ residual), w and bias packed by ``pack`` (``panels``, ``bias``).
+
+    The product is cut into tiles of ``tile_rows`` rows x ``panels_per_tile`` panels, spread over
+    Numba's threads; within a tile, panel by panel (it stays in cache), MR rows at a time.
+    """
+    m, k = a.shape
+    n = out.shape[1]
+    n_panels = panels.shape[0]
+    nr = panels.shape[2]
+    mr = _MR[variant]
+    in_registers = act == ACT_NONE or act == ACT_RELU or act == ACT_RELU6 or act == ACT_HARD_SWISH
+    register_act = act if in_registers else ACT_NONE
+    a_addr = np.int64(a.ctypes.data)
+    w_addr = np.int64(panels.ctypes.data)
+    b_addr = np.int64(bias.ctypes.data)
+    c_addr = np.int64(out.ctypes.data)
+    r_addr = np.int64(0)
+    if residual is not None:
+        r_addr = np.int64(residual.ctypes.data)
+    row_tiles = _cdiv(m, tile_rows)
+    col_tiles = _cdiv(n_panels, panels_per_tile)
+    for t in prange(row_tiles * col_tiles):
+        r0 = (t // col_tiles) * tile_rows
+        r1 = min(m, r0 + tile_rows)
+        p0 = (t % col_tiles) * panels_per_tile
+        scratch = np.empty((mr, nr), np.float32)
+        s_addr = np.int64(scratch.ctypes.data)
+        for p in range(p0, min(n_panels, p0 + panels_per_tile)):
+            c0 = p * nr
+            cols = min(nr, n - c0)
+            w_p = w_addr + 4 * p * k * nr
+            for i in range(r0, r1, mr):
+                rows = min(mr, r1 - i)
+                if cols == nr and in_registers:
+                    res = r_addr + 4 * (i * n + c0) if r_addr != 0 else np.int64(0)
+                    _tile(variant, a_addr + 4 * i * k, k, rows, w_p, k, b_addr + 4 * c0,
+                          c_addr + 4 * (i * n + c0), n, act, res, n)
+                else:
+                    # An edge panel, or an activation applied here: the same tile into scratch, then copied.
+                    _tile(variant, a_addr + 4 * i * k, k, rows, w_p, k, b_addr + 4 * c0,
+                          s_addr, nr, register_act, np.int64(0), nr)
+                    for rr in range(rows):
+                        for cc in range(cols):
+                            v = scratch[rr, cc]
+                            if not in_registers:
+                                v = apply_activation(v, act)
+                            if residual is not None:
+                                v = v + residual[i + rr, c0 + cc]
+                            out[i + rr, c0 + cc] = v
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing a variant, packing, cutting the work
+# --------------------------------------------------------------------------------------------------
+
+
+def _target_has_avx512() -> bool:
+    """Whether the code Numba compiles may use AVX-512 (NUMBA_CPU_NAME/FEATURES, else the host)."""
+    from numba.core import config
+
+    if config.CPU_NAME and config.CPU_NAME != "host":
+        return "+avx512f" in (config.CPU_FEATURES or "")
+    return bool(llvm.get_host_cpu_features().get("avx512f", False))
+
+
+AVX512 = _target_has_avx512()
+
+
+def choose_variant(m: int, n: int, avx512: bool = AVX512) -> int:
+    """The fastest variant for an [m, k] x [k, n] product on this CPU (bench/kernels.py).
+
+    Every variant gives bit-identical answers (each output is the same FMA chain), so the choice is
+    free to follow the whole product's shape, batch included.
+    """
+    if not avx512:
+        return 0
+    if m == 1:
+        return 3
+    return 2 if _round_up(n, 16) < _round_up(n, 32) else 1
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+class PackedWeights:
+    """A [K, N] weight matrix and its bias, packed once for one variant of the microkernel.
+
+    panels [P, K, NR]: panel p holds columns p*NR .. p*NR+NR-1, zero past N; bias [P*NR], zero past N.
+    """
+
+    __slots__ = ("panels", "bias", "k", "n", "variant")
+
+    def __init__(self, kernel: np.ndarray, bias: np.ndarray, variant: int):
+        k, n = kernel.shape
+        if bias.shape != (n,):
+            raise ValueError(f"pack: bias {bias.shape} does not fit kernel {kernel.shape}")
+        nr = VARIANTS[variant][1]
+        count = -(-n // nr)
+        # 64-byte aligned, so that each weight vector is one cache line (or half of one).
+        flat = np.zeros(count * k * nr + 16, np.float32)
+        start = (-flat.ctypes.data % 64) // 4
+        panels = flat[start:start + count * k * nr].reshape(count, k, nr)
+        padded = np.zeros((k, count * nr), np.float32)
+        padded[:, :n] = kernel
+        panels[...] = padded.reshape(k, count, nr).transpose(1, 0, 2)
+        self.panels = panels
+        self.bias = np.zeros(count * nr, np.float32)
+        self.bias[:n] = bias
+        self.k, self.n, self.variant = k, n, variant
+
+
+def pack(kernel: np.ndarray, bias: np.ndarray, rows: int, variant: int | None = None) -> PackedWeights:
+    """Weights packed for products of ``rows`` rows (the variant that is fast for them, unless given)."""
+    return PackedWeights(kernel, bias, choose_variant(rows, kernel.shape[1]) if variant is None else variant)
+
+
+# Tasks the cut aims for: a few per core on up to four cores, so that unequal tiles even out.
+TASKS = 8
+
+
+def tiling(m: int, k: int, panels: int, mr: int) -> tuple[int, int]:
+    """Rows and panels per task for an [m, k] product over ``panels`` panels.
+
+    The rows of a task (times K) stay in L2 while each of its panels passes over them. The cut
+    changes no answer (see the module docstring); it only spreads the work.
+    """
+    rows = mr * max(1, min(128, 65536 // max(k, 1)) // mr)
+    row_tiles = -(-m // rows)
+    col_tiles = 1 if row_tiles >= TASKS else min(panels, -(-TASKS // row_tiles))
+    per_task = -(-panels // col_tiles)
+    col_tiles = -(-panels // per_task)
+    if row_tiles * col_tiles < TASKS and m > mr:
+        rows = max(mr, _round_up(-(-m // -(-TASKS // col_tiles)), mr))
+    return rows, per_task
+
+
+def gemm_packed(a: np.ndarray, packed: PackedWeights, out: np.ndarray, act: int,
+                residual: np.ndarray | None = None) -> None:
+    """out = act(a @ w + bias) (+ residual), w and bias as packed; a [M, K], out/residual [M, N]."""
+    m, k = a.shape
+    if (k != packed.k or out.shape != (m, packed.n) or (residual is not None and residual.shape != out.shape)
+            or not all(x is None or (x.dtype == np.float32 and x.flags.c_contiguous) for x in (a, out, residual))):
+        raise ValueError(f"gemm_packed: a {a.shape} @ packed [{packed.k}, {packed.n}] -> out {out.shape}"
+                         + ("" if residual is None else f" + residual {residual.shape}")
+                         + ": shapes do not fit or arrays are not C-contiguous float32")
+    if m == 0 or packed.n == 0:
+        return
+    rows, per_task = tiling(m, k, packed.panels.shape[0], VARIANTS[packed.variant][0])
+    gemm_panels(a, packed.panels, packed.bias, out, act, residual, packed.variant, rows, per_task)
