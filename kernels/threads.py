@@ -96,9 +96,10 @@ def kernels_cached() -> bool:
     Checks the cache index file of each compiled kernel the MobileNets use; a False answer only
     means "expect a compile", never an error.
     """
-    from npmobile.kernels import blas, conv, depthwise, pointwise, squeeze_excite
+    from npmobile.kernels import blas, conv, depthwise, gemm, pointwise, squeeze_excite
 
-    products = (pointwise.gemm_tiles, conv.conv_tiles) if blas.AVAILABLE else (pointwise._epilogue, conv.im2col)
+    products = (gemm.gemm_panels, pointwise.gemm_tiles, conv.conv_tiles) if blas.AVAILABLE else (
+        gemm.gemm_panels, pointwise._epilogue, conv.im2col)
     kernels = (depthwise._depthwise_conv2d, squeeze_excite._squeeze_excite, *products)
     try:
         return all(os.path.exists(k._cache._cache_file._index_path) for k in kernels)

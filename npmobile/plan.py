@@ -124,7 +124,7 @@ def prepare_depthwise(node: Node, in_shapes, out_shape, keras_version: int) -> R
 
 def prepare_conv2d(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
     from npmobile.kernels.conv import conv2d
-    from npmobile.kernels.pointwise import pointwise_conv2d
+    from npmobile.kernels.pointwise import pointwise_conv2d, prepare_weights
 
     kernel = node.weights["kernel"]
     strides = _pair(node.config.get("strides", 1))
@@ -138,7 +138,7 @@ def prepare_conv2d(node: Node, in_shapes, out_shape, keras_version: int) -> Runn
     scale, offset = node.config.get("input_scale", 1.0), node.config.get("input_offset", 0.0)
     rescaled = (scale, offset) != (1.0, 0.0)
     if kernel.shape[:2] == (1, 1) and strides == (1, 1) and padding == K.NO_PADDING and not rescaled:
-        w = np.ascontiguousarray(kernel[0, 0])
+        w = prepare_weights(kernel[0, 0], bias, int(np.prod(out_shape[:3])))  # packed once per plan
 
         def run_pointwise(args, out):
             pointwise_conv2d(args[0], w, bias, out, act, args[1] if residual else None)
@@ -159,14 +159,14 @@ def prepare_conv2d(node: Node, in_shapes, out_shape, keras_version: int) -> Runn
 
 
 def prepare_dense(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
-    from npmobile.kernels.pointwise import dense
+    from npmobile.kernels.pointwise import dense, prepare_weights
 
     softmax = node.config.get("activation") == "softmax"  # the classifier: product, then softmax in place
     act = act_kernels.ACT_NONE if softmax else _act_code(node, keras_version)
     if act is None or len(in_shapes[0]) != 2:
         return None
-    kernel = np.ascontiguousarray(node.weights["kernel"])
-    bias = _bias(node, kernel.shape[1])
+    bias = _bias(node, node.weights["kernel"].shape[1])
+    kernel = prepare_weights(node.weights["kernel"], bias, out_shape[0])  # packed once per plan
 
     def run(args, out):
         dense(args[0], kernel, bias, out, act)
