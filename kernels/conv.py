@@ -32,6 +32,7 @@ from numba import njit, prange
 
 from . import blas
 from .activations import ACT_NONE
+from .gemm import MR, PackedWeights, rows_times_panels
 from .pointwise import TILES_PER_IMAGE, epilogue_rows, gemm_matmul, tile_shape
 
 
@@ -115,6 +116,24 @@ def conv_tiles(x, patches, w, bias, out, act, kh, kw, stride_h, stride_w, pad_to
         epilogue_rows(out, bias, act, None, r0, r1, 0, n)
 
 
+@njit(parallel=True, cache=True)
+def conv_panels(x, patches, panels, bias, out, act, kh, kw, stride_h, stride_w, pad_top, pad_left, dilation_h,
+                dilation_w, oh, ow, scale, offset, variant, tile_rows):
+    """im2col and the microkernel (kernels/gemm.py) fused per tile of ``tile_rows`` output pixels.
+
+    As ``conv_tiles``, with the weights packed. Every output pixel is one row of the product, summed
+    the same way in any tile, so tiles may span images.
+    """
+    rows = patches.shape[0]
+    for tile in prange((rows + tile_rows - 1) // tile_rows):
+        r0 = tile * tile_rows
+        r1 = min(rows, r0 + tile_rows)
+        _patch_rows(x, patches, r0, r1, kh, kw, stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w,
+                    oh, ow, scale, offset)
+        scratch = np.empty((MR[variant], panels.shape[2]), np.float32)
+        rows_times_panels(patches, panels, bias, out, act, None, variant, r0, r1, 0, panels.shape[0], scratch)
+
+
 def conv2d(
     x: np.ndarray,
     kernel: np.ndarray,
@@ -130,8 +149,13 @@ def conv2d(
     scale: float = 1.0,
     offset: float = 0.0,
     patches: np.ndarray | None = None,
+    packed: PackedWeights | None = None,
 ) -> None:
-    """out = act(conv2d(x * scale + offset, kernel) + bias); see the module docstring for the contract."""
+    """out = act(conv2d(x * scale + offset, kernel) + bias); see the module docstring for the contract.
+
+    ``packed``: ``kernel.reshape(KH*KW*Cin, Cout)`` and ``bias`` as pointwise.prepare_weights packed
+    them (once per plan), when it chose the microkernel: the product then runs on it.
+    """
     kh, kw, cin, cout = kernel.shape
     n, oh, ow, _ = out.shape
     if x.shape[0] != n or x.shape[3] != cin or out.shape[3] != cout or bias.shape != (cout,):
@@ -144,7 +168,14 @@ def conv2d(
     w2 = kernel.reshape(width, cout)
     o2 = out.reshape(rows, cout)
     scale, offset = np.float32(scale), np.float32(offset)  # Keras rescales in float32
-    if blas.AVAILABLE and x.flags.c_contiguous and w2.flags.c_contiguous and o2.flags.c_contiguous:
+    if packed is not None and (packed.k, packed.n) != (width, cout):
+        raise ValueError(f"conv2d: packed weights [{packed.k}, {packed.n}] do not fit kernel {kernel.shape}")
+    if packed is not None and x.flags.c_contiguous and o2.flags.c_contiguous and rows:
+        mr = MR[packed.variant]
+        tile_rows = mr * max(1, 128 // mr)  # a tile's patch rows and outputs stay in L1/L2
+        conv_panels(x, patches, packed.panels, packed.bias, o2, act, kh, kw, stride_h, stride_w, pad_top, pad_left,
+                    dilation_h, dilation_w, oh, ow, scale, offset, packed.variant, tile_rows)
+    elif blas.AVAILABLE and x.flags.c_contiguous and w2.flags.c_contiguous and o2.flags.c_contiguous:
         # Tiles of rows only (column tiles would build the same patch rows twice): pointwise's row
         # height, cut by the shape of one image alone (see pointwise.tile_shape).
         tile_rows = min(tile_shape(oh * ow, width, cout)[0], max(16, -(-oh * ow // TILES_PER_IMAGE)))

@@ -180,7 +180,7 @@ def _tile_intrinsic(mr: int, nr: int, vw: int):
 # 16 than of 32 (16, 40, 80, 112, 144 channels). 1x128: a matrix-vector product (a dense layer on
 # one image), where the rows of a taller tile would be computed and thrown away.
 VARIANTS = ((6, 16, 8), (8, 32, 16), (28, 16, 16), (1, 128, 16))
-_MR = tuple(v[0] for v in VARIANTS)
+MR = tuple(v[0] for v in VARIANTS)
 _tile0 = _tile_intrinsic(*VARIANTS[0])
 _tile1 = _tile_intrinsic(*VARIANTS[1])
 _tile2 = _tile_intrinsic(*VARIANTS[2])
@@ -204,6 +204,50 @@ def _cdiv(x, y):
     return (x + y - 1) // y
 
 
+@njit(inline="always")
+def rows_times_panels(a, panels, bias, out, act, residual, variant, r0, r1, p0, p1, scratch):
+    """Rows [r0, r1) of out = act(a @ w + bias) (+ residual), for panels [p0, p1) of w, MR rows at a time.
+
+    ``scratch`` [MR, NR] takes the tiles that cannot be stored in place: the edge panel (columns
+    past N) and activations applied here rather than on the registers (the sigmoid family).
+    """
+    k = a.shape[1]
+    n = out.shape[1]
+    nr = panels.shape[2]
+    mr = MR[variant]
+    in_registers = act == ACT_NONE or act == ACT_RELU or act == ACT_RELU6 or act == ACT_HARD_SWISH
+    register_act = act if in_registers else ACT_NONE
+    a_addr = np.int64(a.ctypes.data)
+    w_addr = np.int64(panels.ctypes.data)
+    b_addr = np.int64(bias.ctypes.data)
+    c_addr = np.int64(out.ctypes.data)
+    s_addr = np.int64(scratch.ctypes.data)
+    r_addr = np.int64(0)
+    if residual is not None:
+        r_addr = np.int64(residual.ctypes.data)
+    for p in range(p0, p1):
+        c0 = p * nr
+        cols = min(nr, n - c0)
+        w_p = w_addr + 4 * p * k * nr
+        for i in range(r0, r1, mr):
+            rows = min(mr, r1 - i)
+            if cols == nr and in_registers:
+                res = r_addr + 4 * (i * n + c0) if r_addr != 0 else np.int64(0)
+                _tile(variant, a_addr + 4 * i * k, k, rows, w_p, k, b_addr + 4 * c0,
+                      c_addr + 4 * (i * n + c0), n, act, res, n)
+            else:
+                _tile(variant, a_addr + 4 * i * k, k, rows, w_p, k, b_addr + 4 * c0,
+                      s_addr, nr, register_act, np.int64(0), nr)
+                for rr in range(rows):
+                    for cc in range(cols):
+                        v = scratch[rr, cc]
+                        if not in_registers:
+                            v = apply_activation(v, act)
+                        if residual is not None:
+                            v = v + residual[i + rr, c0 + cc]
+                        out[i + rr, c0 + cc] = v
+
+
 @njit(parallel=True, cache=True)
 def gemm_panels(a, panels, bias, out, act, residual, variant, tile_rows, panels_per_tile):
     """out = act(a @ w + bias) (+ residual), w and bias packed by ``pack`` (``panels``, ``bias``).
@@ -211,50 +255,16 @@ def gemm_panels(a, panels, bias, out, act, residual, variant, tile_rows, panels_
     The product is cut into tiles of ``tile_rows`` rows x ``panels_per_tile`` panels, spread over
     Numba's threads; within a tile, panel by panel (it stays in cache), MR rows at a time.
     """
-    m, k = a.shape
-    n = out.shape[1]
+    m = a.shape[0]
     n_panels = panels.shape[0]
-    nr = panels.shape[2]
-    mr = _MR[variant]
-    in_registers = act == ACT_NONE or act == ACT_RELU or act == ACT_RELU6 or act == ACT_HARD_SWISH
-    register_act = act if in_registers else ACT_NONE
-    a_addr = np.int64(a.ctypes.data)
-    w_addr = np.int64(panels.ctypes.data)
-    b_addr = np.int64(bias.ctypes.data)
-    c_addr = np.int64(out.ctypes.data)
-    r_addr = np.int64(0)
-    if residual is not None:
-        r_addr = np.int64(residual.ctypes.data)
     row_tiles = _cdiv(m, tile_rows)
     col_tiles = _cdiv(n_panels, panels_per_tile)
     for t in prange(row_tiles * col_tiles):
         r0 = (t // col_tiles) * tile_rows
-        r1 = min(m, r0 + tile_rows)
         p0 = (t % col_tiles) * panels_per_tile
-        scratch = np.empty((mr, nr), np.float32)
-        s_addr = np.int64(scratch.ctypes.data)
-        for p in range(p0, min(n_panels, p0 + panels_per_tile)):
-            c0 = p * nr
-            cols = min(nr, n - c0)
-            w_p = w_addr + 4 * p * k * nr
-            for i in range(r0, r1, mr):
-                rows = min(mr, r1 - i)
-                if cols == nr and in_registers:
-                    res = r_addr + 4 * (i * n + c0) if r_addr != 0 else np.int64(0)
-                    _tile(variant, a_addr + 4 * i * k, k, rows, w_p, k, b_addr + 4 * c0,
-                          c_addr + 4 * (i * n + c0), n, act, res, n)
-                else:
-                    # An edge panel, or an activation applied here: the same tile into scratch, then copied.
-                    _tile(variant, a_addr + 4 * i * k, k, rows, w_p, k, b_addr + 4 * c0,
-                          s_addr, nr, register_act, np.int64(0), nr)
-                    for rr in range(rows):
-                        for cc in range(cols):
-                            v = scratch[rr, cc]
-                            if not in_registers:
-                                v = apply_activation(v, act)
-                            if residual is not None:
-                                v = v + residual[i + rr, c0 + cc]
-                            out[i + rr, c0 + cc] = v
+        scratch = np.empty((MR[variant], panels.shape[2]), np.float32)
+        rows_times_panels(a, panels, bias, out, act, residual, variant, r0, min(m, r0 + tile_rows),
+                          p0, min(n_panels, p0 + panels_per_tile), scratch)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -148,12 +148,14 @@ def prepare_conv2d(node: Node, in_shapes, out_shape, keras_version: int) -> Runn
         return None
     (top, _), (left, _) = padding
     k4 = np.ascontiguousarray(kernel)
+    packed = prepare_weights(k4.reshape(-1, k4.shape[3]), bias, int(np.prod(out_shape[:3])))
+    packed = None if isinstance(packed, np.ndarray) else packed  # the microkernel's weights, packed once
     # The im2col scratch, made once per plan (one prediction runs at a time: interpreter._RUN_LOCK).
     patches = np.empty(int(np.prod(out_shape[:3])) * int(np.prod(kernel.shape[:3])), dtype=np.float32)
 
     def run_conv(args, out):
         conv2d(args[0], k4, bias, out, strides[0], strides[1], top, left, act, dilation[0], dilation[1],
-               scale, offset, patches)
+               scale, offset, patches, packed)
 
     return run_conv
 
