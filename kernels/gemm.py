@@ -248,7 +248,15 @@ def rows_times_panels(a, panels, bias, out, act, residual, variant, r0, r1, p0, 
                         out[i + rr, c0 + cc] = v
 
 
-@njit(parallel=True, cache=True)
+_F32_2D = types.Array(types.float32, 2, "C")
+# Explicit signatures: an array of another dtype or layout is refused by the dispatcher (the kernel
+# works on raw addresses) instead of compiling a new specialization, so callers need not check.
+_GEMM_SIGNATURES = [types.void(_F32_2D, types.Array(types.float32, 3, "C"), types.Array(types.float32, 1, "C"),
+                               _F32_2D, types.int64, residual, types.int64, types.int64, types.int64)
+                    for residual in (types.none, _F32_2D)]
+
+
+@njit(_GEMM_SIGNATURES, parallel=True, cache=True)
 def gemm_panels(a, panels, bias, out, act, residual, variant, tile_rows, panels_per_tile):
     """out = act(a @ w + bias) (+ residual), w and bias packed by ``pack`` (``panels``, ``bias``).
 
@@ -307,7 +315,7 @@ class PackedWeights:
     panels [P, K, NR]: panel p holds columns p*NR .. p*NR+NR-1, zero past N; bias [P*NR], zero past N.
     """
 
-    __slots__ = ("panels", "bias", "k", "n", "variant")
+    __slots__ = ("panels", "bias", "k", "n", "variant", "cuts")
 
     def __init__(self, kernel: np.ndarray, bias: np.ndarray, variant: int):
         k, n = kernel.shape
@@ -326,6 +334,7 @@ class PackedWeights:
         self.bias = np.zeros(count * nr, np.float32)
         self.bias[:n] = bias
         self.k, self.n, self.variant = k, n, variant
+        self.cuts: dict[int, tuple[int, int]] = {}  # rows of a product -> its ``tiling``
 
 
 def pack(kernel: np.ndarray, bias: np.ndarray, rows: int, variant: int | None = None) -> PackedWeights:
@@ -357,12 +366,15 @@ def gemm_packed(a: np.ndarray, packed: PackedWeights, out: np.ndarray, act: int,
                 residual: np.ndarray | None = None) -> None:
     """out = act(a @ w + bias) (+ residual), w and bias as packed; a [M, K], out/residual [M, N]."""
     m, k = a.shape
-    if (k != packed.k or out.shape != (m, packed.n) or (residual is not None and residual.shape != out.shape)
-            or not all(x is None or (x.dtype == np.float32 and x.flags.c_contiguous) for x in (a, out, residual))):
-        raise ValueError(f"gemm_packed: a {a.shape} @ packed [{packed.k}, {packed.n}] -> out {out.shape}"
-                         + ("" if residual is None else f" + residual {residual.shape}")
-                         + ": shapes do not fit or arrays are not C-contiguous float32")
+    if k != packed.k or out.shape != (m, packed.n) or (residual is not None and residual.shape != out.shape):
+        raise ValueError(f"gemm_packed: shapes do not fit: a {a.shape} @ packed [{packed.k}, {packed.n}] -> out "
+                         f"{out.shape}" + ("" if residual is None else f" + residual {residual.shape}"))
     if m == 0 or packed.n == 0:
         return
-    rows, per_task = tiling(m, k, packed.panels.shape[0], VARIANTS[packed.variant][0])
-    gemm_panels(a, packed.panels, packed.bias, out, act, residual, packed.variant, rows, per_task)
+    cut = packed.cuts.get(m)
+    if cut is None:
+        cut = packed.cuts[m] = tiling(m, k, packed.panels.shape[0], MR[packed.variant])
+    try:
+        gemm_panels(a, packed.panels, packed.bias, out, act, residual, packed.variant, *cut)
+    except TypeError as error:  # the dispatcher's refusal of another dtype or layout
+        raise ValueError(f"gemm_packed: arrays must be C-contiguous float32 ({error})") from None
