@@ -25,8 +25,8 @@ of NR contiguous floats, zero-padded past N, so the microkernel streams one pane
 Determinism: every output value is one FMA chain over k = 0..K-1 starting from zero, then + bias,
 then the activation, then + residual, whatever tile, thread or batch position it falls in. Edge
 tiles run the very same instructions (rows past M re-read the last row and are not stored; columns
-past N are computed from the zero padding into a scratch tile and not copied), so how the product
-is cut never changes an answer.
+past N are computed from the zero padding and masked out of the stores), so how the product is cut
+never changes an answer.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ _PTR = ir.PointerType()
 
 def _emit_tile(builder: ir.IRBuilder, args, mr: int, nr: int, vw: int) -> None:
     """The IR of one MR x NR tile: see the module docstring. ``args`` are the intrinsic's int64 values."""
-    a_addr, lda, rows, w_addr, k, bias_addr, c_addr, ldc, act, r_addr, ldr = args
+    a_addr, lda, rows, w_addr, k, bias_addr, c_addr, ldc, act, r_addr, ldr, cols = args
     vec = ir.VectorType(_F32, vw)
     nv = nr // vw
     module = builder.module
@@ -122,21 +122,51 @@ def _emit_tile(builder: ir.IRBuilder, args, mr: int, nr: int, vw: int) -> None:
     def hard_swish(v):  # x * (relu6(x + 3) / 6): a division, as Keras writes it
         return builder.fmul(v, builder.fdiv(relu6(builder.fadd(v, three)), six))
 
+    # Columns past ``cols`` (the zero padding of the last panel) are computed like the others but
+    # neither read from the residual nor stored: masked loads and stores.
+    masks = []
+    splat_cols = builder.shuffle_vector(
+        builder.insert_element(ir.Constant(ir.VectorType(_I64, vw), ir.Undefined), cols, ir.Constant(_I64, 0)),
+        ir.Constant(ir.VectorType(_I64, vw), ir.Undefined), mask)
+    for j in range(nv):
+        lanes = ir.Constant(ir.VectorType(_I64, vw), list(range(j * vw, (j + 1) * vw)))
+        masks.append(builder.icmp_signed("<", lanes, splat_cols))
+    mask_type = ir.VectorType(ir.IntType(1), vw)
+    align = ir.Constant(ir.IntType(32), 4)
+    masked_store = cgutils.get_or_insert_function(
+        module, ir.FunctionType(ir.VoidType(), [vec, _PTR, ir.IntType(32), mask_type]),
+        f"llvm.masked.store.v{vw}f32.p0")
+    masked_load = cgutils.get_or_insert_function(
+        module, ir.FunctionType(vec, [_PTR, ir.IntType(32), mask_type, vec]), f"llvm.masked.load.v{vw}f32.p0")
+
+    def store_rows(fn, residual, masked):
+        for i in range(mr):
+            with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, i), rows)):
+                c_row = builder.gep(c, [builder.mul(ir.Constant(_I64, i), ldc)], source_etype=_F32)
+                r_row = builder.gep(r, [builder.mul(ir.Constant(_I64, i), ldr)], source_etype=_F32)
+                for j in range(nv):
+                    v = fn(values[i][j])
+                    off = [ir.Constant(_I64, j * vw)]
+                    if residual:
+                        r_ptr = builder.gep(r_row, off, source_etype=_F32)
+                        v = builder.fadd(v, builder.call(masked_load, [r_ptr, align, masks[j], zero]) if masked
+                                         else builder.load(r_ptr, typ=vec, align=4))
+                    c_ptr = builder.gep(c_row, off, source_etype=_F32)
+                    if masked:
+                        builder.call(masked_store, [v, c_ptr, align, masks[j]])
+                    else:
+                        builder.store(v, c_ptr, align=4)
+
     def store_all(fn):
         with builder.if_else(builder.icmp_signed("!=", r_addr, ir.Constant(_I64, 0))) as (with_res, without):
             for residual in (True, False):
                 with (with_res if residual else without):
-                    for i in range(mr):
-                        with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, i), rows)):
-                            c_row = builder.gep(c, [builder.mul(ir.Constant(_I64, i), ldc)], source_etype=_F32)
-                            r_row = builder.gep(r, [builder.mul(ir.Constant(_I64, i), ldr)], source_etype=_F32)
-                            for j in range(nv):
-                                v = fn(values[i][j])
-                                off = [ir.Constant(_I64, j * vw)]
-                                if residual:
-                                    v = builder.fadd(v, builder.load(builder.gep(r_row, off, source_etype=_F32),
-                                                                     typ=vec, align=4))
-                                builder.store(v, builder.gep(c_row, off, source_etype=_F32), align=4)
+                    full = builder.icmp_signed(">=", cols, ir.Constant(_I64, nr))
+                    with builder.if_else(full) as (whole, part):
+                        with whole:
+                            store_rows(fn, residual, False)
+                        with part:
+                            store_rows(fn, residual, True)
 
     after = builder.append_basic_block("tile.stored")
     cases = [(ACT_RELU, relu), (ACT_RELU6, relu6), (ACT_HARD_SWISH, hard_swish)]
@@ -157,12 +187,13 @@ def _emit_tile(builder: ir.IRBuilder, args, mr: int, nr: int, vw: int) -> None:
 def _tile_intrinsic(mr: int, nr: int, vw: int):
     """A Numba intrinsic computing one MR x NR tile (arguments: addresses and strides in floats, as int64).
 
-    tile(a, lda, rows, w_panel, k, bias, c, ldc, act, residual, ldr): rows [0, rows) of the tile at
-    ``c`` = act(a[rows, :k] @ w_panel[:k, :NR] + bias[:NR]) (+ residual when its address is not 0).
+    tile(a, lda, rows, w_panel, k, bias, c, ldc, act, residual, ldr, cols): rows [0, rows) and columns
+    [0, cols) of the tile at ``c`` = act(a[rows, :k] @ w_panel[:k, :NR] + bias[:NR]) (+ residual when
+    its address is not 0).
     """
 
-    def tile(typingctx, a, lda, rows, w, k, bias, c, ldc, act, residual, ldr):
-        sig = types.void(*([types.int64] * 11))
+    def tile(typingctx, a, lda, rows, w, k, bias, c, ldc, act, residual, ldr, cols):
+        sig = types.void(*([types.int64] * 12))
 
         def codegen(context, builder, signature, args):
             _emit_tile(builder, args, mr, nr, vw)
@@ -188,15 +219,15 @@ _tile3 = _tile_intrinsic(*VARIANTS[3])
 
 
 @njit(inline="always")
-def _tile(variant, a, lda, rows, w, k, bias, c, ldc, act, res, ldr):
+def _tile(variant, a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols):
     if variant == 0:
-        _tile0(a, lda, rows, w, k, bias, c, ldc, act, res, ldr)
+        _tile0(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
     elif variant == 1:
-        _tile1(a, lda, rows, w, k, bias, c, ldc, act, res, ldr)
+        _tile1(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
     elif variant == 2:
-        _tile2(a, lda, rows, w, k, bias, c, ldc, act, res, ldr)
+        _tile2(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
     else:
-        _tile3(a, lda, rows, w, k, bias, c, ldc, act, res, ldr)
+        _tile3(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
 
 
 @njit(inline="always")
@@ -208,8 +239,8 @@ def _cdiv(x, y):
 def rows_times_panels(a, panels, bias, out, act, residual, variant, r0, r1, p0, p1, scratch):
     """Rows [r0, r1) of out = act(a @ w + bias) (+ residual), for panels [p0, p1) of w, MR rows at a time.
 
-    ``scratch`` [MR, NR] takes the tiles that cannot be stored in place: the edge panel (columns
-    past N) and activations applied here rather than on the registers (the sigmoid family).
+    ``scratch`` [MR, NR] takes the tiles whose activation is applied here rather than on the
+    registers (the sigmoid family).
     """
     k = a.shape[1]
     n = out.shape[1]
@@ -231,13 +262,13 @@ def rows_times_panels(a, panels, bias, out, act, residual, variant, r0, r1, p0, 
         w_p = w_addr + 4 * p * k * nr
         for i in range(r0, r1, mr):
             rows = min(mr, r1 - i)
-            if cols == nr and in_registers:
+            if in_registers:
                 res = r_addr + 4 * (i * n + c0) if r_addr != 0 else np.int64(0)
                 _tile(variant, a_addr + 4 * i * k, k, rows, w_p, k, b_addr + 4 * c0,
-                      c_addr + 4 * (i * n + c0), n, act, res, n)
+                      c_addr + 4 * (i * n + c0), n, act, res, n, cols)
             else:
                 _tile(variant, a_addr + 4 * i * k, k, rows, w_p, k, b_addr + 4 * c0,
-                      s_addr, nr, register_act, np.int64(0), nr)
+                      s_addr, nr, register_act, np.int64(0), nr, nr)
                 for rr in range(rows):
                     for cc in range(cols):
                         v = scratch[rr, cc]
