@@ -32,7 +32,7 @@ from numba import njit, prange
 
 from . import blas
 from .activations import ACT_NONE
-from .gemm import MR, PackedWeights, rows_times_panels
+from .gemm import PackedWeights, gemm_packed
 from .pointwise import TILES_PER_IMAGE, epilogue_rows, gemm_matmul, tile_shape
 
 
@@ -116,24 +116,6 @@ def conv_tiles(x, patches, w, bias, out, act, kh, kw, stride_h, stride_w, pad_to
         epilogue_rows(out, bias, act, None, r0, r1, 0, n)
 
 
-@njit(parallel=True, cache=True)
-def conv_panels(x, patches, panels, bias, out, act, kh, kw, stride_h, stride_w, pad_top, pad_left, dilation_h,
-                dilation_w, oh, ow, scale, offset, variant, tile_rows):
-    """im2col and the microkernel (kernels/gemm.py) fused per tile of ``tile_rows`` output pixels.
-
-    As ``conv_tiles``, with the weights packed. Every output pixel is one row of the product, summed
-    the same way in any tile, so tiles may span images.
-    """
-    rows = patches.shape[0]
-    for tile in prange((rows + tile_rows - 1) // tile_rows):
-        r0 = tile * tile_rows
-        r1 = min(rows, r0 + tile_rows)
-        _patch_rows(x, patches, r0, r1, kh, kw, stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w,
-                    oh, ow, scale, offset)
-        scratch = np.empty((MR[variant], panels.shape[2]), np.float32)
-        rows_times_panels(patches, panels, bias, out, act, None, variant, r0, r1, 0, panels.shape[0], scratch)
-
-
 def conv2d(
     x: np.ndarray,
     kernel: np.ndarray,
@@ -154,7 +136,7 @@ def conv2d(
     """out = act(conv2d(x * scale + offset, kernel) + bias); see the module docstring for the contract.
 
     ``packed``: ``kernel.reshape(KH*KW*Cin, Cout)`` and ``bias`` as pointwise.prepare_weights packed
-    them (once per plan), when it chose the microkernel: the product then runs on it.
+    them (once per plan), when it chose the microkernel: im2col, then the product on it.
     """
     kh, kw, cin, cout = kernel.shape
     n, oh, ow, _ = out.shape
@@ -170,11 +152,13 @@ def conv2d(
     scale, offset = np.float32(scale), np.float32(offset)  # Keras rescales in float32
     if packed is not None and (packed.k, packed.n) != (width, cout):
         raise ValueError(f"conv2d: packed weights [{packed.k}, {packed.n}] do not fit kernel {kernel.shape}")
-    if packed is not None and x.flags.c_contiguous and o2.flags.c_contiguous and rows:
-        mr = MR[packed.variant]
-        tile_rows = mr * max(1, 128 // mr)  # a tile's patch rows and outputs stay in L1/L2
-        conv_panels(x, patches, packed.panels, packed.bias, o2, act, kh, kw, stride_h, stride_w, pad_top, pad_left,
-                    dilation_h, dilation_w, oh, ow, scale, offset, packed.variant, tile_rows)
+    if packed is not None and x.flags.c_contiguous and o2.flags.c_contiguous:
+        # The patch matrix whole, then the product: the same compiled kernel as every pointwise layer
+        # (a fused version, patches built per tile, cost seconds more of first-run compile for ~2% of
+        # a MobileNet).
+        im2col(x, patches, kh, kw, stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w, oh, ow,
+               scale, offset)
+        gemm_packed(patches, packed, o2, act)
     elif blas.AVAILABLE and x.flags.c_contiguous and w2.flags.c_contiguous and o2.flags.c_contiguous:
         # Tiles of rows only (column tiles would build the same patch rows twice): pointwise's row
         # height, cut by the shape of one image alone (see pointwise.tile_shape).

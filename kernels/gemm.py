@@ -106,21 +106,33 @@ def _emit_tile(builder: ir.IRBuilder, args, mr: int, nr: int, vw: int) -> None:
     bias = builder.inttoptr(bias_addr, _PTR)
     bv = [builder.load(builder.gep(bias, [ir.Constant(_I64, j * vw)], source_etype=_F32), typ=vec, align=4)
           for j in range(nv)]
-    values = [[builder.fadd(sums[i][j], bv[j]) for j in range(nv)] for i in range(mr)]
+    # The tile goes through a stack array so that the epilogue below is one loop over the rows, not
+    # MR unrolled copies in each of its sixteen branches: a fraction of the compile time, and the
+    # reads back come from L1.
+    tile = cgutils.alloca_once(builder, vec, size=mr * nv)
+    for i in range(mr):
+        for j in range(nv):
+            slot = builder.gep(tile, [ir.Constant(_I64, i * nv + j)], source_etype=vec)
+            builder.store(builder.fadd(sums[i][j], bv[j]), slot, align=4)
 
     c = builder.inttoptr(c_addr, _PTR)
     r = builder.inttoptr(r_addr, _PTR)
     zero_v, three, six = (ir.Constant(vec, [v] * vw) for v in (0.0, 3.0, 6.0))
 
-    def relu(v):  # NaN stays NaN, as np.maximum keeps it
-        return builder.select(builder.fcmp_ordered("<", v, zero_v), zero_v, v)
+    def clamp(v, low, high):  # NaN stays NaN (both comparisons are false), as np.maximum/minimum keep it
+        v = builder.select(builder.fcmp_ordered("<", v, low), low, v)
+        return builder.select(builder.fcmp_ordered(">", v, high), high, v)
 
-    def relu6(v):
-        v = relu(v)
-        return builder.select(builder.fcmp_ordered(">", v, six), six, v)
+    # None, ReLU and ReLU6 are one clamp with bounds chosen by ``act`` (-inf and inf leave v as it is),
+    # so they share one epilogue; hard swish has its own.
+    inf = ir.Constant(vec, [float("inf")] * vw)
+    is_relu = builder.or_(builder.icmp_signed("==", act, ir.Constant(_I64, ACT_RELU)),
+                          builder.icmp_signed("==", act, ir.Constant(_I64, ACT_RELU6)))
+    low = builder.select(is_relu, zero_v, builder.fneg(inf))
+    high = builder.select(builder.icmp_signed("==", act, ir.Constant(_I64, ACT_RELU6)), six, inf)
 
     def hard_swish(v):  # x * (relu6(x + 3) / 6): a division, as Keras writes it
-        return builder.fmul(v, builder.fdiv(relu6(builder.fadd(v, three)), six))
+        return builder.fmul(v, builder.fdiv(clamp(builder.fadd(v, three), zero_v, six), six))
 
     # Columns past ``cols`` (the zero padding of the last panel) are computed like the others but
     # neither read from the residual nor stored: masked loads and stores.
@@ -140,27 +152,42 @@ def _emit_tile(builder: ir.IRBuilder, args, mr: int, nr: int, vw: int) -> None:
         module, ir.FunctionType(vec, [_PTR, ir.IntType(32), mask_type, vec]), f"llvm.masked.load.v{vw}f32.p0")
 
     def store_rows(fn, residual, masked):
-        for i in range(mr):
-            with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, i), rows)):
-                c_row = builder.gep(c, [builder.mul(ir.Constant(_I64, i), ldc)], source_etype=_F32)
-                r_row = builder.gep(r, [builder.mul(ir.Constant(_I64, i), ldr)], source_etype=_F32)
-                for j in range(nv):
-                    v = fn(values[i][j])
-                    off = [ir.Constant(_I64, j * vw)]
-                    if residual:
-                        r_ptr = builder.gep(r_row, off, source_etype=_F32)
-                        v = builder.fadd(v, builder.call(masked_load, [r_ptr, align, masks[j], zero]) if masked
-                                         else builder.load(r_ptr, typ=vec, align=4))
-                    c_ptr = builder.gep(c_row, off, source_etype=_F32)
-                    if masked:
-                        builder.call(masked_store, [v, c_ptr, align, masks[j]])
-                    else:
-                        builder.store(v, c_ptr, align=4)
+        """Rows [0, rows) of the tile, through ``fn`` (+ the residual), into c: one loop over the rows."""
+        before = builder.block
+        row_loop = builder.append_basic_block("tile.rows")
+        rows_done = builder.append_basic_block("tile.rows.done")
+        builder.branch(row_loop)
+        builder.position_at_end(row_loop)
+        i = builder.phi(_I64)
+        i.add_incoming(ir.Constant(_I64, 0), before)
+        c_row = builder.gep(c, [builder.mul(i, ldc)], source_etype=_F32)
+        r_row = builder.gep(r, [builder.mul(i, ldr)], source_etype=_F32)
+        first = builder.mul(i, ir.Constant(_I64, nv))
+        for j in range(nv):
+            slot = builder.gep(tile, [builder.add(first, ir.Constant(_I64, j))], source_etype=vec)
+            v = fn(builder.load(slot, typ=vec, align=4))
+            off = [ir.Constant(_I64, j * vw)]
+            if residual:
+                r_ptr = builder.gep(r_row, off, source_etype=_F32)
+                v = builder.fadd(v, builder.call(masked_load, [r_ptr, align, masks[j], zero]) if masked
+                                 else builder.load(r_ptr, typ=vec, align=4))
+            c_ptr = builder.gep(c_row, off, source_etype=_F32)
+            if masked:
+                builder.call(masked_store, [v, c_ptr, align, masks[j]])
+            else:
+                builder.store(v, c_ptr, align=4)
+        next_i = builder.add(i, ir.Constant(_I64, 1))
+        i.add_incoming(next_i, builder.block)
+        builder.cbranch(builder.icmp_signed("<", next_i, rows), row_loop, rows_done)
+        builder.position_at_end(rows_done)
 
     def store_all(fn):
         with builder.if_else(builder.icmp_signed("!=", r_addr, ir.Constant(_I64, 0))) as (with_res, without):
             for residual in (True, False):
                 with (with_res if residual else without):
+                    if vw == 16:  # AVX-512 variants: a masked store costs what a plain one does
+                        store_rows(fn, residual, True)
+                        continue
                     full = builder.icmp_signed(">=", cols, ir.Constant(_I64, nr))
                     with builder.if_else(full) as (whole, part):
                         with whole:
@@ -168,20 +195,11 @@ def _emit_tile(builder: ir.IRBuilder, args, mr: int, nr: int, vw: int) -> None:
                         with part:
                             store_rows(fn, residual, True)
 
-    after = builder.append_basic_block("tile.stored")
-    cases = [(ACT_RELU, relu), (ACT_RELU6, relu6), (ACT_HARD_SWISH, hard_swish)]
-    default = builder.append_basic_block("tile.act.none")
-    switch = builder.switch(act, default)
-    for code, fn in cases:
-        block = builder.append_basic_block(f"tile.act.{code}")
-        switch.add_case(ir.Constant(_I64, code), block)
-        builder.position_at_end(block)
-        store_all(fn)
-        builder.branch(after)
-    builder.position_at_end(default)
-    store_all(lambda v: v)
-    builder.branch(after)
-    builder.position_at_end(after)
+    with builder.if_else(builder.icmp_signed("==", act, ir.Constant(_I64, ACT_HARD_SWISH))) as (swish, clamped):
+        with swish:
+            store_all(hard_swish)
+        with clamped:
+            store_all(lambda v: clamp(v, low, high))
 
 
 def _tile_intrinsic(mr: int, nr: int, vw: int):
@@ -239,6 +257,8 @@ def _cdiv(x, y):
 def rows_times_panels(a, panels, bias, out, act, residual, variant, r0, r1, p0, p1, scratch):
     """Rows [r0, r1) of out = act(a @ w + bias) (+ residual), for panels [p0, p1) of w, MR rows at a time.
 
+    ``residual``: shaped like ``out``, or empty for none (one compiled kernel serves both).
+
     ``scratch`` [MR, NR] takes the tiles whose activation is applied here rather than on the
     registers (the sigmoid family).
     """
@@ -253,28 +273,27 @@ def rows_times_panels(a, panels, bias, out, act, residual, variant, r0, r1, p0, 
     b_addr = np.int64(bias.ctypes.data)
     c_addr = np.int64(out.ctypes.data)
     s_addr = np.int64(scratch.ctypes.data)
-    r_addr = np.int64(0)
-    if residual is not None:
-        r_addr = np.int64(residual.ctypes.data)
+    has_residual = residual.size > 0
+    r_addr = np.int64(residual.ctypes.data) if has_residual else np.int64(0)
     for p in range(p0, p1):
         c0 = p * nr
         cols = min(nr, n - c0)
         w_p = w_addr + 4 * p * k * nr
         for i in range(r0, r1, mr):
             rows = min(mr, r1 - i)
+            # One call site (each inlines every variant): into out, or into scratch for the copy below.
+            dest, ld, res = s_addr, nr, np.int64(0)
             if in_registers:
-                res = r_addr + 4 * (i * n + c0) if r_addr != 0 else np.int64(0)
-                _tile(variant, a_addr + 4 * i * k, k, rows, w_p, k, b_addr + 4 * c0,
-                      c_addr + 4 * (i * n + c0), n, act, res, n, cols)
-            else:
-                _tile(variant, a_addr + 4 * i * k, k, rows, w_p, k, b_addr + 4 * c0,
-                      s_addr, nr, register_act, np.int64(0), nr, nr)
+                dest, ld = c_addr + 4 * (i * n + c0), n
+                if r_addr != 0:
+                    res = r_addr + 4 * (i * n + c0)
+            _tile(variant, a_addr + 4 * i * k, k, rows, w_p, k, b_addr + 4 * c0, dest, ld, register_act, res, ld,
+                  cols if in_registers else nr)
+            if not in_registers:
                 for rr in range(rows):
                     for cc in range(cols):
-                        v = scratch[rr, cc]
-                        if not in_registers:
-                            v = apply_activation(v, act)
-                        if residual is not None:
+                        v = apply_activation(scratch[rr, cc], act)
+                        if has_residual:
                             v = v + residual[i + rr, c0 + cc]
                         out[i + rr, c0 + cc] = v
 
@@ -282,14 +301,16 @@ def rows_times_panels(a, panels, bias, out, act, residual, variant, r0, r1, p0, 
 _F32_2D = types.Array(types.float32, 2, "C")
 # Explicit signatures: an array of another dtype or layout is refused by the dispatcher (the kernel
 # works on raw addresses) instead of compiling a new specialization, so callers need not check.
-_GEMM_SIGNATURES = [types.void(_F32_2D, types.Array(types.float32, 3, "C"), types.Array(types.float32, 1, "C"),
-                               _F32_2D, types.int64, residual, types.int64, types.int64, types.int64)
-                    for residual in (types.none, _F32_2D)]
+_GEMM_SIGNATURE = types.void(_F32_2D, types.Array(types.float32, 3, "C"), types.Array(types.float32, 1, "C"),
+                             _F32_2D, types.int64, _F32_2D, types.int64, types.int64, types.int64)
+NO_RESIDUAL = np.zeros((0, 0), np.float32)
 
 
-@njit(_GEMM_SIGNATURES, parallel=True, cache=True)
+@njit(_GEMM_SIGNATURE, parallel=True, cache=True)
 def gemm_panels(a, panels, bias, out, act, residual, variant, tile_rows, panels_per_tile):
     """out = act(a @ w + bias) (+ residual), w and bias packed by ``pack`` (``panels``, ``bias``).
+
+    ``residual``: shaped like ``out``, or ``NO_RESIDUAL``.
 
     The product is cut into tiles of ``tile_rows`` rows x ``panels_per_tile`` panels, spread over
     Numba's threads; within a tile, panel by panel (it stays in cache), MR rows at a time.
@@ -406,6 +427,7 @@ def gemm_packed(a: np.ndarray, packed: PackedWeights, out: np.ndarray, act: int,
     if cut is None:
         cut = packed.cuts[m] = tiling(m, k, packed.panels.shape[0], MR[packed.variant])
     try:
-        gemm_panels(a, packed.panels, packed.bias, out, act, residual, packed.variant, *cut)
+        gemm_panels(a, packed.panels, packed.bias, out, act, NO_RESIDUAL if residual is None else residual,
+                    packed.variant, *cut)
     except TypeError as error:  # the dispatcher's refusal of another dtype or layout
         raise ValueError(f"gemm_packed: arrays must be C-contiguous float32 ({error})") from None

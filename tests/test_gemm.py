@@ -38,7 +38,8 @@ def _packed_run(a, kernel, bias, act, residual, variant, rows=None, per_task=Non
     if rows is None:
         G.gemm_packed(a, packed, out, act, residual)
     else:
-        G.gemm_panels(a, packed.panels, packed.bias, out, act, residual, variant, rows, per_task)
+        G.gemm_panels(a, packed.panels, packed.bias, out, act, G.NO_RESIDUAL if residual is None else residual,
+                      variant, rows, per_task)
     return out
 
 
