@@ -106,15 +106,7 @@ def _emit_tile(builder: ir.IRBuilder, args, mr: int, nr: int, vw: int) -> None:
     bias = builder.inttoptr(bias_addr, _PTR)
     bv = [builder.load(builder.gep(bias, [ir.Constant(_I64, j * vw)], source_etype=_F32), typ=vec, align=4)
           for j in range(nv)]
-    # The tile goes through a stack array so that the epilogue below is one loop over the rows, not
-    # MR unrolled copies in each of its sixteen branches: a fraction of the compile time, and the
-    # reads back come from L1.
-    tile = cgutils.alloca_once(builder, vec, size=mr * nv)
-    for i in range(mr):
-        for j in range(nv):
-            slot = builder.gep(tile, [ir.Constant(_I64, i * nv + j)], source_etype=vec)
-            builder.store(builder.fadd(sums[i][j], bv[j]), slot, align=4)
-
+    values = [[builder.fadd(sums[i][j], bv[j]) for j in range(nv)] for i in range(mr)]
     c = builder.inttoptr(c_addr, _PTR)
     r = builder.inttoptr(r_addr, _PTR)
     zero_v, three, six = (ir.Constant(vec, [v] * vw) for v in (0.0, 3.0, 6.0))
@@ -195,11 +187,32 @@ def _emit_tile(builder: ir.IRBuilder, args, mr: int, nr: int, vw: int) -> None:
                         with part:
                             store_rows(fn, residual, True)
 
-    with builder.if_else(builder.icmp_signed("==", act, ir.Constant(_I64, ACT_HARD_SWISH))) as (swish, clamped):
-        with swish:
-            store_all(hard_swish)
-        with clamped:
-            store_all(lambda v: clamp(v, low, high))
+    # The common tile (all MR rows and NR columns, no residual, none/ReLU/ReLU6) is stored straight
+    # from the registers. Every other goes through a stack array, so that its epilogue is one loop
+    # over the rows rather than MR unrolled copies in each of its eight branches (a fraction of the
+    # compile time; the reads back come from L1). Both paths apply the same operations.
+    common = builder.and_(builder.and_(builder.icmp_signed("==", rows, ir.Constant(_I64, mr)),
+                                       builder.icmp_signed(">=", cols, ir.Constant(_I64, nr))),
+                          builder.and_(builder.icmp_signed("==", r_addr, ir.Constant(_I64, 0)),
+                                       builder.icmp_signed("!=", act, ir.Constant(_I64, ACT_HARD_SWISH))))
+    with builder.if_else(common) as (direct, through_stack):
+        with direct:
+            for i in range(mr):
+                c_row = builder.gep(c, [builder.mul(ir.Constant(_I64, i), ldc)], source_etype=_F32)
+                for j in range(nv):
+                    builder.store(clamp(values[i][j], low, high),
+                                  builder.gep(c_row, [ir.Constant(_I64, j * vw)], source_etype=_F32), align=4)
+        with through_stack:
+            tile = cgutils.alloca_once(builder, vec, size=mr * nv)
+            for i in range(mr):
+                for j in range(nv):
+                    builder.store(values[i][j], builder.gep(tile, [ir.Constant(_I64, i * nv + j)], source_etype=vec),
+                                  align=4)
+            with builder.if_else(builder.icmp_signed("==", act, ir.Constant(_I64, ACT_HARD_SWISH))) as (swish, clamped):
+                with swish:
+                    store_all(hard_swish)
+                with clamped:
+                    store_all(lambda v: clamp(v, low, high))
 
 
 def _tile_intrinsic(mr: int, nr: int, vw: int):
