@@ -40,6 +40,7 @@ from numba.extending import intrinsic
 
 from .activations import ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, apply_activation
 
+_FLOAT32 = np.dtype(np.float32)
 _F32 = ir.FloatType()
 _I64 = ir.IntType(64)
 _PTR = ir.PointerType()
@@ -311,15 +312,10 @@ def rows_times_panels(a, panels, bias, out, act, residual, variant, r0, r1, p0, 
                         out[i + rr, c0 + cc] = v
 
 
-_F32_2D = types.Array(types.float32, 2, "C")
-# Explicit signatures: an array of another dtype or layout is refused by the dispatcher (the kernel
-# works on raw addresses) instead of compiling a new specialization, so callers need not check.
-_GEMM_SIGNATURE = types.void(_F32_2D, types.Array(types.float32, 3, "C"), types.Array(types.float32, 1, "C"),
-                             _F32_2D, types.int64, _F32_2D, types.int64, types.int64, types.int64)
 NO_RESIDUAL = np.zeros((0, 0), np.float32)
 
 
-@njit(_GEMM_SIGNATURE, parallel=True, cache=True)
+@njit(parallel=True, cache=True)
 def gemm_panels(a, panels, bias, out, act, residual, variant, tile_rows, panels_per_tile):
     """out = act(a @ w + bias) (+ residual), w and bias packed by ``pack`` (``panels``, ``bias``).
 
@@ -436,11 +432,13 @@ def gemm_packed(a: np.ndarray, packed: PackedWeights, out: np.ndarray, act: int,
                          f"{out.shape}" + ("" if residual is None else f" + residual {residual.shape}"))
     if m == 0 or packed.n == 0:
         return
+    if residual is None:
+        residual = NO_RESIDUAL
+    # The kernel works on raw addresses: another dtype or layout must be refused, not compiled for.
+    if not (a.dtype is _FLOAT32 and out.dtype is _FLOAT32 and residual.dtype is _FLOAT32
+            and a.flags.c_contiguous and out.flags.c_contiguous and residual.flags.c_contiguous):
+        raise ValueError("gemm_packed: arrays must be C-contiguous float32")
     cut = packed.cuts.get(m)
     if cut is None:
         cut = packed.cuts[m] = tiling(m, k, packed.panels.shape[0], MR[packed.variant])
-    try:
-        gemm_panels(a, packed.panels, packed.bias, out, act, NO_RESIDUAL if residual is None else residual,
-                    packed.variant, *cut)
-    except TypeError as error:  # the dispatcher's refusal of another dtype or layout
-        raise ValueError(f"gemm_packed: arrays must be C-contiguous float32 ({error})") from None
+    gemm_panels(a, packed.panels, packed.bias, out, act, residual, packed.variant, *cut)

@@ -98,8 +98,11 @@ def kernels_cached() -> bool:
     """
     from npmobile.kernels import blas, conv, depthwise, gemm, pointwise, squeeze_excite
 
-    products = (gemm.gemm_panels, pointwise.gemm_tiles, conv.conv_tiles) if blas.AVAILABLE else (
-        gemm.gemm_panels, pointwise._epilogue, conv.im2col)
+    # The stem runs im2col + the microkernel; on AVX2 the biggest 1x1 products stay with OpenBLAS's
+    # tiles (pointwise.use_microkernel), and without BLAS with np.matmul + its epilogue.
+    products = (gemm.gemm_panels, conv.im2col)
+    if not gemm.AVX512:
+        products += (pointwise.gemm_tiles,) if blas.AVAILABLE else (pointwise._epilogue,)
     kernels = (depthwise._depthwise_conv2d, squeeze_excite._squeeze_excite, *products)
     try:
         return all(os.path.exists(k._cache._cache_file._index_path) for k in kernels)
