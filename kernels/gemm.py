@@ -1,6 +1,6 @@
 """A register-tiled GEMM microkernel for 1x1 convolutions and dense layers, written as LLVM vector IR.
 
-    packed = pack(w, bias, variant)                       # once, when the plan is made
+    packed = pack(w, bias, rows)                          # once, when the plan is made
     gemm_packed(a, packed, out, act, residual)            # every call
 
 a [M, K], out and residual [M, N]: float32, C-contiguous. out = act(a @ w + bias) (+ residual), the
@@ -13,11 +13,12 @@ in an array in registers (a scalar-unrolled 6x16 tile did not even vectorize). I
 values of vector type in registers, so the tile is emitted directly through
 ``numba.extending.intrinsic`` and llvmlite's IR builder: MR x (NR / VW) accumulators of type
 ``<VW x float>`` as phi nodes of one loop over K, the input value broadcast with a shufflevector,
-``llvm.fma`` on whole vectors, then bias, activation and residual on the registers before the store.
+``llvm.fma`` on whole vectors, then bias, activation and residual applied before the store (on the
+registers themselves for the common tile).
 
 The types are generic LLVM vectors: every variant compiles and gives the same answers on any
 x86-64 (LLVM splits a <16 x float> into two AVX2 registers); the CPU's features only decide which
-variant is fast (``VARIANT``).
+variant is fast (``choose_variant``).
 
 Weights are packed once into column panels: panel p holds columns [p*NR, p*NR + NR) of w as K rows
 of NR contiguous floats, zero-padded past N, so the microkernel streams one panel front to back.

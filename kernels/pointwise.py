@@ -23,14 +23,14 @@ Four implementations of the same contract:
 - elsewhere a Numba kernel that cuts the product into
   tiles of ``out`` (blocks of rows, and of columns when there are few rows) and, on each of its
   workers, asks BLAS's sgemm for one tile, then runs the epilogue on that tile while it is still
-  in cache. BLAS because OpenBLAS's hand-written AVX-512 microkernels keep a register tile of the
-  output in registers, which Numba cannot express (LLVM will not keep an accumulator tile that
-  lives in an array in registers): 2-3x faster at MobileNet shapes (bench/kernels.py). Tiles
+  in cache. BLAS because OpenBLAS's hand-written microkernels keep a register tile of the output
+  in registers, which plain Numba loops cannot (kernels/gemm.py does it in LLVM IR). Tiles
   because OpenBLAS's own threads would fight Numba's for the cores (kernels/threads.py): this way
   Numba's pool owns the cores and every product still uses all of them (MobileNetV2's 1x1 convs
   at batch 1: 5.4 ms on one core, 2.9 ms on two).
 - the same, with ``np.matmul`` for the product, when kernels/blas.py finds no sgemm to call from
-  Numba (a NumPy built on another BLAS): one thread for the product, the epilogue block by block.
+  Numba (a NumPy built on another BLAS) and the arrays do not suit the microkernel: one thread for
+  the product, the epilogue block by block.
 - ``pointwise_conv2d_numba``: the whole thing in Numba (4 rows at a time, the epilogue fused per
   block). Slower, but it needs no BLAS at all; kept for the comparison in bench/kernels.py.
 """
@@ -167,9 +167,10 @@ def use_microkernel(k: int, n: int, avx512: bool = AVX512) -> bool:
     """Whether a layer's [*, k] x [k, n] product runs on the microkernel (else OpenBLAS tiles).
 
     A fixed rule of the layer's shape and the CPU, so a layer always takes the same path and gives
-    the same answer. On AVX-512 the microkernel is 3-5x OpenBLAS's tiles at every MobileNet shape
-    (bench/README.md). On AVX2 a 6x16 tile measured 1.07-1.21x OpenBLAS at MobileNetV2's shapes but
-    0.86-0.97x on square products of 256-512 (issue 13, znver3): those stay with OpenBLAS.
+    the same answer. On AVX-512 the microkernel ran 1.6-2.3x OpenBLAS's tiles at every MobileNet 1x1
+    shape and 4-5x on matrix-vector products (bench/README.md). On AVX2 a 6x16 tile measured
+    1.07-1.21x OpenBLAS at MobileNetV2's shapes but 0.86-0.97x on square products of 256-512 (issue
+    13, znver3): those stay with OpenBLAS. Without a BLAS to call, always the microkernel.
     """
     return avx512 or not blas.AVAILABLE or k < 256 or n < 256
 
