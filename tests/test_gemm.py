@@ -125,3 +125,29 @@ def test_gemm_packed_refuses_shapes_that_do_not_fit(rng):
             G.gemm_packed(bad_a, packed, bad_out, ACT_NONE, bad_res)
     with pytest.raises(ValueError):
         G.pack(rand(rng, 8, 5), rand(rng, 4), 4)
+
+
+def test_the_path_is_a_rule_of_the_layer_shape_and_the_cpu(rng):
+    """use_microkernel takes no row count and no thread count: a layer takes one path in every call."""
+    import inspect
+
+    from npmobile.kernels import blas
+    from npmobile.kernels.pointwise import prepare_weights, use_microkernel
+
+    assert set(inspect.signature(use_microkernel).parameters) == {"k", "n", "avx512"}
+    assert all(use_microkernel(k, n, avx512=True) for k in (1, 27, 960, 4096) for n in (1, 24, 1280))
+    if blas.AVAILABLE:
+        assert not use_microkernel(512, 512, avx512=False) and use_microkernel(160, 960, avx512=False)
+    kernel, bias = rand(rng, 24, 40), rand(rng, 40)
+    prepared = prepare_weights(kernel, bias, 49)
+    assert isinstance(prepared, G.PackedWeights) == use_microkernel(24, 40)
+
+
+def test_plain_and_prepared_weights_give_the_same_bits(rng):
+    from npmobile.kernels.pointwise import pointwise_conv2d, prepare_weights
+
+    x, kernel, bias = rand(rng, 2, 7, 7, 24), rand(rng, 24, 40, scale=0.2), rand(rng, 40)
+    plain, prepared = (np.empty((2, 7, 7, 40), np.float32) for _ in range(2))
+    pointwise_conv2d(x, kernel, bias, plain, ACT_RELU6)
+    pointwise_conv2d(x, prepare_weights(kernel, bias, 98), None, prepared, ACT_RELU6)
+    np.testing.assert_array_equal(plain, prepared)
