@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import llvmlite.binding as llvm
 import numba
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
@@ -36,7 +37,15 @@ from npmobile.kernels import reference as R
 from npmobile.kernels.activations import ACT_NONE, ACT_RELU6
 from npmobile.kernels.conv import conv2d
 from npmobile.kernels.depthwise import depthwise_conv2d
-from npmobile.kernels.pointwise import dense, gemm_matmul, pointwise_conv2d, pointwise_conv2d_numba
+from npmobile.kernels.gemm import AVX512, VARIANTS, choose_variant
+from npmobile.kernels.pointwise import (
+    gemm_matmul,
+    gemm_tiles,
+    pointwise_conv2d,
+    pointwise_conv2d_numba,
+    prepare_weights,
+    tile_shape,
+)
 from npmobile.kernels.pooling import global_average_pool
 from npmobile.kernels.squeeze_excite import squeeze_excite
 from npmobile.kernels.threads import thread_limits
@@ -69,17 +78,28 @@ def depthwise_case(h, c, k, s, pads):
     )
 
 
-def pointwise_case(hw, cin, cout, residual=False):
+def blas_tiles(x, w, b, out, act, res=None):
+    """The OpenBLAS path of pointwise.gemm (sgemm per tile on Numba's workers), whatever use_microkernel says."""
+    cin, cout = w.shape
+    rows = x.shape[1] * x.shape[2] if x.ndim == 4 else 1
+    a, o = x.reshape(-1, cin), out.reshape(-1, cout)
+    gemm_tiles(a, w, b, o, act, None if res is None else res.reshape(-1, cout), rows, *tile_shape(rows, cin, cout))
+
+
+def pointwise_case(hw, cin, cout, residual=False, label=""):
     x, w, b = rand(1, hw, hw, cin), rand(cin, cout, scale=cin**-0.5), rand(cout)
     out = np.empty((1, hw, hw, cout), np.float32)
     res = rand(1, hw, hw, cout) if residual else None
     act = ACT_NONE if residual else ACT_RELU6
     x2, plain = x.reshape(-1, cin), np.empty((hw * hw, cout), np.float32)
+    packed = prepare_weights(w, b, hw * hw)  # as the plan does, once
+    mr, nr, _ = VARIANTS[choose_variant(hw * hw, cout)]
     return (
-        f"pointwise {hw}x{hw} {cin}->{cout}" + (" +res" if residual else ""),
+        f"pointwise {hw}x{hw} {cin}->{cout}" + (" +res" if residual else "") + label,
         2 * hw * hw * cin * cout,
         {
-            "blas tiles": (lambda: pointwise_conv2d(x, w, b, out, act, res), "numba"),
+            f"ukernel {mr}x{nr}": (lambda: pointwise_conv2d(x, packed, None, out, act, res), "numba"),
+            "blas tiles": (lambda: blas_tiles(x, w, b, out, act, res), "numba"),
             "np.matmul+epilogue": (lambda: gemm_matmul(x2, w, b, out.reshape(-1, cout), act,
                                                        None if res is None else res.reshape(-1, cout)), "numba"),
             "numba gemm": (lambda: pointwise_conv2d_numba(x, w, b, out, act, res), "numba"),
@@ -122,6 +142,7 @@ def gap_dense_cases():
     pooled = np.empty((1, 1280), np.float32)
     w, b = rand(1280, 1000, scale=0.03), rand(1000)
     logits = np.empty((1, 1000), np.float32)
+    packed = prepare_weights(w, b, 1)
     return [
         (
             "global_average_pool 7x7x1280",
@@ -135,7 +156,8 @@ def gap_dense_cases():
             "dense 1280->1000",
             2 * 1280 * 1000,
             {
-                "blas tiles": (lambda: dense(pooled, w, b, logits, ACT_NONE), "numba"),
+                "ukernel 1x128": (lambda: pointwise_conv2d(pooled, packed, None, logits, ACT_NONE), "numba"),
+            "blas tiles": (lambda: blas_tiles(pooled, w, b, logits, ACT_NONE), "numba"),
                 "reference": (lambda: R.dense(pooled, w, b), "blas"),
             },
         ),
@@ -160,6 +182,17 @@ def all_cases(quick: bool):
         pointwise_case(14, 576, 160),
         pointwise_case(7, 960, 160, residual=True),
         pointwise_case(7, 320, 1280),
+        pointwise_case(112, 32, 64, label=" V1"),
+        pointwise_case(56, 128, 128, label=" V1"),
+        pointwise_case(28, 256, 256, label=" V1"),
+        pointwise_case(14, 512, 512, label=" V1"),
+        pointwise_case(7, 1024, 1024, label=" V1"),
+        pointwise_case(56, 64, 24, label=" V3L"),
+        pointwise_case(28, 40, 120, label=" V3L"),
+        pointwise_case(14, 80, 240, label=" V3L"),
+        pointwise_case(14, 672, 112, residual=True, label=" V3L"),
+        pointwise_case(7, 160, 960, label=" V3L"),
+        pointwise_case(1, 960, 1280, label=" V3L head"),
         se_case(28, 120, 32),  # V3-Large
         se_case(14, 672, 168),
         *gap_dense_cases(),
@@ -202,10 +235,12 @@ def time_case(candidates, threads: int, rounds: int) -> dict[str, float]:
 POLICIES = [
     # (label, BLAS threads, Numba threads, GEMM implementation): "tiles" is BLAS called per tile from
     # Numba's workers (the default), "matmul" one np.matmul per product (BLAS's own threads)
+    ("1 thread: Numba 1, GEMM ukernel", 1, 1, "ukernel"),
     ("1 thread: BLAS 1, Numba 1, GEMM tiles", 1, 1, "tiles"),
     ("1 thread: BLAS 1, Numba 1, GEMM matmul", 1, 1, "matmul"),
     ("1 thread: Numba 1, GEMM numba", 1, 1, "numba"),
-    ("2 threads: BLAS 1, Numba 2, GEMM tiles  [default]", 1, 2, "tiles"),
+    ("2 threads: Numba 2, GEMM ukernel  [default]", 1, 2, "ukernel"),
+    ("2 threads: BLAS 1, Numba 2, GEMM tiles", 1, 2, "tiles"),
     ("2 threads: BLAS 1, Numba 2, GEMM matmul", 1, 2, "matmul"),
     ("2 threads: Numba 2, GEMM numba", 1, 2, "numba"),
     ("2 threads: BLAS 2, Numba 1, GEMM matmul", 2, 1, "matmul"),
@@ -219,11 +254,18 @@ def _pointwise_matmul(x, w, b, out, act, res=None):
                 None if res is None else res.reshape(-1, cout))
 
 
+def _weights(cin, cout, rows, packed):
+    w, b = rand(cin, cout, scale=cin**-0.5), rand(cout)
+    return (prepare_weights(w, b, rows), None) if packed else (w, b)
+
+
 def pipeline_child(blas_threads: int, numba_threads: int, gemm: str, rounds: int) -> None:
     """Runs in a subprocess: prints the median ms of the 17-block body as JSON."""
     numba.set_num_threads(numba_threads)
     threadpool_limits(blas_threads, user_api="blas")
-    pw = {"tiles": pointwise_conv2d, "matmul": _pointwise_matmul, "numba": pointwise_conv2d_numba}[gemm]
+    pw = {"tiles": blas_tiles, "matmul": _pointwise_matmul, "numba": pointwise_conv2d_numba,
+          "ukernel": pointwise_conv2d}[gemm]
+    ukernel = gemm == "ukernel"  # weights packed beforehand, as the plan does
     table = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
     steps = []
     h, cin = 112, 32
@@ -234,9 +276,9 @@ def pipeline_child(blas_threads: int, numba_threads: int, gemm: str, rounds: int
             oh = (h + 1) // 2 if stride == 2 else h
             steps.append({
                 "x": rand(1, h, h, cin),
-                "expand": None if t == 1 else (rand(cin, e, scale=cin**-0.5), rand(e), np.empty((1, h, h, e), "f4")),
+                "expand": None if t == 1 else (_weights(cin, e, h * h, ukernel), np.empty((1, h, h, e), "f4")),
                 "dw": (rand(3, 3, e), rand(e), np.empty((1, oh, oh, e), np.float32), stride, 0 if stride == 2 else 1),
-                "project": (rand(e, c, scale=e**-0.5), rand(c), np.empty((1, oh, oh, c), np.float32)),
+                "project": (_weights(e, c, oh * oh, ukernel), np.empty((1, oh, oh, c), np.float32)),
                 "res": rand(1, oh, oh, c) if stride == 1 and cin == c else None,
             })
             h, cin = oh, c
@@ -245,12 +287,12 @@ def pipeline_child(blas_threads: int, numba_threads: int, gemm: str, rounds: int
         for st in steps:
             x = st["x"]
             if st["expand"] is not None:
-                w, b, out = st["expand"]
+                (w, b), out = st["expand"]
                 pw(x, w, b, out, ACT_RELU6)
                 x = out
             k, b, out, s, p = st["dw"]
             depthwise_conv2d(x, k, b, out, s, s, p, p, ACT_RELU6)
-            w, b, y = st["project"]
+            (w, b), y = st["project"]
             pw(out, w, b, y, ACT_NONE, st["res"])
 
     for _ in range(3):
@@ -294,10 +336,10 @@ def main() -> None:
     env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
                                           "NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
     print(f"numba {numba.__version__} ({numba.config.THREADING_LAYER} layer), numpy {np.__version__}, BLAS {blas}")
-    print(f"env {env}\n")
+    print(f"env {env}; microkernel variants for {'AVX-512' if AVX512 else 'AVX2'}\n")
 
     results = []
-    header = f"{'case':38s} {'candidate':16s} {'1 thread':>18s} {'2 threads':>18s} {'x ref (1t)':>10s}"
+    header = f"{'case':42s} {'candidate':16s} {'1 thread':>18s} {'2 threads':>18s} {'x ref (1t)':>10s}"
     print(header)
     print("-" * len(header))
     for name, flops, candidates in all_cases(args.quick):
@@ -306,7 +348,7 @@ def main() -> None:
         for cand in candidates:
             t1, t2 = timings[1][cand], timings[2][cand]
             speedup = f"{ref1 / t1:9.1f}x" if ref1 else ""
-            print(f"{name:38s} {cand:16s} {t1 * 1e3:8.3f} ms {flops / t1 / 1e9:5.1f} GF "
+            print(f"{name:42s} {cand:16s} {t1 * 1e3:8.3f} ms {flops / t1 / 1e9:5.1f} GF "
                   f"{t2 * 1e3:8.3f} ms {flops / t2 / 1e9:5.1f} GF {speedup}")
             results.append({"case": name, "candidate": cand, "flops": flops,
                             "ms_1_thread": t1 * 1e3, "ms_2_threads": t2 * 1e3,
@@ -320,7 +362,8 @@ def main() -> None:
     path = RESULTS / f"kernels-{datetime.date.today().isoformat()}.json"
     path.write_text(json.dumps({
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpu_count": os.cpu_count(), "cpu": llvm.get_host_cpu_name(), "avx512": AVX512,
+                    "platform": platform.platform(), "python": platform.python_version()},
         "numba": numba.__version__, "numpy": np.__version__, "blas": blas, "env": env,
         "rounds": args.rounds, "kernels": results, "pipeline": pipelines,
     }, indent=1))

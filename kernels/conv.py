@@ -32,6 +32,7 @@ from numba import njit, prange
 
 from . import blas
 from .activations import ACT_NONE
+from .gemm import PackedWeights, gemm_packed
 from .pointwise import TILES_PER_IMAGE, epilogue_rows, gemm_matmul, tile_shape
 
 
@@ -130,8 +131,13 @@ def conv2d(
     scale: float = 1.0,
     offset: float = 0.0,
     patches: np.ndarray | None = None,
+    packed: PackedWeights | None = None,
 ) -> None:
-    """out = act(conv2d(x * scale + offset, kernel) + bias); see the module docstring for the contract."""
+    """out = act(conv2d(x * scale + offset, kernel) + bias); see the module docstring for the contract.
+
+    ``packed``: ``kernel.reshape(KH*KW*Cin, Cout)`` and ``bias`` as pointwise.prepare_weights packed
+    them (once per plan), when it chose the microkernel: im2col, then the product on it.
+    """
     kh, kw, cin, cout = kernel.shape
     n, oh, ow, _ = out.shape
     if x.shape[0] != n or x.shape[3] != cin or out.shape[3] != cout or bias.shape != (cout,):
@@ -144,7 +150,16 @@ def conv2d(
     w2 = kernel.reshape(width, cout)
     o2 = out.reshape(rows, cout)
     scale, offset = np.float32(scale), np.float32(offset)  # Keras rescales in float32
-    if blas.AVAILABLE and x.flags.c_contiguous and w2.flags.c_contiguous and o2.flags.c_contiguous:
+    if packed is not None and (packed.k, packed.n) != (width, cout):
+        raise ValueError(f"conv2d: packed weights [{packed.k}, {packed.n}] do not fit kernel {kernel.shape}")
+    if packed is not None and x.flags.c_contiguous and o2.flags.c_contiguous:
+        # The patch matrix whole, then the product: the same compiled kernel as every pointwise layer
+        # (a fused version, patches built per tile, cost seconds more of first-run compile for ~2% of
+        # a MobileNet).
+        im2col(x, patches, kh, kw, stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w, oh, ow,
+               scale, offset)
+        gemm_packed(patches, packed, o2, act)
+    elif blas.AVAILABLE and x.flags.c_contiguous and w2.flags.c_contiguous and o2.flags.c_contiguous:
         # Tiles of rows only (column tiles would build the same patch rows twice): pointwise's row
         # height, cut by the shape of one image alone (see pointwise.tile_shape).
         tile_rows = min(tile_shape(oh * ow, width, cout)[0], max(16, -(-oh * ow // TILES_PER_IMAGE)))

@@ -15,18 +15,22 @@ the add -- exactly the MobileNetV2/V3 ``project -> BN -> Add`` sequence, so the 
 the Add into the projection (act is ACT_NONE there; an activation with a residual is applied before
 the add, matching Keras's order for a conv whose activation is fused and an Add that follows).
 
-Three implementations of the same contract:
-- ``pointwise_conv2d`` / ``dense`` / ``gemm``: by default a Numba kernel that cuts the product into
+Four implementations of the same contract:
+- ``pointwise_conv2d`` / ``dense`` / ``gemm``: by default the register-tiled microkernel of
+  kernels/gemm.py, on weights packed into panels (``prepare_weights``, once per plan; a plain
+  ``kernel`` array is packed on each call). ``use_microkernel`` says where it is used: everywhere on
+  AVX-512, and on AVX2 except for the big square products where OpenBLAS was measured faster.
+- elsewhere a Numba kernel that cuts the product into
   tiles of ``out`` (blocks of rows, and of columns when there are few rows) and, on each of its
   workers, asks BLAS's sgemm for one tile, then runs the epilogue on that tile while it is still
-  in cache. BLAS because OpenBLAS's hand-written AVX-512 microkernels keep a register tile of the
-  output in registers, which Numba cannot express (LLVM will not keep an accumulator tile that
-  lives in an array in registers): 2-3x faster at MobileNet shapes (bench/kernels.py). Tiles
+  in cache. BLAS because OpenBLAS's hand-written microkernels keep a register tile of the output
+  in registers, which plain Numba loops cannot (kernels/gemm.py does it in LLVM IR). Tiles
   because OpenBLAS's own threads would fight Numba's for the cores (kernels/threads.py): this way
   Numba's pool owns the cores and every product still uses all of them (MobileNetV2's 1x1 convs
   at batch 1: 5.4 ms on one core, 2.9 ms on two).
 - the same, with ``np.matmul`` for the product, when kernels/blas.py finds no sgemm to call from
-  Numba (a NumPy built on another BLAS): one thread for the product, the epilogue block by block.
+  Numba (a NumPy built on another BLAS) and the arrays do not suit the microkernel: one thread for
+  the product, the epilogue block by block.
 - ``pointwise_conv2d_numba``: the whole thing in Numba (4 rows at a time, the epilogue fused per
   block). Slower, but it needs no BLAS at all; kept for the comparison in bench/kernels.py.
 """
@@ -38,6 +42,7 @@ from numba import njit, prange
 
 from . import blas
 from .activations import ACT_NONE, bias_act_row
+from .gemm import AVX512, PackedWeights, gemm_packed, pack
 
 # np.matmul fallback: rows of the GEMM per block, so that the block's output (rows x Cout floats)
 # is still in L2 when the epilogue reads it back, and blocks are few enough that the per-call
@@ -158,13 +163,42 @@ def _contiguous(*arrays) -> bool:
     return all(x is None or x.flags.c_contiguous for x in arrays)
 
 
-def gemm(a: np.ndarray, w: np.ndarray, bias: np.ndarray, out: np.ndarray, act: int,
+def use_microkernel(k: int, n: int, avx512: bool = AVX512) -> bool:
+    """Whether a layer's [*, k] x [k, n] product runs on the microkernel (else OpenBLAS tiles).
+
+    A fixed rule of the layer's shape and the CPU, so a layer always takes the same path and gives
+    the same answer. On AVX-512 the microkernel ran 1.6-2.3x OpenBLAS's tiles at every MobileNet 1x1
+    shape and 4-5x on matrix-vector products (bench/README.md). On AVX2 a 6x16 tile measured
+    1.07-1.21x OpenBLAS at MobileNetV2's shapes but 0.86-0.97x on square products of 256-512 (issue
+    13, znver3): those stay with OpenBLAS. Without a BLAS to call, always the microkernel.
+    """
+    return avx512 or not blas.AVAILABLE or k < 256 or n < 256
+
+
+def prepare_weights(kernel: np.ndarray, bias: np.ndarray, rows: int) -> PackedWeights | np.ndarray:
+    """A layer's weights in the form its product runs fastest from, made once (per plan).
+
+    ``rows``: the rows of the product (pixels times images). Packed panels for the microkernel, or
+    ``kernel`` as a C-contiguous array for OpenBLAS, by ``use_microkernel``.
+    """
+    kernel = np.ascontiguousarray(kernel, np.float32)
+    if use_microkernel(*kernel.shape):
+        return pack(kernel, np.ascontiguousarray(bias, np.float32), rows)
+    return kernel
+
+
+def gemm(a: np.ndarray, w: np.ndarray | PackedWeights, bias: np.ndarray | None, out: np.ndarray, act: int,
          residual: np.ndarray | None, rows_per_image: int | None = None) -> None:
     """out = act(a @ w + bias) (+ residual) for 2-D a [M, K], w [K, N], on Numba's threads.
 
-    ``rows_per_image``: the rows of one image (H*W for a convolution, 1 for a dense layer; default
-    all of M): the product is cut image by image, so an image's answer does not depend on its batch.
+    ``w`` may be what ``prepare_weights`` made of it (packed weights hold their bias: ``bias`` is
+    then not read). ``rows_per_image``: the rows of one image (H*W for a convolution, 1 for a dense
+    layer; default all of M): BLAS's product is cut image by image, so an image's answer does not
+    depend on its batch (the microkernel's answers depend on no cut at all).
     """
+    if isinstance(w, PackedWeights):
+        gemm_packed(a, w, out, act, residual)
+        return
     m, cout = out.shape
     rows_per_image = m if rows_per_image is None else rows_per_image
     # BLAS is handed raw addresses: a wrong shape would read or write past an array, not raise.
@@ -176,7 +210,10 @@ def gemm(a: np.ndarray, w: np.ndarray, bias: np.ndarray, out: np.ndarray, act: i
         raise ValueError(f"gemm: {m} rows are not a whole number of images of {rows_per_image} rows")
     if m == 0:
         return
-    if blas.AVAILABLE and _contiguous(a, w, out, residual) and a.dtype == w.dtype == out.dtype == np.float32:
+    if use_microkernel(*w.shape) and _contiguous(a, out, residual) and a.dtype == out.dtype == np.float32:
+        gemm_packed(a, pack(np.ascontiguousarray(w, np.float32), np.ascontiguousarray(bias, np.float32), m),
+                    out, act, residual)
+    elif blas.AVAILABLE and _contiguous(a, w, out, residual) and a.dtype == w.dtype == out.dtype == np.float32:
         tile_rows, tile_cols = tile_shape(rows_per_image, a.shape[1], cout)
         gemm_tiles(a, w, bias, out, act, residual, rows_per_image, tile_rows, tile_cols)
     else:
@@ -202,22 +239,29 @@ def gemm_matmul(a: np.ndarray, w: np.ndarray, bias: np.ndarray, out: np.ndarray,
 
 def pointwise_conv2d(
     x: np.ndarray,
-    kernel: np.ndarray,
-    bias: np.ndarray,
+    kernel: np.ndarray | PackedWeights,
+    bias: np.ndarray | None,
     out: np.ndarray,
     act: int = ACT_NONE,
     residual: np.ndarray | None = None,
 ) -> None:
-    """out = act(x @ kernel + bias) (+ residual), over the last axis of NHWC ``x``."""
-    cin, cout = kernel.shape
+    """out = act(x @ kernel + bias) (+ residual), over the last axis of NHWC ``x``.
+
+    ``kernel`` may be what ``prepare_weights`` made of it (then holding the bias).
+    """
+    cin, cout = (kernel.k, kernel.n) if isinstance(kernel, PackedWeights) else kernel.shape
     a = x.reshape(-1, cin)
     o = out.reshape(-1, cout)
     r = None if residual is None else residual.reshape(-1, cout)
     gemm(a, kernel, bias, o, act, r, rows_per_image=x.shape[1] * x.shape[2] if x.ndim == 4 else None)
 
 
-def dense(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, out: np.ndarray, act: int = ACT_NONE) -> None:
-    """out = act(x @ kernel + bias) for x [M, features] (softmax is a separate step: activations.softmax)."""
+def dense(x: np.ndarray, kernel: np.ndarray | PackedWeights, bias: np.ndarray | None, out: np.ndarray,
+          act: int = ACT_NONE) -> None:
+    """out = act(x @ kernel + bias) for x [M, features] (softmax is a separate step: activations.softmax).
+
+    ``kernel`` may be what ``prepare_weights`` made of it (then holding the bias).
+    """
     gemm(x, kernel, bias, out, act, None, rows_per_image=1)
 
 

@@ -165,6 +165,37 @@ def dense(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None = None) -> 
     return out
 
 
+def pack_panels(kernel: np.ndarray, width: int) -> np.ndarray:
+    """A [K, N] kernel cut into column panels of ``width``, zero-padded past N: [ceil(N/width), K, width].
+
+    The layout kernels/gemm.py streams: one panel is ``width`` output channels for every input
+    channel, front to back, so the microkernel reads it as one contiguous run.
+    """
+    k, n = kernel.shape
+    count = -(-n // width)
+    padded = np.zeros((k, count * width), kernel.dtype)
+    padded[:, :n] = kernel
+    return padded.reshape(k, count, width).transpose(1, 0, 2).copy()
+
+
+def gemm_panels(x: np.ndarray, panels: np.ndarray, bias: np.ndarray, n: int) -> np.ndarray:
+    """x [M, K] @ (the kernel packed by ``pack_panels``) + bias, in the order kernels/gemm.py sums.
+
+    Each output starts at zero and adds x[m, k] * w[k, n] for k = 0, 1, ..., K-1 in float32, panel
+    by panel; the bias comes last. (The fast kernel fuses each multiply and add into one FMA, which
+    rounds once instead of twice; the tests allow for that.)
+    """
+    m, k = x.shape
+    count, _, width = panels.shape
+    out = np.zeros((m, count * width), np.float32)
+    for p in range(count):
+        acc = np.zeros((m, width), np.float32)
+        for i in range(k):
+            acc += x[:, i : i + 1] * panels[p, i]
+        out[:, p * width : (p + 1) * width] = acc
+    return out[:, :n] + bias
+
+
 # --------------------------------------------------------------------------------------------------
 # Normalization and scaling
 # --------------------------------------------------------------------------------------------------

@@ -96,9 +96,13 @@ def kernels_cached() -> bool:
     Checks the cache index file of each compiled kernel the MobileNets use; a False answer only
     means "expect a compile", never an error.
     """
-    from npmobile.kernels import blas, conv, depthwise, pointwise, squeeze_excite
+    from npmobile.kernels import blas, conv, depthwise, gemm, pointwise, squeeze_excite
 
-    products = (pointwise.gemm_tiles, conv.conv_tiles) if blas.AVAILABLE else (pointwise._epilogue, conv.im2col)
+    # The stem runs im2col + the microkernel; on AVX2 the biggest 1x1 products stay with OpenBLAS's
+    # tiles (pointwise.use_microkernel), and without BLAS with np.matmul + its epilogue.
+    products = (gemm.gemm_panels, conv.im2col)
+    if not gemm.AVX512:
+        products += (pointwise.gemm_tiles,) if blas.AVAILABLE else (pointwise._epilogue,)
     kernels = (depthwise._depthwise_conv2d, squeeze_excite._squeeze_excite, *products)
     try:
         return all(os.path.exists(k._cache._cache_file._index_path) for k in kernels)

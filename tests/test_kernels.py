@@ -32,6 +32,7 @@ from npmobile.kernels.activations import (
 )
 from npmobile.kernels.conv import conv2d
 from npmobile.kernels.depthwise import depthwise_conv2d
+from npmobile.kernels.gemm import VARIANTS, pack
 from npmobile.kernels.pointwise import (
     TILES_PER_IMAGE,
     dense,
@@ -363,17 +364,20 @@ def test_conv2d_matches_reference(rng, case):
     oh = R.conv_output_size(h, k, stride, (top, bottom), dil)
     ow = R.conv_output_size(w, k, stride, (left, right), dil)
     plain = R.conv2d(x, kernel, bias, (stride, stride), pads, (dil, dil))
-    for act in (ACT_NONE, ACT_RELU6, ACT_HARD_SWISH):
-        out = np.full((n, oh, ow, cout), np.nan, dtype=np.float32)
-        conv2d(x, kernel, bias, out, stride, stride, top, left, act, dil, dil)
-        assert_close(out, REFERENCE_ACTIVATIONS[act](plain))
-    # A Rescaling folded in (V3's [0, 255] -> [-1, 1]): rescaled inside the image, zero in the padding.
     pixels = (x * 40 + 128).astype(np.float32)
     rescaled = R.conv2d(R.rescale(pixels, 1 / 127.5, -1), kernel, bias, (stride, stride), pads, (dil, dil))
-    for patches in (None, np.full(n * oh * ow * k * k * cin + 5, np.nan, np.float32)):
-        out = np.full((n, oh, ow, cout), np.nan, dtype=np.float32)
-        conv2d(pixels, kernel, bias, out, stride, stride, top, left, ACT_NONE, dil, dil, 1 / 127.5, -1.0, patches)
-        assert_close(out, rescaled)
+    # OpenBLAS tiles (no packed weights), then the microkernel in each of its variants.
+    for packed in (None, *(pack(kernel.reshape(-1, cout), bias, n * oh * ow, v) for v in range(len(VARIANTS)))):
+        for act in (ACT_NONE, ACT_RELU6, ACT_HARD_SWISH, ACT_SWISH):
+            out = np.full((n, oh, ow, cout), np.nan, dtype=np.float32)
+            conv2d(x, kernel, bias, out, stride, stride, top, left, act, dil, dil, packed=packed)
+            assert_close(out, REFERENCE_ACTIVATIONS[act](plain))
+        # A Rescaling folded in (V3's [0, 255] -> [-1, 1]): rescaled inside the image, zero in the padding.
+        for patches in (None, np.full(n * oh * ow * k * k * cin + 5, np.nan, np.float32)):
+            out = np.full((n, oh, ow, cout), np.nan, dtype=np.float32)
+            conv2d(pixels, kernel, bias, out, stride, stride, top, left, ACT_NONE, dil, dil, 1 / 127.5, -1.0, patches,
+                   packed)
+            assert_close(out, rescaled)
 
 
 def test_conv2d_without_blas_matches_reference(rng, monkeypatch):

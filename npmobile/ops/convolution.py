@@ -67,7 +67,7 @@ def conv2d_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
 
 def conv2d_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
     from npmobile.kernels.conv import conv2d
-    from npmobile.kernels.pointwise import pointwise_conv2d
+    from npmobile.kernels.pointwise import pointwise_conv2d, prepare_weights
 
     kernel = node.weights["kernel"]
     strides = pair(node.config.get("strides", 1))
@@ -81,7 +81,7 @@ def conv2d_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Runn
     scale, offset = node.config.get("input_scale", 1.0), node.config.get("input_offset", 0.0)
     rescaled = (scale, offset) != (1.0, 0.0)
     if kernel.shape[:2] == (1, 1) and strides == (1, 1) and padding == ref.NO_PADDING and not rescaled:
-        w = np.ascontiguousarray(kernel[0, 0])
+        w = prepare_weights(kernel[0, 0], bias, int(np.prod(out_shape[:3])))  # packed once per plan
 
         def run_pointwise(args, out):
             pointwise_conv2d(args[0], w, bias, out, act, args[1] if residual else None)
@@ -91,12 +91,14 @@ def conv2d_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Runn
         return None
     (top, _), (left, _) = padding
     k4 = np.ascontiguousarray(kernel)
+    packed = prepare_weights(k4.reshape(-1, k4.shape[3]), bias, int(np.prod(out_shape[:3])))
+    packed = None if isinstance(packed, np.ndarray) else packed  # the microkernel's weights, packed once
     # The im2col scratch, made once per plan (one prediction runs at a time: interpreter._RUN_LOCK).
     patches = np.empty(int(np.prod(out_shape[:3])) * int(np.prod(kernel.shape[:3])), dtype=np.float32)
 
     def run_conv(args, out):
         conv2d(args[0], k4, bias, out, strides[0], strides[1], top, left, act, dilation[0], dilation[1],
-               scale, offset, patches)
+               scale, offset, patches, packed)
 
     return run_conv
 

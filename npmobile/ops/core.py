@@ -34,14 +34,14 @@ def dense_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
 
 def dense_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
     from npmobile.kernels import activations as act_kernels
-    from npmobile.kernels.pointwise import dense
+    from npmobile.kernels.pointwise import dense, prepare_weights
 
     softmax = node.config.get("activation") == "softmax"  # the classifier: product, then softmax in place
     act = act_kernels.ACT_NONE if softmax else epilogue_code(node, keras_version)
     if act is None or len(in_shapes[0]) != 2:
         return None
-    kernel = np.ascontiguousarray(node.weights["kernel"])
-    bias = bias_or_zeros(node, kernel.shape[1])
+    bias = bias_or_zeros(node, node.weights["kernel"].shape[1])
+    kernel = prepare_weights(node.weights["kernel"], bias, out_shape[0])  # packed once per plan
 
     def run(args, out):
         dense(args[0], kernel, bias, out, act)

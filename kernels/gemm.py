@@ -1,0 +1,445 @@
+"""A register-tiled GEMM microkernel for 1x1 convolutions and dense layers, written as LLVM vector IR.
+
+    packed = pack(w, bias, rows)                          # once, when the plan is made
+    gemm_packed(a, packed, out, act, residual)            # every call
+
+a [M, K], out and residual [M, N]: float32, C-contiguous. out = act(a @ w + bias) (+ residual), the
+contract of kernels/pointwise.py; kernels/reference.py ``dense`` is the twin it is tested against.
+
+Why LLVM IR: a GEMM is fast when a tile of the output (MR rows x NR columns) stays in registers for
+the whole loop over K, each loaded weight vector feeding MR multiply-adds and each broadcast input
+value NR of them. Numba compiles array code, and LLVM will not keep an accumulator tile that lives
+in an array in registers (a scalar-unrolled 6x16 tile did not even vectorize). It does keep SSA
+values of vector type in registers, so the tile is emitted directly through
+``numba.extending.intrinsic`` and llvmlite's IR builder: MR x (NR / VW) accumulators of type
+``<VW x float>`` as phi nodes of one loop over K, the input value broadcast with a shufflevector,
+``llvm.fma`` on whole vectors, then bias, activation and residual applied before the store (on the
+registers themselves for the common tile).
+
+The types are generic LLVM vectors: every variant compiles and gives the same answers on any
+x86-64 (LLVM splits a <16 x float> into two AVX2 registers); the CPU's features only decide which
+variant is fast (``choose_variant``).
+
+Weights are packed once into column panels: panel p holds columns [p*NR, p*NR + NR) of w as K rows
+of NR contiguous floats, zero-padded past N, so the microkernel streams one panel front to back.
+
+Determinism: every output value is one FMA chain over k = 0..K-1 starting from zero, then + bias,
+then the activation, then + residual, whatever tile, thread or batch position it falls in. Edge
+tiles run the very same instructions (rows past M re-read the last row and are not stored; columns
+past N are computed from the zero padding and masked out of the stores), so how the product is cut
+never changes an answer.
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llvm
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .activations import ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, apply_activation
+
+_FLOAT32 = np.dtype(np.float32)
+_F32 = ir.FloatType()
+_I64 = ir.IntType(64)
+_PTR = ir.PointerType()
+
+
+def _emit_tile(builder: ir.IRBuilder, args, mr: int, nr: int, vw: int) -> None:
+    """The IR of one MR x NR tile: see the module docstring. ``args`` are the intrinsic's int64 values."""
+    a_addr, lda, rows, w_addr, k, bias_addr, c_addr, ldc, act, r_addr, ldr, cols = args
+    vec = ir.VectorType(_F32, vw)
+    nv = nr // vw
+    module = builder.module
+    fma = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vw}f32")
+    a = builder.inttoptr(a_addr, _PTR)
+    w = builder.inttoptr(w_addr, _PTR)
+    one = ir.Constant(_I64, 1)
+    last = builder.sub(rows, one)
+    # Rows past ``rows`` re-read the last row: the same instructions run, the values are not stored.
+    a_rows = []
+    for i in range(mr):
+        row = builder.select(builder.icmp_signed("<", ir.Constant(_I64, i), rows), ir.Constant(_I64, i), last)
+        a_rows.append(builder.gep(a, [builder.mul(row, lda)], source_etype=_F32))
+
+    zero = ir.Constant(vec, [0.0] * vw)
+    entry = builder.block
+    loop = builder.append_basic_block("tile.k")
+    done = builder.append_basic_block("tile.done")
+    builder.cbranch(builder.icmp_signed(">", k, ir.Constant(_I64, 0)), loop, done)
+
+    builder.position_at_end(loop)
+    kk = builder.phi(_I64, "kk")
+    kk.add_incoming(ir.Constant(_I64, 0), entry)
+    acc = [[builder.phi(vec) for _ in range(nv)] for _ in range(mr)]
+    for row in acc:
+        for phi in row:
+            phi.add_incoming(zero, entry)
+    w_row = builder.gep(w, [builder.mul(kk, ir.Constant(_I64, nr))], source_etype=_F32)
+    wv = [builder.load(builder.gep(w_row, [ir.Constant(_I64, j * vw)], source_etype=_F32), typ=vec, align=4)
+          for j in range(nv)]
+    mask = ir.Constant(ir.VectorType(ir.IntType(32), vw), [0] * vw)
+    new = []
+    for i in range(mr):
+        x = builder.load(builder.gep(a_rows[i], [kk], source_etype=_F32), typ=_F32, align=4)
+        xv = builder.shuffle_vector(builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(_I64, 0)),
+                                    ir.Constant(vec, ir.Undefined), mask)
+        new.append([builder.call(fma, [xv, wv[j], acc[i][j]]) for j in range(nv)])
+    next_k = builder.add(kk, one)
+    body_end = builder.block
+    kk.add_incoming(next_k, body_end)
+    for i in range(mr):
+        for j in range(nv):
+            acc[i][j].add_incoming(new[i][j], body_end)
+    builder.cbranch(builder.icmp_signed("<", next_k, k), loop, done)
+
+    builder.position_at_end(done)
+    sums = []
+    for i in range(mr):
+        sums.append([])
+        for j in range(nv):
+            phi = builder.phi(vec)
+            phi.add_incoming(zero, entry)
+            phi.add_incoming(new[i][j], body_end)
+            sums[i].append(phi)
+
+    bias = builder.inttoptr(bias_addr, _PTR)
+    bv = [builder.load(builder.gep(bias, [ir.Constant(_I64, j * vw)], source_etype=_F32), typ=vec, align=4)
+          for j in range(nv)]
+    values = [[builder.fadd(sums[i][j], bv[j]) for j in range(nv)] for i in range(mr)]
+    c = builder.inttoptr(c_addr, _PTR)
+    r = builder.inttoptr(r_addr, _PTR)
+    zero_v, three, six = (ir.Constant(vec, [v] * vw) for v in (0.0, 3.0, 6.0))
+
+    def clamp(v, low, high):  # NaN stays NaN (both comparisons are false), as np.maximum/minimum keep it
+        v = builder.select(builder.fcmp_ordered("<", v, low), low, v)
+        return builder.select(builder.fcmp_ordered(">", v, high), high, v)
+
+    # None, ReLU and ReLU6 are one clamp with bounds chosen by ``act`` (-inf and inf leave v as it is),
+    # so they share one epilogue; hard swish has its own.
+    inf = ir.Constant(vec, [float("inf")] * vw)
+    is_relu = builder.or_(builder.icmp_signed("==", act, ir.Constant(_I64, ACT_RELU)),
+                          builder.icmp_signed("==", act, ir.Constant(_I64, ACT_RELU6)))
+    low = builder.select(is_relu, zero_v, builder.fneg(inf))
+    high = builder.select(builder.icmp_signed("==", act, ir.Constant(_I64, ACT_RELU6)), six, inf)
+
+    def hard_swish(v):  # x * (relu6(x + 3) / 6): a division, as Keras writes it
+        return builder.fmul(v, builder.fdiv(clamp(builder.fadd(v, three), zero_v, six), six))
+
+    # Columns past ``cols`` (the zero padding of the last panel) are computed like the others but
+    # neither read from the residual nor stored: masked loads and stores.
+    masks = []
+    splat_cols = builder.shuffle_vector(
+        builder.insert_element(ir.Constant(ir.VectorType(_I64, vw), ir.Undefined), cols, ir.Constant(_I64, 0)),
+        ir.Constant(ir.VectorType(_I64, vw), ir.Undefined), mask)
+    for j in range(nv):
+        lanes = ir.Constant(ir.VectorType(_I64, vw), list(range(j * vw, (j + 1) * vw)))
+        masks.append(builder.icmp_signed("<", lanes, splat_cols))
+    mask_type = ir.VectorType(ir.IntType(1), vw)
+    align = ir.Constant(ir.IntType(32), 4)
+    masked_store = cgutils.get_or_insert_function(
+        module, ir.FunctionType(ir.VoidType(), [vec, _PTR, ir.IntType(32), mask_type]),
+        f"llvm.masked.store.v{vw}f32.p0")
+    masked_load = cgutils.get_or_insert_function(
+        module, ir.FunctionType(vec, [_PTR, ir.IntType(32), mask_type, vec]), f"llvm.masked.load.v{vw}f32.p0")
+
+    def store_rows(fn, residual, masked):
+        """Rows [0, rows) of the tile, through ``fn`` (+ the residual), into c: one loop over the rows."""
+        before = builder.block
+        row_loop = builder.append_basic_block("tile.rows")
+        rows_done = builder.append_basic_block("tile.rows.done")
+        builder.branch(row_loop)
+        builder.position_at_end(row_loop)
+        i = builder.phi(_I64)
+        i.add_incoming(ir.Constant(_I64, 0), before)
+        c_row = builder.gep(c, [builder.mul(i, ldc)], source_etype=_F32)
+        r_row = builder.gep(r, [builder.mul(i, ldr)], source_etype=_F32)
+        first = builder.mul(i, ir.Constant(_I64, nv))
+        for j in range(nv):
+            slot = builder.gep(tile, [builder.add(first, ir.Constant(_I64, j))], source_etype=vec)
+            v = fn(builder.load(slot, typ=vec, align=4))
+            off = [ir.Constant(_I64, j * vw)]
+            if residual:
+                r_ptr = builder.gep(r_row, off, source_etype=_F32)
+                v = builder.fadd(v, builder.call(masked_load, [r_ptr, align, masks[j], zero]) if masked
+                                 else builder.load(r_ptr, typ=vec, align=4))
+            c_ptr = builder.gep(c_row, off, source_etype=_F32)
+            if masked:
+                builder.call(masked_store, [v, c_ptr, align, masks[j]])
+            else:
+                builder.store(v, c_ptr, align=4)
+        next_i = builder.add(i, ir.Constant(_I64, 1))
+        i.add_incoming(next_i, builder.block)
+        builder.cbranch(builder.icmp_signed("<", next_i, rows), row_loop, rows_done)
+        builder.position_at_end(rows_done)
+
+    def store_all(fn):
+        with builder.if_else(builder.icmp_signed("!=", r_addr, ir.Constant(_I64, 0))) as (with_res, without):
+            for residual in (True, False):
+                with (with_res if residual else without):
+                    if vw == 16:  # AVX-512 variants: a masked store costs what a plain one does
+                        store_rows(fn, residual, True)
+                        continue
+                    full = builder.icmp_signed(">=", cols, ir.Constant(_I64, nr))
+                    with builder.if_else(full) as (whole, part):
+                        with whole:
+                            store_rows(fn, residual, False)
+                        with part:
+                            store_rows(fn, residual, True)
+
+    # The common tile (all MR rows and NR columns, no residual, none/ReLU/ReLU6) is stored straight
+    # from the registers. Every other goes through a stack array, so that its epilogue is one loop
+    # over the rows rather than MR unrolled copies in each of its eight branches (a fraction of the
+    # compile time; the reads back come from L1). Both paths apply the same operations.
+    common = builder.and_(builder.and_(builder.icmp_signed("==", rows, ir.Constant(_I64, mr)),
+                                       builder.icmp_signed(">=", cols, ir.Constant(_I64, nr))),
+                          builder.and_(builder.icmp_signed("==", r_addr, ir.Constant(_I64, 0)),
+                                       builder.icmp_signed("!=", act, ir.Constant(_I64, ACT_HARD_SWISH))))
+    with builder.if_else(common) as (direct, through_stack):
+        with direct:
+            for i in range(mr):
+                c_row = builder.gep(c, [builder.mul(ir.Constant(_I64, i), ldc)], source_etype=_F32)
+                for j in range(nv):
+                    builder.store(clamp(values[i][j], low, high),
+                                  builder.gep(c_row, [ir.Constant(_I64, j * vw)], source_etype=_F32), align=4)
+        with through_stack:
+            tile = cgutils.alloca_once(builder, vec, size=mr * nv)
+            for i in range(mr):
+                for j in range(nv):
+                    builder.store(values[i][j], builder.gep(tile, [ir.Constant(_I64, i * nv + j)], source_etype=vec),
+                                  align=4)
+            with builder.if_else(builder.icmp_signed("==", act, ir.Constant(_I64, ACT_HARD_SWISH))) as (swish, clamped):
+                with swish:
+                    store_all(hard_swish)
+                with clamped:
+                    store_all(lambda v: clamp(v, low, high))
+
+
+def _tile_intrinsic(mr: int, nr: int, vw: int):
+    """A Numba intrinsic computing one MR x NR tile (arguments: addresses and strides in floats, as int64).
+
+    tile(a, lda, rows, w_panel, k, bias, c, ldc, act, residual, ldr, cols): rows [0, rows) and columns
+    [0, cols) of the tile at ``c`` = act(a[rows, :k] @ w_panel[:k, :NR] + bias[:NR]) (+ residual when
+    its address is not 0).
+    """
+
+    def tile(typingctx, a, lda, rows, w, k, bias, c, ldc, act, residual, ldr, cols):
+        sig = types.void(*([types.int64] * 12))
+
+        def codegen(context, builder, signature, args):
+            _emit_tile(builder, args, mr, nr, vw)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    tile.__name__ = f"tile_{mr}x{nr}_v{vw}"
+    return intrinsic(tile)
+
+
+# (MR, NR, VW) per variant, the index being what ``pack`` records and the driver dispatches on.
+# 6x16 of <8 x float>: twelve accumulators of AVX2's sixteen registers. 8x32 and 28x16 of
+# <16 x float>: 16 and 28 of AVX-512's 32; 28x16 for outputs whose width is closer to a multiple of
+# 16 than of 32 (16, 40, 80, 112, 144 channels). 1x128: a matrix-vector product (a dense layer on
+# one image), where the rows of a taller tile would be computed and thrown away.
+VARIANTS = ((6, 16, 8), (8, 32, 16), (28, 16, 16), (1, 128, 16))
+MR = tuple(v[0] for v in VARIANTS)
+_tile0 = _tile_intrinsic(*VARIANTS[0])
+_tile1 = _tile_intrinsic(*VARIANTS[1])
+_tile2 = _tile_intrinsic(*VARIANTS[2])
+_tile3 = _tile_intrinsic(*VARIANTS[3])
+
+
+@njit(inline="always")
+def _tile(variant, a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols):
+    if variant == 0:
+        _tile0(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
+    elif variant == 1:
+        _tile1(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
+    elif variant == 2:
+        _tile2(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
+    else:
+        _tile3(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
+
+
+@njit(inline="always")
+def _cdiv(x, y):
+    return (x + y - 1) // y
+
+
+@njit(inline="always")
+def rows_times_panels(a, panels, bias, out, act, residual, variant, r0, r1, p0, p1, scratch):
+    """Rows [r0, r1) of out = act(a @ w + bias) (+ residual), for panels [p0, p1) of w, MR rows at a time.
+
+    ``residual``: shaped like ``out``, or empty for none (one compiled kernel serves both).
+
+    ``scratch`` [MR, NR] takes the tiles whose activation is applied here rather than on the
+    registers (the sigmoid family).
+    """
+    k = a.shape[1]
+    n = out.shape[1]
+    nr = panels.shape[2]
+    mr = MR[variant]
+    in_registers = act == ACT_NONE or act == ACT_RELU or act == ACT_RELU6 or act == ACT_HARD_SWISH
+    register_act = act if in_registers else ACT_NONE
+    a_addr = np.int64(a.ctypes.data)
+    w_addr = np.int64(panels.ctypes.data)
+    b_addr = np.int64(bias.ctypes.data)
+    c_addr = np.int64(out.ctypes.data)
+    s_addr = np.int64(scratch.ctypes.data)
+    has_residual = residual.size > 0
+    r_addr = np.int64(residual.ctypes.data) if has_residual else np.int64(0)
+    for p in range(p0, p1):
+        c0 = p * nr
+        cols = min(nr, n - c0)
+        w_p = w_addr + 4 * p * k * nr
+        for i in range(r0, r1, mr):
+            rows = min(mr, r1 - i)
+            # One call site (each inlines every variant): into out, or into scratch for the copy below.
+            dest, ld, res = s_addr, nr, np.int64(0)
+            if in_registers:
+                dest, ld = c_addr + 4 * (i * n + c0), n
+                if r_addr != 0:
+                    res = r_addr + 4 * (i * n + c0)
+            _tile(variant, a_addr + 4 * i * k, k, rows, w_p, k, b_addr + 4 * c0, dest, ld, register_act, res, ld,
+                  cols if in_registers else nr)
+            if not in_registers:
+                for rr in range(rows):
+                    for cc in range(cols):
+                        v = apply_activation(scratch[rr, cc], act)
+                        if has_residual:
+                            v = v + residual[i + rr, c0 + cc]
+                        out[i + rr, c0 + cc] = v
+
+
+NO_RESIDUAL = np.zeros((0, 0), np.float32)
+
+
+@njit(parallel=True, cache=True)
+def gemm_panels(a, panels, bias, out, act, residual, variant, tile_rows, panels_per_tile):
+    """out = act(a @ w + bias) (+ residual), w and bias packed by ``pack`` (``panels``, ``bias``).
+
+    ``residual``: shaped like ``out``, or ``NO_RESIDUAL``.
+
+    The product is cut into tiles of ``tile_rows`` rows x ``panels_per_tile`` panels, spread over
+    Numba's threads; within a tile, panel by panel (it stays in cache), MR rows at a time.
+    """
+    m = a.shape[0]
+    n_panels = panels.shape[0]
+    row_tiles = _cdiv(m, tile_rows)
+    col_tiles = _cdiv(n_panels, panels_per_tile)
+    for t in prange(row_tiles * col_tiles):
+        r0 = (t // col_tiles) * tile_rows
+        p0 = (t % col_tiles) * panels_per_tile
+        scratch = np.empty((MR[variant], panels.shape[2]), np.float32)
+        rows_times_panels(a, panels, bias, out, act, residual, variant, r0, min(m, r0 + tile_rows),
+                          p0, min(n_panels, p0 + panels_per_tile), scratch)
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing a variant, packing, cutting the work
+# --------------------------------------------------------------------------------------------------
+
+
+def _target_has_avx512() -> bool:
+    """Whether the code Numba compiles may use AVX-512 (NUMBA_CPU_NAME/FEATURES, else the host)."""
+    from numba.core import config
+
+    if config.CPU_NAME and config.CPU_NAME != "host":
+        return "+avx512f" in (config.CPU_FEATURES or "")
+    return bool(llvm.get_host_cpu_features().get("avx512f", False))
+
+
+AVX512 = _target_has_avx512()
+
+
+def choose_variant(m: int, n: int, avx512: bool = AVX512) -> int:
+    """The fastest variant for an [m, k] x [k, n] product on this CPU (bench/kernels.py).
+
+    Every variant gives bit-identical answers (each output is the same FMA chain), so the choice is
+    free to follow the whole product's shape, batch included.
+    """
+    if not avx512:
+        return 0
+    if m == 1:
+        return 3
+    return 2 if _round_up(n, 16) < _round_up(n, 32) else 1
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+class PackedWeights:
+    """A [K, N] weight matrix and its bias, packed once for one variant of the microkernel.
+
+    panels [P, K, NR]: panel p holds columns p*NR .. p*NR+NR-1, zero past N; bias [P*NR], zero past N.
+    """
+
+    __slots__ = ("panels", "bias", "k", "n", "variant", "cuts")
+
+    def __init__(self, kernel: np.ndarray, bias: np.ndarray, variant: int):
+        k, n = kernel.shape
+        if bias.shape != (n,):
+            raise ValueError(f"pack: bias {bias.shape} does not fit kernel {kernel.shape}")
+        nr = VARIANTS[variant][1]
+        count = -(-n // nr)
+        # 64-byte aligned, so that each weight vector is one cache line (or half of one).
+        flat = np.zeros(count * k * nr + 16, np.float32)
+        start = (-flat.ctypes.data % 64) // 4
+        panels = flat[start:start + count * k * nr].reshape(count, k, nr)
+        padded = np.zeros((k, count * nr), np.float32)
+        padded[:, :n] = kernel
+        panels[...] = padded.reshape(k, count, nr).transpose(1, 0, 2)
+        self.panels = panels
+        self.bias = np.zeros(count * nr, np.float32)
+        self.bias[:n] = bias
+        self.k, self.n, self.variant = k, n, variant
+        self.cuts: dict[int, tuple[int, int]] = {}  # rows of a product -> its ``tiling``
+
+
+def pack(kernel: np.ndarray, bias: np.ndarray, rows: int, variant: int | None = None) -> PackedWeights:
+    """Weights packed for products of ``rows`` rows (the variant that is fast for them, unless given)."""
+    return PackedWeights(kernel, bias, choose_variant(rows, kernel.shape[1]) if variant is None else variant)
+
+
+# Tasks the cut aims for: a few per core on up to four cores, so that unequal tiles even out.
+TASKS = 8
+
+
+def tiling(m: int, k: int, panels: int, mr: int) -> tuple[int, int]:
+    """Rows and panels per task for an [m, k] product over ``panels`` panels.
+
+    The rows of a task (times K) stay in L2 while each of its panels passes over them. The cut
+    changes no answer (see the module docstring); it only spreads the work.
+    """
+    rows = mr * max(1, min(128, 65536 // max(k, 1)) // mr)
+    row_tiles = -(-m // rows)
+    col_tiles = 1 if row_tiles >= TASKS else min(panels, -(-TASKS // row_tiles))
+    per_task = -(-panels // col_tiles)
+    col_tiles = -(-panels // per_task)
+    if row_tiles * col_tiles < TASKS and m > mr:
+        rows = max(mr, _round_up(-(-m // -(-TASKS // col_tiles)), mr))
+    return rows, per_task
+
+
+def gemm_packed(a: np.ndarray, packed: PackedWeights, out: np.ndarray, act: int,
+                residual: np.ndarray | None = None) -> None:
+    """out = act(a @ w + bias) (+ residual), w and bias as packed; a [M, K], out/residual [M, N]."""
+    m, k = a.shape
+    if k != packed.k or out.shape != (m, packed.n) or (residual is not None and residual.shape != out.shape):
+        raise ValueError(f"gemm_packed: shapes do not fit: a {a.shape} @ packed [{packed.k}, {packed.n}] -> out "
+                         f"{out.shape}" + ("" if residual is None else f" + residual {residual.shape}"))
+    if m == 0 or packed.n == 0:
+        return
+    if residual is None:
+        residual = NO_RESIDUAL
+    # The kernel works on raw addresses: another dtype or layout must be refused, not compiled for.
+    if not (a.dtype is _FLOAT32 and out.dtype is _FLOAT32 and residual.dtype is _FLOAT32
+            and a.flags.c_contiguous and out.flags.c_contiguous and residual.flags.c_contiguous):
+        raise ValueError("gemm_packed: arrays must be C-contiguous float32")
+    cut = packed.cuts.get(m)
+    if cut is None:
+        cut = packed.cuts[m] = tiling(m, k, packed.panels.shape[0], MR[packed.variant])
+    gemm_panels(a, packed.panels, packed.bias, out, act, residual, packed.variant, *cut)
