@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 
 def _find_top_level_subpackages() -> None:
@@ -28,6 +29,7 @@ def _find_top_level_subpackages() -> None:
 _find_top_level_subpackages()
 
 from npmobile.errors import (  # noqa: E402 -- after the search path is complete
+    CustomObjectError,
     ImageError,
     InputShapeError,
     ModelFileError,
@@ -40,16 +42,25 @@ from npmobile.interpreter import Model  # noqa: E402
 __version__ = "0.1.0"
 
 
-def load_model(path: str | os.PathLike) -> Model:
+def load_model(path: str | os.PathLike, custom_objects: Mapping[str, str] | None = None) -> Model:
     """Load a whole Keras model: a legacy .h5 (Keras 2/tf_keras or Keras 3) or a .keras file.
+
+    ``custom_objects``: for each of your own activation functions the file names (``Activation(hard_swish)``
+    in a tutorial), the built-in it computes, as a string: ``{"hard_swish": "hard_swish", "my_act": "relu6"}``.
+    npmobile runs its own kernel for that built-in; nothing from the file is executed, and a custom function
+    left unmapped is refused. ``npmobile verify`` checks the mapping against your functions in Keras.
 
     Weights-only files (.weights.h5, or the official keras-applications .h5) carry no architecture:
     pass them as ``weights=`` to an architecture in npmobile.applications instead.
     """
+    from npmobile.activations import check_custom_objects, map_custom_functions
     from npmobile.graph import Graph
     from npmobile.io import read_model
 
-    return Model(Graph.from_spec(read_model(os.fspath(path))))
+    mapping = check_custom_objects(custom_objects)
+    spec = read_model(os.fspath(path))
+    map_custom_functions(spec, mapping)
+    return Model(Graph.from_spec(spec))
 
 
 def __getattr__(name: str):
@@ -62,6 +73,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "ImageError", "InputShapeError", "Model", "ModelFileError", "NpmobileError", "UnsupportedLayerError",
-    "WeightsError", "load_model",
+    "CustomObjectError", "ImageError", "InputShapeError", "Model", "ModelFileError", "NpmobileError",
+    "UnsupportedLayerError", "WeightsError", "load_model",
 ]

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from npmobile.activations import FUSABLE_ACTIVATIONS, activation_function
 from npmobile.errors import ModelFileError, UnsupportedLayerError
 from npmobile.graph import Node
 from npmobile.kernels import reference as K
@@ -23,47 +24,6 @@ def _pair(value) -> tuple[int, int]:
     if isinstance(value, (list, tuple)):
         return (int(value[0]), int(value[-1]))
     return (int(value), int(value))
-
-
-def activation_function(name, keras_version: int = 3) -> Callable[[np.ndarray], np.ndarray] | None:
-    """The kernel for a Keras activation name (None for linear).
-
-    ``hard_sigmoid`` depends on who wrote the file: Keras 2 meant clip(0.2x + 0.5, 0, 1),
-    Keras 3 means relu6(x + 3) / 6.
-    """
-    if isinstance(name, dict):  # {"class_name": "relu", "config": {...}} or a serialized function
-        config = name.get("config")
-        if name.get("class_name") == "function" or isinstance(config, str):
-            # Keras 3 writes a user's own function as {"class_name": "function", "config": "pkg>name"}.
-            raise UnsupportedLayerError(f"activation {str(config)!r} is a custom function; npmobile never runs "
-                                        "code from a file")
-        name = (config.get("name") if isinstance(config, dict) else None) or name.get("class_name") or str(name)
-    if name in (None, "linear"):
-        return None
-    if not isinstance(name, str):
-        raise UnsupportedLayerError(f"activation {str(name)[:40]!r} is not an activation name")
-    if name == "hard_sigmoid" and keras_version < 3:
-        return K.hard_sigmoid_keras2
-    table = {
-        "relu": K.relu,
-        "relu6": K.relu6,
-        "sigmoid": K.sigmoid,
-        "hard_sigmoid": K.hard_sigmoid,
-        "hard_swish": K.hard_swish,
-        "hard_swish_from_ops": K.hard_swish_from_ops,  # npmobile's own: what fuse_hard_swish_ops makes
-        "hard_silu": K.hard_swish,
-        "swish": K.swish,
-        "silu": K.swish,
-        "softmax": K.softmax,
-        "tanh": np.tanh,
-    }
-    if name not in table:
-        raise UnsupportedLayerError(f"activation {name!r} is not supported (supported: {', '.join(table)})")
-    return table[name]
-
-
-# Activations the kernels can apply in a convolution's epilogue.
-FUSABLE_ACTIVATIONS = ("relu", "relu6", "hard_swish", "hard_silu", "sigmoid", "swish", "silu")
 
 
 def epilogue_activation(node: Node) -> str | None:
@@ -80,7 +40,6 @@ def epilogue_activation(node: Node) -> str | None:
         name = node.config.get("activation")
         return name if name in FUSABLE_ACTIVATIONS else None
     return None
-
 
 
 def _activate(x: np.ndarray, node: Node, keras_version: int) -> np.ndarray:
@@ -192,14 +151,14 @@ def run_zero_padding(node: Node, inputs, keras_version: int) -> np.ndarray:
 def run_add(node: Node, inputs, keras_version: int) -> np.ndarray:
     y = inputs[0]
     for other in inputs[1:]:
-        y = y + (np.float32(other) if isinstance(other, float) else other)
+        y = y + other  # a scalar operand is a Python float: NumPy rounds it to y's dtype
     return y
 
 
 def run_multiply(node: Node, inputs, keras_version: int) -> np.ndarray:
     y = inputs[0]
     for other in inputs[1:]:
-        y = y * (np.float32(other) if isinstance(other, float) else other)
+        y = y * other
     return y
 
 
@@ -211,7 +170,7 @@ def run_rescaling(node: Node, inputs, keras_version: int) -> np.ndarray:
     scale, offset = node.config.get("scale", 1.0), node.config.get("offset", 0.0)
     if isinstance(scale, (list, tuple)) or isinstance(offset, (list, tuple)):
         x = inputs[0]
-        return (x * np.asarray(scale, np.float32) + np.asarray(offset, np.float32)).astype(np.float32)
+        return (x * np.asarray(scale, x.dtype) + np.asarray(offset, x.dtype)).astype(x.dtype, copy=False)
     return K.rescale(inputs[0], float(scale), float(offset))
 
 

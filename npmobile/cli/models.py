@@ -32,6 +32,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+def custom_object(text: str) -> tuple[str, str]:
+    """``--custom-object NAME=BUILTIN``: a custom function in the file, and the built-in it computes."""
+    name, sep, builtin = text.partition("=")
+    if not sep or not name or not builtin:
+        raise argparse.ArgumentTypeError(f"expected NAME=BUILTIN (e.g. hard_swish=hard_swish), got {text!r}")
+    return name, builtin
+
+
+def add_custom_object_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--custom-object", dest="custom_objects", metavar="NAME=BUILTIN", type=custom_object,
+                        action="append", default=[],
+                        help="your own activation function NAME in the file computes the built-in BUILTIN "
+                             "(e.g. hard_swish=hard_swish, my_act=relu6); repeatable. Nothing in the file is run")
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=list(FAMILIES), default="mobilenet_v2",
                         help="architecture (default mobilenet_v2)")
@@ -41,18 +56,23 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", metavar="PATH", default=None,
                         help="any Keras file npmobile reads: a whole model (.h5, .keras) or weights for --model "
                              "(.weights.h5, official .h5); default: the official ImageNet weights")
+    add_custom_object_option(parser)
 
 
-def open_model(family: str, alpha: float, size: int, minimalistic: bool, weights: str | None):
+def open_model(family: str, alpha: float, size: int, minimalistic: bool, weights: str | None,
+               custom_objects: list[tuple[str, str]] | None = None):
     """A model for the CLI: a whole Keras model from ``weights`` if the file holds one, otherwise the
     ``family`` architecture with ``weights`` (a weights file, or the official ImageNet weights)."""
     import npmobile
+    from npmobile.errors import WeightsOnlyFileError
 
     if weights is not None:
         if not Path(weights).is_file():
             raise NpmobileError(f"{weights}: no such file")
         try:
-            return npmobile.load_model(weights)
+            return npmobile.load_model(weights, custom_objects=dict(custom_objects or ()))
+        except WeightsOnlyFileError:  # what fits the architecture is the question, and its answer the message
+            return family_model(family, alpha, size, minimalistic, weights)
         except npmobile.ModelFileError as whole_model_error:
             try:
                 return family_model(family, alpha, size, minimalistic, weights)
@@ -77,7 +97,7 @@ def teaching_model(args):
     """The model for profile/show: as classify opens it, plus ``--weights none`` for random weights."""
     if args.weights is not None and args.weights.lower() == "none":
         return family_model(args.model, args.alpha, args.size, args.minimalistic, None)
-    return open_model(args.model, args.alpha, args.size, args.minimalistic, args.weights)
+    return open_model(args.model, args.alpha, args.size, args.minimalistic, args.weights, args.custom_objects)
 
 
 def preprocess_for(model) -> str:
