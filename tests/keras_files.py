@@ -213,13 +213,16 @@ class KerasFiles:
         if key not in self.models:
             seed = _stable_seed(key)
             model = _build(family, "tfkeras_h5" if tf_keras else "keras3_h5", kwargs)
-            _give_statistics(model, _inputs(family, kwargs, 8, seed + 1), seed)
-            for attempt in range(5):
-                x = _inputs(family, kwargs, batch, seed + 100 + attempt)
-                y = np.asarray(model.predict(x, verbose=0))
-                if _top_gap_ok(y):
-                    break
-            else:
-                raise AssertionError(f"{family} {kwargs}: could not draw inputs with a clear top-5")
-            self.models[key] = (model, x, y)
+            self.models[key] = (model, *prepare(model, family, kwargs, batch, seed))
         return self.models[key]
+
+
+def prepare(model, family: str, kwargs: dict, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Give ``model`` non-trivial statistics, then draw inputs whose top-5 is clear: (x, Keras's outputs)."""
+    _give_statistics(model, _inputs(family, kwargs, 8, seed + 1), seed)
+    for attempt in range(5):
+        x = _inputs(family, kwargs, batch, seed + 100 + attempt)
+        y = np.asarray(model.predict(x, verbose=0))
+        if _top_gap_ok(y):
+            return x, y
+    raise AssertionError(f"{family} {kwargs}: could not draw inputs with a clear top-5")

@@ -146,13 +146,8 @@ def test_a_pytorch_file_given_as_weights_is_named_for_what_it_is(tmp_path):
     assert result.returncode == 1 and "a Python pickle" in result.stderr
 
 
-def test_custom_object_option_maps_a_tutorial_function(tmp_path):
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tutorial_models import tutorial_case
-
-    case = tutorial_case(tmp_path, "MobileNetV3Small", "keras3_keras")
+def test_custom_object_option_maps_a_tutorial_function(tutorials):
+    case = tutorials("MobileNetV3Small", "keras3_keras")
     refused = run_cli("summary", str(case.path))
     assert refused.returncode == 1 and "--custom-object hard_swish=hard_swish" in refused.stderr
     mapped = ["--custom-object", "hard_swish=hard_swish", "--custom-object", "h_sigmoid=hard_sigmoid"]

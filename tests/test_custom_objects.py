@@ -7,22 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from test_parity import assert_bit_close
-from tutorial_models import FAMILIES, MAPPING, WRITERS, tutorial_case
+from tutorial_models import FAMILIES, MAPPING, WRITERS
 
 import npmobile
-
-
-@pytest.fixture(scope="module")
-def tutorials(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tutorials")
-    cases: dict = {}
-
-    def get(family: str, writer: str):
-        if (family, writer) not in cases:
-            cases[family, writer] = tutorial_case(root, family, writer)
-        return cases[family, writer]
-
-    return get
 
 
 @pytest.mark.parametrize("writer", WRITERS)

@@ -11,22 +11,8 @@ import textwrap
 
 import pytest
 from test_cli import PHOTOS, REPO, run_cli
-from tutorial_models import tutorial_case
 
 MAPPED = ["--custom-object", "hard_swish=hard_swish", "--custom-object", "h_sigmoid=hard_sigmoid"]
-
-
-@pytest.fixture(scope="module")
-def tutorial(tmp_path_factory):
-    root = tmp_path_factory.mktemp("verify")
-    cases: dict = {}
-
-    def get(family: str, writer: str):
-        if (family, writer) not in cases:
-            cases[family, writer] = tutorial_case(root, family, writer)
-        return cases[family, writer]
-
-    return get
 
 
 def _report(result: subprocess.CompletedProcess) -> dict:
@@ -35,8 +21,8 @@ def _report(result: subprocess.CompletedProcess) -> dict:
 
 
 @pytest.mark.parametrize("writer", ["keras3_keras", "tfkeras_h5"])
-def test_a_tutorial_model_verifies_within_tolerance(tutorial, writer):
-    case = tutorial("MobileNetV3Small", writer)
+def test_a_tutorial_model_verifies_within_tolerance(tutorials, writer):
+    case = tutorials("MobileNetV3Small", writer)
     result = run_cli("verify", str(case.path), *MAPPED, "--json")
     assert result.returncode == 0, result.stderr
     report = _report(result)
@@ -52,10 +38,10 @@ def test_a_tutorial_model_verifies_within_tolerance(tutorial, writer):
     assert set(report["float64"]) == {"npmobile", "Keras"} and max(report["float64"].values()) < 5e-5
 
 
-def test_a_wrong_mapping_is_caught_at_the_first_layer_it_changes(tutorial, tmp_path):
+def test_a_wrong_mapping_is_caught_at_the_first_layer_it_changes(tutorials, tmp_path):
     """The user's own functions in Keras (their code, run by verify only) against a mapping that is wrong for
     one of them: verify names the first layer that function feeds."""
-    case = tutorial("MobileNetV3Small", "keras3_keras")
+    case = tutorials("MobileNetV3Small", "keras3_keras")
     module = tmp_path / "my_activations.py"
     module.write_text(textwrap.dedent("""\
         from keras import ops
@@ -108,8 +94,8 @@ def test_images_and_text_output_on_a_keras_applications_file(keras_files):
     assert "top-5 agree: yes" in out and "verdict: within tolerance (exit 0)" in out
 
 
-def test_without_keras_it_compares_the_fast_path_with_the_reference_path(tutorial):
-    case = tutorial("MobileNetV2", "keras3_h5")
+def test_without_keras_it_compares_the_fast_path_with_the_reference_path(tutorials):
+    case = tutorials("MobileNetV2", "keras3_h5")
     result = run_cli("verify", str(case.path), "--custom-object", "relu6=relu6", "--without-keras", "--json")
     assert result.returncode == 0, result.stderr
     report = _report(result)
@@ -117,8 +103,8 @@ def test_without_keras_it_compares_the_fast_path_with_the_reference_path(tutoria
     assert report["ok"]
 
 
-def test_usage_errors_exit_2_and_what_could_not_run_exits_3(tutorial, tmp_path):
-    case = tutorial("MobileNetV3Small", "keras3_keras")
+def test_usage_errors_exit_2_and_what_could_not_run_exits_3(tutorials, tmp_path):
+    case = tutorials("MobileNetV3Small", "keras3_keras")
     assert run_cli("verify", str(case.path), "--custom-object", "hard_swish").returncode == 2
     result = run_cli("verify", str(case.path), "--custom-object", "hard_swish=gelu", "--custom-object",
                      "h_sigmoid=hard_sigmoid")
@@ -133,10 +119,10 @@ def test_usage_errors_exit_2_and_what_could_not_run_exits_3(tutorial, tmp_path):
     assert result.returncode == 3 and "could not run" in result.stderr and "a Python pickle" in result.stderr
 
 
-def test_the_engine_never_imports_tensorflow_or_keras(tutorial):
+def test_the_engine_never_imports_tensorflow_or_keras(tutorials):
     """Only ``verify`` imports Keras: loading, predicting (reference and float64 too) and the other commands
     leave TensorFlow out of the process."""
-    case = tutorial("MobileNetV3Small", "keras3_keras")
+    case = tutorials("MobileNetV3Small", "keras3_keras")
     code = textwrap.dedent(f"""\
         import sys
         import numpy as np

@@ -6,7 +6,7 @@ into the file by name only, so npmobile reads these files with ``custom_objects=
     npmobile.load_model(case.path, custom_objects=case.mapping).predict(case.x)   # ~ case.y
 
 Each family is a short version of the real one (stem, a few blocks of its kind, its head) at 64x64, with
-non-trivial BatchNorm statistics (keras_files._give_statistics), written by Keras 3 (.h5, .keras) or tf_keras
+non-trivial BatchNorm statistics (keras_files.prepare), written by Keras 3 (.h5, .keras) or tf_keras
 (.h5). The V3 models start with a Rescaling layer, as keras.applications' do, and take 0..255.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from keras_files import _give_statistics, _inputs, _stable_seed, _top_gap_ok
+from keras_files import _stable_seed, prepare
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -156,13 +156,20 @@ def tutorial_case(root: Path, family: str, writer: str, batch: int = 2) -> Tutor
     framework = "tf_keras" if writer.startswith("tfkeras") else "keras"
     seed = _stable_seed("tutorial", family, framework)
     model = build(framework, family)
-    kwargs = {"input_shape": INPUT_SHAPE}
-    _give_statistics(model, _inputs(family, kwargs, 8, seed + 1), seed)
-    for attempt in range(5):
-        x = _inputs(family, kwargs, batch, seed + 100 + attempt)
-        y = np.asarray(model.predict(x, verbose=0))
-        if _top_gap_ok(y):
-            break
+    x, y = prepare(model, family, {"input_shape": INPUT_SHAPE}, batch, seed)
     path = Path(root) / f"tutorial-{family}-{writer}{SUFFIX[writer]}"
     model.save(str(path))
     return TutorialCase(family, writer, path, x, y, model)
+
+
+class TutorialFiles:
+    """Tutorial cases built once per test session (conftest's ``tutorials`` fixture)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.cases: dict[tuple[str, str], TutorialCase] = {}
+
+    def __call__(self, family: str, writer: str) -> TutorialCase:
+        if (family, writer) not in self.cases:
+            self.cases[family, writer] = tutorial_case(self.root, family, writer)
+        return self.cases[family, writer]
