@@ -138,3 +138,17 @@ def test_the_engine_never_imports_tensorflow_or_keras(tutorials):
         """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_without_keras_installed_it_says_so_and_checks_the_fast_path(tutorials):
+    case = tutorials("MobileNet", "keras3_keras")
+    code = textwrap.dedent(f"""\
+        import sys
+        sys.modules["keras"] = None  # as if Keras were not installed: importing it raises ImportError
+        from npmobile.cli import main
+        sys.exit(main(["verify", {str(case.path)!r}, "--custom-object", "relu6=relu6", "--samples", "1"]))
+        """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Keras is not importable in this Python" in result.stdout
+    assert "verdict: within tolerance (exit 0)" in result.stdout

@@ -99,8 +99,8 @@ def is_probability(values: np.ndarray) -> bool:
 
 def top5_agreement(got: np.ndarray, reference: np.ndarray) -> str:
     """"yes", "yes (ties ...)" when the orders differ only between classes the reference scores within the
-    probability tolerance of each other, "no", or "n/a" for outputs that are not class scores."""
-    if got.ndim != 2 or got.shape[1] < 5 or got.shape != reference.shape:
+    probability tolerance of each other, "no", or "n/a" for outputs that are not probabilities."""
+    if got.shape != reference.shape or not is_probability(reference) or reference.shape[1] < 5:
         return "n/a"
     ties = []
     for n in range(got.shape[0]):
@@ -184,8 +184,8 @@ def verify(args) -> dict:
     x, inputs_text = _inputs(model, args)
 
     side = None if args.without_keras else _open_keras(args.model, model.graph.keras_version, mapping, module_path)
-    if side is None:
-        side = _NpmobileReference(model, "--without-keras" if args.without_keras else _keras_missing())
+    if not isinstance(side, _KerasSide):
+        side = _NpmobileReference(model, "--without-keras" if args.without_keras else side)
     layers = _compare_layers(model, side, x)
     final = Difference()
     fast = np.asarray(model.predict(x))
@@ -242,18 +242,13 @@ class _NpmobileReference:
         self.skipped: list[str] = []
 
     def layers(self) -> list[tuple[str, str]]:
-        return [(name, node.op) for node in self.model.graph.nodes if node.op != "InputLayer"
-                for name in [node.name]]
+        return [(node.name, node.op) for node in self.model.graph.nodes if node.op != "InputLayer"]
 
     def predict_layers(self, x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         return self.model.predict(x, outputs=names, reference=True)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.model.predict(x, reference=True)
-
-
-def _keras_missing() -> str:
-    return "TensorFlow/Keras is not importable in this Python"
 
 
 class _KerasSide:
@@ -315,16 +310,16 @@ def _user_module(path: str):
     return module
 
 
-def _open_keras(path: str, keras_version: int, mapping: dict[str, str], module_path: str | None) -> _KerasSide | None:
+def _open_keras(path: str, keras_version: int, mapping: dict[str, str], module_path: str | None) -> _KerasSide | str:
     """The file loaded in Keras, with each mapped custom function given Keras's built-in of the name npmobile
-    was told (or the user's own function, from their module). None when Keras is not importable."""
+    was told (or the user's own function, from their module); or, when Keras cannot be imported, why."""
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         import keras
-    except ImportError:
-        return None
+    except Exception as error:  # ImportError, or a Keras without a backend failing as it starts
+        return f"Keras is not importable in this Python ({type(error).__name__}: {str(error)[:120]})"
     framework, name = keras, f"Keras {keras.__version__}"
     if keras_version < 3:
         try:
