@@ -13,6 +13,7 @@ import argparse
 import importlib.util
 import json
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,13 +124,13 @@ def top5_agreement(got: np.ndarray, reference: np.ndarray) -> str:
 def add_parser(commands) -> argparse.ArgumentParser:
     parser = commands.add_parser(
         "verify", help="check that npmobile answers like Keras on your model, layer by layer",
-        description="Load MODEL in npmobile and in Keras, run both on the images (or on seeded random inputs in "
-                    "the model's range: 0..255 for a model that starts with a Rescaling layer, -1..1 otherwise), "
-                    "and print, layer by layer, the largest absolute and relative difference, the first layer "
-                    f"beyond the tolerances (probabilities {PROBABILITY_ATOL:g}; feature maps "
-                    f"{FEATURE_RTOL:g} x max(1, max|Keras|)), whether the top-5 agree, and each engine's distance "
-                    "from npmobile's float64 reference. Without Keras it compares npmobile's fast path with its "
-                    "reference path.",
+        description=textwrap.fill(
+            "Load MODEL in npmobile and in Keras, run both on the images (or on seeded random inputs in the model's "
+            "range: 0..255 for a model that starts with a Rescaling layer, -1..1 otherwise), and print, layer by "
+            "layer, the largest absolute and relative difference, the first layer beyond the tolerances "
+            "(probabilities 5e-5; feature maps 1e-4 x max(1, max|Keras|)), whether the top-5 agree, and each "
+            "engine's distance from npmobile's float64 reference. Without Keras it compares npmobile's fast path "
+            "with its reference path.", 100),
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL", help="a Keras file (.h5, .keras)")
