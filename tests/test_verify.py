@@ -152,3 +152,17 @@ def test_without_keras_installed_it_says_so_and_checks_the_fast_path(tutorials):
     assert result.returncode == 0, result.stderr
     assert "Keras is not importable in this Python" in result.stdout
     assert "verdict: within tolerance (exit 0)" in result.stdout
+
+
+@pytest.mark.parametrize("writer", ["keras3_keras", "tfkeras_h5"])
+def test_a_nested_backbone_is_compared_layer_by_layer_too(keras_files, writer):
+    from keras_files import NESTED
+
+    case = keras_files.get(NESTED, writer, input_shape=(128, 128, 3), alpha=0.35)
+    result = run_cli("verify", str(case.path), "--samples", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    report = _report(result)
+    names = [row["name"] for row in report["layers"]]
+    backbone = case.keras_model.layers[1].name
+    assert names.index("Conv1") < names.index("block_3_depthwise") < names.index(backbone) < names.index("head")
+    assert report["ok"] and not report["skipped_layers"]

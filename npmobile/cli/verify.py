@@ -260,17 +260,24 @@ class _KerasSide:
         self.detail = detail
         self.notes = notes
         self.skipped: list[str] = []
-        self._outputs: dict[str, object] = {}
+        self._outputs: dict[str, object] = {}  # layer name -> its symbolic output in the outer graph
+        # A nested model's layers live in its own graph: layer name -> (nested model, output in that graph), and
+        # nested model name -> what the outer graph feeds it.
+        self._inner: dict[str, tuple[object, object]] = {}
+        self._feeds: dict[str, object] = {}
 
     def layers(self) -> list[tuple[str, str]]:
-        """(name, class) of every layer (and Keras 3 operation) in graph order, with its symbolic output."""
+        """(name, class) of every layer (and Keras 3 operation) in graph order, a nested model's own layers just
+        before it."""
         model = self.keras_model
-        ops = getattr(model, "operations", None) or model.layers
         found = []
-        for op in ops:
+        for op in getattr(model, "operations", None) or model.layers:
             if type(op).__name__ == "InputLayer":
                 continue
-            output = _symbolic_output(op)
+            nested = isinstance(op, self.framework.Model)
+            if nested:
+                found.extend(self._nested_layers(op))
+            output = _call_output(op) if nested else _symbolic_output(op)
             if output is None:
                 self.skipped.append(f"{op.name} ({type(op).__name__}: no single output in this graph)")
                 continue
@@ -278,14 +285,53 @@ class _KerasSide:
             found.append((op.name, type(op).__name__))
         return found
 
+    def _nested_layers(self, model) -> list[tuple[str, str]]:
+        """The layers of a nested model (one level deep), run by a probe of that model on what the outer model
+        feeds it."""
+        try:
+            feed = model._inbound_nodes[-1].input_tensors
+        except (AttributeError, IndexError):
+            feed = None
+        feed = feed[0] if isinstance(feed, (list, tuple)) and len(feed) == 1 else feed
+        if feed is None or isinstance(feed, (list, tuple)):
+            self.skipped.append(f"the layers inside nested model {model.name} (compared through its output)")
+            return []
+        self._feeds[model.name] = feed
+        found = []
+        for layer in model.layers:
+            if type(layer).__name__ == "InputLayer" or isinstance(layer, self.framework.Model):
+                continue
+            output = _symbolic_output(layer)
+            if output is None:
+                self.skipped.append(f"{layer.name} ({type(layer).__name__}, inside {model.name})")
+                continue
+            self._inner[layer.name] = (model, output)
+            found.append((layer.name, type(layer).__name__))
+        return found
+
     def predict_layers(self, x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
-        probe = self.framework.Model(self.keras_model.inputs, [self._outputs[n] for n in names])
-        values = probe.predict(x, verbose=0)
-        values = values if isinstance(values, list) else [values]
-        return dict(zip(names, (np.asarray(v) for v in values)))
+        outer = [n for n in names if n not in self._inner]
+        nested = {id(self._inner[n][0]): self._inner[n][0] for n in names if n in self._inner}
+        feeds = [self._feeds[m.name] for m in nested.values()]
+        values = _run_probe(self.framework, self.keras_model.inputs, [self._outputs[n] for n in outer] + feeds, x)
+        result = dict(zip(outer, values))
+        for model, fed in zip(nested.values(), values[len(outer):]):
+            inner = [n for n in names if n in self._inner and self._inner[n][0] is model]
+            result.update(zip(inner, _run_probe(self.framework, model.inputs,
+                                                [self._inner[n][1] for n in inner], fed)))
+        return result
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.keras_model.predict(x, verbose=0))
+
+
+def _run_probe(framework, inputs, outputs: list, x: np.ndarray) -> list[np.ndarray]:
+    """Keras's own values of ``outputs`` (symbolic tensors of one graph) on ``x``, by ``predict`` as users run it."""
+    if not outputs:
+        return []
+    values = framework.Model(inputs, outputs).predict(x, verbose=0)
+    values = values if isinstance(values, list) else [values]
+    return [np.asarray(v) for v in values]
 
 
 def _symbolic_output(op):
@@ -296,6 +342,17 @@ def _symbolic_output(op):
     except (AttributeError, ValueError, RuntimeError):
         return None
     return None if isinstance(output, (list, tuple)) else output
+
+
+def _call_output(model):
+    """A nested model's output where the outer model calls it (its own ``.output`` belongs to its inner graph)."""
+    try:
+        node = model._inbound_nodes[-1]  # the last call: Keras 2 counts the model's construction as node 0
+        outputs = node.output_tensors
+    except (AttributeError, IndexError):
+        return None
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    return outputs[0] if len(outputs) == 1 else None
 
 
 def _user_module(path: str):
