@@ -35,7 +35,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from npmobile.kernels import reference as R
 from npmobile.kernels.activations import ACT_NONE, ACT_RELU6
 from npmobile.kernels.conv import conv2d
-from npmobile.kernels.depthwise import depthwise_conv2d, output_size
+from npmobile.kernels.depthwise import depthwise_conv2d
 from npmobile.kernels.pointwise import dense, gemm_matmul, pointwise_conv2d, pointwise_conv2d_numba
 from npmobile.kernels.pooling import global_average_pool
 from npmobile.kernels.squeeze_excite import squeeze_excite
@@ -56,7 +56,7 @@ def rand(*shape, scale=1.0):
 
 def depthwise_case(h, c, k, s, pads):
     (top, bottom), (left, right) = pads
-    oh, ow = output_size(h, k, s, top, bottom), output_size(h, k, s, left, right)
+    oh, ow = R.conv_output_size(h, k, s, (top, bottom)), R.conv_output_size(h, k, s, (left, right))
     x, ker, b = rand(1, h, h, c), rand(k, k, c), rand(c)
     out = np.empty((1, oh, ow, c), np.float32)
     return (

@@ -1,5 +1,5 @@
-"""Side-by-side benchmark: npmobile against Keras (predict and tf.function), ONNX Runtime and, when
-installed, PyTorch (traced), on the same weights and inputs, in one run.
+"""Side-by-side benchmark: npmobile against Keras (predict and tf.function), ONNX Runtime, LiteRT (XNNPACK)
+and, when installed, PyTorch (traced), on the same weights and inputs, in one run.
 
     .venv/bin/pip install -e ".[bench]"
     .venv/bin/pip install torch                        # optional (here: torch==2.13.0, the CPU wheel on disk)
@@ -8,13 +8,15 @@ installed, PyTorch (traced), on the same weights and inputs, in one run.
     .venv/bin/python bench/run.py --profile --models v2 --threads 2     # where the time goes, npmobile beside ORT
 
 How it measures: the parent builds each model with keras.applications (weights=None, BatchNorm given
-non-trivial statistics), saves it as .keras (npmobile loads that file) and exports it to ONNX. Each
-engine runs in a process of its own (thread settings are per process, and idle thread pools of one
+non-trivial statistics), saves it as .keras (npmobile loads that file) and exports it to ONNX and to
+LiteRT's .tflite (Keras's own `model.export(format="litert")`; LiteRT runs it with its default XNNPACK
+delegate). Each engine runs in a process of its own (thread settings are per process, and idle thread pools of one
 engine would steal cores from another), and the parent interleaves them: each round asks every
 engine in turn, in rotating order, for a few timed predictions, so drift on this shared machine
 hits all engines alike. Reported: medians (ms) with interquartile range, npmobile/peer ratios
 (below 1: npmobile faster), output agreement with Keras per engine, peak RSS per engine (a separate
-process each) and process start -> first prediction of `python -m npmobile classify`. Results are
+process each) and `python -m npmobile classify` as a whole process: wall time and peak memory with a warm
+Numba cache, and the first-ever run's (every kernel compiled). Results are
 written to bench/results/<date>-<host>.json and bench/results/latest.json. No timing is ever
 asserted in tests; goals live here.
 
@@ -29,7 +31,9 @@ machines.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -47,7 +51,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 MODELS = {"v1": "MobileNet", "v2": "MobileNetV2", "v3s": "MobileNetV3Small", "v3l": "MobileNetV3Large"}
-ENGINES = ("npmobile", "keras_predict", "keras_tf_function", "onnxruntime", "pytorch")
+ENGINES = ("npmobile", "keras_predict", "keras_tf_function", "onnxruntime", "litert", "pytorch")
 PEERS = ENGINES[1:]
 
 
@@ -64,6 +68,8 @@ def engines_to_run(files: dict) -> list[str]:
     skip = set()
     if not all(f["onnx"] for f in files.values()):
         skip.add("onnxruntime")
+    if not all(f.get("litert") for f in files.values()):
+        skip.add("litert")
     if not all(f["torchscript"] for f in files.values()):
         skip.add("pytorch")
     return [e for e in ENGINES if e not in skip]
@@ -102,8 +108,25 @@ def prepare(models: list[str], folder: Path) -> dict[str, dict]:
             print(f"  {key}: ONNX export failed ({type(error).__name__}: {error})", file=sys.stderr)
             onnx_path = None
         files[key] = {"keras": str(keras_path), "onnx": str(onnx_path) if onnx_path else None,
+                      "litert": litert_file(model, key, folder),
                       "torchscript": torchscript_file(key, keras_path, folder) if torch_installed() else None}
     return files
+
+
+def litert_file(model, key: str, folder: Path) -> str | None:
+    """The model as a .tflite flatbuffer (Keras's own LiteRT export), or None without ai-edge-litert
+    or when the export failed."""
+    try:
+        import ai_edge_litert  # noqa: F401 -- the engine that will run it
+    except ImportError:
+        return None
+    path = folder / f"{key}.tflite"
+    try:
+        model.export(str(path), format="litert", verbose=False)
+    except Exception as error:  # like the ONNX export: report, don't stop the bench
+        print(f"  {key}: LiteRT export failed ({type(error).__name__}: {error})", file=sys.stderr)
+        return None
+    return str(path)
 
 
 def torchscript_file(key: str, keras_path: Path, folder: Path) -> str | None:
@@ -144,6 +167,8 @@ def load_engine(engine: str, files: dict, threads: int):
         session = ort.InferenceSession(files["onnx"], options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return lambda x: session.run(None, {name: x})[0]
+    if engine == "litert":
+        return litert_runner(files["litert"], threads)
     if engine == "pytorch":
         import torch
 
@@ -162,6 +187,26 @@ def load_engine(engine: str, files: dict, threads: int):
         return lambda x: model.predict(x, verbose=0, batch_size=len(x))
     compiled = tf.function(lambda t: model(t, training=False), jit_compile=False, reduce_retracing=True)
     return lambda x: compiled(tf.constant(x)).numpy()
+
+
+def litert_runner(path: str, threads: int):
+    """LiteRT's interpreter with its default XNNPACK delegate; resized to the batch it is given."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=path, num_threads=threads)
+    source = interpreter.get_input_details()[0]["index"]
+    state = {"shape": None}
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if state["shape"] != x.shape:
+            interpreter.resize_tensor_input(source, x.shape)
+            interpreter.allocate_tensors()
+            state["shape"] = x.shape
+        interpreter.set_tensor(source, x)
+        interpreter.invoke()
+        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+    return run
 
 
 def model_input(key: str, batch: int) -> np.ndarray:
@@ -298,15 +343,29 @@ def peak_rss(files: dict, folder: Path, key: str = "v2") -> dict[str, float]:
     return result
 
 
-def startup_seconds(keras_file: str, image: Path, runs: int = 3) -> float:
+def classify_once(command: list[str], env: dict) -> tuple[float, float]:
+    """Wall seconds and peak resident MB of one whole process, the largest of it and every process it
+    started and waited for (wait4's rusage covers them: a reader child counts too)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {process.returncode}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def startup(keras_file: str, image: Path, runs: int = 7) -> dict:
+    """`python -m npmobile classify IMAGE --weights FILE`, whole process: the first-ever run (an empty
+    Numba cache: every kernel compiled) and the median of ``runs`` warm runs, with peak memory."""
     command = [sys.executable, "-m", "npmobile", "classify", str(image), "--weights", keras_file]
-    subprocess.run(command, capture_output=True, env=bench_env(), check=True)  # warm the Numba cache
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run(command, capture_output=True, env=bench_env(), check=True)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    with tempfile.TemporaryDirectory(prefix="npmobile-numba-cache-") as cache:
+        cold_seconds, _ = classify_once(command, {**bench_env(), "NUMBA_CACHE_DIR": cache})
+    classify_once(command, bench_env())  # warm the usual cache
+    warm = [classify_once(command, bench_env()) for _ in range(runs)]
+    return {"first_run_seconds": cold_seconds, "seconds": statistics.median(s for s, _ in warm),
+            "peak_mb": statistics.median(m for _, m in warm), "runs": runs}
 
 
 def bench_env() -> dict:
@@ -327,11 +386,14 @@ def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     versions = {}
-    for module in ("numpy", "numba", "tensorflow", "keras", "onnxruntime", "torch"):
-        try:
-            versions[module] = __import__(module).__version__
-        except ImportError:
+    for module in ("numpy", "numba", "tensorflow", "keras", "onnxruntime", "ai_edge_litert", "torch"):
+        try:  # the installed distribution's version: ai_edge_litert has no __version__
+            versions[module] = importlib.metadata.version(module.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
             versions[module] = None
+    if versions["tensorflow"] is None:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions["tensorflow"] = importlib.metadata.version("tensorflow-cpu")
     try:
         import threadpoolctl
 
@@ -459,7 +521,13 @@ def profile(models: list[str], threads: int) -> None:
 
 
 PEER_TITLES = {"keras_predict": "Keras predict", "keras_tf_function": "Keras tf.function",
-               "onnxruntime": "ONNX Runtime", "pytorch": "PyTorch"}
+               "onnxruntime": "ONNX Runtime", "litert": "LiteRT", "pytorch": "PyTorch"}
+
+
+def startup_text(measured: dict) -> str:
+    return (f"`python -m npmobile classify` on one photo, MobileNetV2, whole process: {measured['seconds']:.2f} s "
+            f"and {measured['peak_mb']:.0f} MB peak with a warm Numba cache (median of {measured['runs']}); "
+            f"the first-ever run, compiling every kernel, {measured['first_run_seconds']:.1f} s")
 
 
 def markdown(report: dict) -> str:
@@ -467,7 +535,7 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     versions = m["versions"]
     names = {"numpy": "numpy", "numba": "numba", "tensorflow": "TensorFlow", "onnxruntime": "ONNX Runtime",
-             "torch": "PyTorch"}
+             "ai_edge_litert": "LiteRT", "torch": "PyTorch"}
     version_text = ", ".join(f"{title} {versions[key]}" for key, title in names.items() if versions.get(key))
     peers = [p for p in PEERS if any(p in cell["ms"] for cell in report["cells"])]
     calls = max(cell["ms"]["npmobile"]["n"] for cell in report["cells"])
@@ -499,7 +567,9 @@ def markdown(report: dict) -> str:
         rss = ", ".join(f"{'npmobile' if k == 'npmobile' else PEER_TITLES[k]} {v:.0f} MB"
                         for k, v in report["peak_rss_mb"].items() if v)
         lines.append(f"Peak memory, MobileNetV2 batch 1: {rss}.")
-    if report.get("startup_seconds"):
+    if report.get("startup"):
+        lines.append(startup_text(report["startup"]) + ".")
+    elif report.get("startup_seconds"):  # results written before the start-up measurement grew
         lines.append("Process start → first prediction (`python -m npmobile classify`, warm Numba cache): "
                      f"{report['startup_seconds']:.2f} s.")
     return "\n".join(lines)
@@ -538,12 +608,12 @@ def main() -> None:
         files = prepare(args.models, folder)
         cells = measure(files, folder, args.models, args.batches, args.threads, args.rounds, args.per_round)
         report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
-                  "cells": cells, "peak_rss_mb": {}, "startup_seconds": None}
+                  "cells": cells, "peak_rss_mb": {}, "startup": None}
         if not args.quick and "v2" in files:
             print("measuring peak RSS and start-up...", file=sys.stderr)
             report["peak_rss_mb"] = peak_rss(files, folder)
             image = REPO / "samples" / "chelsea.jpg"
-            report["startup_seconds"] = startup_seconds(files["v2"]["keras"], image)
+            report["startup"] = startup(files["v2"]["keras"], image)
         print(table(cells))
         for cell in cells:
             bad = [k for k, v in cell["agreement"].items() if not v["same_top5"]]
@@ -554,9 +624,8 @@ def main() -> None:
         if report["peak_rss_mb"]:
             print("peak RSS, MobileNetV2 b1 (MB): " + ", ".join(
                 f"{k} {v:.0f}" for k, v in report["peak_rss_mb"].items() if v))
-        if report["startup_seconds"]:
-            print(f"process start -> first prediction (`python -m npmobile classify`, warm cache): "
-                  f"{report['startup_seconds']:.2f} s")
+        if report["startup"]:
+            print(startup_text(report["startup"]))
         RESULTS.mkdir(parents=True, exist_ok=True)
         # A quick or partial run is a smoke test: it never replaces latest.json, which the README shows.
         partial = args.quick or set(args.models) != set(MODELS) or args.batches != [1, 8] or args.threads != [1, 2]

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from npmobile.graph import Graph, Node
-from npmobile.layers import _pair, conv_padding, infer_shapes
+from npmobile.layers import infer_shapes
+from npmobile.ops.common import conv_padding, pair
 
 # Keras axis of a 4-D NHWC tensor -> the same axis of the NCHW tensor torch holds.
 NHWC_TO_NCHW_AXIS = {0: 0, 1: 2, 2: 3, 3: 1, -1: 1, -2: 3, -3: 2, -4: 0}
@@ -39,7 +40,7 @@ def _zero_padding(config: dict) -> tuple[tuple[int, int], tuple[int, int]]:
     padding = config.get("padding", 1)
     if isinstance(padding, int):
         return (padding, padding), (padding, padding)
-    return tuple(_pair(p) for p in padding)
+    return tuple(pair(p) for p in padding)
 
 
 def _pad(x: torch.Tensor, padding) -> torch.Tensor:
@@ -103,8 +104,8 @@ class Conv(nn.Module):
             self.weight = _tensor(kernel.reshape(kh, kw, channels * multiplier).transpose(2, 0, 1)[:, None])
             self.groups = channels
         self.bias = _tensor(weights["bias"]) if "bias" in weights else None
-        self.strides = _pair(config.get("strides", 1))
-        self.dilation = _pair(config.get("dilation_rate", 1))
+        self.strides = pair(config.get("strides", 1))
+        self.dilation = pair(config.get("dilation_rate", 1))
         (top, bottom), (left, right) = conv_padding(node, in_hw, kernel.shape[:2], self.strides, self.dilation)
         if top == bottom and left == right:  # symmetric: the conv pads, as a PyTorch model would
             self.pad_first, self.conv_padding = None, (top, left)

@@ -36,11 +36,6 @@ from numba import njit, prange
 from .activations import bias_act_row
 
 
-def output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int) -> int:
-    """Positions a kernel visits along one axis of an input padded with (pad_before, pad_after)."""
-    return (size + pad_before + pad_after - kernel) // stride + 1
-
-
 @njit(inline="always")
 def _tap_range(o, stride, pad, k, size):
     """Kernel taps [lo, hi) of output position ``o`` that land inside the image (0 <= i < size)."""

@@ -312,6 +312,44 @@ def average_pool2d(x: np.ndarray, pool: tuple[int, int], strides: tuple[int, int
 
 
 # --------------------------------------------------------------------------------------------------
+# Upsampling (segmentation heads on a MobileNet encoder)
+# --------------------------------------------------------------------------------------------------
+
+
+def upsample2d(x: np.ndarray, size: tuple[int, int], interpolation: str = "nearest") -> np.ndarray:
+    """Keras UpSampling2D: each image made size[0] times taller and size[1] times wider.
+
+    "nearest": every pixel repeated into a size[0] x size[1] block.
+    "bilinear": TensorFlow's resize with half-pixel centers (what Keras calls): output pixel i looks at
+    input position (i + 0.5) * (in / out) - 0.5, clamped to the image, and mixes its two neighbours
+    by the fractional part -- first along each row, then between the two rows.
+    """
+    if interpolation == "nearest":
+        return np.repeat(np.repeat(x, size[0], axis=1), size[1], axis=2)
+    if interpolation != "bilinear":
+        raise ValueError(f"upsample2d: interpolation {interpolation!r} is not nearest or bilinear")
+    n, h, w, c = x.shape
+    top, bottom, row_mix = _bilinear_taps(h, h * size[0])
+    left, right, col_mix = _bilinear_taps(w, w * size[1])
+    col_mix = col_mix[None, None, :, None]
+    upper = x[:, top]  # [n, out_h, w, c]: the input row above each output row
+    lower = x[:, bottom]
+    upper = upper[:, :, left] + (upper[:, :, right] - upper[:, :, left]) * col_mix
+    lower = lower[:, :, left] + (lower[:, :, right] - lower[:, :, left]) * col_mix
+    return upper + (lower - upper) * row_mix[None, :, None, None]
+
+
+def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each output position: the input positions below and above it and how far it lies between them."""
+    scale = np.float32(in_size / out_size)
+    position = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    below = np.floor(position)
+    lower = np.maximum(below, 0).astype(np.int64)
+    upper = np.minimum(np.ceil(position), in_size - 1).astype(np.int64)
+    return lower, upper, (position - below).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
 # Squeeze-and-excite (MobileNetV3)
 # --------------------------------------------------------------------------------------------------
 

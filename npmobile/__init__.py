@@ -28,6 +28,8 @@ def _find_top_level_subpackages() -> None:
 
 _find_top_level_subpackages()
 
+from typing import TYPE_CHECKING  # noqa: E402
+
 from npmobile.errors import (  # noqa: E402 -- after the search path is complete
     CustomObjectError,
     ImageError,
@@ -37,12 +39,16 @@ from npmobile.errors import (  # noqa: E402 -- after the search path is complete
     UnsupportedLayerError,
     WeightsError,
 )
-from npmobile.interpreter import Model  # noqa: E402
+from npmobile.isolation import DEFAULT_TIMEOUT  # noqa: E402
+
+if TYPE_CHECKING:
+    from npmobile.interpreter import Model
 
 __version__ = "0.1.0"
 
 
-def load_model(path: str | os.PathLike, custom_objects: Mapping[str, str] | None = None) -> Model:
+def load_model(path: str | os.PathLike, custom_objects: Mapping[str, str] | None = None,
+               timeout: float | None = DEFAULT_TIMEOUT, trusted: bool = False) -> Model:
     """Load a whole Keras model: a legacy .h5 (Keras 2/tf_keras or Keras 3) or a .keras file.
 
     ``custom_objects``: for each of your own activation functions the file names (``Activation(hard_swish)``
@@ -50,25 +56,38 @@ def load_model(path: str | os.PathLike, custom_objects: Mapping[str, str] | None
     npmobile runs its own kernel for that built-in; nothing from the file is executed, and a custom function
     left unmapped is refused. ``npmobile verify`` checks the mapping against your functions in Keras.
 
+    The file is read in a child process that ``timeout`` seconds (None: no limit) and a memory limit
+    bound, so a corrupt or hostile file ends in ``ModelFileError`` instead of hanging or crashing this
+    process. ``trusted=True`` reads it in this process instead: a faster start, no limits.
+
     Weights-only files (.weights.h5, or the official keras-applications .h5) carry no architecture:
     pass them as ``weights=`` to an architecture in npmobile.applications instead.
     """
     from npmobile.activations import check_custom_objects, map_custom_functions
-    from npmobile.graph import Graph
-    from npmobile.io import read_model
+    from npmobile.isolation import start_read
 
     mapping = check_custom_objects(custom_objects)
-    spec = read_model(os.fspath(path))
+    # The reader starts before the engine (Numba) is imported, so that the two overlap.
+    pending = start_read(path, "model", timeout, trusted)
+    from npmobile.graph import Graph
+    from npmobile.interpreter import Model
+
+    spec = pending.result()
     map_custom_functions(spec, mapping)
     return Model(Graph.from_spec(spec))
 
 
 def __getattr__(name: str):
-    # `npmobile.applications` without importing every family at `import npmobile`.
-    if name == "applications":
+    # `npmobile.applications` without importing every family at `import npmobile`, and `npmobile.Model`
+    # without importing the engine (Numba): the readers, which a child process runs, need neither.
+    if name in ("applications", "interpreter"):
         import importlib
 
-        return importlib.import_module("npmobile.applications")
+        return importlib.import_module(f"npmobile.{name}")
+    if name == "Model":
+        from npmobile.interpreter import Model
+
+        return Model
     raise AttributeError(name)
 
 

@@ -1,5 +1,5 @@
 """Every activation npmobile knows, in one table: its names, what it computes (and what it meant in files
-Keras 2 / tf_keras wrote, where that differs), and which kernel epilogue applies it.
+Keras 2 / tf_keras wrote, where that differs), and whether a convolution's epilogue applies it.
 
 The table answers what used to be answered in several places:
 - what ``Activation('hard_sigmoid')`` in a file means (``activation_function``, by the writer's Keras version);
@@ -8,8 +8,8 @@ The table answers what used to be answered in several places:
   ``keras.activations.<name>``), whoever wrote the file: a tutorial's ``h_sigmoid`` mapped to ``hard_sigmoid``
   is relu6(x + 3) / 6 in a tf_keras file too, not Keras 2's 0.2x + 0.5.
 
-kernels/activations.py keeps its own name -> ACT_* code dict for the plan (which reads it); the tests check it
-says what the ``epilogue`` column here says.
+kernels/activations.py keeps the kernels' name -> ACT_* code dict (this table stays free of Numba: the readers'
+child process imports it); the tests check the two agree.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from npmobile.errors import CustomObjectError, UnsupportedLayerError
-from npmobile.kernels import activations as act_kernels
 from npmobile.kernels import reference as K
 from npmobile.spec import ModelSpec
 
@@ -32,35 +31,33 @@ class Activation:
     name: str
     reference: ActivationFn | None  # None: linear
     aliases: tuple[str, ...] = ()
-    epilogue: int | None = None  # the ACT_* code a conv epilogue applies it with (None: a separate step)
+    fusable: bool = False  # an Activation layer of it moves into the convolution before it (a kernel epilogue)
     keras2: ActivationFn | None = None  # its meaning in files Keras 2 / tf_keras wrote, when that differs
     user_name: bool = True  # a user may map a custom function to it (npmobile's own names are not offered)
 
 
 ACTIVATIONS: tuple[Activation, ...] = (
-    Activation("linear", None, epilogue=act_kernels.ACT_NONE),
-    Activation("relu", K.relu, epilogue=act_kernels.ACT_RELU),
-    Activation("relu6", K.relu6, epilogue=act_kernels.ACT_RELU6),
-    Activation("sigmoid", K.sigmoid, epilogue=act_kernels.ACT_SIGMOID),
-    # Keras 2 meant clip(0.2x + 0.5, 0, 1); Keras 3 means relu6(x + 3) / 6. No epilogue for Keras 2's.
-    Activation("hard_sigmoid", K.hard_sigmoid, epilogue=act_kernels.ACT_HARD_SIGMOID, keras2=K.hard_sigmoid_keras2),
-    Activation("hard_swish", K.hard_swish, aliases=("hard_silu",), epilogue=act_kernels.ACT_HARD_SWISH),
-    Activation("swish", K.swish, aliases=("silu",), epilogue=act_kernels.ACT_SWISH),
+    Activation("linear", None),
+    Activation("relu", K.relu, fusable=True),
+    Activation("relu6", K.relu6, fusable=True),
+    Activation("sigmoid", K.sigmoid, fusable=True),
+    # Keras 2 meant clip(0.2x + 0.5, 0, 1); Keras 3 means relu6(x + 3) / 6. A layer of it is not moved into the
+    # conv (its meaning depends on the file's writer); a conv's own activation="hard_sigmoid" has an epilogue.
+    Activation("hard_sigmoid", K.hard_sigmoid, keras2=K.hard_sigmoid_keras2),
+    Activation("hard_swish", K.hard_swish, aliases=("hard_silu",), fusable=True),
+    Activation("swish", K.swish, aliases=("silu",), fusable=True),
     Activation("softmax", K.softmax),
     Activation("tanh", np.tanh),
     # npmobile's own names. What the fuse_hard_swish_ops pass makes of tf_keras's hard-swish built from layers:
     Activation("hard_swish_from_ops", K.hard_swish_from_ops, user_name=False),
     # A custom function mapped to hard_sigmoid in a file Keras 2 wrote (the plain name would mean Keras 2's):
-    Activation("hard_sigmoid_keras3", K.hard_sigmoid, epilogue=act_kernels.ACT_HARD_SIGMOID, user_name=False),
+    Activation("hard_sigmoid_keras3", K.hard_sigmoid, user_name=False),
 )
 
 _BY_NAME: dict[str, Activation] = {alias: a for a in ACTIVATIONS for alias in (a.name, *a.aliases)}
 
 # Names a conv epilogue can apply, as they appear in configs (aliases included).
-FUSABLE_ACTIVATIONS: tuple[str, ...] = tuple(
-    alias for a in ACTIVATIONS if a.epilogue not in (None, act_kernels.ACT_NONE) and a.name != "hard_sigmoid"
-    for alias in (a.name, *a.aliases)
-)
+FUSABLE_ACTIVATIONS: tuple[str, ...] = tuple(alias for a in ACTIVATIONS if a.fusable for alias in (a.name, *a.aliases))
 
 
 def user_names() -> list[str]:
@@ -68,8 +65,8 @@ def user_names() -> list[str]:
     return [alias for a in ACTIVATIONS if a.user_name for alias in (a.name, *a.aliases)]
 
 
-def lookup(name: str) -> Activation | None:
-    return _BY_NAME.get(name)
+def lookup(name) -> Activation | None:
+    return _BY_NAME.get(name) if isinstance(name, str) else None
 
 
 def custom_function_name(value) -> str | None:

@@ -1,7 +1,7 @@
 """What a model costs: parameters and multiply-accumulates (MACs) per layer, from configs and shapes alone.
 
 Nothing here runs the model. ``layer_costs(model)`` walks ``model.graph`` (the graph as Keras wrote it)
-with the shapes from ``npmobile.layers.output_shape`` and counts, per layer:
+with the shapes from each layer record's ``output_shape`` (npmobile.ops) and counts, per layer:
 
 - params: every weight the layer holds (BatchNorm's moving mean and variance included, as Keras counts);
 - MACs, per image: the multiply-accumulates of convolutions (standard, depthwise, pointwise) and dense
@@ -26,7 +26,9 @@ import re
 from dataclasses import dataclass
 
 from npmobile.graph import Graph, Node
-from npmobile.layers import _pair, infer_shapes
+from npmobile.layers import infer_shapes
+from npmobile.ops import layer_type
+from npmobile.ops.common import pair, pixels
 
 CONVENTION = (
     "MACs = multiply-accumulates per image of convolutions (standard, depthwise, pointwise, squeeze-excite) "
@@ -105,38 +107,13 @@ def node_params(node: Node) -> int:
     return sum(int(w.size) for w in node.weights.values())
 
 
-def _pixels(shape: tuple) -> int:
-    """Output positions per image: H * W for a feature map, 1 for a vector."""
-    count = 1
-    for d in shape[1:-1]:
-        if d is None:
-            raise ValueError("unknown spatial size")
-        count *= int(d)
-    return count
-
-
 def node_macs(node: Node, in_shape: tuple, out_shape: tuple) -> int:
     """Multiply-accumulates per image of one node (0 for layers the convention does not count).
 
-    Works on Keras layers and on the fused nodes of an optimized plan (``SqueezeExcite``).
+    Works on Keras layers and on the fused nodes of an optimized plan (``SqueezeExcite``): each
+    layer type's record (npmobile.ops) counts its own.
     """
-    op = node.op
-    if op == "Conv2D":
-        kh, kw, cin, cout = node.weights["kernel"].shape if "kernel" in node.weights else (
-            *_pair(node.config["kernel_size"]), in_shape[-1], out_shape[-1])
-        return _pixels(out_shape) * kh * kw * cin * cout
-    if op == "DepthwiseConv2D":
-        kh, kw = _pair(node.config["kernel_size"])
-        return _pixels(out_shape) * kh * kw * out_shape[-1]  # each output channel reads one input channel
-    if op == "SeparableConv2D":
-        kh, kw = _pair(node.config["kernel_size"])
-        mid = in_shape[-1] * int(node.config.get("depth_multiplier", 1))
-        return _pixels(out_shape) * (kh * kw * mid + mid * out_shape[-1])
-    if op == "Dense":
-        return _pixels(out_shape) * in_shape[-1] * out_shape[-1]
-    if op == "SqueezeExcite":  # two 1x1 convolutions on the pooled 1x1 map: C -> C_r -> C
-        return 2 * int(node.weights["reduce_kernel"].size)
-    return 0
+    return layer_type(node.op).macs(node, in_shape, out_shape)
 
 
 def part_of(name: str) -> str | None:
@@ -202,7 +179,7 @@ def _next_pointwise(graph: Graph, start: Node) -> Node | None:
                     continue
                 seen.add(user.name)
                 if user.op == "Conv2D":
-                    if _pair(user.config.get("kernel_size", 1)) == (1, 1):
+                    if pair(user.config.get("kernel_size", 1)) == (1, 1):
                         return user
                     continue
                 if user.op in ("DepthwiseConv2D", "SeparableConv2D", "Dense", "GlobalAveragePooling2D",
@@ -241,20 +218,20 @@ def layer_costs(model, input_size: int | tuple[int, int] | None = None) -> list[
 
 
 def _depthwise_comparison(graph: Graph, shapes: dict, node: Node, in_shape: tuple, out_shape: tuple) -> dict:
-    kh, kw = _pair(node.config["kernel_size"])
-    c, c_out, pixels = in_shape[-1], out_shape[-1], _pixels(out_shape)
-    extra = {"standard_params": kh * kw * c * c_out, "standard_macs": pixels * kh * kw * c * c_out,
+    kh, kw = pair(node.config["kernel_size"])
+    c, c_out, positions = in_shape[-1], out_shape[-1], pixels(out_shape)
+    extra = {"standard_params": kh * kw * c * c_out, "standard_macs": positions * kh * kw * c * c_out,
              "kernel_size": (kh, kw), "in_channels": c}
     pointwise = _next_pointwise(graph, node)
-    if pointwise is not None and _pixels(shapes[pointwise.name]) == pixels:
+    if pointwise is not None and pixels(shapes[pointwise.name]) == positions:
         c_next = shapes[pointwise.name][-1]
         extra.update(
             pointwise=pointwise.name,
             pair_channels=c_next,
             pair_params=kh * kw * c_out + c_out * c_next,
-            pair_macs=pixels * (kh * kw * c_out + c_out * c_next),
+            pair_macs=positions * (kh * kw * c_out + c_out * c_next),
             pair_standard_params=kh * kw * c * c_next,
-            pair_standard_macs=pixels * kh * kw * c * c_next,
+            pair_standard_macs=positions * kh * kw * c * c_next,
         )
     return extra
 

@@ -18,30 +18,11 @@ from typing import Any
 import numpy as np
 
 from npmobile.errors import ModelFileError, UnsupportedLayerError
+from npmobile.ops import canonical_class, file_classes
 from npmobile.spec import LayerSpec, ModelSpec, TensorRef
 
 # An input of a node: the name of the node whose output it is, or a scalar operand.
 Input = str | float
-
-# Every Keras class npmobile runs; anything else is refused by name.
-SUPPORTED_LAYERS = frozenset(
-    {
-        "InputLayer", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "BatchNormalization", "ReLU",
-        "Activation", "ZeroPadding2D", "Add", "Multiply", "Concatenate", "Rescaling",
-        "GlobalAveragePooling2D", "GlobalMaxPooling2D", "AveragePooling2D", "MaxPooling2D",
-        "Reshape", "Flatten", "Dropout", "Dense", "Softmax",
-    }
-)
-
-# Keras class names that mean the same layer under another name.
-CLASS_ALIASES = {
-    "Convolution2D": "Conv2D",
-    "SeparableConvolution2D": "SeparableConv2D",
-    "GlobalAvgPool2D": "GlobalAveragePooling2D",
-    "GlobalMaxPool2D": "GlobalMaxPooling2D",
-    "AvgPool2D": "AveragePooling2D",
-    "MaxPool2D": "MaxPooling2D",
-}
 
 NESTED_MODEL_CLASSES = frozenset({"Functional", "Model", "Sequential"})
 
@@ -185,7 +166,7 @@ class _GraphBuilder:
 
     def _call_inputs(self, spec: ModelSpec, layer: LayerSpec, call: int) -> list[TensorRef]:
         """The tensors call number ``call`` of ``layer`` takes (none for an input layer)."""
-        if CLASS_ALIASES.get(layer.class_name, layer.class_name) == "InputLayer":
+        if canonical_class(layer.class_name) == "InputLayer":
             return []
         if not 0 <= call < len(layer.inbound):
             raise self._fail(spec, f"layer {layer.name!r} is referenced as call {call} "
@@ -193,7 +174,7 @@ class _GraphBuilder:
         return [a for a in layer.inbound[call].args if isinstance(a, TensorRef)]
 
     def _add_call(self, spec: ModelSpec, layer: LayerSpec, call: int, visit, collect_inputs) -> str:
-        cls = CLASS_ALIASES.get(layer.class_name, layer.class_name)
+        cls = canonical_class(layer.class_name)
         if cls == "InputLayer":
             return self._add_input(spec, layer, collect_inputs)
         if not 0 <= call < len(layer.inbound):
@@ -255,7 +236,7 @@ class _GraphBuilder:
 def check_supported(layer: LayerSpec, spec: ModelSpec) -> None:
     """Refuse, with one clear line, any layer npmobile does not run: nothing from a file is executed."""
     where = f"{spec.source or spec.name}: layer {layer.name!r}"
-    cls = CLASS_ALIASES.get(layer.class_name, layer.class_name)
+    cls = canonical_class(layer.class_name)
     if cls == "Lambda":
         raise UnsupportedLayerError(
             f"{where} is a Lambda layer, which holds Python code; npmobile never executes code from a file "
@@ -273,8 +254,8 @@ def check_supported(layer: LayerSpec, spec: ModelSpec) -> None:
             f"{where} has class {layer.class_name!r}, a custom class defined by user code; npmobile never runs "
             "code from a file (rebuild the model with built-in layers)"
         )
-    if cls not in SUPPORTED_LAYERS:
+    if cls not in file_classes():  # every layer type with a record (npmobile.ops), and nothing else
         raise UnsupportedLayerError(
             f"{where} has class {layer.class_name!r}, which npmobile does not support "
-            f"(supported: {', '.join(sorted(SUPPORTED_LAYERS))})"
+            f"(supported: {', '.join(['InputLayer', *file_classes()])})"
         )

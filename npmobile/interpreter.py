@@ -1,7 +1,7 @@
 """Run a graph: walk its nodes in order, hand each one its inputs, keep what is still needed.
 
-The interpreter knows graphs, not arithmetic: what a node computes is in npmobile.layers (and below
-it, the kernels). Here live the things a user touches: ``Model.predict`` and ``Model.summary``.
+The interpreter knows graphs, not arithmetic: what a node computes is in its layer record
+(npmobile.ops, and below it the kernels). Here live the things a user touches: ``Model.predict`` and ``Model.summary``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import numpy as np
 from npmobile.errors import InputShapeError
 from npmobile.graph import Graph
 from npmobile.kernels.threads import thread_limits
-from npmobile.layers import LAYER_FUNCTIONS, infer_shapes
+from npmobile.layers import infer_shapes
+from npmobile.ops import layer_type
 from npmobile.passes import optimize
 from npmobile.plan import PlanCache
 
@@ -138,8 +139,11 @@ class Model:
             feeds.append(a)
         return feeds
 
-    def plan(self, outputs: Sequence[str] | None = None) -> Graph:
-        """The optimized graph that computes ``outputs`` (fusion stops at every requested layer)."""
+    def optimized_graph(self, outputs: Sequence[str] | None = None) -> Graph:
+        """The optimized graph that computes ``outputs`` (fusion stops at every requested layer).
+
+        (Its nodes are what the plan -- npmobile.plan, the kernel calls over buffers -- is built from.)
+        """
         key = frozenset(outputs or ())
         if key not in self._plans:
             for name in key:
@@ -147,8 +151,14 @@ class Model:
             self._plans[key] = optimize(self.graph, keep=key)
         return self._plans[key]
 
+    def plan(self, outputs: Sequence[str] | None = None) -> Graph:
+        """Deprecated name of ``optimized_graph`` (a plan is npmobile.plan.Plan, a list of kernel calls)."""
+        warnings.warn("Model.plan() is renamed Model.optimized_graph(); plan() will be removed",
+                      DeprecationWarning, stacklevel=2)
+        return self.optimized_graph(outputs)
+
     def _run(self, feeds: list[np.ndarray], outputs: Sequence[str] | None):
-        graph = self.plan(outputs)
+        graph = self.optimized_graph(outputs)
         wanted = [graph.resolve(name) for name in outputs] if outputs is not None else list(graph.outputs)
         key = tuple(outputs) if outputs is not None else None
         runner = self._runners.get(key)
@@ -206,7 +216,7 @@ class Model:
             if node.op == "InputLayer":
                 continue
             args = [values[i] if isinstance(i, str) else i for i in node.inputs]
-            values[node.name] = LAYER_FUNCTIONS[node.op](node, args, graph.keras_version)
+            values[node.name] = layer_type(node.op).reference(node, args, graph.keras_version)
             for inp in node.inputs:
                 if isinstance(inp, str):
                     remaining[inp] -= 1

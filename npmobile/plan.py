@@ -6,26 +6,21 @@ works out every node's output shape, chooses the kernel for each node and prepar
 assigns every intermediate value a slot in a small pool of reusable buffers (a value's slot is
 freed once its last reader has run). ``Plan.run`` is then just a loop of kernel calls.
 
-Nodes whose op has no fast kernel run their reference function from npmobile.layers and the result
-is copied into the node's buffer: slower, never different.
+Each node's fast path is its layer record's ``prepare`` (npmobile.ops); nodes without one run their
+record's reference function and the result is copied into the node's buffer: slower, never different.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from npmobile.errors import ModelFileError
 from npmobile.graph import Graph, Node
-from npmobile.kernels import activations as act_kernels
-from npmobile.kernels import reference as K
-from npmobile.layers import LAYER_FUNCTIONS, _pair, conv_padding, epilogue_activation, infer_shapes
-
-# A prepared step: (args, out) -> None, writing every element of out.
-Runner = Callable[[list, np.ndarray], None]
+from npmobile.layers import infer_shapes
+from npmobile.ops import Runner, layer_type
 
 
 @dataclass
@@ -85,167 +80,8 @@ def _run_step(step: Step, args: list, out: np.ndarray) -> None:
                              f"{type(error).__name__}: {error}") from None
 
 
-# --------------------------------------------------------------------------------------------------
-# Preparing nodes: Keras config -> a fast kernel call
-# --------------------------------------------------------------------------------------------------
-
-
-def _act_code(node: Node, keras_version: int) -> int | None:
-    name = node.config.get("activation")
-    if isinstance(name, dict):
-        return None
-    if name == "hard_sigmoid" and keras_version < 3:
-        return None  # Keras 2's 0.2x + 0.5: no epilogue for it, use the reference path
-    return act_kernels.ACTIVATION_CODES.get(name)
-
-
-def _bias(node: Node, channels: int) -> np.ndarray:
-    bias = node.weights.get("bias")
-    return np.zeros(channels, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
-
-
-def prepare_depthwise(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
-    from npmobile.kernels.depthwise import depthwise_conv2d
-
-    kernel = node.weights["depthwise_kernel"]
-    act = _act_code(node, keras_version)
-    if kernel.shape[3] != 1 or act is None or _pair(node.config.get("dilation_rate", 1)) != (1, 1):
-        return None
-    strides = _pair(node.config.get("strides", 1))
-    (top, _), (left, _) = conv_padding(node, in_shapes[0][1:3], kernel.shape[:2], strides, (1, 1))
-    k3 = np.ascontiguousarray(kernel[:, :, :, 0])
-    bias = _bias(node, k3.shape[2])
-
-    def run(args, out):
-        depthwise_conv2d(args[0], k3, bias, out, strides[0], strides[1], top, left, act)
-
-    return run
-
-
-def prepare_conv2d(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
-    from npmobile.kernels.conv import conv2d
-    from npmobile.kernels.pointwise import pointwise_conv2d
-
-    kernel = node.weights["kernel"]
-    strides = _pair(node.config.get("strides", 1))
-    dilation = _pair(node.config.get("dilation_rate", 1))
-    padding = conv_padding(node, in_shapes[0][1:3], kernel.shape[:2], strides, dilation)
-    act = _act_code(node, keras_version)
-    if act is None:
-        return None
-    residual = bool(node.config.get("residual"))
-    bias = _bias(node, kernel.shape[3])
-    scale, offset = node.config.get("input_scale", 1.0), node.config.get("input_offset", 0.0)
-    rescaled = (scale, offset) != (1.0, 0.0)
-    if kernel.shape[:2] == (1, 1) and strides == (1, 1) and padding == K.NO_PADDING and not rescaled:
-        w = np.ascontiguousarray(kernel[0, 0])
-
-        def run_pointwise(args, out):
-            pointwise_conv2d(args[0], w, bias, out, act, args[1] if residual else None)
-
-        return run_pointwise
-    if residual:
-        return None
-    (top, _), (left, _) = padding
-    k4 = np.ascontiguousarray(kernel)
-    # The im2col scratch, made once per plan (one prediction runs at a time: interpreter._RUN_LOCK).
-    patches = np.empty(int(np.prod(out_shape[:3])) * int(np.prod(kernel.shape[:3])), dtype=np.float32)
-
-    def run_conv(args, out):
-        conv2d(args[0], k4, bias, out, strides[0], strides[1], top, left, act, dilation[0], dilation[1],
-               scale, offset, patches)
-
-    return run_conv
-
-
-def prepare_dense(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
-    from npmobile.kernels.pointwise import dense
-
-    softmax = node.config.get("activation") == "softmax"  # the classifier: product, then softmax in place
-    act = act_kernels.ACT_NONE if softmax else _act_code(node, keras_version)
-    if act is None or len(in_shapes[0]) != 2:
-        return None
-    kernel = np.ascontiguousarray(node.weights["kernel"])
-    bias = _bias(node, kernel.shape[1])
-
-    def run(args, out):
-        dense(args[0], kernel, bias, out, act)
-        if softmax:
-            act_kernels.softmax(out, out)
-
-    return run
-
-
-def prepare_squeeze_excite(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
-    from npmobile.kernels.squeeze_excite import squeeze_excite
-
-    w = {k: np.ascontiguousarray(v, np.float32) for k, v in node.weights.items()}
-
-    def run(args, out):
-        squeeze_excite(args[0], w["reduce_kernel"], w["reduce_bias"], w["expand_kernel"], w["expand_bias"], out)
-
-    return run
-
-
-def prepare_global_average_pool(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
-    from npmobile.kernels.pooling import global_average_pool
-
-    if node.config.get("data_format") not in (None, "channels_last") or len(in_shapes[0]) != 4:
-        return None
-
-    def run(args, out):
-        global_average_pool(args[0], out.reshape(out.shape[0], out.shape[-1]))
-
-    return run
-
-
-def prepare_activation(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
-    """A standalone ReLU / Activation (one the fusion pass could not move into a conv)."""
-    if node.op == "Activation" and node.config.get("activation") == "softmax":  # over the last axis
-
-        def run_softmax(args, out):
-            channels = out.shape[-1]
-            act_kernels.softmax(args[0].reshape(-1, channels), out.reshape(-1, channels))
-
-        return run_softmax
-    name = epilogue_activation(node)
-    act = act_kernels.ACTIVATION_CODES.get(name) if name else None
-    if act is None:
-        return None
-
-    def run(args, out):
-        act_kernels.activate(args[0], out, act)
-
-    return run
-
-
-def prepare_add(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
-    """The Add merge layer of two same-shaped tensors (no broadcasting, no scalars)."""
-    if len(node.inputs) != 2 or not all(isinstance(i, str) for i in node.inputs):
-        return None
-    if any(tuple(s) != tuple(out_shape) for s in in_shapes):
-        return None
-
-    def run(args, out):
-        act_kernels.add(args[0], args[1], out, act_kernels.ACT_NONE)
-
-    return run
-
-
-PREPARERS: dict[str, Callable[..., Runner | None]] = {
-    "DepthwiseConv2D": prepare_depthwise,
-    "Conv2D": prepare_conv2d,
-    "Dense": prepare_dense,
-    "SqueezeExcite": prepare_squeeze_excite,
-    "GlobalAveragePooling2D": prepare_global_average_pool,
-    "ReLU": prepare_activation,
-    "Activation": prepare_activation,
-    "Add": prepare_add,
-}
-
-
 def _reference_runner(node: Node, keras_version: int) -> Runner:
-    function = LAYER_FUNCTIONS[node.op]
+    function = layer_type(node.op).reference
 
     def run(args, out):
         out[...] = function(node, args, keras_version)
@@ -291,8 +127,8 @@ def build_plan(graph: Graph, input_shapes: list[tuple[int, ...]], outputs: list[
     for index, node in enumerate(nodes):
         in_shapes = [full(shapes[i]) for i in node.inputs if isinstance(i, str)]
         out_shape = full(shapes[node.name])
-        preparer = PREPARERS.get(node.op)
-        run = preparer(node, in_shapes, out_shape, graph.keras_version) if preparer else None
+        prepare = layer_type(node.op).prepare
+        run = prepare(node, in_shapes, out_shape, graph.keras_version) if prepare else None
         run = run or _reference_runner(node, graph.keras_version)
 
         size = int(np.prod(out_shape))

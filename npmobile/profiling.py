@@ -28,6 +28,7 @@ import numpy as np
 from npmobile.costs import node_macs, with_input_size
 from npmobile.graph import Graph, Node
 from npmobile.layers import infer_shapes
+from npmobile.ops import layer_type
 
 _NO_WORK = ("InputLayer", "ZeroPadding2D", "Reshape", "Flatten", "Dropout")
 
@@ -77,18 +78,8 @@ class StepProfile:
 
 
 def step_kind(node: Node) -> str:
-    if node.op == "DepthwiseConv2D":
-        return "depthwise"
-    if node.op == "Conv2D":
-        kernel = node.weights.get("kernel")
-        return "pointwise" if kernel is not None and kernel.shape[:2] == (1, 1) else "conv"
-    if node.op == "SeparableConv2D":
-        return "conv"
-    if node.op == "Dense":
-        return "dense"
-    if node.op == "SqueezeExcite":
-        return "se"
-    return "other"
+    """The bucket a step's time goes in: pointwise, depthwise, conv, dense, se or other (its record's kind)."""
+    return layer_type(node.op).kind(node)
 
 
 def _elements(shape: tuple, batch: int) -> int:
@@ -131,7 +122,7 @@ def plan_costs(plan: Graph, input_shape: tuple) -> list[StepCost]:
 
 def profile_steps(model, rows: list[dict], input_shape: tuple) -> list[StepProfile]:
     """Join ``Model.profile`` rows (seconds per step) with the steps' costs, by node name."""
-    costs = {c.name: c for c in plan_costs(model.plan(), input_shape)}
+    costs = {c.name: c for c in plan_costs(model.optimized_graph(), input_shape)}
     return [StepProfile(costs[r["name"]], float(r["seconds"]), tuple(r["keras_names"])) for r in rows
             if r["name"] in costs]
 
@@ -139,7 +130,7 @@ def profile_steps(model, rows: list[dict], input_shape: tuple) -> list[StepProfi
 def bytes_per_mac(model, size: int | tuple[int, int]) -> float:
     """Compulsory bytes moved per multiply-accumulate over the whole optimized plan, batch 1."""
     h, w = (size, size) if isinstance(size, int) else size
-    steps = plan_costs(model.plan(), (1, h, w, model.input_shape[-1]))
+    steps = plan_costs(model.optimized_graph(), (1, h, w, model.input_shape[-1]))
     macs = sum(s.macs for s in steps)
     return sum(s.bytes for s in steps) / macs if macs else 0.0
 

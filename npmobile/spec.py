@@ -13,6 +13,8 @@ Canonical forms, whatever the file's Keras version:
   class_name "Add" / "Multiply" with one TensorRef and one float among the args.
 - A nested model (a Functional or Sequential used as a layer) has class_name "Functional" and its own
   ModelSpec in ``submodel``; its weights live in ``submodel.weights``.
+- A weights-only file (no architecture) is a ``WeightsFile``: per ``StoredLayer``, its variables in file
+  order, until ``npmobile.io.bind_weights`` puts them on an architecture built in code.
 - Weight variable names are canonical per class (see ``npmobile.io.variables``): Conv2D / Dense
   ``kernel``, ``bias``; DepthwiseConv2D ``depthwise_kernel``, ``bias``; SeparableConv2D
   ``depthwise_kernel``, ``pointwise_kernel``, ``bias``; BatchNormalization ``gamma``, ``beta``,
@@ -74,3 +76,22 @@ class ModelSpec:
             if spec.name == name:
                 return spec
         raise KeyError(name)
+
+
+@dataclass
+class StoredLayer:
+    """One layer's variables as a file stores them: (stored name or None, array), in file order."""
+
+    name: str
+    variables: list[tuple[str | None, np.ndarray]] = field(default_factory=list)
+
+
+@dataclass
+class WeightsFile:
+    """A file's weights by layer, in file order, before they are bound to an architecture
+    (``npmobile.io.bind_weights``)."""
+
+    layers: list[StoredLayer]
+    source: str
+    # Read as "whatever the file holds" (npmobile.isolation): why it is not a whole model.
+    model_error: Exception | None = None

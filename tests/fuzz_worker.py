@@ -3,9 +3,11 @@ library (libhdf5, Pillow's decoders) or a hang shows up as a failed test instead
 
     python tests/fuzz_worker.py KIND BASE_FILE COUNT SEED WORKDIR
 
-KIND: "model" (load_model, then predict on a tiny input when it loads), "weights" (read_weights),
+KIND: "model" (load_model, then predict on a tiny input when it loads), "weights" (read_weights, isolated),
 or "image" (load_img). Prints one JSON line: {"ran": N, "outcomes": {...}, "foreign": [...]}.
-Every input must either work or raise npmobile's own error; anything else is "foreign".
+Every input must either work or raise npmobile's own error; anything else is "foreign". Each input's
+reading is bounded on its own: the reader runs in npmobile's child process with a time limit
+(npmobile.isolation), so a file that hangs libhdf5 ends in an error like any other.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
+# Seconds each input's reading may take (a 64-pixel MobileNetV3 file reads in well under one).
+READ_SECONDS = 10
 
 
 def mutate(data: bytes, rng: random.Random) -> bytes:
@@ -54,21 +59,21 @@ def attempt(kind: str, path: Path) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # NaN/Inf weights warn; that is an outcome, not a failure
             if kind == "model":
-                model = npmobile.load_model(path)
+                model = npmobile.load_model(path, timeout=READ_SECONDS)
                 shape = [d or 32 for d in model.input_shape[1:]]
                 if int(np.prod(shape)) <= 4_000_000:
                     model.predict(np.zeros([1, *shape], np.float32))
             elif kind == "weights":
-                from npmobile.io import read_weights
+                from npmobile.isolation import read_file
 
-                read_weights(path)
+                read_file(path, "weights", timeout=READ_SECONDS)
             else:
                 from npmobile.image import load_img
 
                 load_img(path, target_size=(32, 32))
         return "ok"
-    except NpmobileError:
-        return "npmobile-error"
+    except NpmobileError as error:
+        return "npmobile-timeout" if "did not finish" in str(error) else "npmobile-error"
     except MemoryError:
         return "foreign: MemoryError"
     except Exception as error:  # the point of the test: name anything that is not ours

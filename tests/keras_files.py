@@ -226,3 +226,16 @@ def prepare(model, family: str, kwargs: dict, batch: int, seed: int) -> tuple[np
         if _top_gap_ok(y):
             return x, y
     raise AssertionError(f"{family} {kwargs}: could not draw inputs with a clear top-5")
+
+
+def segmentation_head(keras, interpolation: str):
+    """A tutorial-style decoder on a small MobileNet-like encoder: UpSampling2D back up, odd sizes."""
+    layers = keras.layers
+    inputs = keras.Input((21, 27, 3))
+    x = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu6")(inputs)
+    x = layers.DepthwiseConv2D(3, strides=2, padding="same", activation="relu")(x)
+    x = layers.Conv2D(16, 1, activation="relu")(x)
+    x = layers.UpSampling2D((2, 2), interpolation=interpolation)(x)
+    x = layers.Conv2D(4, 1)(x)
+    outputs = layers.UpSampling2D((3, 2), interpolation=interpolation)(x)
+    return keras.Model(inputs, outputs)

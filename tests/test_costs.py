@@ -109,12 +109,12 @@ def test_costs_text_states_the_convention_and_totals(v2_224, v2_costs):
 def test_fused_plan_steps_count_the_same_macs(family):
     # Folding BN and fusing activations/SE must not change the arithmetic the costs count.
     model = getattr(applications, family)(weights=None, input_shape=(96, 96, 3))
-    steps = profiling.plan_costs(model.plan(), (1, 96, 96, 3))
+    steps = profiling.plan_costs(model.optimized_graph(), (1, 96, 96, 3))
     assert sum(s.macs for s in steps) == costs.total_macs(costs.layer_costs(model))
 
 
 def test_depthwise_steps_have_lower_intensity_than_pointwise_steps(v2_224):
-    steps = profiling.plan_costs(v2_224.plan(), (1, 224, 224, 3))
+    steps = profiling.plan_costs(v2_224.optimized_graph(), (1, 224, 224, 3))
     depthwise = [s.intensity for s in steps if s.kind == "depthwise"]
     pointwise = [s.intensity for s in steps if s.kind == "pointwise"]
     # 9 MACs per element loaded: about 2.25 FLOPs per byte at stride 1, less at stride 2.
@@ -123,7 +123,7 @@ def test_depthwise_steps_have_lower_intensity_than_pointwise_steps(v2_224):
 
 
 def test_step_cost_counts_float32_bytes_of_inputs_outputs_and_weights(v2_224):
-    steps = {s.name: s for s in profiling.plan_costs(v2_224.plan(), (1, 224, 224, 3))}
+    steps = {s.name: s for s in profiling.plan_costs(v2_224.optimized_graph(), (1, 224, 224, 3))}
     dw = steps["block_2_depthwise"]  # 56x56x144 -> 56x56x144, 3x3 kernel + folded bias
     assert dw.bytes == 4 * (2 * 56 * 56 * 144 + 9 * 144 + 144)
     assert dw.flops == 2 * 56 * 56 * 9 * 144

@@ -104,11 +104,13 @@ def test_float64_reference_is_float64_and_close_to_float32(tutorials):
         model.predict(case.x, dtype=np.float64)
 
 
-def test_the_activation_table_and_the_plans_kernel_codes_agree():
-    """npmobile/activations.py is the one table of activations; the kernels' name -> code dict the plan reads
-    must say the same (every name with an epilogue, aliases included, and no other)."""
-    from npmobile.activations import ACTIVATIONS
-    from npmobile.kernels.activations import ACTIVATION_CODES
+def test_the_activation_table_and_the_kernel_codes_agree():
+    """npmobile/activations.py is the one table of activations (free of Numba, for the readers' child); the
+    kernels' name -> code dict covers exactly its names that have an epilogue, and every layer it fuses."""
+    from npmobile.activations import ACTIVATIONS, FUSABLE_ACTIVATIONS, lookup
+    from npmobile.kernels.activations import ACT_NONE, ACTIVATION_CODES
 
-    from_table = {alias: a.epilogue for a in ACTIVATIONS if a.epilogue is not None for alias in (a.name, *a.aliases)}
-    assert {k: v for k, v in ACTIVATION_CODES.items() if k is not None} == from_table
+    assert all(lookup(name) is not None for name in ACTIVATION_CODES if name is not None)
+    assert set(FUSABLE_ACTIVATIONS) <= set(ACTIVATION_CODES)
+    assert {a.name for a in ACTIVATIONS if a.keras2 is not None} == {"hard_sigmoid"}
+    assert ACTIVATION_CODES["hard_sigmoid_keras3"] == ACTIVATION_CODES["hard_sigmoid"] != ACT_NONE

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -101,3 +103,21 @@ def test_wrong_input_shape_says_what_the_model_takes():
     model = Model(Graph.from_spec(_spec(layers, "relu")))
     with pytest.raises(ValueError, match=r"expects input of shape \(batch, 8, 8, 3\)"):
         model.predict(np.zeros((1, 8, 9, 3), np.float32))
+
+
+@pytest.mark.parametrize("config,error,words", [
+    ({"size": (2**15, 2**15)}, ModelFileError, "values per image; refusing it"),  # the generic size check
+    ({"size": (0, 2)}, ModelFileError, "size=(0, 2) must be positive integers"),
+    ({"size": (2, 2), "interpolation": "bicubic"}, UnsupportedLayerError, "interpolation 'bicubic'"),
+    ({"size": (2, 2), "data_format": "channels_first"}, UnsupportedLayerError, "channels_last"),
+])
+def test_upsampling2d_refuses_what_it_cannot_run_at_load(config, error, words):
+    layers = [_input(), _layer("up", "UpSampling2D", config, "img")]
+    with pytest.raises(error, match=re.escape(words)):
+        Model(Graph.from_spec(_spec(layers, "up")))
+
+
+def test_a_layer_class_without_a_record_is_refused_not_given_a_default_shape():
+    layers = [_input(), _layer("norm", "LayerNormalization", {"axis": -1}, "img")]
+    with pytest.raises(UnsupportedLayerError, match="'LayerNormalization', which npmobile does not support"):
+        Model(Graph.from_spec(_spec(layers, "norm")))

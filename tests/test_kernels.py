@@ -31,7 +31,7 @@ from npmobile.kernels.activations import (
     softmax,
 )
 from npmobile.kernels.conv import conv2d
-from npmobile.kernels.depthwise import depthwise_conv2d, output_size
+from npmobile.kernels.depthwise import depthwise_conv2d
 from npmobile.kernels.pointwise import (
     TILES_PER_IMAGE,
     dense,
@@ -178,8 +178,8 @@ def _reference_depthwise(x, kernel, bias, stride, pads, act):
 def _fast_depthwise(x, kernel, bias, stride, pads, act):
     (top, bottom), (left, right) = pads
     k = kernel.shape[0]
-    oh = output_size(x.shape[1], k, stride, top, bottom)
-    ow = output_size(x.shape[2], k, stride, left, right)
+    oh = R.conv_output_size(x.shape[1], k, stride, (top, bottom))
+    ow = R.conv_output_size(x.shape[2], k, stride, (left, right))
     out = np.full((x.shape[0], oh, ow, x.shape[3]), np.nan, dtype=np.float32)
     depthwise_conv2d(x, kernel, bias, out, stride, stride, top, left, act)
     return out
@@ -194,11 +194,10 @@ def test_depthwise_matches_reference(rng, case):
         assert_close(fast, _reference_depthwise(x, kernel, bias, stride, pads, act))
 
 
-def test_depthwise_output_size_matches_reference_formula():
+def test_same_padding_gives_ceil_of_size_over_stride_positions():
     for size in (1, 7, 112, 113):
-        for k, s, pads in [(3, 1, (1, 1)), (3, 2, (0, 1)), (5, 2, (2, 2)), (5, 1, (0, 0))]:
-            if size + sum(pads) >= k:
-                assert output_size(size, k, s, *pads) == R.conv_output_size(size, k, s, pads)
+        for k, s, d in [(3, 1, 1), (3, 2, 1), (5, 2, 1), (1, 2, 1), (3, 1, 2)]:
+            assert R.conv_output_size(size, k, s, R.same_padding(size, k, s, d), d) == -(-size // s)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,8 +360,8 @@ def test_conv2d_matches_reference(rng, case):
     n, h, w, cin, cout, k, stride, dil, pads = case
     x, kernel, bias = rand(rng, n, h, w, cin), rand(rng, k, k, cin, cout, scale=0.3), rand(rng, cout)
     (top, bottom), (left, right) = pads
-    oh = output_size(h, (k - 1) * dil + 1, stride, top, bottom)
-    ow = output_size(w, (k - 1) * dil + 1, stride, left, right)
+    oh = R.conv_output_size(h, k, stride, (top, bottom), dil)
+    ow = R.conv_output_size(w, k, stride, (left, right), dil)
     plain = R.conv2d(x, kernel, bias, (stride, stride), pads, (dil, dil))
     for act in (ACT_NONE, ACT_RELU6, ACT_HARD_SWISH):
         out = np.full((n, oh, ow, cout), np.nan, dtype=np.float32)

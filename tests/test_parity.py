@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from keras_files import NESTED, WRITERS
+from keras_files import NESTED, WRITERS, segmentation_head
 
 PROBABILITY_ATOL = 5e-5
 FEATURE_RTOL = 1e-4
@@ -156,3 +156,28 @@ def test_every_supported_layer_class_matches_keras(tmp_path, framework, suffix):
     assert_bit_close(got.predict(x), model.predict(x, verbose=0), f"every layer, {framework} {suffix}")
     # Keras 2 meant hard_sigmoid as clip(0.2x + 0.5); Keras 3 as relu6(x + 3) / 6: both read right.
     assert got.graph.keras_version == (2 if framework == "tf_keras" else 3)
+
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
+@pytest.mark.parametrize("framework,suffix", [("keras", ".keras"), ("keras", ".h5"), ("tf_keras", ".h5")])
+def test_upsampling2d_matches_keras(tmp_path, framework, suffix, interpolation):
+    """UpSampling2D, the layer type README's "Adding a layer type" walks through, against Keras itself."""
+    import importlib
+
+    import npmobile
+
+    keras = importlib.import_module(framework)
+    model = segmentation_head(keras, interpolation)
+    rng = np.random.default_rng(11)
+    for layer in model.layers:
+        weights = layer.get_weights()
+        if weights:
+            layer.set_weights([rng.normal(0, 0.5, w.shape).astype(np.float32) for w in weights])
+    x = rng.uniform(-1, 1, (2, 21, 27, 3)).astype(np.float32)
+    path = tmp_path / f"segmentation{suffix}"
+    model.save(str(path))
+    got = npmobile.load_model(path)
+    assert got.predict(x).shape == (2, 36, 28, 4)
+    assert_bit_close(got.predict(x), model.predict(x, verbose=0), f"UpSampling2D {interpolation}, {framework}")
+    assert_bit_close(got.predict(x, reference=True), model.predict(x, verbose=0), "reference path")

@@ -52,26 +52,26 @@ def test_optimized_graph_gives_the_unfused_answer(family):
     every_layer = [n.name for n in model.graph.nodes if n.op != "InputLayer"]
     unfused = model.predict(x, outputs=every_layer)  # asking for every layer leaves nothing to fuse
     dropouts = sum(n.op == "Dropout" for n in model.graph.nodes)  # the identity: dropped even when asked for
-    assert len(model.plan(every_layer).nodes) == len(model.graph.nodes) - dropouts
+    assert len(model.optimized_graph(every_layer).nodes) == len(model.graph.nodes) - dropouts
     final = model.graph.outputs[0]
     fused = model.predict(x)
-    assert len(model.plan().nodes) < len(model.graph.nodes) / 2
+    assert len(model.optimized_graph().nodes) < len(model.graph.nodes) / 2
     np.testing.assert_allclose(fused, unfused[final], rtol=0, atol=2e-6)
 
 
 def test_v2_plan_has_only_convolutions_and_the_head():
     model = MODELS["v2"]()
-    ops = Counter(n.op for n in model.plan().nodes)
+    ops = Counter(n.op for n in model.optimized_graph().nodes)
     assert ops == Counter({"Conv2D": 35, "DepthwiseConv2D": 17, "InputLayer": 1, "GlobalAveragePooling2D": 1,
                            "Dense": 1})
-    conv = model.plan().node("block_2_project")
+    conv = model.optimized_graph().node("block_2_project")
     assert conv.config["residual"] and conv.keras_names == ["block_2_project", "block_2_project_BN", "block_2_add"]
-    assert model.plan().node("block_1_depthwise").config["padding"] == ((0, 1), (0, 1))
+    assert model.optimized_graph().node("block_1_depthwise").config["padding"] == ((0, 1), (0, 1))
 
 
 def test_v3_squeeze_excite_becomes_one_node():
     model = MODELS["v3small"]()
-    plan = model.plan()
+    plan = model.optimized_graph()
     se = plan.node("expanded_conv_squeeze_excite_mul")
     assert se.op == "SqueezeExcite"
     assert Counter(n.op for n in plan.nodes)["SqueezeExcite"] == 9
@@ -82,14 +82,14 @@ def test_v3_rescaling_is_read_by_the_stem_exactly():
     the folded Rescaling gives Keras's answer at the border pixels too (the image's edge columns
     are where folding into the weights would be wrong)."""
     model = _with_batchnorm_statistics(MODELS["v3small"]())
-    stem = model.plan().node("conv")
-    assert "Rescaling" not in Counter(n.op for n in model.plan().nodes)
+    stem = model.optimized_graph().node("conv")
+    assert "Rescaling" not in Counter(n.op for n in model.optimized_graph().nodes)
     assert (stem.config["input_scale"], stem.config["input_offset"]) == (1 / 127.5, -1.0)
     assert stem.inputs == [model.graph.inputs[0]]
     x = np.random.default_rng(5).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
     x[:, :, 0], x[:, 0] = 255.0, 0.0  # edge pixels far from 127.5, where a weight fold would differ
     keras_order = model.predict(x, outputs=["rescaling", "conv"])  # asking for rescaling keeps the layer
-    assert model.plan(["rescaling", "conv"]).node("rescaling").op == "Rescaling"
+    assert model.optimized_graph(["rescaling", "conv"]).node("rescaling").op == "Rescaling"
     folded = model.predict(x, outputs=["conv"])["conv"]
     np.testing.assert_allclose(folded, keras_order["conv"], rtol=0, atol=2e-6)
 
@@ -98,7 +98,7 @@ def test_requested_layer_is_not_absorbed():
     model = _with_batchnorm_statistics(MODELS["v2"]())
     x = np.random.default_rng(2).uniform(-1, 1, (1, 64, 72, 3)).astype(np.float32)
     out = model.predict(x, outputs=["block_3_depthwise", "block_3_depthwise_BN"])
-    plan = model.plan(["block_3_depthwise", "block_3_depthwise_BN"])
+    plan = model.optimized_graph(["block_3_depthwise", "block_3_depthwise_BN"])
     assert plan.node("block_3_depthwise").keras_names == ["block_3_depthwise"]
     assert plan.node("block_3_depthwise_BN").op == "BatchNormalization"
     assert out["block_3_depthwise"].shape[1:] == model.shapes["block_3_depthwise"][1:]
@@ -157,7 +157,7 @@ def test_hard_swish_spelled_as_layers_becomes_one_activation_with_the_same_round
         layer("hswish", "Multiply", {}, "img", "sixth"),
     ]
     model = Model(Graph.from_spec(ModelSpec("m", layers, [TensorRef("img")], [TensorRef("hswish")], keras_version=2)))
-    plan = model.plan()
+    plan = model.optimized_graph()
     assert [n.op for n in plan.nodes] == ["InputLayer", "Activation"]
     x = np.random.default_rng(0).uniform(-5, 5, (2, 4, 4, 8)).astype(np.float32)
     np.testing.assert_array_equal(model.predict(x), model.predict(x, reference=True))
@@ -174,3 +174,10 @@ def test_plan_without_blas_gives_the_same_answer(monkeypatch):
     monkeypatch.setattr(blas, "AVAILABLE", False)
     np.testing.assert_allclose(model.predict(x), with_blas, rtol=0, atol=2e-6)
     np.testing.assert_allclose(model.predict(x, reference=True), with_blas, rtol=0, atol=2e-6)
+
+
+def test_model_plan_is_a_deprecated_name_of_optimized_graph():
+    model = applications.MobileNetV3Small(weights=None, input_shape=(32, 32, 3))
+    with pytest.warns(DeprecationWarning, match="optimized_graph"):
+        old = model.plan()
+    assert old is model.optimized_graph()

@@ -70,8 +70,8 @@ def test_an_altered_weight_is_named_as_the_first_bad_layer(keras_files, monkeypa
     case = keras_files.get("MobileNetV2", "keras3_keras", input_shape=(96, 96, 3), alpha=0.35)
     load = npmobile.load_model
 
-    def altered(path, custom_objects=None):
-        model = load(path, custom_objects=custom_objects)
+    def altered(path, **options):
+        model = load(path, **options)
         kernel = model.graph.node("block_3_depthwise").weights["depthwise_kernel"]
         kernel[1, 1, 0, 0] += 0.05
         return model

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from npmobile.kernels.reference import conv_output_size, same_padding
 from npmobile.spec import CallSpec, LayerSpec, ModelSpec, TensorRef
 
 Shape = tuple  # (None, H, W, C) or (None, C); H and W may be None
@@ -28,9 +29,8 @@ class Tensor:
 def _conv_out(size, kernel: int, stride: int, padding: str):
     if size is None:
         return None
-    if padding == "same":
-        return -(-size // stride)
-    return (size - kernel) // stride + 1
+    pad = same_padding(size, kernel, stride) if padding == "same" else (0, 0)
+    return conv_output_size(size, kernel, stride, pad)
 
 
 def correct_pad(x: Tensor, kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -4,14 +4,18 @@ ModelSpec plus a ``weights=`` argument into a runnable Model."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from npmobile.errors import ModelFileError, NpmobileError, WeightsError
-from npmobile.graph import Graph, Node
-from npmobile.interpreter import Model
-from npmobile.layers import expected_weight_shapes
-from npmobile.spec import ModelSpec
+from npmobile.graph import Graph
+from npmobile.isolation import DEFAULT_TIMEOUT
+from npmobile.ops import layer_type
+from npmobile.spec import ModelSpec, WeightsFile
+
+if TYPE_CHECKING:
+    from npmobile.interpreter import Model
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -72,8 +76,8 @@ def square_family_input(input_shape, alpha: float, include_top: bool, weights, s
 
 
 def check_top_arguments(weights, include_top: bool, classes: int, classifier_activation) -> None:
-    if not (weights in (None, "imagenet") or isinstance(weights, (str, os.PathLike))):
-        raise NpmobileError(f"weights must be None, 'imagenet' or a file path; got {weights!r}")
+    if not (weights in (None, "imagenet") or isinstance(weights, (str, os.PathLike, WeightsFile))):
+        raise NpmobileError(f"weights must be None, 'imagenet', a file path or a WeightsFile; got {weights!r}")
     if weights == "imagenet" and include_top and classes != 1000:
         raise NpmobileError(f"weights='imagenet' with include_top=True needs classes=1000; got classes={classes}")
     if weights == "imagenet" and include_top and classifier_activation not in (None, "softmax"):
@@ -87,8 +91,7 @@ def random_weights(spec: ModelSpec, in_channels: dict[str, int], seed: int = 0) 
     for layer in spec.layers:
         if layer.name not in in_channels:
             continue
-        node = Node(layer.name, layer.class_name, layer.config, [])
-        shapes = expected_weight_shapes(node, in_channels[layer.name])
+        shapes = layer_type(layer.class_name).weights(layer.config, in_channels[layer.name])
         weights = {}
         for var, shape in shapes.items():
             if var in ("bias", "beta", "moving_mean"):
@@ -104,32 +107,40 @@ def random_weights(spec: ModelSpec, in_channels: dict[str, int], seed: int = 0) 
             spec.weights[layer.name] = weights
 
 
-def finish_model(spec: ModelSpec, in_channels: dict[str, int], weights, official: tuple) -> Model:
+def finish_model(spec: ModelSpec, in_channels: dict[str, int], weights, official: tuple,
+                 timeout: float | None = DEFAULT_TIMEOUT, trusted: bool = False) -> Model:
     """Attach weights to a built architecture and make it runnable.
 
     ``weights``: None (random init, as Keras), "imagenet" (the official file, found or downloaded
     by npmobile.weights; ``official`` holds its registry key: family, alpha, rows, include_top,
-    minimalistic), or a path to any Keras file npmobile reads (bound by layer name, by order where
-    names differ).
+    minimalistic), a path to any Keras file npmobile reads (bound by layer name, by order where
+    names differ), or a WeightsFile already read. A file is read in a child process bounded by
+    ``timeout`` seconds (see npmobile.isolation), or in this one if ``trusted``.
     """
-    if weights is None:
-        random_weights(spec, in_channels)
-    else:
-        from npmobile.io import bind_weights, read_weights
+    from npmobile.isolation import start_read
 
+    pending = None
+    if isinstance(weights, (str, os.PathLike)):
         if weights == "imagenet":
             from npmobile.weights import official_file, resolve
 
-            path = resolve(official_file(*official))
-        else:
-            path = os.fspath(weights)
-        bind_weights(spec, read_weights(path))
-        spec.source = f"{path} (weights for {spec.name})"
-        try:
-            return Model(Graph.from_spec(spec))
-        except ModelFileError as error:  # shapes that do not fit: another alpha, size or include_top
-            raise WeightsError(f"{error}; is the file for another alpha or include_top?") from None
-    return Model(Graph.from_spec(spec))
+            weights = resolve(official_file(*official))
+        # The reader starts before the engine (Numba) is imported, just below, so that the two overlap.
+        pending = start_read(weights, "weights", timeout, trusted)
+    from npmobile.interpreter import Model
+
+    if weights is None:
+        random_weights(spec, in_channels)
+        return Model(Graph.from_spec(spec))
+    stored = weights if pending is None else pending.result()
+    from npmobile.io import bind_weights
+
+    bind_weights(spec, stored)
+    spec.source = f"{stored.source} (weights for {spec.name})"
+    try:
+        return Model(Graph.from_spec(spec))
+    except ModelFileError as error:  # shapes that do not fit: another alpha, size or include_top
+        raise WeightsError(f"{error}; is the file for another alpha or include_top?") from None
 
 
 def preprocess_tf(x) -> np.ndarray:

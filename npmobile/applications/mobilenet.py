@@ -6,8 +6,11 @@ Each block: a 3x3 depthwise conv (spatial filtering, one channel at a time), Bat
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from npmobile.applications.builder import Builder, Tensor
 from npmobile.applications.common import (
+    DEFAULT_TIMEOUT,
     check_top_arguments,
     finish_model,
     preprocess_tf,
@@ -15,7 +18,9 @@ from npmobile.applications.common import (
 )
 from npmobile.applications.imagenet_utils import decode_predictions  # noqa: F401  (Keras's API)
 from npmobile.errors import NpmobileError
-from npmobile.interpreter import Model
+
+if TYPE_CHECKING:
+    from npmobile.interpreter import Model
 
 # (pointwise filters, stride) for blocks 1..13
 BLOCKS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
@@ -59,8 +64,14 @@ def MobileNet(
     classes: int = 1000,
     classifier_activation="softmax",
     name: str | None = None,
+    *,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    trusted: bool = False,
 ) -> Model:
-    """keras.applications.MobileNet, with the same arguments, layer names and numbers."""
+    """keras.applications.MobileNet, with the same arguments, layer names and numbers.
+
+    ``timeout`` and ``trusted`` apply to reading a ``weights`` file, as in ``npmobile.load_model``.
+    """
     check_top_arguments(weights, include_top, classes, classifier_activation)
     if weights == "imagenet" and depth_multiplier != 1:
         raise NpmobileError("imagenet weights exist only for depth_multiplier=1")
@@ -84,4 +95,5 @@ def MobileNet(
 
     spec = b.spec(inputs, x, name or f"mobilenet_{alpha:0.2f}_{rows}")
 
-    return finish_model(spec, b.in_channels, weights, official=("mobilenet", alpha, rows, include_top, False))
+    return finish_model(spec, b.in_channels, weights, official=("mobilenet", alpha, rows, include_top, False),
+                        timeout=timeout, trusted=trusted)

@@ -7,8 +7,11 @@ bottleneck"), and add the block's input when the shapes allow.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from npmobile.applications.builder import Builder, Tensor, correct_pad
 from npmobile.applications.common import (
+    DEFAULT_TIMEOUT,
     check_top_arguments,
     finish_model,
     make_divisible,
@@ -16,7 +19,9 @@ from npmobile.applications.common import (
     square_family_input,
 )
 from npmobile.applications.imagenet_utils import decode_predictions  # noqa: F401  (Keras's API)
-from npmobile.interpreter import Model
+
+if TYPE_CHECKING:
+    from npmobile.interpreter import Model
 
 # (output filters, stride, expansion) for blocks 0..16
 BLOCKS = [(16, 1, 1), (24, 2, 6), (24, 1, 6), (32, 2, 6), (32, 1, 6), (32, 1, 6), (64, 2, 6),
@@ -65,8 +70,14 @@ def MobileNetV2(
     classes: int = 1000,
     classifier_activation="softmax",
     name: str | None = None,
+    *,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    trusted: bool = False,
 ) -> Model:
-    """keras.applications.MobileNetV2, with the same arguments, layer names and numbers."""
+    """keras.applications.MobileNetV2, with the same arguments, layer names and numbers.
+
+    ``timeout`` and ``trusted`` apply to reading a ``weights`` file, as in ``npmobile.load_model``.
+    """
     check_top_arguments(weights, include_top, classes, classifier_activation)
     input_shape, rows = square_family_input(input_shape, alpha, include_top, weights, IMAGENET_SIZES,
                                             IMAGENET_ALPHAS, "MobileNetV2")
@@ -92,4 +103,5 @@ def MobileNetV2(
 
     spec = b.spec(inputs, x, name or f"mobilenetv2_{alpha:0.2f}_{rows}")
 
-    return finish_model(spec, b.in_channels, weights, official=("mobilenet_v2", alpha, rows, include_top, False))
+    return finish_model(spec, b.in_channels, weights, official=("mobilenet_v2", alpha, rows, include_top, False),
+                        timeout=timeout, trusted=trusted)

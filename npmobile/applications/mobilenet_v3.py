@@ -8,12 +8,15 @@ The input scaling is inside the model (a Rescaling layer), so preprocess_input i
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from npmobile.applications.builder import Builder, Tensor, correct_pad
-from npmobile.applications.common import check_top_arguments, finish_model, make_divisible
+from npmobile.applications.common import DEFAULT_TIMEOUT, check_top_arguments, finish_model, make_divisible
 from npmobile.applications.imagenet_utils import decode_predictions  # noqa: F401  (Keras's API)
 from npmobile.errors import NpmobileError
-from npmobile.interpreter import Model
+
+if TYPE_CHECKING:
+    from npmobile.interpreter import Model
 
 # (expansion, filters, kernel, stride, squeeze-excite, activation) for each block; kernel "k" and
 # activation "act" are 5 and hard-swish, or 3 and relu in the minimalistic variant.
@@ -104,7 +107,8 @@ def _inverted_res_block(b: Builder, x: Tensor, expansion: float, filters: int, k
 
 def _mobilenet_v3(blocks, last_point_ch: int, model_type: str, input_shape, alpha: float, minimalistic: bool,
                   include_top: bool, weights, classes: int, pooling, dropout_rate: float,
-                  classifier_activation, include_preprocessing: bool, name: str) -> Model:
+                  classifier_activation, include_preprocessing: bool, name: str, timeout: float | None,
+                  trusted: bool) -> Model:
     check_top_arguments(weights, include_top, classes, classifier_activation)
     input_shape = (None, None, 3) if input_shape is None else tuple(input_shape)
     rows, cols = input_shape[0], input_shape[1]
@@ -115,10 +119,11 @@ def _mobilenet_v3(blocks, last_point_ch: int, model_type: str, input_shape, alph
         raise NpmobileError("imagenet weights exist for alpha 0.75 and 1.0 (minimalistic: 1.0 only); "
                             f"got alpha={alpha}, minimalistic={minimalistic}")
 
+    # Keras passes se_ratio=None (minimalistic) or 0.25 (SE_RATIO, used by _se_block).
     if minimalistic:
-        kernel, activation, se_ratio = 3, _relu, False
+        kernel, activation, use_se = 3, _relu, False
     else:
-        kernel, activation, se_ratio = 5, _hard_swish, True
+        kernel, activation, use_se = 5, _hard_swish, True
 
     b = Builder()
     inputs = b.input(input_shape)
@@ -132,7 +137,7 @@ def _mobilenet_v3(blocks, last_point_ch: int, model_type: str, input_shape, alph
     for block_id, (expansion, filters, k, stride, se, act) in enumerate(blocks):
         x = _inverted_res_block(
             b, x, expansion, make_divisible(filters * alpha), kernel if k == "k" else k, stride,
-            se and se_ratio, _relu if act == "relu" else activation, block_id,
+            se and use_se, _relu if act == "relu" else activation, block_id,
         )
 
     last_conv_ch = make_divisible(x.channels * 6)
@@ -156,22 +161,33 @@ def _mobilenet_v3(blocks, last_point_ch: int, model_type: str, input_shape, alph
     spec = b.spec(inputs, x, name)
 
     return finish_model(spec, b.in_channels, weights,
-                        official=(f"mobilenet_v3_{model_type}", alpha, 224, include_top, minimalistic))
+                        official=(f"mobilenet_v3_{model_type}", alpha, 224, include_top, minimalistic),
+                        timeout=timeout, trusted=trusted)
 
 
 def MobileNetV3Small(input_shape=None, alpha: float = 1.0, minimalistic: bool = False, include_top: bool = True,
                      weights="imagenet", classes: int = 1000, pooling: str | None = None,
                      dropout_rate: float = 0.2, classifier_activation="softmax",
-                     include_preprocessing: bool = True, name: str = "MobileNetV3Small") -> Model:
-    """keras.applications.MobileNetV3Small, with the same arguments, layer names and numbers."""
+                     include_preprocessing: bool = True, name: str = "MobileNetV3Small", *,
+                     timeout: float | None = DEFAULT_TIMEOUT, trusted: bool = False) -> Model:
+    """keras.applications.MobileNetV3Small, with the same arguments, layer names and numbers.
+
+    ``timeout`` and ``trusted`` apply to reading a ``weights`` file, as in ``npmobile.load_model``.
+    """
     return _mobilenet_v3(SMALL_BLOCKS, 1024, "small", input_shape, alpha, minimalistic, include_top, weights,
-                         classes, pooling, dropout_rate, classifier_activation, include_preprocessing, name)
+                         classes, pooling, dropout_rate, classifier_activation, include_preprocessing, name,
+                         timeout, trusted)
 
 
 def MobileNetV3Large(input_shape=None, alpha: float = 1.0, minimalistic: bool = False, include_top: bool = True,
                      weights="imagenet", classes: int = 1000, pooling: str | None = None,
                      dropout_rate: float = 0.2, classifier_activation="softmax",
-                     include_preprocessing: bool = True, name: str = "MobileNetV3Large") -> Model:
-    """keras.applications.MobileNetV3Large, with the same arguments, layer names and numbers."""
+                     include_preprocessing: bool = True, name: str = "MobileNetV3Large", *,
+                     timeout: float | None = DEFAULT_TIMEOUT, trusted: bool = False) -> Model:
+    """keras.applications.MobileNetV3Large, with the same arguments, layer names and numbers.
+
+    ``timeout`` and ``trusted`` apply to reading a ``weights`` file, as in ``npmobile.load_model``.
+    """
     return _mobilenet_v3(LARGE_BLOCKS, 1280, "large", input_shape, alpha, minimalistic, include_top, weights,
-                         classes, pooling, dropout_rate, classifier_activation, include_preprocessing, name)
+                         classes, pooling, dropout_rate, classifier_activation, include_preprocessing, name,
+                         timeout, trusted)

@@ -64,7 +64,8 @@ def run(args) -> int:
     images = list(find_images(args.images))
     if not images:
         raise NpmobileError(f"no images found in {', '.join(args.images)}")
-    model = open_model(args.model, args.alpha, args.size, args.minimalistic, args.weights, args.custom_objects)
+    model = open_model(args.model, args.alpha, args.size, args.minimalistic, args.weights, args.load_timeout,
+                       args.trusted, args.custom_objects)
     height, width = (d or args.size for d in model.input_shape[1:3])
     mode = preprocess_for(model)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from npmobile.errors import NpmobileError
+from npmobile.isolation import DEFAULT_TIMEOUT
 from npmobile.weights.registry import FAMILIES
 
 TEACHING_EXAMPLES = """\
@@ -30,6 +31,27 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
+def add_load_options(parser: argparse.ArgumentParser) -> None:
+    """How a model file is read: in a child process with a time limit (a hostile file cannot hang or crash
+    the command), or, for a file the user trusts, in the command's own process."""
+    parser.add_argument("--load-timeout", type=positive_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help="give up reading a model file after this long: a corrupt or hostile file fails "
+                             f"instead of hanging (default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--trusted", action="store_true",
+                        help="read the model file in this process, without the time and memory limits "
+                             "(a faster start; only for files you trust)")
 
 
 def custom_object(text: str) -> tuple[str, str]:
@@ -56,36 +78,50 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", metavar="PATH", default=None,
                         help="any Keras file npmobile reads: a whole model (.h5, .keras) or weights for --model "
                              "(.weights.h5, official .h5); default: the official ImageNet weights")
+    add_load_options(parser)
     add_custom_object_option(parser)
 
 
 def open_model(family: str, alpha: float, size: int, minimalistic: bool, weights: str | None,
+               timeout: float | None = DEFAULT_TIMEOUT, trusted: bool = False,
                custom_objects: list[tuple[str, str]] | None = None):
     """A model for the CLI: a whole Keras model from ``weights`` if the file holds one, otherwise the
-    ``family`` architecture with ``weights`` (a weights file, or the official ImageNet weights)."""
-    import npmobile
+    ``family`` architecture with ``weights`` (a weights file, or the official ImageNet weights).
+
+    The file is read once (one child process, see npmobile.isolation), and what it holds decides."""
+    if weights is None:
+        return family_model(family, alpha, size, minimalistic, "imagenet", timeout, trusted)
+    if not Path(weights).is_file():
+        raise NpmobileError(f"{weights}: no such file")
+    from npmobile.activations import check_custom_objects, map_custom_functions
     from npmobile.errors import WeightsOnlyFileError
+    from npmobile.isolation import start_read
+    from npmobile.spec import ModelSpec
 
-    if weights is not None:
-        if not Path(weights).is_file():
-            raise NpmobileError(f"{weights}: no such file")
-        try:
-            return npmobile.load_model(weights, custom_objects=dict(custom_objects or ()))
-        except WeightsOnlyFileError:  # what fits the architecture is the question, and its answer the message
-            return family_model(family, alpha, size, minimalistic, weights)
-        except npmobile.ModelFileError as whole_model_error:
-            try:
-                return family_model(family, alpha, size, minimalistic, weights)
-            except NpmobileError:
-                raise whole_model_error from None
-    return family_model(family, alpha, size, minimalistic, "imagenet")
+    mapping = check_custom_objects(dict(custom_objects or ()))
+    pending = start_read(weights, "any", timeout, trusted)
+    from npmobile.graph import Graph  # the engine's imports (Numba) overlap with the reading
+    from npmobile.interpreter import Model
+
+    contents = pending.result()
+    if isinstance(contents, ModelSpec):
+        map_custom_functions(contents, mapping)
+        return Model(Graph.from_spec(contents))
+    if isinstance(contents.model_error, WeightsOnlyFileError):
+        # Weights and no architecture: whether they fit --model is the question, and its answer the message.
+        return family_model(family, alpha, size, minimalistic, contents)
+    try:
+        return family_model(family, alpha, size, minimalistic, contents)
+    except NpmobileError:
+        raise contents.model_error from None
 
 
-def family_model(family: str, alpha: float, size: int, minimalistic: bool, weights):
+def family_model(family: str, alpha: float, size: int, minimalistic: bool, weights,
+                 timeout: float | None = DEFAULT_TIMEOUT, trusted: bool = False):
     """The ``family`` architecture (a name from weights.registry.FAMILIES) with ``weights``."""
     from npmobile import applications
 
-    kwargs = {"alpha": alpha, "weights": weights}
+    kwargs = {"alpha": alpha, "weights": weights, "timeout": timeout, "trusted": trusted}
     if family.startswith("mobilenet_v3"):
         kwargs["minimalistic"] = minimalistic
     if weights is None or weights != "imagenet" or size != 224 or family.startswith("mobilenet_v3"):
@@ -97,7 +133,8 @@ def teaching_model(args):
     """The model for profile/show: as classify opens it, plus ``--weights none`` for random weights."""
     if args.weights is not None and args.weights.lower() == "none":
         return family_model(args.model, args.alpha, args.size, args.minimalistic, None)
-    return open_model(args.model, args.alpha, args.size, args.minimalistic, args.weights, args.custom_objects)
+    return open_model(args.model, args.alpha, args.size, args.minimalistic, args.weights, args.load_timeout,
+                      args.trusted, args.custom_objects)
 
 
 def preprocess_for(model) -> str:

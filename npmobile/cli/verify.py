@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from npmobile.cli.models import add_custom_object_option, model_input, positive_int, preprocess_for
+from npmobile.cli.models import add_custom_object_option, add_load_options, model_input, positive_int, preprocess_for
 from npmobile.errors import CustomObjectError, NpmobileError
 
 # The parity tolerances (tests/test_parity.py): probabilities absolutely, feature maps relative to their range.
@@ -136,6 +136,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("model", metavar="MODEL", help="a Keras file (.h5, .keras)")
     parser.add_argument("images", nargs="*", metavar="IMAGE", help="images to run (default: random inputs)")
     add_custom_object_option(parser)
+    add_load_options(parser)
     parser.add_argument("--custom-objects-module", metavar="FILE.py",
                         help="a Python file defining your activation functions by the names the model file uses: "
                              "Keras runs them instead of its built-ins (your code, run by verify only)")
@@ -178,7 +179,7 @@ def verify(args) -> dict:
         raise UsageProblem(f"{module_path}: no such file")
     if not Path(args.model).is_file():
         raise UsageProblem(f"{args.model}: no such file")
-    model = npmobile.load_model(args.model, custom_objects=mapping)
+    model = npmobile.load_model(args.model, custom_objects=mapping, timeout=args.load_timeout, trusted=args.trusted)
     if len(model.graph.inputs) != 1:
         raise CouldNotRun(f"{args.model}: the model takes {len(model.graph.inputs)} inputs; verify runs models "
                           "with one input")

@@ -14,17 +14,20 @@ import io
 import json
 import os
 import zipfile
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import h5py
 import numpy as np
 
 from npmobile.errors import ModelFileError, NpmobileError, WeightsError, WeightsOnlyFileError
 from npmobile.io.config import parse_model_config
-from npmobile.io.hdf5 import StoredLayer, keras3_layers, keras_major_version, legacy_layers, model_config
 from npmobile.io.kinds import foreign_archive, foreign_file
 from npmobile.io.variables import canonical_name, split_weight_name, variable_order
-from npmobile.spec import LayerSpec, ModelSpec
+from npmobile.spec import LayerSpec, ModelSpec, StoredLayer, WeightsFile
+
+# h5py (and npmobile.io.hdf5) are imported where a file is read, not here: binding weights, all that the
+# caller of an isolated read (npmobile.isolation) does with this module, needs no HDF5 library.
+if TYPE_CHECKING:
+    import h5py
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 ZIP_SIGNATURE = b"PK\x03\x04"
@@ -33,14 +36,6 @@ MAX_ZIP_MEMBER_BYTES = 512 * 1024 * 1024
 MAX_CONFIG_BYTES = 64 * 1024 * 1024
 
 __all__ = ["WeightsFile", "bind_weights", "read_model", "read_weights"]
-
-
-@dataclass
-class WeightsFile:
-    """A file's weights by layer, in file order, before they are bound to an architecture."""
-
-    layers: list[StoredLayer]
-    source: str
 
 
 # --------------------------------------------------------------------------------------------------
@@ -68,6 +63,8 @@ def _kind(path: str) -> str:
 
 
 def _open_hdf5(source, name: str) -> h5py.File:
+    import h5py
+
     try:
         return h5py.File(source, "r")
     except (OSError, ValueError) as error:
@@ -123,6 +120,8 @@ class _KerasArchive:
         return 2 if version.startswith("2") else 3
 
     def weights(self) -> list[StoredLayer]:
+        from npmobile.io.hdf5 import keras3_layers
+
         data = self.read("model.weights.h5", MAX_ZIP_MEMBER_BYTES)
         with _open_hdf5(io.BytesIO(data), f"{self.path}: model.weights.h5") as f:
             return keras3_layers(f, f"{self.path}: model.weights.h5")
@@ -164,6 +163,8 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
 
 
 def _read_model(path: str) -> ModelSpec:
+    from npmobile.io.hdf5 import keras_major_version, legacy_layers, model_config
+
     if _kind(path) == "zip":
         archive = _KerasArchive(path)
         spec = parse_model_config(archive.json("config.json"), archive.keras_version(), path)
@@ -185,6 +186,8 @@ def _read_model(path: str) -> ModelSpec:
 
 
 def _read_weights(path: str) -> WeightsFile:
+    from npmobile.io.hdf5 import keras3_layers, legacy_layers
+
     if _kind(path) == "zip":
         return WeightsFile(_KerasArchive(path).weights(), path)
     with _open_hdf5(path, path) as f:

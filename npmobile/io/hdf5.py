@@ -14,13 +14,14 @@ sits in nested groups, because HDF5 reads slashes as paths), never by walking th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import h5py
 import numpy as np
 
 from npmobile.errors import ModelFileError
+from npmobile.spec import StoredLayer
 
 # Larger than any MobileNet variable: a dataset bigger than this is refused before it is read.
 MAX_DATASET_ELEMENTS = 64 * 1024 * 1024
@@ -41,14 +42,6 @@ class ReadBudget:
             raise ModelFileError(f"{where}: the file's weights add up to more than {MAX_FILE_ELEMENTS:,} values; "
                                  "refusing it")
         self.left -= size
-
-
-@dataclass
-class StoredLayer:
-    """One layer's variables as a file stores them: (stored name or None, array), in file order."""
-
-    name: str
-    variables: list[tuple[str | None, np.ndarray]] = field(default_factory=list)
 
 
 def text(value: Any) -> str:

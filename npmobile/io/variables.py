@@ -2,12 +2,14 @@
 
 Files name variables differently: tf_keras writes ``conv_dw_1/depthwise_kernel:0``, Keras 3's
 legacy .h5 ``conv_dw_1/kernel``, and Keras 3's .weights.h5 only numbers them (``vars/0``). Readers
-turn all of these into one canonical name per variable, the one npmobile.layers expects.
+turn all of these into one canonical name per variable, the one the layer's record (npmobile.ops) names.
 """
 
 from __future__ import annotations
 
 import re
+
+from npmobile.ops import LAYER_TYPES, canonical_class
 
 # Keras 3 calls a DepthwiseConv2D's kernel "kernel"; npmobile (like Keras 2) says depthwise_kernel.
 _RENAMES = {("DepthwiseConv2D", "kernel"): "depthwise_kernel"}
@@ -15,22 +17,9 @@ _RENAMES = {("DepthwiseConv2D", "kernel"): "depthwise_kernel"}
 
 def variable_order(class_name: str, config: dict) -> list[str]:
     """Canonical names of a layer's variables in the order Keras creates them (the order of
-    ``layer.weights`` and of ``vars/0, vars/1, ...`` in a .weights.h5 file)."""
-    use_bias = bool(config.get("use_bias", True))
-    if class_name in ("Conv2D", "Dense", "Convolution2D"):
-        return ["kernel"] + (["bias"] if use_bias else [])
-    if class_name == "DepthwiseConv2D":
-        return ["depthwise_kernel"] + (["bias"] if use_bias else [])
-    if class_name in ("SeparableConv2D", "SeparableConvolution2D"):
-        return ["depthwise_kernel", "pointwise_kernel"] + (["bias"] if use_bias else [])
-    if class_name == "BatchNormalization":
-        names = []
-        if config.get("scale", True):
-            names.append("gamma")
-        if config.get("center", True):
-            names.append("beta")
-        return names + ["moving_mean", "moving_variance"]
-    return []
+    ``layer.weights`` and of ``vars/0, vars/1, ...`` in a .weights.h5 file), from the layer's record."""
+    found = LAYER_TYPES.get(canonical_class(class_name))
+    return [] if found is None else found.weight_names(config)
 
 
 def canonical_name(class_name: str, stored_name: str) -> str:

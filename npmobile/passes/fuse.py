@@ -9,7 +9,7 @@ import copy
 import numpy as np
 
 from npmobile.graph import Graph, Node
-from npmobile.layers import epilogue_activation
+from npmobile.ops.activation import epilogue_activation
 
 CONV_OPS = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D")
 

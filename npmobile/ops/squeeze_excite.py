@@ -1,0 +1,38 @@
+"""SqueezeExcite: the one node the fusion pass makes of MobileNetV3's eight squeeze-excite layers
+(pool, 1x1 conv + ReLU, 1x1 conv + hard sigmoid, multiply). Never read from a file."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from npmobile.kernels import reference as ref
+from npmobile.ops import LayerType, Runner, register
+
+if TYPE_CHECKING:
+    from npmobile.graph import Node
+
+
+def squeeze_excite_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
+    w = node.weights
+    return ref.squeeze_excite(inputs[0], w["reduce_kernel"], w["reduce_bias"], w["expand_kernel"], w["expand_bias"])
+
+
+def squeeze_excite_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
+    from npmobile.kernels.squeeze_excite import squeeze_excite
+
+    w = {k: np.ascontiguousarray(v, np.float32) for k, v in node.weights.items()}
+
+    def run(args, out):
+        squeeze_excite(args[0], w["reduce_kernel"], w["reduce_bias"], w["expand_kernel"], w["expand_bias"], out)
+
+    return run
+
+
+def squeeze_excite_macs(node: Node, in_shape: tuple, out_shape: tuple) -> int:
+    return 2 * int(node.weights["reduce_kernel"].size)  # two 1x1 convolutions on the pooled 1x1 map: C -> C_r -> C
+
+
+register(LayerType("SqueezeExcite", squeeze_excite_reference, prepare=squeeze_excite_prepare,
+                   macs=squeeze_excite_macs, kind=lambda node: "se", from_files=False))
