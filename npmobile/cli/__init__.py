@@ -23,6 +23,7 @@ examples:
   npmobile classify photos/ --model mobilenet_v3_large --top 3 --json > labels.json
   npmobile classify cat.png --weights my_finetuned.keras
   npmobile classify cat.png --model mobilenet --alpha 0.5 --size 160 --crop center
+  npmobile classify photos/ --engine ray --workers 4 --out preds.parquet   on Ray Data (or --engine dask)
   npmobile summary mobilenet_v3_small
   npmobile summary my_model.h5
   npmobile summary mobilenet_v2 --costs                 params and MACs per layer, depthwise vs standard conv

@@ -6,11 +6,10 @@ import argparse
 import json
 import sys
 from collections.abc import Iterator, Sequence
+from importlib import import_module
 from pathlib import Path
 
-import numpy as np
-
-from npmobile.cli.models import add_model_options, notice_first_compile, open_model, positive_int, preprocess_for
+from npmobile.cli.models import add_model_options, notice_first_compile, positive_int
 from npmobile.errors import NpmobileError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -35,7 +34,21 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--crop", choices=["none", "center"], default="none",
                         help="center: keep the central 87.5%% before resizing (the published evaluations do)")
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                        help="CPU threads (default: all cores, or NUMBA_NUM_THREADS)")
+                        help="CPU threads (default: all cores, or NUMBA_NUM_THREADS); with --engine, per worker")
+    parser.add_argument("--output", choices=["top", "probabilities", "features"], default="top",
+                        help="top: the top-K classes (default); probabilities: the whole output row; "
+                             "features: the global average pooling's output, an embedding (needs --json or --out)")
+    parser.add_argument("--out", metavar="FILE", default=None,
+                        help="also write the results to FILE: .parquet or .jsonl (JSON lines), one row per image")
+    cluster = parser.add_argument_group("cluster", "run on Ray or Dask (pip install 'npmobile[ray]' or '[dask]')")
+    cluster.add_argument("--engine", choices=["ray", "dask"], default=None,
+                         help="classify on a Ray Data or Dask cluster; the answers are the same as without")
+    cluster.add_argument("--address", default=None,
+                         help="the cluster to join (ray://host:10001 or auto; tcp://scheduler:8786); "
+                              "default: start a local cluster on this machine for this run")
+    cluster.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                         help="Ray actors, or the worker processes of a local Dask cluster (a Dask cluster "
+                              "at --address keeps its own); default: the CPUs / --threads")
     return parser
 
 
@@ -56,62 +69,62 @@ def progress_bar(total: int, label: str):
     return tqdm(total=total, desc=label, unit="img", file=sys.stderr, leave=True,
                 disable=total <= 1 or not sys.stderr.isatty())
 
-
 def run(args) -> int:
-    from npmobile.applications.common import preprocess_tf
-    from npmobile.image import load_img
+    from npmobile.batch import BatchClassifier, ModelRef, output_format
 
-    images = list(find_images(args.images))
+    images = [str(p) for p in find_images(args.images)]
     if not images:
         raise NpmobileError(f"no images found in {', '.join(args.images)}")
-    model = open_model(args.model, args.alpha, args.size, args.minimalistic, args.weights, args.load_timeout,
-                       args.trusted, args.custom_objects)
-    height, width = (d or args.size for d in model.input_shape[1:3])
-    mode = preprocess_for(model)
-
+    if args.engine is None and (args.address or args.workers):
+        raise NpmobileError("--address and --workers need --engine ray or --engine dask")
+    if args.output != "top" and not (args.json or args.out):
+        raise NpmobileError(f"--output {args.output} needs --json or --out: its values are for programs")
+    if args.out:
+        output_format(args.out)  # a wrong suffix fails now, not after the work
+    classifier = BatchClassifier(
+        ModelRef(args.model, args.weights, args.alpha, args.size, args.minimalistic, args.load_timeout,
+                 args.trusted, tuple(args.custom_objects)), output=args.output,
+        top=args.top, threads=args.threads, interpolation=args.interpolation,
+        crop=None if args.crop == "none" else args.crop,
+    )
     results: list[dict] = []
-    failed = 0
     with progress_bar(len(images), "classifying") as progress:
-        for start in range(0, len(images), BATCH):
-            chunk, batch = [], []
-            for path in images[start : start + BATCH]:
-                try:
-                    batch.append(load_img(path, target_size=(height, width), interpolation=args.interpolation,
-                                          crop=None if args.crop == "none" else args.crop))
-                    chunk.append(path)
-                except NpmobileError as error:
-                    failed += 1
-                    progress.write(f"npmobile: {error}", file=sys.stderr)
-                    results.append({"path": str(path), "error": str(error)})
-            if batch:
-                x = np.stack(batch)
-                if start == 0:
-                    notice_first_compile()
-                probs = model.predict(preprocess_tf(x) if mode == "tf" else x, threads=args.threads)
-                for path, p in zip(chunk, np.asarray(probs).reshape(len(chunk), -1)):
-                    results.append({"path": str(path), "top": top_classes(p, args.top)})
-            progress.update(len(images[start : start + BATCH]))
+        for rows in classified_batches(args, classifier, images):
+            for row in rows:
+                if row["error"] is not None:
+                    progress.write(f"npmobile: {row['error']}", file=sys.stderr)
+            results.extend(rows)
+            progress.update(len(rows))
+    return report(args, images, results)
 
-    order = {str(p): i for i, p in enumerate(images)}
+
+def classified_batches(args, classifier, images: list[str]) -> Iterator[list[dict]]:
+    """Rows in batches as they are done: in this process, or on a Ray or Dask cluster."""
+    if args.engine is not None:
+        engine = import_module(f"npmobile.{args.engine}")
+        yield from engine.classify_paths(images, classifier, address=args.address, workers=args.workers,
+                                         batch_size=BATCH)
+        return
+    notice_first_compile()
+    classifier.load()
+    for start in range(0, len(images), BATCH):
+        yield classifier(images[start : start + BATCH])
+
+
+def report(args, images: list[str], results: list[dict]) -> int:
+    """Write --out, print the results (in the order the images were given); exit 1 if any failed."""
+    from npmobile.batch import record, write_rows
+
+    # Engines answer in any order: the order given wins.
+    order = {path: i for i, path in enumerate(images)}
     results.sort(key=lambda r: order[r["path"]])
+    if args.out:
+        write_rows(results, args.out, args.output)
     if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print_results([r for r in results if "top" in r])
-    return 1 if failed else 0
-
-
-def top_classes(probabilities: np.ndarray, k: int) -> list[dict]:
-    """The k most likely classes with ImageNet labels when there are 1000 classes, indices otherwise."""
-    order = np.argsort(-probabilities, kind="stable")[:k]
-    if probabilities.shape[0] == 1000:
-        from npmobile.applications.imagenet_utils import decode_predictions
-
-        decoded = decode_predictions(probabilities[None], top=k)[0]
-        return [{"rank": i + 1, "wnid": wnid, "label": label, "probability": float(p)}
-                for i, (wnid, label, p) in enumerate(decoded)]
-    return [{"rank": i + 1, "wnid": None, "label": f"class {c}", "probability": float(probabilities[c])}
-            for i, c in enumerate(order)]
+        print(json.dumps([record(r) for r in results], indent=2))
+    elif not args.out:
+        print_results([r for r in results if r["error"] is None])
+    return 1 if any(r["error"] is not None for r in results) else 0
 
 
 def print_results(results: list[dict]) -> None:
