@@ -23,6 +23,8 @@ caller's arrays are views of (no copy after the pipe).
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import selectors
 import signal
@@ -74,9 +76,10 @@ def start_read(path: str | os.PathLike, kind: str, timeout: float | None = DEFAU
     reads while the caller goes on (importing the engine, say); trusted, the reading happens in ``result()``."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
+    timeout = check_timeout(timeout)
     if trusted:
         return _InProcess(os.fspath(path), kind)
-    return PendingRead(os.fspath(path), kind, check_timeout(timeout))
+    return PendingRead(os.fspath(path), kind, timeout)
 
 
 class _InProcess:
@@ -107,11 +110,12 @@ def read_in_process(path: str, kind: str):
 
 
 def check_timeout(timeout: float | None) -> float | None:
+    """Seconds as a float, or None for no time limit (so is infinity)."""
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout > 0:
         raise NpmobileError(f"timeout must be a positive number of seconds or None; got {timeout!r}")
-    return float(timeout)
+    return None if math.isinf(timeout) else float(timeout)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,7 +128,9 @@ def _package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from npmobile.isolation import child_main; child_main()"
+# sys.path[0] is the working directory for ``-c``: replaced, so that a folder of downloaded files (where the
+# hostile one may sit beside a planted ``numpy.py``) is never a place the child imports from.
+_BOOT = "import sys; sys.path[0] = sys.argv[1]; from npmobile.isolation import child_main; child_main()"
 
 
 def _child_env() -> dict[str, str]:
@@ -283,8 +289,8 @@ class _Arrays:
 
     def add(self, array: np.ndarray) -> int:
         array = np.ascontiguousarray(array)
-        if array.dtype.kind not in "fiub" or array.dtype.hasobject:
-            raise ModelFileError(f"an array of dtype {array.dtype} cannot be sent")
+        if array.dtype.kind not in "fiub" or array.dtype.hasobject:  # the readers make float32 only
+            raise TypeError(f"an array of dtype {array.dtype} cannot be sent")
         self.size += -self.size % _ALIGN
         self.table.append([array.dtype.str, list(array.shape), self.size])
         self.arrays.append(array)
@@ -325,7 +331,7 @@ def encode(result) -> tuple[bytes, _Arrays]:
     if isinstance(result, ModelSpec):
         message = {"model": _encode_model(result, arrays)}
     elif isinstance(result, WeightsFile):
-        error = getattr(result, "model_error", None)
+        error = result.model_error
         message = {"weights": {
             "source": result.source,
             "layers": [[layer.name, [[name, arrays.add(a)] for name, a in layer.variables]] for layer in result.layers],
@@ -371,7 +377,7 @@ def _array(entry: list, data: bytearray) -> np.ndarray:
         raise ValueError(f"dtype {dtype}")
     shape = tuple(int(d) for d in shape)
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if count < 0 or offset < 0 or offset + count * dtype.itemsize > len(data):
+    if min(shape, default=0) < 0 or offset < 0 or offset + count * dtype.itemsize > len(data):
         raise ValueError("an array outside the data")
     return np.frombuffer(data, dtype=dtype, count=count, offset=int(offset)).reshape(shape)
 

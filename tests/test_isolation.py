@@ -224,6 +224,15 @@ def test_errors_come_back_as_the_readers_raise_them(tmp_path):
     assert clean_error(lambda: npmobile.load_model(path), path) == here
 
 
+@pytest.mark.parametrize("entry", [["|O", [1], 0], ["<f4", [4], 8], ["<f4", [-1, 2], 0], ["<f4", [1], -4]],
+                         ids=["objects", "past-the-end", "negative-shape", "negative-offset"])
+def test_a_result_that_is_not_plain_numbers_is_refused(entry):
+    """Whatever a child sends is data: never objects, never memory outside the buffer it sent."""
+    message = {"arrays": [entry], "weights": {"source": "f.h5", "layers": [["dense", [["kernel", 0]]]]}}
+    with pytest.raises(ModelFileError, match="malformed"):
+        isolation.decode(message, bytearray(16), "f.h5")
+
+
 def test_a_weights_only_file_opened_by_the_cli_costs_one_child(keras_files, monkeypatch):
     from npmobile.cli.models import open_model
 
@@ -282,11 +291,22 @@ def test_the_readers_import_neither_numba_nor_the_engine(keras_files):
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
+def test_the_reader_never_imports_from_the_working_directory(keras_files, tmp_path, monkeypatch):
+    """A folder of downloads may hold a planted module beside the hostile file: the child must not import it."""
+    marker = tmp_path / "imported"
+    (tmp_path / "numpy.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit(3)\n")
+    path = tmp_path / "model.h5"
+    shutil.copyfile(keras_files.get("MobileNetV2", "keras3_h5", **SMALL_V2).path, path)
+    monkeypatch.chdir(tmp_path)
+    assert isinstance(isolation.read_file("model.h5", "model"), ModelSpec) and not marker.exists()
+
+
 def test_a_timeout_must_be_a_positive_number(keras_files):
     path = keras_files.get("MobileNetV2", "keras3_h5", **SMALL_V2).path
-    for bad in (0, -1, "5", True):
-        with pytest.raises(NpmobileError, match="timeout"):
-            npmobile.load_model(path, timeout=bad)
+    for bad in (0, -1, "5", True, float("nan")):
+        for trusted in (False, True):
+            with pytest.raises(NpmobileError, match="timeout"):
+                npmobile.load_model(path, timeout=bad, trusted=trusted)
 
 
 def load_in_worker(path: str, queue) -> None:

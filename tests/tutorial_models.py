@@ -155,6 +155,7 @@ def tutorial_case(root: Path, family: str, writer: str, batch: int = 2) -> Tutor
     """Build, give statistics, find inputs with a clear top-5, save with ``writer``."""
     framework = "tf_keras" if writer.startswith("tfkeras") else "keras"
     seed = _stable_seed("tutorial", family, framework)
+    importlib.import_module(framework).utils.set_random_seed(seed)  # the same model in every run
     model = build(framework, family)
     x, y = prepare(model, family, {"input_shape": INPUT_SHAPE}, batch, seed)
     path = Path(root) / f"tutorial-{family}-{writer}{SUFFIX[writer]}"
