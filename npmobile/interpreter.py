@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -66,6 +67,7 @@ class Model:
         _warn_non_finite(graph)
         self._plans: dict[frozenset[str], Graph] = {}
         self._runners: dict[tuple[str, ...] | None, PlanCache] = {}
+        self._wide_graph: Graph | None = None  # the float64 reference's copy of the graph
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -94,6 +96,7 @@ class Model:
         batch_size: int | None = None,
         reference: bool = False,
         threads: int | None = None,
+        dtype: type | np.dtype = np.float32,
     ) -> np.ndarray | dict[str, np.ndarray]:
         """Run the model on a batch of NHWC images.
 
@@ -102,10 +105,16 @@ class Model:
         ``batch_size`` splits a large batch into chunks to bound memory; results are the same.
         ``reference=True`` runs the graph as Keras wrote it, layer by layer, with the plain NumPy
         reference kernels: slow, and the definition the fast path is checked against.
+        ``dtype=np.float64`` (with ``reference=True``) runs that reference in float64 on the same float32
+        weights: near-exact arithmetic, to tell whose rounding a difference between two engines is.
         ``threads``: how many cores the kernels use (default: NUMBA_NUM_THREADS, i.e. all). BLAS is
         held to one thread meanwhile: its pool and Numba's fight when both are awake.
         """
-        feeds = self._check_inputs(x)
+        dtype = np.dtype(dtype)
+        if dtype != np.float32 and not (reference and dtype == np.float64):
+            raise InputShapeError(f"dtype={dtype.name}: the fast path runs float32; float64 runs only with "
+                                  "reference=True")
+        feeds = self._check_inputs(x, dtype)
         run = self._run_reference if reference else self._run
         n = feeds[0].shape[0]
         with _RUN_LOCK, thread_limits(threads):
@@ -113,13 +122,13 @@ class Model:
                 return run(feeds, outputs)
             return _concat([run([f[i : i + batch_size] for f in feeds], outputs) for i in range(0, n, batch_size)])
 
-    def _check_inputs(self, x) -> list[np.ndarray]:
+    def _check_inputs(self, x, dtype: np.dtype = np.dtype(np.float32)) -> list[np.ndarray]:
         arrays = list(x) if isinstance(x, (list, tuple)) else [x]
         if len(arrays) != len(self.graph.inputs):
             raise InputShapeError(f"model {self.name!r} takes {len(self.graph.inputs)} inputs, got {len(arrays)}")
         feeds = []
         for name, a in zip(self.graph.inputs, arrays):
-            a = np.ascontiguousarray(a, dtype=np.float32)
+            a = np.ascontiguousarray(a, dtype=dtype)
             want = self.graph.input_shapes[name]
             ok = a.ndim == len(want) and all(w is None or w == d for w, d in zip(want[1:], a.shape[1:]))
             if not ok:
@@ -181,8 +190,18 @@ class Model:
                          "node": step.node, "seconds": seconds})
         return rows
 
+    def _graph_in(self, dtype: np.dtype) -> Graph:
+        """The graph with its weights in ``dtype`` (float32 values, widened exactly), made once."""
+        if dtype == np.float32:
+            return self.graph
+        if self._wide_graph is None:
+            nodes = [replace(node, weights={k: v.astype(dtype) for k, v in node.weights.items()})
+                     for node in self.graph.nodes]
+            self._wide_graph = replace(self.graph, nodes=nodes)
+        return self._wide_graph
+
     def _run_reference(self, feeds: list[np.ndarray], outputs: Sequence[str] | None):
-        graph = self.graph
+        graph = self._graph_in(feeds[0].dtype)
         wanted = [graph.resolve(name) for name in outputs] if outputs is not None else list(graph.outputs)
         keep = set(wanted)
         # How many nodes still need each value; a value is dropped when its last reader has run.
