@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 
 from npmobile.errors import InputShapeError
-from npmobile.graph import Graph
+from npmobile.graph import Graph, last_readers
 from npmobile.kernels.threads import thread_limits
 from npmobile.layers import infer_shapes
 from npmobile.ops import layer_type
@@ -204,24 +204,16 @@ class Model:
         graph = self._graph_in(feeds[0].dtype)
         wanted = [graph.resolve(name) for name in outputs] if outputs is not None else list(graph.outputs)
         keep = set(wanted)
-        # How many nodes still need each value; a value is dropped when its last reader has run.
-        remaining: dict[str, int] = {}
-        for node in graph.nodes:
-            for inp in node.inputs:
-                if isinstance(inp, str):
-                    remaining[inp] = remaining.get(inp, 0) + 1
+        nodes = [n for n in graph.nodes if n.op != "InputLayer"]
+        last = last_readers(nodes)  # a value is dropped once its last reader has run
 
         values: dict[str, np.ndarray] = dict(zip(graph.inputs, feeds))
-        for node in graph.nodes:
-            if node.op == "InputLayer":
-                continue
+        for index, node in enumerate(nodes):
             args = [values[i] if isinstance(i, str) else i for i in node.inputs]
             values[node.name] = layer_type(node.op).reference(node, args, graph.keras_version)
-            for inp in node.inputs:
-                if isinstance(inp, str):
-                    remaining[inp] -= 1
-                    if remaining[inp] == 0 and inp not in keep:
-                        del values[inp]
+            for source in {i for i in node.inputs if isinstance(i, str)}:
+                if last[source] == index and source not in keep:
+                    del values[source]
 
         if outputs is not None:
             return {name: values[node] for name, node in zip(outputs, wanted)}
