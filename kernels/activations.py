@@ -29,6 +29,8 @@ ACT_HARD_SIGMOID = 4  # Keras 3: relu6(x + 3) / 6
 ACT_SIGMOID = 5
 ACT_SWISH = 6
 
+# The plan reads names here; npmobile/activations.py's table is the one list of activations (a test checks
+# that every name it gives an epilogue code has the same code here).
 ACTIVATION_CODES: dict[str | None, int] = {
     None: ACT_NONE,
     "linear": ACT_NONE,
@@ -37,6 +39,7 @@ ACTIVATION_CODES: dict[str | None, int] = {
     "hard_swish": ACT_HARD_SWISH,
     "hard_silu": ACT_HARD_SWISH,
     "hard_sigmoid": ACT_HARD_SIGMOID,
+    "hard_sigmoid_keras3": ACT_HARD_SIGMOID,  # npmobile's name for Keras 3's in a Keras 2 file (a mapped function)
     "sigmoid": ACT_SIGMOID,
     "swish": ACT_SWISH,
     "silu": ACT_SWISH,

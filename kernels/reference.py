@@ -4,7 +4,9 @@ These are the definitions. The fast Numba kernels beside this file must agree wi
 that over many shapes), and a learner can read this file to see what each layer computes.
 
 Conventions, everywhere in npmobile:
-- activations are NHWC float32 arrays: x[n, row, column, channel];
+- activations are NHWC float32 arrays: x[n, row, column, channel] (every function keeps its input's dtype,
+  so the same code runs in float64 for ``predict(x, reference=True, dtype=np.float64)``; constants are
+  Python floats, which NumPy rounds to the array's dtype);
 - a convolution kernel is [kernel_h, kernel_w, in_channels, out_channels], as Keras stores it;
 - a depthwise kernel is [kernel_h, kernel_w, channels, depth_multiplier];
 - padding is explicit: ((top, bottom), (left, right)) rows/columns of zeros around the image.
@@ -87,7 +89,7 @@ def conv2d(
     n, hp, wp, _ = xp.shape
     oh = (hp - (kh - 1) * dh - 1) // sh + 1
     ow = (wp - (kw - 1) * dw - 1) // sw + 1
-    out = np.zeros((n, oh, ow, cout), dtype=np.float32)
+    out = np.zeros((n, oh, ow, cout), dtype=np.result_type(x, kernel))
     for di in range(kh):
         for dj in range(kw):
             # The padded rows i*sh + di*dh for every output row i = 0..oh-1 (and likewise columns):
@@ -129,7 +131,7 @@ def depthwise_conv2d(
     oh = (hp - (kh - 1) * dh - 1) // sh + 1
     ow = (wp - (kw - 1) * dw - 1) // sw + 1
     # Channel c's M outputs are kept on their own axis, then flattened to c*M + m (Keras's order).
-    out = np.zeros((n, oh, ow, c, multiplier), dtype=np.float32)
+    out = np.zeros((n, oh, ow, c, multiplier), dtype=np.result_type(x, kernel))
     for di in range(kh):
         for dj in range(kw):
             # The same shifted window as in conv2d: the input pixels tap (di, dj) sees.
@@ -215,7 +217,7 @@ def batch_norm(
     Written in this order (not (x - mean) * inv + beta) because that is Keras's order, and float32
     rounding follows the order. Because it is affine, it folds into the convolution before it.
     """
-    inv = np.float32(1.0) / np.sqrt(variance + np.float32(epsilon))
+    inv = 1.0 / np.sqrt(variance + epsilon)
     if gamma is not None:
         inv = inv * gamma
     shift = -mean * inv
@@ -226,7 +228,7 @@ def batch_norm(
 
 def rescale(x: np.ndarray, scale: float, offset: float) -> np.ndarray:
     """Keras Rescaling: x * scale + offset (MobileNetV3 maps [0, 255] to [-1, 1] with it)."""
-    return x * np.float32(scale) + np.float32(offset)
+    return x * scale + offset
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,12 +241,12 @@ def relu(x: np.ndarray, max_value: float | None = None, negative_slope: float = 
     # Keras's own branches: with no slope, values at or below the threshold become exactly 0;
     # with a slope (leaky ReLU), they are scaled instead.
     if negative_slope == 0.0:
-        y = np.where(x > threshold, x, np.float32(0.0)) if threshold != 0.0 else np.maximum(x, np.float32(0))
+        y = np.where(x > threshold, x, 0.0) if threshold != 0.0 else np.maximum(x, 0.0)
     else:
-        y = np.where(x >= threshold, x, np.float32(negative_slope) * (x - np.float32(threshold)))
+        y = np.where(x >= threshold, x, negative_slope * (x - threshold))
     if max_value is not None:
-        y = np.minimum(y, np.float32(max_value))
-    return y.astype(np.float32, copy=False)
+        y = np.minimum(y, max_value)
+    return y.astype(x.dtype, copy=False)
 
 
 def relu6(x: np.ndarray) -> np.ndarray:
@@ -252,17 +254,17 @@ def relu6(x: np.ndarray) -> np.ndarray:
 
     A known range [0, 6] maps onto 8-bit integers with a fixed step; an unbounded ReLU would not.
     """
-    return np.minimum(np.maximum(x, np.float32(0.0)), np.float32(6.0))
+    return np.minimum(np.maximum(x, 0.0), 6.0)
 
 
 def hard_sigmoid(x: np.ndarray) -> np.ndarray:
     """Keras 3 hard_sigmoid: relu6(x + 3) / 6, a piecewise-linear sigmoid (0 below -3, 1 above 3)."""
-    return relu6(x + np.float32(3.0)) / np.float32(6.0)
+    return relu6(x + 3.0) / 6.0
 
 
 def hard_sigmoid_keras2(x: np.ndarray) -> np.ndarray:
     """What Activation('hard_sigmoid') meant in Keras 2: clip(0.2 * x + 0.5, 0, 1)."""
-    return np.clip(np.float32(0.2) * x + np.float32(0.5), np.float32(0.0), np.float32(1.0))
+    return np.clip(0.2 * x + 0.5, 0.0, 1.0)
 
 
 def hard_swish(x: np.ndarray) -> np.ndarray:
@@ -277,13 +279,13 @@ def hard_swish_from_ops(x: np.ndarray) -> np.ndarray:
     """Hard-swish as tf_keras's MobileNetV3 builds it from separate layers:
     Multiply([x, ReLU(6)(x + 3) * (1 / 6)]). Same function, rounded differently: it multiplies by
     the float32 nearest 1/6 where Keras 3's activation divides by 6."""
-    return x * (relu6(x + np.float32(3.0)) * np.float32(1.0 / 6.0))
+    return x * (relu6(x + 3.0) * (1.0 / 6.0))
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     # Split by sign so exp never overflows.
     e = np.exp(-np.abs(x))
-    return np.where(x >= 0, np.float32(1.0) / (np.float32(1.0) + e), e / (np.float32(1.0) + e)).astype(np.float32)
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
 
 
 def swish(x: np.ndarray) -> np.ndarray:
@@ -304,7 +306,7 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 def global_average_pool(x: np.ndarray, keepdims: bool = False) -> np.ndarray:
     """Mean over all pixels of each channel: [N, H, W, C] -> [N, C] (or [N, 1, 1, C])."""
-    return x.mean(axis=(1, 2), keepdims=keepdims, dtype=np.float32)
+    return x.mean(axis=(1, 2), keepdims=keepdims, dtype=x.dtype)
 
 
 def global_max_pool(x: np.ndarray, keepdims: bool = False) -> np.ndarray:
@@ -335,9 +337,9 @@ def max_pool2d(x: np.ndarray, pool: tuple[int, int], strides: tuple[int, int], p
 def average_pool2d(x: np.ndarray, pool: tuple[int, int], strides: tuple[int, int], padding: Padding = NO_PADDING):
     """Mean of each window, counting only real pixels: TensorFlow leaves padding out of the count."""
     sums = _pool_windows(x, pool, strides, padding, 0.0).sum(axis=-1)
-    ones = np.ones((1,) + x.shape[1:3] + (1,), dtype=np.float32)
+    ones = np.ones((1,) + x.shape[1:3] + (1,), dtype=x.dtype)
     counts = _pool_windows(ones, pool, strides, padding, 0.0).sum(axis=-1)
-    return (sums / counts).astype(np.float32)
+    return (sums / counts).astype(x.dtype, copy=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,5 +403,5 @@ def squeeze_excite(
     s = global_average_pool(x)
     z = relu(dense(s, reduce_kernel, reduce_bias))
     z = dense(z, expand_kernel, expand_bias)
-    gate = relu6(z + np.float32(3.0)) * np.float32(1.0 / 6.0)
+    gate = relu6(z + 3.0) * (1.0 / 6.0)
     return x * gate[:, None, None, :]

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 
 def _find_top_level_subpackages() -> None:
@@ -30,6 +31,7 @@ _find_top_level_subpackages()
 from typing import TYPE_CHECKING  # noqa: E402
 
 from npmobile.errors import (  # noqa: E402 -- after the search path is complete
+    CustomObjectError,
     ImageError,
     InputShapeError,
     ModelFileError,
@@ -45,9 +47,15 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
-def load_model(path: str | os.PathLike, timeout: float | None = DEFAULT_TIMEOUT, trusted: bool = False) -> Model:
+def load_model(path: str | os.PathLike, custom_objects: Mapping[str, str] | None = None,
+               timeout: float | None = DEFAULT_TIMEOUT, trusted: bool = False) -> Model:
     """Load a whole Keras model: a legacy .h5 (Keras 2/tf_keras or Keras 3) or a .keras file; or a PyTorch
     state dict (.pth, .safetensors) of a torchvision MobileNetV2/V3, its architecture read from its tensors.
+
+    ``custom_objects``: for each of your own activation functions the file names (``Activation(hard_swish)``
+    in a tutorial), the built-in it computes, as a string: ``{"hard_swish": "hard_swish", "my_act": "relu6"}``.
+    npmobile runs its own kernel for that built-in; nothing from the file is executed, and a custom function
+    left unmapped is refused. ``npmobile verify`` checks the mapping against your functions in Keras.
 
     The file is read in a child process that ``timeout`` seconds (None: no limit) and a memory limit
     bound, so a corrupt or hostile file ends in ``ModelFileError`` instead of hanging or crashing this
@@ -56,9 +64,11 @@ def load_model(path: str | os.PathLike, timeout: float | None = DEFAULT_TIMEOUT,
     Weights-only files (.weights.h5, or the official keras-applications .h5) carry no architecture:
     pass them as ``weights=`` to an architecture in npmobile.applications instead.
     """
+    from npmobile.activations import check_custom_objects, map_custom_functions
     from npmobile.io.torch import StateDict
     from npmobile.isolation import start_read
 
+    mapping = check_custom_objects(custom_objects)
     # The reader starts before the engine (Numba) is imported, so that the two overlap.
     pending = start_read(path, "model", timeout, trusted)
     from npmobile.graph import Graph
@@ -69,6 +79,7 @@ def load_model(path: str | os.PathLike, timeout: float | None = DEFAULT_TIMEOUT,
         from npmobile.applications.torchvision import model_from_state_dict
 
         return model_from_state_dict(contents)
+    map_custom_functions(contents, mapping)
     return Model(Graph.from_spec(contents))
 
 
@@ -87,6 +98,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "ImageError", "InputShapeError", "Model", "ModelFileError", "NpmobileError", "UnsupportedLayerError",
-    "WeightsError", "load_model",
+    "CustomObjectError", "ImageError", "InputShapeError", "Model", "ModelFileError", "NpmobileError",
+    "UnsupportedLayerError", "WeightsError", "load_model",
 ]

@@ -53,6 +53,9 @@ class ModelRef:
     minimalistic: bool = False
     load_timeout: float | None = DEFAULT_TIMEOUT  # the bounded reader's limit (npmobile.isolation)
     trusted: bool = False  # read the file in-process, without the bounded reader
+    # (name in the file, npmobile built-in) for each of the user's own activation functions (load_model's
+    # custom_objects), as a tuple so the reference stays hashable
+    custom_objects: tuple[tuple[str, str], ...] = ()
 
     def open(self):
         """The model, built in this process."""
@@ -64,7 +67,7 @@ class ModelRef:
             return family_model(self.model, self.alpha, self.size, self.minimalistic, None)
         weights = None if self.weights is None else shipped_file(self.weights)
         return open_model(self.model, self.alpha, self.size, self.minimalistic, weights, self.load_timeout,
-                          self.trusted)
+                          self.trusted, list(self.custom_objects))
 
 
 def shipped_file(path: str) -> str:

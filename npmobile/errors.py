@@ -10,6 +10,10 @@ class ModelFileError(NpmobileError):
     """A model or weights file cannot be read: corrupt, truncated, wrong kind, inconsistent."""
 
 
+class WeightsOnlyFileError(ModelFileError):
+    """A file with weights and no architecture, opened as a whole model: it needs an architecture to load into."""
+
+
 class UnsupportedLayerError(NpmobileError):
     """A layer class npmobile does not run (or refuses to run, like Lambda)."""
 
@@ -24,3 +28,7 @@ class ImageError(NpmobileError):
 
 class InputShapeError(NpmobileError, ValueError):
     """The array given to predict does not have the shape the model takes."""
+
+
+class CustomObjectError(NpmobileError, ValueError):
+    """``custom_objects`` maps a name to something npmobile cannot run: a Python function, an unknown name."""

@@ -86,6 +86,17 @@ class Graph:
         return users
 
 
+def last_readers(nodes: list[Node]) -> dict[str, int]:
+    """For each value some node of ``nodes`` reads, the index of the last node that reads it: once that
+    node has run, the value is needed no more (unless the caller asked for it)."""
+    last: dict[str, int] = {}
+    for index, node in enumerate(nodes):
+        for source in node.inputs:
+            if isinstance(source, str):
+                last[source] = index
+    return last
+
+
 class _GraphBuilder:
     """Flattens a ModelSpec (and the ModelSpecs nested in it) into topologically ordered nodes."""
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 
 from npmobile.errors import InputShapeError
-from npmobile.graph import Graph
+from npmobile.graph import Graph, last_readers
 from npmobile.kernels.threads import thread_limits
 from npmobile.layers import infer_shapes
 from npmobile.ops import layer_type
@@ -75,6 +76,7 @@ class Model:
         _warn_non_finite(graph)
         self._plans: dict[frozenset[str], Graph] = {}
         self._runners: dict[tuple[str, ...] | None, PlanCache] = {}
+        self._wide_graph: Graph | None = None  # the float64 reference's copy of the graph
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -104,6 +106,7 @@ class Model:
         reference: bool = False,
         threads: int | None = None,
         data_format: str = "channels_last",
+        dtype: type | np.dtype = np.float32,
     ) -> np.ndarray | dict[str, np.ndarray]:
         """Run the model on a batch of NHWC images.
 
@@ -112,6 +115,8 @@ class Model:
         ``batch_size`` splits a large batch into chunks to bound memory; results are the same.
         ``reference=True`` runs the graph as Keras wrote it, layer by layer, with the plain NumPy
         reference kernels: slow, and the definition the fast path is checked against.
+        ``dtype=np.float64`` (with ``reference=True``) runs that reference in float64 on the same float32
+        weights: near-exact arithmetic, to tell whose rounding a difference between two engines is.
         ``threads``: how many cores the kernels use (default: NUMBA_NUM_THREADS, i.e. all). BLAS is
         held to one thread meanwhile: its pool and Numba's fight when both are awake.
         ``data_format="channels_first"``: ``x`` is NCHW (PyTorch's layout), and so are the 4-D outputs.
@@ -120,11 +125,15 @@ class Model:
             raise ValueError(f"data_format must be 'channels_last' or 'channels_first'; got {data_format!r}")
         if data_format == "channels_first":
             x = [_nchw_to_nhwc(a) for a in x] if isinstance(x, (list, tuple)) else _nchw_to_nhwc(x)
-            result = self.predict(x, outputs, batch_size, reference, threads)
+            result = self.predict(x, outputs, batch_size, reference, threads, dtype=dtype)
             if isinstance(result, dict):
                 return {name: _nhwc_to_nchw(a) for name, a in result.items()}
             return [_nhwc_to_nchw(a) for a in result] if isinstance(result, list) else _nhwc_to_nchw(result)
-        feeds = self._check_inputs(x)
+        dtype = np.dtype(dtype)
+        if dtype != np.float32 and not (reference and dtype == np.float64):
+            raise InputShapeError(f"dtype={dtype.name}: the fast path runs float32; float64 runs only with "
+                                  "reference=True")
+        feeds = self._check_inputs(x, dtype)
         run = self._run_reference if reference else self._run
         n = feeds[0].shape[0]
         with _RUN_LOCK, thread_limits(threads):
@@ -132,13 +141,13 @@ class Model:
                 return run(feeds, outputs)
             return _concat([run([f[i : i + batch_size] for f in feeds], outputs) for i in range(0, n, batch_size)])
 
-    def _check_inputs(self, x) -> list[np.ndarray]:
+    def _check_inputs(self, x, dtype: np.dtype = np.dtype(np.float32)) -> list[np.ndarray]:
         arrays = list(x) if isinstance(x, (list, tuple)) else [x]
         if len(arrays) != len(self.graph.inputs):
             raise InputShapeError(f"model {self.name!r} takes {len(self.graph.inputs)} inputs, got {len(arrays)}")
         feeds = []
         for name, a in zip(self.graph.inputs, arrays):
-            a = np.ascontiguousarray(a, dtype=np.float32)
+            a = np.ascontiguousarray(a, dtype=dtype)
             want = self.graph.input_shapes[name]
             ok = a.ndim == len(want) and all(w is None or w == d for w, d in zip(want[1:], a.shape[1:]))
             if not ok:
@@ -200,28 +209,30 @@ class Model:
                          "node": step.node, "seconds": seconds})
         return rows
 
+    def _graph_in(self, dtype: np.dtype) -> Graph:
+        """The graph with its weights in ``dtype`` (float32 values, widened exactly), made once."""
+        if dtype == np.float32:
+            return self.graph
+        if self._wide_graph is None:
+            nodes = [replace(node, weights={k: v.astype(dtype) for k, v in node.weights.items()})
+                     for node in self.graph.nodes]
+            self._wide_graph = replace(self.graph, nodes=nodes)
+        return self._wide_graph
+
     def _run_reference(self, feeds: list[np.ndarray], outputs: Sequence[str] | None):
-        graph = self.graph
+        graph = self._graph_in(feeds[0].dtype)
         wanted = [graph.resolve(name) for name in outputs] if outputs is not None else list(graph.outputs)
         keep = set(wanted)
-        # How many nodes still need each value; a value is dropped when its last reader has run.
-        remaining: dict[str, int] = {}
-        for node in graph.nodes:
-            for inp in node.inputs:
-                if isinstance(inp, str):
-                    remaining[inp] = remaining.get(inp, 0) + 1
+        nodes = [n for n in graph.nodes if n.op != "InputLayer"]
+        last = last_readers(nodes)  # a value is dropped once its last reader has run
 
         values: dict[str, np.ndarray] = dict(zip(graph.inputs, feeds))
-        for node in graph.nodes:
-            if node.op == "InputLayer":
-                continue
+        for index, node in enumerate(nodes):
             args = [values[i] if isinstance(i, str) else i for i in node.inputs]
             values[node.name] = layer_type(node.op).reference(node, args, graph.keras_version)
-            for inp in node.inputs:
-                if isinstance(inp, str):
-                    remaining[inp] -= 1
-                    if remaining[inp] == 0 and inp not in keep:
-                        del values[inp]
+            for source in {i for i in node.inputs if isinstance(i, str)}:
+                if last[source] == index and source not in keep:
+                    del values[source]
 
         if outputs is not None:
             return {name: values[node] for name, node in zip(outputs, wanted)}

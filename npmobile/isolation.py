@@ -56,8 +56,8 @@ _MAGIC = b"NPMOBILE-READ-1\n"
 _PREFIX = struct.Struct("<16sQQ")  # magic, header length, data length
 _ALIGN = 64  # each array starts on a 64-byte boundary of the buffer
 # Errors a child may report, by name; anything else becomes a ModelFileError.
-_ERRORS = {cls.__name__: cls for cls in (errors.ModelFileError, errors.WeightsError, errors.UnsupportedLayerError,
-                                          errors.NpmobileError)}
+_ERRORS = {cls.__name__: cls for cls in (errors.ModelFileError, errors.WeightsOnlyFileError, errors.WeightsError,
+                                          errors.UnsupportedLayerError, errors.NpmobileError)}
 
 
 def read_file(path: str | os.PathLike, kind: str, timeout: float | None = DEFAULT_TIMEOUT, trusted: bool = False):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from npmobile.errors import ModelFileError
-from npmobile.graph import Graph, Node
+from npmobile.graph import Graph, Node, last_readers
 from npmobile.layers import infer_shapes
 from npmobile.ops import Runner, layer_type
 
@@ -111,12 +111,8 @@ def build_plan(graph: Graph, input_shapes: list[tuple[int, ...]], outputs: list[
         value_of[name] = len(slot_shapes)
         slot_shapes.append(concrete[name])
 
-    last_use: dict[str, int] = {}
     nodes = [n for n in graph.nodes if n.op != "InputLayer"]
-    for index, node in enumerate(nodes):
-        for i in node.inputs:
-            if isinstance(i, str):
-                last_use[i] = index
+    last_use = last_readers(nodes)
     keep = set(outputs)
 
     steps: list[Step] = []

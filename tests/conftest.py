@@ -20,6 +20,15 @@ def keras_files(tmp_path_factory):
     return KerasFiles(tmp_path_factory.mktemp("keras_files"))
 
 
+@pytest.fixture(scope="session")
+def tutorials(tmp_path_factory):
+    """Hand-built tutorial MobileNets with function activations (see tests/tutorial_models.py):
+    ``tutorials("MobileNetV3Small", "tfkeras_h5")``."""
+    from tutorial_models import TutorialFiles
+
+    return TutorialFiles(tmp_path_factory.mktemp("tutorials"))
+
+
 # Fuzzed inputs per target, reported at the end of the run (tests/test_fuzz.py).
 FUZZ_COUNTS: dict[str, dict[str, int]] = {}
 

@@ -217,16 +217,19 @@ class KerasFiles:
             # same model in every run (an unseeded one could, rarely, have no clear top-5 for any input).
             _framework(writer).utils.set_random_seed(seed)
             model = _build(family, writer, kwargs)
-            _give_statistics(model, _inputs(family, kwargs, 8, seed + 1), seed)
-            for attempt in range(20):
-                x = _inputs(family, kwargs, batch, seed + 100 + attempt)
-                y = np.asarray(model.predict(x, verbose=0))
-                if _top_gap_ok(y):
-                    break
-            else:
-                raise AssertionError(f"{family} {kwargs}: could not draw inputs with a clear top-5")
-            self.models[key] = (model, x, y)
+            self.models[key] = (model, *prepare(model, family, kwargs, batch, seed))
         return self.models[key]
+
+
+def prepare(model, family: str, kwargs: dict, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Give ``model`` non-trivial statistics, then draw inputs whose top-5 is clear: (x, Keras's outputs)."""
+    _give_statistics(model, _inputs(family, kwargs, 8, seed + 1), seed)
+    for attempt in range(20):
+        x = _inputs(family, kwargs, batch, seed + 100 + attempt)
+        y = np.asarray(model.predict(x, verbose=0))
+        if _top_gap_ok(y):
+            return x, y
+    raise AssertionError(f"{family} {kwargs}: could not draw inputs with a clear top-5")
 
 
 def segmentation_head(keras, interpolation: str):

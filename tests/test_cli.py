@@ -117,3 +117,45 @@ def test_debug_shows_the_traceback(tmp_path):
     assert result.returncode != 0 and "Traceback" in result.stderr
     plain = run_cli("summary", str(bad))
     assert plain.returncode == 1 and "Traceback" not in plain.stderr and str(bad) in plain.stderr
+
+
+def test_weights_file_of_another_architecture_says_what_the_api_says(keras_files):
+    case = keras_files.get("MobileNetV2", "official_h5", input_shape=(96, 96, 3), alpha=0.35)
+    result = run_cli("classify", str(PHOTOS[0]), "--model", "mobilenet_v3_small", "--weights", str(case.path))
+    assert result.returncode == 1
+    assert "holds weights for 105 layers, the architecture 'MobileNetV3Small' has 88 layers with weights" in \
+        result.stderr
+    assert "no architecture" not in result.stderr
+
+
+def test_a_pytorch_file_given_as_weights_is_read_as_one(tmp_path):
+    """PyTorch state dicts load (tests/test_torch.py); one without tensors, or cut short, fails in one line
+    that says what it is, never as a broken Keras file."""
+    import zipfile
+
+    path = tmp_path / "model.pth"
+    with zipfile.ZipFile(path, "w") as archive:  # the layout torch.save writes
+        archive.writestr("model/data.pkl", b"\x80\x02}q\x00.")
+        archive.writestr("model/version", "3\n")
+        archive.writestr("model/data/0", b"\0" * 16)
+    result = run_cli("classify", str(PHOTOS[0]), "--weights", str(path))
+    assert result.returncode == 1 and "holds no tensors" in result.stderr
+    assert "config.json" not in result.stderr
+    legacy = tmp_path / "legacy.pth"
+    legacy.write_bytes(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.")  # torch's legacy pickle format, cut short
+    result = run_cli("classify", str(PHOTOS[0]), "--weights", str(legacy))
+    assert result.returncode == 1 and "the pickle is corrupt" in result.stderr and "config.json" not in result.stderr
+
+
+def test_custom_object_option_maps_a_tutorial_function(tutorials):
+    case = tutorials("MobileNetV3Small", "keras3_keras")
+    refused = run_cli("summary", str(case.path))
+    assert refused.returncode == 1 and "--custom-object hard_swish=hard_swish" in refused.stderr
+    mapped = ["--custom-object", "hard_swish=hard_swish", "--custom-object", "h_sigmoid=hard_sigmoid"]
+    result = run_cli("summary", str(case.path), *mapped)
+    assert result.returncode == 0, result.stderr
+    assert "block4_se_mul (Multiply)" in result.stdout
+    result = run_cli("classify", str(PHOTOS[0]), "--weights", str(case.path), "--json", *mapped)
+    assert result.returncode == 0, result.stderr
+    assert [t["label"] for t in json.loads(result.stdout)[0]["top"]][0].startswith("class ")
+    assert run_cli("summary", str(case.path), "--custom-object", "hard_swish").returncode == 2

@@ -87,7 +87,7 @@ def run(args) -> int:
         output_format(args.out)  # a wrong suffix fails now, not after the work
     classifier = BatchClassifier(
         ModelRef(args.model, args.weights, args.alpha, args.size, args.minimalistic, args.load_timeout,
-                 args.trusted), output=args.output,
+                 args.trusted, tuple(args.custom_objects)), output=args.output,
         top=args.top, threads=args.threads, interpolation=args.interpolation,
         crop=None if args.crop == "none" else args.crop, labels=read_labels(args.labels) if args.labels else None,
     )

@@ -54,6 +54,21 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
                              "(a faster start; only for files you trust)")
 
 
+def custom_object(text: str) -> tuple[str, str]:
+    """``--custom-object NAME=BUILTIN``: a custom function in the file, and the built-in it computes."""
+    name, sep, builtin = text.partition("=")
+    if not sep or not name or not builtin:
+        raise argparse.ArgumentTypeError(f"expected NAME=BUILTIN (e.g. hard_swish=hard_swish), got {text!r}")
+    return name, builtin
+
+
+def add_custom_object_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--custom-object", dest="custom_objects", metavar="NAME=BUILTIN", type=custom_object,
+                        action="append", default=[],
+                        help="your own activation function NAME in the file computes the built-in BUILTIN "
+                             "(e.g. hard_swish=hard_swish, my_act=relu6); repeatable. Nothing in the file is run")
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=list(FAMILIES), default="mobilenet_v2",
                         help="architecture (default mobilenet_v2)")
@@ -67,10 +82,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "torchvision way (shorter side to 256 bilinear, center crop 224, ImageNet mean/std) "
                              "and the top-k a softmax over its logits; default: the official ImageNet weights")
     add_load_options(parser)
+    add_custom_object_option(parser)
 
 
 def open_model(family: str, alpha: float, size: int, minimalistic: bool, weights: str | None,
-               timeout: float | None = DEFAULT_TIMEOUT, trusted: bool = False):
+               timeout: float | None = DEFAULT_TIMEOUT, trusted: bool = False,
+               custom_objects: list[tuple[str, str]] | None = None):
     """A model for the CLI: a whole Keras model from ``weights`` if the file holds one, otherwise the
     ``family`` architecture with ``weights`` (a weights file, or the official ImageNet weights).
 
@@ -79,21 +96,28 @@ def open_model(family: str, alpha: float, size: int, minimalistic: bool, weights
         return family_model(family, alpha, size, minimalistic, "imagenet", timeout, trusted)
     if not Path(weights).is_file():
         raise NpmobileError(f"{weights}: no such file")
+    from npmobile.activations import check_custom_objects, map_custom_functions
+    from npmobile.errors import WeightsOnlyFileError
     from npmobile.io.torch import StateDict
     from npmobile.isolation import start_read
     from npmobile.spec import ModelSpec
 
+    mapping = check_custom_objects(dict(custom_objects or ()))
     pending = start_read(weights, "any", timeout, trusted)
     from npmobile.graph import Graph  # the engine's imports (Numba) overlap with the reading
     from npmobile.interpreter import Model
 
     contents = pending.result()
     if isinstance(contents, ModelSpec):
+        map_custom_functions(contents, mapping)
         return Model(Graph.from_spec(contents))
     if isinstance(contents, StateDict):  # PyTorch: the architecture is read from the tensors
         from npmobile.applications.torchvision import model_from_state_dict
 
         return model_from_state_dict(contents)
+    if isinstance(contents.model_error, WeightsOnlyFileError):
+        # Weights and no architecture: whether they fit --model is the question, and its answer the message.
+        return family_model(family, alpha, size, minimalistic, contents)
     try:
         return family_model(family, alpha, size, minimalistic, contents)
     except NpmobileError:
@@ -118,7 +142,7 @@ def teaching_model(args):
     if args.weights is not None and args.weights.lower() == "none":
         return family_model(args.model, args.alpha, args.size, args.minimalistic, None)
     return open_model(args.model, args.alpha, args.size, args.minimalistic, args.weights, args.load_timeout,
-                      args.trusted)
+                      args.trusted, args.custom_objects)
 
 
 def preprocess_for(model) -> str:

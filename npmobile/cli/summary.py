@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from npmobile.cli.models import add_load_options, family_model, positive_int
+from npmobile.cli.models import add_custom_object_option, add_load_options, family_model, positive_int
 from npmobile.weights.registry import FAMILIES
 
 
@@ -22,6 +22,7 @@ def add_parser(commands):
                              "layer saves against a standard convolution (a file with an unknown input size "
                              "is counted at --size)")
     add_load_options(parser)
+    add_custom_object_option(parser)
     return parser
 
 
@@ -31,7 +32,8 @@ def run(args) -> int:
     if args.model in FAMILIES:
         model = family_model(args.model, args.alpha, args.size, args.minimalistic, None)
     else:
-        model = npmobile.load_model(args.model, timeout=args.load_timeout, trusted=args.trusted)
+        model = npmobile.load_model(args.model, custom_objects=dict(args.custom_objects), timeout=args.load_timeout,
+                                    trusted=args.trusted)
     if args.costs:
         print(costs_report(model, args.size))
     else:

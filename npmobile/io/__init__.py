@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from npmobile.errors import ModelFileError, NpmobileError, WeightsError
+from npmobile.errors import ModelFileError, NpmobileError, WeightsError, WeightsOnlyFileError
 from npmobile.io.config import parse_model_config
+from npmobile.io.kinds import foreign_archive, foreign_file
 from npmobile.io.torch import torch_format
 from npmobile.io.variables import canonical_name, split_weight_name, variable_order
 from npmobile.spec import LayerSpec, ModelSpec, StoredLayer, WeightsFile
@@ -46,7 +47,7 @@ __all__ = ["WeightsFile", "bind_weights", "read_model", "read_weights"]
 def _kind(path: str) -> str:
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(16)
     except IsADirectoryError:
         raise ModelFileError(f"{path}: is a directory, not a Keras file") from None
     except FileNotFoundError:
@@ -62,7 +63,7 @@ def _kind(path: str) -> str:
         return "zip"
     if not head:
         raise ModelFileError(f"{path}: the file is empty")
-    raise ModelFileError(f"{path}: not a Keras file (neither HDF5 .h5 nor a .keras zip)")
+    raise ModelFileError(foreign_file(path, head))
 
 
 def _open_hdf5(source, name: str) -> h5py.File:
@@ -89,6 +90,9 @@ class _KerasArchive:
                 raise ModelFileError(f"{path}: archive member {name!r} has an unsafe path; refusing the file")
             if info.file_size > MAX_ZIP_MEMBER_BYTES:
                 raise ModelFileError(f"{path}: archive member {name!r} is {info.file_size:,} bytes; refusing it")
+        foreign = foreign_archive(path, members)
+        if foreign is not None:
+            raise ModelFileError(foreign)
         self.members = members
 
     def read(self, name: str, limit: int) -> bytes:
@@ -173,7 +177,7 @@ def _read_model(path: str) -> ModelSpec:
         with _open_hdf5(path, path) as f:
             config = model_config(f, path)
             if config is None:
-                raise ModelFileError(
+                raise WeightsOnlyFileError(
                     f"{path}: holds weights only, no architecture; load it with an architecture, e.g. "
                     "npmobile.applications.MobileNetV2(weights=PATH, ...)"
                 )

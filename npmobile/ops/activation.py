@@ -1,62 +1,20 @@
-"""Activations: the table of names, and the ReLU, Activation and Softmax layers.
-
-One table says what each activation name means and where it comes from: ``hard_sigmoid`` depends on
-who wrote the file (Keras 2 meant clip(0.2x + 0.5, 0, 1), Keras 3 means relu6(x + 3) / 6).
+"""The ReLU, Activation and Softmax layers. What each activation name means, and where it comes from
+(``hard_sigmoid`` depends on who wrote the file), is the one table in npmobile/activations.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from npmobile.activations import FUSABLE_ACTIVATIONS, activation_function, lookup
 from npmobile.errors import UnsupportedLayerError
 from npmobile.kernels import reference as ref
 from npmobile.ops import LayerType, Runner, register
 
 if TYPE_CHECKING:
     from npmobile.graph import Node
-
-# Activation names as Keras writes them -> the reference function (Keras 3's meaning).
-ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "relu": ref.relu,
-    "relu6": ref.relu6,
-    "sigmoid": ref.sigmoid,
-    "hard_sigmoid": ref.hard_sigmoid,
-    "hard_swish": ref.hard_swish,
-    "hard_swish_from_ops": ref.hard_swish_from_ops,  # npmobile's own: what fuse_hard_swish_ops makes
-    "hard_silu": ref.hard_swish,
-    "swish": ref.swish,
-    "silu": ref.swish,
-    "softmax": ref.softmax,
-    "tanh": np.tanh,
-}
-# Names whose meaning changed between Keras versions: (name, written by Keras major < 3) -> function.
-KERAS2_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"hard_sigmoid": ref.hard_sigmoid_keras2}
-
-# Activations the kernels can apply in a convolution's epilogue.
-FUSABLE_ACTIVATIONS = ("relu", "relu6", "hard_swish", "hard_silu", "sigmoid", "swish", "silu")
-
-
-def activation_function(name, keras_version: int = 3) -> Callable[[np.ndarray], np.ndarray] | None:
-    """The reference kernel for a Keras activation name (None for linear)."""
-    if isinstance(name, dict):  # {"class_name": "relu", "config": {...}} or a serialized function
-        config = name.get("config")
-        if name.get("class_name") == "function" or isinstance(config, str):
-            # Keras 3 writes a user's own function as {"class_name": "function", "config": "pkg>name"}.
-            raise UnsupportedLayerError(f"activation {str(config)!r} is a custom function; npmobile never runs "
-                                        "code from a file")
-        name = (config.get("name") if isinstance(config, dict) else None) or name.get("class_name") or str(name)
-    if name in (None, "linear"):
-        return None
-    if not isinstance(name, str):
-        raise UnsupportedLayerError(f"activation {str(name)[:40]!r} is not an activation name")
-    if keras_version < 3 and name in KERAS2_ACTIVATIONS:
-        return KERAS2_ACTIVATIONS[name]
-    if name not in ACTIVATIONS:
-        raise UnsupportedLayerError(f"activation {name!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
-    return ACTIVATIONS[name]
 
 
 def apply_activation(x: np.ndarray, node: Node, keras_version: int) -> np.ndarray:
@@ -70,7 +28,8 @@ def epilogue_code(node: Node, keras_version: int) -> int | None:
     name = node.config.get("activation")
     if isinstance(name, dict):
         return None
-    if keras_version < 3 and name in KERAS2_ACTIVATIONS:
+    found = lookup(name)
+    if keras_version < 3 and found is not None and found.keras2 is not None:
         return None  # e.g. Keras 2's 0.2x + 0.5: no epilogue for it, use the reference path
     from npmobile.kernels.activations import ACTIVATION_CODES
 

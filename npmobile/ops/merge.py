@@ -30,7 +30,7 @@ def broadcast_shape(node: Node, inputs: list) -> tuple:
 def add_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
     y = inputs[0]
     for other in inputs[1:]:
-        y = y + (np.float32(other) if isinstance(other, float) else other)
+        y = y + other  # a scalar operand is a Python float: NumPy rounds it to y's dtype
     return y
 
 
@@ -52,7 +52,7 @@ def add_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Runner 
 def multiply_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
     y = inputs[0]
     for other in inputs[1:]:
-        y = y * (np.float32(other) if isinstance(other, float) else other)
+        y = y * other
     return y
 
 

@@ -87,7 +87,7 @@ def rescaling_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
     scale, offset = node.config.get("scale", 1.0), node.config.get("offset", 0.0)
     if isinstance(scale, (list, tuple)) or isinstance(offset, (list, tuple)):
         x = inputs[0]
-        return (x * np.asarray(scale, np.float32) + np.asarray(offset, np.float32)).astype(np.float32)
+        return (x * np.asarray(scale, x.dtype) + np.asarray(offset, x.dtype)).astype(x.dtype, copy=False)
     return ref.rescale(inputs[0], float(scale), float(offset))
 
 

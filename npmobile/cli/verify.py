@@ -1,0 +1,522 @@
+"""``npmobile verify``: the user's own proof that npmobile answers like Keras on their model.
+
+It loads the same file in Keras (tf_keras for files tf_keras / Keras 2 wrote, when installed; Keras 3 otherwise),
+runs both on the images (or seeded random inputs in the model's range) and compares, layer by layer in graph
+order, with the parity tests' tolerances; then the final output of the fast, fused path ``predict`` uses, on its
+own; and each engine's distance from npmobile's float64 reference, to show whose rounding a difference is.
+This module is the only place npmobile imports TensorFlow / Keras, and only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from npmobile.cli.models import add_custom_object_option, add_load_options, model_input, positive_int, preprocess_for
+from npmobile.errors import CustomObjectError, NpmobileError
+
+# The parity tolerances (tests/test_parity.py): probabilities absolutely, feature maps relative to their range.
+PROBABILITY_ATOL = 5e-5
+FEATURE_RTOL = 1e-4
+EXIT_OK, EXIT_BEYOND, EXIT_USAGE, EXIT_COULD_NOT_RUN = 0, 1, 2, 3
+
+EXAMPLES = """\
+examples:
+  npmobile verify my_model.keras                                  seeded random inputs
+  npmobile verify tutorial.h5 cat.jpg --custom-object hard_swish=hard_swish --custom-object h_sig=hard_sigmoid
+  npmobile verify tutorial.h5 --custom-object hard_swish=hard_swish --custom-objects-module my_activations.py
+  npmobile verify my_model.h5 --json > parity.json
+
+A mapped name is given Keras's built-in of that name (keras.activations.hard_swish): that checks npmobile
+against Keras. --custom-objects-module gives Keras your own functions instead (your code, run by verify only):
+that checks your mapping too.
+exit status: 0 within tolerance, 1 beyond it, 2 usage error, 3 could not run.
+"""
+
+
+class CouldNotRun(Exception):
+    """Something outside npmobile's control stopped the comparison: Keras cannot load the file, the user's module
+    does not import."""
+
+
+class UsageProblem(Exception):
+    """An option that cannot be used as given."""
+
+
+@dataclass
+class Difference:
+    """How far one engine's values are from another's on one layer (or the final output)."""
+
+    max_abs: float = 0.0
+    rel: float = 0.0  # max |diff| / max(1, max |reference|): the quantity the feature-map tolerance bounds
+    tolerance: float = 0.0  # in max |diff| units
+    ok: bool = True
+    worst: float = 0.0  # max |diff| / tolerance over the inputs
+
+    def add(self, got: np.ndarray, reference: np.ndarray) -> None:
+        got, reference = np.asarray(got, np.float64), np.asarray(reference, np.float64)
+        if got.shape != reference.shape:
+            self.ok, self.worst, self.max_abs = False, float("inf"), float("inf")
+            return
+        diff = float(np.abs(got - reference).max()) if got.size else 0.0
+        scale = max(1.0, float(np.abs(reference).max())) if reference.size else 1.0
+        tolerance = PROBABILITY_ATOL if is_probability(reference) else FEATURE_RTOL * scale
+        ratio = diff / tolerance if np.isfinite(diff) else float("inf")
+        self.max_abs, self.rel = max(self.max_abs, diff), max(self.rel, diff / scale)
+        if ratio >= self.worst:
+            self.worst, self.tolerance = ratio, tolerance
+        self.ok = self.ok and bool(diff <= tolerance)
+
+    def as_dict(self) -> dict:
+        return {"max_abs": self.max_abs, "rel": self.rel, "tolerance": self.tolerance, "ok": self.ok}
+
+
+@dataclass
+class LayerRow:
+    name: str
+    class_name: str
+    shape: tuple
+    versus: Difference = field(default_factory=Difference)  # npmobile (unfused fast kernels) vs the reference side
+    npmobile_f64: Difference = field(default_factory=Difference)
+    reference_f64: Difference = field(default_factory=Difference)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "class": self.class_name, "shape": list(self.shape), **self.versus.as_dict(),
+                "npmobile_vs_float64": self.npmobile_f64.max_abs, "reference_vs_float64": self.reference_f64.max_abs}
+
+
+def is_probability(values: np.ndarray) -> bool:
+    """[batch, classes] rows of non-negative values summing to 1 (a softmax output)."""
+    return bool(values.ndim == 2 and values.shape[1] > 1 and values.min() >= 0
+                and np.allclose(values.sum(axis=1), 1, atol=1e-3))
+
+
+def top5_agreement(got: np.ndarray, reference: np.ndarray) -> str:
+    """"yes", "yes (ties ...)" when the orders differ only between classes the reference scores within the
+    probability tolerance of each other, "no", or "n/a" for outputs that are not probabilities."""
+    if got.shape != reference.shape or not is_probability(reference) or reference.shape[1] < 5:
+        return "n/a"
+    ties = []
+    for n in range(got.shape[0]):
+        ours = np.argsort(-got[n], kind="stable")[:5]
+        theirs = np.argsort(-reference[n], kind="stable")[:5]
+        for rank, (a, b) in enumerate(zip(ours, theirs)):
+            if a == b:
+                continue
+            if abs(float(reference[n, a]) - float(reference[n, b])) > PROBABILITY_ATOL:
+                return "no"
+            ties.append(f"input {n} rank {rank + 1}")
+    return "yes" if not ties else f"yes (tied within {PROBABILITY_ATOL:g} at {', '.join(ties)})"
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------------
+
+
+def add_parser(commands) -> argparse.ArgumentParser:
+    parser = commands.add_parser(
+        "verify", help="check that npmobile answers like Keras on your model, layer by layer",
+        description=textwrap.fill(
+            "Load MODEL in npmobile and in Keras, run both on the images (or on seeded random inputs in the model's "
+            "range: 0..255 for a model that starts with a Rescaling layer, -1..1 otherwise), and print, layer by "
+            "layer, the largest absolute and relative difference, the first layer beyond the tolerances "
+            "(probabilities 5e-5; feature maps 1e-4 x max(1, max|Keras|)), whether the top-5 agree, and each "
+            "engine's distance from npmobile's float64 reference. Without Keras it compares npmobile's fast path "
+            "with its reference path.", 100),
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL", help="a Keras file (.h5, .keras)")
+    parser.add_argument("images", nargs="*", metavar="IMAGE", help="images to run (default: random inputs)")
+    add_custom_object_option(parser)
+    add_load_options(parser)
+    parser.add_argument("--custom-objects-module", metavar="FILE.py",
+                        help="a Python file defining your activation functions by the names the model file uses: "
+                             "Keras runs them instead of its built-ins (your code, run by verify only)")
+    parser.add_argument("--samples", type=positive_int, default=2, metavar="N",
+                        help="random inputs when no IMAGE is given (default 2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    parser.add_argument("--size", type=positive_int, default=224,
+                        help="input size for a model that takes any size (default 224)")
+    parser.add_argument("--without-keras", action="store_true",
+                        help="compare npmobile's fast path with its own reference path only (what verify does "
+                             "when Keras is not installed)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+def run(args) -> int:
+    try:
+        report = verify(args)
+    except (UsageProblem, CustomObjectError) as error:
+        if getattr(args, "debug", False):
+            raise
+        print(f"npmobile verify: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CouldNotRun, NpmobileError) as error:
+        if getattr(args, "debug", False):
+            raise
+        print(f"npmobile verify: could not run: {error}", file=sys.stderr)
+        return EXIT_COULD_NOT_RUN
+    print(json.dumps(report, indent=2) if args.json else report_text(report))
+    return EXIT_OK if report["ok"] else EXIT_BEYOND
+
+
+def verify(args) -> dict:
+    import npmobile
+    from npmobile.activations import check_custom_objects
+
+    mapping = check_custom_objects(dict(args.custom_objects))
+    module_path = args.custom_objects_module
+    if module_path is not None and not Path(module_path).is_file():
+        raise UsageProblem(f"{module_path}: no such file")
+    if not Path(args.model).is_file():
+        raise UsageProblem(f"{args.model}: no such file")
+    model = npmobile.load_model(args.model, custom_objects=mapping, timeout=args.load_timeout, trusted=args.trusted)
+    if len(model.graph.inputs) != 1:
+        raise CouldNotRun(f"{args.model}: the model takes {len(model.graph.inputs)} inputs; verify runs models "
+                          "with one input")
+    x, inputs_text = _inputs(model, args)
+
+    side = None if args.without_keras else _open_keras(args.model, model.graph.keras_version, mapping, module_path)
+    if not isinstance(side, _KerasSide):
+        side = _NpmobileReference(model, "--without-keras" if args.without_keras else side)
+    layers = _compare_layers(model, side, x)
+    final = Difference()
+    fast = np.asarray(model.predict(x))
+    reference_final = np.asarray(side.predict(x))
+    final.add(fast, reference_final)
+    exact = np.asarray(model.predict(x, reference=True, dtype=np.float64))
+    to_exact = {"npmobile": Difference(), side.label: Difference()}
+    to_exact["npmobile"].add(fast, exact)
+    to_exact[side.label].add(reference_final, exact)
+    top5 = top5_agreement(fast, reference_final)
+    first_bad = next((row.name for row in layers if not row.versus.ok), None)
+    ok = final.ok and first_bad is None and top5 != "no"
+    return {
+        "model": str(args.model), "model_name": model.name,
+        "writer": "Keras 2 / tf_keras" if model.graph.keras_version < 3 else "Keras 3",
+        "inputs": inputs_text, "reference": side.label, "reference_detail": side.detail, "notes": side.notes,
+        "layers": [row.as_dict() for row in layers], "skipped_layers": side.skipped,
+        "first_layer_beyond_tolerance": first_bad,
+        "final": {**final.as_dict(), "top5_agree": top5, "path": "predict (fast, fused)"},
+        "float64": {name: d.max_abs for name, d in to_exact.items()},
+        "ok": ok,
+    }
+
+
+def _inputs(model, args) -> tuple[np.ndarray, str]:
+    pixels = preprocess_for(model) == "none"  # V3 and any model that starts with Rescaling takes 0..255
+    if args.images:
+        for path in args.images:
+            if not Path(path).is_file():
+                raise UsageProblem(f"{path}: no such file")
+        x = np.concatenate([model_input(model, path, args.size) for path in args.images])
+        return x, f"{len(args.images)} image(s), " + ("pixels 0..255" if pixels else "preprocessed to -1..1")
+    shape = tuple(d or args.size for d in model.input_shape[1:])
+    rng = np.random.default_rng(args.seed)
+    low, high = (0.0, 255.0) if pixels else (-1.0, 1.0)
+    x = rng.uniform(low, high, (args.samples, *shape)).astype(np.float32)
+    return x, f"{args.samples} random input(s) {shape} in {low:g}..{high:g} (seed {args.seed})"
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference side: Keras, or npmobile's own reference path
+# --------------------------------------------------------------------------------------------------
+
+
+class _NpmobileReference:
+    """npmobile's float32 reference path (plain NumPy kernels, the graph as written): what verify compares the
+    fast path with when Keras is not there."""
+
+    def __init__(self, model, why: str):
+        self.model = model
+        self.label = "npmobile reference"
+        self.detail = f"npmobile's reference path (Keras not used: {why})"
+        self.notes: list[str] = []
+        self.skipped: list[str] = []
+
+    def layers(self) -> list[tuple[str, str]]:
+        return [(node.name, node.op) for node in self.model.graph.nodes if node.op != "InputLayer"]
+
+    def predict_layers(self, x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+        return self.model.predict(x, outputs=names, reference=True)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.model.predict(x, reference=True)
+
+
+class _KerasSide:
+    def __init__(self, framework, keras_model, detail: str, notes: list[str]):
+        self.framework = framework
+        self.keras_model = keras_model
+        self.label = "Keras"
+        self.detail = detail
+        self.notes = notes
+        self.skipped: list[str] = []
+        self._outputs: dict[str, object] = {}  # layer name -> its symbolic output in the outer graph
+        # A nested model's layers live in its own graph: layer name -> (nested model, output in that graph), and
+        # nested model name -> what the outer graph feeds it.
+        self._inner: dict[str, tuple[object, object]] = {}
+        self._feeds: dict[str, object] = {}
+
+    def layers(self) -> list[tuple[str, str]]:
+        """(name, class) of every layer (and Keras 3 operation) in graph order, a nested model's own layers just
+        before it."""
+        model = self.keras_model
+        found = []
+        for op in getattr(model, "operations", None) or model.layers:
+            if type(op).__name__ == "InputLayer":
+                continue
+            nested = isinstance(op, self.framework.Model)
+            if nested:
+                found.extend(self._nested_layers(op))
+            output = _call_output(op) if nested else _symbolic_output(op)
+            if output is None:
+                self.skipped.append(f"{op.name} ({type(op).__name__}: no single output in this graph)")
+                continue
+            self._outputs[op.name] = output
+            found.append((op.name, type(op).__name__))
+        return found
+
+    def _nested_layers(self, model) -> list[tuple[str, str]]:
+        """The layers of a nested model (one level deep), run by a probe of that model on what the outer model
+        feeds it."""
+        try:
+            feed = model._inbound_nodes[-1].input_tensors
+        except (AttributeError, IndexError):
+            feed = None
+        feed = feed[0] if isinstance(feed, (list, tuple)) and len(feed) == 1 else feed
+        if feed is None or isinstance(feed, (list, tuple)):
+            self.skipped.append(f"the layers inside nested model {model.name} (compared through its output)")
+            return []
+        self._feeds[model.name] = feed
+        found = []
+        for layer in model.layers:
+            if type(layer).__name__ == "InputLayer" or isinstance(layer, self.framework.Model):
+                continue
+            output = _symbolic_output(layer)
+            if output is None:
+                self.skipped.append(f"{layer.name} ({type(layer).__name__}, inside {model.name})")
+                continue
+            self._inner[layer.name] = (model, output)
+            found.append((layer.name, type(layer).__name__))
+        return found
+
+    def predict_layers(self, x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+        outer = [n for n in names if n not in self._inner]
+        nested = {id(self._inner[n][0]): self._inner[n][0] for n in names if n in self._inner}
+        feeds = [self._feeds[m.name] for m in nested.values()]
+        values = _run_probe(self.framework, self.keras_model.inputs, [self._outputs[n] for n in outer] + feeds, x)
+        result = dict(zip(outer, values))
+        for model, fed in zip(nested.values(), values[len(outer):]):
+            inner = [n for n in names if n in self._inner and self._inner[n][0] is model]
+            result.update(zip(inner, _run_probe(self.framework, model.inputs,
+                                                [self._inner[n][1] for n in inner], fed)))
+        return result
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.keras_model.predict(x, verbose=0))
+
+
+def _run_probe(framework, inputs, outputs: list, x: np.ndarray) -> list[np.ndarray]:
+    """Keras's own values of ``outputs`` (symbolic tensors of one graph) on ``x``, by ``predict`` as users run it."""
+    if not outputs:
+        return []
+    values = framework.Model(inputs, outputs).predict(x, verbose=0)
+    values = values if isinstance(values, list) else [values]
+    return [np.asarray(v) for v in values]
+
+
+def _symbolic_output(op):
+    """A layer's output in the model's own graph: for a nested model or a layer called twice ``.output`` is
+    ambiguous (Keras raises); such a layer is compared only through the layers after it."""
+    try:
+        output = op.output
+    except (AttributeError, ValueError, RuntimeError):
+        return None
+    return None if isinstance(output, (list, tuple)) else output
+
+
+def _call_output(model):
+    """A nested model's output where the outer model calls it (its own ``.output`` belongs to its inner graph)."""
+    try:
+        node = model._inbound_nodes[-1]  # the last call: Keras 2 counts the model's construction as node 0
+        outputs = node.output_tensors
+    except (AttributeError, IndexError):
+        return None
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    return outputs[0] if len(outputs) == 1 else None
+
+
+def _user_module(path: str):
+    """The user's own activations file, imported: their code, run only because they asked verify to."""
+    spec = importlib.util.spec_from_file_location("npmobile_verify_user_activations", path)
+    if spec is None or spec.loader is None:
+        raise UsageProblem(f"{path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # their code: any failure is theirs to see
+        raise CouldNotRun(f"{path}: importing it failed ({type(error).__name__}: {error})") from None
+    return module
+
+
+def _open_keras(path: str, keras_version: int, mapping: dict[str, str], module_path: str | None) -> _KerasSide | str:
+    """The file loaded in Keras, with each mapped custom function given Keras's built-in of the name npmobile
+    was told (or the user's own function, from their module); or, when Keras cannot be imported, why."""
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        import keras
+    except Exception as error:  # ImportError, or a Keras without a backend failing as it starts
+        return f"Keras is not importable in this Python ({type(error).__name__}: {str(error)[:120]})"
+    framework, name = keras, f"Keras {keras.__version__}"
+    if keras_version < 3:
+        try:
+            import tf_keras
+
+            framework, name = tf_keras, f"tf_keras {tf_keras.__version__}"
+        except ImportError:
+            name += " (tf_keras is not installed; Keras 3 reads the Keras 2 file)"
+    user = _user_module(module_path) if module_path else None
+    custom, notes = {}, []
+    for function, builtin in mapping.items():
+        if user is not None:
+            if not callable(getattr(user, function, None)):
+                raise CouldNotRun(f"{module_path} defines no function {function!r}, which the model file names")
+            custom[function] = getattr(user, function)
+            notes.append(f"{function}: Keras runs your {Path(module_path).name}:{function} (your code, run only by "
+                         f"verify); npmobile runs its built-in {builtin}")
+        else:
+            custom[function] = keras.activations.get(builtin)
+            notes.append(f"{function}: Keras runs its built-in keras.activations.{builtin}, npmobile its {builtin} "
+                         "(your own function is not checked: pass --custom-objects-module to check it)")
+    try:
+        keras_model = framework.models.load_model(path, custom_objects=custom, compile=False)
+    except Exception as error:  # Keras's own failure on this file: report it, do not hide it as npmobile's
+        if framework is keras or not custom:
+            raise CouldNotRun(f"{name} could not load {path} ({type(error).__name__}: {str(error)[:300]})") from None
+        keras_model = _tf_keras_with_named_functions(framework, path, custom, error)
+        notes.append("tf_keras cannot read back the {'class_name': 'function'} entries it writes for your functions; "
+                     "verify gave it a temporary copy of the file naming them by plain name, as older tf_keras wrote "
+                     "them (nothing else changed)")
+    return _KerasSide(framework, keras_model, name, notes)
+
+
+def _tf_keras_with_named_functions(tf_keras, path: str, custom: dict, error: Exception):
+    """tf_keras writes a user's function as {"class_name": "function", "config": "hard_swish", ...} and then
+    refuses that entry on load, whatever custom_objects says (tf_keras 2.21). Load a temporary copy whose config
+    names each function by its plain name, which tf_keras resolves through custom_objects."""
+    import os
+    import shutil
+    import tempfile
+
+    import h5py
+
+    from npmobile.activations import custom_function_name
+
+    def plain(value):
+        if isinstance(value, dict):
+            name = custom_function_name(value)
+            return name if name is not None and name in custom else {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    handle, copy = tempfile.mkstemp(suffix=".h5")
+    os.close(handle)
+    try:
+        shutil.copyfile(path, copy)
+        with h5py.File(copy, "r+") as f:
+            config = f.attrs["model_config"]
+            config = json.loads(config.decode() if isinstance(config, bytes) else config)
+            f.attrs["model_config"] = json.dumps(plain(config))
+        return tf_keras.models.load_model(copy, custom_objects=custom, compile=False)
+    except Exception:
+        raise CouldNotRun(f"tf_keras could not load {path} ({type(error).__name__}: {str(error)[:300]})") from None
+    finally:
+        os.unlink(copy)
+
+
+# --------------------------------------------------------------------------------------------------
+# Comparing
+# --------------------------------------------------------------------------------------------------
+
+
+def _compare_layers(model, side, x: np.ndarray) -> list[LayerRow]:
+    """Every layer both engines know by name, one input at a time (all of a model's feature maps at once, for a
+    whole batch, would not fit in memory at 224 px)."""
+    rows: list[LayerRow] = []
+    names = []
+    for name, class_name in side.layers():
+        try:
+            model.graph.resolve(name)
+        except KeyError:
+            side.skipped.append(f"{name} ({class_name}: not a layer npmobile keeps by that name)")
+            continue
+        names.append(name)
+        rows.append(LayerRow(name, class_name, ()))
+    for n in range(x.shape[0]):
+        one = x[n : n + 1]
+        theirs = side.predict_layers(one, names)
+        ours = model.predict(one, outputs=names)
+        exact = model.predict(one, outputs=names, reference=True, dtype=np.float64)
+        for row in rows:
+            row.shape = tuple(theirs[row.name].shape[1:])
+            row.versus.add(ours[row.name], theirs[row.name])
+            row.npmobile_f64.add(ours[row.name], exact[row.name])
+            row.reference_f64.add(theirs[row.name], exact[row.name])
+        del theirs, ours, exact
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Text
+# --------------------------------------------------------------------------------------------------
+
+
+def report_text(report: dict) -> str:
+    ref = report["reference"]
+    lines = [f"npmobile verify: {report['model']} (model {report['model_name']!r}, written by {report['writer']})",
+             f"inputs: {report['inputs']}",
+             f"compared with: {report['reference_detail']}"]
+    lines += [f"  {note}" for note in report["notes"]]
+    width = max([len(row["name"]) for row in report["layers"]] + [5])
+    lines.append("f64: npmobile's float64 reference run of the same graph (near-exact arithmetic); rel: max |diff| / "
+                 "max(1, max |reference|)")
+    lines.append("")
+    lines.append(f"{'layer':<{width}}  {'class':<22} {'max |diff|':>10} {'rel':>9} {'tolerance':>9}      "
+                 f"{'npmobile↔f64':>12} {ref + '↔f64':>12}")
+    for row in report["layers"]:
+        mark = "ok" if row["ok"] else "BEYOND"
+        lines.append(f"{row['name']:<{width}}  {row['class']:<22} {row['max_abs']:>10.2e} {row['rel']:>9.2e} "
+                     f"{row['tolerance']:>9.1e} {mark:<6} {row['npmobile_vs_float64']:>12.2e} "
+                     f"{row['reference_vs_float64']:>12.2e}")
+    if report["skipped_layers"]:
+        lines.append(f"not compared: {', '.join(report['skipped_layers'])}")
+    lines.append("")
+    worst = max(report["layers"], key=lambda r: r["max_abs"] / r["tolerance"] if r["tolerance"] else 0,
+                default=None)
+    first = report["first_layer_beyond_tolerance"]
+    lines.append(f"first layer beyond tolerance: {first or 'none'}"
+                 + (" (the layers after it inherit its difference)" if first else "")
+                 + (f" (closest to it: {worst['name']}, {worst['max_abs']:.2e} of {worst['tolerance']:.1e})"
+                    if worst and not first else ""))
+    final = report["final"]
+    lines.append(f"final output ({final['path']}): max |diff| {final['max_abs']:.2e}, rel {final['rel']:.2e}, "
+                 f"tolerance {final['tolerance']:.1e}: {'ok' if final['ok'] else 'BEYOND'}; "
+                 f"top-5 agree: {final['top5_agree']}")
+    distances = ", ".join(f"{name} {value:.2e}" for name, value in report["float64"].items())
+    lines.append(f"distance from the float64 reference (final output, max |diff|): {distances}")
+    verdict = "within tolerance" if report["ok"] else "BEYOND tolerance"
+    lines.append(f"verdict: {verdict} (exit {EXIT_OK if report['ok'] else EXIT_BEYOND})")
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""Naming a file that is not a Keras file for what it is, so the message says "a PyTorch checkpoint", not
+"a .keras archive with no config.json". Only the first bytes and a zip's member names are looked at."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+KERAS_MEMBERS = ("config.json", "model.weights.h5")
+NOT_SUPPORTED = "npmobile reads Keras files (.h5, .keras, .weights.h5)"
+
+
+def foreign_file(path: str, head: bytes) -> str:
+    """The message for a file that is neither HDF5 nor zip, from its first bytes."""
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        kind = "a Python pickle (a PyTorch .pt/.pth saved in the legacy format?)"
+    elif head[4:8] == b"TFL3":
+        kind = "a TensorFlow Lite model"
+    elif head.startswith(b"\x93NUMPY"):
+        kind = "a NumPy .npy array"
+    elif len(head) >= 10 and head[8:10] == b'{"':
+        kind = "a safetensors file"
+    elif head[:1] == b"\x08" and path.lower().endswith(".onnx"):
+        kind = "an ONNX model"
+    else:
+        return f"{path}: not a Keras file (neither HDF5 .h5 nor a .keras zip)"
+    return f"{path}: {kind}, not a Keras file: {NOT_SUPPORTED}"
+
+
+def foreign_archive(path: str, members: Iterable[str]) -> str | None:
+    """The message for a zip that is not a .keras archive (None if it looks like one)."""
+    names = list(members)
+    if any(name in KERAS_MEMBERS for name in names):
+        return None
+    tails = {name.rsplit("/", 1)[-1] for name in names}
+    if "data.pkl" in tails:
+        kind = "a PyTorch checkpoint (a torch.save zip holding data.pkl; a torchvision MobileNet's state dict loads " \
+               "with npmobile.load_model)"
+    elif names and all(name.endswith(".npy") for name in names):
+        kind = "a NumPy .npz archive"
+    elif any(name.endswith("saved_model.pb") for name in names):
+        kind = "a zipped TensorFlow SavedModel"
+    else:
+        kind = "a zip archive without a .keras model's config.json or model.weights.h5"
+    return f"{path}: {kind}, not a Keras file: {NOT_SUPPORTED}"

@@ -1,0 +1,168 @@
+"""``npmobile verify``: parity as a feature users run. On a good model it finds every layer within the parity
+tolerances (exit 0); on a model whose npmobile side differs it names the first layer that does (exit 1); it says
+when it could not run (3) and when it was used wrongly (2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from test_cli import PHOTOS, REPO, run_cli
+
+MAPPED = ["--custom-object", "hard_swish=hard_swish", "--custom-object", "h_sigmoid=hard_sigmoid"]
+
+
+def _report(result: subprocess.CompletedProcess) -> dict:
+    assert result.stdout, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("writer", ["keras3_keras", "tfkeras_h5"])
+def test_a_tutorial_model_verifies_within_tolerance(tutorials, writer):
+    case = tutorials("MobileNetV3Small", writer)
+    result = run_cli("verify", str(case.path), *MAPPED, "--json")
+    assert result.returncode == 0, result.stderr
+    report = _report(result)
+    assert report["ok"] and report["first_layer_beyond_tolerance"] is None
+    assert report["reference"] == "Keras"
+    assert report["reference_detail"].startswith("tf_keras" if writer == "tfkeras_h5" else "Keras 3")
+    assert any("keras.activations.hard_swish" in note for note in report["notes"])  # said so
+    names = [row["name"] for row in report["layers"]]
+    assert names[:3] == ["rescaling", "stem_conv", "stem_bn"] and names[-1] == "predictions"  # graph order
+    assert all(row["ok"] for row in report["layers"]) and len(names) > 50
+    assert report["final"]["ok"] and report["final"]["top5_agree"] == "yes"
+    assert report["inputs"].startswith("2 random input(s) (64, 64, 3) in 0..255")
+    assert set(report["float64"]) == {"npmobile", "Keras"} and max(report["float64"].values()) < 5e-5
+
+
+def test_a_wrong_mapping_is_caught_at_the_first_layer_it_changes(tutorials, tmp_path):
+    """The user's own functions in Keras (their code, run by verify only) against a mapping that is wrong for
+    one of them: verify names the first layer that function feeds."""
+    case = tutorials("MobileNetV3Small", "keras3_keras")
+    module = tmp_path / "my_activations.py"
+    module.write_text(textwrap.dedent("""\
+        from keras import ops
+
+        def hard_swish(x):
+            return x * ops.relu6(x + 3.0) / 6.0
+
+        def h_sigmoid(x):
+            return ops.relu6(x + 3.0) / 6.0
+        """))
+    right = run_cli("verify", str(case.path), *MAPPED, "--custom-objects-module", str(module), "--json")
+    assert right.returncode == 0, right.stderr
+    assert any("your code, run only by verify" in note for note in _report(right)["notes"])
+    wrong = run_cli("verify", str(case.path), "--custom-object", "hard_swish=relu6", "--custom-object",
+                    "h_sigmoid=hard_sigmoid", "--custom-objects-module", str(module))
+    assert wrong.returncode == 1, wrong.stderr
+    assert "first layer beyond tolerance: stem_act" in wrong.stdout
+    assert "verdict: BEYOND tolerance (exit 1)" in wrong.stdout
+
+
+def test_an_altered_weight_is_named_as_the_first_bad_layer(keras_files, monkeypatch, capsys):
+    """A weight changed on npmobile's side only (in process): the layer holding it is the first one beyond."""
+    import npmobile
+    from npmobile.cli import main
+
+    case = keras_files.get("MobileNetV2", "keras3_keras", input_shape=(96, 96, 3), alpha=0.35)
+    load = npmobile.load_model
+
+    def altered(path, **options):
+        model = load(path, **options)
+        kernel = model.graph.node("block_3_depthwise").weights["depthwise_kernel"]
+        kernel[1, 1, 0, 0] += 0.05
+        return model
+
+    monkeypatch.setattr(npmobile, "load_model", altered)
+    assert main(["verify", str(case.path), "--samples", "1", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["first_layer_beyond_tolerance"] == "block_3_depthwise"
+    names = [row["name"] for row in report["layers"]]
+    assert all(row["ok"] for row in report["layers"][: names.index("block_3_depthwise")])
+
+
+def test_images_and_text_output_on_a_keras_applications_file(keras_files):
+    case = keras_files.get("MobileNetV2", "keras3_keras", input_shape=(96, 96, 3), alpha=0.35)
+    result = run_cli("verify", str(case.path), *map(str, PHOTOS))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "inputs: 2 image(s), preprocessed to -1..1" in out
+    assert "block_3_depthwise" in out and "first layer beyond tolerance: none" in out
+    assert "top-5 agree: yes" in out and "verdict: within tolerance (exit 0)" in out
+
+
+def test_without_keras_it_compares_the_fast_path_with_the_reference_path(tutorials):
+    case = tutorials("MobileNetV2", "keras3_h5")
+    result = run_cli("verify", str(case.path), "--custom-object", "relu6=relu6", "--without-keras", "--json")
+    assert result.returncode == 0, result.stderr
+    report = _report(result)
+    assert report["reference"] == "npmobile reference" and "Keras not used" in report["reference_detail"]
+    assert report["ok"]
+
+
+def test_usage_errors_exit_2_and_what_could_not_run_exits_3(tutorials, tmp_path):
+    case = tutorials("MobileNetV3Small", "keras3_keras")
+    assert run_cli("verify", str(case.path), "--custom-object", "hard_swish").returncode == 2
+    result = run_cli("verify", str(case.path), "--custom-object", "hard_swish=gelu", "--custom-object",
+                     "h_sigmoid=hard_sigmoid")
+    assert result.returncode == 2 and "not a built-in activation npmobile knows" in result.stderr
+    result = run_cli("verify", str(case.path), *MAPPED, "--custom-objects-module", str(tmp_path / "none.py"))
+    assert result.returncode == 2 and "no such file" in result.stderr
+    unmapped = run_cli("verify", str(case.path))
+    assert unmapped.returncode == 3 and "--custom-object hard_swish=hard_swish" in unmapped.stderr
+    not_keras = tmp_path / "weights.pth"
+    not_keras.write_bytes(b"\x80\x02}q\x00.")
+    result = run_cli("verify", str(not_keras))
+    assert result.returncode == 3 and "could not run" in result.stderr and "a Python pickle" in result.stderr
+
+
+def test_the_engine_never_imports_tensorflow_or_keras(tutorials):
+    """Only ``verify`` imports Keras: loading, predicting (reference and float64 too) and the other commands
+    leave TensorFlow out of the process."""
+    case = tutorials("MobileNetV3Small", "keras3_keras")
+    code = textwrap.dedent(f"""\
+        import sys
+        import numpy as np
+        import npmobile
+        from npmobile.cli import build_parser
+        build_parser()
+        model = npmobile.load_model({str(case.path)!r}, custom_objects={{"hard_swish": "hard_swish",
+                                                                        "h_sigmoid": "hard_sigmoid"}})
+        x = np.zeros((1, 64, 64, 3), np.float32)
+        model.predict(x); model.predict(x, reference=True, dtype=np.float64)
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf_keras"))
+        assert not loaded, loaded
+        """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def test_without_keras_installed_it_says_so_and_checks_the_fast_path(tutorials):
+    case = tutorials("MobileNet", "keras3_keras")
+    code = textwrap.dedent(f"""\
+        import sys
+        sys.modules["keras"] = None  # as if Keras were not installed: importing it raises ImportError
+        from npmobile.cli import main
+        sys.exit(main(["verify", {str(case.path)!r}, "--custom-object", "relu6=relu6", "--samples", "1"]))
+        """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Keras is not importable in this Python" in result.stdout
+    assert "verdict: within tolerance (exit 0)" in result.stdout
+
+
+@pytest.mark.parametrize("writer", ["keras3_keras", "tfkeras_h5"])
+def test_a_nested_backbone_is_compared_layer_by_layer_too(keras_files, writer):
+    from keras_files import NESTED
+
+    case = keras_files.get(NESTED, writer, input_shape=(128, 128, 3), alpha=0.35)
+    result = run_cli("verify", str(case.path), "--samples", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    report = _report(result)
+    names = [row["name"] for row in report["layers"]]
+    backbone = case.keras_model.layers[1].name
+    assert names.index("Conv1") < names.index("block_3_depthwise") < names.index(backbone) < names.index("head")
+    assert report["ok"] and not report["skipped_layers"]
