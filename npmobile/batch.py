@@ -61,7 +61,7 @@ class ModelRef:
         """The model, built in this process."""
         # cli.models is where the CLI's rules for opening a model live; reused so a cluster run opens
         # exactly what `npmobile classify` opens.
-        from npmobile.cli.models import family_model, open_model
+        from npmobile.opening import family_model, open_model
 
         if self.weights is not None and self.weights.lower() == "none":
             return family_model(self.model, self.alpha, self.size, self.minimalistic, None)
@@ -219,8 +219,8 @@ class BatchClassifier:
     def load(self):
         """Open and warm the model in this process (once per process), with this worker's threads."""
         if self._loaded is None:
-            from npmobile.cli.models import preprocess_for
             from npmobile.kernels.threads import set_threads
+            from npmobile.opening import preprocess_for
 
             threads = set_threads(worker_threads(self.threads))
             model = cached_model(self.model, threads)
@@ -280,7 +280,7 @@ def decode(raw: bytes, name: str, size: tuple[int, int], interpolation: str, cro
     stream = io.BytesIO(raw)
     stream.name = name  # load_img's errors name the file
     if mode == "torchvision":
-        from npmobile.cli.models import load_torchvision_sized
+        from npmobile.opening import load_torchvision_sized
 
         return load_torchvision_sized(stream, size[0])
     return load_img(stream, target_size=size, interpolation=interpolation, crop=crop)

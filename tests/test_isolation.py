@@ -234,7 +234,7 @@ def test_a_result_that_is_not_plain_numbers_is_refused(entry):
 
 
 def test_a_weights_only_file_opened_by_the_cli_costs_one_child(keras_files, monkeypatch):
-    from npmobile.cli.models import open_model
+    from npmobile.opening import open_model
 
     started = []
     popen = isolation.subprocess.Popen

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-import numpy as np
-
-from npmobile.errors import NpmobileError
 from npmobile.isolation import DEFAULT_TIMEOUT
+from npmobile.opening import family_model, open_model
 from npmobile.weights.registry import FAMILIES
 
 TEACHING_EXAMPLES = """\
@@ -85,92 +82,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     add_custom_object_option(parser)
 
 
-def open_model(family: str, alpha: float, size: int, minimalistic: bool, weights: str | None,
-               timeout: float | None = DEFAULT_TIMEOUT, trusted: bool = False,
-               custom_objects: list[tuple[str, str]] | None = None):
-    """A model for the CLI: a whole Keras model from ``weights`` if the file holds one, otherwise the
-    ``family`` architecture with ``weights`` (a weights file, or the official ImageNet weights).
-
-    The file is read once (one child process, see npmobile.isolation), and what it holds decides."""
-    if weights is None:
-        return family_model(family, alpha, size, minimalistic, "imagenet", timeout, trusted)
-    if not Path(weights).is_file():
-        raise NpmobileError(f"{weights}: no such file")
-    from npmobile.activations import check_custom_objects, map_custom_functions
-    from npmobile.errors import WeightsOnlyFileError
-    from npmobile.io.torch import StateDict
-    from npmobile.isolation import start_read
-    from npmobile.spec import ModelSpec
-
-    mapping = check_custom_objects(dict(custom_objects or ()))
-    pending = start_read(weights, "any", timeout, trusted)
-    from npmobile.graph import Graph  # the engine's imports (Numba) overlap with the reading
-    from npmobile.interpreter import Model
-
-    contents = pending.result()
-    if isinstance(contents, ModelSpec):
-        map_custom_functions(contents, mapping)
-        return Model(Graph.from_spec(contents))
-    if isinstance(contents, StateDict):  # PyTorch: the architecture is read from the tensors
-        from npmobile.applications.torchvision import model_from_state_dict
-
-        return model_from_state_dict(contents)
-    if isinstance(contents.model_error, WeightsOnlyFileError):
-        # Weights and no architecture: whether they fit --model is the question, and its answer the message.
-        return family_model(family, alpha, size, minimalistic, contents)
-    try:
-        return family_model(family, alpha, size, minimalistic, contents)
-    except NpmobileError:
-        raise contents.model_error from None
-
-
-def family_model(family: str, alpha: float, size: int, minimalistic: bool, weights,
-                 timeout: float | None = DEFAULT_TIMEOUT, trusted: bool = False):
-    """The ``family`` architecture (a name from weights.registry.FAMILIES) with ``weights``."""
-    from npmobile import applications
-
-    kwargs = {"alpha": alpha, "weights": weights, "timeout": timeout, "trusted": trusted}
-    if family.startswith("mobilenet_v3"):
-        kwargs["minimalistic"] = minimalistic
-    if weights is None or weights != "imagenet" or size != 224 or family.startswith("mobilenet_v3"):
-        kwargs["input_shape"] = (size, size, 3)
-    return applications.FAMILIES[family](**kwargs)
-
-
 def teaching_model(args):
     """The model for profile/show: as classify opens it, plus ``--weights none`` for random weights."""
     if args.weights is not None and args.weights.lower() == "none":
         return family_model(args.model, args.alpha, args.size, args.minimalistic, None)
     return open_model(args.model, args.alpha, args.size, args.minimalistic, args.weights, args.load_timeout,
                       args.trusted, args.custom_objects)
-
-
-def preprocess_for(model) -> str:
-    """How a model wants its pixels: "torchvision" for PyTorch state dicts (npmobile.image.load_torchvision);
-    MobileNetV3 graphs start with a Rescaling layer and take 0..255; V1/V2 take x / 127.5 - 1."""
-    if getattr(model, "preprocessing", None) == "torchvision":
-        return "torchvision"
-    first = next(n for n in model.graph.nodes if n.op != "InputLayer")
-    return "none" if first.op == "Rescaling" else "tf"
-
-
-def model_input(model, path: str, size: int) -> np.ndarray:
-    """One image as the model wants it: resized to its input size (or --size) and preprocessed."""
-    from npmobile.applications.common import preprocess_tf
-    from npmobile.image import load_img
-
-    height, width = (d or size for d in model.input_shape[1:3])
-    if preprocess_for(model) == "torchvision":
-        return load_torchvision_sized(path, height)[None]
-    x = load_img(path, target_size=(height, width))[None].astype(np.float32)
-    return preprocess_tf(x) if preprocess_for(model) == "tf" else x
-
-
-def load_torchvision_sized(path, size: int) -> np.ndarray:
-    """torchvision's preparation for a ``size`` crop: resized to 256/224 of it first (Resize(256), CenterCrop(224))."""
-    from npmobile.image import load_torchvision
-
-    return load_torchvision(path, crop_size=size, resize_size=round(size * 256 / 224))
 
 
 def notice_first_compile() -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from npmobile.cli.models import TEACHING_EXAMPLES, add_model_options, model_input, positive_int, teaching_model
+from npmobile.cli.models import TEACHING_EXAMPLES, add_model_options, positive_int, teaching_model
+from npmobile.opening import model_input
 
 
 def add_parser(commands):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from npmobile.cli.models import add_custom_object_option, add_load_options, family_model, positive_int
+from npmobile.cli.models import add_custom_object_option, add_load_options, positive_int
+from npmobile.opening import family_model
 from npmobile.weights.registry import FAMILIES
 
 

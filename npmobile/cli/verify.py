@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from npmobile.cli.models import add_custom_object_option, add_load_options, model_input, positive_int, preprocess_for
+from npmobile.cli.models import add_custom_object_option, add_load_options, positive_int
 from npmobile.errors import CustomObjectError, NpmobileError
+from npmobile.opening import model_input, preprocess_for
 
 # The parity tolerances (tests/test_parity.py): probabilities absolutely, feature maps relative to their range.
 PROBABILITY_ATOL = 5e-5
