@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from npmobile.errors import WeightsError
+from npmobile.io.kinds import HDF5_SIGNATURE
 from npmobile.weights.registry import WeightsFileInfo
 
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 CHUNK = 1 << 20
 TIMEOUT_SECONDS = 30
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from npmobile.errors import ModelFileError, NpmobileError, WeightsError, WeightsOnlyFileError
 from npmobile.io.config import parse_model_config
-from npmobile.io.kinds import foreign_archive, foreign_file
+from npmobile.io.kinds import HDF5_SIGNATURE, ZIP_SIGNATURE, foreign_archive, foreign_file
 from npmobile.io.torch import torch_format
 from npmobile.io.variables import canonical_name, split_weight_name, variable_order
 from npmobile.spec import LayerSpec, ModelSpec, StoredLayer, WeightsFile
@@ -30,8 +30,6 @@ from npmobile.spec import LayerSpec, ModelSpec, StoredLayer, WeightsFile
 if TYPE_CHECKING:
     import h5py
 
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-ZIP_SIGNATURE = b"PK\x03\x04"
 # A .keras archive holds a config, metadata and the weights: nothing near this size in a MobileNet.
 MAX_ZIP_MEMBER_BYTES = 512 * 1024 * 1024
 MAX_CONFIG_BYTES = 64 * 1024 * 1024

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+# The first bytes of the two containers Keras writes (and PyTorch's zip format shares the zip one).
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+ZIP_SIGNATURE = b"PK\x03\x04"
+
 KERAS_MEMBERS = ("config.json", "model.weights.h5")
 NOT_SUPPORTED = "npmobile reads Keras files (.h5, .keras, .weights.h5)"
 

@@ -28,12 +28,12 @@ from functools import partial
 import numpy as np
 
 from npmobile.errors import ModelFileError, NpmobileError
+from npmobile.io.kinds import ZIP_SIGNATURE
 
 # torch.serialization's legacy format starts with this number, pickled, then the protocol version.
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
 LEGACY_HEAD = b"\x80\x02\x8a\x0a" + LEGACY_MAGIC.to_bytes(10, "little")
-ZIP_SIGNATURE = b"PK\x03\x04"
 # A MobileNet's state dict is ~22 MB; nothing a reader is given should come near these.
 MAX_FILE_BYTES = 512 * 1024 * 1024
 MAX_PICKLE_BYTES = 64 * 1024 * 1024
