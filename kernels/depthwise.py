@@ -31,9 +31,13 @@ Why it is laid out this way:
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-from .activations import bias_act_row
+from .activations import ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, bias_act_row
+from .gemm import AVX512
 
 
 @njit(inline="always")
@@ -174,7 +178,12 @@ def depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left
             or kernel.shape[2:] != (c_count,) or bias.shape != (c_count,)):
         raise ValueError(f"depthwise_conv2d shapes do not fit: x {x.shape}, kernel {kernel.shape}, "
                          f"bias {bias.shape}, out {out.shape}")
-    _depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
+    # The vector kernel works on raw addresses: another dtype or layout takes the loops below.
+    if (kernel.shape[0] == kernel.shape[1] and kernel.shape[0] in (3, 5) and act in VECTOR_ACTS
+            and all(a.dtype == np.float32 and a.flags.c_contiguous for a in (x, kernel, bias, out))):
+        _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, VECTOR_WIDTH, CHUNK)
+    else:
+        _depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
 
 
 @njit(parallel=True, cache=True, fastmath={"contract"})
@@ -211,3 +220,199 @@ def _depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_lef
                 _clipped_taps(acc, x, n, ih0, iw0, kernel, di_lo, di_hi, dj_lo, dj_hi, c_count)
             bias_act_row(acc, bias, act)
             j += 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The vector kernel: 3x3 and 5x5 kernels, activations none/ReLU/ReLU6/hard swish
+# --------------------------------------------------------------------------------------------------
+#
+# The loops above leave the accumulators in memory and re-load the kernel for every pixel. Here a
+# block of VW channels (<VW x float>, 16 with AVX-512, 8 otherwise) is carried through one output
+# row: the KxK kernel vectors of the block are loaded once into registers, each output pixel is
+# one register accumulator fed by K*K FMAs, and bias + activation run on that register before its
+# only store. Written as LLVM vector IR through numba.extending.intrinsic, as kernels/gemm.py is
+# (generic vector types: it compiles and answers the same on any x86-64).
+#
+# Summation order of one output value: its taps row by row, left to right, the first a multiply,
+# the others FMAs (the order of the loops above); clipped windows (borders) start from zero and add
+# only the taps inside the image. Which path runs depends on the pixel's position only.
+
+_F32 = ir.FloatType()
+_I64 = ir.IntType(64)
+_PTR = ir.PointerType()
+
+
+def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int) -> None:
+    """The IR of ``row_intrinsic``: see its docstring."""
+    x_addr, x_rs, cs, k_addr, bias_addr, out_addr, n_out, sw, rows, act, lanes = args
+    vec = ir.VectorType(_F32, vw)
+    module = builder.module
+    fma = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vw}f32")
+    mask_type = ir.VectorType(ir.IntType(1), vw)
+    align = ir.Constant(ir.IntType(32), 4)
+    masked_load = cgutils.get_or_insert_function(
+        module, ir.FunctionType(vec, [_PTR, ir.IntType(32), mask_type, vec]), f"llvm.masked.load.v{vw}f32.p0")
+    masked_store = cgutils.get_or_insert_function(
+        module, ir.FunctionType(ir.VoidType(), [vec, _PTR, ir.IntType(32), mask_type]),
+        f"llvm.masked.store.v{vw}f32.p0")
+    zero = ir.Constant(vec, [0.0] * vw)
+    i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
+    splat = builder.shuffle_vector(
+        builder.insert_element(ir.Constant(ir.VectorType(_I64, vw), ir.Undefined), lanes, i64(0)),
+        ir.Constant(ir.VectorType(_I64, vw), ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), vw), [0] * vw))
+    mask = builder.icmp_signed("<", ir.Constant(ir.VectorType(_I64, vw), list(range(vw))), splat)
+    x0 = builder.inttoptr(x_addr, _PTR)
+    k0 = builder.inttoptr(k_addr, _PTR)
+    o0 = builder.inttoptr(out_addr, _PTR)
+    k_rs = builder.mul(cs, i64(k))
+    x_step = builder.mul(sw, cs)
+
+    def at(base, offset):
+        return builder.gep(base, [offset], source_etype=_F32)
+
+    def load(ptr, masked):
+        if masked:
+            return builder.call(masked_load, [ptr, align, mask, zero])
+        return builder.load(ptr, typ=vec, align=4)
+
+    three, six = (ir.Constant(vec, [v] * vw) for v in (3.0, 6.0))
+    inf = ir.Constant(vec, [float("inf")] * vw)
+    is_relu = builder.or_(builder.icmp_signed("==", act, i64(ACT_RELU)), builder.icmp_signed("==", act, i64(ACT_RELU6)))
+    low = builder.select(is_relu, zero, builder.fneg(inf))
+    high = builder.select(builder.icmp_signed("==", act, i64(ACT_RELU6)), six, inf)
+    swish = builder.icmp_signed("==", act, i64(ACT_HARD_SWISH))
+    bias = load(at(builder.inttoptr(bias_addr, _PTR), i64(0)), True)
+
+    def clamp(v, lo, hi):  # NaN stays NaN (both comparisons are false), as in kernels/gemm.py
+        v = builder.select(builder.fcmp_ordered("<", v, lo), lo, v)
+        return builder.select(builder.fcmp_ordered(">", v, hi), hi, v)
+
+    def finish(acc, j, masked, hard_swish):
+        """act(acc + bias) stored at output pixel j: None/ReLU/ReLU6 are one clamp (bounds from ``act``)."""
+        v = builder.fadd(acc, bias)
+        if hard_swish:  # x * (relu6(x + 3) / 6): a division, as Keras writes it
+            v = builder.fmul(v, builder.fdiv(clamp(builder.fadd(v, three), zero, six), six))
+        else:
+            v = clamp(v, low, high)
+        ptr = at(o0, builder.mul(j, cs))
+        if masked:
+            builder.call(masked_store, [v, ptr, align, mask])
+        else:
+            builder.store(v, ptr, align=4)
+
+    def windows(masked, hard_swish, n_rows):
+        """Windows whose ``n_rows`` kernel rows (all K columns) are inside the image: the kernel
+        block stays in registers for the whole row of pixels."""
+        w = [[load(at(k0, builder.add(builder.mul(i64(r), k_rs), builder.mul(i64(t), cs))), masked)
+              for t in range(k)] for r in range(n_rows)]
+        with cgutils.for_range(builder, n_out) as loop:
+            j = loop.index
+            xj = at(x0, builder.mul(j, x_step))
+            acc = None
+            for r in range(n_rows):
+                xr = at(xj, builder.mul(i64(r), x_rs))
+                for t in range(k):
+                    xv = load(at(xr, builder.mul(i64(t), cs)), masked)
+                    acc = builder.fmul(xv, w[r][t]) if acc is None else builder.call(fma, [xv, w[r][t], acc])
+            finish(acc, j, masked, hard_swish)
+
+    # The branches sit outside the pixel loops, each loop body straight-line (the hard swish's
+    # division must not run, and be thrown away, for the other activations). One copy per count of
+    # kernel rows inside the image, so that the top and bottom output rows run as fast as the others.
+    with builder.if_else(swish) as (is_swish, is_clamp):
+        for hard_swish in (True, False):
+            with (is_swish if hard_swish else is_clamp):
+                with builder.if_else(builder.icmp_signed("==", lanes, i64(vw))) as (full, part):
+                    for masked in (False, True):
+                        with (part if masked else full):
+                            for n_rows in range(1, k + 1):
+                                with builder.if_then(builder.icmp_signed("==", rows, i64(n_rows))):
+                                    windows(masked, hard_swish, n_rows)
+
+
+def _row_intrinsic(k: int, vw: int):
+    """A Numba intrinsic computing ``n_out`` output pixels of one row for one block of <= VW channels.
+
+    row(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes), all int64 (addresses,
+    strides in floats): for j < n_out and channel lanes [0, lanes),
+        out[j*cs] = act(bias + sum over r < rows, t < K of x[r*x_rs + (j*sw + t)*cs] * kernel[(r*K + t)*cs])
+    x and kernel pointing at the first tap inside the image; act none, ReLU, ReLU6 or hard swish.
+    """
+
+    def row(typingctx, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes):
+        sig = types.void(*([types.int64] * 11))
+
+        def codegen(context, builder, signature, args):
+            _emit_row(builder, args, k, vw)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    row.__name__ = f"depthwise_row_k{k}_v{vw}"
+    return intrinsic(row)
+
+
+_row_k3_v8 = _row_intrinsic(3, 8)
+_row_k3_v16 = _row_intrinsic(3, 16)
+_row_k5_v8 = _row_intrinsic(5, 8)
+_row_k5_v16 = _row_intrinsic(5, 16)
+
+# The vector width: 16 channels fill an AVX-512 register; on AVX2 the 9 (or 25) kernel vectors of
+# 8 floats and the accumulators still fit its 16 registers (a rule of the CPU, never a timing).
+VECTOR_WIDTH = 16 if AVX512 else 8
+CHUNK = 8
+VECTOR_ACTS = (ACT_NONE, ACT_RELU, ACT_RELU6, ACT_HARD_SWISH)
+
+
+@njit(inline="always")
+def _row(k, vw, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes):
+    if k == 3:
+        if vw == 16:
+            _row_k3_v16(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes)
+        else:
+            _row_k3_v8(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes)
+    elif vw == 16:
+        _row_k5_v16(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes)
+    else:
+        _row_k5_v8(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes)
+
+
+@njit(parallel=True, cache=True)
+def _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, vw, chunk):
+    """depthwise_conv2d for square 3x3/5x5 kernels through the vector row kernel, on checked shapes.
+
+    One task per (image, output row), as above; within it, channel block by channel block, the
+    interior pixels (whole windows) in one call and the border pixels one call each.
+    """
+    n_images, h, w, cs = x.shape
+    k = kernel.shape[0]
+    oh, ow = out.shape[1], out.shape[2]
+    x_addr = np.int64(x.ctypes.data)
+    k_addr = np.int64(kernel.ctypes.data)
+    b_addr = np.int64(bias.ctypes.data)
+    o_addr = np.int64(out.ctypes.data)
+    # Output columns [j_lo, j_hi) have all their taps inside the image.
+    j_lo = min(ow, (pad_left + stride_w - 1) // stride_w)
+    j_hi = max(j_lo, min(ow, (w + pad_left - k) // stride_w + 1))
+    for job in prange(n_images * oh):
+        n = job // oh
+        i = job % oh
+        ih0, di_lo, di_hi = _tap_range(i, stride_h, pad_top, k, h)
+        rows = di_hi - di_lo
+        x_row = x_addr + 4 * ((n * h + ih0 + di_lo) * w * cs)
+        k_row = k_addr + 4 * (di_lo * k * cs)
+        o_row = o_addr + 4 * ((n * oh + i) * ow * cs)
+        for j0 in range(j_lo, j_hi, chunk):
+            n_out = min(chunk, j_hi - j0)
+            iw0 = j0 * stride_w - pad_left
+            for c0 in range(0, cs, vw):
+                _row(k, vw, x_row + 4 * (iw0 * cs + c0), w * cs, cs, k_row + 4 * c0, b_addr + 4 * c0,
+                     o_row + 4 * (j0 * cs + c0), n_out, stride_w, rows, act, min(vw, cs - c0))
+        # Border pixels (windows cut on the left or right): the loops above, all channels at once.
+        for j in range(ow):
+            if j_lo <= j < j_hi:
+                continue
+            iw0, dj_lo, dj_hi = _tap_range(j, stride_w, pad_left, k, w)
+            acc = out[n, i, j]
+            _clipped_taps(acc, x, n, ih0, iw0, kernel, di_lo, di_hi, dj_lo, dj_hi, cs)
+            bias_act_row(acc, bias, act)
