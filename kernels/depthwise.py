@@ -181,7 +181,7 @@ def depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left
     # The vector kernel works on raw addresses: another dtype or layout takes the loops below.
     if (kernel.shape[0] == kernel.shape[1] and kernel.shape[0] in (3, 5) and act in VECTOR_ACTS
             and all(a.dtype == np.float32 and a.flags.c_contiguous for a in (x, kernel, bias, out))):
-        _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, VECTOR_WIDTH, CHUNK)
+        _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, VECTOR_WIDTH)
     else:
         _depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
 
@@ -305,16 +305,41 @@ def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int) -> None:
         block stays in registers for the whole row of pixels."""
         w = [[load(at(k0, builder.add(builder.mul(i64(r), k_rs), builder.mul(i64(t), cs))), masked)
               for t in range(k)] for r in range(n_rows)]
-        with cgutils.for_range(builder, n_out) as loop:
-            j = loop.index
-            xj = at(x0, builder.mul(j, x_step))
-            acc = None
+
+        def pixels(j0, count, stride):
+            """``count`` adjacent output pixels from j0 (``stride``: a constant, or None for ``sw``),
+            each input vector loaded once for all the windows that share it."""
+            xj = at(x0, builder.mul(j0, x_step))
+            acc = [None] * count
+            span = (count - 1) * (stride or 1) + k
             for r in range(n_rows):
                 xr = at(xj, builder.mul(i64(r), x_rs))
+                if stride is None:
+                    xv = [load(at(xr, builder.mul(i64(t), cs)), masked) for t in range(k)]
+                else:
+                    xv = [load(at(xr, builder.mul(i64(c), cs)), masked) for c in range(span)]
                 for t in range(k):
-                    xv = load(at(xr, builder.mul(i64(t), cs)), masked)
-                    acc = builder.fmul(xv, w[r][t]) if acc is None else builder.call(fma, [xv, w[r][t], acc])
-            finish(acc, j, masked, hard_swish)
+                    for q in range(count):
+                        v = xv[q * (stride or 0) + t]
+                        acc[q] = builder.fmul(v, w[r][t]) if acc[q] is None else builder.call(fma, [v, w[r][t], acc[q]])
+            for q in range(count):
+                finish(acc[q], builder.add(j0, i64(q)), masked, hard_swish)
+
+        # Strides 1 and 2: GROUP pixels per step share their input columns (6 loads a row instead of
+        # 12 for four 3x3 windows at stride 1); the rest one pixel at a time. Every pixel adds the
+        # same taps in the same order either way.
+        grouped = builder.mul(builder.sdiv(n_out, i64(GROUP[k])), i64(GROUP[k]))
+        with builder.if_else(builder.icmp_signed("==", sw, i64(1))) as (one, other):
+            with one:
+                with cgutils.for_range_slice(builder, i64(0), grouped, i64(GROUP[k])) as (j0, _):
+                    pixels(j0, GROUP[k], 1)
+            with other:
+                with builder.if_then(builder.icmp_signed("==", sw, i64(2))):
+                    with cgutils.for_range_slice(builder, i64(0), grouped, i64(GROUP[k])) as (j0, _):
+                        pixels(j0, GROUP[k], 2)
+        start = builder.select(builder.icmp_signed("<=", sw, i64(2)), grouped, i64(0))
+        with cgutils.for_range_slice(builder, start, n_out, i64(1)) as (j, _):
+            pixels(j, 1, None)
 
     # The branches sit outside the pixel loops, each loop body straight-line (the hard swish's
     # division must not run, and be thrown away, for the other activations). One copy per count of
@@ -360,7 +385,8 @@ _row_k5_v16 = _row_intrinsic(5, 16)
 # The vector width: 16 channels fill an AVX-512 register; on AVX2 the 9 (or 25) kernel vectors of
 # 8 floats and the accumulators still fit its 16 registers (a rule of the CPU, never a timing).
 VECTOR_WIDTH = 16 if AVX512 else 8
-CHUNK = 8
+# Pixels per step of the stride-1/2 loops (registers: 9 kernel vectors + 4 accumulators at 3x3).
+GROUP = {3: 4, 5: 2}
 VECTOR_ACTS = (ACT_NONE, ACT_RELU, ACT_RELU6, ACT_HARD_SWISH)
 
 
@@ -378,11 +404,12 @@ def _row(k, vw, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes):
 
 
 @njit(parallel=True, cache=True)
-def _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, vw, chunk):
+def _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, vw):
     """depthwise_conv2d for square 3x3/5x5 kernels through the vector row kernel, on checked shapes.
 
     One task per (image, output row), as above; within it, channel block by channel block, the
-    interior pixels (whole windows) in one call and the border pixels one call each.
+    pixels whose windows are whole across (all K columns inside the image) in one call of the row
+    kernel; the few others through ``_clipped_taps``.
     """
     n_images, h, w, cs = x.shape
     k = kernel.shape[0]
@@ -402,15 +429,14 @@ def _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_lef
         x_row = x_addr + 4 * ((n * h + ih0 + di_lo) * w * cs)
         k_row = k_addr + 4 * (di_lo * k * cs)
         o_row = o_addr + 4 * ((n * oh + i) * ow * cs)
-        for j0 in range(j_lo, j_hi, chunk):
-            n_out = min(chunk, j_hi - j0)
-            iw0 = j0 * stride_w - pad_left
+        if j_hi > j_lo and rows > 0:
+            iw0 = j_lo * stride_w - pad_left
             for c0 in range(0, cs, vw):
                 _row(k, vw, x_row + 4 * (iw0 * cs + c0), w * cs, cs, k_row + 4 * c0, b_addr + 4 * c0,
-                     o_row + 4 * (j0 * cs + c0), n_out, stride_w, rows, act, min(vw, cs - c0))
+                     o_row + 4 * (j_lo * cs + c0), j_hi - j_lo, stride_w, rows, act, min(vw, cs - c0))
         # Border pixels (windows cut on the left or right): the loops above, all channels at once.
         for j in range(ow):
-            if j_lo <= j < j_hi:
+            if j_lo <= j < j_hi and rows > 0:
                 continue
             iw0, dj_lo, dj_hi = _tap_range(j, stride_w, pad_left, k, w)
             acc = out[n, i, j]
