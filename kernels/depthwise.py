@@ -181,7 +181,7 @@ def depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left
     # The vector kernel works on raw addresses: another dtype or layout takes the loops below.
     if (kernel.shape[0] == kernel.shape[1] and kernel.shape[0] in (3, 5) and act in VECTOR_ACTS
             and all(a.dtype == np.float32 and a.flags.c_contiguous for a in (x, kernel, bias, out))):
-        _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, VECTOR_WIDTH)
+        _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
     else:
         _depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
 
@@ -347,6 +347,11 @@ def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int) -> None:
     with builder.if_else(swish) as (is_swish, is_clamp):
         for hard_swish in (True, False):
             with (is_swish if hard_swish else is_clamp):
+                if vw == 16:  # AVX-512: a masked load or store costs what a plain one does
+                    for n_rows in range(1, k + 1):
+                        with builder.if_then(builder.icmp_signed("==", rows, i64(n_rows))):
+                            windows(True, hard_swish, n_rows)
+                    continue
                 with builder.if_else(builder.icmp_signed("==", lanes, i64(vw))) as (full, part):
                     for masked in (False, True):
                         with (part if masked else full):
@@ -377,34 +382,28 @@ def _row_intrinsic(k: int, vw: int):
     return intrinsic(row)
 
 
-_row_k3_v8 = _row_intrinsic(3, 8)
-_row_k3_v16 = _row_intrinsic(3, 16)
-_row_k5_v8 = _row_intrinsic(5, 8)
-_row_k5_v16 = _row_intrinsic(5, 16)
-
-# The vector width: 16 channels fill an AVX-512 register; on AVX2 the 9 (or 25) kernel vectors of
-# 8 floats and the accumulators still fit its 16 registers (a rule of the CPU, never a timing).
+# The vector width: 16 channels fill an AVX-512 register; on AVX2 the 9 kernel vectors of 8 floats
+# and the accumulators still fit its 16 registers (a rule of the CPU, never a timing). Only this
+# CPU's width is built: each width's copies of the loops cost seconds of first-run compile time.
 VECTOR_WIDTH = 16 if AVX512 else 8
+_row_k3 = _row_intrinsic(3, VECTOR_WIDTH)
+_row_k5 = _row_intrinsic(5, VECTOR_WIDTH)
+
 # Pixels per step of the stride-1/2 loops (registers: 9 kernel vectors + 4 accumulators at 3x3).
 GROUP = {3: 4, 5: 2}
 VECTOR_ACTS = (ACT_NONE, ACT_RELU, ACT_RELU6, ACT_HARD_SWISH)
 
 
 @njit(inline="always")
-def _row(k, vw, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes):
+def _row(k, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes):
     if k == 3:
-        if vw == 16:
-            _row_k3_v16(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes)
-        else:
-            _row_k3_v8(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes)
-    elif vw == 16:
-        _row_k5_v16(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes)
+        _row_k3(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes)
     else:
-        _row_k5_v8(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes)
+        _row_k5(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes)
 
 
 @njit(parallel=True, cache=True)
-def _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, vw):
+def _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
     """depthwise_conv2d for square 3x3/5x5 kernels through the vector row kernel, on checked shapes.
 
     One task per (image, output row), as above; within it, channel block by channel block, the
@@ -414,6 +413,7 @@ def _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_lef
     n_images, h, w, cs = x.shape
     k = kernel.shape[0]
     oh, ow = out.shape[1], out.shape[2]
+    vw = VECTOR_WIDTH
     x_addr = np.int64(x.ctypes.data)
     k_addr = np.int64(kernel.ctypes.data)
     b_addr = np.int64(bias.ctypes.data)
@@ -432,7 +432,7 @@ def _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_lef
         if j_hi > j_lo and rows > 0:
             iw0 = j_lo * stride_w - pad_left
             for c0 in range(0, cs, vw):
-                _row(k, vw, x_row + 4 * (iw0 * cs + c0), w * cs, cs, k_row + 4 * c0, b_addr + 4 * c0,
+                _row(k, x_row + 4 * (iw0 * cs + c0), w * cs, cs, k_row + 4 * c0, b_addr + 4 * c0,
                      o_row + 4 * (j_lo * cs + c0), j_hi - j_lo, stride_w, rows, act, min(vw, cs - c0))
         # Border pixels (windows cut on the left or right): the loops above, all channels at once.
         for j in range(ow):
