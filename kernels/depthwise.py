@@ -15,7 +15,15 @@ is how ZeroPadding2D((0, 1), (0, 1)) + padding="valid" and padding="same" both c
 padded copy of the input: taps that fall outside the image are simply skipped (they would
 multiply zeros). ``output_size`` computes OH/OW from the four pads.
 
-Why it is laid out this way:
+Two implementations with one contract. Square 3x3 and 5x5 kernels with none/ReLU/ReLU6/hard swish
+(every MobileNet depthwise layer) run through the vector row kernel at the end of this file:
+LLVM vector IR over blocks of 16 channels (8 without AVX-512), the kernel block held in registers,
+one register accumulator per pixel (see "The vector kernel" below). Everything else -- and the
+pixels whose windows hang over the left or right edge -- takes the plain loops first in this file.
+Both add each output's taps row by row, left to right, and which path a pixel takes depends only on
+its position: the answer does not depend on threads or batch.
+
+Why the plain loops are laid out this way:
 - Work is split over (image, output row) pairs with prange: enough pieces for 2 cores even at
   7x7, and each piece writes its own output row, so threads never share a cache line of ``out``.
 - The innermost loop runs over channels, the contiguous axis of x, kernel and out, so LLVM turns
