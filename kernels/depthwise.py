@@ -15,7 +15,15 @@ is how ZeroPadding2D((0, 1), (0, 1)) + padding="valid" and padding="same" both c
 padded copy of the input: taps that fall outside the image are simply skipped (they would
 multiply zeros). ``output_size`` computes OH/OW from the four pads.
 
-Why it is laid out this way:
+Two implementations with one contract. Square 3x3 and 5x5 kernels with none/ReLU/ReLU6/hard swish
+(every MobileNet depthwise layer) run through the vector row kernel at the end of this file:
+LLVM vector IR over blocks of 16 channels (8 without AVX-512), the kernel block held in registers,
+one register accumulator per pixel (see "The vector kernel" below). Everything else -- and the
+pixels whose windows hang over the left or right edge -- takes the plain loops first in this file.
+Both add each output's taps row by row, left to right, and which path a pixel takes depends only on
+its position: the answer does not depend on threads or batch.
+
+Why the plain loops are laid out this way:
 - Work is split over (image, output row) pairs with prange: enough pieces for 2 cores even at
   7x7, and each piece writes its own output row, so threads never share a cache line of ``out``.
 - The innermost loop runs over channels, the contiguous axis of x, kernel and out, so LLVM turns
@@ -31,9 +39,13 @@ Why it is laid out this way:
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-from .activations import bias_act_row
+from .activations import ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, bias_act_row
+from .gemm import AVX512
 
 
 @njit(inline="always")
@@ -174,7 +186,12 @@ def depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left
             or kernel.shape[2:] != (c_count,) or bias.shape != (c_count,)):
         raise ValueError(f"depthwise_conv2d shapes do not fit: x {x.shape}, kernel {kernel.shape}, "
                          f"bias {bias.shape}, out {out.shape}")
-    _depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
+    # The vector kernel works on raw addresses: another dtype or layout takes the loops below.
+    if (kernel.shape[0] == kernel.shape[1] and kernel.shape[0] in (3, 5) and act in VECTOR_ACTS
+            and all(a.dtype == np.float32 and a.flags.c_contiguous for a in (x, kernel, bias, out))):
+        _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
+    else:
+        _depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
 
 
 @njit(parallel=True, cache=True, fastmath={"contract"})
@@ -211,3 +228,225 @@ def _depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_lef
                 _clipped_taps(acc, x, n, ih0, iw0, kernel, di_lo, di_hi, dj_lo, dj_hi, c_count)
             bias_act_row(acc, bias, act)
             j += 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The vector kernel: 3x3 and 5x5 kernels, activations none/ReLU/ReLU6/hard swish
+# --------------------------------------------------------------------------------------------------
+#
+# The loops above leave the accumulators in memory and re-load the kernel for every pixel. Here a
+# block of VW channels (<VW x float>, 16 with AVX-512, 8 otherwise) is carried through one output
+# row: the KxK kernel vectors of the block are loaded once into registers, each output pixel is
+# one register accumulator fed by K*K FMAs, and bias + activation run on that register before its
+# only store. Written as LLVM vector IR through numba.extending.intrinsic, as kernels/gemm.py is
+# (generic vector types: it compiles and answers the same on any x86-64).
+#
+# Summation order of one output value: its taps row by row, left to right, the first a multiply,
+# the others FMAs (the order of the loops above); clipped windows (borders) start from zero and add
+# only the taps inside the image. Which path runs depends on the pixel's position only.
+
+_F32 = ir.FloatType()
+_I64 = ir.IntType(64)
+_PTR = ir.PointerType()
+
+
+def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int) -> None:
+    """The IR of ``row_intrinsic``: see its docstring."""
+    x_addr, x_rs, cs, k_addr, bias_addr, out_addr, n_out, sw, rows, act, lanes = args
+    vec = ir.VectorType(_F32, vw)
+    module = builder.module
+    fma = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vw}f32")
+    mask_type = ir.VectorType(ir.IntType(1), vw)
+    align = ir.Constant(ir.IntType(32), 4)
+    masked_load = cgutils.get_or_insert_function(
+        module, ir.FunctionType(vec, [_PTR, ir.IntType(32), mask_type, vec]), f"llvm.masked.load.v{vw}f32.p0")
+    masked_store = cgutils.get_or_insert_function(
+        module, ir.FunctionType(ir.VoidType(), [vec, _PTR, ir.IntType(32), mask_type]),
+        f"llvm.masked.store.v{vw}f32.p0")
+    zero = ir.Constant(vec, [0.0] * vw)
+    i64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
+    splat = builder.shuffle_vector(
+        builder.insert_element(ir.Constant(ir.VectorType(_I64, vw), ir.Undefined), lanes, i64(0)),
+        ir.Constant(ir.VectorType(_I64, vw), ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), vw), [0] * vw))
+    mask = builder.icmp_signed("<", ir.Constant(ir.VectorType(_I64, vw), list(range(vw))), splat)
+    x0 = builder.inttoptr(x_addr, _PTR)
+    k0 = builder.inttoptr(k_addr, _PTR)
+    o0 = builder.inttoptr(out_addr, _PTR)
+    k_rs = builder.mul(cs, i64(k))
+    x_step = builder.mul(sw, cs)
+
+    def at(base, offset):
+        return builder.gep(base, [offset], source_etype=_F32)
+
+    def load(ptr, masked):
+        if masked:
+            return builder.call(masked_load, [ptr, align, mask, zero])
+        return builder.load(ptr, typ=vec, align=4)
+
+    three, six = (ir.Constant(vec, [v] * vw) for v in (3.0, 6.0))
+    inf = ir.Constant(vec, [float("inf")] * vw)
+    is_relu = builder.or_(builder.icmp_signed("==", act, i64(ACT_RELU)), builder.icmp_signed("==", act, i64(ACT_RELU6)))
+    low = builder.select(is_relu, zero, builder.fneg(inf))
+    high = builder.select(builder.icmp_signed("==", act, i64(ACT_RELU6)), six, inf)
+    swish = builder.icmp_signed("==", act, i64(ACT_HARD_SWISH))
+    bias = load(at(builder.inttoptr(bias_addr, _PTR), i64(0)), True)
+
+    def clamp(v, lo, hi):  # NaN stays NaN (both comparisons are false), as in kernels/gemm.py
+        v = builder.select(builder.fcmp_ordered("<", v, lo), lo, v)
+        return builder.select(builder.fcmp_ordered(">", v, hi), hi, v)
+
+    def finish(acc, j, masked, hard_swish):
+        """act(acc + bias) stored at output pixel j: None/ReLU/ReLU6 are one clamp (bounds from ``act``)."""
+        v = builder.fadd(acc, bias)
+        if hard_swish:  # x * (relu6(x + 3) / 6): a division, as Keras writes it
+            v = builder.fmul(v, builder.fdiv(clamp(builder.fadd(v, three), zero, six), six))
+        else:
+            v = clamp(v, low, high)
+        ptr = at(o0, builder.mul(j, cs))
+        if masked:
+            builder.call(masked_store, [v, ptr, align, mask])
+        else:
+            builder.store(v, ptr, align=4)
+
+    def windows(masked, hard_swish, n_rows):
+        """Windows whose ``n_rows`` kernel rows (all K columns) are inside the image: the kernel
+        block stays in registers for the whole row of pixels."""
+        w = [[load(at(k0, builder.add(builder.mul(i64(r), k_rs), builder.mul(i64(t), cs))), masked)
+              for t in range(k)] for r in range(n_rows)]
+
+        def pixels(j0, count, stride):
+            """``count`` adjacent output pixels from j0 (``stride``: a constant, or None for ``sw``),
+            each input vector loaded once for all the windows that share it."""
+            xj = at(x0, builder.mul(j0, x_step))
+            acc = [None] * count
+            span = (count - 1) * (stride or 1) + k
+            for r in range(n_rows):
+                xr = at(xj, builder.mul(i64(r), x_rs))
+                if stride is None:
+                    xv = [load(at(xr, builder.mul(i64(t), cs)), masked) for t in range(k)]
+                else:
+                    xv = [load(at(xr, builder.mul(i64(c), cs)), masked) for c in range(span)]
+                for t in range(k):
+                    for q in range(count):
+                        v = xv[q * (stride or 0) + t]
+                        acc[q] = builder.fmul(v, w[r][t]) if acc[q] is None else builder.call(fma, [v, w[r][t], acc[q]])
+            for q in range(count):
+                finish(acc[q], builder.add(j0, i64(q)), masked, hard_swish)
+
+        # Strides 1 and 2: GROUP pixels per step share their input columns (6 loads a row instead of
+        # 12 for four 3x3 windows at stride 1); the rest one pixel at a time. Every pixel adds the
+        # same taps in the same order either way.
+        grouped = builder.mul(builder.sdiv(n_out, i64(GROUP[k])), i64(GROUP[k]))
+        with builder.if_else(builder.icmp_signed("==", sw, i64(1))) as (one, other):
+            with one:
+                with cgutils.for_range_slice(builder, i64(0), grouped, i64(GROUP[k])) as (j0, _):
+                    pixels(j0, GROUP[k], 1)
+            with other:
+                with builder.if_then(builder.icmp_signed("==", sw, i64(2))):
+                    with cgutils.for_range_slice(builder, i64(0), grouped, i64(GROUP[k])) as (j0, _):
+                        pixels(j0, GROUP[k], 2)
+        start = builder.select(builder.icmp_signed("<=", sw, i64(2)), grouped, i64(0))
+        with cgutils.for_range_slice(builder, start, n_out, i64(1)) as (j, _):
+            pixels(j, 1, None)
+
+    # The branches sit outside the pixel loops, each loop body straight-line (the hard swish's
+    # division must not run, and be thrown away, for the other activations). One copy per count of
+    # kernel rows inside the image, so that the top and bottom output rows run as fast as the others.
+    with builder.if_else(swish) as (is_swish, is_clamp):
+        for hard_swish in (True, False):
+            with (is_swish if hard_swish else is_clamp):
+                if vw == 16:  # AVX-512: a masked load or store costs what a plain one does
+                    for n_rows in range(1, k + 1):
+                        with builder.if_then(builder.icmp_signed("==", rows, i64(n_rows))):
+                            windows(True, hard_swish, n_rows)
+                    continue
+                with builder.if_else(builder.icmp_signed("==", lanes, i64(vw))) as (full, part):
+                    for masked in (False, True):
+                        with (part if masked else full):
+                            for n_rows in range(1, k + 1):
+                                with builder.if_then(builder.icmp_signed("==", rows, i64(n_rows))):
+                                    windows(masked, hard_swish, n_rows)
+
+
+def _row_intrinsic(k: int, vw: int):
+    """A Numba intrinsic computing ``n_out`` output pixels of one row for one block of <= VW channels.
+
+    row(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes), all int64 (addresses,
+    strides in floats): for j < n_out and channel lanes [0, lanes),
+        out[j*cs] = act(bias + sum over r < rows, t < K of x[r*x_rs + (j*sw + t)*cs] * kernel[(r*K + t)*cs])
+    x and kernel pointing at the first tap inside the image; act none, ReLU, ReLU6 or hard swish.
+    """
+
+    def row(typingctx, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes):
+        sig = types.void(*([types.int64] * 11))
+
+        def codegen(context, builder, signature, args):
+            _emit_row(builder, args, k, vw)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    row.__name__ = f"depthwise_row_k{k}_v{vw}"
+    return intrinsic(row)
+
+
+# The vector width: 16 channels fill an AVX-512 register; on AVX2 the 9 kernel vectors of 8 floats
+# and the accumulators still fit its 16 registers (a rule of the CPU, never a timing). Only this
+# CPU's width is built: each width's copies of the loops cost seconds of first-run compile time.
+VECTOR_WIDTH = 16 if AVX512 else 8
+_row_k3 = _row_intrinsic(3, VECTOR_WIDTH)
+_row_k5 = _row_intrinsic(5, VECTOR_WIDTH)
+
+# Pixels per step of the stride-1/2 loops (registers: 9 kernel vectors + 4 accumulators at 3x3).
+GROUP = {3: 4, 5: 2}
+VECTOR_ACTS = (ACT_NONE, ACT_RELU, ACT_RELU6, ACT_HARD_SWISH)
+
+
+@njit(inline="always")
+def _row(k, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes):
+    if k == 3:
+        _row_k3(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes)
+    else:
+        _row_k5(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes)
+
+
+@njit(parallel=True, cache=True)
+def _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
+    """depthwise_conv2d for square 3x3/5x5 kernels through the vector row kernel, on checked shapes.
+
+    One task per (image, output row), as above; within it, channel block by channel block, the
+    pixels whose windows are whole across (all K columns inside the image) in one call of the row
+    kernel; the few others through ``_clipped_taps``.
+    """
+    n_images, h, w, cs = x.shape
+    k = kernel.shape[0]
+    oh, ow = out.shape[1], out.shape[2]
+    vw = VECTOR_WIDTH
+    x_addr = np.int64(x.ctypes.data)
+    k_addr = np.int64(kernel.ctypes.data)
+    b_addr = np.int64(bias.ctypes.data)
+    o_addr = np.int64(out.ctypes.data)
+    # Output columns [j_lo, j_hi) have all their taps inside the image.
+    j_lo = min(ow, (pad_left + stride_w - 1) // stride_w)
+    j_hi = max(j_lo, min(ow, (w + pad_left - k) // stride_w + 1))
+    for job in prange(n_images * oh):
+        n = job // oh
+        i = job % oh
+        ih0, di_lo, di_hi = _tap_range(i, stride_h, pad_top, k, h)
+        rows = di_hi - di_lo
+        x_row = x_addr + 4 * ((n * h + ih0 + di_lo) * w * cs)
+        k_row = k_addr + 4 * (di_lo * k * cs)
+        o_row = o_addr + 4 * ((n * oh + i) * ow * cs)
+        if j_hi > j_lo and rows > 0:
+            iw0 = j_lo * stride_w - pad_left
+            for c0 in range(0, cs, vw):
+                _row(k, x_row + 4 * (iw0 * cs + c0), w * cs, cs, k_row + 4 * c0, b_addr + 4 * c0,
+                     o_row + 4 * (j_lo * cs + c0), j_hi - j_lo, stride_w, rows, act, min(vw, cs - c0))
+        # Border pixels (windows cut on the left or right): the loops above, all channels at once.
+        for j in range(ow):
+            if j_lo <= j < j_hi and rows > 0:
+                continue
+            iw0, dj_lo, dj_hi = _tap_range(j, stride_w, pad_left, k, w)
+            acc = out[n, i, j]
+            _clipped_taps(acc, x, n, ih0, iw0, kernel, di_lo, di_hi, dj_lo, dj_hi, cs)
+            bias_act_row(acc, bias, act)

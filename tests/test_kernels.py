@@ -160,6 +160,9 @@ DEPTHWISE_CASES = [
     (3, 7, 5, 13, 3, 2, ((0, 1), (0, 1))),  # MobileNetV1 stride-2 padding
     (1, 8, 8, 72, 3, 2, ((1, 1), (1, 1))),  # V2/V3 correct_pad on an odd-sized step
     (1, 9, 9, 1, 3, 2, ((1, 1), (1, 1))),
+    (2, 9, 14, 40, 3, 1, ((1, 1), (1, 1))),  # vector kernel: whole blocks, a partial block, group remainders
+    (1, 10, 17, 24, 3, 3, ((1, 1), (1, 1))),  # a stride with no grouped loop
+    (1, 5, 9, 33, 3, 1, ((4, 4), (1, 1))),  # padding taller than the kernel: rows with no tap inside
     (1, 12, 12, 88, 5, 1, ((2, 2), (2, 2))),
     (3, 11, 6, 40, 5, 2, ((1, 2), (1, 2))),
     (1, 14, 14, 120, 5, 2, ((2, 2), (2, 2))),
