@@ -26,8 +26,7 @@ Four implementations of the same contract:
   in cache. BLAS because OpenBLAS's hand-written microkernels keep a register tile of the output
   in registers, which plain Numba loops cannot (kernels/gemm.py does it in LLVM IR). Tiles
   because OpenBLAS's own threads would fight Numba's for the cores (kernels/threads.py): this way
-  Numba's pool owns the cores and every product still uses all of them (MobileNetV2's 1x1 convs
-  at batch 1: 5.4 ms on one core, 2.9 ms on two).
+  Numba's pool owns the cores and every product still uses all of them.
 - the same, with ``np.matmul`` for the product, when kernels/blas.py finds no sgemm to call from
   Numba (a NumPy built on another BLAS) and the arrays do not suit the microkernel: one thread for
   the product, the epilogue block by block.
@@ -51,6 +50,13 @@ _BLOCK_BYTES = 512 * 1024
 
 
 @njit(inline="always")
+def add_into(row, other):
+    """row += other, element by element: the residual add, after the bias and activation."""
+    for c in range(row.shape[0]):
+        row[c] = row[c] + other[c]
+
+
+@njit(inline="always")
 def epilogue_rows(out, bias, act, residual, row_start, row_stop, col_start, col_stop):
     """out[r, cols] = act(out[r, cols] + bias[cols]) (+ residual[r, cols]) for rows [row_start, row_stop)."""
     b = bias[col_start:col_stop]
@@ -58,9 +64,7 @@ def epilogue_rows(out, bias, act, residual, row_start, row_stop, col_start, col_
         row = out[r, col_start:col_stop]
         bias_act_row(row, b, act)
         if residual is not None:
-            res = residual[r, col_start:col_stop]
-            for c in range(row.shape[0]):
-                row[c] = row[c] + res[c]
+            add_into(row, residual[r, col_start:col_stop])
 
 
 @njit(parallel=True, cache=True)
@@ -154,9 +158,7 @@ def _epilogue(out, bias, act, residual, row_start, row_stop):
         part = flat[start:stop]
         bias_act_row(part, tiled_bias, act)
         if residual is not None:
-            rp = res[start:stop]
-            for c in range(part.shape[0]):
-                part[c] = part[c] + rp[c]
+            add_into(part, res[start:stop])
 
 
 def _contiguous(*arrays) -> bool:
@@ -327,9 +329,7 @@ def gemm_numba(a, w, bias, out, act, residual):
             row = out[i]
             bias_act_row(row, bias, act)
             if residual is not None:
-                res = residual[i]
-                for c in range(row.shape[0]):
-                    row[c] = row[c] + res[c]
+                add_into(row, residual[i])
 
 
 def pointwise_conv2d_numba(

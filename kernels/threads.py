@@ -3,8 +3,8 @@
 Two thread pools live in this process: Numba's (every ``prange`` kernel) and OpenBLAS's (the
 matrix products under pointwise_conv2d, dense, conv2d). They must not both be awake on the same
 cores: OpenBLAS's workers busy-wait for a while after each product, and a Numba parallel loop
-started in that window shares its cores with spinning threads. On this 2-core machine that turned
-a 10 ms MobileNetV2 body into ~140 ms (bench/kernels.py, "pipeline" rows).
+started in that window shares its cores with spinning threads, which made a MobileNetV2 body many
+times slower (bench/kernels.py measures it: the "pipeline" rows).
 
 The policy measured best (and safe): Numba owns the cores -- ``threads`` Numba threads -- and
 BLAS runs on one thread, in whichever thread calls it, so it never starts a pool of its own. The

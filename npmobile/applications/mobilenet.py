@@ -18,6 +18,7 @@ from npmobile.applications.common import (
 )
 from npmobile.applications.imagenet_utils import decode_predictions  # noqa: F401  (Keras's API)
 from npmobile.errors import NpmobileError
+from npmobile.weights import registry
 
 if TYPE_CHECKING:
     from npmobile.interpreter import Model
@@ -25,8 +26,9 @@ if TYPE_CHECKING:
 # (pointwise filters, stride) for blocks 1..13
 BLOCKS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
           (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1)]
-IMAGENET_SIZES = (128, 160, 192, 224)
-IMAGENET_ALPHAS = (0.25, 0.5, 0.75, 1.0)
+# The official weights' variants, as the registry knows them.
+IMAGENET_SIZES = registry.V1_SIZES
+IMAGENET_ALPHAS = tuple(registry.V1_ALPHAS)
 
 
 def preprocess_input(x):

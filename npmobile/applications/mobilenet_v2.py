@@ -19,6 +19,7 @@ from npmobile.applications.common import (
     square_family_input,
 )
 from npmobile.applications.imagenet_utils import decode_predictions  # noqa: F401  (Keras's API)
+from npmobile.weights import registry
 
 if TYPE_CHECKING:
     from npmobile.interpreter import Model
@@ -27,8 +28,9 @@ if TYPE_CHECKING:
 BLOCKS = [(16, 1, 1), (24, 2, 6), (24, 1, 6), (32, 2, 6), (32, 1, 6), (32, 1, 6), (64, 2, 6),
           (64, 1, 6), (64, 1, 6), (64, 1, 6), (96, 1, 6), (96, 1, 6), (96, 1, 6), (160, 2, 6),
           (160, 1, 6), (160, 1, 6), (320, 1, 6)]
-IMAGENET_SIZES = (96, 128, 160, 192, 224)
-IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+# The official weights' variants, as the registry knows them.
+IMAGENET_SIZES = registry.V2_SIZES
+IMAGENET_ALPHAS = registry.V2_ALPHAS
 
 
 def preprocess_input(x):
