@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,11 +100,15 @@ _MODELS: dict[ModelRef, object] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def cached_model(ref: ModelRef, threads: int):
-    """The model ``ref`` names, opened and warmed once per process (a Dask worker runs many tasks)."""
+def cached_model(ref: ModelRef, threads: int, before_warming: Callable[[], None] | None = None):
+    """The model ``ref`` names, opened and warmed once per process (a Dask worker runs many tasks).
+
+    ``before_warming`` is called once the model has opened, before its kernels load (or compile)."""
     with _MODELS_LOCK:
         if ref not in _MODELS:
             model = ref.open()
+            if before_warming is not None:
+                before_warming()
             warm(model, ref.size, threads)
             _MODELS[ref] = model
         return _MODELS[ref]
@@ -216,14 +220,15 @@ class BatchClassifier:
         state["_loaded"] = None
         return state
 
-    def load(self):
-        """Open and warm the model in this process (once per process), with this worker's threads."""
+    def load(self, before_warming: Callable[[], None] | None = None):
+        """Open and warm the model in this process (once per process), with this worker's threads.
+        ``before_warming``: called once the model has opened, before its kernels load or compile."""
         if self._loaded is None:
             from npmobile.kernels.threads import set_threads
             from npmobile.opening import preprocess_for
 
             threads = set_threads(worker_threads(self.threads))
-            model = cached_model(self.model, threads)
+            model = cached_model(self.model, threads, before_warming)
             classes = model.shapes[model.graph.outputs[0]][-1]
             if self.labels is not None and len(self.labels) != classes:
                 raise NpmobileError(f"{len(self.labels)} labels, the model has {classes} classes")

@@ -123,8 +123,7 @@ def classified_batches(args, classifier, images: list[str]) -> Iterator[list[dic
         yield from engine.classify_paths(images, classifier, address=args.address, workers=args.workers,
                                          batch_size=BATCH)
         return
-    notice_first_compile()
-    classifier.load()
+    classifier.load(before_warming=notice_first_compile)  # a file that fails to open says only that
     for start in range(0, len(images), BATCH):
         yield classifier(images[start : start + BATCH])
 
