@@ -343,17 +343,27 @@ def peak_rss(files: dict, folder: Path, key: str = "v2") -> dict[str, float]:
     return result
 
 
+# Runs COMMAND and prints its wall seconds and peak resident KB. A process started from this bench's
+# big parent inherits the parent's high-water mark (Linux records the pre-exec RSS in ru_maxrss), so the
+# command is started from this small trampoline instead; wait4's rusage then covers the command and
+# every process it started and waited for (the bounded reader's child included).
+_MEASURE = """
+import os, subprocess, sys, time
+start = time.perf_counter()
+process = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+_, status, usage = os.wait4(process.pid, 0)
+print(time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+"""
+
+
 def classify_once(command: list[str], env: dict) -> tuple[float, float]:
-    """Wall seconds and peak resident MB of one whole process, the largest of it and every process it
-    started and waited for (wait4's rusage covers them: a reader child counts too)."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} exited {process.returncode}")
-    return seconds, usage.ru_maxrss / 1024
+    """Wall seconds and peak resident MB of one whole process (the largest of it and its children)."""
+    result = subprocess.run([sys.executable, "-c", _MEASURE, *command], capture_output=True, text=True, env=env,
+                            check=True)
+    seconds, peak_kb, code = result.stdout.split()
+    if int(code) != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {code}")
+    return float(seconds), int(peak_kb) / 1024
 
 
 def startup(keras_file: str, image: Path, runs: int = 7) -> dict:
