@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from npmobile.errors import ImageError, NpmobileError
+from npmobile.errors import ImageError, NpmobileError, unreadable
 from npmobile.isolation import DEFAULT_TIMEOUT
 
 OUTPUTS = ("top", "probabilities", "features")
@@ -183,12 +183,8 @@ def read_image_bytes(path: str) -> bytes:
         return Path(path).read_bytes()
     except ImportError:
         raise ImageError(f"{path}: reading URIs needs fsspec (and s3fs/gcsfs): pip install fsspec") from None
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not an image") from None
     except OSError as error:
-        raise ImageError(f"{path}: cannot be read ({error.strerror or error})") from None
+        raise unreadable(ImageError, path, error, "an image") from None
 
 
 @dataclass

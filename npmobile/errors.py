@@ -32,3 +32,12 @@ class InputShapeError(NpmobileError, ValueError):
 
 class CustomObjectError(NpmobileError, ValueError):
     """``custom_objects`` maps a name to something npmobile cannot run: a Python function, an unknown name."""
+
+
+def unreadable(error_type: type[NpmobileError], path, error: OSError, what: str) -> NpmobileError:
+    """The one line for a file the operating system would not give us: missing, a directory, or its reason."""
+    if isinstance(error, FileNotFoundError):
+        return error_type(f"{path}: no such file")
+    if isinstance(error, IsADirectoryError):
+        return error_type(f"{path}: is a directory, not {what}")
+    return error_type(f"{path}: cannot be read ({error.strerror or error})")

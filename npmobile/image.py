@@ -23,7 +23,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from npmobile.errors import ImageError
+from npmobile.errors import ImageError, unreadable
 
 # keras.utils.load_img's names for Pillow's resampling filters.
 INTERPOLATIONS = {
@@ -119,10 +119,8 @@ def _decode(source: Path | BinaryIO) -> Image.Image:
             image.seek(0)  # animated GIF / WebP / PNG: the first frame
             image.load()
             return _to_rgb(_upright(image))
-    except FileNotFoundError:
-        raise ImageError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{name}: is a directory, not an image") from None
+    except (FileNotFoundError, IsADirectoryError) as error:
+        raise unreadable(ImageError, name, error, "an image") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image Pillow can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from npmobile.errors import ModelFileError, NpmobileError, WeightsError, WeightsOnlyFileError
+from npmobile.errors import ModelFileError, NpmobileError, WeightsError, WeightsOnlyFileError, unreadable
 from npmobile.io.config import parse_model_config
 from npmobile.io.kinds import HDF5_SIGNATURE, ZIP_SIGNATURE, foreign_archive, foreign_file
 from npmobile.io.torch import torch_format
@@ -46,12 +46,8 @@ def _kind(path: str) -> str:
     try:
         with open(path, "rb") as f:
             head = f.read(16)
-    except IsADirectoryError:
-        raise ModelFileError(f"{path}: is a directory, not a Keras file") from None
-    except FileNotFoundError:
-        raise ModelFileError(f"{path}: no such file") from None
     except OSError as error:
-        raise ModelFileError(f"{path}: cannot be read ({error.strerror or error})") from None
+        raise unreadable(ModelFileError, path, error, "a Keras file") from None
     if torch_format(path) is not None:  # the one hook for PyTorch files: say where they belong
         raise ModelFileError(f"{path}: is a PyTorch file, not a Keras file; load it with npmobile.load_model(PATH) "
                              "or npmobile.applications.torchvision")
