@@ -22,6 +22,13 @@ def _with_bias(shapes: dict, config: dict, channels) -> dict:
     return shapes
 
 
+def window(node: Node, in_hw, kernel_hw) -> tuple[tuple[int, int], tuple[int, int], tuple]:
+    """A convolution's strides, dilation and explicit padding, from its config and its input's size."""
+    strides = pair(node.config.get("strides", 1))
+    dilation = pair(node.config.get("dilation_rate", 1))
+    return strides, dilation, conv_padding(node, in_hw, kernel_hw, strides, dilation)
+
+
 # --------------------------------------------------------------------------------------------------
 # Conv2D
 # --------------------------------------------------------------------------------------------------
@@ -52,9 +59,7 @@ def conv2d_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
     if "input_scale" in node.config:  # a Rescaling folded in by the passes: it comes before the padding
         x = ref.rescale(x, node.config["input_scale"], node.config["input_offset"])
     kernel = node.weights["kernel"]
-    strides = pair(node.config.get("strides", 1))
-    dilation = pair(node.config.get("dilation_rate", 1))
-    padding = conv_padding(node, x.shape[1:3], kernel.shape[:2], strides, dilation)
+    strides, dilation, padding = window(node, x.shape[1:3], kernel.shape[:2])
     bias = node.weights.get("bias")
     if kernel.shape[:2] == (1, 1) and strides == (1, 1) and padding == ref.NO_PADDING:
         y = ref.pointwise_conv2d(x, kernel[0, 0], bias)
@@ -129,9 +134,7 @@ def depthwise_weights(config: dict, in_channels: int | None) -> dict[str, tuple]
 def depthwise_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
     x = inputs[0]
     kernel = node.weights["depthwise_kernel"]
-    strides = pair(node.config.get("strides", 1))
-    dilation = pair(node.config.get("dilation_rate", 1))
-    padding = conv_padding(node, x.shape[1:3], kernel.shape[:2], strides, dilation)
+    strides, dilation, padding = window(node, x.shape[1:3], kernel.shape[:2])
     y = ref.depthwise_conv2d(x, kernel, node.weights.get("bias"), strides, padding, dilation)
     return apply_activation(y, node, keras_version)
 
@@ -177,9 +180,7 @@ def separable_weights(config: dict, in_channels: int | None) -> dict[str, tuple]
 def separable_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
     x = inputs[0]
     depthwise = node.weights["depthwise_kernel"]
-    strides = pair(node.config.get("strides", 1))
-    dilation = pair(node.config.get("dilation_rate", 1))
-    padding = conv_padding(node, x.shape[1:3], depthwise.shape[:2], strides, dilation)
+    strides, dilation, padding = window(node, x.shape[1:3], depthwise.shape[:2])
     y = ref.depthwise_conv2d(x, depthwise, None, strides, padding, dilation)
     y = ref.pointwise_conv2d(y, node.weights["pointwise_kernel"][0, 0], node.weights.get("bias"))
     return apply_activation(y, node, keras_version)
