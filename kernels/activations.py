@@ -18,8 +18,13 @@ flag would let LLVM turn that division into a multiplication.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import numpy as np
 from numba import njit, prange
+
+from .entry import entry
 
 ACT_NONE = 0
 ACT_RELU = 1
@@ -119,12 +124,13 @@ def bias_act_row(row, bias, act):
             row[c] = apply_activation(row[c] + bias[c], act)
 
 
-def activate(x, out, act) -> None:
+@entry
+def activate(x, out, act) -> Callable[[], None]:
     """out = act(x), elementwise, any shape; ``out`` may be ``x``."""
     # Numba does not check indices: sizes that do not fit would run past an array, not raise.
     if out.size != x.size:
         raise ValueError(f"activate: out {out.shape} does not fit x {x.shape}")
-    _activate(x, out, act)
+    return partial(_activate, x, out, act)
 
 
 @njit(parallel=True, cache=True)
@@ -139,12 +145,13 @@ def _activate(x, out, act):
             of[i] = apply_activation(xf[i], act)
 
 
-def add(a, b, out, act) -> None:
+@entry
+def add(a, b, out, act) -> Callable[[], None]:
     """out = act(a + b), elementwise, same shapes; ``out`` may be ``a`` or ``b``."""
     # Numba does not check indices: sizes that do not fit would run past an array, not raise.
     if not a.size == b.size == out.size:
         raise ValueError(f"add: shapes do not fit: {a.shape} + {b.shape} -> {out.shape}")
-    _add(a, b, out, act)
+    return partial(_add, a, b, out, act)
 
 
 @njit(parallel=True, cache=True)
@@ -160,11 +167,12 @@ def _add(a, b, out, act):
             of[i] = apply_activation(af[i] + bf[i], act)
 
 
-def softmax(x, out) -> None:
+@entry
+def softmax(x, out) -> Callable[[], None]:
     """Softmax over the last axis of a 2-D [N, classes] array; ``out`` may be ``x`` (see _softmax)."""
     if x.ndim != 2 or out.shape != x.shape or x.shape[1] == 0:
         raise ValueError(f"softmax: x {x.shape} and out {out.shape} must be the same 2-D shape")
-    _softmax(x, out)
+    return partial(_softmax, x, out)
 
 
 @njit(cache=True)

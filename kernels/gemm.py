@@ -1,7 +1,7 @@
 """A register-tiled GEMM microkernel for 1x1 convolutions and dense layers, written as LLVM vector IR.
 
     packed = pack(w, bias, rows)                          # once, when the plan is made
-    gemm_packed(a, packed, out, act, residual)            # every call
+    gemm_packed(a, packed, out, act, residual)            # every call (or .bind: see kernels/entry.py)
 
 a [M, K], out and residual [M, N]: float32, C-contiguous. out = act(a @ w + bias) (+ residual), the
 contract of kernels/pointwise.py; kernels/reference.py ``dense`` is the twin it is tested against.
@@ -32,6 +32,9 @@ never changes an answer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
@@ -40,6 +43,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .activations import ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, apply_activation
+from .entry import entry, no_work
 
 _FLOAT32 = np.dtype(np.float32)
 _F32 = ir.FloatType()
@@ -424,15 +428,16 @@ def tiling(m: int, k: int, panels: int, mr: int) -> tuple[int, int]:
     return rows, per_task
 
 
+@entry
 def gemm_packed(a: np.ndarray, packed: PackedWeights, out: np.ndarray, act: int,
-                residual: np.ndarray | None = None) -> None:
+                residual: np.ndarray | None = None) -> Callable[[], None]:
     """out = act(a @ w + bias) (+ residual), w and bias as packed; a [M, K], out/residual [M, N]."""
     m, k = a.shape
     if k != packed.k or out.shape != (m, packed.n) or (residual is not None and residual.shape != out.shape):
         raise ValueError(f"gemm_packed: shapes do not fit: a {a.shape} @ packed [{packed.k}, {packed.n}] -> out "
                          f"{out.shape}" + ("" if residual is None else f" + residual {residual.shape}"))
     if m == 0 or packed.n == 0:
-        return
+        return no_work
     if residual is None:
         residual = NO_RESIDUAL
     # The kernel works on raw addresses: another dtype or layout must be refused, not compiled for.
@@ -442,4 +447,4 @@ def gemm_packed(a: np.ndarray, packed: PackedWeights, out: np.ndarray, act: int,
     cut = packed.cuts.get(m)
     if cut is None:
         cut = packed.cuts[m] = tiling(m, k, packed.panels.shape[0], MR[packed.variant])
-    gemm_panels(a, packed.panels, packed.bias, out, act, residual, packed.variant, *cut)
+    return partial(gemm_panels, a, packed.panels, packed.bias, out, act, residual, packed.variant, *cut)

@@ -2,6 +2,7 @@
 
     pointwise_conv2d(x, kernel, bias, out, act, residual=None)
     dense(x, kernel, bias, out, act)
+    pointwise_conv2d.bind(...), dense.bind(...)   checked once, run by the call they return (kernels/entry.py)
 
 x         [N, H, W, Cin] (or [M, Cin] for dense)   float32, C-contiguous
 kernel    [Cin, Cout]    float32, C-contiguous (a Keras 1x1 kernel with its two leading 1s dropped)
@@ -36,11 +37,15 @@ Four implementations of the same contract:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import numpy as np
 from numba import njit, prange
 
 from . import blas
 from .activations import ACT_NONE, bias_act_row
+from .entry import entry, no_work
 from .gemm import AVX512, PackedWeights, gemm_packed, pack
 
 # np.matmul fallback: rows of the GEMM per block, so that the block's output (rows x Cout floats)
@@ -189,8 +194,9 @@ def prepare_weights(kernel: np.ndarray, bias: np.ndarray, rows: int) -> PackedWe
     return kernel
 
 
+@entry
 def gemm(a: np.ndarray, w: np.ndarray | PackedWeights, bias: np.ndarray | None, out: np.ndarray, act: int,
-         residual: np.ndarray | None, rows_per_image: int | None = None) -> None:
+         residual: np.ndarray | None, rows_per_image: int | None = None) -> Callable[[], None]:
     """out = act(a @ w + bias) (+ residual) for 2-D a [M, K], w [K, N], on Numba's threads.
 
     ``w`` may be what ``prepare_weights`` made of it (packed weights hold their bias: ``bias`` is
@@ -199,8 +205,7 @@ def gemm(a: np.ndarray, w: np.ndarray | PackedWeights, bias: np.ndarray | None, 
     depend on its batch (the microkernel's answers depend on no cut at all).
     """
     if isinstance(w, PackedWeights):
-        gemm_packed(a, w, out, act, residual)
-        return
+        return gemm_packed.bind(a, w, out, act, residual)
     m, cout = out.shape
     rows_per_image = m if rows_per_image is None else rows_per_image
     # BLAS is handed raw addresses: a wrong shape would read or write past an array, not raise.
@@ -211,15 +216,14 @@ def gemm(a: np.ndarray, w: np.ndarray | PackedWeights, bias: np.ndarray | None, 
     if m and (rows_per_image < 1 or m % rows_per_image):
         raise ValueError(f"gemm: {m} rows are not a whole number of images of {rows_per_image} rows")
     if m == 0:
-        return
+        return no_work
     if use_microkernel(*w.shape) and _contiguous(a, out, residual) and a.dtype == out.dtype == np.float32:
-        gemm_packed(a, pack(np.ascontiguousarray(w, np.float32), np.ascontiguousarray(bias, np.float32), m),
-                    out, act, residual)
-    elif blas.AVAILABLE and _contiguous(a, w, out, residual) and a.dtype == w.dtype == out.dtype == np.float32:
+        packed = pack(np.ascontiguousarray(w, np.float32), np.ascontiguousarray(bias, np.float32), m)
+        return gemm_packed.bind(a, packed, out, act, residual)
+    if blas.AVAILABLE and _contiguous(a, w, out, residual) and a.dtype == w.dtype == out.dtype == np.float32:
         tile_rows, tile_cols = tile_shape(rows_per_image, a.shape[1], cout)
-        gemm_tiles(a, w, bias, out, act, residual, rows_per_image, tile_rows, tile_cols)
-    else:
-        gemm_matmul(a, w, bias, out, act, residual, rows_per_image)
+        return partial(gemm_tiles, a, w, bias, out, act, residual, rows_per_image, tile_rows, tile_cols)
+    return partial(gemm_matmul, a, w, bias, out, act, residual, rows_per_image)
 
 
 def gemm_matmul(a: np.ndarray, w: np.ndarray, bias: np.ndarray, out: np.ndarray, act: int,
@@ -239,6 +243,7 @@ def gemm_matmul(a: np.ndarray, w: np.ndarray, bias: np.ndarray, out: np.ndarray,
             _epilogue(out, bias, act, residual, start, stop)
 
 
+@entry
 def pointwise_conv2d(
     x: np.ndarray,
     kernel: np.ndarray | PackedWeights,
@@ -246,7 +251,7 @@ def pointwise_conv2d(
     out: np.ndarray,
     act: int = ACT_NONE,
     residual: np.ndarray | None = None,
-) -> None:
+) -> Callable[[], None]:
     """out = act(x @ kernel + bias) (+ residual), over the last axis of NHWC ``x``.
 
     ``kernel`` may be what ``prepare_weights`` made of it (then holding the bias).
@@ -255,16 +260,17 @@ def pointwise_conv2d(
     a = x.reshape(-1, cin)
     o = out.reshape(-1, cout)
     r = None if residual is None else residual.reshape(-1, cout)
-    gemm(a, kernel, bias, o, act, r, rows_per_image=x.shape[1] * x.shape[2] if x.ndim == 4 else None)
+    return gemm.bind(a, kernel, bias, o, act, r, rows_per_image=x.shape[1] * x.shape[2] if x.ndim == 4 else None)
 
 
+@entry
 def dense(x: np.ndarray, kernel: np.ndarray | PackedWeights, bias: np.ndarray | None, out: np.ndarray,
-          act: int = ACT_NONE) -> None:
+          act: int = ACT_NONE) -> Callable[[], None]:
     """out = act(x @ kernel + bias) for x [M, features] (softmax is a separate step: activations.softmax).
 
     ``kernel`` may be what ``prepare_weights`` made of it (then holding the bias).
     """
-    gemm(x, kernel, bias, out, act, None, rows_per_image=1)
+    return gemm.bind(x, kernel, bias, out, act, None, rows_per_image=1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,15 +12,21 @@ with the channel loop inside, so each step is a contiguous vector add.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import numpy as np
 from numba import njit
 
+from .entry import entry
 
-def global_average_pool(x, out) -> None:
+
+@entry
+def global_average_pool(x, out) -> Callable[[], None]:
     """out[n, c] = mean over (h, w) of x[n, h, w, c]."""
     if x.ndim != 4 or out.shape != (x.shape[0], x.shape[3]):  # Numba does not check indices
         raise ValueError(f"global_average_pool: out {out.shape} does not fit x {x.shape}")
-    average_pool_rows(x, out)
+    return partial(average_pool_rows, x, out)
 
 
 @njit(cache=True)

@@ -22,9 +22,13 @@ only parallel loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import numpy as np
 from numba import njit, prange
 
+from .entry import entry
 from .pooling import average_pool_rows
 
 _SIXTH = np.float32(1.0 / 6.0)
@@ -63,7 +67,8 @@ def _gates(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias):
     return gate
 
 
-def squeeze_excite(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, out) -> None:
+@entry
+def squeeze_excite(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, out) -> Callable[[], None]:
     """out = x * gate(x); see the module docstring for the contract."""
     # Numba does not check indices: shapes that do not fit would read past an array, not raise.
     c, cr = x.shape[3], reduce_kernel.shape[1]
@@ -71,7 +76,7 @@ def squeeze_excite(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, ou
             or expand_kernel.shape != (cr, c) or expand_bias.shape != (c,)):
         raise ValueError(f"squeeze_excite shapes do not fit: x {x.shape}, reduce {reduce_kernel.shape}, "
                          f"expand {expand_kernel.shape}, out {out.shape}")
-    _squeeze_excite(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, out)
+    return partial(_squeeze_excite, x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, out)
 
 
 @njit(parallel=True, cache=True)

@@ -57,37 +57,47 @@ def blas_libraries(internal_api: str) -> list[str]:
             if lib.user_api == "blas" and lib.internal_api == internal_api]
 
 
-def _blas_limiter(blas_threads: int):
-    """Limit BLAS to ``blas_threads``; returns the limiter (to restore), or None without threadpoolctl
-    (BLAS then keeps its own setting: OPENBLAS_NUM_THREADS=1 does the same)."""
+def _blas_pools() -> list:
+    """threadpoolctl's controllers of the loaded BLAS libraries (empty without threadpoolctl)."""
     controller = _threadpool_controller()
-    return None if controller is None else controller.limit(limits=blas_threads, user_api="blas")
+    return [] if controller is None else [lib for lib in controller.lib_controllers if lib.user_api == "blas"]
 
 
 def set_threads(threads: int | None = None) -> int:
     """Numba uses ``threads`` threads (None: all), BLAS one; for the rest of the process.
 
     Returns the Numba thread count in effect. numba.set_num_threads applies to the calling thread.
+    Without threadpoolctl BLAS keeps its own setting (OPENBLAS_NUM_THREADS=1 does the same).
     """
     n = max_threads() if threads is None else max(1, min(int(threads), max_threads()))
     numba.set_num_threads(n)
-    _blas_limiter(1)
+    for pool in _blas_pools():
+        pool.set_num_threads(1)
     return n
 
 
 @contextlib.contextmanager
 def thread_limits(threads: int | None = None) -> Iterator[int]:
-    """Context manager form of ``set_threads``: restores both pools' previous settings on exit."""
+    """Context manager form of ``set_threads``: restores both pools' previous settings on exit.
+
+    Entered once per prediction: it talks to the BLAS libraries through threadpoolctl's controllers
+    directly (a get and a set each), not through ``ThreadpoolController.limit``, which re-reads
+    every library's state and costs as much as a small layer.
+    """
     previous = numba.get_num_threads()
     n = max_threads() if threads is None else max(1, min(int(threads), max_threads()))
-    limiter = _blas_limiter(1)
+    pools = _blas_pools()
+    blas_previous = [pool.get_num_threads() for pool in pools]
+    for pool in pools:
+        pool.set_num_threads(1)
     numba.set_num_threads(n)
     try:
         yield n
     finally:
         numba.set_num_threads(previous)
-        if limiter is not None:
-            limiter.restore_original_limits()
+        for pool, count in zip(pools, blas_previous):
+            if count is not None:
+                pool.set_num_threads(count)
 
 
 def kernels_cached() -> bool:

@@ -8,8 +8,10 @@ A ``LayerType`` holds everything npmobile knows about one layer class, in one pl
 - ``output_shape(node, input_shapes)``: its output's shape (NHWC; None where unknown);
 - ``reference(node, inputs, keras_version)``: what it computes, with the plain NumPy kernels of
   kernels/reference.py -- the definition the fast path is checked against;
-- ``prepare(node, in_shapes, out_shape, keras_version)``: the fast path for the plan, a Runner
-  ``(args, out) -> None`` over preallocated buffers, or None where the reference must run;
+- ``prepare(node, in_shapes, out_shape, keras_version)``: the fast path for the plan, a Binder
+  ``(args, out) -> call``: given the step's input arrays and its preallocated output buffer, it checks
+  them once and returns the call with no arguments that computes the step (kernels/entry.py), which
+  the plan then makes at every prediction; or None where the reference must run;
 - ``macs(node, in_shape, out_shape)``: multiply-accumulates per image, for ``summary --costs``;
 - ``kind(node)``: its bucket in ``profile`` (pointwise, depthwise, conv, dense, se, other).
 
@@ -38,8 +40,8 @@ if TYPE_CHECKING:
     from npmobile.graph import Node
 
 Shape = tuple
-# A prepared step of the plan: (args, out) -> None, writing every element of out.
-Runner = Callable[[list, np.ndarray], None]
+# A prepared step of the plan: (args, out) -> the call (no arguments) that writes every element of out.
+Binder = Callable[[list, np.ndarray], Callable[[], None]]
 
 
 def _no_weights(config: dict, in_channels: int | None) -> dict[str, tuple]:
@@ -61,7 +63,7 @@ class LayerType:
     output_shape: Callable[[Node, list[Shape]], Shape] = _same_shape
     weights: Callable[[dict, int | None], dict[str, tuple]] = _no_weights
     validate: Callable[[Node, int], None] | None = None  # (node, keras_version)
-    prepare: Callable[[Node, list, Shape, int], Runner | None] | None = None
+    prepare: Callable[[Node, list, Shape, int], Binder | None] | None = None
     macs: Callable[[Node, Shape, Shape], int] = _no_macs
     kind: Callable[[Node], str] = lambda node: "other"
     aliases: tuple[str, ...] = ()  # other Keras class names for the same layer

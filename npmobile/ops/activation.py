@@ -11,7 +11,7 @@ import numpy as np
 from npmobile.activations import FUSABLE_ACTIVATIONS, activation_function, lookup
 from npmobile.errors import UnsupportedLayerError
 from npmobile.kernels import reference as ref
-from npmobile.ops import LayerType, Runner, register
+from npmobile.ops import Binder, LayerType, register
 
 if TYPE_CHECKING:
     from npmobile.graph import Node
@@ -77,26 +77,26 @@ def softmax_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
     return ref.softmax(inputs[0], axis=axis if isinstance(axis, int) else axis[0])
 
 
-def prepare_activation(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
+def prepare_activation(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
     """A standalone ReLU / Activation (one the fusion pass could not move into a conv)."""
     from npmobile.kernels import activations as act_kernels
 
     if node.op == "Activation" and node.config.get("activation") == "softmax":  # over the last axis
 
-        def run_softmax(args, out):
+        def bind_softmax(args, out):
             channels = out.shape[-1]
-            act_kernels.softmax(args[0].reshape(-1, channels), out.reshape(-1, channels))
+            return act_kernels.softmax.bind(args[0].reshape(-1, channels), out.reshape(-1, channels))
 
-        return run_softmax
+        return bind_softmax
     name = epilogue_activation(node)
     act = act_kernels.ACTIVATION_CODES.get(name) if name else None
     if act is None:
         return None
 
-    def run(args, out):
-        act_kernels.activate(args[0], out, act)
+    def bind(args, out):
+        return act_kernels.activate.bind(args[0], out, act)
 
-    return run
+    return bind
 
 
 def validate_activation(node: Node, keras_version: int) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from npmobile.errors import UnsupportedLayerError
 from npmobile.kernels import reference as ref
-from npmobile.ops import LayerType, Runner, register
+from npmobile.ops import Binder, LayerType, register
 from npmobile.ops.activation import apply_activation, epilogue_code, validate_activation
 from npmobile.ops.common import bias_or_zeros, conv_padding, pair, pixels, spatial_output
 
@@ -70,7 +71,7 @@ def conv2d_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
     return apply_activation(y, node, keras_version)
 
 
-def conv2d_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
+def conv2d_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
     from npmobile.kernels.conv import conv2d
     from npmobile.kernels.pointwise import pointwise_conv2d, prepare_weights
 
@@ -88,10 +89,10 @@ def conv2d_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Runn
     if kernel.shape[:2] == (1, 1) and strides == (1, 1) and padding == ref.NO_PADDING and not rescaled:
         w = prepare_weights(kernel[0, 0], bias, int(np.prod(out_shape[:3])))  # packed once per plan
 
-        def run_pointwise(args, out):
-            pointwise_conv2d(args[0], w, bias, out, act, args[1] if residual else None)
+        def bind_pointwise(args, out):
+            return pointwise_conv2d.bind(args[0], w, bias, out, act, args[1] if residual else None)
 
-        return run_pointwise
+        return bind_pointwise
     if residual:
         return None
     (top, _), (left, _) = padding
@@ -101,11 +102,11 @@ def conv2d_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Runn
     # The im2col scratch, made once per plan (one prediction runs at a time: interpreter._RUN_LOCK).
     patches = np.empty(int(np.prod(out_shape[:3])) * int(np.prod(kernel.shape[:3])), dtype=np.float32)
 
-    def run_conv(args, out):
-        conv2d(args[0], k4, bias, out, strides[0], strides[1], top, left, act, dilation[0], dilation[1],
-               scale, offset, patches, packed)
+    def bind_conv(args, out):
+        return partial(conv2d, args[0], k4, bias, out, strides[0], strides[1], top, left, act, dilation[0],
+                       dilation[1], scale, offset, patches, packed)
 
-    return run_conv
+    return bind_conv
 
 
 def conv2d_macs(node: Node, in_shape: tuple, out_shape: tuple) -> int:
@@ -139,7 +140,7 @@ def depthwise_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
     return apply_activation(y, node, keras_version)
 
 
-def depthwise_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
+def depthwise_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
     from npmobile.kernels.depthwise import depthwise_conv2d
 
     kernel = node.weights["depthwise_kernel"]
@@ -151,10 +152,10 @@ def depthwise_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> R
     k3 = np.ascontiguousarray(kernel[:, :, :, 0])
     bias = bias_or_zeros(node, k3.shape[2])
 
-    def run(args, out):
-        depthwise_conv2d(args[0], k3, bias, out, strides[0], strides[1], top, left, act)
+    def bind(args, out):
+        return partial(depthwise_conv2d, args[0], k3, bias, out, strides[0], strides[1], top, left, act)
 
-    return run
+    return bind
 
 
 def depthwise_macs(node: Node, in_shape: tuple, out_shape: tuple) -> int:

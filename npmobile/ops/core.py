@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from npmobile.kernels import reference as ref
-from npmobile.ops import LayerType, Runner, register
+from npmobile.ops import Binder, LayerType, register
 from npmobile.ops.activation import apply_activation, epilogue_code, validate_activation
 from npmobile.ops.common import bias_or_zeros, pixels
 
@@ -32,7 +32,7 @@ def dense_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
     return apply_activation(y, node, keras_version)
 
 
-def dense_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
+def dense_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
     from npmobile.kernels import activations as act_kernels
     from npmobile.kernels.pointwise import dense, prepare_weights
 
@@ -43,12 +43,19 @@ def dense_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Runne
     bias = bias_or_zeros(node, node.weights["kernel"].shape[1])
     kernel = prepare_weights(node.weights["kernel"], bias, out_shape[0])  # packed once per plan
 
-    def run(args, out):
-        dense(args[0], kernel, bias, out, act)
-        if softmax:
-            act_kernels.softmax(out, out)
+    def bind(args, out):
+        product = dense.bind(args[0], kernel, bias, out, act)
+        if not softmax:
+            return product
+        normalize = act_kernels.softmax.bind(out, out)
 
-    return run
+        def product_then_softmax():
+            product()
+            normalize()
+
+        return product_then_softmax
+
+    return bind
 
 
 def dense_macs(node: Node, in_shape: tuple, out_shape: tuple) -> int:

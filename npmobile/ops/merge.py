@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from npmobile.errors import ModelFileError
-from npmobile.ops import LayerType, Runner, register
+from npmobile.ops import Binder, LayerType, register
 
 if TYPE_CHECKING:
     from npmobile.graph import Node
@@ -34,7 +34,7 @@ def add_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
     return y
 
 
-def add_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
+def add_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
     """The Add merge layer of two same-shaped tensors (no broadcasting, no scalars)."""
     from npmobile.kernels import activations as act_kernels
 
@@ -43,10 +43,10 @@ def add_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Runner 
     if any(tuple(s) != tuple(out_shape) for s in in_shapes):
         return None
 
-    def run(args, out):
-        act_kernels.add(args[0], args[1], out, act_kernels.ACT_NONE)
+    def bind(args, out):
+        return act_kernels.add.bind(args[0], args[1], out, act_kernels.ACT_NONE)
 
-    return run
+    return bind
 
 
 def multiply_reference(node: Node, inputs, keras_version: int) -> np.ndarray:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from npmobile.kernels import reference as ref
-from npmobile.ops import LayerType, Runner, register
+from npmobile.ops import Binder, LayerType, register
 from npmobile.ops.common import check_channels_last, conv_padding, pair, spatial_output
 
 if TYPE_CHECKING:
@@ -24,16 +24,16 @@ def global_average_pool_reference(node: Node, inputs, keras_version: int) -> np.
     return ref.global_average_pool(inputs[0], bool(node.config.get("keepdims", False)))
 
 
-def global_average_pool_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
+def global_average_pool_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
     from npmobile.kernels.pooling import global_average_pool
 
     if node.config.get("data_format") not in (None, "channels_last") or len(in_shapes[0]) != 4:
         return None
 
-    def run(args, out):
-        global_average_pool(args[0], out.reshape(out.shape[0], out.shape[-1]))
+    def bind(args, out):
+        return global_average_pool.bind(args[0], out.reshape(out.shape[0], out.shape[-1]))
 
-    return run
+    return bind
 
 
 def global_max_pool_reference(node: Node, inputs, keras_version: int) -> np.ndarray:

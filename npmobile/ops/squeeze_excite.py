@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from npmobile.kernels import reference as ref
-from npmobile.ops import LayerType, Runner, register
+from npmobile.ops import Binder, LayerType, register
 
 if TYPE_CHECKING:
     from npmobile.graph import Node
@@ -19,15 +19,16 @@ def squeeze_excite_reference(node: Node, inputs, keras_version: int) -> np.ndarr
     return ref.squeeze_excite(inputs[0], w["reduce_kernel"], w["reduce_bias"], w["expand_kernel"], w["expand_bias"])
 
 
-def squeeze_excite_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
+def squeeze_excite_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
     from npmobile.kernels.squeeze_excite import squeeze_excite
 
     w = {k: np.ascontiguousarray(v, np.float32) for k, v in node.weights.items()}
 
-    def run(args, out):
-        squeeze_excite(args[0], w["reduce_kernel"], w["reduce_bias"], w["expand_kernel"], w["expand_bias"], out)
+    def bind(args, out):
+        return squeeze_excite.bind(args[0], w["reduce_kernel"], w["reduce_bias"], w["expand_kernel"],
+                                   w["expand_bias"], out)
 
-    return run
+    return bind
 
 
 def squeeze_excite_macs(node: Node, in_shape: tuple, out_shape: tuple) -> int:

@@ -1,0 +1,32 @@
+"""Kernel entry points that check their arguments once, for callers that run them many times.
+
+A kernel's public function checks shapes (Numba does not check indices: a wrong shape would read
+past an array, not raise) and chooses the compiled loop to run. The plan runs the same step on the
+same buffers at every prediction, so it should check once. Each entry point is therefore written as
+a *binder*: it checks, chooses, and returns the call to make -- a ``functools.partial`` of a
+compiled kernel with every argument given -- and ``@entry`` turns it into the function people call:
+
+    pointwise_conv2d(x, kernel, bias, out, act)           # checks, then runs
+    call = pointwise_conv2d.bind(x, kernel, bias, out, act)   # checks, once
+    call()                                                # runs: only the compiled kernel's dispatch
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+
+def entry(binder: Callable[..., Callable[[], None]]) -> Callable[..., None]:
+    """The function that binds and runs at once; the binder stays reachable as ``.bind``."""
+
+    @functools.wraps(binder)
+    def run(*args, **kwargs) -> None:
+        binder(*args, **kwargs)()
+
+    run.bind = binder
+    return run
+
+
+def no_work() -> None:
+    """The bound call of a step with nothing to compute (an empty product)."""
