@@ -24,11 +24,11 @@ def rng():
     return np.random.default_rng(4321)
 
 # (M, K, N): 1x1 images, one row, one column, one input channel, sizes on either side of every tile
-# edge (MR 1, 6, 8, 28; NR 16, 32, 128), and MobileNet shapes.
+# edge (MR 1, 6, 7, 8, 28; NR 16, 32, 128), and MobileNet shapes.
 SHAPES = [
     (1, 1, 1), (1, 7, 1), (3, 1, 5), (1, 1280, 1000), (5, 17, 33), (6, 16, 16), (7, 16, 17), (8, 32, 32),
-    (9, 31, 31), (27, 5, 15), (28, 8, 48), (29, 3, 129), (57, 40, 127), (196, 24, 144), (49, 160, 960),
-    (64, 1, 1), (100, 64, 1),
+    (9, 31, 31), (13, 9, 40), (14, 2, 31), (27, 5, 15), (28, 8, 48), (29, 3, 129), (57, 40, 127), (196, 24, 144),
+    (49, 160, 960), (64, 1, 1), (100, 64, 1),
 ]
 
 
@@ -97,6 +97,8 @@ def test_choose_variant_follows_the_shape_and_the_cpu():
     assert G.choose_variant(1, 1000, avx512=True) == 3  # a matrix-vector product
     assert G.choose_variant(3136, 24, avx512=True) == 1
     assert G.choose_variant(784, 40, avx512=True) == 2  # 48 columns in panels of 16, 64 in panels of 32
+    assert G.choose_variant(49, 960, avx512=True) == 4  # a 7x7 map: 7-row tiles pad no row
+    assert G.choose_variant(392, 960, avx512=True) == 1  # ... in a batch of 8, 8-row tiles pad none either
 
 
 def test_tiling_covers_the_product_and_gives_several_cores_work():
