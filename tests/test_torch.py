@@ -1,6 +1,6 @@
 """PyTorch state dicts on npmobile, checked against PyTorch itself (torch==2.13.0, the test extra).
 
-torchvision-named MobileNetV2 / V3 (tests/torchvision_models.py) with random weights and BatchNorm
+torchvision-named MobileNetV2 / V3 (npmobile/applications/torchvision_modules.py) with random weights and BatchNorm
 statistics far from the identity, saved the ways PyTorch users save them (.pth zip, legacy .pth,
 .safetensors, a training checkpoint); npmobile reads them without torch and must give PyTorch's logits
 within 1e-4 x max(1, max|reference|) and the same top-5, and PyTorch's intermediate outputs by module path.
@@ -25,7 +25,7 @@ from npmobile.io.torch import read_state_dict, torch_format
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
-import torchvision_models as tvm  # noqa: E402  (needs torch)
+from npmobile.applications import torchvision_modules as tvm  # noqa: E402  (needs torch)
 
 RTOL = 1e-4
 # (architecture, constructor kwargs): every variant the issue names.

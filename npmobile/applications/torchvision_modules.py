@@ -1,7 +1,9 @@
-"""torchvision's MobileNetV2 and V3 rebuilt in plain PyTorch, for the parity tests.
+"""torchvision's MobileNetV2 and V3 rebuilt in plain PyTorch: the reference ``npmobile verify`` runs a
+PyTorch state dict in, and the parity tests' models (tests/test_torch.py). Only verify and the tests
+import this module (it imports torch); the engine never does.
 
 The torchvision wheel on the package index is built against another torch than the CPU wheel and
-fails at import ("operator torchvision::nms does not exist"), so the tests build the two architectures
+fails at import ("operator torchvision::nms does not exist"), so the two architectures are built
 here, written from torchvision's documented structure: the same module attribute names (so state dict
 keys are torchvision's: ``features.1.block.0.0.weight``, ``features.2.conv.1.0.weight``,
 ``features.4.block.2.fc1.weight``, ``classifier.3.weight``), the same widths, paddings, epsilons and
@@ -14,10 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def make_divisible(v: float, divisor: int = 8) -> int:
-    rounded = max(divisor, int(v + divisor / 2) // divisor * divisor)
-    return rounded + divisor if rounded < 0.9 * v else rounded
+from npmobile.applications.common import make_divisible
 
 
 class ConvNormAct(nn.Sequential):
@@ -105,7 +104,10 @@ class InvertedResidualV3(nn.Module):
 
 
 def v3_setting(arch: str, reduced_tail: bool):
-    """(in, kernel, expanded, out, se, hardswish, stride) per block, and the classifier's width."""
+    """(in, kernel, expanded, out, se, hardswish, stride) per block, and the classifier's width.
+
+    Written out again from torchvision, not taken from npmobile.applications.torchvision: a reference that
+    shared npmobile's table would agree with a mistake in it."""
     d = 2 if reduced_tail else 1
     if arch == "mobilenet_v3_large":
         return [(16, 3, 16, 16, False, False, 1), (16, 3, 64, 24, False, False, 2), (24, 3, 72, 24, False, False, 1),
