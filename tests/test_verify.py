@@ -120,8 +120,8 @@ def test_usage_errors_exit_2_and_what_could_not_run_exits_3(tutorials, tmp_path)
 
 
 def test_the_engine_never_imports_tensorflow_or_keras(tutorials):
-    """Only ``verify`` imports Keras: loading, predicting (reference and float64 too) and the other commands
-    leave TensorFlow out of the process."""
+    """Only ``verify`` imports Keras (or PyTorch): loading, predicting (reference and float64 too) and the other
+    commands leave TensorFlow and torch out of the process."""
     case = tutorials("MobileNetV3Small", "keras3_keras")
     code = textwrap.dedent(f"""\
         import sys
@@ -133,7 +133,7 @@ def test_the_engine_never_imports_tensorflow_or_keras(tutorials):
                                                                         "h_sigmoid": "hard_sigmoid"}})
         x = np.zeros((1, 64, 64, 3), np.float32)
         model.predict(x); model.predict(x, reference=True, dtype=np.float64)
-        loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf_keras"))
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf_keras", "torch"))
         assert not loaded, loaded
         """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
@@ -258,6 +258,22 @@ def test_a_model_that_differs_from_torchvision_is_caught_at_its_first_batchnorm(
     assert "verdict: BEYOND tolerance (exit 1)" in wrong.stdout
     before = wrong.stdout.split("\nfeatures.0.1 ")[0].splitlines()[-1]
     assert before.startswith("features.0.0 ") and " ok " in before  # the conv before it agrees
+
+
+def test_a_training_checkpoint_with_dataparallel_prefixes_verifies(tmp_path, capsys):
+    """What torch.load gives for a checkpoint is unwrapped on the PyTorch side as npmobile's reader unwraps it."""
+    torch = pytest.importorskip("torch")
+    from npmobile.applications import torchvision_modules as tvm
+    from npmobile.cli import main
+
+    model = tvm.randomize(tvm.build("mobilenet_v3_small", num_classes=10, reduced_tail=True), seed=5)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"epoch": 3, "model_state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+                "optimizer_state_dict": torch.optim.SGD(model.parameters(), lr=0.1).state_dict()}, path)
+    assert main(["verify", str(path), "--size", "48", "--samples", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "mobilenet_v3_small(num_classes=10, width_mult=1.0, reduced_tail=True)" in report["reference_detail"]
+    assert report["ok"] and report["layers"][-1]["shape"] == [10]
 
 
 def test_without_pytorch_a_state_dict_cannot_be_verified_exit_3(state_dicts):
