@@ -232,7 +232,7 @@ def verify(args) -> dict:
     first_bad = next((row.name for row in layers if not row.versus.ok), None)
     ok = final.ok and first_bad is None and top5 != "no"
     if pytorch:
-        writer = "PyTorch (a torchvision-named state dict)"
+        writer = "PyTorch, a torchvision-named state dict"
     else:
         writer = "Keras 2 / tf_keras" if model.graph.keras_version < 3 else "Keras 3"
     return {
