@@ -300,3 +300,33 @@ def test_options_of_the_other_framework_are_usage_errors(state_dicts, tmp_path, 
     not_torch.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
     assert main(["verify", str(not_torch), "--torch-model", "net.py:build"]) == 2
     assert "--torch-model is for .pth / .safetensors files" in capsys.readouterr().err
+
+
+def test_a_torch_model_that_cannot_take_the_file_could_not_run(state_dicts, tmp_path, capsys):
+    """PyTorch's own refusal (load_state_dict strict) or the user's module failing: exit 3, one line, PyTorch's
+    words kept."""
+    pytest.importorskip("torch")
+    from npmobile.cli import main
+
+    module = tmp_path / "nets.py"
+    module.write_text(textwrap.dedent("""\
+        import torch
+        from npmobile.applications import torchvision_modules
+
+        def v2():
+            return torchvision_modules.build("mobilenet_v2")
+
+        def pair():
+            model = torchvision_modules.build("mobilenet_v3_small")
+            model.forward = lambda x: (x, x)
+            return model
+
+        def broken():
+            raise RuntimeError("no GPU here")
+        """))
+    path = str(state_dicts["mobilenet_v3_small", "pth"])
+    for name, said in (("v2", "PyTorch could not load"), ("pair", "returned a tuple, not one tensor of logits"),
+                       ("broken", "broken() failed (RuntimeError: no GPU here)"), ("absent", "no class or function")):
+        assert main(["verify", path, "--torch-model", f"{module}:{name}", "--size", "32", "--samples", "1"]) == 3
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err

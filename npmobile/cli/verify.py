@@ -159,7 +159,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         help="a Python file defining your activation functions by the names the model file uses: "
                              "Keras runs them instead of its built-ins (your code, run by verify only)")
     parser.add_argument("--torch-model", metavar="FILE.py:NAME",
-                        help="for a PyTorch state dict: PyTorch runs the module NAME() from your FILE.py returns "
+                        help="for a PyTorch state dict: PyTorch runs the module that NAME() in your FILE.py returns "
                              "(a class or function called with no arguments; your code, run by verify only) "
                              "instead of torchvision's architecture")
     parser.add_argument("--samples", type=positive_int, default=2, metavar="N",
@@ -563,8 +563,15 @@ class _TorchSide:
         return found
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        with self.torch.inference_mode():
-            return self.module(self.torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+        try:
+            with self.torch.inference_mode():
+                output = self.module(self.torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+        except Exception as error:  # the module's own forward (the user's code, with --torch-model) failed
+            raise CouldNotRun(f"PyTorch's forward failed on an input of shape {tuple(x.shape)} "
+                              f"({_one_line(error)})") from None
+        if not isinstance(output, self.torch.Tensor):
+            raise CouldNotRun(f"the PyTorch module returned a {type(output).__name__}, not one tensor of logits")
+        return output.numpy()
 
 
 def _import_torch():
