@@ -5,11 +5,11 @@ PyTorch itself, eager and TorchScript, on the same weights and inputs.
     .venv/bin/python bench/torchvision_pth.py     # batch 1 and 8, 1 and 2 threads (a few minutes on 2 cores)
     .venv/bin/python bench/torchvision_pth.py --batches 1 --threads 1 --rounds 3
 
-The parent builds the model in PyTorch with torchvision's module names (tests/torchvision_models.py: the
-torchvision wheel does not import beside the CPU torch here), gives it random weights and BatchNorm
-statistics, and saves ``torch.save(model.state_dict(), "v3l.pth")`` and a traced TorchScript copy. Engines,
-each in its own process with its own thread settings, interleaved in rotating order per round as in
-bench/run.py:
+The parent builds the model in PyTorch with torchvision's module names
+(npmobile/applications/torchvision_modules.py: the torchvision wheel does not import beside the CPU torch
+here), gives it random weights and BatchNorm statistics, and saves ``torch.save(model.state_dict(), "v3l.pth")``
+and a traced TorchScript copy. Engines, each in its own process with its own thread settings, interleaved in
+rotating order per round as in bench/run.py:
 - npmobile: ``npmobile.load_model("v3l.pth")``, ``predict(x, data_format="channels_first", threads=N)``;
 - PyTorch eager: the module with ``load_state_dict``, ``eval()``, under ``torch.inference_mode()``;
 - TorchScript: the traced module, ``torch.jit.freeze``d (BatchNorm folded), under ``inference_mode``.
@@ -40,10 +40,9 @@ NAMES = {"npmobile": "npmobile", "pytorch_eager": "PyTorch eager", "torchscript"
 
 
 def torch_module():
-    sys.path.insert(0, str(REPO / "tests"))
-    import torchvision_models
+    from npmobile.applications import torchvision_modules
 
-    return torchvision_models
+    return torchvision_modules
 
 
 def prepare(folder: Path) -> dict:

@@ -90,7 +90,11 @@ def load_torchvision(path: str | os.PathLike | BinaryIO, crop_size: int = 224, r
     if size != image.size:
         image = image.resize(size, Image.Resampling.BILINEAR)
     image = _center_square(image, crop_size)
-    x = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+    return normalize_imagenet(np.asarray(image, dtype=np.float32) / np.float32(255.0))
+
+
+def normalize_imagenet(x: np.ndarray) -> np.ndarray:
+    """torchvision's ``Normalize(IMAGENET_MEAN, IMAGENET_STD)`` on NHWC (or HWC) pixels in 0..1, in float32."""
     return (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
 
 

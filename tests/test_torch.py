@@ -1,6 +1,6 @@
 """PyTorch state dicts on npmobile, checked against PyTorch itself (torch==2.13.0, the test extra).
 
-torchvision-named MobileNetV2 / V3 (tests/torchvision_models.py) with random weights and BatchNorm
+torchvision-named MobileNetV2 / V3 (npmobile/applications/torchvision_modules.py) with random weights and BatchNorm
 statistics far from the identity, saved the ways PyTorch users save them (.pth zip, legacy .pth,
 .safetensors, a training checkpoint); npmobile reads them without torch and must give PyTorch's logits
 within 1e-4 x max(1, max|reference|) and the same top-5, and PyTorch's intermediate outputs by module path.
@@ -25,7 +25,7 @@ from npmobile.io.torch import read_state_dict, torch_format
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
-import torchvision_models as tvm  # noqa: E402  (needs torch)
+from npmobile.applications import torchvision_modules as tvm  # noqa: E402  (needs torch)
 
 RTOL = 1e-4
 # (architecture, constructor kwargs): every variant the issue names.
@@ -187,6 +187,30 @@ def test_intermediate_outputs_by_module_path(cases, arch):
     for name in (names[3], ALONE[arch]):
         alone = model.predict(case.x.numpy(), outputs=[name], data_format="channels_first")[name]
         assert_close(alone, _torch_outputs(case.model, case.x, [name])[name], f"{arch} {name} alone")
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "mobilenet_v3_large"])
+def test_dilated_v3_matches_pytorch(tmp_path, arch):
+    """torchvision's dilated=True (segmentation backbones): the last stage's depthwise layers at dilation 2 and
+    stride 1, padding (k - 1) // 2 * 2, so the features stay at 1/16 of the input. The state dict has the same
+    shapes as the undilated model's, so the architecture is named, not read from the file."""
+    model = tvm.randomize(tvm.build(arch, dilated=True), seed=11)
+    x = torch.rand(2, 3, 113, 97, generator=torch.Generator().manual_seed(11))
+    last = "features.11" if arch == "mobilenet_v3_small" else "features.15"
+    names = ["features.12" if arch == "mobilenet_v3_small" else "features.16", last, f"{last}.block.1.0"]
+    expected = _torch_outputs(model, x, names)
+    with torch.no_grad():
+        logits = model(x).numpy()
+    path = save(model, tmp_path / "dilated.pth", "zip")
+    ours = tv.CONSTRUCTORS[arch](weights=path, dilated=True)
+    assert ours.dilated and expected[names[0]].shape[2:] == (8, 7)  # 113 x 97 / 16, rounded up
+    assert_logits_close(ours.predict(x.numpy(), data_format="channels_first"), logits, f"{arch} dilated")
+    got = ours.predict(x.numpy(), data_format="channels_first", outputs=names)
+    for name in names:
+        assert_close(got[name], expected[name], f"{arch} dilated {name}")
+    # The same file read as the undilated architecture (what load_model reads from its shapes) is another model.
+    undilated = npmobile.load_model(path).predict(x.numpy(), data_format="channels_first")
+    assert np.abs(undilated - logits).max() > 100 * RTOL * max(1.0, float(np.abs(logits).max()))
 
 
 def test_module_max_differences_reported(cases, capsys):

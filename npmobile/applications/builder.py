@@ -26,15 +26,15 @@ class Tensor:
         return self.shape[-1]
 
 
-def _conv_out(size, kernel: int, stride: int, padding, axis: int = 0):
+def _conv_out(size, kernel: int, stride: int, padding, axis: int = 0, dilation: int = 1):
     """Output size along one axis; ``padding`` is "same", "valid" or explicit ((top, bottom), (left, right))."""
     if size is None:
         return None
     if padding == "same":
-        pad = same_padding(size, kernel, stride)
+        pad = same_padding(size, kernel, stride, dilation)
     else:
         pad = (0, 0) if padding == "valid" else tuple(padding[axis])
-    return conv_output_size(size, kernel, stride, pad)
+    return conv_output_size(size, kernel, stride, pad, dilation)
 
 
 def correct_pad(x: Tensor, kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -83,11 +83,12 @@ class Builder:
         return self._add("Conv2D", name, config, [x], (None, h, w, filters), "conv2d")
 
     def depthwise_conv2d(self, x: Tensor, kernel: int, strides: int = 1, padding="same",
-                         depth_multiplier: int = 1, use_bias: bool = False, name: str | None = None) -> Tensor:
-        h = _conv_out(x.shape[1], kernel, strides, padding, 0)
-        w = _conv_out(x.shape[2], kernel, strides, padding, 1)
+                         depth_multiplier: int = 1, use_bias: bool = False, name: str | None = None,
+                         dilation: int = 1) -> Tensor:
+        h = _conv_out(x.shape[1], kernel, strides, padding, 0, dilation)
+        w = _conv_out(x.shape[2], kernel, strides, padding, 1, dilation)
         config = {"kernel_size": (kernel, kernel), "strides": (strides, strides), "padding": padding,
-                  "depth_multiplier": depth_multiplier, "dilation_rate": (1, 1), "activation": "linear",
+                  "depth_multiplier": depth_multiplier, "dilation_rate": (dilation, dilation), "activation": "linear",
                   "use_bias": use_bias, "data_format": "channels_last"}
         return self._add("DepthwiseConv2D", name, config, [x],
                          (None, h, w, x.channels * depth_multiplier), "depthwise_conv2d")

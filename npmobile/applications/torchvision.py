@@ -48,9 +48,17 @@ COMMON_WIDTHS = (1.0, 0.75, 0.5, 0.35, 0.25, 1.25, 1.3, 1.4, 1.5, 2.0)
 ARCHITECTURES = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
 
 
-def _v3_setting(arch: str, reduced_tail: bool) -> tuple[list[tuple], int]:
-    """(kernel, expanded, out, squeeze-excite, activation, stride) per block, the paper's Tables 1-2,
-    and the classifier's hidden width; ``reduced_tail`` halves the last blocks (torchvision's option)."""
+def _v3_setting(arch: str, reduced_tail: bool, dilated: bool = False) -> tuple[list[tuple], int]:
+    """(kernel, expanded, out, squeeze-excite, activation, stride, dilation) per block, the paper's Tables 1-2,
+    and the classifier's hidden width; ``reduced_tail`` halves the last blocks and ``dilated`` gives them
+    dilation 2 (torchvision's options, for segmentation backbones: the last stage keeps its input's resolution)."""
+    setting, last_channel = _v3_table(arch, reduced_tail)
+    last_stage = len(setting) - 3  # C4: the last stride-2 block and the two after it
+    dilation = [2 if dilated and index >= last_stage else 1 for index in range(len(setting))]
+    return [(*row, d) for row, d in zip(setting, dilation)], last_channel
+
+
+def _v3_table(arch: str, reduced_tail: bool) -> tuple[list[tuple], int]:
     d = 2 if reduced_tail else 1
     if arch == "mobilenet_v3_large":
         return [
@@ -73,12 +81,12 @@ def _v3_setting(arch: str, reduced_tail: bool) -> tuple[list[tuple], int]:
     raise NpmobileError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHITECTURES)})")
 
 
-def _as_torchvision(model: Model, arch: str, width_mult: float, reduced_tail: bool) -> Model:
+def _as_torchvision(model: Model, arch: str, width_mult: float, reduced_tail: bool, dilated: bool) -> Model:
     """Mark a Model as torchvision's: it outputs logits and wants its images the torchvision way
     (npmobile.image.load_torchvision), which the CLI reads from ``preprocessing`` and ``outputs_logits``."""
     model.preprocessing = "torchvision"
     model.outputs_logits = True
-    model.arch, model.width_mult, model.reduced_tail = arch, width_mult, reduced_tail
+    model.arch, model.width_mult, model.reduced_tail, model.dilated = arch, width_mult, reduced_tail, dilated
     model.num_classes = int(model.shapes[model.graph.outputs[0]][-1])
     return model
 
@@ -110,11 +118,12 @@ class _Net:
         return x
 
     def conv_norm_act(self, x: Tensor, out: int, kernel: int, stride: int, act: str | None, prefix: str,
-                      depthwise: bool = False) -> Tensor:
+                      depthwise: bool = False, dilation: int = 1) -> Tensor:
         """torchvision's Conv2dNormActivation: ``prefix.0`` conv (no bias), ``.1`` BatchNorm, ``.2`` activation."""
-        padding = _padding(kernel)
+        padding = _padding(kernel, dilation)
         if depthwise:
-            x = self.b.depthwise_conv2d(x, kernel, strides=stride, padding=padding, name=f"{prefix}.0")
+            x = self.b.depthwise_conv2d(x, kernel, strides=stride, padding=padding, name=f"{prefix}.0",
+                                        dilation=dilation)
         else:
             x = self.b.conv2d(x, out, kernel, strides=stride, padding=padding, use_bias=False, name=f"{prefix}.0")
         x = self.b.batch_norm(x, name=f"{prefix}.1", epsilon=self.eps)
@@ -149,9 +158,9 @@ class _Net:
         return self.alias("classifier", x)
 
 
-def _padding(kernel: int):
-    """PyTorch's ``padding=(k - 1) // 2``: the same on all four sides, whatever the stride."""
-    p = (kernel - 1) // 2
+def _padding(kernel: int, dilation: int = 1):
+    """torchvision's ``padding=(k - 1) // 2 * dilation``: the same on all four sides, whatever the stride."""
+    p = (kernel - 1) // 2 * dilation
     return "valid" if p == 0 else ((p, p), (p, p))
 
 
@@ -198,15 +207,15 @@ def _v2_block(net: _Net, inputs: Tensor, out: int, stride: int, expansion: int, 
 
 
 def build_mobilenet_v3(arch: str, width_mult: float = 1.0, num_classes: int = 1000, reduced_tail: bool = False,
-                       input_shape=None) -> tuple[_Net, ModelSpec]:
-    setting, last_channel = _v3_setting(arch, reduced_tail)
+                       input_shape=None, dilated: bool = False) -> tuple[_Net, ModelSpec]:
+    setting, last_channel = _v3_setting(arch, reduced_tail, dilated)
     net = _Net(V3_EPS)
     b = net.b
     inputs = b.input(_input_shape(input_shape), name="input")
     width = lambda c: make_divisible(c * width_mult, 8)  # noqa: E731 -- torchvision's adjust_channels
     x = net.conv_norm_act(inputs, width(16), 3, 2, "hardswish", "features.0")
-    for index, (kernel, expanded, out, se, act, stride) in enumerate(setting, start=1):
-        x = _v3_block(net, x, kernel, width(expanded), width(out), se, act, stride, f"features.{index}")
+    for index, (kernel, expanded, out, se, act, stride, dilation) in enumerate(setting, start=1):
+        x = _v3_block(net, x, kernel, width(expanded), width(out), se, act, stride, dilation, f"features.{index}")
     x = net.conv_norm_act(x, 6 * x.channels, 1, 1, "hardswish", f"features.{len(setting) + 1}")
     net.alias("features", x)
     x = net.head(x, [("dense", width(last_channel)), ("hardswish",), ("dropout",), ("dense", num_classes)])
@@ -214,13 +223,16 @@ def build_mobilenet_v3(arch: str, width_mult: float = 1.0, num_classes: int = 10
 
 
 def _v3_block(net: _Net, inputs: Tensor, kernel: int, expanded: int, out: int, se: bool, act: str, stride: int,
-              prefix: str) -> Tensor:
-    """InvertedResidual: ``block.0`` expand (if the width changes), depthwise, squeeze-excite, project."""
+              dilation: int, prefix: str) -> Tensor:
+    """InvertedResidual: ``block.0`` expand (if the width changes), depthwise, squeeze-excite, project.
+    A dilated depthwise layer runs at stride 1 (its input's resolution kept); the residual still follows the
+    table's stride, as torchvision's does."""
     x, i = inputs, 0
     if expanded != inputs.channels:
         x = net.conv_norm_act(x, expanded, 1, 1, act, f"{prefix}.block.{i}")
         i += 1
-    x = net.conv_norm_act(x, expanded, kernel, stride, act, f"{prefix}.block.{i}", depthwise=True)
+    x = net.conv_norm_act(x, expanded, kernel, 1 if dilation > 1 else stride, act, f"{prefix}.block.{i}",
+                          depthwise=True, dilation=dilation)
     i += 1
     if se:
         x = net.squeeze_excite(x, f"{prefix}.block.{i}")
@@ -232,10 +244,11 @@ def _v3_block(net: _Net, inputs: Tensor, kernel: int, expanded: int, out: int, s
     return net.alias(prefix, x)
 
 
-def _build(arch: str, width_mult: float, num_classes: int, reduced_tail: bool, input_shape=None):
+def _build(arch: str, width_mult: float, num_classes: int, reduced_tail: bool, input_shape=None,
+           dilated: bool = False):
     if arch == "mobilenet_v2":
         return build_mobilenet_v2(width_mult, num_classes, input_shape)
-    return build_mobilenet_v3(arch, width_mult, num_classes, reduced_tail, input_shape)
+    return build_mobilenet_v3(arch, width_mult, num_classes, reduced_tail, input_shape, dilated)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -362,7 +375,7 @@ def identify(tensors: dict[str, np.ndarray], source: str) -> dict:
 
 
 def _model(arch: str, weights, width_mult: float, num_classes: int | None, reduced_tail: bool, input_shape,
-           timeout: float | None, trusted: bool) -> Model:
+           timeout: float | None, trusted: bool, dilated: bool = False) -> Model:
     if weights is None:
         tensors, source = None, f"npmobile.applications.torchvision ({arch})"
     else:
@@ -373,8 +386,9 @@ def _model(arch: str, weights, width_mult: float, num_classes: int | None, reduc
             head = tensors.get("classifier.1.weight" if arch == "mobilenet_v2" else "classifier.3.weight")
             num_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else None
     num_classes = 1000 if num_classes is None else int(num_classes)
-    what = f"{arch}(width_mult={width_mult}{', reduced_tail=True' if reduced_tail else ''}, num_classes={num_classes})"
-    net, spec = _build(arch, width_mult, num_classes, reduced_tail, input_shape)
+    what = (f"{arch}(width_mult={width_mult}{', reduced_tail=True' if reduced_tail else ''}"
+            f"{', dilated=True' if dilated else ''}, num_classes={num_classes})")
+    net, spec = _build(arch, width_mult, num_classes, reduced_tail, input_shape, dilated)
     if tensors is None:
         tensors = random_state_dict(spec, net.b.in_channels)
     bind_state_dict(spec, net.b.in_channels, tensors, source, what)
@@ -383,7 +397,7 @@ def _model(arch: str, weights, width_mult: float, num_classes: int | None, reduc
     graph.aliases.update(net.aliases)
     from npmobile.interpreter import Model  # the engine (Numba) only once a model is made
 
-    return _as_torchvision(Model(graph), arch, width_mult, reduced_tail)
+    return _as_torchvision(Model(graph), arch, width_mult, reduced_tail, dilated)
 
 
 def _read(arch: str, weights, width_mult: float, reduced_tail: bool, timeout: float | None,
@@ -417,18 +431,20 @@ def mobilenet_v2(weights=None, width_mult: float = 1.0, num_classes: int | None 
 
 def mobilenet_v3_small(weights=None, width_mult: float = 1.0, num_classes: int | None = None,
                        reduced_tail: bool = False, input_shape=None, timeout: float | None = DEFAULT_TIMEOUT,
-                       trusted: bool = False) -> Model:
-    """torchvision.models.mobilenet_v3_small, as mobilenet_v2 (``reduced_tail`` halves the last blocks)."""
+                       trusted: bool = False, dilated: bool = False) -> Model:
+    """torchvision.models.mobilenet_v3_small, as mobilenet_v2 (``reduced_tail`` halves the last blocks;
+    ``dilated`` gives them dilation 2 at stride 1, as torchvision's segmentation backbones: a state dict does not
+    say so, its shapes are the same, so it is named here)."""
     return _model("mobilenet_v3_small", weights, width_mult, num_classes, reduced_tail, input_shape, timeout,
-                  trusted)
+                  trusted, dilated)
 
 
 def mobilenet_v3_large(weights=None, width_mult: float = 1.0, num_classes: int | None = None,
                        reduced_tail: bool = False, input_shape=None, timeout: float | None = DEFAULT_TIMEOUT,
-                       trusted: bool = False) -> Model:
-    """torchvision.models.mobilenet_v3_large, as mobilenet_v2 (``reduced_tail`` halves the last blocks)."""
+                       trusted: bool = False, dilated: bool = False) -> Model:
+    """torchvision.models.mobilenet_v3_large, as mobilenet_v3_small (``reduced_tail``, ``dilated``)."""
     return _model("mobilenet_v3_large", weights, width_mult, num_classes, reduced_tail, input_shape, timeout,
-                  trusted)
+                  trusted, dilated)
 
 
 CONSTRUCTORS = {"mobilenet_v2": mobilenet_v2, "mobilenet_v3_small": mobilenet_v3_small,

@@ -1,10 +1,12 @@
-"""``npmobile verify``: the user's own proof that npmobile answers like Keras on their model.
+"""``npmobile verify``: the user's own proof that npmobile answers like Keras (or PyTorch) on their model.
 
 It loads the same file in Keras (tf_keras for files tf_keras / Keras 2 wrote, when installed; Keras 3 otherwise),
-runs both on the images (or seeded random inputs in the model's range) and compares, layer by layer in graph
-order, with the parity tests' tolerances; then the final output of the fast, fused path ``predict`` uses, on its
+or, for a PyTorch state dict, in PyTorch (torchvision's module built with npmobile.applications.torchvision_modules,
+or the user's own, and the file read by torch's own loader); runs both on the images (or seeded random inputs in
+the model's range) and compares, layer by layer in graph order (PyTorch: by module path, in the order the modules
+finish), with the parity tests' tolerances; then the final output of the fast, fused path ``predict`` uses, on its
 own; and each engine's distance from npmobile's float64 reference, to show whose rounding a difference is.
-This module is the only place npmobile imports TensorFlow / Keras, and only when it runs.
+This module is the only place npmobile imports TensorFlow / Keras or PyTorch, and only when it runs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 
 from npmobile.cli.models import add_custom_object_option, add_load_options, positive_int
 from npmobile.errors import CustomObjectError, NpmobileError
+from npmobile.io.torch import torch_format
 from npmobile.opening import model_input, preprocess_for
 
 # The parity tolerances (tests/test_parity.py): probabilities absolutely, feature maps relative to their range.
@@ -34,10 +37,14 @@ examples:
   npmobile verify tutorial.h5 cat.jpg --custom-object hard_swish=hard_swish --custom-object h_sig=hard_sigmoid
   npmobile verify tutorial.h5 --custom-object hard_swish=hard_swish --custom-objects-module my_activations.py
   npmobile verify my_model.h5 --json > parity.json
+  npmobile verify best.pth cat.jpg                                a PyTorch state dict, against PyTorch
+  npmobile verify best.safetensors --torch-model my_net.py:build  against your own PyTorch module
 
 A mapped name is given Keras's built-in of that name (keras.activations.hard_swish): that checks npmobile
 against Keras. --custom-objects-module gives Keras your own functions instead (your code, run by verify only):
-that checks your mapping too.
+that checks your mapping too. A PyTorch state dict (.pth, .safetensors) is run in PyTorch (pip install torch)
+as torchvision's MobileNet of the architecture npmobile reads from the file, or as the module --torch-model
+builds: your code, run by verify only; its module paths must be torchvision's (features.0, ..., classifier).
 exit status: 0 within tolerance, 1 beyond it, 2 usage error, 3 could not run.
 """
 
@@ -99,10 +106,17 @@ def is_probability(values: np.ndarray) -> bool:
                 and np.allclose(values.sum(axis=1), 1, atol=1e-3))
 
 
-def top5_agreement(got: np.ndarray, reference: np.ndarray) -> str:
+def top5_agreement(got: np.ndarray, reference: np.ndarray, logits: bool = False) -> str:
     """"yes", "yes (ties ...)" when the orders differ only between classes the reference scores within the
-    probability tolerance of each other, "no", or "n/a" for outputs that are not probabilities."""
-    if got.shape != reference.shape or not is_probability(reference) or reference.shape[1] < 5:
+    tolerance of each other (probabilities: 5e-5; ``logits``: 1e-4 x max(1, max|reference|)), "no", or "n/a"
+    for outputs that are neither."""
+    if got.shape != reference.shape or reference.ndim != 2 or reference.shape[1] < 5:
+        return "n/a"
+    if logits:
+        tie = FEATURE_RTOL * max(1.0, float(np.abs(reference).max()))
+    elif is_probability(reference):
+        tie = PROBABILITY_ATOL
+    else:
         return "n/a"
     ties = []
     for n in range(got.shape[0]):
@@ -111,10 +125,10 @@ def top5_agreement(got: np.ndarray, reference: np.ndarray) -> str:
         for rank, (a, b) in enumerate(zip(ours, theirs)):
             if a == b:
                 continue
-            if abs(float(reference[n, a]) - float(reference[n, b])) > PROBABILITY_ATOL:
+            if abs(float(reference[n, a]) - float(reference[n, b])) > tie:
                 return "no"
             ties.append(f"input {n} rank {rank + 1}")
-    return "yes" if not ties else f"yes (tied within {PROBABILITY_ATOL:g} at {', '.join(ties)})"
+    return "yes" if not ties else f"yes (tied within {tie:.2g} at {', '.join(ties)})"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,23 +138,30 @@ def top5_agreement(got: np.ndarray, reference: np.ndarray) -> str:
 
 def add_parser(commands) -> argparse.ArgumentParser:
     parser = commands.add_parser(
-        "verify", help="check that npmobile answers like Keras on your model, layer by layer",
+        "verify", help="check that npmobile answers like Keras (or PyTorch) on your model, layer by layer",
         description=textwrap.fill(
-            "Load MODEL in npmobile and in Keras, run both on the images (or on seeded random inputs in the model's "
-            "range: 0..255 for a model that starts with a Rescaling layer, -1..1 otherwise), and print, layer by "
-            "layer, the largest absolute and relative difference, the first layer beyond the tolerances "
-            "(probabilities 5e-5; feature maps 1e-4 x max(1, max|Keras|)), whether the top-5 agree, and each "
-            "engine's distance from npmobile's float64 reference. Without Keras it compares npmobile's fast path "
-            "with its reference path.", 100),
+            "Load MODEL in npmobile and in Keras (a PyTorch state dict: in PyTorch), run both on the images (or on "
+            "seeded random inputs in the model's range: 0..255 for a model that starts with a Rescaling layer, -1..1 "
+            "otherwise, pixels 0..1 normalized with the ImageNet mean and std for a PyTorch state dict), and print, "
+            "layer by layer, the largest absolute and relative difference, the first layer beyond the tolerances "
+            "(probabilities 5e-5; feature maps and logits 1e-4 x max(1, max|reference|)), whether the top-5 agree, "
+            "and each engine's distance from npmobile's float64 reference. Without Keras it compares npmobile's "
+            "fast path with its reference path; without PyTorch it cannot check a state dict (exit 3).", 100),
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", metavar="MODEL", help="a Keras file (.h5, .keras)")
+    parser.add_argument("model", metavar="MODEL",
+                        help="a Keras file (.h5, .keras) or a PyTorch state dict of a torchvision MobileNetV2/V3 "
+                             "(.pth, .safetensors; the architecture is read from the file)")
     parser.add_argument("images", nargs="*", metavar="IMAGE", help="images to run (default: random inputs)")
     add_custom_object_option(parser)
     add_load_options(parser)
     parser.add_argument("--custom-objects-module", metavar="FILE.py",
                         help="a Python file defining your activation functions by the names the model file uses: "
                              "Keras runs them instead of its built-ins (your code, run by verify only)")
+    parser.add_argument("--torch-model", metavar="FILE.py:NAME",
+                        help="for a PyTorch state dict: PyTorch runs the module that NAME() in your FILE.py returns "
+                             "(a class or function called with no arguments; your code, run by verify only) "
+                             "instead of torchvision's architecture")
     parser.add_argument("--samples", type=positive_int, default=2, metavar="N",
                         help="random inputs when no IMAGE is given (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
@@ -180,30 +201,42 @@ def verify(args) -> dict:
         raise UsageProblem(f"{module_path}: no such file")
     if not Path(args.model).is_file():
         raise UsageProblem(f"{args.model}: no such file")
+    pytorch = torch_format(args.model) is not None
+    _check_options_fit(args, pytorch)
+    torch = _import_torch() if pytorch else None  # before the load: without torch there is nothing to check
     model = npmobile.load_model(args.model, custom_objects=mapping, timeout=args.load_timeout, trusted=args.trusted)
     if len(model.graph.inputs) != 1:
         raise CouldNotRun(f"{args.model}: the model takes {len(model.graph.inputs)} inputs; verify runs models "
                           "with one input")
     x, inputs_text = _inputs(model, args)
 
-    side = None if args.without_keras else _open_keras(args.model, model.graph.keras_version, mapping, module_path)
-    if not isinstance(side, _KerasSide):
-        side = _NpmobileReference(model, "--without-keras" if args.without_keras else side)
+    if pytorch:
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # NCHW: PyTorch's layout, and so the report's shapes
+        side = _open_torch(torch, args.model, model, args.torch_model, x[:1])
+    else:
+        side = None if args.without_keras else _open_keras(args.model, model.graph.keras_version, mapping,
+                                                           module_path)
+        if not isinstance(side, _KerasSide):
+            side = _NpmobileReference(model, "--without-keras" if args.without_keras else side)
+    layout = side.data_format
     layers = _compare_layers(model, side, x)
     final = Difference()
-    fast = np.asarray(model.predict(x))
+    fast = np.asarray(model.predict(x, data_format=layout))
     reference_final = np.asarray(side.predict(x))
     final.add(fast, reference_final)
-    exact = np.asarray(model.predict(x, reference=True, dtype=np.float64))
+    exact = np.asarray(model.predict(x, reference=True, dtype=np.float64, data_format=layout))
     to_exact = {"npmobile": Difference(), side.label: Difference()}
     to_exact["npmobile"].add(fast, exact)
     to_exact[side.label].add(reference_final, exact)
-    top5 = top5_agreement(fast, reference_final)
+    top5 = top5_agreement(fast, reference_final, logits=bool(getattr(model, "outputs_logits", False)))
     first_bad = next((row.name for row in layers if not row.versus.ok), None)
     ok = final.ok and first_bad is None and top5 != "no"
+    if pytorch:
+        writer = "PyTorch, a torchvision-named state dict"
+    else:
+        writer = "Keras 2 / tf_keras" if model.graph.keras_version < 3 else "Keras 3"
     return {
-        "model": str(args.model), "model_name": model.name,
-        "writer": "Keras 2 / tf_keras" if model.graph.keras_version < 3 else "Keras 3",
+        "model": str(args.model), "model_name": model.name, "writer": writer,
         "inputs": inputs_text, "reference": side.label, "reference_detail": side.detail, "notes": side.notes,
         "layers": [row.as_dict() for row in layers], "skipped_layers": side.skipped,
         "first_layer_beyond_tolerance": first_bad,
@@ -213,17 +246,39 @@ def verify(args) -> dict:
     }
 
 
+def _check_options_fit(args, pytorch: bool) -> None:
+    """Keras's options mean nothing to a state dict, --torch-model nothing to a Keras file: say so, not ignore."""
+    if pytorch:
+        keras_only = [option for option, given in (("--custom-object", args.custom_objects),
+                                                    ("--custom-objects-module", args.custom_objects_module),
+                                                    ("--without-keras", args.without_keras)) if given]
+        if keras_only:
+            raise UsageProblem(f"{args.model} is a PyTorch state dict: {keras_only[0]} is for Keras files")
+    elif args.torch_model is not None:
+        raise UsageProblem(f"{args.model} is not a PyTorch state dict: --torch-model is for .pth / .safetensors files")
+
+
 def _inputs(model, args) -> tuple[np.ndarray, str]:
-    pixels = preprocess_for(model) == "none"  # V3 and any model that starts with Rescaling takes 0..255
+    """NHWC inputs as the model wants them: the images prepared its way, or seeded random ones in its range."""
+    preprocessing = preprocess_for(model)
     if args.images:
         for path in args.images:
             if not Path(path).is_file():
                 raise UsageProblem(f"{path}: no such file")
         x = np.concatenate([model_input(model, path, args.size) for path in args.images])
-        return x, f"{len(args.images)} image(s), " + ("pixels 0..255" if pixels else "preprocessed to -1..1")
+        prepared = {"none": "pixels 0..255", "tf": "preprocessed to -1..1",
+                    "torchvision": "prepared the torchvision way (resize, center crop, ImageNet mean/std)"}
+        return x, f"{len(args.images)} image(s), {prepared[preprocessing]}"
     shape = tuple(d or args.size for d in model.input_shape[1:])
     rng = np.random.default_rng(args.seed)
-    low, high = (0.0, 255.0) if pixels else (-1.0, 1.0)
+    if preprocessing == "torchvision":
+        from npmobile.image import normalize_imagenet
+
+        x = normalize_imagenet(rng.uniform(0.0, 1.0, (args.samples, *shape)).astype(np.float32))
+        nchw = (shape[2], shape[0], shape[1])
+        return x, (f"{args.samples} random input(s) {nchw} (pixels 0..1 normalized with the ImageNet mean and std, "
+                   f"seed {args.seed})")
+    low, high = (0.0, 255.0) if preprocessing == "none" else (-1.0, 1.0)
     x = rng.uniform(low, high, (args.samples, *shape)).astype(np.float32)
     return x, f"{args.samples} random input(s) {shape} in {low:g}..{high:g} (seed {args.seed})"
 
@@ -240,6 +295,7 @@ class _NpmobileReference:
     def __init__(self, model, why: str):
         self.model = model
         self.label = "npmobile reference"
+        self.data_format = "channels_last"
         self.detail = f"npmobile's reference path (Keras not used: {why})"
         self.notes: list[str] = []
         self.skipped: list[str] = []
@@ -259,6 +315,7 @@ class _KerasSide:
         self.framework = framework
         self.keras_model = keras_model
         self.label = "Keras"
+        self.data_format = "channels_last"
         self.detail = detail
         self.notes = notes
         self.skipped: list[str] = []
@@ -357,9 +414,10 @@ def _call_output(model):
     return outputs[0] if len(outputs) == 1 else None
 
 
-def _user_module(path: str):
-    """The user's own activations file, imported: their code, run only because they asked verify to."""
-    spec = importlib.util.spec_from_file_location("npmobile_verify_user_activations", path)
+def _user_module(path: str, name: str = "npmobile_verify_user_activations"):
+    """The user's own Python file (their activations, their PyTorch module), imported: their code, run only because
+    they asked verify to."""
+    spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise UsageProblem(f"{path}: not a Python file")
     module = importlib.util.module_from_spec(spec)
@@ -448,6 +506,155 @@ def _tf_keras_with_named_functions(tf_keras, path: str, custom: dict, error: Exc
         os.unlink(copy)
 
 
+class _TorchSide:
+    """PyTorch's own run of a state dict: the module (torchvision's architecture, or the user's) with the file read
+    by torch's loader and bound by ``load_state_dict(strict=True)``, compared by module path (``features.3``,
+    ``features.4.block.2.fc1``, ``classifier``) through forward hooks. NCHW in and out, as PyTorch runs."""
+
+    def __init__(self, torch, module, detail: str, probe: np.ndarray):
+        self.torch = torch
+        self.module = module
+        self.label = "PyTorch"
+        self.data_format = "channels_first"
+        self.detail = detail
+        self.notes: list[str] = []
+        self.skipped: list[str] = []
+        self._order = self._finishing_order(probe)
+
+    def _finishing_order(self, probe: np.ndarray) -> list[tuple[str, str]]:
+        """(module path, class) in the order the modules finish their forward on ``probe``: graph order, a block
+        after the layers inside it (named_modules() lists a block first). A module that never runs is left out."""
+        modules = dict(self.module.named_modules())
+        order: list[tuple[str, str]] = []
+        seen: set[str] = set()
+
+        def finished(name: str, module) -> None:
+            if name not in seen:
+                seen.add(name)
+                order.append((name, type(module).__name__))
+
+        hooks = [m.register_forward_hook(lambda m, i, o, name=name: finished(name, m))
+                 for name, m in modules.items() if name]
+        try:
+            self.predict(probe)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return order
+
+    def layers(self) -> list[tuple[str, str]]:
+        return list(self._order)
+
+    def predict_layers(self, x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+        modules = dict(self.module.named_modules())
+        found: dict[str, np.ndarray] = {}
+
+        def keep(name: str, output) -> None:
+            # A copy now: an in-place activation after this module (torchvision's ReLU(inplace=True)) would change it.
+            if isinstance(output, self.torch.Tensor):
+                found.setdefault(name, output.detach().numpy().copy())
+
+        hooks = [modules[name].register_forward_hook(lambda m, i, o, name=name: keep(name, o)) for name in names]
+        try:
+            self.predict(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return found
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        try:
+            with self.torch.inference_mode():
+                output = self.module(self.torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+        except Exception as error:  # the module's own forward (the user's code, with --torch-model) failed
+            raise CouldNotRun(f"PyTorch's forward failed on an input of shape {tuple(x.shape)} "
+                              f"({_one_line(error)})") from None
+        if not isinstance(output, self.torch.Tensor):
+            raise CouldNotRun(f"the PyTorch module returned a {type(output).__name__}, not one tensor of logits")
+        return output.numpy()
+
+
+def _import_torch():
+    """PyTorch, or why verify cannot check a state dict without it (one line, exit 3)."""
+    try:
+        import torch
+    except Exception as error:  # ImportError, or a broken install failing as it starts
+        raise CouldNotRun(f"checking a PyTorch state dict needs PyTorch, which is not importable in this Python "
+                          f"({type(error).__name__}): pip install torch") from None
+    return torch
+
+
+def _one_line(error: Exception, limit: int = 300) -> str:
+    """An exception from PyTorch (often several lines, with advice about weights_only) as one short line."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
+
+
+def _torch_state_dict(torch, path: str) -> tuple[dict, str]:
+    """The file's state dict as PyTorch reads it (its own loaders, not npmobile's reader): ``torch.load`` with
+    ``weights_only=True`` for a .pth, safetensors' own for a .safetensors; unwrapped from a training checkpoint and
+    DataParallel's ``module.`` as npmobile's reader does."""
+    from npmobile.io.torch import state_dict_of, without_module_prefix
+
+    if torch_format(path) == "safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise CouldNotRun(f"{path}: reading a .safetensors file in PyTorch needs the safetensors package: "
+                              "pip install safetensors") from None
+        how, load = "safetensors.torch.load_file", lambda: load_file(path)
+    else:
+        how, load = "torch.load(weights_only=True)", lambda: torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        contents = load()
+    except Exception as error:  # PyTorch's own failure on this file: report it, do not hide it as npmobile's
+        raise CouldNotRun(f"PyTorch could not load {path} ({_one_line(error)})") from None
+    state = state_dict_of(contents, path, torch.is_tensor)
+    return {without_module_prefix(k): v for k, v in state.items() if torch.is_tensor(v)}, how
+
+
+def _open_torch(torch, path: str, model, user_module: str | None, probe: np.ndarray) -> _TorchSide:
+    """The reference module with the file's weights: torchvision's architecture as npmobile read it from the file
+    (npmobile.applications.torchvision_modules), or the one the user's ``FILE.py:NAME`` builds."""
+    if user_module is None:
+        from npmobile.applications import torchvision_modules
+
+        options = {"num_classes": model.num_classes, "width_mult": model.width_mult}
+        if model.arch != "mobilenet_v2":
+            options["reduced_tail"] = model.reduced_tail
+        module = torchvision_modules.build(model.arch, **options)
+        described = (f"torchvision's {model.arch}({', '.join(f'{k}={v}' for k, v in options.items())}) "
+                     "(npmobile.applications.torchvision_modules)")
+    else:
+        module, described = _user_torch_module(torch, user_module)
+    state, how = _torch_state_dict(torch, path)
+    try:
+        module.load_state_dict(state, strict=True)
+    except Exception as error:  # a state dict that does not fit the module: PyTorch says which tensor
+        raise CouldNotRun(f"PyTorch could not load {path} into {described} ({_one_line(error)})") from None
+    module = module.float().eval()
+    detail = f"PyTorch {torch.__version__}: {described}, the file read by {how}, load_state_dict(strict=True)"
+    return _TorchSide(torch, module, detail, probe)
+
+
+def _user_torch_module(torch, spec: str):
+    """``FILE.py:NAME``: the module NAME() returns, from the user's file (their code, run by verify only)."""
+    file, sep, name = spec.rpartition(":")
+    if not sep or not file or not name.isidentifier():
+        raise UsageProblem(f"--torch-model {spec}: expected FILE.py:NAME (e.g. my_net.py:MobileNetV3)")
+    if not Path(file).is_file():
+        raise UsageProblem(f"{file}: no such file")
+    factory = getattr(_user_module(file, "npmobile_verify_user_torch_model"), name, None)
+    if not callable(factory):
+        raise CouldNotRun(f"{file} defines no class or function {name!r}")
+    try:
+        module = factory()
+    except Exception as error:  # their code: any failure is theirs to see
+        raise CouldNotRun(f"{file}: {name}() failed ({_one_line(error)})") from None
+    if not isinstance(module, torch.nn.Module):
+        raise CouldNotRun(f"{file}: {name}() returned a {type(module).__name__}, not a torch.nn.Module")
+    return module, f"your {Path(file).name}:{name}() (your code, run only by verify)"
+
+
 # --------------------------------------------------------------------------------------------------
 # Comparing
 # --------------------------------------------------------------------------------------------------
@@ -469,8 +676,8 @@ def _compare_layers(model, side, x: np.ndarray) -> list[LayerRow]:
     for n in range(x.shape[0]):
         one = x[n : n + 1]
         theirs = side.predict_layers(one, names)
-        ours = model.predict(one, outputs=names)
-        exact = model.predict(one, outputs=names, reference=True, dtype=np.float64)
+        ours = model.predict(one, outputs=names, data_format=side.data_format)
+        exact = model.predict(one, outputs=names, reference=True, dtype=np.float64, data_format=side.data_format)
         for row in rows:
             row.shape = tuple(theirs[row.name].shape[1:])
             row.versus.add(ours[row.name], theirs[row.name])

@@ -191,6 +191,9 @@ _ALLOWED = {
     **{("torch.cuda", name): partial(_StorageType, name) for name in STORAGE_DTYPES},
 }
 _MODEL_MODULES = ("torch.nn", "torchvision", "__main__", "timm")
+# A whole model pickled from the user's own module (a tutorial's model.py) names its layers' classes by this
+# module path: seen in the pickle's bytes, nothing unpickled.
+_LAYER_CLASSES = b"torch.nn.modules."
 
 
 class _Refused(Exception):
@@ -200,6 +203,7 @@ class _Refused(Exception):
 class _StateDictUnpickler(pickle.Unpickler):
     def __init__(self, stream: io.BytesIO):
         super().__init__(stream)
+        self.stream = stream
         self.storages: dict[str, _Storage] = {}
 
     def find_class(self, module: str, name: str):
@@ -230,7 +234,7 @@ def _unpickle(unpickler: _StateDictUnpickler, path: str):
         return unpickler.load()
     except _Refused as refused:
         name = str(refused)
-        if name.startswith(_MODEL_MODULES):
+        if name.startswith(_MODEL_MODULES) or _LAYER_CLASSES in unpickler.stream.getvalue():
             raise ModelFileError(
                 f"{path}: holds a whole pickled model (class {name}), not a state dict; npmobile never unpickles "
                 "classes: save the weights with torch.save(model.state_dict(), PATH)") from None
@@ -437,21 +441,29 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
             obj, buffers = _read_legacy(path)
         else:
             raise ModelFileError(f"{path}: not a PyTorch file (a .pth state dict or .safetensors)")
-        return StateDict(_clean(_materialize(_state_dict_of(obj, path), buffers, path), path), path)
+        return StateDict(_clean(_materialize(state_dict_of(obj, path), buffers, path), path), path)
     except NpmobileError:
         raise
     except (OSError, ValueError, TypeError, KeyError, IndexError, zipfile.BadZipFile, EOFError, MemoryError) as error:
         raise ModelFileError(f"{path}: the file is corrupt ({type(error).__name__}: {str(error)[:120]})") from None
 
 
-def _state_dict_of(obj, path: str):
+def state_dict_of(obj, path: str, is_tensor=lambda value: isinstance(value, _TensorStub)) -> dict:
+    """The state dict in what a .pth unpickles to: the dict of tensors itself, or the one a training checkpoint
+    nests under NESTED_KEYS. ``is_tensor`` says what a tensor is: this reader's stubs, or (verify, reading the
+    file with torch.load) torch's own tensors."""
     if not isinstance(obj, dict):
         raise ModelFileError(f"{path}: holds a {type(obj).__name__}, not a state dict (a dict of tensors)")
-    if not any(isinstance(v, _TensorStub) for v in obj.values()):
+    if not any(is_tensor(v) for v in obj.values()):
         for key in NESTED_KEYS:
             if isinstance(obj.get(key), dict):
                 return obj[key]
     return obj
+
+
+def without_module_prefix(name: str) -> str:
+    """A tensor's name without the ``module.`` nn.DataParallel puts before every name it saves."""
+    return name[len("module."):] if name.startswith("module.") else name
 
 
 def _clean(tensors: dict, path: str) -> dict[str, np.ndarray]:
@@ -462,8 +474,7 @@ def _clean(tensors: dict, path: str) -> dict[str, np.ndarray]:
             continue
         if name.endswith("num_batches_tracked"):
             continue
-        name = name[len("module."):] if name.startswith("module.") else name
-        out[name] = value
+        out[without_module_prefix(name)] = value
     if not out:
         raise ModelFileError(f"{path}: holds no tensors")
     return out

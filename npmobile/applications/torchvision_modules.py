@@ -1,7 +1,9 @@
-"""torchvision's MobileNetV2 and V3 rebuilt in plain PyTorch, for the parity tests.
+"""torchvision's MobileNetV2 and V3 rebuilt in plain PyTorch: the reference ``npmobile verify`` runs a
+PyTorch state dict in, and the parity tests' models (tests/test_torch.py). Only verify and the tests
+import this module (it imports torch); the engine never does.
 
 The torchvision wheel on the package index is built against another torch than the CPU wheel and
-fails at import ("operator torchvision::nms does not exist"), so the tests build the two architectures
+fails at import ("operator torchvision::nms does not exist"), so the two architectures are built
 here, written from torchvision's documented structure: the same module attribute names (so state dict
 keys are torchvision's: ``features.1.block.0.0.weight``, ``features.2.conv.1.0.weight``,
 ``features.4.block.2.fc1.weight``, ``classifier.3.weight``), the same widths, paddings, epsilons and
@@ -14,18 +16,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def make_divisible(v: float, divisor: int = 8) -> int:
-    rounded = max(divisor, int(v + divisor / 2) // divisor * divisor)
-    return rounded + divisor if rounded < 0.9 * v else rounded
+from npmobile.applications.common import make_divisible
 
 
 class ConvNormAct(nn.Sequential):
     """torchvision.ops.Conv2dNormActivation: [0] conv, [1] BatchNorm, [2] activation (if any)."""
 
     def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1, eps: float = 1e-5,
-                 activation: type[nn.Module] | None = nn.ReLU6):
-        layers = [nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+                 activation: type[nn.Module] | None = nn.ReLU6, dilation: int = 1):
+        layers = [nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2 * dilation, dilation=dilation, groups=groups,
+                            bias=False),
                   nn.BatchNorm2d(cout, eps=eps)]
         if activation is not None:
             layers.append(activation())
@@ -86,14 +86,17 @@ class MobileNetV2(nn.Module):
 
 
 class InvertedResidualV3(nn.Module):
-    def __init__(self, cin: int, kernel: int, expanded: int, cout: int, se: bool, hardswish: bool, stride: int):
+    def __init__(self, cin: int, kernel: int, expanded: int, cout: int, se: bool, hardswish: bool, stride: int,
+                 dilation: int = 1):
         super().__init__()
         act = nn.Hardswish if hardswish else nn.ReLU
         self.use_res_connect = stride == 1 and cin == cout
         layers: list[nn.Module] = []
         if expanded != cin:
             layers.append(ConvNormAct(cin, expanded, 1, eps=1e-3, activation=act))
-        layers.append(ConvNormAct(expanded, expanded, kernel, stride, groups=expanded, eps=1e-3, activation=act))
+        # dilated: the depthwise layer keeps its input's resolution (stride 1); the residual still goes by ``stride``
+        layers.append(ConvNormAct(expanded, expanded, kernel, 1 if dilation > 1 else stride, groups=expanded, eps=1e-3,
+                                  activation=act, dilation=dilation))
         if se:
             layers.append(SqueezeExcitation(expanded, make_divisible(expanded // 4)))
         layers.append(ConvNormAct(expanded, cout, 1, eps=1e-3, activation=None))
@@ -105,7 +108,10 @@ class InvertedResidualV3(nn.Module):
 
 
 def v3_setting(arch: str, reduced_tail: bool):
-    """(in, kernel, expanded, out, se, hardswish, stride) per block, and the classifier's width."""
+    """(in, kernel, expanded, out, se, hardswish, stride) per block, and the classifier's width.
+
+    Written out again from torchvision, not taken from npmobile.applications.torchvision: a reference that
+    shared npmobile's table would agree with a mistake in it."""
     d = 2 if reduced_tail else 1
     if arch == "mobilenet_v3_large":
         return [(16, 3, 16, 16, False, False, 1), (16, 3, 64, 24, False, False, 2), (24, 3, 72, 24, False, False, 1),
@@ -121,13 +127,16 @@ def v3_setting(arch: str, reduced_tail: bool):
 
 
 class MobileNetV3(nn.Module):
-    def __init__(self, arch: str, num_classes: int = 1000, width_mult: float = 1.0, reduced_tail: bool = False):
+    def __init__(self, arch: str, num_classes: int = 1000, width_mult: float = 1.0, reduced_tail: bool = False,
+                 dilated: bool = False):
         super().__init__()
         setting, last_channel = v3_setting(arch, reduced_tail)
         width = lambda c: make_divisible(c * width_mult)  # noqa: E731
         features: list[nn.Module] = [ConvNormAct(3, width(16), 3, 2, eps=1e-3, activation=nn.Hardswish)]
-        for cin, kernel, expanded, cout, se, hs, stride in setting:
-            features.append(InvertedResidualV3(width(cin), kernel, width(expanded), width(cout), se, hs, stride))
+        for n, (cin, kernel, expanded, cout, se, hs, stride) in enumerate(setting):
+            dilation = 2 if dilated and n >= len(setting) - 3 else 1  # torchvision's dilated=True: the last stage
+            features.append(InvertedResidualV3(width(cin), kernel, width(expanded), width(cout), se, hs, stride,
+                                               dilation))
         last_in = width(setting[-1][3])
         features.append(ConvNormAct(last_in, 6 * last_in, 1, eps=1e-3, activation=nn.Hardswish))
         self.features = nn.Sequential(*features)
