@@ -198,16 +198,11 @@ def conv2d(
         raise ValueError(f"conv2d shapes do not fit: x {x.shape}, kernel {kernel.shape}, bias {bias.shape}, "
                          f"out {out.shape}")
     rows, width = n * oh * ow, kh * kw * cin
-    w2 = kernel.reshape(width, cout)
     o2 = out.reshape(rows, cout)
     scale, offset = np.float32(scale), np.float32(offset)  # Keras rescales in float32
     if packed is not None and (packed.k, packed.n) != (width, cout):
         raise ValueError(f"conv2d: packed weights [{packed.k}, {packed.n}] do not fit kernel {kernel.shape}")
     microkernel = packed is not None and x.flags.c_contiguous and o2.flags.c_contiguous
-    if not (microkernel and indirect and fits_indirection(x.shape)):
-        if patches is None:
-            patches = np.empty(rows * width, dtype=np.float32)
-        patches = patches[: rows * width].reshape(rows, width)
     if microkernel and indirect and fits_indirection(x.shape):
         mr = MR[packed.variant]
         if table is None:
@@ -217,13 +212,18 @@ def conv2d(
             raise ValueError(f"conv2d: indirection table {table.shape} does not fit out {out.shape}, kernel "
                              f"{kernel.shape}")
         source = x.reshape(n, -1)
-        if (scale, offset) != (1.0, 0.0):  # x * 1 + 0 is x but for the sign of zeros, which no sum sees
+        if scale != 1.0 or offset != 0.0:  # x * 1 + 0 is x but for the sign of zeros, which no sum sees
             if rescaled is None:
                 rescaled = np.empty(x.size, np.float32)
             source, flat = rescaled[: x.size].reshape(n, -1), source
             rescale_into(flat, source, scale, offset)
         igemm_packed(source, table, packed, o2, act)
-    elif microkernel:
+        return
+    if patches is None:
+        patches = np.empty(rows * width, dtype=np.float32)
+    patches = patches[: rows * width].reshape(rows, width)
+    w2 = kernel.reshape(width, cout)
+    if microkernel:
         # The patch matrix whole, then the product: the same compiled kernel as every pointwise layer.
         im2col(x, patches, kh, kw, stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w, oh, ow,
                scale, offset)

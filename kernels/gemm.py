@@ -252,21 +252,25 @@ def _emit_tile(builder: ir.IRBuilder, a_sums, a_args, args, mr: int, nr: int, vw
                         with part:
                             store_rows(fn, residual, True)
 
-    # The common tile (all MR rows and NR columns, no residual, none/ReLU/ReLU6) is stored straight
-    # from the registers. Every other goes through a stack array, so that its epilogue is one loop
-    # over the rows rather than MR unrolled copies in each of its eight branches (a fraction of the
-    # compile time; the reads back come from L1). Both paths apply the same operations.
+    # The common tile (all MR rows and NR columns, no residual, an activation the registers take) is
+    # stored straight from the registers. Every other goes through a stack array, so that its
+    # epilogue is one loop over the rows rather than MR unrolled copies in each of its eight
+    # branches (a fraction of the compile time; the reads back come from L1). Both paths apply the
+    # same operations.
     common = builder.and_(builder.and_(builder.icmp_signed("==", rows, ir.Constant(_I64, mr)),
                                        builder.icmp_signed(">=", cols, ir.Constant(_I64, nr))),
-                          builder.and_(builder.icmp_signed("==", r_addr, ir.Constant(_I64, 0)),
-                                       builder.icmp_signed("!=", act, ir.Constant(_I64, ACT_HARD_SWISH))))
+                          builder.icmp_signed("==", r_addr, ir.Constant(_I64, 0)))
     with builder.if_else(common) as (direct, through_stack):
         with direct:
-            for i in range(mr):
-                c_row = builder.gep(c, [builder.mul(ir.Constant(_I64, i), ldc)], source_etype=_F32)
-                for j in range(nv):
-                    builder.store(clamp(values[i][j], low, high),
-                                  builder.gep(c_row, [ir.Constant(_I64, j * vw)], source_etype=_F32), align=4)
+            with builder.if_else(builder.icmp_signed("==", act, ir.Constant(_I64, ACT_HARD_SWISH))) as (swish, clamped):
+                for fn, branch in ((hard_swish, swish), (lambda v: clamp(v, low, high), clamped)):
+                    with branch:
+                        for i in range(mr):
+                            c_row = builder.gep(c, [builder.mul(ir.Constant(_I64, i), ldc)], source_etype=_F32)
+                            for j in range(nv):
+                                builder.store(fn(values[i][j]),
+                                              builder.gep(c_row, [ir.Constant(_I64, j * vw)], source_etype=_F32),
+                                              align=4)
         with through_stack:
             tile = cgutils.alloca_once(builder, vec, size=mr * nv)
             for i in range(mr):
@@ -615,6 +619,9 @@ def gemm_packed(a: np.ndarray, packed: PackedWeights, out: np.ndarray, act: int,
     gemm_panels(a, packed.panels, packed.bias, out, act, residual, packed.variant, *cut)
 
 
+_PADDING_ZEROS = np.zeros(INDIRECT_CIN, np.float32)  # what a tap in the padding reads; never written
+
+
 def igemm_packed(x: np.ndarray, table: np.ndarray, packed: PackedWeights, out: np.ndarray, act: int) -> None:
     """out = act(A @ w + bias), A's rows read through ``table`` (see ``igemm_panels``), w and bias as packed.
 
@@ -635,8 +642,7 @@ def igemm_packed(x: np.ndarray, table: np.ndarray, packed: PackedWeights, out: n
     if not (x.dtype is _FLOAT32 and out.dtype is _FLOAT32 and table.dtype == np.int32
             and x.flags.c_contiguous and out.flags.c_contiguous and table.flags.c_contiguous):
         raise ValueError("igemm_packed: x and out must be C-contiguous float32, table C-contiguous int32")
-    zero = np.zeros(INDIRECT_CIN, np.float32)
     cut = packed.cuts.get(-pixels)  # per image; negative keys keep these apart from the GEMM's row counts
     if cut is None:
         cut = packed.cuts[-pixels] = tiling(pixels, packed.k, packed.panels.shape[0], mr)
-    igemm_panels(x, table, zero, packed.panels, packed.bias, out, act, packed.variant, *cut)
+    igemm_panels(x, table, _PADDING_ZEROS, packed.panels, packed.bias, out, act, packed.variant, *cut)
