@@ -419,6 +419,32 @@ def test_indirect_gemm_gives_the_bits_of_im2col_and_the_microkernel(rng, case):
                 np.testing.assert_array_equal(outs[2], outs[0])
 
 
+def test_indirect_gemm_answer_depends_on_the_image_alone(rng):
+    """One image's stem output, bit for bit: alone or at any position of a batch, on 1 or 2 threads,
+    however the pixels are cut into tasks."""
+    kernel, bias = rand(rng, 3, 3, 3, 24, scale=0.3), rand(rng, 24)
+    image = (rand(rng, 1, 29, 23, 3) * 40 + 128).astype(np.float32)
+    oh, ow = 15, 12
+    for variant in range(len(VARIANTS)):
+        packed = pack(kernel.reshape(-1, 24), bias, oh * ow, variant)
+        alone = np.empty((1, oh, ow, 24), np.float32)
+        conv2d(image, kernel, bias, alone, 2, 2, 1, 0, ACT_HARD_SWISH, 1, 1, 1 / 127.5, -1.0, packed=packed)
+        for threads in sorted({1, 2, max_threads()}):
+            with thread_limits(threads):
+                for position in range(3):
+                    batch = (rand(rng, 3, 29, 23, 3) * 40 + 128).astype(np.float32)
+                    batch[position] = image[0]
+                    out = np.empty((3, oh, ow, 24), np.float32)
+                    conv2d(batch, kernel, bias, out, 2, 2, 1, 0, ACT_HARD_SWISH, 1, 1, 1 / 127.5, -1.0, packed=packed)
+                    np.testing.assert_array_equal(out[position], alone[0])
+                mr = VARIANTS[variant][0]
+                packed.cuts[-oh * ow] = (mr, 1)  # another cut of the pixels into tasks: one tile each
+                out = np.empty((1, oh, ow, 24), np.float32)
+                conv2d(image, kernel, bias, out, 2, 2, 1, 0, ACT_HARD_SWISH, 1, 1, 1 / 127.5, -1.0, packed=packed)
+                np.testing.assert_array_equal(out, alone)
+                del packed.cuts[-oh * ow]
+
+
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "n{}_{}x{}_{}to{}_k{}_s{}_d{}_p{}".format(*c))
 def test_indirection_table_reference_twin_matches_conv2d(rng, case):
     n, h, w, cin, cout, k, stride, dil, pads = case
