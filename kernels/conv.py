@@ -203,7 +203,7 @@ def conv2d(
     if packed is not None and (packed.k, packed.n) != (width, cout):
         raise ValueError(f"conv2d: packed weights [{packed.k}, {packed.n}] do not fit kernel {kernel.shape}")
     microkernel = packed is not None and x.flags.c_contiguous and o2.flags.c_contiguous
-    if microkernel and indirect and fits_indirection(x.shape):
+    if microkernel and indirect and x.dtype == np.float32 and fits_indirection(x.shape):
         mr = MR[packed.variant]
         if table is None:
             table = indirection_table(x.shape[1], x.shape[2], cin, oh, ow, kh, kw, stride_h, stride_w, pad_top,
