@@ -6,6 +6,12 @@
 a [M, K], out and residual [M, N]: float32, C-contiguous. out = act(a @ w + bias) (+ residual), the
 contract of kernels/pointwise.py; kernels/reference.py ``dense`` is the twin it is tested against.
 
+    igemm_packed(x, table, packed, out, act)              # the indirect GEMM of a 3-channel conv
+
+The same tile with another way of reading A (``_igemm_sums``): row p of A is output pixel p's
+receptive field, read in place from the image through an indirection table (kernels/conv.py
+``indirection_table``; twin: kernels/reference.py ``indirect_conv2d``) instead of an im2col copy.
+
 Why LLVM IR: a GEMM is fast when a tile of the output (MR rows x NR columns) stays in registers for
 the whole loop over K, each loaded weight vector feeding MR multiply-adds and each broadcast input
 value NR of them. Numba compiles array code, and LLVM will not keep an accumulator tile that lives
