@@ -34,8 +34,8 @@ import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from npmobile.kernels import reference as R
-from npmobile.kernels.activations import ACT_NONE, ACT_RELU6
-from npmobile.kernels.conv import conv2d
+from npmobile.kernels.activations import ACT_HARD_SWISH, ACT_NONE, ACT_RELU6
+from npmobile.kernels.conv import conv2d, indirection_table
 from npmobile.kernels.depthwise import depthwise_conv2d
 from npmobile.kernels.gemm import AVX512, VARIANTS, choose_variant
 from npmobile.kernels.pointwise import (
@@ -51,6 +51,7 @@ from npmobile.kernels.squeeze_excite import squeeze_excite
 from npmobile.kernels.threads import thread_limits
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REFERENCE_ACT = {ACT_RELU6: R.relu6, ACT_HARD_SWISH: R.hard_swish}
 rng = np.random.default_rng(0)
 
 
@@ -109,17 +110,27 @@ def pointwise_case(hw, cin, cout, residual=False, label=""):
     )
 
 
-def stem_case():
-    x, ker, b = rand(1, 224, 224, 3), rand(3, 3, 3, 32), rand(32)
-    out = np.empty((1, 112, 112, 32), np.float32)
-    patches = np.empty(112 * 112 * 27, np.float32)  # the plan's scratch, made once
+def stem_case(cout, act, scale, offset, label):
+    """The stem, 224x224x3 -> 112x112xCout, 3x3 stride 2, padding bottom/right, as the plan runs it."""
+    x, ker, b = rand(1, 224, 224, 3) * 60 + 128, rand(3, 3, 3, cout), rand(cout)
+    out = np.empty((1, 112, 112, cout), np.float32)
     pads = ((0, 1), (0, 1))
+    rows = 112 * 112
+    packed = prepare_weights(ker.reshape(27, cout), b, rows)  # the plan's weights, table and scratch, made once
+    table = indirection_table(224, 224, 3, 112, 112, 3, 3, 2, 2, 0, 0, 1, 1, VARIANTS[packed.variant][0])
+    rescaled, patches = np.empty(x.size, np.float32), np.empty(rows * 27, np.float32)
+    reference = REFERENCE_ACT[act]
     return (
-        "conv2d stem 224x224x3 k3 s2 ->32",
-        2 * 112 * 112 * 27 * 32,
+        f"conv2d stem 224x224x3 k3 s2 ->{cout}{label}",
+        2 * rows * 27 * cout,
         {
-            "im2col+blas tiles": (lambda: conv2d(x, ker, b, out, 2, 2, 0, 0, ACT_RELU6, patches=patches), "numba"),
-            "reference": (lambda: R.relu6(R.conv2d(x, ker, b, (2, 2), pads)), "blas"),
+            "indirect gemm": (lambda: conv2d(x, ker, b, out, 2, 2, 0, 0, act, 1, 1, scale, offset, None, packed,
+                                             table, rescaled), "numba"),
+            "im2col+ukernel": (lambda: conv2d(x, ker, b, out, 2, 2, 0, 0, act, 1, 1, scale, offset, patches,
+                                              packed, indirect=False), "numba"),
+            "im2col+blas tiles": (lambda: conv2d(x, ker, b, out, 2, 2, 0, 0, act, 1, 1, scale, offset, patches),
+                                  "numba"),
+            "reference": (lambda: reference(R.conv2d(R.rescale(x, scale, offset), ker, b, (2, 2), pads)), "blas"),
         },
     )
 
@@ -166,7 +177,8 @@ def gap_dense_cases():
 
 def all_cases(quick: bool):
     cases = [
-        stem_case(),
+        stem_case(32, ACT_RELU6, 1.0, 0.0, " V2"),
+        stem_case(16, ACT_HARD_SWISH, 1 / 127.5, -1.0, " V3 (rescaled)"),
         depthwise_case(112, 32, 3, 1, ((1, 1), (1, 1))),
         depthwise_case(112, 96, 3, 2, ((0, 1), (0, 1))),
         depthwise_case(56, 144, 3, 1, ((1, 1), (1, 1))),
@@ -197,7 +209,7 @@ def all_cases(quick: bool):
         se_case(14, 672, 168),
         *gap_dense_cases(),
     ]
-    return cases[:6] if quick else cases
+    return cases[:7] if quick else cases
 
 
 def time_case(candidates, threads: int, rounds: int) -> dict[str, float]:

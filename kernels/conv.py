@@ -13,26 +13,42 @@ scale, offset
         a Keras Rescaling folded in: the convolution sees x * scale + offset inside the image and
         zeros in the padding, exactly as Rescaling followed by a padded convolution does (which is
         why it is folded here, where the padding is known, and not into the weights).
-patches scratch space of at least N*OH*OW*KH*KW*Cin floats (allocated if None).
+patches scratch space of at least N*OH*OW*KH*KW*Cin floats for im2col (allocated if None).
+packed  ``kernel.reshape(KH*KW*Cin, Cout)`` and ``bias`` packed for the microkernel, or None.
+table   ``indirection_table`` for this geometry (made if None), and
+rescaled
+        scratch of at least x.size floats for the rescaled copy (allocated if None): both for the
+        indirect GEMM.
 
-How: im2col, then a GEMM. Each output pixel's receptive field (KH*KW*Cin values, zeros where the
-window hangs over the border) becomes one row of a [N*OH*OW, KH*KW*Cin] matrix, and
-``kernel.reshape(KH*KW*Cin, Cout)`` is already the matching [K, Cout] matrix because Keras stores
-the kernel tap-major. With BLAS (kernels/blas.py) the two are fused per tile of output pixels:
-each worker builds the patch rows of its tile and multiplies them while they are still in cache,
-then runs the epilogue, like kernels/pointwise.py's tiles. For the MobileNet stem (3x3, stride 2,
-3 channels) the patch matrix is 27 floats wide: building it costs about as much as the product,
-and it is what lets the product run in BLAS instead of a 27-term loop per pixel.
+How, on the microkernel (``packed`` weights, kernels/gemm.py): an indirect GEMM. Row p of the
+product's A is output pixel p's receptive field, KH*KW*Cin values, tap-major, zeros where the window
+hangs over the border; ``kernel.reshape(KH*KW*Cin, Cout)`` is already the matching [K, Cout] matrix
+because Keras stores the kernel tap-major. Rather than copying those rows out (im2col: for the
+MobileNet stem, 3x3 stride 2 on 3 channels, writing and reading back the 27-float rows cost more
+than the product), the microkernel reads them in place through an indirection table made once per
+input shape (``indirection_table``): per output pixel and tap, where in the image that tap's Cin
+channels start, or "padding". Each output is the same FMA chain over k = (ky, kx, c) as the GEMM
+on the patch rows, so the two give the same bits. A folded Rescaling is applied to a copy of the
+input first (``rescale_into``), the same float32 operations im2col applied to each copied value.
+
+Elsewhere (no packed weights: OpenBLAS) im2col, then a GEMM. With BLAS (kernels/blas.py) the two
+are fused per tile of output pixels: each worker builds the patch rows of its tile and multiplies
+them while they are still in cache, then runs the epilogue, like kernels/pointwise.py's tiles.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 from numba import njit, prange
 
 from . import blas
 from .activations import ACT_NONE
-from .gemm import PackedWeights, gemm_packed
+from .entry import entry, in_order
+from .gemm import INDIRECT_CIN, INDIRECT_VARIANTS, MR, PackedWeights, gemm_packed, igemm_packed
 from .pointwise import TILES_PER_IMAGE, epilogue_rows, gemm_matmul, tile_shape
 
 
@@ -116,6 +132,43 @@ def conv_tiles(x, patches, w, bias, out, act, kh, kw, stride_h, stride_w, pad_to
         epilogue_rows(out, bias, act, None, r0, r1, 0, n)
 
 
+def indirection_table(h: int, w: int, cin: int, oh: int, ow: int, kh: int, kw: int, stride_h: int, stride_w: int,
+                      pad_top: int, pad_left: int, dilation_h: int = 1, dilation_w: int = 1,
+                      mr: int = 1) -> np.ndarray:
+    """Where each output pixel's receptive field lies in a flat [H, W, Cin] image, for the indirect GEMM.
+
+    For output pixel p = (i, j) = (p // OW, p % OW) and tap (di, dj): the offset of the Cin values that
+    tap sees, ((i*sh - top + di*dh) * W + j*sw - left + dj*dw) * Cin, or -1 where it falls in the
+    padding. Laid out as the microkernel reads it, in tiles of ``mr`` pixels:
+    [ceil(OH*OW / mr), KH*KW, mr] int32, table[p // mr, di*KW + dj, p % mr], -1 past the last pixel.
+    """
+    ih = (np.arange(oh) * stride_h - pad_top)[:, None] + np.arange(kh) * dilation_h  # [OH, KH]
+    iw = (np.arange(ow) * stride_w - pad_left)[:, None] + np.arange(kw) * dilation_w  # [OW, KW]
+    ih, iw = ih[:, None, :, None], iw[None, :, None, :]  # [OH, OW, KH, KW] by broadcasting
+    inside = (ih >= 0) & (ih < h) & (iw >= 0) & (iw < w)
+    offsets = np.where(inside, (ih * w + iw) * cin, -1).reshape(oh * ow, kh * kw)
+    tiles = -(-oh * ow // mr)
+    table = np.full((tiles * mr, kh * kw), -1, np.int32)
+    table[: oh * ow] = offsets
+    return np.ascontiguousarray(table.reshape(tiles, mr, kh * kw).transpose(0, 2, 1))
+
+
+def fits_indirection(x_shape: tuple) -> bool:
+    """Whether the indirect GEMM takes a convolution of this input: INDIRECT_CIN channels (RGB; the
+    tile is made for a fixed count), and offsets into one image that fit the table's int32."""
+    return x_shape[3] == INDIRECT_CIN and math.prod(x_shape[1:]) < 2**31
+
+
+@njit(parallel=True, cache=True)
+def rescale_into(x, out, scale, offset):
+    """out = x * scale + offset (2-D, C-contiguous, float32): im2col's arithmetic on each value, once."""
+    rows, width = x.shape
+    for r in prange(rows):
+        for t in range(width):
+            out[r, t] = x[r, t] * scale + offset
+
+
+@entry
 def conv2d(
     x: np.ndarray,
     kernel: np.ndarray,
@@ -132,11 +185,16 @@ def conv2d(
     offset: float = 0.0,
     patches: np.ndarray | None = None,
     packed: PackedWeights | None = None,
-) -> None:
+    table: np.ndarray | None = None,
+    rescaled: np.ndarray | None = None,
+    indirect: bool = True,
+) -> Callable[[], None]:
     """out = act(conv2d(x * scale + offset, kernel) + bias); see the module docstring for the contract.
 
     ``packed``: ``kernel.reshape(KH*KW*Cin, Cout)`` and ``bias`` as pointwise.prepare_weights packed
-    them (once per plan), when it chose the microkernel: im2col, then the product on it.
+    them (once per plan), when it chose the microkernel: the indirect GEMM, or with
+    ``indirect=False`` im2col and then the microkernel on the patch matrix (the same bits; kept to
+    compare the two).
     """
     kh, kw, cin, cout = kernel.shape
     n, oh, ow, _ = out.shape
@@ -144,28 +202,42 @@ def conv2d(
         raise ValueError(f"conv2d shapes do not fit: x {x.shape}, kernel {kernel.shape}, bias {bias.shape}, "
                          f"out {out.shape}")
     rows, width = n * oh * ow, kh * kw * cin
-    if patches is None:
-        patches = np.empty(rows * width, dtype=np.float32)
-    patches = patches[: rows * width].reshape(rows, width)
-    w2 = kernel.reshape(width, cout)
     o2 = out.reshape(rows, cout)
     scale, offset = np.float32(scale), np.float32(offset)  # Keras rescales in float32
     if packed is not None and (packed.k, packed.n) != (width, cout):
         raise ValueError(f"conv2d: packed weights [{packed.k}, {packed.n}] do not fit kernel {kernel.shape}")
-    if packed is not None and x.flags.c_contiguous and o2.flags.c_contiguous:
-        # The patch matrix whole, then the product: the same compiled kernel as every pointwise layer
-        # (a fused version, patches built per tile, cost seconds more of first-run compile for ~2% of
-        # a MobileNet).
-        im2col(x, patches, kh, kw, stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w, oh, ow,
-               scale, offset)
-        gemm_packed(patches, packed, o2, act)
-    elif blas.AVAILABLE and x.flags.c_contiguous and w2.flags.c_contiguous and o2.flags.c_contiguous:
+    microkernel = packed is not None and x.flags.c_contiguous and o2.flags.c_contiguous
+    if (microkernel and indirect and x.dtype == np.float32 and fits_indirection(x.shape)
+            and packed.variant in INDIRECT_VARIANTS):
+        mr = MR[packed.variant]
+        if table is None:
+            table = indirection_table(x.shape[1], x.shape[2], cin, oh, ow, kh, kw, stride_h, stride_w, pad_top,
+                                      pad_left, dilation_h, dilation_w, mr)
+        if table.shape != (-(-oh * ow // mr), kh * kw, mr) or table.dtype != np.int32:
+            raise ValueError(f"conv2d: indirection table {table.shape} does not fit out {out.shape}, kernel "
+                             f"{kernel.shape}")
+        source = x.reshape(n, -1)
+        if scale == 1.0 and offset == 0.0:  # x * 1 + 0 is x but for the sign of zeros, which no sum sees
+            return igemm_packed.bind(source, table, packed, o2, act)
+        if rescaled is None:
+            rescaled = np.empty(x.size, np.float32)
+        rescaled_source = rescaled[: x.size].reshape(n, -1)
+        return in_order(partial(rescale_into, source, rescaled_source, scale, offset),
+                         igemm_packed.bind(rescaled_source, table, packed, o2, act))
+    if patches is None:
+        patches = np.empty(rows * width, dtype=np.float32)
+    patches = patches[: rows * width].reshape(rows, width)
+    w2 = kernel.reshape(width, cout)
+    patch_rows = partial(im2col, x, patches, kh, kw, stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w,
+                         oh, ow, scale, offset)
+    if microkernel:
+        # The patch matrix whole, then the product: the same compiled kernel as every pointwise layer.
+        return in_order(patch_rows, gemm_packed.bind(patches, packed, o2, act))
+    if blas.AVAILABLE and x.flags.c_contiguous and w2.flags.c_contiguous and o2.flags.c_contiguous:
         # Tiles of rows only (column tiles would build the same patch rows twice): pointwise's row
         # height, cut by the shape of one image alone (see pointwise.tile_shape).
         tile_rows = min(tile_shape(oh * ow, width, cout)[0], max(16, -(-oh * ow // TILES_PER_IMAGE)))
-        conv_tiles(x, patches, w2, bias, o2, act, kh, kw, stride_h, stride_w, pad_top, pad_left,
-                   dilation_h, dilation_w, oh, ow, scale, offset, tile_rows)
-    else:
-        im2col(x, patches, kh, kw, stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w, oh, ow,
-               scale, offset)
-        gemm_matmul(patches, w2, bias, o2, act, None, oh * ow)
+        return partial(conv_tiles, x, patches, w2, bias, o2, act, kh, kw, stride_h, stride_w, pad_top, pad_left,
+                       dilation_h, dilation_w, oh, ow, scale, offset, tile_rows)
+    return in_order(patch_rows, partial(gemm_matmul, patches, w2, bias, o2, act, None, oh * ow))
+

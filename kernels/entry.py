@@ -30,3 +30,13 @@ def entry(binder: Callable[..., Callable[[], None]]) -> Callable[..., None]:
 
 def no_work() -> None:
     """The bound call of a step with nothing to compute (an empty product)."""
+
+
+def in_order(first: Callable[[], None], then: Callable[[], None]) -> Callable[[], None]:
+    """One call that makes two, in this order (a scratch filled, then the product that reads it)."""
+
+    def both() -> None:
+        first()
+        then()
+
+    return both

@@ -6,6 +6,12 @@
 a [M, K], out and residual [M, N]: float32, C-contiguous. out = act(a @ w + bias) (+ residual), the
 contract of kernels/pointwise.py; kernels/reference.py ``dense`` is the twin it is tested against.
 
+    igemm_packed(x, table, packed, out, act)              # the indirect GEMM of a 3-channel conv
+
+The same tile with another way of reading A (``_igemm_sums``): row p of A is output pixel p's
+receptive field, read in place from the image through an indirection table (kernels/conv.py
+``indirection_table``; twin: kernels/reference.py ``indirect_conv2d``) instead of an im2col copy.
+
 Why LLVM IR: a GEMM is fast when a tile of the output (MR rows x NR columns) stays in registers for
 the whole loop over K, each loaded weight vector feeding MR multiply-adds and each broadcast input
 value NR of them. Numba compiles array code, and LLVM will not keep an accumulator tile that lives
@@ -51,63 +57,126 @@ _I64 = ir.IntType(64)
 _PTR = ir.PointerType()
 
 
-def _emit_tile(builder: ir.IRBuilder, args, mr: int, nr: int, vw: int) -> None:
-    """The IR of one MR x NR tile: see the module docstring. ``args`` are the intrinsic's int64 values."""
-    a_addr, lda, rows, w_addr, k, bias_addr, c_addr, ldc, act, r_addr, ldr, cols = args
+def _emit_loop(builder: ir.IRBuilder, count, acc: list, body, name: str) -> list:
+    """A loop of ``count`` iterations carrying the accumulator tile ``acc`` as phi nodes.
+
+    body(index, acc) emits one iteration and returns the new tile (it may emit a loop of its own).
+    Returns the tile after the loop: ``acc`` itself when ``count`` <= 0.
+    """
+    entry = builder.block
+    loop = builder.append_basic_block(name)
+    done = builder.append_basic_block(name + ".done")
+    builder.cbranch(builder.icmp_signed(">", count, ir.Constant(_I64, 0)), loop, done)
+    builder.position_at_end(loop)
+    index = builder.phi(_I64)
+    index.add_incoming(ir.Constant(_I64, 0), entry)
+    phis = [[builder.phi(v.type) for v in row] for row in acc]
+    for row, start in zip(phis, acc):
+        for phi, v in zip(row, start):
+            phi.add_incoming(v, entry)
+    new = body(index, phis)
+    following = builder.add(index, ir.Constant(_I64, 1))
+    body_end = builder.block
+    index.add_incoming(following, body_end)
+    for row, values in zip(phis, new):
+        for phi, v in zip(row, values):
+            phi.add_incoming(v, body_end)
+    builder.cbranch(builder.icmp_signed("<", following, count), loop, done)
+    builder.position_at_end(done)
+    after = []
+    for start, values in zip(acc, new):
+        after.append([])
+        for s, v in zip(start, values):
+            phi = builder.phi(v.type)
+            phi.add_incoming(s, entry)
+            phi.add_incoming(v, body_end)
+            after[-1].append(phi)
+    return after
+
+
+def _gemm_sums(builder: ir.IRBuilder, a_args, rows, weights, fma_row, zeros: list) -> list:
+    """The tile's sums over k, A read as rows of a matrix: a[i, k] at a + i*lda + k."""
+    a_addr, lda, k = a_args
+    a = builder.inttoptr(a_addr, _PTR)
+    last = builder.sub(rows, ir.Constant(_I64, 1))
+    # Rows past ``rows`` re-read the last row: the same instructions run, the values are not stored.
+    a_rows = []
+    for i in range(len(zeros)):
+        row = builder.select(builder.icmp_signed("<", ir.Constant(_I64, i), rows), ir.Constant(_I64, i), last)
+        a_rows.append(builder.gep(a, [builder.mul(row, lda)], source_etype=_F32))
+
+    def step(kk, acc):
+        wv = weights(kk)
+        return [fma_row(acc_row, builder.gep(a_row, [kk], source_etype=_F32), wv)
+                for acc_row, a_row in zip(acc, a_rows)]
+
+    return _emit_loop(builder, k, zeros, step, "tile.k")
+
+
+def _igemm_sums(builder: ir.IRBuilder, a_args, rows, weights, fma_row, zeros: list, cin: int) -> list:
+    """The tile's sums over k = tap*cin + c, A read through an indirection table (the indirect GEMM).
+
+    Row i of A is output pixel i's receptive field, never copied out: the tile's table [taps, MR]
+    holds, for each kernel tap and row, the offset in x of the input pixel that tap sees (its
+    ``cin`` channels are contiguous), or -1 when the tap falls in the padding and reads the ``cin``
+    zeros at ``zero``. (Rows past the pixels read -1: computed like the others, not stored.)
+
+    ``cin`` is fixed when the code is made, so that each row's ``cin`` values are read right after
+    its table entry: a tile of 28 rows has no room to keep 28 addresses in registers over a loop.
+    """
+    x_addr, table_addr, taps, zero_addr = a_args
+    x = builder.inttoptr(x_addr, _PTR)
+    zero = builder.inttoptr(zero_addr, _PTR)
+    table = builder.inttoptr(table_addr, _PTR)
+    i32 = ir.IntType(32)
+    mr = len(zeros)
+
+    def tap(t, acc):
+        first_k = builder.mul(t, ir.Constant(_I64, cin))
+        wvs = [weights(builder.add(first_k, ir.Constant(_I64, c))) for c in range(cin)]
+        # The tile's MR entries for tap t are contiguous: one address, the rows at fixed displacements.
+        entries = builder.gep(table, [builder.mul(t, ir.Constant(_I64, mr))], source_etype=i32)
+        new = []
+        for i, acc_row in enumerate(acc):
+            entry = builder.gep(entries, [ir.Constant(_I64, i)], source_etype=i32)
+            offset = builder.sext(builder.load(entry, typ=i32, align=4), _I64)
+            inside = builder.icmp_signed(">=", offset, ir.Constant(_I64, 0))
+            pixel = builder.select(inside, builder.gep(x, [offset], source_etype=_F32), zero)
+            for c in range(cin):
+                acc_row = fma_row(acc_row, builder.gep(pixel, [ir.Constant(_I64, c)], source_etype=_F32), wvs[c])
+            new.append(acc_row)
+        return new
+
+    return _emit_loop(builder, taps, zeros, tap, "tile.tap")
+
+
+def _emit_tile(builder: ir.IRBuilder, a_sums, a_args, args, mr: int, nr: int, vw: int) -> None:
+    """The IR of one MR x NR tile: see the module docstring. ``a_sums`` emits the loop over K, reading
+    A as ``a_args`` locate it (``_gemm_sums`` or ``_igemm_sums``); ``args`` are the intrinsic's other
+    int64 values."""
+    rows, w_addr, bias_addr, c_addr, ldc, act, r_addr, ldr, cols = args
     vec = ir.VectorType(_F32, vw)
     nv = nr // vw
     module = builder.module
     fma = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vw}f32")
-    a = builder.inttoptr(a_addr, _PTR)
     w = builder.inttoptr(w_addr, _PTR)
-    one = ir.Constant(_I64, 1)
-    last = builder.sub(rows, one)
-    # Rows past ``rows`` re-read the last row: the same instructions run, the values are not stored.
-    a_rows = []
-    for i in range(mr):
-        row = builder.select(builder.icmp_signed("<", ir.Constant(_I64, i), rows), ir.Constant(_I64, i), last)
-        a_rows.append(builder.gep(a, [builder.mul(row, lda)], source_etype=_F32))
-
-    zero = ir.Constant(vec, [0.0] * vw)
-    entry = builder.block
-    loop = builder.append_basic_block("tile.k")
-    done = builder.append_basic_block("tile.done")
-    builder.cbranch(builder.icmp_signed(">", k, ir.Constant(_I64, 0)), loop, done)
-
-    builder.position_at_end(loop)
-    kk = builder.phi(_I64, "kk")
-    kk.add_incoming(ir.Constant(_I64, 0), entry)
-    acc = [[builder.phi(vec) for _ in range(nv)] for _ in range(mr)]
-    for row in acc:
-        for phi in row:
-            phi.add_incoming(zero, entry)
-    w_row = builder.gep(w, [builder.mul(kk, ir.Constant(_I64, nr))], source_etype=_F32)
-    wv = [builder.load(builder.gep(w_row, [ir.Constant(_I64, j * vw)], source_etype=_F32), typ=vec, align=4)
-          for j in range(nv)]
     mask = ir.Constant(ir.VectorType(ir.IntType(32), vw), [0] * vw)
-    new = []
-    for i in range(mr):
-        x = builder.load(builder.gep(a_rows[i], [kk], source_etype=_F32), typ=_F32, align=4)
+    zero = ir.Constant(vec, [0.0] * vw)
+
+    def weights(kk):
+        """Row k of the panel: NR / VW vectors."""
+        w_row = builder.gep(w, [builder.mul(kk, ir.Constant(_I64, nr))], source_etype=_F32)
+        return [builder.load(builder.gep(w_row, [ir.Constant(_I64, j * vw)], source_etype=_F32), typ=vec, align=4)
+                for j in range(nv)]
+
+    def fma_row(acc_row, a_ptr, wv):
+        """acc_row + a[i, k] * (row k of the panel): the A value broadcast, one FMA per vector."""
+        x = builder.load(a_ptr, typ=_F32, align=4)
         xv = builder.shuffle_vector(builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(_I64, 0)),
                                     ir.Constant(vec, ir.Undefined), mask)
-        new.append([builder.call(fma, [xv, wv[j], acc[i][j]]) for j in range(nv)])
-    next_k = builder.add(kk, one)
-    body_end = builder.block
-    kk.add_incoming(next_k, body_end)
-    for i in range(mr):
-        for j in range(nv):
-            acc[i][j].add_incoming(new[i][j], body_end)
-    builder.cbranch(builder.icmp_signed("<", next_k, k), loop, done)
+        return [builder.call(fma, [xv, wv[j], acc_row[j]]) for j in range(nv)]
 
-    builder.position_at_end(done)
-    sums = []
-    for i in range(mr):
-        sums.append([])
-        for j in range(nv):
-            phi = builder.phi(vec)
-            phi.add_incoming(zero, entry)
-            phi.add_incoming(new[i][j], body_end)
-            sums[i].append(phi)
+    sums = a_sums(builder, a_args, rows, weights, fma_row, [[zero] * nv for _ in range(mr)])
 
     bias = builder.inttoptr(bias_addr, _PTR)
     bv = [builder.load(builder.gep(bias, [ir.Constant(_I64, j * vw)], source_etype=_F32), typ=vec, align=4)
@@ -193,21 +262,25 @@ def _emit_tile(builder: ir.IRBuilder, args, mr: int, nr: int, vw: int) -> None:
                         with part:
                             store_rows(fn, residual, True)
 
-    # The common tile (all MR rows and NR columns, no residual, none/ReLU/ReLU6) is stored straight
-    # from the registers. Every other goes through a stack array, so that its epilogue is one loop
-    # over the rows rather than MR unrolled copies in each of its eight branches (a fraction of the
-    # compile time; the reads back come from L1). Both paths apply the same operations.
+    # The common tile (all MR rows and NR columns, no residual, an activation the registers take) is
+    # stored straight from the registers. Every other goes through a stack array, so that its
+    # epilogue is one loop over the rows rather than MR unrolled copies in each of its eight
+    # branches (a fraction of the compile time; the reads back come from L1). Both paths apply the
+    # same operations.
     common = builder.and_(builder.and_(builder.icmp_signed("==", rows, ir.Constant(_I64, mr)),
                                        builder.icmp_signed(">=", cols, ir.Constant(_I64, nr))),
-                          builder.and_(builder.icmp_signed("==", r_addr, ir.Constant(_I64, 0)),
-                                       builder.icmp_signed("!=", act, ir.Constant(_I64, ACT_HARD_SWISH))))
+                          builder.icmp_signed("==", r_addr, ir.Constant(_I64, 0)))
     with builder.if_else(common) as (direct, through_stack):
         with direct:
-            for i in range(mr):
-                c_row = builder.gep(c, [builder.mul(ir.Constant(_I64, i), ldc)], source_etype=_F32)
-                for j in range(nv):
-                    builder.store(clamp(values[i][j], low, high),
-                                  builder.gep(c_row, [ir.Constant(_I64, j * vw)], source_etype=_F32), align=4)
+            with builder.if_else(builder.icmp_signed("==", act, ir.Constant(_I64, ACT_HARD_SWISH))) as (swish, clamped):
+                for fn, branch in ((hard_swish, swish), (lambda v: clamp(v, low, high), clamped)):
+                    with branch:
+                        for i in range(mr):
+                            c_row = builder.gep(c, [builder.mul(ir.Constant(_I64, i), ldc)], source_etype=_F32)
+                            for j in range(nv):
+                                builder.store(fn(values[i][j]),
+                                              builder.gep(c_row, [ir.Constant(_I64, j * vw)], source_etype=_F32),
+                                              align=4)
         with through_stack:
             tile = cgutils.alloca_once(builder, vec, size=mr * nv)
             for i in range(mr):
@@ -233,13 +306,38 @@ def _tile_intrinsic(mr: int, nr: int, vw: int):
         sig = types.void(*([types.int64] * 12))
 
         def codegen(context, builder, signature, args):
-            _emit_tile(builder, args, mr, nr, vw)
+            a, lda, rows, w, k, *epilogue = args
+            _emit_tile(builder, _gemm_sums, (a, lda, k), (rows, w, *epilogue), mr, nr, vw)
             return context.get_dummy_value()
 
         return sig, codegen
 
     tile.__name__ = f"tile_{mr}x{nr}_v{vw}"
     return intrinsic(tile)
+
+
+def _indirect_tile_intrinsic(mr: int, nr: int, vw: int, cin: int):
+    """The same tile with A read through an indirection table (``_igemm_sums``), K = taps * ``cin``.
+
+    tile(x, table, taps, zero, rows, w_panel, bias, c, ldc, act, residual, ldr, cols).
+    """
+
+    def indirect_tile(typingctx, x, table, taps, zero, rows, w, bias, c, ldc, act, residual, ldr, cols):
+        sig = types.void(*([types.int64] * 13))
+
+        def codegen(context, builder, signature, args):
+            x, table, taps, zero, *rest = args
+
+            def sums(*a):
+                return _igemm_sums(*a, cin=cin)
+
+            _emit_tile(builder, sums, (x, table, taps, zero), rest, mr, nr, vw)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    indirect_tile.__name__ = f"indirect_tile_{mr}x{nr}_v{vw}_c{cin}"
+    return intrinsic(indirect_tile)
 
 
 # (MR, NR, VW) per variant, the index being what ``pack`` records and the driver dispatches on.
@@ -255,6 +353,15 @@ _tile1 = _tile_intrinsic(*VARIANTS[1])
 _tile2 = _tile_intrinsic(*VARIANTS[2])
 _tile3 = _tile_intrinsic(*VARIANTS[3])
 _tile4 = _tile_intrinsic(*VARIANTS[4])
+# The indirect GEMM's tiles, for convolutions on INDIRECT_CIN input channels: the stems of image
+# models (RGB). Other convolutions take im2col and the tiles above (kernels/conv.py). Not the 7-row
+# tile (its products are 1x1 layers of 7x7 and 14x14 maps): INDIRECT_VARIANTS.
+INDIRECT_CIN = 3
+INDIRECT_VARIANTS = (0, 1, 2, 3)
+_indirect_tile0 = _indirect_tile_intrinsic(*VARIANTS[0], INDIRECT_CIN)
+_indirect_tile1 = _indirect_tile_intrinsic(*VARIANTS[1], INDIRECT_CIN)
+_indirect_tile2 = _indirect_tile_intrinsic(*VARIANTS[2], INDIRECT_CIN)
+_indirect_tile3 = _indirect_tile_intrinsic(*VARIANTS[3], INDIRECT_CIN)
 
 
 @njit(inline="always")
@@ -269,6 +376,18 @@ def _tile(variant, a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols):
         _tile3(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
     else:
         _tile4(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
+
+
+@njit(inline="always")
+def _indirect_tile(variant, x, table, taps, zero, rows, w, bias, c, ldc, act, res, ldr, cols):
+    if variant == 0:
+        _indirect_tile0(x, table, taps, zero, rows, w, bias, c, ldc, act, res, ldr, cols)
+    elif variant == 1:
+        _indirect_tile1(x, table, taps, zero, rows, w, bias, c, ldc, act, res, ldr, cols)
+    elif variant == 2:
+        _indirect_tile2(x, table, taps, zero, rows, w, bias, c, ldc, act, res, ldr, cols)
+    else:
+        _indirect_tile3(x, table, taps, zero, rows, w, bias, c, ldc, act, res, ldr, cols)
 
 
 @njit(inline="always")
@@ -313,12 +432,18 @@ def rows_times_panels(a, panels, bias, out, act, residual, variant, r0, r1, p0, 
             _tile(variant, a_addr + 4 * i * k, k, rows, w_p, k, b_addr + 4 * c0, dest, ld, register_act, res, ld,
                   cols if in_registers else nr)
             if not in_registers:
-                for rr in range(rows):
-                    for cc in range(cols):
-                        v = apply_activation(scratch[rr, cc], act)
-                        if has_residual:
-                            v = v + residual[i + rr, c0 + cc]
-                        out[i + rr, c0 + cc] = v
+                _activate_into(scratch, out, act, residual, has_residual, i, rows, c0, cols)
+
+
+@njit(inline="always")
+def _activate_into(scratch, out, act, residual, has_residual, r0, rows, c0, cols):
+    """out[r0 + r, c0 + c] = act(scratch[r, c]) (+ residual) for a tile whose activation is not on the registers."""
+    for rr in range(rows):
+        for cc in range(cols):
+            v = apply_activation(scratch[rr, cc], act)
+            if has_residual:
+                v = v + residual[r0 + rr, c0 + cc]
+            out[r0 + rr, c0 + cc] = v
 
 
 NO_RESIDUAL = np.zeros((0, 0), np.float32)
@@ -343,6 +468,63 @@ def gemm_panels(a, panels, bias, out, act, residual, variant, tile_rows, panels_
         scratch = np.empty((MR[variant], panels.shape[2]), np.float32)
         rows_times_panels(a, panels, bias, out, act, residual, variant, r0, min(m, r0 + tile_rows),
                           p0, min(n_panels, p0 + panels_per_tile), scratch)
+
+
+@njit(parallel=True, cache=True)
+def igemm_panels(x, table, zero, panels, bias, out, act, variant, tile_rows, panels_per_tile):
+    """out = act(A @ w + bias) where row p of A is read through ``table``: a convolution, without im2col.
+
+    x [N, H*W*Cin]: each image's pixels, flat. table [ceil(P/MR), taps, MR] int32: for output pixel
+    p = tile*MR + i and kernel tap t, the offset in an image of the Cin values that tap sees, or -1
+    for the padding (read from ``zero``, Cin zeros). w [taps*Cin, Cout] and bias packed by ``pack``;
+    out [N*P, Cout]. ``tile_rows`` is a multiple of MR.
+
+    Each image is cut alike into tiles of ``tile_rows`` pixels x ``panels_per_tile`` panels, spread
+    over Numba's threads; within a tile, panel by panel, MR pixels at a time. Every output is the
+    FMA chain over k = tap*Cin + c that the GEMM on im2col's patch rows runs, so the answers are
+    those bits.
+    """
+    n_images = x.shape[0]
+    pixels = out.shape[0] // n_images
+    taps = table.shape[1]
+    k = panels.shape[1]
+    n = out.shape[1]
+    n_panels = panels.shape[0]
+    nr = panels.shape[2]
+    mr = MR[variant]
+    in_registers = act == ACT_NONE or act == ACT_RELU or act == ACT_RELU6 or act == ACT_HARD_SWISH
+    register_act = act if in_registers else ACT_NONE
+    x_addr = np.int64(x.ctypes.data)
+    t_addr = np.int64(table.ctypes.data)
+    z_addr = np.int64(zero.ctypes.data)
+    w_addr = np.int64(panels.ctypes.data)
+    b_addr = np.int64(bias.ctypes.data)
+    c_addr = np.int64(out.ctypes.data)
+    row_tiles = _cdiv(pixels, tile_rows)
+    col_tiles = _cdiv(n_panels, panels_per_tile)
+    for task in prange(n_images * row_tiles * col_tiles):
+        image = task // (row_tiles * col_tiles)
+        within = task % (row_tiles * col_tiles)
+        r0 = (within // col_tiles) * tile_rows
+        r1 = min(pixels, r0 + tile_rows)
+        p0 = (within % col_tiles) * panels_per_tile
+        image_addr = x_addr + 4 * image * x.shape[1]
+        scratch = np.empty((mr, nr), np.float32)
+        s_addr = np.int64(scratch.ctypes.data)
+        for p in range(p0, min(n_panels, p0 + panels_per_tile)):
+            c0 = p * nr
+            cols = min(nr, n - c0)
+            w_p = w_addr + 4 * p * k * nr
+            for i in range(r0, r1, mr):
+                rows = min(mr, r1 - i)
+                row = image * pixels + i
+                dest, ld = s_addr, nr
+                if in_registers:
+                    dest, ld = c_addr + 4 * (row * n + c0), n
+                _indirect_tile(variant, image_addr, t_addr + 4 * i * taps, taps, z_addr, rows, w_p,
+                               b_addr + 4 * c0, dest, ld, register_act, np.int64(0), ld, cols if in_registers else nr)
+                if not in_registers:
+                    _activate_into(scratch, out, act, NO_RESIDUAL, False, row, rows, c0, cols)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -456,3 +638,34 @@ def gemm_packed(a: np.ndarray, packed: PackedWeights, out: np.ndarray, act: int,
     if cut is None:
         cut = packed.cuts[m] = tiling(m, k, packed.panels.shape[0], MR[packed.variant])
     return partial(gemm_panels, a, packed.panels, packed.bias, out, act, residual, packed.variant, *cut)
+
+
+_PADDING_ZEROS = np.zeros(INDIRECT_CIN, np.float32)  # what a tap in the padding reads; never written
+
+
+@entry
+def igemm_packed(x: np.ndarray, table: np.ndarray, packed: PackedWeights, out: np.ndarray,
+                 act: int) -> Callable[[], None]:
+    """out = act(A @ w + bias), A's rows read through ``table`` (see ``igemm_panels``), w and bias as packed.
+
+    x [N, H*W*Cin], table [ceil(P/MR), taps, MR] int32, out [N*P, Cout]. The table is trusted (its
+    offsets are read as addresses): make it with conv.indirection_table for x's geometry and this MR.
+    """
+    taps = packed.k // INDIRECT_CIN
+    mr = MR[packed.variant]
+    n_images = x.shape[0] if x.ndim == 2 else 0
+    pixels = out.shape[0] // max(n_images, 1)
+    if (x.ndim != 2 or packed.k != taps * INDIRECT_CIN or out.shape != (n_images * pixels, packed.n)
+            or table.shape != (-(-pixels // mr), taps, mr) or packed.variant not in INDIRECT_VARIANTS):
+        raise ValueError(f"igemm_packed: shapes do not fit: x {x.shape}, table {table.shape} @ packed "
+                         f"[{packed.k}, {packed.n}] -> out {out.shape}")
+    if out.size == 0:
+        return no_work
+    # The kernel works on raw addresses: another dtype or layout must be refused, not compiled for.
+    if not (x.dtype is _FLOAT32 and out.dtype is _FLOAT32 and table.dtype == np.int32
+            and x.flags.c_contiguous and out.flags.c_contiguous and table.flags.c_contiguous):
+        raise ValueError("igemm_packed: x and out must be C-contiguous float32, table C-contiguous int32")
+    cut = packed.cuts.get(-pixels)  # per image; negative keys keep these apart from the GEMM's row counts
+    if cut is None:
+        cut = packed.cuts[-pixels] = tiling(pixels, packed.k, packed.panels.shape[0], mr)
+    return partial(igemm_panels, x, table, _PADDING_ZEROS, packed.panels, packed.bias, out, act, packed.variant, *cut)

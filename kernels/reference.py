@@ -103,6 +103,27 @@ def conv2d(
     return out
 
 
+def indirect_conv2d(x: np.ndarray, table: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """conv2d as the indirect GEMM computes it: each output pixel's patch row gathered through a table.
+
+    ``table`` is kernels/conv.py's ``indirection_table``: for pixel p (in tiles of MR pixels) and
+    kernel tap t, table[p // MR, t, p % MR] is where in the flat [H*W*Cin] image the Cin values that
+    tap sees begin, or -1 in the padding (read as zeros). Gathering those Cin values for every tap
+    gives im2col's patch row; the product with the [KH*KW*Cin, Cout] kernel is the convolution.
+    Returns [N, pixels, Cout], pixels counted up to a whole number of tiles (the last ones are padding).
+    """
+    kh, kw, cin, cout = kernel.shape
+    n = x.shape[0]
+    offsets = table.transpose(0, 2, 1).reshape(-1, kh * kw)  # [pixels, taps]
+    flat = np.concatenate([x.reshape(n, -1), np.zeros((n, cin), x.dtype)], axis=1)  # zeros at the end
+    start = np.where(offsets < 0, flat.shape[1] - cin, offsets)  # the padding reads those zeros
+    patches = flat[:, start[:, :, None] + np.arange(cin)].reshape(n, -1, kh * kw * cin)  # im2col's rows
+    out = patches @ kernel.reshape(kh * kw * cin, cout)
+    if bias is not None:
+        out += bias
+    return out
+
+
 def depthwise_conv2d(
     x: np.ndarray,
     kernel: np.ndarray,

@@ -108,9 +108,10 @@ def kernels_cached() -> bool:
     """
     from npmobile.kernels import blas, conv, depthwise, gemm, pointwise, squeeze_excite
 
-    # The stem runs im2col + the microkernel; on AVX2 the biggest 1x1 products stay with OpenBLAS's
-    # tiles (pointwise.use_microkernel), and without BLAS with np.matmul + its epilogue.
-    products = (gemm.gemm_panels, conv.im2col)
+    # The stem runs the indirect GEMM (after a rescaled copy of the input for V3); on AVX2 the biggest
+    # 1x1 products stay with OpenBLAS's tiles (pointwise.use_microkernel), and without BLAS with
+    # np.matmul + its epilogue.
+    products = (gemm.gemm_panels, gemm.igemm_panels, conv.rescale_into)
     if not gemm.AVX512:
         products += (pointwise.gemm_tiles,) if blas.AVAILABLE else (pointwise._epilogue,)
     kernels = (depthwise._depthwise_conv2d, squeeze_excite._squeeze_excite, *products)

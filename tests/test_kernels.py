@@ -30,9 +30,9 @@ from npmobile.kernels.activations import (
     add,
     softmax,
 )
-from npmobile.kernels.conv import conv2d
+from npmobile.kernels.conv import conv2d, indirection_table
 from npmobile.kernels.depthwise import depthwise_conv2d
-from npmobile.kernels.gemm import VARIANTS, pack
+from npmobile.kernels.gemm import INDIRECT_CIN, VARIANTS, pack
 from npmobile.kernels.pointwise import (
     TILES_PER_IMAGE,
     dense,
@@ -356,6 +356,14 @@ CONV_CASES = [
     (1, 9, 11, 4, 5, 3, 1, 2, ((2, 2), (2, 2))),  # dilated
     (1, 8, 8, 6, 10, 1, 2, 1, ((0, 0), (0, 0))),  # strided 1x1
     (1, 10, 7, 5, 3, 2, 2, 1, ((0, 1), (1, 0))),
+    # Three input channels take the indirect GEMM: pixel counts off every tile height (6, 8, 28),
+    # padding on every side, strides 1 and 2, "valid" and "same", batches, a dilated 5x5.
+    (2, 15, 12, 3, 16, 3, 1, 1, ((1, 1), (1, 1))),
+    (1, 7, 9, 3, 40, 3, 2, 1, ((0, 0), (0, 0))),
+    (2, 33, 31, 3, 32, 3, 2, 1, ((0, 1), (0, 1))),
+    (1, 10, 11, 3, 8, 5, 2, 2, ((3, 5), (4, 2))),
+    (4, 5, 5, 3, 17, 3, 2, 1, ((1, 1), (1, 1))),
+    (1, 2, 3, 3, 5, 3, 1, 1, ((2, 2), (1, 3))),
 ]
 
 
@@ -381,6 +389,82 @@ def test_conv2d_matches_reference(rng, case):
             conv2d(pixels, kernel, bias, out, stride, stride, top, left, ACT_NONE, dil, dil, 1 / 127.5, -1.0, patches,
                    packed)
             assert_close(out, rescaled)
+
+
+@pytest.mark.parametrize("case", [c for c in CONV_CASES if c[3] == INDIRECT_CIN],
+                         ids=lambda c: "n{}_{}x{}_{}to{}_k{}_s{}_d{}_p{}".format(*c))
+def test_indirect_gemm_gives_the_bits_of_im2col_and_the_microkernel(rng, case):
+    """The stem's outputs do not change with the indirect GEMM: each is the same FMA chain over
+    k = (ky, kx, c), then the bias, then the activation, in every variant, rescaled or not."""
+    n, h, w, cin, cout, k, stride, dil, pads = case
+    (top, bottom), (left, right) = pads
+    oh = R.conv_output_size(h, k, stride, (top, bottom), dil)
+    ow = R.conv_output_size(w, k, stride, (left, right), dil)
+    x, kernel, bias = rand(rng, n, h, w, cin), rand(rng, k, k, cin, cout, scale=0.3), rand(rng, cout)
+    x[0, 0, 0] = -0.0  # a negative zero, which x * 1 + 0 would make positive, changes no sum
+    pixels = (x * 40 + 128).astype(np.float32)
+    for variant in range(len(VARIANTS)):
+        packed = pack(kernel.reshape(-1, cout), bias, n * oh * ow, variant)
+        table = indirection_table(h, w, cin, oh, ow, k, k, stride, stride, top, left, dil, dil, VARIANTS[variant][0])
+        for act in ALL_ACTS:
+            for image, scale, offset in ((x, 1.0, 0.0), (pixels, 1 / 127.5, -1.0)):
+                outs = []
+                scratch = np.full(image.size + 7, np.nan, np.float32)  # as the plan makes them, once
+                for indirect, tab, rescaled in ((False, None, None), (True, None, None), (True, table, scratch)):
+                    out = np.full((n, oh, ow, cout), np.nan, dtype=np.float32)
+                    conv2d(image, kernel, bias, out, stride, stride, top, left, act, dil, dil, scale, offset,
+                           packed=packed, table=tab, rescaled=rescaled, indirect=indirect)
+                    outs.append(out)
+                np.testing.assert_array_equal(outs[1], outs[0])
+                np.testing.assert_array_equal(outs[2], outs[0])
+
+
+def test_indirect_gemm_answer_depends_on_the_image_alone(rng):
+    """One image's stem output, bit for bit: alone or at any position of a batch, on 1 or 2 threads,
+    however the pixels are cut into tasks."""
+    kernel, bias = rand(rng, 3, 3, 3, 24, scale=0.3), rand(rng, 24)
+    image = (rand(rng, 1, 29, 23, 3) * 40 + 128).astype(np.float32)
+    oh, ow = 15, 12
+    for variant in range(len(VARIANTS)):
+        packed = pack(kernel.reshape(-1, 24), bias, oh * ow, variant)
+        alone = np.empty((1, oh, ow, 24), np.float32)
+        conv2d(image, kernel, bias, alone, 2, 2, 1, 0, ACT_HARD_SWISH, 1, 1, 1 / 127.5, -1.0, packed=packed)
+        for threads in sorted({1, 2, max_threads()}):
+            with thread_limits(threads):
+                for position in range(3):
+                    batch = (rand(rng, 3, 29, 23, 3) * 40 + 128).astype(np.float32)
+                    batch[position] = image[0]
+                    out = np.empty((3, oh, ow, 24), np.float32)
+                    conv2d(batch, kernel, bias, out, 2, 2, 1, 0, ACT_HARD_SWISH, 1, 1, 1 / 127.5, -1.0, packed=packed)
+                    np.testing.assert_array_equal(out[position], alone[0])
+                mr = VARIANTS[variant][0]
+                packed.cuts[-oh * ow] = (mr, 1)  # another cut of the pixels into tasks: one tile each
+                out = np.empty((1, oh, ow, 24), np.float32)
+                conv2d(image, kernel, bias, out, 2, 2, 1, 0, ACT_HARD_SWISH, 1, 1, 1 / 127.5, -1.0, packed=packed)
+                np.testing.assert_array_equal(out, alone)
+                del packed.cuts[-oh * ow]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "n{}_{}x{}_{}to{}_k{}_s{}_d{}_p{}".format(*c))
+def test_indirection_table_reference_twin_matches_conv2d(rng, case):
+    n, h, w, cin, cout, k, stride, dil, pads = case
+    (top, bottom), (left, right) = pads
+    oh = R.conv_output_size(h, k, stride, (top, bottom), dil)
+    ow = R.conv_output_size(w, k, stride, (left, right), dil)
+    x, kernel, bias = rand(rng, n, h, w, cin), rand(rng, k, k, cin, cout, scale=0.3), rand(rng, cout)
+    for mr in (1, 6, 28):
+        table = indirection_table(h, w, cin, oh, ow, k, k, stride, stride, top, left, dil, dil, mr)
+        assert table.shape == (-(-oh * ow // mr), k * k, mr) and table.dtype == np.int32
+        assert_close(R.indirect_conv2d(x, table, kernel, bias)[:, : oh * ow].reshape(n, oh, ow, cout),
+                     R.conv2d(x, kernel, bias, (stride, stride), pads, (dil, dil)))
+
+
+def test_conv2d_refuses_an_indirection_table_of_another_geometry(rng):
+    x, kernel, bias = rand(rng, 1, 9, 9, 3), rand(rng, 3, 3, 3, 8), rand(rng, 8)
+    packed = pack(kernel.reshape(-1, 8), bias, 25, 2)
+    with pytest.raises(ValueError, match="indirection table"):
+        conv2d(x, kernel, bias, np.empty((1, 5, 5, 8), np.float32), 2, 2, 1, 1, packed=packed,
+               table=indirection_table(9, 9, 3, 5, 5, 3, 3, 2, 2, 1, 1, mr=8))
 
 
 def test_conv2d_without_blas_matches_reference(rng, monkeypatch):

@@ -72,7 +72,8 @@ def conv2d_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
 
 
 def conv2d_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
-    from npmobile.kernels.conv import conv2d
+    from npmobile.kernels.conv import conv2d, fits_indirection, indirection_table
+    from npmobile.kernels.gemm import INDIRECT_VARIANTS, MR, pack
     from npmobile.kernels.pointwise import pointwise_conv2d, prepare_weights
 
     kernel = node.weights["kernel"]
@@ -85,8 +86,8 @@ def conv2d_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Bind
     residual = bool(node.config.get("residual"))
     bias = bias_or_zeros(node, kernel.shape[3])
     scale, offset = node.config.get("input_scale", 1.0), node.config.get("input_offset", 0.0)
-    rescaled = (scale, offset) != (1.0, 0.0)
-    if kernel.shape[:2] == (1, 1) and strides == (1, 1) and padding == ref.NO_PADDING and not rescaled:
+    rescaled_input = (scale, offset) != (1.0, 0.0)
+    if kernel.shape[:2] == (1, 1) and strides == (1, 1) and padding == ref.NO_PADDING and not rescaled_input:
         w = prepare_weights(kernel[0, 0], bias, int(np.prod(out_shape[:3])))  # packed once per plan
 
         def bind_pointwise(args, out):
@@ -99,12 +100,23 @@ def conv2d_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Bind
     k4 = np.ascontiguousarray(kernel)
     packed = prepare_weights(k4.reshape(-1, k4.shape[3]), bias, int(np.prod(out_shape[:3])))
     packed = None if isinstance(packed, np.ndarray) else packed  # the microkernel's weights, packed once
-    # The im2col scratch, made once per plan (one prediction runs at a time: interpreter._RUN_LOCK).
-    patches = np.empty(int(np.prod(out_shape[:3])) * int(np.prod(kernel.shape[:3])), dtype=np.float32)
+    # Scratch and the indirection table, made once per plan (one prediction runs at a time:
+    # interpreter._RUN_LOCK): the indirect GEMM's table and rescaled copy, or im2col's patch matrix.
+    x_shape = in_shapes[0]
+    table = patches = rescaled = None
+    if packed is not None and fits_indirection(x_shape):
+        if packed.variant not in INDIRECT_VARIANTS:  # the indirect product has no 7-row tile
+            packed = pack(k4.reshape(-1, k4.shape[3]), bias, int(np.prod(out_shape[:3])), variant=1)
+        (_, h, w, cin), (_, oh, ow, _) = x_shape, out_shape
+        table = indirection_table(h, w, cin, oh, ow, *kernel.shape[:2], *strides, top, left, *dilation,
+                                  MR[packed.variant])
+        rescaled = np.empty(int(np.prod(x_shape)), np.float32) if rescaled_input else None
+    else:
+        patches = np.empty(int(np.prod(out_shape[:3])) * int(np.prod(kernel.shape[:3])), dtype=np.float32)
 
     def bind_conv(args, out):
-        return partial(conv2d, args[0], k4, bias, out, strides[0], strides[1], top, left, act, dilation[0],
-                       dilation[1], scale, offset, patches, packed)
+        return conv2d.bind(args[0], k4, bias, out, strides[0], strides[1], top, left, act, dilation[0], dilation[1],
+                           scale, offset, patches, packed, table, rescaled)
 
     return bind_conv
 

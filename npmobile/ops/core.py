@@ -34,6 +34,7 @@ def dense_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
 
 def dense_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
     from npmobile.kernels import activations as act_kernels
+    from npmobile.kernels.entry import in_order
     from npmobile.kernels.pointwise import dense, prepare_weights
 
     softmax = node.config.get("activation") == "softmax"  # the classifier: product, then softmax in place
@@ -47,13 +48,7 @@ def dense_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binde
         product = dense.bind(args[0], kernel, bias, out, act)
         if not softmax:
             return product
-        normalize = act_kernels.softmax.bind(out, out)
-
-        def product_then_softmax():
-            product()
-            normalize()
-
-        return product_then_softmax
+        return in_order(product, act_kernels.softmax.bind(out, out))
 
     return bind
 
