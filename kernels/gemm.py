@@ -449,6 +449,17 @@ def _activate_into(scratch, out, act, residual, has_residual, r0, rows, c0, cols
 NO_RESIDUAL = np.zeros((0, 0), np.float32)
 
 
+@njit(inline="always")
+def _scratch(act, tasks, mr, nr):
+    """[tasks, MR, NR] for the tiles whose activation is applied after the store (one per task, made
+    before the parallel loop: an allocation inside it costs microseconds), or [1, 1, 1] when every
+    activation is applied on the registers."""
+    on_registers = act == ACT_NONE or act == ACT_RELU or act == ACT_RELU6 or act == ACT_HARD_SWISH
+    if on_registers:
+        return np.empty((1, 1, 1), np.float32)
+    return np.empty((tasks, mr, nr), np.float32)
+
+
 @njit(parallel=True, cache=True)
 def gemm_panels(a, panels, bias, out, act, residual, variant, tile_rows, panels_per_tile):
     """out = act(a @ w + bias) (+ residual), w and bias packed by ``pack`` (``panels``, ``bias``).
@@ -462,12 +473,12 @@ def gemm_panels(a, panels, bias, out, act, residual, variant, tile_rows, panels_
     n_panels = panels.shape[0]
     row_tiles = _cdiv(m, tile_rows)
     col_tiles = _cdiv(n_panels, panels_per_tile)
+    scratch = _scratch(act, row_tiles * col_tiles, MR[variant], panels.shape[2])
     for t in prange(row_tiles * col_tiles):
         r0 = (t // col_tiles) * tile_rows
         p0 = (t % col_tiles) * panels_per_tile
-        scratch = np.empty((MR[variant], panels.shape[2]), np.float32)
         rows_times_panels(a, panels, bias, out, act, residual, variant, r0, min(m, r0 + tile_rows),
-                          p0, min(n_panels, p0 + panels_per_tile), scratch)
+                          p0, min(n_panels, p0 + panels_per_tile), scratch[t % scratch.shape[0]])
 
 
 @njit(parallel=True, cache=True)
@@ -502,6 +513,7 @@ def igemm_panels(x, table, zero, panels, bias, out, act, variant, tile_rows, pan
     c_addr = np.int64(out.ctypes.data)
     row_tiles = _cdiv(pixels, tile_rows)
     col_tiles = _cdiv(n_panels, panels_per_tile)
+    scratches = _scratch(act, n_images * row_tiles * col_tiles, mr, nr)
     for task in prange(n_images * row_tiles * col_tiles):
         image = task // (row_tiles * col_tiles)
         within = task % (row_tiles * col_tiles)
@@ -509,7 +521,7 @@ def igemm_panels(x, table, zero, panels, bias, out, act, variant, tile_rows, pan
         r1 = min(pixels, r0 + tile_rows)
         p0 = (within % col_tiles) * panels_per_tile
         image_addr = x_addr + 4 * image * x.shape[1]
-        scratch = np.empty((mr, nr), np.float32)
+        scratch = scratches[task % scratches.shape[0]]
         s_addr = np.int64(scratch.ctypes.data)
         for p in range(p0, min(n_panels, p0 + panels_per_tile)):
             c0 = p * nr
