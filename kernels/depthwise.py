@@ -18,10 +18,10 @@ multiply zeros). ``output_size`` computes OH/OW from the four pads.
 Two implementations with one contract. Square 3x3 and 5x5 kernels with none/ReLU/ReLU6/hard swish
 (every MobileNet depthwise layer) run through the vector row kernel at the end of this file:
 LLVM vector IR over blocks of 16 channels (8 without AVX-512), the kernel block held in registers,
-one register accumulator per pixel (see "The vector kernel" below). Everything else -- and the
-pixels whose windows hang over the left or right edge -- takes the plain loops first in this file.
-Both add each output's taps row by row, left to right, and which path a pixel takes depends only on
-its position: the answer does not depend on threads or batch.
+one register accumulator per pixel (see "The vector kernel" below), border pixels included.
+Everything else takes the plain loops first in this file. Both add each output's taps row by row,
+left to right; which path runs depends only on the layer's shape and the CPU: the answer does not
+depend on threads or batch.
 
 Why the plain loops are laid out this way:
 - Work is split over (image, output row) pairs with prange: enough pieces for 2 cores even at
@@ -242,8 +242,11 @@ def _depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_lef
 # (generic vector types: it compiles and answers the same on any x86-64).
 #
 # Summation order of one output value: its taps row by row, left to right, the first a multiply,
-# the others FMAs (the order of the loops above); clipped windows (borders) start from zero and add
-# only the taps inside the image. Which path runs depends on the pixel's position only.
+# the others FMAs (the order of the loops above). Kernel rows outside the image are skipped (a copy
+# of the loops per count of rows inside); columns outside it are loaded as zeros by a masked load
+# that reads no memory, so a border window runs the same FMA chain as an interior one, and an
+# outside tap adds an exact zero (x + 0*w == x): the sum of the taps inside, bit for bit (up to the
+# sign of an exact zero), whichever the pixel or the CPU.
 
 _F32 = ir.FloatType()
 _I64 = ir.IntType(64)
@@ -252,7 +255,7 @@ _PTR = ir.PointerType()
 
 def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int) -> None:
     """The IR of ``row_intrinsic``: see its docstring."""
-    x_addr, x_rs, cs, k_addr, bias_addr, out_addr, n_out, sw, rows, act, lanes = args
+    x_addr, x_rs, cs, k_addr, bias_addr, out_addr, n_out, sw, rows, act, lanes, pad_left, width, j_lo, j_hi = args
     vec = ir.VectorType(_F32, vw)
     module = builder.module
     fma = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vw}f32")
@@ -268,20 +271,22 @@ def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int) -> None:
     splat = builder.shuffle_vector(
         builder.insert_element(ir.Constant(ir.VectorType(_I64, vw), ir.Undefined), lanes, i64(0)),
         ir.Constant(ir.VectorType(_I64, vw), ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), vw), [0] * vw))
-    mask = builder.icmp_signed("<", ir.Constant(ir.VectorType(_I64, vw), list(range(vw))), splat)
+    lane_mask = builder.icmp_signed("<", ir.Constant(ir.VectorType(_I64, vw), list(range(vw))), splat)
+    no_lanes = ir.Constant(mask_type, [0] * vw)
+    all_lanes = ir.Constant(mask_type, [1] * vw)
     x0 = builder.inttoptr(x_addr, _PTR)
     k0 = builder.inttoptr(k_addr, _PTR)
     o0 = builder.inttoptr(out_addr, _PTR)
     k_rs = builder.mul(cs, i64(k))
-    x_step = builder.mul(sw, cs)
 
     def at(base, offset):
         return builder.gep(base, [offset], source_etype=_F32)
 
-    def load(ptr, masked):
-        if masked:
-            return builder.call(masked_load, [ptr, align, mask, zero])
-        return builder.load(ptr, typ=vec, align=4)
+    def load(ptr, mask):
+        """A vector of floats at ptr: the lanes of ``mask`` (None: all, a plain load), zeros elsewhere."""
+        if mask is None:
+            return builder.load(ptr, typ=vec, align=4)
+        return builder.call(masked_load, [ptr, align, mask, zero])
 
     three, six = (ir.Constant(vec, [v] * vw) for v in (3.0, 6.0))
     inf = ir.Constant(vec, [float("inf")] * vw)
@@ -289,13 +294,13 @@ def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int) -> None:
     low = builder.select(is_relu, zero, builder.fneg(inf))
     high = builder.select(builder.icmp_signed("==", act, i64(ACT_RELU6)), six, inf)
     swish = builder.icmp_signed("==", act, i64(ACT_HARD_SWISH))
-    bias = load(at(builder.inttoptr(bias_addr, _PTR), i64(0)), True)
+    bias = load(at(builder.inttoptr(bias_addr, _PTR), i64(0)), lane_mask)
 
     def clamp(v, lo, hi):  # NaN stays NaN (both comparisons are false), as in kernels/gemm.py
         v = builder.select(builder.fcmp_ordered("<", v, lo), lo, v)
         return builder.select(builder.fcmp_ordered(">", v, hi), hi, v)
 
-    def finish(acc, j, masked, hard_swish):
+    def finish(acc, j, lanes_or_all, hard_swish):
         """act(acc + bias) stored at output pixel j: None/ReLU/ReLU6 are one clamp (bounds from ``act``)."""
         v = builder.fadd(acc, bias)
         if hard_swish:  # x * (relu6(x + 3) / 6): a division, as Keras writes it
@@ -303,51 +308,65 @@ def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int) -> None:
         else:
             v = clamp(v, low, high)
         ptr = at(o0, builder.mul(j, cs))
-        if masked:
-            builder.call(masked_store, [v, ptr, align, mask])
+        if lanes_or_all is not None:
+            builder.call(masked_store, [v, ptr, align, lanes_or_all])
         else:
             builder.store(v, ptr, align=4)
 
     def windows(masked, hard_swish, n_rows):
-        """Windows whose ``n_rows`` kernel rows (all K columns) are inside the image: the kernel
-        block stays in registers for the whole row of pixels."""
-        w = [[load(at(k0, builder.add(builder.mul(i64(r), k_rs), builder.mul(i64(t), cs))), masked)
+        """Windows whose ``n_rows`` kernel rows are inside the image: the kernel block stays in
+        registers for the whole row of pixels."""
+        lanes_or_all = lane_mask if masked else None
+        w = [[load(at(k0, builder.add(builder.mul(i64(r), k_rs), builder.mul(i64(t), cs))), lanes_or_all)
               for t in range(k)] for r in range(n_rows)]
 
-        def pixels(j0, count, stride):
+        def pixels(j0, count, stride, edge):
             """``count`` adjacent output pixels from j0 (``stride``: a constant, or None for ``sw``),
-            each input vector loaded once for all the windows that share it."""
-            xj = at(x0, builder.mul(j0, x_step))
+            each input vector loaded once for all the windows that share it. ``edge``: some of their
+            columns may lie outside the image; those load as zeros (a masked load reads no memory)."""
+            col0 = builder.sub(builder.mul(j0, sw), pad_left)  # the input column of the first tap
+            xj = at(x0, builder.mul(col0, cs))
+            offsets = [q * (stride or 0) + t for q in range(count) for t in range(k)]
+            columns = range(max(offsets) + 1)
+            if edge:  # one unsigned compare: 0 <= column < width
+                inside = [builder.icmp_unsigned("<", builder.add(col0, i64(c)), width) for c in columns]
+                masks = [builder.select(v, lane_mask if masked else all_lanes, no_lanes) for v in inside]
+            else:
+                masks = [lanes_or_all] * len(columns)
             acc = [None] * count
-            span = (count - 1) * (stride or 1) + k
             for r in range(n_rows):
                 xr = at(xj, builder.mul(i64(r), x_rs))
-                if stride is None:
-                    xv = [load(at(xr, builder.mul(i64(t), cs)), masked) for t in range(k)]
-                else:
-                    xv = [load(at(xr, builder.mul(i64(c), cs)), masked) for c in range(span)]
+                xv = [load(at(xr, builder.mul(i64(c), cs)), masks[c]) for c in columns]
                 for t in range(k):
                     for q in range(count):
                         v = xv[q * (stride or 0) + t]
                         acc[q] = builder.fmul(v, w[r][t]) if acc[q] is None else builder.call(fma, [v, w[r][t], acc[q]])
             for q in range(count):
-                finish(acc[q], builder.add(j0, i64(q)), masked, hard_swish)
+                finish(acc[q], builder.add(j0, i64(q)), lanes_or_all, hard_swish)
 
         # Strides 1 and 2: GROUP pixels per step share their input columns (6 loads a row instead of
-        # 12 for four 3x3 windows at stride 1); the rest one pixel at a time. Every pixel adds the
-        # same taps in the same order either way.
-        grouped = builder.mul(builder.sdiv(n_out, i64(GROUP[k])), i64(GROUP[k]))
-        with builder.if_else(builder.icmp_signed("==", sw, i64(1))) as (one, other):
-            with one:
-                with cgutils.for_range_slice(builder, i64(0), grouped, i64(GROUP[k])) as (j0, _):
-                    pixels(j0, GROUP[k], 1)
-            with other:
-                with builder.if_then(builder.icmp_signed("==", sw, i64(2))):
-                    with cgutils.for_range_slice(builder, i64(0), grouped, i64(GROUP[k])) as (j0, _):
-                        pixels(j0, GROUP[k], 2)
+        # 12 for four 3x3 windows at stride 1); the rest one pixel at a time. Groups start at pixel
+        # 0: those in [a, b) lie wholly inside the image and take the plain loads, in a loop of
+        # their own (the border's masks would take registers from the kernel block); the groups
+        # before a and from b on are the border ones. Every pixel adds the same taps in the same order.
+        g = i64(GROUP[k])
+        grouped = builder.mul(builder.sdiv(n_out, g), g)
+        a = builder.mul(builder.sdiv(builder.add(j_lo, i64(GROUP[k] - 1)), g), g)
+        a = builder.select(builder.icmp_signed("<", a, grouped), a, grouped)
+        room = builder.sub(j_hi, a)
+        room = builder.select(builder.icmp_signed(">", room, i64(0)), room, i64(0))
+        b = builder.add(a, builder.mul(builder.sdiv(room, g), g))
+        border_groups = builder.sub(grouped, builder.sub(b, a))
+        for stride in (1, 2):
+            with builder.if_then(builder.icmp_signed("==", sw, i64(stride))):
+                with cgutils.for_range_slice(builder, a, b, g) as (j0, _):
+                    pixels(j0, GROUP[k], stride, False)
+                with cgutils.for_range_slice(builder, i64(0), border_groups, g) as (e, _):
+                    j0 = builder.select(builder.icmp_signed("<", e, a), e, builder.add(e, builder.sub(b, a)))
+                    pixels(j0, GROUP[k], stride, True)
         start = builder.select(builder.icmp_signed("<=", sw, i64(2)), grouped, i64(0))
         with cgutils.for_range_slice(builder, start, n_out, i64(1)) as (j, _):
-            pixels(j, 1, None)
+            pixels(j, 1, None, True)
 
     # The branches sit outside the pixel loops, each loop body straight-line (the hard swish's
     # division must not run, and be thrown away, for the other activations). One copy per count of
@@ -369,16 +388,18 @@ def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int) -> None:
 
 
 def _row_intrinsic(k: int, vw: int):
-    """A Numba intrinsic computing ``n_out`` output pixels of one row for one block of <= VW channels.
+    """A Numba intrinsic computing one output row for one block of <= VW channels.
 
-    row(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes), all int64 (addresses,
-    strides in floats): for j < n_out and channel lanes [0, lanes),
-        out[j*cs] = act(bias + sum over r < rows, t < K of x[r*x_rs + (j*sw + t)*cs] * kernel[(r*K + t)*cs])
-    x and kernel pointing at the first tap inside the image; act none, ReLU, ReLU6 or hard swish.
+    row(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_left, width, j_lo, j_hi),
+    all int64 (addresses, strides in floats): for j < n_out and channel lanes [0, lanes),
+        out[j*cs] = act(bias + sum over r < rows, t < K of x[r*x_rs + (j*sw - pad_left + t)*cs] * kernel[(r*K + t)*cs])
+    where x points at input column 0 of the first kernel row inside the image (kernel at that
+    row), and input columns outside [0, width) count as zeros. Pixels [j_lo, j_hi) are those whose
+    windows lie wholly inside the image; act none, ReLU, ReLU6 or hard swish.
     """
 
-    def row(typingctx, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes):
-        sig = types.void(*([types.int64] * 11))
+    def row(typingctx, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_left, width, j_lo, j_hi):
+        sig = types.void(*([types.int64] * 15))
 
         def codegen(context, builder, signature, args):
             _emit_row(builder, args, k, vw)
@@ -403,20 +424,20 @@ VECTOR_ACTS = (ACT_NONE, ACT_RELU, ACT_RELU6, ACT_HARD_SWISH)
 
 
 @njit(inline="always")
-def _row(k, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes):
+def _row(k, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_left, width, j_lo, j_hi):
     if k == 3:
-        _row_k3(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes)
+        _row_k3(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_left, width, j_lo, j_hi)
     else:
-        _row_k5(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes)
+        _row_k5(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_left, width, j_lo, j_hi)
 
 
 @njit(parallel=True, cache=True)
 def _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
     """depthwise_conv2d for square 3x3/5x5 kernels through the vector row kernel, on checked shapes.
 
-    One task per (image, output row), as above; within it, channel block by channel block, the
-    pixels whose windows are whole across (all K columns inside the image) in one call of the row
-    kernel; the few others through ``_clipped_taps``.
+    One task per (image, output row), as above; within it one call of the row kernel per channel
+    block, border pixels included. Only an output row with no kernel row inside the image (padding
+    taller than the kernel) takes ``_clipped_taps``: its outputs are act(bias).
     """
     n_images, h, w, cs = x.shape
     k = kernel.shape[0]
@@ -434,18 +455,15 @@ def _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_lef
         i = job % oh
         ih0, di_lo, di_hi = _tap_range(i, stride_h, pad_top, k, h)
         rows = di_hi - di_lo
-        x_row = x_addr + 4 * ((n * h + ih0 + di_lo) * w * cs)
-        k_row = k_addr + 4 * (di_lo * k * cs)
-        o_row = o_addr + 4 * ((n * oh + i) * ow * cs)
-        if j_hi > j_lo and rows > 0:
-            iw0 = j_lo * stride_w - pad_left
+        if rows > 0:
+            x_row = x_addr + 4 * ((n * h + ih0 + di_lo) * w * cs)
+            k_row = k_addr + 4 * (di_lo * k * cs)
+            o_row = o_addr + 4 * ((n * oh + i) * ow * cs)
             for c0 in range(0, cs, vw):
-                _row(k, x_row + 4 * (iw0 * cs + c0), w * cs, cs, k_row + 4 * c0, b_addr + 4 * c0,
-                     o_row + 4 * (j_lo * cs + c0), j_hi - j_lo, stride_w, rows, act, min(vw, cs - c0))
-        # Border pixels (windows cut on the left or right): the loops above, all channels at once.
+                _row(k, x_row + 4 * c0, w * cs, cs, k_row + 4 * c0, b_addr + 4 * c0, o_row + 4 * c0,
+                     ow, stride_w, rows, act, min(vw, cs - c0), pad_left, w, j_lo, j_hi)
+            continue
         for j in range(ow):
-            if j_lo <= j < j_hi and rows > 0:
-                continue
             iw0, dj_lo, dj_hi = _tap_range(j, stride_w, pad_left, k, w)
             acc = out[n, i, j]
             _clipped_taps(acc, x, n, ih0, iw0, kernel, di_lo, di_hi, dj_lo, dj_hi, cs)

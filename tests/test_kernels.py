@@ -198,6 +198,42 @@ def test_depthwise_matches_reference(rng, case):
         assert_close(fast, _reference_depthwise(x, kernel, bias, stride, pads, act))
 
 
+# Every MobileNet-like depthwise shape the vector kernel meets, border pixels included: square maps
+# from 1x1 up, odd sizes, strides 1 and 2, "same" and "valid" padding, channel counts that are and
+# are not a multiple of the vector width (16 with AVX-512, 8 with AVX2), batches of one and two.
+GRID_CHANNELS = (1, 7, 17, 72, 120, 16, 8, 33)
+DEPTHWISE_GRID = [
+    (1 + (size + stride) % 2, size, size, GRID_CHANNELS[(size + k + stride + len(padding)) % len(GRID_CHANNELS)],
+     k, stride, padding)
+    for k in (3, 5) for stride in (1, 2) for padding in ("same", "valid")
+    for size in (1, 2, 3, 5, 7, 9, 14, 15)
+    if padding == "same" or size >= k
+]
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_GRID, ids=lambda c: "n{}_{}x{}x{}_k{}_s{}_{}".format(*c))
+def test_depthwise_vector_paths_match_reference(rng, case):
+    n, h, w, c, k, stride, padding = case
+    pads = ((0, 0), (0, 0)) if padding == "valid" else (R.same_padding(h, k, stride), R.same_padding(w, k, stride))
+    x, kernel, bias = rand(rng, n, h, w, c), rand(rng, k, k, c, scale=0.5), rand(rng, c)
+    for act in ALL_ACTS:
+        fast = _fast_depthwise(x, kernel, bias, stride, pads, act)
+        assert_close(fast, _reference_depthwise(x, kernel, bias, stride, pads, act))
+
+
+@pytest.mark.parametrize("k, stride, pads", [(3, 1, ((1, 1), (1, 1))), (3, 2, ((0, 1), (0, 1))),
+                                             (5, 1, ((2, 2), (2, 2))), (5, 2, ((1, 2), (1, 2)))])
+@pytest.mark.parametrize("size, channels", [(7, 40), (14, 17), (2, 24)])
+def test_depthwise_border_pixels_sum_like_interior_ones(rng, k, stride, pads, size, channels):
+    """A border window adds its taps as an interior one does: the same image padded by hand, where
+    every window is inside, gives the same bits (the outside taps count as exact zeros)."""
+    x, kernel, bias = rand(rng, 2, size, size, channels), rand(rng, k, k, channels, scale=0.5), rand(rng, channels)
+    for act in (ACT_NONE, ACT_RELU6, ACT_HARD_SWISH):
+        fast = _fast_depthwise(x, kernel, bias, stride, pads, act)
+        padded = _fast_depthwise(R.zero_pad(x, pads).astype(np.float32), kernel, bias, stride, ((0, 0), (0, 0)), act)
+        np.testing.assert_array_equal(fast, padded)
+
+
 def test_same_padding_gives_ceil_of_size_over_stride_positions():
     for size in (1, 7, 112, 113):
         for k, s, d in [(3, 1, 1), (3, 2, 1), (5, 2, 1), (1, 2, 1), (3, 1, 2)]:
