@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import get_num_threads, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -187,11 +187,58 @@ def depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left
         raise ValueError(f"depthwise_conv2d shapes do not fit: x {x.shape}, kernel {kernel.shape}, "
                          f"bias {bias.shape}, out {out.shape}")
     # The vector kernel works on raw addresses: another dtype or layout takes the loops below.
-    if (kernel.shape[0] == kernel.shape[1] and kernel.shape[0] in (3, 5) and act in VECTOR_ACTS
-            and all(a.dtype == np.float32 and a.flags.c_contiguous for a in (x, kernel, bias, out))):
-        _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
+    if _vector_kernel_fits(kernel, bias, act) and _plain(x) and _plain(out):
+        _run_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
     else:
         _depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
+
+
+def depthwise_runner(kernel, bias, stride_h, stride_w, pad_top, pad_left, act, x_shape, out_shape):
+    """``run(x, out)``: depthwise_conv2d with everything but x and out fixed, for a plan step that
+    calls it on buffers of one shape (``x_shape``, ``out_shape``) again and again.
+
+    The weights and shapes are checked here, once; each call only checks that x and out are such
+    buffers (else, or when the shapes do not fit, it takes depthwise_conv2d and its checks): on the
+    small late maps the checks were a visible share of the layer.
+    """
+    x_shape, out_shape = tuple(x_shape), tuple(out_shape)
+    fits = (len(x_shape) == 4 and len(out_shape) == 4 and out_shape[0] == x_shape[0]
+            and out_shape[3] == x_shape[3] and kernel.shape[2:] == (x_shape[3],) and bias.shape == (x_shape[3],))
+    if not (fits and _vector_kernel_fits(kernel, bias, act)):  # the plain call, which checks and explains
+        return lambda x, out: depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
+
+    def run(x, out):
+        if (x.shape == x_shape and out.shape == out_shape and x.dtype is _FLOAT32 and out.dtype is _FLOAT32
+                and x.flags.c_contiguous and out.flags.c_contiguous):
+            _run_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
+        else:
+            depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
+
+    return run
+
+
+_FLOAT32 = np.dtype(np.float32)
+
+
+def _plain(a) -> bool:
+    """A float32 array in C order: what the vector kernel's raw addresses assume."""
+    return a.dtype == _FLOAT32 and a.flags.c_contiguous
+
+
+def _vector_kernel_fits(kernel, bias, act) -> bool:
+    """Square 3x3/5x5 float32 kernels and the activations the vector kernel applies."""
+    return (kernel.shape[0] == kernel.shape[1] and kernel.shape[0] in (3, 5) and act in VECTOR_ACTS
+            and _plain(kernel) and _plain(bias))
+
+
+def _run_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act) -> None:
+    """The vector kernel on checked arrays: on one thread in a plain loop over the rows (starting a
+    parallel loop costs a few microseconds, as much as a whole 7x7 layer's work), else in prange.
+    Each row is computed the same way on either path."""
+    if get_num_threads() == 1:
+        _vector_rows(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, 0, x.shape[0] * out.shape[1])
+    else:
+        _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
 
 
 @njit(parallel=True, cache=True, fastmath={"contract"})
@@ -349,24 +396,26 @@ def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int) -> None:
         # 0: those in [a, b) lie wholly inside the image and take the plain loads, in a loop of
         # their own (the border's masks would take registers from the kernel block); the groups
         # before a and from b on are the border ones. Every pixel adds the same taps in the same order.
-        g = i64(GROUP[k])
-        grouped = builder.mul(builder.sdiv(n_out, g), g)
-        a = builder.mul(builder.sdiv(builder.add(j_lo, i64(GROUP[k] - 1)), g), g)
-        a = builder.select(builder.icmp_signed("<", a, grouped), a, grouped)
-        room = builder.sub(j_hi, a)
-        room = builder.select(builder.icmp_signed(">", room, i64(0)), room, i64(0))
-        b = builder.add(a, builder.mul(builder.sdiv(room, g), g))
-        border_groups = builder.sub(grouped, builder.sub(b, a))
         for stride in (1, 2):
             with builder.if_then(builder.icmp_signed("==", sw, i64(stride))):
+                size = GROUP[k, stride]
+                g = i64(size)
+                grouped = builder.mul(builder.sdiv(n_out, g), g)
+                a = builder.mul(builder.sdiv(builder.add(j_lo, i64(size - 1)), g), g)
+                a = builder.select(builder.icmp_signed("<", a, grouped), a, grouped)
+                room = builder.sub(j_hi, a)
+                room = builder.select(builder.icmp_signed(">", room, i64(0)), room, i64(0))
+                b = builder.add(a, builder.mul(builder.sdiv(room, g), g))
                 with cgutils.for_range_slice(builder, a, b, g) as (j0, _):
-                    pixels(j0, GROUP[k], stride, False)
-                with cgutils.for_range_slice(builder, i64(0), border_groups, g) as (e, _):
+                    pixels(j0, size, stride, False)
+                with cgutils.for_range_slice(builder, i64(0), builder.sub(grouped, builder.sub(b, a)), g) as (e, _):
                     j0 = builder.select(builder.icmp_signed("<", e, a), e, builder.add(e, builder.sub(b, a)))
-                    pixels(j0, GROUP[k], stride, True)
-        start = builder.select(builder.icmp_signed("<=", sw, i64(2)), grouped, i64(0))
-        with cgutils.for_range_slice(builder, start, n_out, i64(1)) as (j, _):
-            pixels(j, 1, None, True)
+                    pixels(j0, size, stride, True)
+                with cgutils.for_range_slice(builder, grouped, n_out, i64(1)) as (j, _):
+                    pixels(j, 1, None, True)
+        with builder.if_then(builder.icmp_signed(">", sw, i64(2))):
+            with cgutils.for_range_slice(builder, i64(0), n_out, i64(1)) as (j, _):
+                pixels(j, 1, None, True)
 
     # The branches sit outside the pixel loops, each loop body straight-line (the hard swish's
     # division must not run, and be thrown away, for the other activations). One copy per count of
@@ -419,7 +468,7 @@ _row_k3 = _row_intrinsic(3, VECTOR_WIDTH)
 _row_k5 = _row_intrinsic(5, VECTOR_WIDTH)
 
 # Pixels per step of the stride-1/2 loops (registers: 9 kernel vectors + 4 accumulators at 3x3).
-GROUP = {3: 4, 5: 2}
+GROUP = {(3, 1): 4, (3, 2): 4, (5, 1): 2, (5, 2): 2}
 VECTOR_ACTS = (ACT_NONE, ACT_RELU, ACT_RELU6, ACT_HARD_SWISH)
 
 
@@ -431,13 +480,14 @@ def _row(k, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_lef
         _row_k5(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_left, width, j_lo, j_hi)
 
 
-@njit(parallel=True, cache=True)
-def _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
-    """depthwise_conv2d for square 3x3/5x5 kernels through the vector row kernel, on checked shapes.
+@njit(cache=True)
+def _vector_rows(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, job_lo, job_hi):
+    """Output rows job_lo .. job_hi - 1 (numbered over (image, row)) through the vector row kernel:
+    one call of it per channel block, border pixels included. Only an output row with no kernel
+    row inside the image (padding taller than the kernel) takes ``_clipped_taps``: act(bias).
 
-    One task per (image, output row), as above; within it one call of the row kernel per channel
-    block, border pixels included. Only an output row with no kernel row inside the image (padding
-    taller than the kernel) takes ``_clipped_taps``: its outputs are act(bias).
+    Called for all rows at once on one thread, row by row from ``_depthwise_vector``'s parallel
+    loop otherwise (see ``_run_vector``).
     """
     n_images, h, w, cs = x.shape
     k = kernel.shape[0]
@@ -450,7 +500,7 @@ def _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_lef
     # Output columns [j_lo, j_hi) have all their taps inside the image.
     j_lo = min(ow, (pad_left + stride_w - 1) // stride_w)
     j_hi = max(j_lo, min(ow, (w + pad_left - k) // stride_w + 1))
-    for job in prange(n_images * oh):
+    for job in range(job_lo, job_hi):
         n = job // oh
         i = job % oh
         ih0, di_lo, di_hi = _tap_range(i, stride_h, pad_top, k, h)
@@ -468,3 +518,11 @@ def _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_lef
             acc = out[n, i, j]
             _clipped_taps(acc, x, n, ih0, iw0, kernel, di_lo, di_hi, dj_lo, dj_hi, cs)
             bias_act_row(acc, bias, act)
+
+
+@njit(parallel=True, cache=True)
+def _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
+    """depthwise_conv2d for square 3x3/5x5 kernels through the vector row kernel, on checked shapes:
+    one task per (image, output row), as in the loops above."""
+    for job in prange(x.shape[0] * out.shape[1]):
+        _vector_rows(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, job, job + 1)

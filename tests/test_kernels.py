@@ -234,6 +234,30 @@ def test_depthwise_border_pixels_sum_like_interior_ones(rng, k, stride, pads, si
         np.testing.assert_array_equal(fast, padded)
 
 
+@pytest.mark.parametrize("k, stride, pads", [(3, 2, ((0, 1), (0, 1))), (5, 1, ((2, 2), (2, 2)))])
+def test_depthwise_runner_matches_the_plain_call_on_one_and_two_threads(rng, k, stride, pads):
+    """The plan's form (weights fixed, buffers checked per call) gives the plain call's bits, on the
+    serial and the parallel path alike, and falls back to the plain call's checks on other arrays."""
+    from npmobile.kernels.depthwise import depthwise_runner
+
+    x, kernel, bias = rand(rng, 2, 9, 9, 24), rand(rng, k, k, 24, scale=0.5), rand(rng, 24)
+    expected = _fast_depthwise(x, kernel, bias, stride, pads, ACT_HARD_SWISH)
+    run = depthwise_runner(kernel, bias, stride, stride, pads[0][0], pads[1][0], ACT_HARD_SWISH, x.shape,
+                           expected.shape)
+    for threads in (1, 2):
+        with thread_limits(threads):
+            out = np.full_like(expected, np.nan)
+            run(x, out)
+            np.testing.assert_array_equal(out, expected)
+    strided = np.full((2, 9, 18, 24), np.nan, np.float32)[:, :, ::2]  # not C order: the plain loops
+    strided[...] = x
+    out = np.full_like(expected, np.nan)
+    run(strided, out)
+    assert_close(out, expected)
+    with pytest.raises(ValueError, match="do not fit"):
+        run(x[:, :, :, :8], out)
+
+
 def test_same_padding_gives_ceil_of_size_over_stride_positions():
     for size in (1, 7, 112, 113):
         for k, s, d in [(3, 1, 1), (3, 2, 1), (5, 2, 1), (1, 2, 1), (3, 1, 2)]:

@@ -140,7 +140,7 @@ def depthwise_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
 
 
 def depthwise_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Runner | None:
-    from npmobile.kernels.depthwise import depthwise_conv2d
+    from npmobile.kernels.depthwise import depthwise_runner
 
     kernel = node.weights["depthwise_kernel"]
     act = epilogue_code(node, keras_version)
@@ -151,8 +151,10 @@ def depthwise_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> R
     k3 = np.ascontiguousarray(kernel[:, :, :, 0])
     bias = bias_or_zeros(node, k3.shape[2])
 
+    run_depthwise = depthwise_runner(k3, bias, strides[0], strides[1], top, left, act, in_shapes[0], out_shape)
+
     def run(args, out):
-        depthwise_conv2d(args[0], k3, bias, out, strides[0], strides[1], top, left, act)
+        run_depthwise(args[0], out)
 
     return run
 
