@@ -236,7 +236,7 @@ def _run_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act
     parallel loop costs a few microseconds, as much as a whole 7x7 layer's work), else in prange.
     Each row is computed the same way on either path."""
     if get_num_threads() == 1:
-        _vector_rows(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, 0, x.shape[0] * out.shape[1])
+        _depthwise_vector_serial(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
     else:
         _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
 
@@ -395,27 +395,33 @@ def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int) -> None:
         # 12 for four 3x3 windows at stride 1); the rest one pixel at a time. Groups start at pixel
         # 0: those in [a, b) lie wholly inside the image and take the plain loads, in a loop of
         # their own (the border's masks would take registers from the kernel block); the groups
-        # before a and from b on are the border ones. Every pixel adds the same taps in the same order.
+        # before a and from b on are the border ones. Every pixel adds the same taps in the same
+        # order either way, so a row with few whole 5x5 groups (MIN_WHOLE_GROUPS: the 7- and
+        # 14-wide maps) runs all its groups through the border loop, which was faster there.
+        grouped = {}  # pixels [0, grouped) in groups, at strides 1 and 2
         for stride in (1, 2):
+            size = GROUP[k, stride]
+            g = i64(size)
+            grouped[stride] = builder.mul(builder.sdiv(n_out, g), g)
             with builder.if_then(builder.icmp_signed("==", sw, i64(stride))):
-                size = GROUP[k, stride]
-                g = i64(size)
-                grouped = builder.mul(builder.sdiv(n_out, g), g)
                 a = builder.mul(builder.sdiv(builder.add(j_lo, i64(size - 1)), g), g)
-                a = builder.select(builder.icmp_signed("<", a, grouped), a, grouped)
+                a = builder.select(builder.icmp_signed("<", a, grouped[stride]), a, grouped[stride])
                 room = builder.sub(j_hi, a)
                 room = builder.select(builder.icmp_signed(">", room, i64(0)), room, i64(0))
                 b = builder.add(a, builder.mul(builder.sdiv(room, g), g))
+                if MIN_WHOLE_GROUPS[k]:  # too few whole groups: all of the row through the border loop
+                    few = builder.icmp_signed("<", builder.sub(b, a), i64(MIN_WHOLE_GROUPS[k] * size))
+                    b = builder.select(few, a, b)
                 with cgutils.for_range_slice(builder, a, b, g) as (j0, _):
                     pixels(j0, size, stride, False)
-                with cgutils.for_range_slice(builder, i64(0), builder.sub(grouped, builder.sub(b, a)), g) as (e, _):
+                border = builder.sub(grouped[stride], builder.sub(b, a))
+                with cgutils.for_range_slice(builder, i64(0), border, g) as (e, _):
                     j0 = builder.select(builder.icmp_signed("<", e, a), e, builder.add(e, builder.sub(b, a)))
                     pixels(j0, size, stride, True)
-                with cgutils.for_range_slice(builder, grouped, n_out, i64(1)) as (j, _):
-                    pixels(j, 1, None, True)
-        with builder.if_then(builder.icmp_signed(">", sw, i64(2))):
-            with cgutils.for_range_slice(builder, i64(0), n_out, i64(1)) as (j, _):
-                pixels(j, 1, None, True)
+        start = builder.select(builder.icmp_signed("==", sw, i64(1)), grouped[1],
+                               builder.select(builder.icmp_signed("==", sw, i64(2)), grouped[2], i64(0)))
+        with cgutils.for_range_slice(builder, start, n_out, i64(1)) as (j, _):
+            pixels(j, 1, None, True)
 
     # The branches sit outside the pixel loops, each loop body straight-line (the hard swish's
     # division must not run, and be thrown away, for the other activations). One copy per count of
@@ -469,6 +475,8 @@ _row_k5 = _row_intrinsic(5, VECTOR_WIDTH)
 
 # Pixels per step of the stride-1/2 loops (registers: 9 kernel vectors + 4 accumulators at 3x3).
 GROUP = {(3, 1): 4, (3, 2): 4, (5, 1): 2, (5, 2): 2}
+# Fewer groups than this inside the image (a fixed rule of the row's width): none take the plain-load loop.
+MIN_WHOLE_GROUPS = {3: 0, 5: 8}
 VECTOR_ACTS = (ACT_NONE, ACT_RELU, ACT_RELU6, ACT_HARD_SWISH)
 
 
@@ -480,14 +488,15 @@ def _row(k, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_lef
         _row_k5(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_left, width, j_lo, j_hi)
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _vector_rows(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, job_lo, job_hi):
     """Output rows job_lo .. job_hi - 1 (numbered over (image, row)) through the vector row kernel:
     one call of it per channel block, border pixels included. Only an output row with no kernel
     row inside the image (padding taller than the kernel) takes ``_clipped_taps``: act(bias).
 
-    Called for all rows at once on one thread, row by row from ``_depthwise_vector``'s parallel
-    loop otherwise (see ``_run_vector``).
+    Inlined into a serial loop over all rows (``_depthwise_vector_serial``, one thread) and into
+    ``_depthwise_vector``'s parallel loop, row by row (see ``_run_vector``): each compiles only
+    when used, and a call between them would compile the row kernel twice.
     """
     n_images, h, w, cs = x.shape
     k = kernel.shape[0]
@@ -526,3 +535,9 @@ def _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_lef
     one task per (image, output row), as in the loops above."""
     for job in prange(x.shape[0] * out.shape[1]):
         _vector_rows(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, job, job + 1)
+
+
+@njit(cache=True)
+def _depthwise_vector_serial(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
+    """``_depthwise_vector`` on one thread: all rows in a plain loop."""
+    _vector_rows(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, 0, x.shape[0] * out.shape[1])
