@@ -1,6 +1,8 @@
 """Depthwise convolution, fast: the math is reference.depthwise_conv2d, this file is how it runs fast.
 
     depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
+    run = depthwise_runner(kernel, bias, stride_h, stride_w, pad_top, pad_left, act, x_shape, out_shape)
+    run(x, out)          # the same, with the weights and shapes checked once (what a plan calls)
 
 x       [N, H, W, C]     float32, C-contiguous (the input, *unpadded*)
 kernel  [KH, KW, C]      float32 (a Keras depthwise kernel [KH, KW, C, 1] with the 1 dropped;
@@ -396,7 +398,7 @@ def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int) -> None:
         # 0: those in [a, b) lie wholly inside the image and take the plain loads, in a loop of
         # their own (the border's masks would take registers from the kernel block); the groups
         # before a and from b on are the border ones. Every pixel adds the same taps in the same
-        # order either way, so a row with few whole 5x5 groups (MIN_WHOLE_GROUPS: the 7- and
+        # order either way, so a row with few whole 5x5 groups (MIN_WHOLE_PIXELS: the 7- and
         # 14-wide maps) runs all its groups through the border loop, which was faster there.
         grouped = {}  # pixels [0, grouped) in groups, at strides 1 and 2
         for stride in (1, 2):
@@ -409,8 +411,8 @@ def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int) -> None:
                 room = builder.sub(j_hi, a)
                 room = builder.select(builder.icmp_signed(">", room, i64(0)), room, i64(0))
                 b = builder.add(a, builder.mul(builder.sdiv(room, g), g))
-                if MIN_WHOLE_GROUPS[k]:  # too few whole groups: all of the row through the border loop
-                    few = builder.icmp_signed("<", builder.sub(b, a), i64(MIN_WHOLE_GROUPS[k] * size))
+                if MIN_WHOLE_PIXELS[k]:  # too few whole groups: all of the row through the border loop
+                    few = builder.icmp_signed("<", builder.sub(b, a), i64(MIN_WHOLE_PIXELS[k]))
                     b = builder.select(few, a, b)
                 with cgutils.for_range_slice(builder, a, b, g) as (j0, _):
                     pixels(j0, size, stride, False)
@@ -474,9 +476,9 @@ _row_k3 = _row_intrinsic(3, VECTOR_WIDTH)
 _row_k5 = _row_intrinsic(5, VECTOR_WIDTH)
 
 # Pixels per step of the stride-1/2 loops (registers: 9 kernel vectors + 4 accumulators at 3x3).
-GROUP = {(3, 1): 4, (3, 2): 4, (5, 1): 2, (5, 2): 2}
-# Fewer groups than this inside the image (a fixed rule of the row's width): none take the plain-load loop.
-MIN_WHOLE_GROUPS = {3: 0, 5: 8}
+GROUP = {(3, 1): 4, (3, 2): 4, (5, 1): 3, (5, 2): 2}
+# Fewer pixels than this in whole groups (a fixed rule of the row's width): none take the plain-load loop.
+MIN_WHOLE_PIXELS = {3: 0, 5: 16}
 VECTOR_ACTS = (ACT_NONE, ACT_RELU, ACT_RELU6, ACT_HARD_SWISH)
 
 
