@@ -235,8 +235,8 @@ def _vector_kernel_fits(kernel, bias, act) -> bool:
 
 def _run_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act) -> None:
     """The vector kernel on checked arrays: on one thread in a plain loop over the rows (starting a
-    parallel loop costs a few microseconds, as much as a whole 7x7 layer's work), else in prange.
-    Each row is computed the same way on either path."""
+    parallel loop has a fixed cost, visible beside a small layer's work), else in prange. Each row
+    is computed the same way on either path."""
     if get_num_threads() == 1:
         _depthwise_vector_serial(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
     else:
