@@ -22,8 +22,9 @@ Two implementations with one contract. Square 3x3 and 5x5 kernels with none/ReLU
 LLVM vector IR over blocks of 16 channels (8 without AVX-512), the kernel block held in registers,
 one register accumulator per pixel (see "The vector kernel" below), border pixels included.
 Everything else takes the plain loops first in this file. Both add each output's taps row by row,
-left to right; which path runs depends only on the layer's shape and the CPU: the answer does not
-depend on threads or batch.
+left to right (a 5-wide window in two sums, columns 0-2 and 3-4, added at the end: ``split_column``),
+and give the same bits; which path runs depends only on the layer's shape and the CPU: the answer
+does not depend on threads or batch.
 
 Why the plain loops are laid out this way:
 - Work is split over (image, output row) pairs with prange: enough pieces for 2 cores even at
@@ -48,6 +49,18 @@ from numba.extending import intrinsic
 
 from .activations import ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, bias_act_row
 from .gemm import AVX512
+
+
+@njit(inline="always")
+def split_column(kw):
+    """Where a window's sum is cut in two: taps in columns [0, split) add up in one chain, the
+    others in a second, each row by row, left to right, and the two are added at the end.
+
+    5-wide windows only (columns 0-2 and 3-4): a chain of 25 dependent FMAs per output keeps
+    too few independent ones in flight; two chains half as long run faster. Every path (vector or
+    plain loops, border or interior pixel) sums in this order.
+    """
+    return 3 if kw == 5 else kw
 
 
 @njit(inline="always")
@@ -87,7 +100,7 @@ def _window_3x3(acc, x, n, ih0, iw0, kernel, c_count):
     k21 = kernel[2, 1]
     k22 = kernel[2, 2]
     for c in range(c_count):
-        a = x00[c] * k00[c]
+        a = np.float32(0.0) + x00[c] * k00[c]  # see _taps_3x3
         a += x01[c] * k01[c]
         a += x02[c] * k02[c]
         a += x10[c] * k10[c]
@@ -131,8 +144,13 @@ def _four_windows_3x3(out_row, j, x, n, ih0, iw0, kernel, c_count):
 
 @njit(inline="always")
 def _taps_3x3(x0, x1, x2, y0, y1, y2, z0, z1, z2, w00, w01, w02, w10, w11, w12, w20, w21, w22):
-    """One output value: the 9 taps added one at a time, row by row, left to right (the reference's order)."""
-    s = x0 * w00
+    """One output value: the 9 taps added one at a time, row by row, left to right (the reference's order).
+
+    The first product starts from zero: in ``x0*w00 + x1*w01`` LLVM may fuse either product into
+    the FMA; ``0 + x0*w00`` rounds the first product as a multiply would, and the next taps fuse in
+    order, as in the vector kernel (the test compares the two bit for bit).
+    """
+    s = np.float32(0.0) + x0 * w00
     s += x1 * w01
     s += x2 * w02
     s += y0 * w10
@@ -145,8 +163,9 @@ def _taps_3x3(x0, x1, x2, y0, y1, y2, z0, z1, z2, w00, w01, w02, w10, w11, w12, 
 
 
 @njit(inline="always")
-def _row_5(acc, x, n, ih, iw0, kernel, di, c_count):
-    """acc[c] += the 5 taps of kernel row ``di`` (wholly inside the image), in one channel pass."""
+def _row_5(acc, second, x, n, ih, iw0, kernel, di, c_count):
+    """acc[c] += the first 3 taps of kernel row ``di`` (wholly inside the image), second[c] += the
+    last 2 (``split_column``), in one channel pass."""
     x0 = x[n, ih, iw0]
     x1 = x[n, ih, iw0 + 1]
     x2 = x[n, ih, iw0 + 2]
@@ -162,22 +181,31 @@ def _row_5(acc, x, n, ih, iw0, kernel, di, c_count):
         a += x0[c] * k0[c]
         a += x1[c] * k1[c]
         a += x2[c] * k2[c]
-        a += x3[c] * k3[c]
-        a += x4[c] * k4[c]
         acc[c] = a
+        b = second[c]
+        b += x3[c] * k3[c]
+        b += x4[c] * k4[c]
+        second[c] = b
 
 
 @njit(inline="always")
-def _clipped_taps(acc, x, n, ih0, iw0, kernel, di_lo, di_hi, dj_lo, dj_hi, c_count):
-    """acc[c] = sum over the taps [di_lo, di_hi) x [dj_lo, dj_hi) inside the image, one at a time."""
+def _clipped_taps(acc, second, x, n, ih0, iw0, kernel, di_lo, di_hi, dj_lo, dj_hi, c_count):
+    """acc[c] = sum over the taps [di_lo, di_hi) x [dj_lo, dj_hi) inside the image, one at a time,
+    in two sums cut at ``split_column`` (``second`` holds the other one: C floats of scratch)."""
+    split = split_column(kernel.shape[1])
     for c in range(c_count):
         acc[c] = np.float32(0.0)
+        second[c] = np.float32(0.0)
     for di in range(di_lo, di_hi):
         for dj in range(dj_lo, dj_hi):
             xr = x[n, ih0 + di, iw0 + dj]
             kr = kernel[di, dj]
+            sum_ = acc if dj < split else second
             for c in range(c_count):
-                acc[c] += xr[c] * kr[c]
+                sum_[c] += xr[c] * kr[c]
+    if split < kernel.shape[1]:
+        for c in range(c_count):
+            acc[c] += second[c]
 
 
 def depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act) -> None:
@@ -253,6 +281,7 @@ def _depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_lef
     for job in prange(n_images * oh):
         n = job // oh
         i = job % oh
+        second = np.empty(c_count, np.float32)  # the second sum of split windows (split_column)
         ih0, di_lo, di_hi = _tap_range(i, stride_h, pad_top, kh, h)
         full_rows = di_lo == 0 and di_hi == kh
         j = 0
@@ -270,11 +299,14 @@ def _depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_lef
             elif dj_lo == 0 and dj_hi == kw and kw == 5:
                 for c in range(c_count):
                     acc[c] = np.float32(0.0)
+                    second[c] = np.float32(0.0)
                 for di in range(di_lo, di_hi):
-                    _row_5(acc, x, n, ih0 + di, iw0, kernel, di, c_count)
+                    _row_5(acc, second, x, n, ih0 + di, iw0, kernel, di, c_count)
+                for c in range(c_count):
+                    acc[c] += second[c]
             else:
                 # Border pixels (and other kernel sizes): only the taps inside the image.
-                _clipped_taps(acc, x, n, ih0, iw0, kernel, di_lo, di_hi, dj_lo, dj_hi, c_count)
+                _clipped_taps(acc, second, x, n, ih0, iw0, kernel, di_lo, di_hi, dj_lo, dj_hi, c_count)
             bias_act_row(acc, bias, act)
             j += 1
 
@@ -291,11 +323,12 @@ def _depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_lef
 # (generic vector types: it compiles and answers the same on any x86-64).
 #
 # Summation order of one output value: its taps row by row, left to right, the first a multiply,
-# the others FMAs (the order of the loops above). Kernel rows outside the image are skipped (a copy
-# of the loops per count of rows inside); columns outside it are loaded as zeros by a masked load
-# that reads no memory, so a border window runs the same FMA chain as an interior one, and an
-# outside tap adds an exact zero (x + 0*w == x): the sum of the taps inside, bit for bit (up to the
-# sign of an exact zero), whichever the pixel or the CPU.
+# the others FMAs (the order of the loops above; a 5-wide window as two such sums, see split_column,
+# which also gives each group of pixels twice the independent FMA chains). Kernel rows outside the
+# image are skipped (a copy of the loops per count of rows inside); columns outside it are loaded as
+# zeros by a masked load that reads no memory, so a border window runs the same FMA chains as an
+# interior one, and an outside tap adds an exact zero (x + 0*w == x): the sum of the taps inside,
+# bit for bit (up to the sign of an exact zero), whichever the pixel or the CPU.
 
 _F32 = ir.FloatType()
 _I64 = ir.IntType(64)
@@ -382,16 +415,19 @@ def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int) -> None:
                 masks = [builder.select(v, lane_mask if masked else all_lanes, no_lanes) for v in inside]
             else:
                 masks = [lanes_or_all] * len(columns)
-            acc = [None] * count
+            acc = [[None, None] for _ in range(count)]  # per pixel: its two sums (see split_column)
             for r in range(n_rows):
                 xr = at(xj, builder.mul(i64(r), x_rs))
                 xv = [load(at(xr, builder.mul(i64(c), cs)), masks[c]) for c in columns]
                 for t in range(k):
+                    part = int(t >= split_column.py_func(k))
                     for q in range(count):
                         v = xv[q * (stride or 0) + t]
-                        acc[q] = builder.fmul(v, w[r][t]) if acc[q] is None else builder.call(fma, [v, w[r][t], acc[q]])
+                        a = acc[q][part]
+                        acc[q][part] = builder.fmul(v, w[r][t]) if a is None else builder.call(fma, [v, w[r][t], a])
             for q in range(count):
-                finish(acc[q], builder.add(j0, i64(q)), lanes_or_all, hard_swish)
+                total = acc[q][0] if acc[q][1] is None else builder.fadd(acc[q][0], acc[q][1])
+                finish(total, builder.add(j0, i64(q)), lanes_or_all, hard_swish)
 
         # Strides 1 and 2: GROUP pixels per step share their input columns (6 loads a row instead of
         # 12 for four 3x3 windows at stride 1); the rest one pixel at a time. Groups start at pixel
@@ -524,10 +560,11 @@ def _vector_rows(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, ac
                 _row(k, x_row + 4 * c0, w * cs, cs, k_row + 4 * c0, b_addr + 4 * c0, o_row + 4 * c0,
                      ow, stride_w, rows, act, min(vw, cs - c0), pad_left, w, j_lo, j_hi)
             continue
+        second = np.empty(cs, np.float32)
         for j in range(ow):
             iw0, dj_lo, dj_hi = _tap_range(j, stride_w, pad_left, k, w)
             acc = out[n, i, j]
-            _clipped_taps(acc, x, n, ih0, iw0, kernel, di_lo, di_hi, dj_lo, dj_hi, cs)
+            _clipped_taps(acc, second, x, n, ih0, iw0, kernel, di_lo, di_hi, dj_lo, dj_hi, cs)
             bias_act_row(acc, bias, act)
 
 

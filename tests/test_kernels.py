@@ -234,6 +234,19 @@ def test_depthwise_border_pixels_sum_like_interior_ones(rng, k, stride, pads, si
         np.testing.assert_array_equal(fast, padded)
 
 
+@pytest.mark.parametrize("k, stride, pads", [(3, 1, ((1, 1), (1, 1))), (3, 2, ((0, 1), (0, 1))),
+                                             (5, 1, ((2, 2), (2, 2))), (5, 2, ((1, 2), (1, 2)))])
+def test_depthwise_plain_loops_sum_like_the_vector_kernel(rng, k, stride, pads):
+    """The two implementations add each output's taps in the same order: an input that is not in C
+    order (the plain loops) gives the bits of the same input in C order (the vector kernel)."""
+    x, kernel, bias = rand(rng, 2, 11, 11, 40), rand(rng, k, k, 40, scale=0.5), rand(rng, 40)
+    strided = np.zeros((2, 11, 22, 40), np.float32)[:, :, ::2]
+    strided[...] = x
+    for act in (ACT_NONE, ACT_RELU6, ACT_HARD_SWISH):
+        np.testing.assert_array_equal(_fast_depthwise(strided, kernel, bias, stride, pads, act),
+                                      _fast_depthwise(x, kernel, bias, stride, pads, act))
+
+
 @pytest.mark.parametrize("k, stride, pads", [(3, 2, ((0, 1), (0, 1))), (5, 1, ((2, 2), (2, 2)))])
 def test_depthwise_runner_matches_the_plain_call_on_one_and_two_threads(rng, k, stride, pads):
     """The plan's form (weights fixed, buffers checked per call) gives the plain call's bits, on the
