@@ -1,6 +1,6 @@
 """Micro-benchmark: each fast kernel vs its reference twin and vs the obvious NumPy/BLAS baseline.
 
-    .venv/bin/python bench/kernels.py [--rounds 15] [--quick]
+    .venv/bin/python bench/kernels.py [--rounds 15] [--quick] [--cases depthwise]
 
 Shapes are MobileNetV2-224 (V3-Large for squeeze-excite), batch 1. Every case runs at 1 and 2
 threads: Numba kernels under kernels.threads.thread_limits(n) (Numba n threads, BLAS 1), the
@@ -34,7 +34,7 @@ import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from npmobile.kernels import reference as R
-from npmobile.kernels.activations import ACT_HARD_SWISH, ACT_NONE, ACT_RELU6
+from npmobile.kernels.activations import ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6
 from npmobile.kernels.conv import conv2d, indirection_table
 from npmobile.kernels.depthwise import depthwise_conv2d
 from npmobile.kernels.gemm import AVX512, VARIANTS, choose_variant
@@ -64,17 +64,20 @@ def rand(*shape, scale=1.0):
 # --------------------------------------------------------------------------------------------------
 
 
-def depthwise_case(h, c, k, s, pads):
+def depthwise_case(h, c, k, s, pads, act=ACT_RELU6, label=""):
     (top, bottom), (left, right) = pads
     oh, ow = R.conv_output_size(h, k, s, (top, bottom)), R.conv_output_size(h, k, s, (left, right))
     x, ker, b = rand(1, h, h, c), rand(k, k, c), rand(c)
-    out = np.empty((1, oh, ow, c), np.float32)
+    out = np.empty((1, oh, oh, c), np.float32)
+    run = depthwise_conv2d.bind(x, ker, b, out, s, s, top, left, act)  # as the plan calls it
+    finish = R.hard_swish if act == ACT_HARD_SWISH else R.relu6
     return (
-        f"depthwise {h}x{h}x{c} k{k} s{s}",
+        f"depthwise {h}x{h}x{c} k{k} s{s}" + label,
         2 * oh * ow * c * k * k,
         {
-            "numba": (lambda: depthwise_conv2d(x, ker, b, out, s, s, top, left, ACT_RELU6), "numba"),
-            "reference": (lambda: R.relu6(R.depthwise_conv2d(x, ker[..., None], b, (s, s), pads)), "blas"),
+            "numba": (lambda: depthwise_conv2d(x, ker, b, out, s, s, top, left, act), "numba"),
+            "plan's bound call": (run, "numba"),
+            "reference": (lambda: finish(R.depthwise_conv2d(x, ker[..., None], b, (s, s), pads)), "blas"),
         },
     )
 
@@ -185,7 +188,19 @@ def all_cases(quick: bool):
         depthwise_case(28, 192, 3, 1, ((1, 1), (1, 1))),
         depthwise_case(14, 576, 3, 1, ((1, 1), (1, 1))),
         depthwise_case(7, 960, 3, 1, ((1, 1), (1, 1))),
-        depthwise_case(14, 672, 5, 2, ((1, 2), (1, 2))),  # V3-Large
+        depthwise_case(14, 672, 5, 2, ((1, 2), (1, 2)), ACT_HARD_SWISH, " V3L"),
+        # MobileNetV3's depthwise layers beside ONNX Runtime's: 5x5 windows, most pixels of the
+        # small late maps on the border, and 3x3 stride 2 on wide maps.
+        depthwise_case(112, 64, 3, 2, ((0, 1), (0, 1)), ACT_RELU, " V3L"),
+        depthwise_case(56, 72, 3, 2, ((0, 1), (0, 1)), ACT_RELU, " V3S"),
+        depthwise_case(56, 72, 5, 2, ((1, 2), (1, 2)), ACT_RELU, " V3L"),
+        depthwise_case(28, 120, 5, 1, ((2, 2), (2, 2)), ACT_RELU, " V3L"),
+        depthwise_case(28, 96, 5, 2, ((1, 2), (1, 2)), ACT_HARD_SWISH, " V3S"),
+        depthwise_case(28, 240, 3, 2, ((0, 1), (0, 1)), ACT_HARD_SWISH, " V3L"),
+        depthwise_case(14, 240, 5, 1, ((2, 2), (2, 2)), ACT_HARD_SWISH, " V3S"),
+        depthwise_case(14, 288, 5, 2, ((1, 2), (1, 2)), ACT_HARD_SWISH, " V3S"),
+        depthwise_case(7, 576, 5, 1, ((2, 2), (2, 2)), ACT_HARD_SWISH, " V3S"),
+        depthwise_case(7, 960, 5, 1, ((2, 2), (2, 2)), ACT_HARD_SWISH, " V3L"),
         pointwise_case(112, 32, 16),
         pointwise_case(112, 16, 96),
         pointwise_case(56, 24, 144),
@@ -335,6 +350,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="a few cases, fewer pipeline rounds")
+    parser.add_argument("--cases", metavar="TEXT", help="only the cases whose name contains TEXT (e.g. 'depthwise', "
+                        "'V3S'); no pipeline section and no JSON file")
     parser.add_argument("--pipeline-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.pipeline_child:
@@ -355,6 +372,8 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for name, flops, candidates in all_cases(args.quick):
+        if args.cases and args.cases not in name:
+            continue
         timings = {n: time_case(candidates, n, args.rounds) for n in (1, 2)}
         ref1 = timings[1].get("reference")
         for cand in candidates:
@@ -367,6 +386,8 @@ def main() -> None:
                             "gflops_1_thread": flops / t1 / 1e9, "gflops_2_threads": flops / t2 / 1e9})
         print()
 
+    if args.cases:
+        return
     print("MobileNetV2 17-block body (batch 1, 224 px), by thread-pool policy:")
     pipelines = run_pipelines(15 if args.quick else 40)
 

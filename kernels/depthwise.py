@@ -1,6 +1,8 @@
 """Depthwise convolution, fast: the math is reference.depthwise_conv2d, this file is how it runs fast.
 
     depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
+    call = depthwise_conv2d.bind(x, kernel, bias, out, ...)   # checked once (what a plan does), then
+    call()                                                    # every call (kernels/entry.py)
 
 x       [N, H, W, C]     float32, C-contiguous (the input, *unpadded*)
 kernel  [KH, KW, C]      float32 (a Keras depthwise kernel [KH, KW, C, 1] with the 1 dropped;
@@ -18,10 +20,11 @@ multiply zeros). ``output_size`` computes OH/OW from the four pads.
 Two implementations with one contract. Square 3x3 and 5x5 kernels with none/ReLU/ReLU6/hard swish
 (every MobileNet depthwise layer) run through the vector row kernel at the end of this file:
 LLVM vector IR over blocks of 16 channels (8 without AVX-512), the kernel block held in registers,
-one register accumulator per pixel (see "The vector kernel" below). Everything else -- and the
-pixels whose windows hang over the left or right edge -- takes the plain loops first in this file.
-Both add each output's taps row by row, left to right, and which path a pixel takes depends only on
-its position: the answer does not depend on threads or batch.
+one register accumulator per pixel (see "The vector kernel" below), border pixels included.
+Everything else takes the plain loops first in this file. Both add each output's taps row by row,
+left to right (a 5-wide window in two sums, columns 0-2 and 3-4, added at the end: ``split_column``),
+and give the same bits; which path runs depends only on the layer's shape and the CPU: the answer
+does not depend on threads or batch.
 
 Why the plain loops are laid out this way:
 - Work is split over (image, output row) pairs with prange: enough pieces for 2 cores even at
@@ -38,6 +41,9 @@ Why the plain loops are laid out this way:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -45,7 +51,20 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .activations import ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, bias_act_row
+from .entry import ByThreads, entry
 from .gemm import AVX512
+
+
+@njit(inline="always")
+def split_column(kw):
+    """Where a window's sum is cut in two: taps in columns [0, split) add up in one chain, the
+    others in a second, each row by row, left to right, and the two are added at the end.
+
+    5-wide windows only (columns 0-2 and 3-4): a chain of 25 dependent FMAs per output keeps
+    too few independent ones in flight; two chains half as long run faster. Every path (vector or
+    plain loops, border or interior pixel) sums in this order.
+    """
+    return 3 if kw == 5 else kw
 
 
 @njit(inline="always")
@@ -85,7 +104,7 @@ def _window_3x3(acc, x, n, ih0, iw0, kernel, c_count):
     k21 = kernel[2, 1]
     k22 = kernel[2, 2]
     for c in range(c_count):
-        a = x00[c] * k00[c]
+        a = np.float32(0.0) + x00[c] * k00[c]  # see _taps_3x3
         a += x01[c] * k01[c]
         a += x02[c] * k02[c]
         a += x10[c] * k10[c]
@@ -129,8 +148,13 @@ def _four_windows_3x3(out_row, j, x, n, ih0, iw0, kernel, c_count):
 
 @njit(inline="always")
 def _taps_3x3(x0, x1, x2, y0, y1, y2, z0, z1, z2, w00, w01, w02, w10, w11, w12, w20, w21, w22):
-    """One output value: the 9 taps added one at a time, row by row, left to right (the reference's order)."""
-    s = x0 * w00
+    """One output value: the 9 taps added one at a time, row by row, left to right (the reference's order).
+
+    The first product starts from zero: in ``x0*w00 + x1*w01`` LLVM may fuse either product into
+    the FMA; ``0 + x0*w00`` rounds the first product as a multiply would, and the next taps fuse in
+    order, as in the vector kernel (the test compares the two bit for bit).
+    """
+    s = np.float32(0.0) + x0 * w00
     s += x1 * w01
     s += x2 * w02
     s += y0 * w10
@@ -143,8 +167,9 @@ def _taps_3x3(x0, x1, x2, y0, y1, y2, z0, z1, z2, w00, w01, w02, w10, w11, w12, 
 
 
 @njit(inline="always")
-def _row_5(acc, x, n, ih, iw0, kernel, di, c_count):
-    """acc[c] += the 5 taps of kernel row ``di`` (wholly inside the image), in one channel pass."""
+def _row_5(acc, second, x, n, ih, iw0, kernel, di, c_count):
+    """acc[c] += the first 3 taps of kernel row ``di`` (wholly inside the image), second[c] += the
+    last 2 (``split_column``), in one channel pass."""
     x0 = x[n, ih, iw0]
     x1 = x[n, ih, iw0 + 1]
     x2 = x[n, ih, iw0 + 2]
@@ -160,25 +185,35 @@ def _row_5(acc, x, n, ih, iw0, kernel, di, c_count):
         a += x0[c] * k0[c]
         a += x1[c] * k1[c]
         a += x2[c] * k2[c]
-        a += x3[c] * k3[c]
-        a += x4[c] * k4[c]
         acc[c] = a
+        b = second[c]
+        b += x3[c] * k3[c]
+        b += x4[c] * k4[c]
+        second[c] = b
 
 
 @njit(inline="always")
-def _clipped_taps(acc, x, n, ih0, iw0, kernel, di_lo, di_hi, dj_lo, dj_hi, c_count):
-    """acc[c] = sum over the taps [di_lo, di_hi) x [dj_lo, dj_hi) inside the image, one at a time."""
+def _clipped_taps(acc, second, x, n, ih0, iw0, kernel, di_lo, di_hi, dj_lo, dj_hi, c_count):
+    """acc[c] = sum over the taps [di_lo, di_hi) x [dj_lo, dj_hi) inside the image, one at a time,
+    in two sums cut at ``split_column`` (``second`` holds the other one: C floats of scratch)."""
+    split = split_column(kernel.shape[1])
     for c in range(c_count):
         acc[c] = np.float32(0.0)
+        second[c] = np.float32(0.0)
     for di in range(di_lo, di_hi):
         for dj in range(dj_lo, dj_hi):
             xr = x[n, ih0 + di, iw0 + dj]
             kr = kernel[di, dj]
+            sum_ = acc if dj < split else second
             for c in range(c_count):
-                acc[c] += xr[c] * kr[c]
+                sum_[c] += xr[c] * kr[c]
+    if split < kernel.shape[1]:
+        for c in range(c_count):
+            acc[c] += second[c]
 
 
-def depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act) -> None:
+@entry
+def depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act) -> Callable[[], None]:
     """out = act(depthwise(x, kernel) + bias); see the module docstring for the contract."""
     # Numba does not check indices: shapes that do not fit would read past an array, not raise.
     c_count = x.shape[3]
@@ -186,12 +221,26 @@ def depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left
             or kernel.shape[2:] != (c_count,) or bias.shape != (c_count,)):
         raise ValueError(f"depthwise_conv2d shapes do not fit: x {x.shape}, kernel {kernel.shape}, "
                          f"bias {bias.shape}, out {out.shape}")
-    # The vector kernel works on raw addresses: another dtype or layout takes the loops below.
-    if (kernel.shape[0] == kernel.shape[1] and kernel.shape[0] in (3, 5) and act in VECTOR_ACTS
-            and all(a.dtype == np.float32 and a.flags.c_contiguous for a in (x, kernel, bias, out))):
-        _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
-    else:
-        _depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
+    args = (x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act)
+    # The vector kernel works on raw addresses: another dtype or layout takes the loops below. On one
+    # thread its rows run in a plain loop (ByThreads), each row computed the same way either way.
+    if _vector_kernel_fits(kernel, bias, act) and _plain(x) and _plain(out):
+        return ByThreads(partial(_depthwise_vector_serial, *args), partial(_depthwise_vector, *args))
+    return partial(_depthwise_conv2d, *args)
+
+
+_FLOAT32 = np.dtype(np.float32)
+
+
+def _plain(a) -> bool:
+    """A float32 array in C order: what the vector kernel's raw addresses assume."""
+    return a.dtype == _FLOAT32 and a.flags.c_contiguous
+
+
+def _vector_kernel_fits(kernel, bias, act) -> bool:
+    """Square 3x3/5x5 float32 kernels and the activations the vector kernel applies."""
+    return (kernel.shape[0] == kernel.shape[1] and kernel.shape[0] in (3, 5) and act in VECTOR_ACTS
+            and _plain(kernel) and _plain(bias))
 
 
 @njit(parallel=True, cache=True, fastmath={"contract"})
@@ -204,6 +253,7 @@ def _depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_lef
     for job in prange(n_images * oh):
         n = job // oh
         i = job % oh
+        second = np.empty(c_count, np.float32)  # the second sum of split windows (split_column)
         ih0, di_lo, di_hi = _tap_range(i, stride_h, pad_top, kh, h)
         full_rows = di_lo == 0 and di_hi == kh
         j = 0
@@ -221,11 +271,14 @@ def _depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_lef
             elif dj_lo == 0 and dj_hi == kw and kw == 5:
                 for c in range(c_count):
                     acc[c] = np.float32(0.0)
+                    second[c] = np.float32(0.0)
                 for di in range(di_lo, di_hi):
-                    _row_5(acc, x, n, ih0 + di, iw0, kernel, di, c_count)
+                    _row_5(acc, second, x, n, ih0 + di, iw0, kernel, di, c_count)
+                for c in range(c_count):
+                    acc[c] += second[c]
             else:
                 # Border pixels (and other kernel sizes): only the taps inside the image.
-                _clipped_taps(acc, x, n, ih0, iw0, kernel, di_lo, di_hi, dj_lo, dj_hi, c_count)
+                _clipped_taps(acc, second, x, n, ih0, iw0, kernel, di_lo, di_hi, dj_lo, dj_hi, c_count)
             bias_act_row(acc, bias, act)
             j += 1
 
@@ -242,8 +295,12 @@ def _depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_lef
 # (generic vector types: it compiles and answers the same on any x86-64).
 #
 # Summation order of one output value: its taps row by row, left to right, the first a multiply,
-# the others FMAs (the order of the loops above); clipped windows (borders) start from zero and add
-# only the taps inside the image. Which path runs depends on the pixel's position only.
+# the others FMAs (the order of the loops above; a 5-wide window as two such sums, see split_column,
+# which also gives each group of pixels twice the independent FMA chains). Kernel rows outside the
+# image are skipped (a copy of the loops per count of rows inside); columns outside it are loaded as
+# zeros by a masked load that reads no memory, so a border window runs the same FMA chains as an
+# interior one, and an outside tap adds an exact zero (x + 0*w == x): the sum of the taps inside,
+# bit for bit (up to the sign of an exact zero), whichever the pixel or the CPU.
 
 _F32 = ir.FloatType()
 _I64 = ir.IntType(64)
@@ -252,7 +309,7 @@ _PTR = ir.PointerType()
 
 def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int) -> None:
     """The IR of ``row_intrinsic``: see its docstring."""
-    x_addr, x_rs, cs, k_addr, bias_addr, out_addr, n_out, sw, rows, act, lanes = args
+    x_addr, x_rs, cs, k_addr, bias_addr, out_addr, n_out, sw, rows, act, lanes, pad_left, width, j_lo, j_hi = args
     vec = ir.VectorType(_F32, vw)
     module = builder.module
     fma = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vw}f32")
@@ -268,20 +325,22 @@ def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int) -> None:
     splat = builder.shuffle_vector(
         builder.insert_element(ir.Constant(ir.VectorType(_I64, vw), ir.Undefined), lanes, i64(0)),
         ir.Constant(ir.VectorType(_I64, vw), ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), vw), [0] * vw))
-    mask = builder.icmp_signed("<", ir.Constant(ir.VectorType(_I64, vw), list(range(vw))), splat)
+    lane_mask = builder.icmp_signed("<", ir.Constant(ir.VectorType(_I64, vw), list(range(vw))), splat)
+    no_lanes = ir.Constant(mask_type, [0] * vw)
+    all_lanes = ir.Constant(mask_type, [1] * vw)
     x0 = builder.inttoptr(x_addr, _PTR)
     k0 = builder.inttoptr(k_addr, _PTR)
     o0 = builder.inttoptr(out_addr, _PTR)
     k_rs = builder.mul(cs, i64(k))
-    x_step = builder.mul(sw, cs)
 
     def at(base, offset):
         return builder.gep(base, [offset], source_etype=_F32)
 
-    def load(ptr, masked):
-        if masked:
-            return builder.call(masked_load, [ptr, align, mask, zero])
-        return builder.load(ptr, typ=vec, align=4)
+    def load(ptr, mask):
+        """A vector of floats at ptr: the lanes of ``mask`` (None: all, a plain load), zeros elsewhere."""
+        if mask is None:
+            return builder.load(ptr, typ=vec, align=4)
+        return builder.call(masked_load, [ptr, align, mask, zero])
 
     three, six = (ir.Constant(vec, [v] * vw) for v in (3.0, 6.0))
     inf = ir.Constant(vec, [float("inf")] * vw)
@@ -289,13 +348,13 @@ def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int) -> None:
     low = builder.select(is_relu, zero, builder.fneg(inf))
     high = builder.select(builder.icmp_signed("==", act, i64(ACT_RELU6)), six, inf)
     swish = builder.icmp_signed("==", act, i64(ACT_HARD_SWISH))
-    bias = load(at(builder.inttoptr(bias_addr, _PTR), i64(0)), True)
+    bias = load(at(builder.inttoptr(bias_addr, _PTR), i64(0)), lane_mask)
 
     def clamp(v, lo, hi):  # NaN stays NaN (both comparisons are false), as in kernels/gemm.py
         v = builder.select(builder.fcmp_ordered("<", v, lo), lo, v)
         return builder.select(builder.fcmp_ordered(">", v, hi), hi, v)
 
-    def finish(acc, j, masked, hard_swish):
+    def finish(acc, j, lanes_or_all, hard_swish):
         """act(acc + bias) stored at output pixel j: None/ReLU/ReLU6 are one clamp (bounds from ``act``)."""
         v = builder.fadd(acc, bias)
         if hard_swish:  # x * (relu6(x + 3) / 6): a division, as Keras writes it
@@ -303,51 +362,76 @@ def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int) -> None:
         else:
             v = clamp(v, low, high)
         ptr = at(o0, builder.mul(j, cs))
-        if masked:
-            builder.call(masked_store, [v, ptr, align, mask])
+        if lanes_or_all is not None:
+            builder.call(masked_store, [v, ptr, align, lanes_or_all])
         else:
             builder.store(v, ptr, align=4)
 
     def windows(masked, hard_swish, n_rows):
-        """Windows whose ``n_rows`` kernel rows (all K columns) are inside the image: the kernel
-        block stays in registers for the whole row of pixels."""
-        w = [[load(at(k0, builder.add(builder.mul(i64(r), k_rs), builder.mul(i64(t), cs))), masked)
+        """Windows whose ``n_rows`` kernel rows are inside the image: the kernel block stays in
+        registers for the whole row of pixels."""
+        lanes_or_all = lane_mask if masked else None
+        w = [[load(at(k0, builder.add(builder.mul(i64(r), k_rs), builder.mul(i64(t), cs))), lanes_or_all)
               for t in range(k)] for r in range(n_rows)]
 
-        def pixels(j0, count, stride):
+        def pixels(j0, count, stride, edge):
             """``count`` adjacent output pixels from j0 (``stride``: a constant, or None for ``sw``),
-            each input vector loaded once for all the windows that share it."""
-            xj = at(x0, builder.mul(j0, x_step))
-            acc = [None] * count
-            span = (count - 1) * (stride or 1) + k
+            each input vector loaded once for all the windows that share it. ``edge``: some of their
+            columns may lie outside the image; those load as zeros (a masked load reads no memory)."""
+            col0 = builder.sub(builder.mul(j0, sw), pad_left)  # the input column of the first tap
+            xj = at(x0, builder.mul(col0, cs))
+            offsets = [q * (stride or 0) + t for q in range(count) for t in range(k)]
+            columns = range(max(offsets) + 1)
+            if edge:  # one unsigned compare: 0 <= column < width
+                inside = [builder.icmp_unsigned("<", builder.add(col0, i64(c)), width) for c in columns]
+                masks = [builder.select(v, lane_mask if masked else all_lanes, no_lanes) for v in inside]
+            else:
+                masks = [lanes_or_all] * len(columns)
+            acc = [[None, None] for _ in range(count)]  # per pixel: its two sums (see split_column)
             for r in range(n_rows):
                 xr = at(xj, builder.mul(i64(r), x_rs))
-                if stride is None:
-                    xv = [load(at(xr, builder.mul(i64(t), cs)), masked) for t in range(k)]
-                else:
-                    xv = [load(at(xr, builder.mul(i64(c), cs)), masked) for c in range(span)]
+                xv = [load(at(xr, builder.mul(i64(c), cs)), masks[c]) for c in columns]
                 for t in range(k):
+                    part = int(t >= split_column.py_func(k))
                     for q in range(count):
                         v = xv[q * (stride or 0) + t]
-                        acc[q] = builder.fmul(v, w[r][t]) if acc[q] is None else builder.call(fma, [v, w[r][t], acc[q]])
+                        a = acc[q][part]
+                        acc[q][part] = builder.fmul(v, w[r][t]) if a is None else builder.call(fma, [v, w[r][t], a])
             for q in range(count):
-                finish(acc[q], builder.add(j0, i64(q)), masked, hard_swish)
+                total = acc[q][0] if acc[q][1] is None else builder.fadd(acc[q][0], acc[q][1])
+                finish(total, builder.add(j0, i64(q)), lanes_or_all, hard_swish)
 
         # Strides 1 and 2: GROUP pixels per step share their input columns (6 loads a row instead of
-        # 12 for four 3x3 windows at stride 1); the rest one pixel at a time. Every pixel adds the
-        # same taps in the same order either way.
-        grouped = builder.mul(builder.sdiv(n_out, i64(GROUP[k])), i64(GROUP[k]))
-        with builder.if_else(builder.icmp_signed("==", sw, i64(1))) as (one, other):
-            with one:
-                with cgutils.for_range_slice(builder, i64(0), grouped, i64(GROUP[k])) as (j0, _):
-                    pixels(j0, GROUP[k], 1)
-            with other:
-                with builder.if_then(builder.icmp_signed("==", sw, i64(2))):
-                    with cgutils.for_range_slice(builder, i64(0), grouped, i64(GROUP[k])) as (j0, _):
-                        pixels(j0, GROUP[k], 2)
-        start = builder.select(builder.icmp_signed("<=", sw, i64(2)), grouped, i64(0))
+        # 12 for four 3x3 windows at stride 1); the rest one pixel at a time. Groups start at pixel
+        # 0: those in [a, b) lie wholly inside the image and take the plain loads, in a loop of
+        # their own (the border's masks would take registers from the kernel block); the groups
+        # before a and from b on are the border ones. Every pixel adds the same taps in the same
+        # order either way, so a row with few whole 5x5 groups (MIN_WHOLE_PIXELS: the 7- and
+        # 14-wide maps) runs all its groups through the border loop, which was faster there.
+        grouped = {}  # pixels [0, grouped) in groups, at strides 1 and 2
+        for stride in (1, 2):
+            size = GROUP[k, stride]
+            g = i64(size)
+            grouped[stride] = builder.mul(builder.sdiv(n_out, g), g)
+            with builder.if_then(builder.icmp_signed("==", sw, i64(stride))):
+                a = builder.mul(builder.sdiv(builder.add(j_lo, i64(size - 1)), g), g)
+                a = builder.select(builder.icmp_signed("<", a, grouped[stride]), a, grouped[stride])
+                room = builder.sub(j_hi, a)
+                room = builder.select(builder.icmp_signed(">", room, i64(0)), room, i64(0))
+                b = builder.add(a, builder.mul(builder.sdiv(room, g), g))
+                if MIN_WHOLE_PIXELS[k]:  # too few whole groups: all of the row through the border loop
+                    few = builder.icmp_signed("<", builder.sub(b, a), i64(MIN_WHOLE_PIXELS[k]))
+                    b = builder.select(few, a, b)
+                with cgutils.for_range_slice(builder, a, b, g) as (j0, _):
+                    pixels(j0, size, stride, False)
+                border = builder.sub(grouped[stride], builder.sub(b, a))
+                with cgutils.for_range_slice(builder, i64(0), border, g) as (e, _):
+                    j0 = builder.select(builder.icmp_signed("<", e, a), e, builder.add(e, builder.sub(b, a)))
+                    pixels(j0, size, stride, True)
+        start = builder.select(builder.icmp_signed("==", sw, i64(1)), grouped[1],
+                               builder.select(builder.icmp_signed("==", sw, i64(2)), grouped[2], i64(0)))
         with cgutils.for_range_slice(builder, start, n_out, i64(1)) as (j, _):
-            pixels(j, 1, None)
+            pixels(j, 1, None, True)
 
     # The branches sit outside the pixel loops, each loop body straight-line (the hard swish's
     # division must not run, and be thrown away, for the other activations). One copy per count of
@@ -369,16 +453,18 @@ def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int) -> None:
 
 
 def _row_intrinsic(k: int, vw: int):
-    """A Numba intrinsic computing ``n_out`` output pixels of one row for one block of <= VW channels.
+    """A Numba intrinsic computing one output row for one block of <= VW channels.
 
-    row(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes), all int64 (addresses,
-    strides in floats): for j < n_out and channel lanes [0, lanes),
-        out[j*cs] = act(bias + sum over r < rows, t < K of x[r*x_rs + (j*sw + t)*cs] * kernel[(r*K + t)*cs])
-    x and kernel pointing at the first tap inside the image; act none, ReLU, ReLU6 or hard swish.
+    row(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_left, width, j_lo, j_hi),
+    all int64 (addresses, strides in floats): for j < n_out and channel lanes [0, lanes),
+        out[j*cs] = act(bias + sum over r < rows, t < K of x[r*x_rs + (j*sw - pad_left + t)*cs] * kernel[(r*K + t)*cs])
+    where x points at input column 0 of the first kernel row inside the image (kernel at that
+    row), and input columns outside [0, width) count as zeros. Pixels [j_lo, j_hi) are those whose
+    windows lie wholly inside the image; act none, ReLU, ReLU6 or hard swish.
     """
 
-    def row(typingctx, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes):
-        sig = types.void(*([types.int64] * 11))
+    def row(typingctx, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_left, width, j_lo, j_hi):
+        sig = types.void(*([types.int64] * 15))
 
         def codegen(context, builder, signature, args):
             _emit_row(builder, args, k, vw)
@@ -398,25 +484,29 @@ _row_k3 = _row_intrinsic(3, VECTOR_WIDTH)
 _row_k5 = _row_intrinsic(5, VECTOR_WIDTH)
 
 # Pixels per step of the stride-1/2 loops (registers: 9 kernel vectors + 4 accumulators at 3x3).
-GROUP = {3: 4, 5: 2}
+GROUP = {(3, 1): 4, (3, 2): 4, (5, 1): 3, (5, 2): 2}
+# Fewer pixels than this in whole groups (a fixed rule of the row's width): none take the plain-load loop.
+MIN_WHOLE_PIXELS = {3: 0, 5: 16}
 VECTOR_ACTS = (ACT_NONE, ACT_RELU, ACT_RELU6, ACT_HARD_SWISH)
 
 
 @njit(inline="always")
-def _row(k, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes):
+def _row(k, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_left, width, j_lo, j_hi):
     if k == 3:
-        _row_k3(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes)
+        _row_k3(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_left, width, j_lo, j_hi)
     else:
-        _row_k5(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes)
+        _row_k5(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_left, width, j_lo, j_hi)
 
 
-@njit(parallel=True, cache=True)
-def _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
-    """depthwise_conv2d for square 3x3/5x5 kernels through the vector row kernel, on checked shapes.
+@njit(inline="always")
+def _vector_rows(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, job_lo, job_hi):
+    """Output rows job_lo .. job_hi - 1 (numbered over (image, row)) through the vector row kernel:
+    one call of it per channel block, border pixels included. Only an output row with no kernel
+    row inside the image (padding taller than the kernel) takes ``_clipped_taps``: act(bias).
 
-    One task per (image, output row), as above; within it, channel block by channel block, the
-    pixels whose windows are whole across (all K columns inside the image) in one call of the row
-    kernel; the few others through ``_clipped_taps``.
+    Inlined into a serial loop over all rows (``_depthwise_vector_serial``, one thread) and into
+    ``_depthwise_vector``'s parallel loop, row by row (see ``depthwise_conv2d``): each compiles only
+    when used, and a call between them would compile the row kernel twice.
     """
     n_images, h, w, cs = x.shape
     k = kernel.shape[0]
@@ -429,24 +519,36 @@ def _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_lef
     # Output columns [j_lo, j_hi) have all their taps inside the image.
     j_lo = min(ow, (pad_left + stride_w - 1) // stride_w)
     j_hi = max(j_lo, min(ow, (w + pad_left - k) // stride_w + 1))
-    for job in prange(n_images * oh):
+    for job in range(job_lo, job_hi):
         n = job // oh
         i = job % oh
         ih0, di_lo, di_hi = _tap_range(i, stride_h, pad_top, k, h)
         rows = di_hi - di_lo
-        x_row = x_addr + 4 * ((n * h + ih0 + di_lo) * w * cs)
-        k_row = k_addr + 4 * (di_lo * k * cs)
-        o_row = o_addr + 4 * ((n * oh + i) * ow * cs)
-        if j_hi > j_lo and rows > 0:
-            iw0 = j_lo * stride_w - pad_left
+        if rows > 0:
+            x_row = x_addr + 4 * ((n * h + ih0 + di_lo) * w * cs)
+            k_row = k_addr + 4 * (di_lo * k * cs)
+            o_row = o_addr + 4 * ((n * oh + i) * ow * cs)
             for c0 in range(0, cs, vw):
-                _row(k, x_row + 4 * (iw0 * cs + c0), w * cs, cs, k_row + 4 * c0, b_addr + 4 * c0,
-                     o_row + 4 * (j_lo * cs + c0), j_hi - j_lo, stride_w, rows, act, min(vw, cs - c0))
-        # Border pixels (windows cut on the left or right): the loops above, all channels at once.
+                _row(k, x_row + 4 * c0, w * cs, cs, k_row + 4 * c0, b_addr + 4 * c0, o_row + 4 * c0,
+                     ow, stride_w, rows, act, min(vw, cs - c0), pad_left, w, j_lo, j_hi)
+            continue
+        second = np.empty(cs, np.float32)
         for j in range(ow):
-            if j_lo <= j < j_hi and rows > 0:
-                continue
             iw0, dj_lo, dj_hi = _tap_range(j, stride_w, pad_left, k, w)
             acc = out[n, i, j]
-            _clipped_taps(acc, x, n, ih0, iw0, kernel, di_lo, di_hi, dj_lo, dj_hi, cs)
+            _clipped_taps(acc, second, x, n, ih0, iw0, kernel, di_lo, di_hi, dj_lo, dj_hi, cs)
             bias_act_row(acc, bias, act)
+
+
+@njit(parallel=True, cache=True)
+def _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
+    """depthwise_conv2d for square 3x3/5x5 kernels through the vector row kernel, on checked shapes:
+    one task per (image, output row), as in the loops above."""
+    for job in prange(x.shape[0] * out.shape[1]):
+        _vector_rows(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, job, job + 1)
+
+
+@njit(cache=True)
+def _depthwise_vector_serial(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
+    """``_depthwise_vector`` on one thread: all rows in a plain loop."""
+    _vector_rows(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, 0, x.shape[0] * out.shape[1])

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
+
+import numba
 
 
 def entry(binder: Callable[..., Callable[[], None]]) -> Callable[..., None]:
@@ -26,6 +29,19 @@ def entry(binder: Callable[..., Callable[[], None]]) -> Callable[..., None]:
 
     run.bind = binder
     return run
+
+
+class ByThreads(NamedTuple):
+    """A bound call with a form for one thread: a plain loop over the same rows the parallel form
+    spreads over the threads (starting a parallel region has a fixed cost beside a small layer's
+    work). Both compute each row the same way, so the answers do not depend on which runs. The plan
+    picks one per prediction (npmobile/plan.py); called directly, it asks Numba for the thread count."""
+
+    one: Callable[[], None]
+    many: Callable[[], None]
+
+    def __call__(self) -> None:
+        (self.one if numba.get_num_threads() == 1 else self.many)()
 
 
 def no_work() -> None:

@@ -114,7 +114,10 @@ def kernels_cached() -> bool:
     products = (gemm.gemm_panels, gemm.igemm_panels, conv.rescale_into)
     if not gemm.AVX512:
         products += (pointwise.gemm_tiles,) if blas.AVAILABLE else (pointwise._epilogue,)
-    kernels = (depthwise._depthwise_conv2d, squeeze_excite._squeeze_excite, *products)
+    # Depthwise: the vector kernel's parallel and one-thread forms (MobileNet's layers; the plain loops
+    # only for other activations and layouts).
+    kernels = (depthwise._depthwise_vector, depthwise._depthwise_vector_serial, squeeze_excite._squeeze_excite,
+               *products)
     try:
         return all(os.path.exists(k._cache._cache_file._index_path) for k in kernels)
     except AttributeError:  # another Numba version keeps it elsewhere: say nothing rather than guess

@@ -21,10 +21,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from npmobile.errors import ModelFileError
 from npmobile.graph import Graph, Node, last_readers
+from npmobile.kernels.entry import ByThreads
 from npmobile.layers import infer_shapes
 from npmobile.ops import Binder, layer_type
 
@@ -66,7 +68,8 @@ class BoundPlan:
 
     Steps that read the model's inputs are bound again at each run (the caller's arrays change);
     the others once, here. The bound calls hold the buffers; the caller's arrays are let go after
-    each run.
+    each run. Two lists of calls: for runs on one thread, a kernel's serial form where it has one
+    (kernels/entry.py ``ByThreads``), else the same calls.
     """
 
     def __init__(self, plan: Plan):
@@ -74,18 +77,25 @@ class BoundPlan:
         self.values = plan.allocate()
         self.feed_steps = [k for k, step in enumerate(plan.steps) if plan.reads_inputs(step)]
         self.calls: list = [None] * len(plan.steps)
-        for k, step in enumerate(plan.steps):
+        self.one_thread_calls: list = [None] * len(plan.steps)
+        for k in range(len(plan.steps)):
             if k not in self.feed_steps:
-                self.calls[k] = _bind(step, self.values)
+                self._bind(k)
+
+    def _bind(self, k: int) -> None:
+        call = _bind(self.plan.steps[k], self.values)
+        self.calls[k] = call
+        self.one_thread_calls[k] = call.one if isinstance(call, ByThreads) else call
 
     def run(self, feeds: list[np.ndarray], timings: list[tuple[Step, float]] | None = None) -> dict[str, np.ndarray]:
         """Run every step; with ``timings`` (a list), append (step, seconds) for each step."""
-        plan, values, calls = self.plan, self.values, self.calls
+        plan, values = self.plan, self.values
         for v, feed in zip(plan.input_values, feeds):
             values[v] = feed
         try:
             for k in self.feed_steps:
-                calls[k] = _bind(plan.steps[k], values)
+                self._bind(k)
+            calls = self.one_thread_calls if numba.get_num_threads() == 1 else self.calls
             k = 0
             try:
                 if timings is None:
@@ -104,7 +114,7 @@ class BoundPlan:
             for v in plan.input_values:
                 values[v] = None
             for k in self.feed_steps:
-                calls[k] = None
+                self.calls[k] = self.one_thread_calls[k] = None
 
 
 # Shapes and configs were checked at load, so one of these from a kernel means a file whose values
@@ -116,7 +126,7 @@ def _cannot_run(step: Step, error: Exception) -> ModelFileError:
     return ModelFileError(f"layer {step.node.name!r} ({step.node.op}) cannot run: {type(error).__name__}: {error}")
 
 
-def _bind(step: Step, values: list) -> Callable[[], None]:
+def _bind(step: Step, values: list) -> Callable[[], None] | ByThreads:
     args = [values[i] if isinstance(i, int) else i[1] for i in step.inputs]
     try:
         return step.bind(args, values[step.out])

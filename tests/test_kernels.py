@@ -198,6 +198,83 @@ def test_depthwise_matches_reference(rng, case):
         assert_close(fast, _reference_depthwise(x, kernel, bias, stride, pads, act))
 
 
+# Every MobileNet-like depthwise shape the vector kernel meets, border pixels included: square maps
+# from 1x1 up, odd sizes, strides 1 and 2, "same" and "valid" padding, channel counts that are and
+# are not a multiple of the vector width (16 with AVX-512, 8 with AVX2), batches of one and two.
+GRID_CHANNELS = (1, 7, 17, 72, 120, 16, 8, 33)
+DEPTHWISE_GRID = [
+    (1 + (size + stride) % 2, size, size, GRID_CHANNELS[(size + k + stride + len(padding)) % len(GRID_CHANNELS)],
+     k, stride, padding)
+    for k in (3, 5) for stride in (1, 2) for padding in ("same", "valid")
+    for size in (1, 2, 3, 5, 7, 9, 14, 15, 40)  # 40: enough whole 5x5 groups for the plain-load loop
+    if padding == "same" or size >= k
+]
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_GRID, ids=lambda c: "n{}_{}x{}x{}_k{}_s{}_{}".format(*c))
+def test_depthwise_vector_paths_match_reference(rng, case):
+    n, h, w, c, k, stride, padding = case
+    pads = ((0, 0), (0, 0)) if padding == "valid" else (R.same_padding(h, k, stride), R.same_padding(w, k, stride))
+    x, kernel, bias = rand(rng, n, h, w, c), rand(rng, k, k, c, scale=0.5), rand(rng, c)
+    for act in ALL_ACTS:
+        fast = _fast_depthwise(x, kernel, bias, stride, pads, act)
+        assert_close(fast, _reference_depthwise(x, kernel, bias, stride, pads, act))
+
+
+@pytest.mark.parametrize("k, stride, pads", [(3, 1, ((1, 1), (1, 1))), (3, 2, ((0, 1), (0, 1))),
+                                             (5, 1, ((2, 2), (2, 2))), (5, 2, ((1, 2), (1, 2)))])
+@pytest.mark.parametrize("size, channels", [(7, 40), (14, 17), (2, 24), (40, 16)])
+def test_depthwise_border_pixels_sum_like_interior_ones(rng, k, stride, pads, size, channels):
+    """A border window adds its taps as an interior one does: the same image padded by hand, where
+    every window is inside, gives the same bits (the outside taps count as exact zeros)."""
+    x, kernel, bias = rand(rng, 2, size, size, channels), rand(rng, k, k, channels, scale=0.5), rand(rng, channels)
+    for act in (ACT_NONE, ACT_RELU6, ACT_HARD_SWISH):
+        fast = _fast_depthwise(x, kernel, bias, stride, pads, act)
+        padded = _fast_depthwise(R.zero_pad(x, pads).astype(np.float32), kernel, bias, stride, ((0, 0), (0, 0)), act)
+        np.testing.assert_array_equal(fast, padded)
+
+
+@pytest.mark.parametrize("k, stride, pads", [(3, 1, ((1, 1), (1, 1))), (3, 2, ((0, 1), (0, 1))),
+                                             (5, 1, ((2, 2), (2, 2))), (5, 2, ((1, 2), (1, 2)))])
+def test_depthwise_plain_loops_sum_like_the_vector_kernel(rng, k, stride, pads):
+    """The two implementations add each output's taps in the same order: an input that is not in C
+    order (the plain loops) gives the bits of the same input in C order (the vector kernel)."""
+    x, kernel, bias = rand(rng, 2, 11, 11, 40), rand(rng, k, k, 40, scale=0.5), rand(rng, 40)
+    strided = np.zeros((2, 11, 22, 40), np.float32)[:, :, ::2]
+    strided[...] = x
+    for act in (ACT_NONE, ACT_RELU6, ACT_HARD_SWISH):
+        np.testing.assert_array_equal(_fast_depthwise(strided, kernel, bias, stride, pads, act),
+                                      _fast_depthwise(x, kernel, bias, stride, pads, act))
+
+
+@pytest.mark.parametrize("k, stride, pads", [(3, 2, ((0, 1), (0, 1))), (5, 1, ((2, 2), (2, 2)))])
+def test_bound_depthwise_matches_the_plain_call_on_one_and_two_threads(rng, k, stride, pads):
+    """The plan's form (checked once, bound to its arrays) gives the plain call's bits on the serial and the
+    parallel path alike; arrays not in C order are bound to the plain loops; shapes that do not fit fail at bind."""
+    from npmobile.kernels.depthwise import depthwise_conv2d
+    from npmobile.kernels.entry import ByThreads
+
+    x, kernel, bias = rand(rng, 2, 9, 9, 24), rand(rng, k, k, 24, scale=0.5), rand(rng, 24)
+    expected = _fast_depthwise(x, kernel, bias, stride, pads, ACT_HARD_SWISH)
+    out = np.full_like(expected, np.nan)
+    call = depthwise_conv2d.bind(x, kernel, bias, out, stride, stride, pads[0][0], pads[1][0], ACT_HARD_SWISH)
+    assert isinstance(call, ByThreads)
+    for form in (call.one, call.many, call):
+        for threads in (1, 2):
+            with thread_limits(threads):
+                out[...] = np.nan
+                form()
+                np.testing.assert_array_equal(out, expected)
+    strided = np.full((2, 9, 18, 24), np.nan, np.float32)[:, :, ::2]  # not C order: the plain loops
+    strided[...] = x
+    out[...] = np.nan
+    depthwise_conv2d.bind(strided, kernel, bias, out, stride, stride, pads[0][0], pads[1][0], ACT_HARD_SWISH)()
+    assert_close(out, expected)
+    with pytest.raises(ValueError, match="do not fit"):
+        depthwise_conv2d.bind(x[:, :, :, :8], kernel, bias, out, stride, stride, pads[0][0], pads[1][0],
+                              ACT_HARD_SWISH)
+
+
 def test_same_padding_gives_ceil_of_size_over_stride_positions():
     for size in (1, 7, 112, 113):
         for k, s, d in [(3, 1, 1), (3, 2, 1), (5, 2, 1), (1, 2, 1), (3, 1, 2)]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -165,7 +164,7 @@ def depthwise_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> B
     bias = bias_or_zeros(node, k3.shape[2])
 
     def bind(args, out):
-        return partial(depthwise_conv2d, args[0], k3, bias, out, strides[0], strides[1], top, left, act)
+        return depthwise_conv2d.bind(args[0], k3, bias, out, strides[0], strides[1], top, left, act)
 
     return bind
 
