@@ -16,8 +16,25 @@ from a Rescaling-like multiply, unlike the hard_sigmoid activation.
 
 Why one kernel: the pool, the two tiny dense layers and the gate are a few thousand flops on a
 vector of C values; as separate layers they would cost four passes through the interpreter and
-four buffers. Only the last step (scaling every pixel) touches the whole tensor, so it is the
-only parallel loop.
+four buffers.
+
+How it runs: four phases, each a loop over jobs whose cut depends only on the shapes, so every
+value is summed in one fixed order whatever the thread count (the thread count only decides
+whether a phase's jobs run in a plain loop or in prange):
+1. pool: an image row is W*C contiguous floats, so the kernel sees x as [N, H, W*C] ("flat rows")
+   and sums the H rows elementwise -- long contiguous vector adds even at C = 16 --, in chunks of
+   the flat row (the jobs); then each channel's W column sums are added left to right and divided
+   by H*W. (NumPy's mean adds in yet another order; both are float32 sums of the same values.)
+2. reduce: z = relu(s @ W1 + b1), jobs over blocks of the Cr outputs;
+3. expand: gate = relu6(z @ W2 + b2 + 3) * (1/6), jobs over blocks of the C outputs. Both dense
+   layers add their products in input order, as ((acc + a0*w0) + a1*w1) + ..., four inputs per
+   pass over the accumulator row (same order, a quarter of the loads and stores); every image of
+   the batch is done while a weight row is in cache, so the weights are read once per call.
+   Products and sums are rounded separately (no FMA), as before.
+4. scale: out = x * gate, one job per flat row, against the gate repeated W times (so this loop,
+   too, is one contiguous vector loop).
+Starting a parallel loop costs about a microsecond; a phase runs in prange only when there are
+two threads and enough work for that to pay (the _PARALLEL_* sizes below).
 """
 
 from __future__ import annotations
@@ -27,44 +44,18 @@ from functools import partial
 
 import numpy as np
 from numba import njit, prange
+from numba.np.ufunc.parallel import _iget_num_threads
 
 from .entry import entry
-from .pooling import average_pool_rows
 
 _SIXTH = np.float32(1.0 / 6.0)
+_POOL_CHUNK = 256  # floats of a flat row per pool job: a few jobs even for 56x56x16
+_OUT_BLOCK = 64  # outputs of a dense layer per job
 
-
-@njit(cache=True)
-def _gates(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias):
-    """The [N, C] gates: pool, dense + relu, dense, relu6(z + 3) * (1/6)."""
-    n_images = x.shape[0]
-    c_count = x.shape[3]
-    cr = reduce_kernel.shape[1]
-    s = np.empty((n_images, c_count), dtype=np.float32)
-    average_pool_rows(x, s)
-    z = np.empty(cr, dtype=np.float32)
-    gate = np.empty((n_images, c_count), dtype=np.float32)
-    for n in range(n_images):
-        # z = relu(s @ W1 + b1): loop over the rows of W1 so the inner loop is contiguous.
-        for r in range(cr):
-            z[r] = np.float32(0.0)
-        for c in range(c_count):
-            sv = s[n, c]
-            for r in range(cr):
-                z[r] += sv * reduce_kernel[c, r]
-        for r in range(cr):
-            z[r] = max(z[r] + reduce_bias[r], np.float32(0.0))
-        g = gate[n]
-        for c in range(c_count):
-            g[c] = np.float32(0.0)
-        for r in range(cr):
-            zv = z[r]
-            for c in range(c_count):
-                g[c] += zv * expand_kernel[r, c]
-        for c in range(c_count):
-            v = g[c] + expand_bias[c]
-            g[c] = min(max(v + np.float32(3.0), np.float32(0.0)), np.float32(6.0)) * _SIXTH
-    return gate
+# Smallest work (floats read) for which a phase runs in prange when it has more than one thread.
+_PARALLEL_POOL = 16384
+_PARALLEL_DENSE = 65536
+_PARALLEL_SCALE = 16384
 
 
 @entry
@@ -79,17 +70,162 @@ def squeeze_excite(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, ou
     return partial(_squeeze_excite, x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, out)
 
 
+@njit(cache=True)
+def _pool_chunk(rows, n, k0, k1, flat):
+    """flat[n, k0:k1] = sum over the image's rows of rows[n, i, k0:k1], top to bottom."""
+    # Slices indexed from 0 (not k0..k1): Numba then knows no index is negative, and LLVM vectorizes.
+    acc = flat[n, k0:k1]
+    first = rows[n, 0, k0:k1]
+    for k in range(k1 - k0):
+        acc[k] = first[k]
+    for i in range(1, rows.shape[1]):
+        row = rows[n, i, k0:k1]
+        for k in range(k1 - k0):
+            acc[k] += row[k]
+
+
+@njit(cache=True)
+def _pool_columns(flat, c_count, count, pooled):
+    """pooled[n, c] = (sum over columns j, left to right, of flat[n, j*C + c]) / count."""
+    w = flat.shape[1] // c_count
+    for n in range(flat.shape[0]):
+        s = pooled[n]
+        acc = flat[n]
+        for c in range(c_count):
+            s[c] = acc[c]
+        for j in range(1, w):
+            column = acc[j * c_count:(j + 1) * c_count]
+            for c in range(c_count):
+                s[c] += column[c]
+        for c in range(c_count):
+            s[c] = s[c] / count
+
+
+@njit(cache=True)
+def _dense_block(a, kernel, o0, o1, acc):
+    """acc[:, o0:o1] = a @ kernel[:, o0:o1], each sum taken over the inputs in order.
+
+    Four inputs per pass over the accumulator row: ((acc + a0*w0) + a1*w1) + ... is the same
+    order as one input per pass, each product and sum rounded, with a quarter of the loads and stores.
+    """
+    n_images, k_count = a.shape
+    width = o1 - o0
+    for n in range(n_images):
+        row = acc[n, o0:o1]
+        for o in range(width):
+            row[o] = np.float32(0.0)
+    k = 0
+    while k + 4 <= k_count:
+        w0, w1, w2, w3 = kernel[k, o0:o1], kernel[k + 1, o0:o1], kernel[k + 2, o0:o1], kernel[k + 3, o0:o1]
+        for n in range(n_images):
+            a0, a1, a2, a3 = a[n, k], a[n, k + 1], a[n, k + 2], a[n, k + 3]
+            row = acc[n, o0:o1]
+            for o in range(width):
+                row[o] = (((row[o] + a0 * w0[o]) + a1 * w1[o]) + a2 * w2[o]) + a3 * w3[o]
+        k += 4
+    while k < k_count:
+        wk = kernel[k, o0:o1]
+        for n in range(n_images):
+            ak = a[n, k]
+            row = acc[n, o0:o1]
+            for o in range(width):
+                row[o] = row[o] + ak * wk[o]
+        k += 1
+
+
+@njit(cache=True)
+def _reduce_block(pooled, reduce_kernel, reduce_bias, o0, o1, reduced):
+    """reduced[:, o0:o1] = relu(pooled @ W1 + b1) on those outputs."""
+    _dense_block(pooled, reduce_kernel, o0, o1, reduced)
+    bias = reduce_bias[o0:o1]
+    for n in range(reduced.shape[0]):
+        z = reduced[n, o0:o1]
+        for o in range(o1 - o0):
+            z[o] = max(z[o] + bias[o], np.float32(0.0))
+
+
+@njit(cache=True)
+def _expand_block(reduced, expand_kernel, expand_bias, o0, o1, gate):
+    """gate[:, o0:o1] = relu6(reduced @ W2 + b2 + 3) * (1/6) on those outputs."""
+    _dense_block(reduced, expand_kernel, o0, o1, gate)
+    bias = expand_bias[o0:o1]
+    for n in range(gate.shape[0]):
+        g = gate[n, o0:o1]
+        for o in range(o1 - o0):
+            v = g[o] + bias[o]
+            g[o] = min(max(v + np.float32(3.0), np.float32(0.0)), np.float32(6.0)) * _SIXTH
+
+
+@njit(cache=True)
+def _repeat_gate(gate, flat):
+    """flat[n, j*C + c] = gate[n, c] for every column j: the gate laid out like one flat row."""
+    c_count = gate.shape[1]
+    for n in range(gate.shape[0]):
+        g = gate[n]
+        f = flat[n]
+        for j in range(flat.shape[1] // c_count):
+            column = f[j * c_count:(j + 1) * c_count]
+            for c in range(c_count):
+                column[c] = g[c]
+
+
+@njit(cache=True)
+def _scale_row(rows, flat, n, i, out_rows):
+    """out_rows[n, i] = rows[n, i] * the repeated gate."""
+    xr = rows[n, i]
+    orow = out_rows[n, i]
+    g = flat[n]
+    for k in range(xr.shape[0]):
+        orow[k] = xr[k] * g[k]
+
+
 @njit(parallel=True, cache=True)
 def _squeeze_excite(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, out):
-    """squeeze_excite's loops, on shapes already checked."""
+    """squeeze_excite's phases, on shapes already checked."""
     n_images, h, w, c_count = x.shape
-    gate = _gates(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias)
-    for job in prange(n_images * h):
-        n = job // h
-        i = job % h
-        g = gate[n]
-        for j in range(w):
-            xr = x[n, i, j]
-            orow = out[n, i, j]
-            for c in range(c_count):
-                orow[c] = xr[c] * g[c]
+    cr = reduce_kernel.shape[1]
+    row_len = w * c_count
+    rows = x.reshape(n_images, h, row_len)  # views: both are C-contiguous
+    out_rows = out.reshape(n_images, h, row_len)
+    flat = np.empty((n_images, row_len), np.float32)  # the pool's column sums, later the repeated gate
+    pooled = np.empty((n_images, c_count), np.float32)
+    reduced = np.empty((n_images, cr), np.float32)
+    gate = np.empty((n_images, c_count), np.float32)
+    # Numba's get_num_threads() would embed a pointer into the threading library and keep this kernel
+    # out of the on-disk cache; the intrinsic calls the same function by its symbol name.
+    many = _iget_num_threads() > 1
+    size = n_images * h * row_len
+
+    # 1. pool
+    chunks = (row_len + _POOL_CHUNK - 1) // _POOL_CHUNK
+    if many and size >= _PARALLEL_POOL:
+        for job in prange(n_images * chunks):
+            n, k = job // chunks, job % chunks
+            _pool_chunk(rows, n, k * _POOL_CHUNK, min(row_len, (k + 1) * _POOL_CHUNK), flat)
+    else:
+        for job in range(n_images * chunks):
+            n, k = job // chunks, job % chunks
+            _pool_chunk(rows, n, k * _POOL_CHUNK, min(row_len, (k + 1) * _POOL_CHUNK), flat)
+    _pool_columns(flat, c_count, np.float32(row_len // c_count * h), pooled)
+
+    # 2. reduce, 3. expand: on one thread each layer in one block (no answer depends on the blocks)
+    if many and c_count * cr >= _PARALLEL_DENSE:
+        blocks = (cr + _OUT_BLOCK - 1) // _OUT_BLOCK
+        for b in prange(blocks):
+            _reduce_block(pooled, reduce_kernel, reduce_bias, b * _OUT_BLOCK, min(cr, (b + 1) * _OUT_BLOCK), reduced)
+        blocks = (c_count + _OUT_BLOCK - 1) // _OUT_BLOCK
+        for b in prange(blocks):
+            _expand_block(reduced, expand_kernel, expand_bias, b * _OUT_BLOCK, min(c_count, (b + 1) * _OUT_BLOCK),
+                          gate)
+    else:
+        _reduce_block(pooled, reduce_kernel, reduce_bias, 0, cr, reduced)
+        _expand_block(reduced, expand_kernel, expand_bias, 0, c_count, gate)
+    _repeat_gate(gate, flat)
+
+    # 4. scale
+    if many and size >= _PARALLEL_SCALE:
+        for job in prange(n_images * h):
+            _scale_row(rows, flat, job // h, job % h, out_rows)
+    else:
+        for job in range(n_images * h):
+            _scale_row(rows, flat, job // h, job % h, out_rows)
