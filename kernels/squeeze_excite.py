@@ -49,13 +49,16 @@ from numba.np.ufunc.parallel import _iget_num_threads
 from .entry import entry
 
 _SIXTH = np.float32(1.0 / 6.0)
-_POOL_CHUNK = 256  # floats of a flat row per pool job: a few jobs even for 56x56x16
-_OUT_BLOCK = 64  # outputs of a dense layer per job
+_POOL_CHUNK = 2048  # floats of a flat row per pool job (8 KB of sums: stays in L1 while the rows stream by)
+_TILE = 256  # floats of the gate repeated along a row: long vector loops at small C, still in L1
 
 # Smallest work (floats read) for which a phase runs in prange when it has more than one thread.
-_PARALLEL_POOL = 16384
+# Each parallel loop is a start and a join: about a microsecond on a quiet machine, a scheduler time
+# slice when another process holds the second core; so at most two per call, one on small layers.
+_PARALLEL_POOL = 262144
 _PARALLEL_DENSE = 65536
 _PARALLEL_SCALE = 16384
+_SPLIT_CHANNELS = 256  # channels from which expand + scale are cut by channels, not rows
 
 
 @entry
@@ -157,26 +160,54 @@ def _expand_block(reduced, expand_kernel, expand_bias, o0, o1, gate):
 
 
 @njit(cache=True)
-def _repeat_gate(gate, flat):
-    """flat[n, j*C + c] = gate[n, c] for every column j: the gate laid out like one flat row."""
+def _repeat_gate(gate, tile):
+    """tile[n, j*C + c] = gate[n, c]: the gate laid out like a run of tile.shape[1] // C pixels."""
     c_count = gate.shape[1]
     for n in range(gate.shape[0]):
         g = gate[n]
-        f = flat[n]
-        for j in range(flat.shape[1] // c_count):
-            column = f[j * c_count:(j + 1) * c_count]
+        for j in range(tile.shape[1] // c_count):
+            pixel = tile[n, j * c_count:(j + 1) * c_count]
             for c in range(c_count):
-                column[c] = g[c]
+                pixel[c] = g[c]
 
 
 @njit(cache=True)
-def _scale_row(rows, flat, n, i, out_rows):
-    """out_rows[n, i] = rows[n, i] * the repeated gate."""
+def _scale_row(rows, tile, n, i, out_rows):
+    """out_rows[n, i] = rows[n, i] * the gate, a tile's run of pixels at a time."""
     xr = rows[n, i]
     orow = out_rows[n, i]
-    g = flat[n]
-    for k in range(xr.shape[0]):
-        orow[k] = xr[k] * g[k]
+    g = tile[n]
+    run = g.shape[0]
+    for k0 in range(0, xr.shape[0], run):
+        k1 = min(k0 + run, xr.shape[0])
+        xs = xr[k0:k1]
+        os = orow[k0:k1]
+        for k in range(k1 - k0):
+            os[k] = xs[k] * g[k]
+
+
+@njit(cache=True)
+def _scale_channels(rows, gate, c0, c1, c_count, out_rows):
+    """out[..., c0:c1] = x[..., c0:c1] * gate[:, c0:c1] for every pixel (x and out as flat rows)."""
+    n_images, h, row_len = rows.shape
+    for n in range(n_images):
+        g = gate[n, c0:c1]
+        for i in range(h):
+            xr = rows[n, i]
+            orow = out_rows[n, i]
+            for base in range(0, row_len, c_count):
+                xs = xr[base + c0:base + c1]
+                os = orow[base + c0:base + c1]
+                for c in range(c1 - c0):
+                    os[c] = xs[c] * g[c]
+
+
+@njit(inline="always")
+def _part(width, parts, b):
+    """Outputs [o0, o1) of part b when ``width`` outputs are cut into ``parts`` runs of whole vectors."""
+    block = ((width + 15) // 16 + parts - 1) // parts * 16
+    o0 = min(width, b * block)
+    return o0, min(width, o0 + block)
 
 
 @njit(parallel=True, cache=True)
@@ -187,18 +218,19 @@ def _squeeze_excite(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, o
     row_len = w * c_count
     rows = x.reshape(n_images, h, row_len)  # views: both are C-contiguous
     out_rows = out.reshape(n_images, h, row_len)
-    flat = np.empty((n_images, row_len), np.float32)  # the pool's column sums, later the repeated gate
+    flat = np.empty((n_images, row_len), np.float32)  # the pool's column sums
     pooled = np.empty((n_images, c_count), np.float32)
     reduced = np.empty((n_images, cr), np.float32)
     gate = np.empty((n_images, c_count), np.float32)
     # Numba's get_num_threads() would embed a pointer into the threading library and keep this kernel
     # out of the on-disk cache; the intrinsic calls the same function by its symbol name.
-    many = _iget_num_threads() > 1
+    parts = _iget_num_threads()
     size = n_images * h * row_len
+    weights = c_count * cr
 
     # 1. pool
     chunks = (row_len + _POOL_CHUNK - 1) // _POOL_CHUNK
-    if many and size >= _PARALLEL_POOL:
+    if parts > 1 and size >= _PARALLEL_POOL:
         for job in prange(n_images * chunks):
             n, k = job // chunks, job % chunks
             _pool_chunk(rows, n, k * _POOL_CHUNK, min(row_len, (k + 1) * _POOL_CHUNK), flat)
@@ -206,26 +238,29 @@ def _squeeze_excite(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, o
         for job in range(n_images * chunks):
             n, k = job // chunks, job % chunks
             _pool_chunk(rows, n, k * _POOL_CHUNK, min(row_len, (k + 1) * _POOL_CHUNK), flat)
-    _pool_columns(flat, c_count, np.float32(row_len // c_count * h), pooled)
+    _pool_columns(flat, c_count, np.float32(w * h), pooled)
 
-    # 2. reduce, 3. expand: on one thread each layer in one block (no answer depends on the blocks)
-    if many and c_count * cr >= _PARALLEL_DENSE:
-        blocks = (cr + _OUT_BLOCK - 1) // _OUT_BLOCK
-        for b in prange(blocks):
-            _reduce_block(pooled, reduce_kernel, reduce_bias, b * _OUT_BLOCK, min(cr, (b + 1) * _OUT_BLOCK), reduced)
-        blocks = (c_count + _OUT_BLOCK - 1) // _OUT_BLOCK
-        for b in prange(blocks):
-            _expand_block(reduced, expand_kernel, expand_bias, b * _OUT_BLOCK, min(c_count, (b + 1) * _OUT_BLOCK),
-                          gate)
+    # 2. reduce: each thread a run of the outputs (no answer depends on where the runs are cut)
+    if parts > 1 and weights >= _PARALLEL_DENSE:
+        for b in prange(parts):
+            o0, o1 = _part(cr, parts, b)
+            _reduce_block(pooled, reduce_kernel, reduce_bias, o0, o1, reduced)
     else:
         _reduce_block(pooled, reduce_kernel, reduce_bias, 0, cr, reduced)
-        _expand_block(reduced, expand_kernel, expand_bias, 0, c_count, gate)
-    _repeat_gate(gate, flat)
 
-    # 4. scale
-    if many and size >= _PARALLEL_SCALE:
+    # 3. expand and 4. scale: with many channels, each thread its run of the channels for both
+    if parts > 1 and weights >= _PARALLEL_DENSE and c_count >= _SPLIT_CHANNELS:
+        for b in prange(parts):
+            c0, c1 = _part(c_count, parts, b)
+            _expand_block(reduced, expand_kernel, expand_bias, c0, c1, gate)
+            _scale_channels(rows, gate, c0, c1, c_count, out_rows)
+        return
+    _expand_block(reduced, expand_kernel, expand_bias, 0, c_count, gate)
+    tile = np.empty((n_images, max(1, _TILE // c_count) * c_count), np.float32)  # the gate, repeated
+    _repeat_gate(gate, tile)
+    if parts > 1 and size >= _PARALLEL_SCALE:
         for job in prange(n_images * h):
-            _scale_row(rows, flat, job // h, job % h, out_rows)
+            _scale_row(rows, tile, job // h, job % h, out_rows)
     else:
         for job in range(n_images * h):
-            _scale_row(rows, flat, job // h, job % h, out_rows)
+            _scale_row(rows, tile, job // h, job % h, out_rows)
