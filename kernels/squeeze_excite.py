@@ -59,8 +59,8 @@ _TILE = 256  # floats of the gate repeated along a row: long vector loops at sma
 # Smallest work (floats read) for which a phase runs in prange when it has more than one thread.
 # Each parallel loop is a start and a join: about a microsecond on a quiet machine, a scheduler time
 # slice when another process holds the second core; so at most two per call, one on small layers.
-_PARALLEL_POOL = 262144
-_PARALLEL_DENSE = 65536
+_PARALLEL_POOL = 65536
+_PARALLEL_DENSE = 32768
 _PARALLEL_SCALE = 16384
 _SPLIT_CHANNELS = 256  # channels from which expand + scale are cut by channels, not rows
 
@@ -89,6 +89,13 @@ def _pool_chunk(rows, n, k0, k1, flat):
         row = rows[n, i, k0:k1]
         for k in range(k1 - k0):
             acc[k] += row[k]
+
+
+@njit(cache=True)
+def _pool_run(rows, n, k0, k1, flat):
+    """flat[n, k0:k1] = the column sums of that run of the image's flat rows, _POOL_CHUNK floats at a time."""
+    for c0 in range(k0, k1, _POOL_CHUNK):
+        _pool_chunk(rows, n, c0, min(k1, c0 + _POOL_CHUNK), flat)
 
 
 @njit(cache=True)
@@ -264,20 +271,19 @@ def _squeeze_excite(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, o
     size = n_images * h * row_len
     weights = c_count * cr
 
-    # 1. pool
-    chunks = (row_len + _POOL_CHUNK - 1) // _POOL_CHUNK
-    if parts > 1 and size >= _PARALLEL_POOL:
-        for job in prange(n_images * chunks):
-            n, k = job // chunks, job % chunks
-            _pool_chunk(rows, n, k * _POOL_CHUNK, min(row_len, (k + 1) * _POOL_CHUNK), flat)
+    # 1. pool and 2. reduce: whichever reads more runs on all threads (one parallel loop), the other on one
+    parallel_pool = parts > 1 and size >= _PARALLEL_POOL and size >= weights
+    parallel_reduce = parts > 1 and weights >= _PARALLEL_DENSE and not parallel_pool
+    if parallel_pool:
+        for job in prange(n_images * parts):
+            k0, k1 = _part(row_len, parts, job % parts)
+            _pool_run(rows, job // parts, k0, k1, flat)
     else:
-        for job in range(n_images * chunks):
-            n, k = job // chunks, job % chunks
-            _pool_chunk(rows, n, k * _POOL_CHUNK, min(row_len, (k + 1) * _POOL_CHUNK), flat)
+        for n in range(n_images):
+            _pool_run(rows, n, 0, row_len, flat)
     _pool_columns(flat, c_count, np.float32(w * h), pooled)
-
-    # 2. reduce: each thread a run of the outputs (no answer depends on where the runs are cut)
-    if parts > 1 and weights >= _PARALLEL_DENSE:
+    # (each thread a run of the outputs: no answer depends on where the runs are cut)
+    if parallel_reduce:
         for b in prange(parts):
             o0, o1 = _part(cr, parts, b)
             _reduce_block(pooled, reduce_kernel, reduce_bias, o0, o1, reduced)
