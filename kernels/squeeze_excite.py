@@ -18,23 +18,28 @@ Why one kernel: the pool, the two tiny dense layers and the gate are a few thous
 vector of C values; as separate layers they would cost four passes through the interpreter and
 four buffers.
 
-How it runs: four phases, each a loop over jobs whose cut depends only on the shapes, so every
-value is summed in one fixed order whatever the thread count (the thread count only decides
-whether a phase's jobs run in a plain loop or in prange):
+How it runs: four phases. Every value is summed in one fixed order that depends only on the
+shapes; the thread count only decides which phases run in prange and where the runs of outputs
+handed to each thread are cut, and no sum depends on a cut.
 1. pool: an image row is W*C contiguous floats, so the kernel sees x as [N, H, W*C] ("flat rows")
-   and sums the H rows elementwise -- long contiguous vector adds even at C = 16 --, in chunks of
-   the flat row (the jobs); then each channel's W column sums are added left to right and divided
-   by H*W. (NumPy's mean adds in yet another order; both are float32 sums of the same values.)
-2. reduce: z = relu(s @ W1 + b1), jobs over blocks of the Cr outputs;
-3. expand: gate = relu6(z @ W2 + b2 + 3) * (1/6), jobs over blocks of the C outputs. Both dense
-   layers add their products in input order, as ((acc + a0*w0) + a1*w1) + ..., four inputs per
-   pass over the accumulator row (same order, a quarter of the loads and stores); every image of
-   the batch is done while a weight row is in cache, so the weights are read once per call.
-   Products and sums are rounded separately (no FMA), as before.
-4. scale: out = x * gate, one job per flat row, against the gate repeated W times (so this loop,
-   too, is one contiguous vector loop).
-Starting a parallel loop costs about a microsecond; a phase runs in prange only when there are
-two threads and enough work for that to pay (the _PARALLEL_* sizes below).
+   and sums the H rows elementwise, top to bottom -- long contiguous vector adds even at C = 16 --;
+   then each channel's W column sums are added left to right and divided by H*W. (NumPy's mean adds
+   in yet another order; both are float32 sums of the same values.)
+2. reduce: z = relu(s @ W1 + b1);
+3. expand: gate = relu6(z @ W2 + b2 + 3) * (1/6). Both dense layers add their products in input
+   order, as ((acc + a0*w0) + a1*w1) + ..., four inputs per pass over the accumulator row (same
+   order, a quarter of the loads and stores), every image of the batch while a weight row is in
+   cache (the weights are read once per call, not once per image), and products and sums rounded
+   separately (no FMA), as before. At MobileNet's sizes these layers are bound by reading their
+   weights (0.9 MB each at C = 960), which in a whole model come from memory, so they prefetch.
+4. scale: out = x * gate over each flat row, against the gate repeated along a run of pixels (one
+   contiguous vector loop even at C = 16).
+On one thread all of it is plain loops. With more, a parallel loop costs a start and a join (a
+few microseconds; a scheduler time slice when another process holds a core), so there is one, the
+scale by rows, unless the dense layers are big (from _PARALLEL_DENSE weights, where reading them
+is most of the time): then the reduce layer runs with each thread a run of its outputs, and expand
+and scale together with each thread a run of the channels. (Pooling in parallel too was measured
+and dropped: no gain at these sizes for a third start and join.)
 """
 
 from __future__ import annotations
@@ -57,10 +62,9 @@ _PREFETCH_FLOATS = 2048  # how far ahead the dense layers prefetch their weights
 _TILE = 256  # floats of the gate repeated along a row: long vector loops at small C, still in L1
 
 # Smallest work (floats read) for which a phase runs in prange when it has more than one thread.
-# Each parallel loop is a start and a join: about a microsecond on a quiet machine, a scheduler time
-# slice when another process holds the second core; so at most two per call, one on small layers.
-_PARALLEL_POOL = 65536
-_PARALLEL_DENSE = 32768
+# Each parallel loop is a start and a join: a few microseconds, a scheduler time slice when another
+# process holds the second core; so one per call (the scale), two when the dense layers are big.
+_PARALLEL_DENSE = 98304
 _PARALLEL_SCALE = 16384
 _SPLIT_CHANNELS = 256  # channels from which expand + scale are cut by channels, not rows
 
@@ -271,19 +275,14 @@ def _squeeze_excite(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, o
     size = n_images * h * row_len
     weights = c_count * cr
 
-    # 1. pool and 2. reduce: whichever reads more runs on all threads (one parallel loop), the other on one
-    parallel_pool = parts > 1 and size >= _PARALLEL_POOL and size >= weights
-    parallel_reduce = parts > 1 and weights >= _PARALLEL_DENSE and not parallel_pool
-    if parallel_pool:
-        for job in prange(n_images * parts):
-            k0, k1 = _part(row_len, parts, job % parts)
-            _pool_run(rows, job // parts, k0, k1, flat)
-    else:
-        for n in range(n_images):
-            _pool_run(rows, n, 0, row_len, flat)
+    # 1. pool
+    for n in range(n_images):
+        _pool_run(rows, n, 0, row_len, flat)
     _pool_columns(flat, c_count, np.float32(w * h), pooled)
-    # (each thread a run of the outputs: no answer depends on where the runs are cut)
-    if parallel_reduce:
+
+    # 2. reduce (each thread a run of the outputs: no answer depends on where the runs are cut)
+    parallel_dense = parts > 1 and weights >= _PARALLEL_DENSE
+    if parallel_dense:
         for b in prange(parts):
             o0, o1 = _part(cr, parts, b)
             _reduce_block(pooled, reduce_kernel, reduce_bias, o0, o1, reduced)
@@ -291,7 +290,7 @@ def _squeeze_excite(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, o
         _reduce_block(pooled, reduce_kernel, reduce_bias, 0, cr, reduced)
 
     # 3. expand and 4. scale: with many channels, each thread its run of the channels for both
-    if parts > 1 and weights >= _PARALLEL_DENSE and c_count >= _SPLIT_CHANNELS:
+    if parallel_dense and c_count >= _SPLIT_CHANNELS:
         for b in prange(parts):
             c0, c1 = _part(c_count, parts, b)
             _expand_block(reduced, expand_kernel, expand_bias, c0, c1, gate)

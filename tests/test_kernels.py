@@ -425,17 +425,20 @@ def test_squeeze_excite_matches_reference(rng, shape, reduced, threads):
     np.testing.assert_array_equal(x, out)
 
 
-def test_squeeze_excite_same_answer_on_any_thread_count_and_batch_position(rng):
+@pytest.mark.parametrize("shape,reduced", [((4, 14, 14, 240), 64), ((3, 7, 7, 960), 240)])  # small, big dense
+def test_squeeze_excite_same_answer_on_any_thread_count_and_batch_position(rng, shape, reduced):
     """Each image's gate is summed in one order: alone or in a batch, on one thread or two."""
-    x = rand(rng, 4, 14, 14, 240)
-    w1, b1, w2, b2 = rand(rng, 240, 64, scale=0.1), rand(rng, 64), rand(rng, 64, 240, scale=0.1), rand(rng, 240)
+    c = shape[3]
+    x = rand(rng, *shape)
+    w1, b1 = rand(rng, c, reduced, scale=0.1), rand(rng, reduced)
+    w2, b2 = rand(rng, reduced, c, scale=0.1), rand(rng, c)
     outs = []
     for threads in (1, 2):
         with thread_limits(threads):
             out = np.empty_like(x)
             squeeze_excite(x, w1, b1, w2, b2, out)
             outs.append(out)
-            for n in range(4):
+            for n in range(shape[0]):
                 alone = np.empty_like(x[n:n + 1])
                 squeeze_excite(x[n:n + 1].copy(), w1, b1, w2, b2, alone)
                 np.testing.assert_array_equal(alone[0], out[n])
