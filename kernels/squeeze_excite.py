@@ -37,9 +37,9 @@ handed to each thread are cut, and no sum depends on a cut.
 On one thread all of it is plain loops. With more, a parallel loop costs a start and a join (a
 few microseconds; a scheduler time slice when another process holds a core), so there is one, the
 scale by rows, unless the dense layers are big (from _PARALLEL_DENSE weights, where reading them
-is most of the time): then the reduce layer runs with each thread a run of its outputs, and expand
-and scale together with each thread a run of the channels. (Pooling in parallel too was measured
-and dropped: no gain at these sizes for a third start and join.)
+is most of the time) and there is one image: then the reduce layer runs with each thread a run of
+its outputs, and expand and scale together with each thread a run of the channels. (Pooling in
+parallel too was measured and dropped: no gain at these sizes for a third start and join.)
 """
 
 from __future__ import annotations
@@ -281,7 +281,9 @@ def _squeeze_excite(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, o
     _pool_columns(flat, c_count, np.float32(w * h), pooled)
 
     # 2. reduce (each thread a run of the outputs: no answer depends on where the runs are cut)
-    parallel_dense = parts > 1 and weights >= _PARALLEL_DENSE
+    # (one image only: with a batch the weights are read once for all of it, and cutting expand + scale
+    # by channels measured slower than the one parallel scale)
+    parallel_dense = parts > 1 and weights >= _PARALLEL_DENSE and n_images == 1
     if parallel_dense:
         for b in prange(parts):
             o0, o1 = _part(cr, parts, b)
