@@ -218,7 +218,7 @@ def _repeat_gate(gate, tile):
                 pixel[c] = g[c]
 
 
-@njit(cache=True)
+@njit(inline="always")  # a call per row costs as much as a short row's work
 def _scale_row(rows, tile, n, i, out_rows):
     """out_rows[n, i] = rows[n, i] * the gate, a tile's run of pixels at a time."""
     xr = rows[n, i]
