@@ -64,7 +64,7 @@ _TILE = 256  # floats of the gate repeated along a row: long vector loops at sma
 # Smallest work (floats read) for which a phase runs in prange when it has more than one thread.
 # Each parallel loop is a start and a join: a few microseconds, a scheduler time slice when another
 # process holds the second core; so one per call (the scale), two when the dense layers are big.
-_PARALLEL_DENSE = 98304
+_PARALLEL_DENSE = 65536
 _PARALLEL_SCALE = 16384
 _SPLIT_CHANNELS = 256  # channels from which expand + scale are cut by channels, not rows
 
