@@ -46,7 +46,7 @@ from npmobile.kernels.pointwise import (
     prepare_weights,
     tile_shape,
 )
-from npmobile.kernels.pooling import global_average_pool
+from npmobile.kernels.pooling import average_pool_rows, global_average_pool
 from npmobile.kernels.squeeze_excite import squeeze_excite
 from npmobile.kernels.threads import thread_limits
 
@@ -401,6 +401,112 @@ def main() -> None:
         "rounds": args.rounds, "kernels": results, "pipeline": pipelines,
     }, indent=1))
     print(f"\nwrote {path}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Squeeze-and-excite at every MobileNetV3 shape: the kernel vs the one before it (serial gate)
+#     .venv/bin/python -c "import bench.kernels as b; b.squeeze_excite_table()"   (or --se)
+# --------------------------------------------------------------------------------------------------
+
+# (map, channels, reduced) per SE block at 224 px; the map is the depthwise output the block reweights.
+SE_SHAPES_V3_SMALL = [(56, 16, 8), (14, 96, 24), (14, 240, 64), (14, 240, 64), (14, 120, 32), (14, 144, 40),
+                      (7, 288, 72), (7, 576, 144), (7, 576, 144)]
+SE_SHAPES_V3_LARGE = [(28, 72, 24), (28, 120, 32), (28, 120, 32), (14, 480, 120), (14, 672, 168), (7, 672, 168),
+                      (7, 960, 240), (7, 960, 240)]
+
+
+@numba.njit(cache=True)
+def _gates_before(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias):
+    """The [N, C] gates as the kernel before computed them (on one thread): pool pixel by pixel, then
+    each dense layer one input row per pass, image by image."""
+    n_images, c_count, cr = x.shape[0], x.shape[3], reduce_kernel.shape[1]
+    s = np.empty((n_images, c_count), dtype=np.float32)
+    average_pool_rows(x, s)
+    z = np.empty(cr, dtype=np.float32)
+    gate = np.empty((n_images, c_count), dtype=np.float32)
+    for n in range(n_images):
+        for r in range(cr):
+            z[r] = np.float32(0.0)
+        for c in range(c_count):
+            sv = s[n, c]
+            for r in range(cr):
+                z[r] += sv * reduce_kernel[c, r]
+        for r in range(cr):
+            z[r] = max(z[r] + reduce_bias[r], np.float32(0.0))
+        g = gate[n]
+        for c in range(c_count):
+            g[c] = np.float32(0.0)
+        for r in range(cr):
+            zv = z[r]
+            for c in range(c_count):
+                g[c] += zv * expand_kernel[r, c]
+        for c in range(c_count):
+            v = g[c] + expand_bias[c]
+            g[c] = min(max(v + np.float32(3.0), np.float32(0.0)), np.float32(6.0)) * np.float32(1.0 / 6.0)
+    return gate
+
+
+@numba.njit(parallel=True, cache=True)
+def _squeeze_excite_before(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, out):
+    """The kernel before the phased one, for the ratio: the gate on one thread, then one prange over
+    rows to scale."""
+    n_images, h, w, c_count = x.shape
+    gate = _gates_before(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias)
+    for job in numba.prange(n_images * h):
+        n = job // h
+        i = job % h
+        g = gate[n]
+        for j in range(w):
+            xr = x[n, i, j]
+            orow = out[n, i, j]
+            for c in range(c_count):
+                orow[c] = xr[c] * g[c]
+
+
+def squeeze_excite_shape_case(batch, hw, c, cr, model):
+    x, w1, b1 = rand(batch, hw, hw, c), rand(c, cr, scale=c**-0.5), rand(cr)
+    w2, b2 = rand(cr, c, scale=cr**-0.5), rand(c)
+    out, before = np.empty_like(x), np.empty_like(x)
+    call = squeeze_excite.bind(x, w1, b1, w2, b2, out)
+    return (
+        f"se {model} b{batch} {hw}x{hw}x{c} r{cr}",
+        batch * (2 * hw * hw * c + 4 * c * cr),
+        {
+            "phased": (call, "numba"),
+            "before": (lambda: _squeeze_excite_before(x, w1, b1, w2, b2, before), "numba"),
+        },
+    )
+
+
+def squeeze_excite_table(rounds: int = 21, batches=(1, 8)) -> list[dict]:
+    """Each V3 SE shape, phased kernel vs before, 1 and 2 threads (hot caches: in the model the
+    weights often come from memory, which bench/run.py --profile sees and this does not)."""
+    rows = []
+    print(f"{'case':40s} {'before 1t':>10s} {'now 1t':>8s} {'x':>5s} {'before 2t':>10s} {'now 2t':>8s} {'x':>5s}")
+    for batch in batches:
+        totals = {1: [0.0, 0.0], 2: [0.0, 0.0]}
+        for model, shapes in (("V3-Small", SE_SHAPES_V3_SMALL), ("V3-Large", SE_SHAPES_V3_LARGE)):
+            for hw, c, cr in shapes:
+                name, _, candidates = squeeze_excite_shape_case(batch, hw, c, cr, model)
+                t = {n: time_case(candidates, n, rounds) for n in (1, 2)}
+                for n in (1, 2):
+                    totals[n][0] += t[n]["before"]
+                    totals[n][1] += t[n]["phased"]
+                print(f"{name:40s} {t[1]['before'] * 1e6:8.1f}us {t[1]['phased'] * 1e6:6.1f}us "
+                      f"{t[1]['before'] / t[1]['phased']:5.2f} {t[2]['before'] * 1e6:8.1f}us "
+                      f"{t[2]['phased'] * 1e6:6.1f}us {t[2]['before'] / t[2]['phased']:5.2f}")
+                rows.append({"case": name, "us_before_1_thread": t[1]["before"] * 1e6,
+                             "us_1_thread": t[1]["phased"] * 1e6, "us_before_2_threads": t[2]["before"] * 1e6,
+                             "us_2_threads": t[2]["phased"] * 1e6})
+        print(f"{'all 17 SE blocks, batch ' + str(batch):40s} {totals[1][0] * 1e6:8.1f}us {totals[1][1] * 1e6:6.1f}us "
+              f"{totals[1][0] / totals[1][1]:5.2f} {totals[2][0] * 1e6:8.1f}us {totals[2][1] * 1e6:6.1f}us "
+              f"{totals[2][0] / totals[2][1]:5.2f}\n")
+    return rows
+
+
+if "--se" in sys.argv:  # only the squeeze-and-excite table
+    squeeze_excite_table()
+    sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -566,19 +566,44 @@ def test_global_average_pool_matches_reference(rng, shape):
     assert_close(out, R.global_average_pool(x, keepdims=True))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape,reduced", [((1, 1, 1, 16), 8), ((3, 7, 7, 72), 24), ((1, 14, 14, 672), 168),
-                                           ((2, 5, 3, 13), 4)])
-def test_squeeze_excite_matches_reference(rng, shape, reduced):
+                                           ((2, 5, 3, 13), 4), ((1, 1, 1, 1), 1), ((2, 3, 5, 7), 3),
+                                           ((1, 3, 5, 17), 5), ((8, 7, 7, 72), 24), ((1, 56, 56, 16), 8),
+                                           ((2, 7, 7, 960), 240), ((1, 28, 28, 120), 32)])
+def test_squeeze_excite_matches_reference(rng, shape, reduced, threads):
     c = shape[3]
     x = rand(rng, *shape)
     w1, b1 = rand(rng, c, reduced, scale=c**-0.5), rand(rng, reduced)
     w2, b2 = rand(rng, reduced, c, scale=reduced**-0.5) * 3, rand(rng, c)
     ref = R.squeeze_excite(x, w1, b1, w2, b2)
     out = np.full_like(x, np.nan)
-    squeeze_excite(x, w1, b1, w2, b2, out)
-    assert_close(out, ref)
-    squeeze_excite(x, w1, b1, w2, b2, x)  # in place
+    with thread_limits(threads):
+        squeeze_excite(x, w1, b1, w2, b2, out)
+        assert_close(out, ref)
+        squeeze_excite(x, w1, b1, w2, b2, x)  # in place
     assert_close(x, ref)
+    np.testing.assert_array_equal(x, out)
+
+
+@pytest.mark.parametrize("shape,reduced", [((4, 14, 14, 240), 64), ((3, 7, 7, 960), 240)])  # small, big dense
+def test_squeeze_excite_same_answer_on_any_thread_count_and_batch_position(rng, shape, reduced):
+    """Each image's gate is summed in one order: alone or in a batch, on one thread or two."""
+    c = shape[3]
+    x = rand(rng, *shape)
+    w1, b1 = rand(rng, c, reduced, scale=0.1), rand(rng, reduced)
+    w2, b2 = rand(rng, reduced, c, scale=0.1), rand(rng, c)
+    outs = []
+    for threads in (1, 2):
+        with thread_limits(threads):
+            out = np.empty_like(x)
+            squeeze_excite(x, w1, b1, w2, b2, out)
+            outs.append(out)
+            for n in range(shape[0]):
+                alone = np.empty_like(x[n:n + 1])
+                squeeze_excite(x[n:n + 1].copy(), w1, b1, w2, b2, alone)
+                np.testing.assert_array_equal(alone[0], out[n])
+    np.testing.assert_array_equal(outs[0], outs[1])
 
 
 # --------------------------------------------------------------------------------------------------
