@@ -225,7 +225,9 @@ def depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left
     # The vector kernel works on raw addresses: another dtype or layout takes the loops below. On one
     # thread its rows run in a plain loop (ByThreads), each row computed the same way either way.
     if _vector_kernel_fits(kernel, bias, act) and _plain(x) and _plain(out):
-        return ByThreads(partial(_depthwise_vector_serial, *args), partial(_depthwise_vector, *args))
+        if kernel.shape[0] == 3:
+            return ByThreads(partial(_depthwise_vector_serial_3x3, *args), partial(_depthwise_vector_3x3, *args))
+        return ByThreads(partial(_depthwise_vector_serial_5x5, *args), partial(_depthwise_vector_5x5, *args))
     return partial(_depthwise_conv2d, *args)
 
 
@@ -499,7 +501,7 @@ def _row(k, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_lef
 
 
 @njit(inline="always")
-def _vector_rows(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, job_lo, job_hi):
+def _vector_rows(k, x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, job_lo, job_hi):
     """Output rows job_lo .. job_hi - 1 (numbered over (image, row)) through the vector row kernel:
     one call of it per channel block, border pixels included. Only an output row with no kernel
     row inside the image (padding taller than the kernel) takes ``_clipped_taps``: act(bias).
@@ -509,7 +511,6 @@ def _vector_rows(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, ac
     when used, and a call between them would compile the row kernel twice.
     """
     n_images, h, w, cs = x.shape
-    k = kernel.shape[0]
     oh, ow = out.shape[1], out.shape[2]
     vw = VECTOR_WIDTH
     x_addr = np.int64(x.ctypes.data)
@@ -540,15 +541,31 @@ def _vector_rows(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, ac
             bias_act_row(acc, bias, act)
 
 
+# One compiled function per kernel size and form (k a constant in each): a model compiles only the
+# row kernels of its own layers (MobileNet V1 and V2 have no 5x5 layer), and only the form it runs.
+
+
 @njit(parallel=True, cache=True)
-def _depthwise_vector(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
-    """depthwise_conv2d for square 3x3/5x5 kernels through the vector row kernel, on checked shapes:
-    one task per (image, output row), as in the loops above."""
+def _depthwise_vector_3x3(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
+    """3x3 depthwise through the vector row kernel, on checked shapes: one task per (image, output row)."""
     for job in prange(x.shape[0] * out.shape[1]):
-        _vector_rows(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, job, job + 1)
+        _vector_rows(3, x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, job, job + 1)
+
+
+@njit(parallel=True, cache=True)
+def _depthwise_vector_5x5(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
+    """5x5 depthwise through the vector row kernel, on checked shapes: one task per (image, output row)."""
+    for job in prange(x.shape[0] * out.shape[1]):
+        _vector_rows(5, x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, job, job + 1)
 
 
 @njit(cache=True)
-def _depthwise_vector_serial(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
-    """``_depthwise_vector`` on one thread: all rows in a plain loop."""
-    _vector_rows(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, 0, x.shape[0] * out.shape[1])
+def _depthwise_vector_serial_3x3(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
+    """``_depthwise_vector_3x3`` on one thread: all rows in a plain loop."""
+    _vector_rows(3, x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, 0, x.shape[0] * out.shape[1])
+
+
+@njit(cache=True)
+def _depthwise_vector_serial_5x5(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
+    """``_depthwise_vector_5x5`` on one thread: all rows in a plain loop."""
+    _vector_rows(5, x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, 0, x.shape[0] * out.shape[1])

@@ -100,24 +100,28 @@ def thread_limits(threads: int | None = None) -> Iterator[int]:
                 pool.set_num_threads(count)
 
 
-def kernels_cached() -> bool:
-    """True when the main kernels are in Numba's on-disk cache (so no compile pause is coming).
+def kernels_cached(depthwise_sizes: tuple[int, ...] = (3, 5), squeeze_excite: bool = True,
+                   rescaled_input: bool = True) -> bool:
+    """True when the kernels a MobileNet runs are in Numba's on-disk cache (so no compile pause is coming).
 
-    Checks the cache index file of each compiled kernel the MobileNets use; a False answer only
-    means "expect a compile", never an error.
+    ``depthwise_sizes``, ``squeeze_excite``, ``rescaled_input``: what the model has (V1 and V2: 3x3,
+    no squeeze-excite, no Rescaling layer), since a kernel a model never runs is never compiled. Checks the cache index
+    file of each; a False answer only means "expect a compile", never an error.
     """
-    from npmobile.kernels import blas, conv, depthwise, gemm, pointwise, squeeze_excite
+    from npmobile.kernels import blas, conv, depthwise, gemm, pointwise
+    from npmobile.kernels import squeeze_excite as se
 
     # The stem runs the indirect GEMM (after a rescaled copy of the input for V3); on AVX2 the biggest
     # 1x1 products stay with OpenBLAS's tiles (pointwise.use_microkernel), and without BLAS with
-    # np.matmul + its epilogue.
-    products = (gemm.gemm_panels, gemm.igemm_panels, conv.rescale_into)
+    # np.matmul + its epilogue. Depthwise: the vector kernel's parallel form (a run on one thread
+    # compiles the plain-loop form too).
+    kernels = [gemm.gemm_panels, gemm.igemm_panels] + ([conv.rescale_into] if rescaled_input else [])
     if not gemm.AVX512:
-        products += (pointwise.gemm_tiles,) if blas.AVAILABLE else (pointwise._epilogue,)
-    # Depthwise: the vector kernel's parallel and one-thread forms (MobileNet's layers; the plain loops
-    # only for other activations and layouts).
-    kernels = (depthwise._depthwise_vector, depthwise._depthwise_vector_serial, squeeze_excite._squeeze_excite,
-               *products)
+        kernels.append(pointwise.gemm_tiles if blas.AVAILABLE else pointwise._epilogue)
+    vector_forms = {3: depthwise._depthwise_vector_3x3, 5: depthwise._depthwise_vector_5x5}
+    kernels += [vector_forms[k] for k in depthwise_sizes if k in vector_forms]
+    if squeeze_excite:
+        kernels.append(se._squeeze_excite)
     try:
         return all(os.path.exists(k._cache._cache_file._index_path) for k in kernels)
     except AttributeError:  # another Numba version keeps it elsewhere: say nothing rather than guess

@@ -100,15 +100,15 @@ _MODELS: dict[ModelRef, object] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def cached_model(ref: ModelRef, threads: int, before_warming: Callable[[], None] | None = None):
+def cached_model(ref: ModelRef, threads: int, before_warming: Callable[[object], None] | None = None):
     """The model ``ref`` names, opened and warmed once per process (a Dask worker runs many tasks).
 
-    ``before_warming`` is called once the model has opened, before its kernels load (or compile)."""
+    ``before_warming(model)`` is called once the model has opened, before its kernels load (or compile)."""
     with _MODELS_LOCK:
         if ref not in _MODELS:
             model = ref.open()
             if before_warming is not None:
-                before_warming()
+                before_warming(model)
             warm(model, ref.size, threads)
             _MODELS[ref] = model
         return _MODELS[ref]
@@ -216,9 +216,9 @@ class BatchClassifier:
         state["_loaded"] = None
         return state
 
-    def load(self, before_warming: Callable[[], None] | None = None):
+    def load(self, before_warming: Callable[[object], None] | None = None):
         """Open and warm the model in this process (once per process), with this worker's threads.
-        ``before_warming``: called once the model has opened, before its kernels load or compile."""
+        ``before_warming(model)``: called once the model has opened, before its kernels load or compile."""
         if self._loaded is None:
             from npmobile.kernels.threads import set_threads
             from npmobile.opening import preprocess_for

@@ -663,3 +663,25 @@ def test_set_threads_clamps_to_what_numba_has():
         numba.set_num_threads(before)
         if blas_before:
             threadpool_limits(limits=blas_before[0], user_api="blas")
+
+
+def test_kernels_cached_says_so_once_a_models_own_kernels_are_compiled(tmp_path):
+    """The 'compiling kernels' notice follows the kernels the model runs: a MobileNetV2 never compiles the 5x5
+    depthwise or the squeeze-excite kernel, so their absence must not make every run announce a compile."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np\n"
+        "from npmobile.applications import MobileNetV2\n"
+        "from npmobile.kernels.threads import kernels_cached\n"
+        "model = MobileNetV2(weights=None, alpha=0.35, input_shape=(64, 64, 3))\n"
+        "before = kernels_cached((3,), False, False)\n"
+        "model.predict(np.zeros((1, 64, 64, 3), np.float32))\n"
+        "print(before, kernels_cached((3,), False, False), kernels_cached((3, 5), True, True))\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True", "False"]

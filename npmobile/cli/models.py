@@ -90,10 +90,15 @@ def teaching_model(args):
                       args.trusted, args.custom_objects)
 
 
-def notice_first_compile() -> None:
-    """Say so when the kernels are about to be compiled (first run after install: ~10-30 s);
+def notice_first_compile(model) -> None:
+    """Say so when ``model``'s kernels are about to be compiled (first run after install: ~10-30 s);
     afterwards Numba loads them from its cache in milliseconds."""
     from npmobile.kernels.threads import kernels_cached
 
-    if not kernels_cached():
+    nodes = model.graph.nodes
+    sizes = tuple(sorted({int(n.weights["depthwise_kernel"].shape[0]) for n in nodes
+                          if n.op == "DepthwiseConv2D" and "depthwise_kernel" in n.weights}))
+    squeeze_excite = any(n.op == "GlobalAveragePooling2D" and n.config.get("keepdims") for n in nodes)
+    rescaled_input = any(n.op == "Rescaling" for n in nodes)
+    if not kernels_cached(sizes, squeeze_excite, rescaled_input):
         print("npmobile: compiling kernels (first run only, about half a minute)...", file=sys.stderr)
