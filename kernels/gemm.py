@@ -340,6 +340,18 @@ def _indirect_tile_intrinsic(mr: int, nr: int, vw: int, cin: int):
     return intrinsic(indirect_tile)
 
 
+def _target_has_avx512() -> bool:
+    """Whether the code Numba compiles may use AVX-512 (NUMBA_CPU_NAME/FEATURES, else the host)."""
+    from numba.core import config
+
+    if config.CPU_NAME and config.CPU_NAME != "host":
+        return "+avx512f" in (config.CPU_FEATURES or "")
+    return bool(llvm.get_host_cpu_features().get("avx512f", False))
+
+
+AVX512 = _target_has_avx512()
+
+
 # (MR, NR, VW) per variant, the index being what ``pack`` records and the driver dispatches on.
 # 6x16 of <8 x float>: twelve accumulators of AVX2's sixteen registers. 8x32 and 28x16 of
 # <16 x float>: 16 and 28 of AVX-512's 32; 28x16 for outputs whose width is closer to a multiple of
@@ -354,40 +366,61 @@ _tile2 = _tile_intrinsic(*VARIANTS[2])
 _tile3 = _tile_intrinsic(*VARIANTS[3])
 _tile4 = _tile_intrinsic(*VARIANTS[4])
 # The indirect GEMM's tiles, for convolutions on INDIRECT_CIN input channels: the stems of image
-# models (RGB). Other convolutions take im2col and the tiles above (kernels/conv.py). Not the 7-row
-# tile (its products are 1x1 layers of 7x7 and 14x14 maps): INDIRECT_VARIANTS.
+# models (RGB). Other convolutions take im2col and the tiles above (kernels/conv.py). Only the tiles
+# a stem's product is given (INDIRECT_VARIANTS, below: AVX2's, or AVX-512's two for many pixels),
+# since each costs compile time on every first run: not the 1x128 matrix-vector tile nor the 7-row
+# one (1x1 layers of 7x7 and 14x14 maps); a stem packed for those is packed again for 8x32.
 INDIRECT_CIN = 3
-INDIRECT_VARIANTS = (0, 1, 2, 3)
 _indirect_tile0 = _indirect_tile_intrinsic(*VARIANTS[0], INDIRECT_CIN)
 _indirect_tile1 = _indirect_tile_intrinsic(*VARIANTS[1], INDIRECT_CIN)
 _indirect_tile2 = _indirect_tile_intrinsic(*VARIANTS[2], INDIRECT_CIN)
-_indirect_tile3 = _indirect_tile_intrinsic(*VARIANTS[3], INDIRECT_CIN)
 
 
-@njit(inline="always")
-def _tile(variant, a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols):
-    if variant == 0:
+# The drivers are compiled with the tiles ``choose_variant`` picks on the target CPU only (the
+# others would cost every first run seconds of compile for code that never runs): AVX-512's four,
+# or AVX2's one. The target is part of Numba's cache key, so a cache never mixes the two; the tests
+# of the other CPU's tiles run in a process compiled for it (NUMBA_CPU_NAME=haswell, tests/test_gemm.py).
+if AVX512:
+    COMPILED_VARIANTS = (1, 2, 3, 4)
+    INDIRECT_VARIANTS = (1, 2)
+
+    @njit(inline="always")
+    def _compiled(variant, indirect):
+        return 1 <= variant <= 2 if indirect else 1 <= variant <= 4
+
+    @njit(inline="always")
+    def _tile(variant, a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols):
+        if variant == 1:
+            _tile1(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
+        elif variant == 2:
+            _tile2(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
+        elif variant == 3:
+            _tile3(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
+        else:
+            _tile4(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
+
+    @njit(inline="always")
+    def _indirect_tile(variant, x, table, taps, zero, rows, w, bias, c, ldc, act, res, ldr, cols):
+        if variant == 1:
+            _indirect_tile1(x, table, taps, zero, rows, w, bias, c, ldc, act, res, ldr, cols)
+        else:
+            _indirect_tile2(x, table, taps, zero, rows, w, bias, c, ldc, act, res, ldr, cols)
+
+else:
+    COMPILED_VARIANTS = (0,)
+    INDIRECT_VARIANTS = (0,)
+
+    @njit(inline="always")
+    def _compiled(variant, indirect):
+        return variant == 0
+
+    @njit(inline="always")
+    def _tile(variant, a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols):
         _tile0(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
-    elif variant == 1:
-        _tile1(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
-    elif variant == 2:
-        _tile2(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
-    elif variant == 3:
-        _tile3(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
-    else:
-        _tile4(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
 
-
-@njit(inline="always")
-def _indirect_tile(variant, x, table, taps, zero, rows, w, bias, c, ldc, act, res, ldr, cols):
-    if variant == 0:
+    @njit(inline="always")
+    def _indirect_tile(variant, x, table, taps, zero, rows, w, bias, c, ldc, act, res, ldr, cols):
         _indirect_tile0(x, table, taps, zero, rows, w, bias, c, ldc, act, res, ldr, cols)
-    elif variant == 1:
-        _indirect_tile1(x, table, taps, zero, rows, w, bias, c, ldc, act, res, ldr, cols)
-    elif variant == 2:
-        _indirect_tile2(x, table, taps, zero, rows, w, bias, c, ldc, act, res, ldr, cols)
-    else:
-        _indirect_tile3(x, table, taps, zero, rows, w, bias, c, ldc, act, res, ldr, cols)
 
 
 @njit(inline="always")
@@ -469,6 +502,8 @@ def gemm_panels(a, panels, bias, out, act, residual, variant, tile_rows, panels_
     The product is cut into tiles of ``tile_rows`` rows x ``panels_per_tile`` panels, spread over
     Numba's threads; within a tile, panel by panel (it stays in cache), MR rows at a time.
     """
+    if not _compiled(variant, False):  # another tile would run in its place
+        raise ValueError("gemm_panels: this tile is not compiled for this CPU")
     m = a.shape[0]
     n_panels = panels.shape[0]
     row_tiles = _cdiv(m, tile_rows)
@@ -495,6 +530,8 @@ def igemm_panels(x, table, zero, panels, bias, out, act, variant, tile_rows, pan
     FMA chain over k = tap*Cin + c that the GEMM on im2col's patch rows runs, so the answers are
     those bits.
     """
+    if not _compiled(variant, True):  # another tile would run in its place
+        raise ValueError("igemm_panels: this tile is not compiled for this CPU")
     n_images = x.shape[0]
     pixels = out.shape[0] // n_images
     taps = table.shape[1]
@@ -544,16 +581,6 @@ def igemm_panels(x, table, zero, panels, bias, out, act, variant, tile_rows, pan
 # --------------------------------------------------------------------------------------------------
 
 
-def _target_has_avx512() -> bool:
-    """Whether the code Numba compiles may use AVX-512 (NUMBA_CPU_NAME/FEATURES, else the host)."""
-    from numba.core import config
-
-    if config.CPU_NAME and config.CPU_NAME != "host":
-        return "+avx512f" in (config.CPU_FEATURES or "")
-    return bool(llvm.get_host_cpu_features().get("avx512f", False))
-
-
-AVX512 = _target_has_avx512()
 
 
 def choose_variant(m: int, n: int, avx512: bool = AVX512) -> int:
@@ -646,6 +673,9 @@ def gemm_packed(a: np.ndarray, packed: PackedWeights, out: np.ndarray, act: int,
     if not (a.dtype is _FLOAT32 and out.dtype is _FLOAT32 and residual.dtype is _FLOAT32
             and a.flags.c_contiguous and out.flags.c_contiguous and residual.flags.c_contiguous):
         raise ValueError("gemm_packed: arrays must be C-contiguous float32")
+    if packed.variant not in COMPILED_VARIANTS:
+        raise ValueError(f"gemm_packed: the {VARIANTS[packed.variant][:2]} tile is not compiled for this CPU "
+                         f"(its tiles: {[VARIANTS[v][:2] for v in COMPILED_VARIANTS]})")
     cut = packed.cuts.get(m)
     if cut is None:
         cut = packed.cuts[m] = tiling(m, k, packed.panels.shape[0], MR[packed.variant])

@@ -16,7 +16,7 @@ from npmobile.kernels import reference as R
 from npmobile.kernels.activations import ACT_HARD_SWISH, ACT_NONE, ACT_RELU6, ACT_SWISH
 from npmobile.kernels.threads import max_threads, thread_limits
 
-VARIANTS = range(len(G.VARIANTS))
+VARIANTS = G.COMPILED_VARIANTS  # this CPU's tiles; the other CPU's: test_the_avx2_build_...
 
 
 @pytest.fixture
@@ -58,11 +58,11 @@ def test_microkernel_matches_reference_every_activation_with_and_without_residua
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 5, 3), (29, 33, 47), (196, 24, 144)])
 def test_packed_reference_twin_matches_the_plain_product(rng, m, k, n):
     a, kernel, bias = rand(rng, m, k), rand(rng, k, n, scale=k**-0.5), rand(rng, n)
-    for width in (16, 32, 128):
+    for width in sorted({G.VARIANTS[v][1] for v in G.COMPILED_VARIANTS}):
         panels = R.pack_panels(kernel, width)
         assert panels.shape == (-(-n // width), k, width)
         assert_close(R.gemm_panels(a, panels, bias, n), R.dense(a, kernel, bias))
-        packed = G.PackedWeights(kernel, bias, [v[1] for v in G.VARIANTS].index(width))
+        packed = G.PackedWeights(kernel, bias, next(v for v in G.COMPILED_VARIANTS if G.VARIANTS[v][1] == width))
         np.testing.assert_array_equal(packed.panels, panels)
         out = np.empty((m, n), np.float32)
         G.gemm_packed(a, packed, out, ACT_NONE)
@@ -76,7 +76,7 @@ def test_every_variant_cut_thread_count_and_batch_position_gives_the_same_bits(r
     image = rand(rng, image_rows, k)
     shortcut = rand(rng, image_rows, n)
     for act, residual in ((ACT_RELU6, None), (ACT_NONE, shortcut), (ACT_HARD_SWISH, None), (ACT_SWISH, shortcut)):
-        alone = _packed_run(image, kernel, bias, act, residual, 0, rows=image_rows, per_task=99)
+        alone = _packed_run(image, kernel, bias, act, residual, VARIANTS[0], rows=image_rows, per_task=99)
         for threads in sorted({1, 2, max_threads()}):
             with thread_limits(threads):
                 for variant in VARIANTS:
@@ -153,3 +153,43 @@ def test_plain_and_prepared_weights_give_the_same_bits(rng):
     pointwise_conv2d(x, kernel, bias, plain, ACT_RELU6)
     pointwise_conv2d(x, prepare_weights(kernel, bias, 98), None, prepared, ACT_RELU6)
     np.testing.assert_array_equal(plain, prepared)
+
+
+def test_a_tile_not_compiled_for_this_cpu_is_refused_not_run(rng):
+    other = next(v for v in range(len(G.VARIANTS)) if v not in G.COMPILED_VARIANTS)
+    a, kernel, bias = rand(rng, 8, 16), rand(rng, 16, 16), rand(rng, 16)
+    with pytest.raises(ValueError, match="not compiled for this CPU"):
+        G.gemm_packed(a, G.PackedWeights(kernel, bias, other), np.empty((8, 16), np.float32), ACT_NONE)
+
+
+def test_the_avx2_build_of_the_tiles_matches_the_reference_too(tmp_path):
+    """The drivers hold only the target CPU's tiles: the AVX2 build (6x16 tiles of <8 x float>, plain and
+    indirect) is compiled and checked here in a process that targets Haswell, whatever this CPU is."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np\n"
+        "from npmobile.kernels import gemm as G, reference as R\n"
+        "from npmobile.kernels.conv import conv2d\n"
+        "assert not G.AVX512 and G.COMPILED_VARIANTS == (0,)\n"
+        "rng = np.random.default_rng(0)\n"
+        "for m, k, n in ((1, 7, 1), (5, 17, 33), (57, 40, 127), (196, 24, 144)):\n"
+        "    a, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (n,)))\n"
+        "    out = np.empty((m, n), np.float32)\n"
+        "    G.gemm_packed(a, G.pack(w, b, m), out, 0)\n"
+        "    np.testing.assert_allclose(out, R.dense(a, w, b), rtol=1e-5, atol=1e-5)\n"
+        "x = rng.standard_normal((2, 15, 13, 3)).astype(np.float32)\n"
+        "kern = rng.standard_normal((3, 3, 3, 24)).astype(np.float32)\n"
+        "bias = rng.standard_normal(24).astype(np.float32)\n"
+        "out = np.empty((2, 8, 7, 24), np.float32)\n"
+        "conv2d(x, kern, bias, out, 2, 2, 1, 1, 0, packed=G.pack(kern.reshape(27, 24), bias, 112))\n"
+        "expected = R.conv2d(x, kern, bias, (2, 2), ((1, 1), (1, 1)))\n"
+        "np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["ok"]

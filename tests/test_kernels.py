@@ -32,7 +32,7 @@ from npmobile.kernels.activations import (
 )
 from npmobile.kernels.conv import conv2d, indirection_table
 from npmobile.kernels.depthwise import depthwise_conv2d
-from npmobile.kernels.gemm import INDIRECT_CIN, VARIANTS, pack
+from npmobile.kernels.gemm import COMPILED_VARIANTS, INDIRECT_CIN, VARIANTS, pack
 from npmobile.kernels.pointwise import (
     TILES_PER_IMAGE,
     dense,
@@ -455,7 +455,7 @@ def test_conv2d_matches_reference(rng, case):
     pixels = (x * 40 + 128).astype(np.float32)
     rescaled = R.conv2d(R.rescale(pixels, 1 / 127.5, -1), kernel, bias, (stride, stride), pads, (dil, dil))
     # OpenBLAS tiles (no packed weights), then the microkernel in each of its variants.
-    for packed in (None, *(pack(kernel.reshape(-1, cout), bias, n * oh * ow, v) for v in range(len(VARIANTS)))):
+    for packed in (None, *(pack(kernel.reshape(-1, cout), bias, n * oh * ow, v) for v in COMPILED_VARIANTS)):
         for act in (ACT_NONE, ACT_RELU6, ACT_HARD_SWISH, ACT_SWISH):
             out = np.full((n, oh, ow, cout), np.nan, dtype=np.float32)
             conv2d(x, kernel, bias, out, stride, stride, top, left, act, dil, dil, packed=packed)
@@ -480,7 +480,7 @@ def test_indirect_gemm_gives_the_bits_of_im2col_and_the_microkernel(rng, case):
     x, kernel, bias = rand(rng, n, h, w, cin), rand(rng, k, k, cin, cout, scale=0.3), rand(rng, cout)
     x[0, 0, 0] = -0.0  # a negative zero, which x * 1 + 0 would make positive, changes no sum
     pixels = (x * 40 + 128).astype(np.float32)
-    for variant in range(len(VARIANTS)):
+    for variant in COMPILED_VARIANTS:
         packed = pack(kernel.reshape(-1, cout), bias, n * oh * ow, variant)
         table = indirection_table(h, w, cin, oh, ow, k, k, stride, stride, top, left, dil, dil, VARIANTS[variant][0])
         for act in ALL_ACTS:
@@ -502,7 +502,7 @@ def test_indirect_gemm_answer_depends_on_the_image_alone(rng):
     kernel, bias = rand(rng, 3, 3, 3, 24, scale=0.3), rand(rng, 24)
     image = (rand(rng, 1, 29, 23, 3) * 40 + 128).astype(np.float32)
     oh, ow = 15, 12
-    for variant in range(len(VARIANTS)):
+    for variant in COMPILED_VARIANTS:
         packed = pack(kernel.reshape(-1, 24), bias, oh * ow, variant)
         alone = np.empty((1, oh, ow, 24), np.float32)
         conv2d(image, kernel, bias, alone, 2, 2, 1, 0, ACT_HARD_SWISH, 1, 1, 1 / 127.5, -1.0, packed=packed)
