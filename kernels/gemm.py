@@ -654,7 +654,11 @@ def tiling(m: int, k: int, panels: int, mr: int) -> tuple[int, int]:
     col_tiles = -(-panels // per_task)
     if row_tiles * col_tiles < TASKS and m > mr:
         rows = max(mr, _round_up(-(-m // -(-TASKS // col_tiles)), mr))
-    return rows, per_task
+    # Row tiles of one height (a multiple of MR), as many as above but none left short: the tasks go
+    # to the threads in equal runs (Numba's static schedule), so equal tasks finish together. At
+    # batch 1 on two threads, MobileNet V1 0.92x and V2 0.98x the time of the unequal cut.
+    row_tiles = -(-m // rows)
+    return max(mr, _round_up(-(-m // row_tiles), mr)), per_task
 
 
 @entry
