@@ -429,6 +429,12 @@ def _cdiv(x, y):
 
 
 @njit(inline="always")
+def on_registers(act):
+    """Whether the tile applies ``act`` on its registers before the store (else after, from a scratch tile)."""
+    return act == ACT_NONE or act == ACT_RELU or act == ACT_RELU6 or act == ACT_HARD_SWISH
+
+
+@njit(inline="always")
 def rows_times_panels(a, panels, bias, out, act, residual, variant, r0, r1, p0, p1, scratch):
     """Rows [r0, r1) of out = act(a @ w + bias) (+ residual), for panels [p0, p1) of w, MR rows at a time.
 
@@ -441,7 +447,7 @@ def rows_times_panels(a, panels, bias, out, act, residual, variant, r0, r1, p0, 
     n = out.shape[1]
     nr = panels.shape[2]
     mr = MR[variant]
-    in_registers = act == ACT_NONE or act == ACT_RELU or act == ACT_RELU6 or act == ACT_HARD_SWISH
+    in_registers = on_registers(act)
     register_act = act if in_registers else ACT_NONE
     a_addr = np.int64(a.ctypes.data)
     w_addr = np.int64(panels.ctypes.data)
@@ -487,8 +493,7 @@ def _scratch(act, tasks, mr, nr):
     """[tasks, MR, NR] for the tiles whose activation is applied after the store (one per task, made
     before the parallel loop: an allocation inside it costs microseconds), or [1, 1, 1] when every
     activation is applied on the registers."""
-    on_registers = act == ACT_NONE or act == ACT_RELU or act == ACT_RELU6 or act == ACT_HARD_SWISH
-    if on_registers:
+    if on_registers(act):
         return np.empty((1, 1, 1), np.float32)
     return np.empty((tasks, mr, nr), np.float32)
 
@@ -540,7 +545,7 @@ def igemm_panels(x, table, zero, panels, bias, out, act, variant, tile_rows, pan
     n_panels = panels.shape[0]
     nr = panels.shape[2]
     mr = MR[variant]
-    in_registers = act == ACT_NONE or act == ACT_RELU or act == ACT_RELU6 or act == ACT_HARD_SWISH
+    in_registers = on_registers(act)
     register_act = act if in_registers else ACT_NONE
     x_addr = np.int64(x.ctypes.data)
     t_addr = np.int64(table.ctypes.data)
