@@ -108,16 +108,14 @@ def kernels_cached(depthwise_sizes: tuple[int, ...] = (3, 5), squeeze_excite: bo
     no squeeze-excite, no Rescaling layer), since a kernel a model never runs is never compiled. Checks the cache index
     file of each; a False answer only means "expect a compile", never an error.
     """
-    from npmobile.kernels import blas, conv, depthwise, gemm, pointwise
+    from npmobile.kernels import conv, depthwise, gemm
     from npmobile.kernels import squeeze_excite as se
 
-    # The stem runs the indirect GEMM (after a rescaled copy of the input for V3); on AVX2 the biggest
-    # 1x1 products stay with OpenBLAS's tiles (pointwise.use_microkernel), and without BLAS with
-    # np.matmul + its epilogue. Depthwise: the vector kernel's parallel form (a run on one thread
-    # compiles the plain-loop form too).
+    # The stem runs the indirect GEMM (after a rescaled copy of the input for V3). Depthwise: the vector
+    # kernel's parallel form (a run on one thread compiles the plain-loop form too). Not checked: the
+    # OpenBLAS tiles some AVX2 products take (only models with 1x1 layers of 256+ channels each way
+    # compile them, in the same first run as the microkernel's drivers).
     kernels = [gemm.gemm_panels, gemm.igemm_panels] + ([conv.rescale_into] if rescaled_input else [])
-    if not gemm.AVX512:
-        kernels.append(pointwise.gemm_tiles if blas.AVAILABLE else pointwise._epilogue)
     vector_forms = {3: depthwise._depthwise_vector_3x3, 5: depthwise._depthwise_vector_5x5}
     kernels += [vector_forms[k] for k in depthwise_sizes if k in vector_forms]
     if squeeze_excite:

@@ -32,7 +32,7 @@ from npmobile.kernels.activations import (
 )
 from npmobile.kernels.conv import conv2d, indirection_table
 from npmobile.kernels.depthwise import depthwise_conv2d
-from npmobile.kernels.gemm import COMPILED_VARIANTS, INDIRECT_CIN, VARIANTS, pack
+from npmobile.kernels.gemm import COMPILED_VARIANTS, INDIRECT_CIN, INDIRECT_VARIANTS, VARIANTS, pack
 from npmobile.kernels.pointwise import (
     TILES_PER_IMAGE,
     dense,
@@ -538,10 +538,11 @@ def test_indirection_table_reference_twin_matches_conv2d(rng, case):
 
 def test_conv2d_refuses_an_indirection_table_of_another_geometry(rng):
     x, kernel, bias = rand(rng, 1, 9, 9, 3), rand(rng, 3, 3, 3, 8), rand(rng, 8)
-    packed = pack(kernel.reshape(-1, 8), bias, 25, 2)
+    variant = INDIRECT_VARIANTS[0]  # one of this CPU's indirect tiles, given a table cut for other tile rows
+    packed = pack(kernel.reshape(-1, 8), bias, 25, variant)
     with pytest.raises(ValueError, match="indirection table"):
         conv2d(x, kernel, bias, np.empty((1, 5, 5, 8), np.float32), 2, 2, 1, 1, packed=packed,
-               table=indirection_table(9, 9, 3, 5, 5, 3, 3, 2, 2, 1, 1, mr=8))
+               table=indirection_table(9, 9, 3, 5, 5, 3, 3, 2, 2, 1, 1, mr=VARIANTS[variant][0] + 1))
 
 
 def test_conv2d_without_blas_matches_reference(rng, monkeypatch):

@@ -105,7 +105,7 @@ def conv2d_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Bind
     table = patches = rescaled = None
     if packed is not None and fits_indirection(x_shape):
         if packed.variant not in INDIRECT_VARIANTS:  # the indirect product has fewer tiles (kernels/gemm.py)
-            packed = pack(k4.reshape(-1, k4.shape[3]), bias, int(np.prod(out_shape[:3])), variant=1)
+            packed = pack(k4.reshape(-1, k4.shape[3]), bias, int(np.prod(out_shape[:3])), INDIRECT_VARIANTS[0])
         (_, h, w, cin), (_, oh, ow, _) = x_shape, out_shape
         table = indirection_table(h, w, cin, oh, ow, *kernel.shape[:2], *strides, top, left, *dilation,
                                   MR[packed.variant])
