@@ -23,8 +23,9 @@ values of vector type in registers, so the tile is emitted directly through
 registers themselves for the common tile).
 
 The types are generic LLVM vectors: every variant compiles and gives the same answers on any
-x86-64 (LLVM splits a <16 x float> into two AVX2 registers); the CPU's features only decide which
-variant is fast (``choose_variant``).
+x86-64 (LLVM splits a <16 x float> into two AVX2 registers); the CPU's features decide which
+variants are fast (``choose_variant``), and the drivers are compiled with those only
+(``COMPILED_VARIANTS``: the others would add seconds to every first run for code that never runs).
 
 Weights are packed once into column panels: panel p holds columns [p*NR, p*NR + NR) of w as K rows
 of NR contiguous floats, zero-padded past N, so the microkernel streams one panel front to back.
@@ -376,17 +377,12 @@ _indirect_tile1 = _indirect_tile_intrinsic(*VARIANTS[1], INDIRECT_CIN)
 _indirect_tile2 = _indirect_tile_intrinsic(*VARIANTS[2], INDIRECT_CIN)
 
 
-# The drivers are compiled with the tiles ``choose_variant`` picks on the target CPU only (the
-# others would cost every first run seconds of compile for code that never runs): AVX-512's four,
-# or AVX2's one. The target is part of Numba's cache key, so a cache never mixes the two; the tests
-# of the other CPU's tiles run in a process compiled for it (NUMBA_CPU_NAME=haswell, tests/test_gemm.py).
+# The drivers are compiled with the tiles ``choose_variant`` picks on the target CPU only: AVX-512's
+# four, or AVX2's one. The target is part of Numba's cache key, so a cache never mixes the two; the
+# tests of the other CPU's tiles run in a process compiled for it (tests/test_gemm.py).
 if AVX512:
     COMPILED_VARIANTS = (1, 2, 3, 4)
     INDIRECT_VARIANTS = (1, 2)
-
-    @njit(inline="always")
-    def _compiled(variant, indirect):
-        return 1 <= variant <= 2 if indirect else 1 <= variant <= 4
 
     @njit(inline="always")
     def _tile(variant, a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols):
@@ -409,10 +405,6 @@ if AVX512:
 else:
     COMPILED_VARIANTS = (0,)
     INDIRECT_VARIANTS = (0,)
-
-    @njit(inline="always")
-    def _compiled(variant, indirect):
-        return variant == 0
 
     @njit(inline="always")
     def _tile(variant, a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols):
@@ -507,7 +499,7 @@ def gemm_panels(a, panels, bias, out, act, residual, variant, tile_rows, panels_
     The product is cut into tiles of ``tile_rows`` rows x ``panels_per_tile`` panels, spread over
     Numba's threads; within a tile, panel by panel (it stays in cache), MR rows at a time.
     """
-    if not _compiled(variant, False):  # another tile would run in its place
+    if variant not in COMPILED_VARIANTS:  # another tile would run in its place
         raise ValueError("gemm_panels: this tile is not compiled for this CPU")
     m = a.shape[0]
     n_panels = panels.shape[0]
@@ -535,7 +527,7 @@ def igemm_panels(x, table, zero, panels, bias, out, act, variant, tile_rows, pan
     FMA chain over k = tap*Cin + c that the GEMM on im2col's patch rows runs, so the answers are
     those bits.
     """
-    if not _compiled(variant, True):  # another tile would run in its place
+    if variant not in INDIRECT_VARIANTS:  # another tile would run in its place
         raise ValueError("igemm_panels: this tile is not compiled for this CPU")
     n_images = x.shape[0]
     pixels = out.shape[0] // n_images
@@ -584,8 +576,6 @@ def igemm_panels(x, table, zero, panels, bias, out, act, variant, tile_rows, pan
 # --------------------------------------------------------------------------------------------------
 # Choosing a variant, packing, cutting the work
 # --------------------------------------------------------------------------------------------------
-
-
 
 
 def choose_variant(m: int, n: int, avx512: bool = AVX512) -> int:
