@@ -506,9 +506,10 @@ def _vector_rows(k, x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left,
     one call of it per channel block, border pixels included. Only an output row with no kernel
     row inside the image (padding taller than the kernel) takes ``_clipped_taps``: act(bias).
 
-    Inlined into a serial loop over all rows (``_depthwise_vector_serial``, one thread) and into
-    ``_depthwise_vector``'s parallel loop, row by row (see ``depthwise_conv2d``): each compiles only
-    when used, and a call between them would compile the row kernel twice.
+    ``k`` (3 or 5) is a constant where it is called: inlined into a serial loop over all rows
+    (``_depthwise_vector_serial_3x3``/``_5x5``, one thread) and into the parallel loop, row by row
+    (``_depthwise_vector_3x3``/``_5x5``; see ``depthwise_conv2d``): each compiles only when used, and
+    only its own kernel size's row kernel.
     """
     n_images, h, w, cs = x.shape
     oh, ow = out.shape[1], out.shape[2]

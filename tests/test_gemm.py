@@ -1,8 +1,9 @@
 """The LLVM-vector GEMM microkernel (kernels/gemm.py) against its NumPy twins (kernels/reference.py).
 
 Tolerance as in tests/test_kernels.py: max |fast - ref| <= 1e-5 * max(1, max |ref|). Beyond that,
-bit for bit: every variant, every cut of the work, every thread count and every batch position
-gives the same float32 answers, because each output is one FMA chain over K in order.
+bit for bit: every variant compiled for this CPU (the AVX2 build also in a Haswell-targeted process),
+every cut of the work, every thread count and every batch position gives the same float32 answers,
+because each output is one FMA chain over K in order.
 """
 
 from __future__ import annotations
