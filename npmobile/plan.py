@@ -84,7 +84,8 @@ class BoundPlan:
 
     def _bind(self, k: int) -> None:
         call = _bind(self.plan.steps[k], self.values)
-        self.calls[k] = call
+        # The plan picks the form itself, once per run: a ByThreads would ask Numba at every call.
+        self.calls[k] = call.many if isinstance(call, ByThreads) else call
         self.one_thread_calls[k] = call.one if isinstance(call, ByThreads) else call
 
     def run(self, feeds: list[np.ndarray], timings: list[tuple[Step, float]] | None = None) -> dict[str, np.ndarray]:
