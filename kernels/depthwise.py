@@ -501,10 +501,37 @@ def _row(k, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_lef
 
 
 @njit(inline="always")
+def whole_columns(ow, w, k, stride_w, pad_left):
+    """Output columns [j_lo, j_hi) whose windows have all their taps inside the image's width."""
+    j_lo = min(ow, (pad_left + stride_w - 1) // stride_w)
+    return j_lo, max(j_lo, min(ow, (w + pad_left - k) // stride_w + 1))
+
+
+@njit(inline="always")
+def vector_row(k, src, src_row0, h, w, cs, k_addr, b_addr, o_row, i, ow, stride_h, stride_w, pad_top, pad_left, act,
+               j_lo, j_hi):
+    """Output row ``i`` of one image (at address ``o_row``) through the vector row kernel, one call of
+    it per channel block. ``src``: the address of the image's input row ``src_row0`` (rows of w*cs
+    floats; the image itself, or a band of its rows held elsewhere, kernels/expand_depthwise.py).
+    Returns False, computing nothing, when no kernel row of the window lies inside the image."""
+    ih0, di_lo, di_hi = _tap_range(i, stride_h, pad_top, k, h)
+    rows = di_hi - di_lo
+    if rows <= 0:
+        return False
+    x_row = src + 4 * ((ih0 + di_lo - src_row0) * w * cs)
+    k_row = k_addr + 4 * (di_lo * k * cs)
+    vw = VECTOR_WIDTH
+    for c0 in range(0, cs, vw):
+        _row(k, x_row + 4 * c0, w * cs, cs, k_row + 4 * c0, b_addr + 4 * c0, o_row + 4 * c0,
+             ow, stride_w, rows, act, min(vw, cs - c0), pad_left, w, j_lo, j_hi)
+    return True
+
+
+@njit(inline="always")
 def _vector_rows(k, x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, job_lo, job_hi):
-    """Output rows job_lo .. job_hi - 1 (numbered over (image, row)) through the vector row kernel:
-    one call of it per channel block, border pixels included. Only an output row with no kernel
-    row inside the image (padding taller than the kernel) takes ``_clipped_taps``: act(bias).
+    """Output rows job_lo .. job_hi - 1 (numbered over (image, row)) through ``vector_row``, border
+    pixels included. Only an output row with no kernel row inside the image (padding taller than the
+    kernel) takes ``_clipped_taps``: act(bias).
 
     ``k`` (3 or 5) is a constant where it is called: inlined into a serial loop over all rows
     (``_depthwise_vector_serial_3x3``/``_5x5``, one thread) and into the parallel loop, row by row
@@ -513,32 +540,23 @@ def _vector_rows(k, x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left,
     """
     n_images, h, w, cs = x.shape
     oh, ow = out.shape[1], out.shape[2]
-    vw = VECTOR_WIDTH
     x_addr = np.int64(x.ctypes.data)
     k_addr = np.int64(kernel.ctypes.data)
     b_addr = np.int64(bias.ctypes.data)
     o_addr = np.int64(out.ctypes.data)
-    # Output columns [j_lo, j_hi) have all their taps inside the image.
-    j_lo = min(ow, (pad_left + stride_w - 1) // stride_w)
-    j_hi = max(j_lo, min(ow, (w + pad_left - k) // stride_w + 1))
+    j_lo, j_hi = whole_columns(ow, w, k, stride_w, pad_left)
     for job in range(job_lo, job_hi):
         n = job // oh
         i = job % oh
-        ih0, di_lo, di_hi = _tap_range(i, stride_h, pad_top, k, h)
-        rows = di_hi - di_lo
-        if rows > 0:
-            x_row = x_addr + 4 * ((n * h + ih0 + di_lo) * w * cs)
-            k_row = k_addr + 4 * (di_lo * k * cs)
-            o_row = o_addr + 4 * ((n * oh + i) * ow * cs)
-            for c0 in range(0, cs, vw):
-                _row(k, x_row + 4 * c0, w * cs, cs, k_row + 4 * c0, b_addr + 4 * c0, o_row + 4 * c0,
-                     ow, stride_w, rows, act, min(vw, cs - c0), pad_left, w, j_lo, j_hi)
+        if vector_row(k, x_addr + 4 * (n * h * w * cs), 0, h, w, cs, k_addr, b_addr, o_addr + 4 * (job * ow * cs),
+                      i, ow, stride_h, stride_w, pad_top, pad_left, act, j_lo, j_hi):
             continue
+        ih0 = i * stride_h - pad_top
         second = np.empty(cs, np.float32)
         for j in range(ow):
             iw0, dj_lo, dj_hi = _tap_range(j, stride_w, pad_left, k, w)
             acc = out[n, i, j]
-            _clipped_taps(acc, second, x, n, ih0, iw0, kernel, di_lo, di_hi, dj_lo, dj_hi, cs)
+            _clipped_taps(acc, second, x, n, ih0, iw0, kernel, 0, 0, dj_lo, dj_hi, cs)
             bias_act_row(acc, bias, act)
 
 

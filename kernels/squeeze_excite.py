@@ -54,15 +54,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .entry import entry
-
-try:  # private: Numba's thread count, read by symbol so the kernel stays in the on-disk cache (see below)
-    from numba.np.ufunc.parallel import _iget_num_threads
-except ImportError:  # a Numba without it: the parallel paths, which give the same answers
-
-    @njit(inline="always")
-    def _iget_num_threads():
-        return 2
-
+from .threads import jit_thread_count
 
 _SIXTH = np.float32(1.0 / 6.0)
 _POOL_CHUNK = 2048  # floats of a flat row per pool job (8 KB of sums: stays in L1 while the rows stream by)
@@ -277,9 +269,7 @@ def _squeeze_excite(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, o
     pooled = np.empty((n_images, c_count), np.float32)
     reduced = np.empty((n_images, cr), np.float32)
     gate = np.empty((n_images, c_count), np.float32)
-    # Numba's get_num_threads() would embed a pointer into the threading library and keep this kernel
-    # out of the on-disk cache; the intrinsic calls the same function by its symbol name.
-    parts = _iget_num_threads()
+    parts = jit_thread_count()
     size = n_images * h * row_len
     weights = c_count * cr
 

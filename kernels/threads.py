@@ -24,6 +24,19 @@ from collections.abc import Iterator
 import numba
 
 
+# ``jit_thread_count()``, in compiled code: the caller's Numba thread count. numba.get_num_threads()
+# would embed a pointer into the threading library and keep the kernel out of Numba's on-disk cache;
+# this private intrinsic calls the same function by its symbol name. Kernels that use it give the same
+# answers whatever it returns (they only cut their work by it).
+try:
+    from numba.np.ufunc.parallel import _iget_num_threads as jit_thread_count
+except ImportError:  # a Numba without it: the work is cut in two
+
+    @numba.njit(inline="always")
+    def jit_thread_count():
+        return 2
+
+
 def max_threads() -> int:
     """The most threads Numba can use in this process (NUMBA_NUM_THREADS, default: the core count)."""
     return int(numba.config.NUMBA_NUM_THREADS)
@@ -101,14 +114,16 @@ def thread_limits(threads: int | None = None) -> Iterator[int]:
 
 
 def kernels_cached(depthwise_sizes: tuple[int, ...] = (3, 5), squeeze_excite: bool = True,
-                   rescaled_input: bool = True) -> bool:
+                   rescaled_input: bool = True, expand_depthwise_sizes: tuple[int, ...] = ()) -> bool:
     """True when the kernels a MobileNet runs are in Numba's on-disk cache (so no compile pause is coming).
 
-    ``depthwise_sizes``, ``squeeze_excite``, ``rescaled_input``: what the model has (V1 and V2: 3x3,
-    no squeeze-excite, no Rescaling layer), since a kernel a model never runs is never compiled. Checks the cache index
-    file of each; a False answer only means "expect a compile", never an error.
+    ``depthwise_sizes``, ``squeeze_excite``, ``rescaled_input``, ``expand_depthwise_sizes``: what the
+    model has (V1 and V2: 3x3, no squeeze-excite, no Rescaling layer; V2 at 224: 3x3 expand + depthwise
+    pairs fused), since a kernel a model never runs is never compiled. Checks the cache index file of
+    each; a False answer only means "expect a compile", never an error.
     """
     from npmobile.kernels import conv, depthwise, gemm
+    from npmobile.kernels import expand_depthwise as ed
     from npmobile.kernels import squeeze_excite as se
 
     # The stem runs the indirect GEMM (after a rescaled copy of the input for V3). Depthwise: the vector
@@ -120,6 +135,8 @@ def kernels_cached(depthwise_sizes: tuple[int, ...] = (3, 5), squeeze_excite: bo
     kernels += [vector_forms[k] for k in depthwise_sizes if k in vector_forms]
     if squeeze_excite:
         kernels.append(se._squeeze_excite)
+    fused_forms = {3: ed._expand_depthwise_3x3, 5: ed._expand_depthwise_5x5}
+    kernels += [fused_forms[k] for k in expand_depthwise_sizes if k in fused_forms]
     try:
         return all(os.path.exists(k._cache._cache_file._index_path) for k in kernels)
     except AttributeError:  # another Numba version keeps it elsewhere: say nothing rather than guess

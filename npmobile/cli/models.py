@@ -100,5 +100,7 @@ def notice_first_compile(model) -> None:
                           if n.op == "DepthwiseConv2D" and "depthwise_kernel" in n.weights}))
     squeeze_excite = any(n.op == "GlobalAveragePooling2D" and n.config.get("keepdims") for n in nodes)
     rescaled_input = any(n.op == "Rescaling" for n in nodes)
-    if not kernels_cached(sizes, squeeze_excite, rescaled_input):
+    fused = tuple(sorted({int(n.weights["depthwise_kernel"].shape[0]) for n in model.optimized_graph().nodes
+                          if n.op == "ExpandDepthwise"}))
+    if not kernels_cached(sizes, squeeze_excite, rescaled_input, fused):
         print("npmobile: compiling kernels (first run only, about half a minute)...", file=sys.stderr)

@@ -108,6 +108,7 @@ from npmobile.ops import (  # noqa: E402, F401
     activation,
     convolution,
     core,
+    expand_depthwise,
     merge,
     normalization,
     pooling,

@@ -8,8 +8,11 @@ import copy
 
 import numpy as np
 
+from npmobile.errors import ModelFileError, UnsupportedLayerError
 from npmobile.graph import Graph, Node
+from npmobile.layers import infer_shapes
 from npmobile.ops.activation import epilogue_activation
+from npmobile.ops.expand_depthwise import fused_node, worth_fusing
 
 CONV_OPS = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D")
 
@@ -274,8 +277,29 @@ def fuse_residual_add(graph: Graph, keep: set[str]) -> Graph:
     return graph
 
 
+def fuse_expand_depthwise(graph: Graph, keep: set[str]) -> Graph:
+    """A 1x1 Conv2D whose only reader is a DepthwiseConv2D becomes one ExpandDepthwise node with it,
+    where the pair is one the fused kernel runs and gains on (npmobile/ops/expand_depthwise.py): the
+    1x1 layer's output is then never written whole. Needs the input size: a model whose inputs
+    take any size keeps the two layers."""
+    try:
+        shapes = infer_shapes(graph, check=False)
+    except (ModelFileError, UnsupportedLayerError):  # the plan refuses such a graph with its own message
+        return graph
+    for expand in [n for n in graph.nodes if n.op == "Conv2D"]:
+        depthwise = _only_consumer(graph, expand, keep)
+        if depthwise is None or depthwise.op != "DepthwiseConv2D" or len(expand.inputs) != 1:
+            continue
+        in_shape = shapes.get(expand.inputs[0]) if isinstance(expand.inputs[0], str) else None
+        if in_shape is None or len(in_shape) != 4 or not worth_fusing(expand, depthwise, in_shape):
+            continue
+        graph.nodes[graph.nodes.index(depthwise)] = fused_node(expand, depthwise)
+        graph.nodes.remove(expand)
+    return graph
+
+
 PASSES = (drop_dropout, fold_batchnorm, fuse_zero_padding, fold_rescaling, fuse_squeeze_excite, fuse_hard_swish_ops,
-          fuse_activation, fuse_residual_add)
+          fuse_activation, fuse_residual_add, fuse_expand_depthwise)
 
 
 def optimize(graph: Graph, keep: set[str] | frozenset[str] = frozenset()) -> Graph:

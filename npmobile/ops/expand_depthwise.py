@@ -1,0 +1,149 @@
+"""ExpandDepthwise: a 1x1 Conv2D and the DepthwiseConv2D that alone reads it, as one node (made by the
+fusion pass, never read from a file): the expand and depthwise layers of an inverted residual block.
+
+The node keeps both layers' configs (``expand``, ``depthwise``) and weights, and means exactly the two
+layers in a row: its reference runs their records' references. The fast path computes the 1x1 layer a
+few rows at a time into a band that stays in cache, instead of writing its whole output
+(kernels/expand_depthwise.py), with the same bits as the two kernels one after the other.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from npmobile.ops import Binder, LayerType, register
+from npmobile.ops.common import bias_or_zeros, conv_padding, pair, pixels
+
+if TYPE_CHECKING:
+    from npmobile.graph import Node
+
+# Activations both kernels apply on their registers (kernels/gemm.py on_registers, kernels/depthwise.py
+# VECTOR_ACTS), by their config names.
+_ON_REGISTERS = (None, "linear", "relu", "relu6", "hard_swish", "hard_silu")
+
+# When the pair is worth fusing (a fixed rule of the layers' shapes; measured on MobileNet V1-V3 at 224,
+# AVX-512): the 1x1 layer's output per image is too big to stay in a 1 MB L2 cache, and the 1x1 layer
+# does few multiply-adds per value it writes (input channels), so that writing and re-reading it is
+# what its time goes to. MobileNetV2's first three blocks (16 and 24 channels in, 1.8-4.8 MB out):
+# 0.87x the two layers' time at batch 8, 0.95-0.99x at batch 1; V1's first layers (32 channels in)
+# gain nothing, and on maps that fit the L2 fusing loses (the threads recompute the rows they share).
+MIN_EXPANDED_BYTES = 768 * 1024
+MAX_EXPAND_INPUT_CHANNELS = 24
+
+
+def _as_node(node: Node, part: str) -> Node:
+    """One of the two layers, as the node the pass took it from."""
+    from npmobile.graph import Node
+
+    names = node.config["keras_names"][part]
+    if part == "expand":
+        weights = {"kernel": node.weights["expand_kernel"]}
+        if "expand_bias" in node.weights:
+            weights["bias"] = node.weights["expand_bias"]
+        return Node(names[0], "Conv2D", node.config["expand"], [], weights, list(names))
+    weights = {"depthwise_kernel": node.weights["depthwise_kernel"]}
+    if "bias" in node.weights:
+        weights["bias"] = node.weights["bias"]
+    return Node(names[0], "DepthwiseConv2D", node.config["depthwise"], [], weights, list(names))
+
+
+def fused_node(expand: Node, depthwise: Node) -> Node:
+    """The node standing for ``expand`` then ``depthwise`` (named as the depthwise layer, whose output it is)."""
+    from npmobile.graph import Node
+
+    weights = {"expand_kernel": expand.weights["kernel"], "depthwise_kernel": depthwise.weights["depthwise_kernel"]}
+    if "bias" in expand.weights:
+        weights["expand_bias"] = expand.weights["bias"]
+    if "bias" in depthwise.weights:
+        weights["bias"] = depthwise.weights["bias"]
+    config = {"expand": dict(expand.config), "depthwise": dict(depthwise.config),
+              "keras_names": {"expand": list(expand.keras_names), "depthwise": list(depthwise.keras_names)}}
+    return Node(depthwise.name, "ExpandDepthwise", config, list(expand.inputs), weights,
+                list(expand.keras_names) + list(depthwise.keras_names))
+
+
+def worth_fusing(expand: Node, depthwise: Node, in_shape: tuple) -> bool:
+    """Whether the pass should make one node of these two (``in_shape``: the 1x1 layer's input, NHWC).
+
+    The pair must be one the fast kernel runs (1x1 stride 1 unpadded, then a square 3x3 or 5x5
+    depthwise window with multiplier 1, no dilation, padding no taller than the window, activations
+    applied on the registers) and worth it by the rule above.
+    """
+    e, d = expand.config, depthwise.config
+    kernel = expand.weights.get("kernel")
+    dw = depthwise.weights.get("depthwise_kernel")
+    if (kernel is None or dw is None or kernel.ndim != 4 or dw.ndim != 4 or kernel.shape[:2] != (1, 1)
+            or any(v is None for v in in_shape[1:])):
+        return False
+    if (pair(e.get("strides", 1)) != (1, 1) or pair(e.get("dilation_rate", 1)) != (1, 1)
+            or e.get("padding", "valid") not in ("valid", "same") or e.get("residual") or "input_scale" in e
+            or int(e.get("groups", 1) or 1) != 1 or e.get("activation") not in _ON_REGISTERS):
+        return False
+    k = dw.shape[0]
+    if (dw.shape[1] != k or k not in (3, 5) or dw.shape[3] != 1 or pair(d.get("dilation_rate", 1)) != (1, 1)
+            or d.get("activation") not in _ON_REGISTERS):
+        return False
+    _, h, w, cin = in_shape
+    strides = pair(d.get("strides", 1))
+    (top, bottom), (left, right) = conv_padding(depthwise, (h, w), (k, k), strides, (1, 1))
+    if max(top, bottom, left, right) >= k:
+        return False
+    return h * w * kernel.shape[3] * 4 >= MIN_EXPANDED_BYTES and cin <= MAX_EXPAND_INPUT_CHANNELS
+
+
+def expand_depthwise_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
+    from npmobile.ops.convolution import conv2d_reference, depthwise_reference
+
+    y = conv2d_reference(_as_node(node, "expand"), inputs, keras_version)
+    return depthwise_reference(_as_node(node, "depthwise"), [y], keras_version)
+
+
+def expand_depthwise_output_shape(node: Node, inputs: list) -> tuple:
+    from npmobile.ops.convolution import conv_output_shape
+
+    x = next(s for s in inputs if s is not None)
+    expanded = (*x[:3], int(node.weights["expand_kernel"].shape[3]))
+    return conv_output_shape(_as_node(node, "depthwise"), [expanded])
+
+
+def expand_depthwise_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
+    from npmobile.kernels.expand_depthwise import band_rows, expand_depthwise, fits, scratch_for
+    from npmobile.kernels.gemm import COMPILED_VARIANTS, pack
+    from npmobile.kernels.threads import max_threads
+    from npmobile.ops.activation import epilogue_code
+
+    expand, depthwise = _as_node(node, "expand"), _as_node(node, "depthwise")
+    expand_act, act = epilogue_code(expand, keras_version), epilogue_code(depthwise, keras_version)
+    (_, h, w, _), (_, oh, _, c) = in_shapes[0], out_shape
+    k = depthwise.weights["depthwise_kernel"].shape[0]
+    strides = pair(depthwise.config.get("strides", 1))
+    (top, _), (left, _) = conv_padding(depthwise, (h, w), (k, k), strides, (1, 1))
+    if expand_act is None or act is None or not fits(k, h, w, oh, strides[0], top, expand_act, act):
+        return None
+    kernel = expand.weights["kernel"][0, 0]
+    held = band_rows(w, c, k, strides[0])[1]
+    packed = pack(kernel, bias_or_zeros(expand, kernel.shape[1]), held * w)  # each product: a band's rows
+    if packed.variant not in COMPILED_VARIANTS:
+        return None
+    dw_kernel = np.ascontiguousarray(depthwise.weights["depthwise_kernel"][:, :, :, 0])
+    bias = bias_or_zeros(depthwise, c)
+    scratch = scratch_for(max_threads(), w, c, k, strides[0])  # made once per plan (one run at a time)
+
+    def bind(args, out):
+        return expand_depthwise.bind(args[0], packed, expand_act, dw_kernel, bias, out, strides[0], strides[1], top,
+                                     left, act, scratch)
+
+    return bind
+
+
+def expand_depthwise_macs(node: Node, in_shape: tuple, out_shape: tuple) -> int:
+    k = node.weights["depthwise_kernel"].shape
+    cin, c = node.weights["expand_kernel"].shape[2:]
+    return pixels(in_shape) * cin * c + pixels(out_shape) * k[0] * k[1] * c
+
+
+register(LayerType("ExpandDepthwise", expand_depthwise_reference, expand_depthwise_output_shape,
+                   prepare=expand_depthwise_prepare, macs=expand_depthwise_macs,
+                   kind=lambda node: "pointwise+depthwise", from_files=False))
