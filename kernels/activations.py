@@ -22,8 +22,8 @@ from collections.abc import Callable
 from functools import partial
 
 import numpy as np
-from numba import njit, prange
 
+from .backend import njit, prange
 from .entry import entry
 
 ACT_NONE = 0

@@ -8,7 +8,7 @@ and the *Numba* kernel splits the product into tiles and calls sgemm once per ti
 its own workers (kernels/pointwise.py). One pool owns the cores, and the products use them all.
 
 The sgemm is the one NumPy already loaded (its bundled OpenBLAS, found with threadpoolctl), so
-nothing new is installed or loaded. It is made known to Numba under a fixed name
+nothing new is installed or loaded. It is made known to the compiled code under a fixed name
 (``npmobile_sgemm``) before any kernel that calls it is compiled or loaded from Numba's cache:
 the compiled code refers to the name, not to an address, so it stays valid from one process to
 the next. ``AVAILABLE`` is False when no 64-bit-integer OpenBLAS sgemm is found (another NumPy
@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import ctypes
 
-import llvmlite.binding as llvm
-from numba import types
+from .backend import AOT, add_symbol
 
 # cblas_sgemm's enum values.
 ROW_MAJOR = 101
@@ -32,11 +31,14 @@ _CANDIDATES = ("scipy_cblas_sgemm64_", "cblas_sgemm64_")
 
 # void sgemm(order, trans_a, trans_b, m, n, k, alpha, *a, lda, *b, ldb, beta, *c, ldc);
 # pointers are passed as 64-bit integers (addresses), which is how the x86-64 and AArch64 C ABIs
-# pass them anyway.
-sgemm = types.ExternalFunction("npmobile_sgemm", types.void(
-    types.int32, types.int32, types.int32, types.int64, types.int64, types.int64,
-    types.float32, types.int64, types.int64, types.int64, types.int64,
-    types.float32, types.int64, types.int64))
+# pass them anyway. (The AOT module declares the same function in C: kernels/aot_shim.c.)
+if not AOT:
+    from numba import types
+
+    sgemm = types.ExternalFunction("npmobile_sgemm", types.void(
+        types.int32, types.int32, types.int32, types.int64, types.int64, types.int64,
+        types.float32, types.int64, types.int64, types.int64, types.int64,
+        types.float32, types.int64, types.int64))
 
 
 def _find_sgemm() -> int | None:
@@ -60,4 +62,4 @@ def _find_sgemm() -> int | None:
 _address = _find_sgemm()
 AVAILABLE = _address is not None
 if AVAILABLE:
-    llvm.add_symbol("npmobile_sgemm", _address)
+    add_symbol("npmobile_sgemm", _address)

@@ -43,10 +43,10 @@ from collections.abc import Callable
 from functools import partial
 
 import numpy as np
-from numba import njit, prange
 
 from . import blas
 from .activations import ACT_NONE
+from .backend import njit, prange
 from .entry import entry, in_order
 from .gemm import INDIRECT_CIN, INDIRECT_VARIANTS, MR, PackedWeights, gemm_packed, igemm_packed
 from .pointwise import TILES_PER_IMAGE, epilogue_rows, gemm_matmul, tile_shape

@@ -45,14 +45,16 @@ from collections.abc import Callable
 from functools import partial
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
 
 from .activations import ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, bias_act_row
+from .backend import AOT, intrinsic, njit, prange
 from .entry import ByThreads, entry
 from .gemm import AVX512
+
+if not AOT:  # the LLVM IR below is emitted only when Numba compiles a kernel (kernels/backend.py)
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
 
 
 @njit(inline="always")
@@ -304,9 +306,10 @@ def _depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_lef
 # interior one, and an outside tap adds an exact zero (x + 0*w == x): the sum of the taps inside,
 # bit for bit (up to the sign of an exact zero), whichever the pixel or the CPU.
 
-_F32 = ir.FloatType()
-_I64 = ir.IntType(64)
-_PTR = ir.PointerType()
+if not AOT:
+    _F32 = ir.FloatType()
+    _I64 = ir.IntType(64)
+    _PTR = ir.PointerType()
 
 
 def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int) -> None:

@@ -17,7 +17,7 @@ import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
-import numba
+from . import backend
 
 
 def entry(binder: Callable[..., Callable[[], None]]) -> Callable[..., None]:
@@ -41,7 +41,7 @@ class ByThreads(NamedTuple):
     many: Callable[[], None]
 
     def __call__(self) -> None:
-        (self.one if numba.get_num_threads() == 1 else self.many)()
+        (self.one if backend.get_num_threads() == 1 else self.many)()
 
 
 def no_work() -> None:

@@ -35,12 +35,12 @@ from collections.abc import Callable
 from functools import partial
 
 import numpy as np
-from numba import njit, prange
 
+from .backend import njit, prange
 from .depthwise import VECTOR_ACTS, _tap_range, vector_row, whole_columns
 from .entry import entry
+from .gemm import COMPILED_VARIANTS, MR, PackedWeights, rows_times_panels
 from .threads import jit_thread_count
-from .gemm import COMPILED_VARIANTS, MR, PackedWeights, on_registers, rows_times_panels
 
 # Bytes of the 1x1 layer's output each thread holds: well inside a 1 MB L2 beside the weights, the
 # input rows and the output rows (a fixed size, so the cut depends only on the layer's shape).

@@ -42,20 +42,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-import llvmlite.binding as llvm
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
 
 from .activations import ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, apply_activation
+from .backend import AOT, intrinsic, njit, prange, target_has_avx512
 from .entry import entry, no_work
 
+if not AOT:  # the LLVM IR below is emitted only when Numba compiles a kernel (kernels/backend.py)
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+
 _FLOAT32 = np.dtype(np.float32)
-_F32 = ir.FloatType()
-_I64 = ir.IntType(64)
-_PTR = ir.PointerType()
+if not AOT:
+    _F32 = ir.FloatType()
+    _I64 = ir.IntType(64)
+    _PTR = ir.PointerType()
 
 
 def _emit_loop(builder: ir.IRBuilder, count, acc: list, body, name: str) -> list:
@@ -341,16 +343,8 @@ def _indirect_tile_intrinsic(mr: int, nr: int, vw: int, cin: int):
     return intrinsic(indirect_tile)
 
 
-def _target_has_avx512() -> bool:
-    """Whether the code Numba compiles may use AVX-512 (NUMBA_CPU_NAME/FEATURES, else the host)."""
-    from numba.core import config
-
-    if config.CPU_NAME and config.CPU_NAME != "host":
-        return "+avx512f" in (config.CPU_FEATURES or "")
-    return bool(llvm.get_host_cpu_features().get("avx512f", False))
-
-
-AVX512 = _target_has_avx512()
+# Whether the code may use AVX-512: the JIT's target CPU, or what the AOT module was built for.
+AVX512 = target_has_avx512()
 
 
 # (MR, NR, VW) per variant, the index being what ``pack`` records and the driver dispatches on.

@@ -41,10 +41,10 @@ from collections.abc import Callable
 from functools import partial
 
 import numpy as np
-from numba import njit, prange
 
 from . import blas
 from .activations import ACT_NONE, bias_act_row
+from .backend import njit, prange
 from .entry import entry, no_work
 from .gemm import AVX512, PackedWeights, gemm_packed, pack
 

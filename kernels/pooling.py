@@ -16,8 +16,8 @@ from collections.abc import Callable
 from functools import partial
 
 import numpy as np
-from numba import njit
 
+from .backend import njit
 from .entry import entry
 
 

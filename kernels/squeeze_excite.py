@@ -48,13 +48,15 @@ from collections.abc import Callable
 from functools import partial
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
 
+from .backend import AOT, intrinsic, njit, prange
 from .entry import entry
 from .threads import jit_thread_count
+
+if not AOT:  # the LLVM IR below is emitted only when Numba compiles a kernel (kernels/backend.py)
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
 
 _SIXTH = np.float32(1.0 / 6.0)
 _POOL_CHUNK = 2048  # floats of a flat row per pool job (8 KB of sums: stays in L1 while the rows stream by)

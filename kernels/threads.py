@@ -21,25 +21,15 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-import numba
+from . import backend
 
-
-# ``jit_thread_count()``, in compiled code: the caller's Numba thread count. numba.get_num_threads()
-# would embed a pointer into the threading library and keep the kernel out of Numba's on-disk cache;
-# this private intrinsic calls the same function by its symbol name. Kernels that use it give the same
-# answers whatever it returns (they only cut their work by it).
-try:
-    from numba.np.ufunc.parallel import _iget_num_threads as jit_thread_count
-except ImportError:  # a Numba without it: the work is cut in two
-
-    @numba.njit(inline="always")
-    def jit_thread_count():
-        return 2
+# ``jit_thread_count()``, in compiled code: the caller's thread count (kernels/backend.py says how).
+from .backend import jit_thread_count  # noqa: F401
 
 
 def max_threads() -> int:
-    """The most threads Numba can use in this process (NUMBA_NUM_THREADS, default: the core count)."""
-    return int(numba.config.NUMBA_NUM_THREADS)
+    """The most threads the kernels can use in this process (NUMBA_NUM_THREADS, default: the core count)."""
+    return backend.max_threads()
 
 
 _controller = None
@@ -83,7 +73,7 @@ def set_threads(threads: int | None = None) -> int:
     Without threadpoolctl BLAS keeps its own setting (OPENBLAS_NUM_THREADS=1 does the same).
     """
     n = max_threads() if threads is None else max(1, min(int(threads), max_threads()))
-    numba.set_num_threads(n)
+    backend.set_num_threads(n)
     for pool in _blas_pools():
         pool.set_num_threads(1)
     return n
@@ -97,17 +87,17 @@ def thread_limits(threads: int | None = None) -> Iterator[int]:
     directly (a get and a set each), not through ``ThreadpoolController.limit``, which re-reads
     every library's state and costs as much as a small layer.
     """
-    previous = numba.get_num_threads()
+    previous = backend.get_num_threads()
     n = max_threads() if threads is None else max(1, min(int(threads), max_threads()))
     pools = _blas_pools()
     blas_previous = [pool.get_num_threads() for pool in pools]
     for pool in pools:
         pool.set_num_threads(1)
-    numba.set_num_threads(n)
+    backend.set_num_threads(n)
     try:
         yield n
     finally:
-        numba.set_num_threads(previous)
+        backend.set_num_threads(previous)
         for pool, count in zip(pools, blas_previous):
             if count is not None:
                 pool.set_num_threads(count)
@@ -122,6 +112,8 @@ def kernels_cached(depthwise_sizes: tuple[int, ...] = (3, 5), squeeze_excite: bo
     pairs fused), since a kernel a model never runs is never compiled. Checks the cache index file of
     each; a False answer only means "expect a compile", never an error.
     """
+    if backend.AOT:  # built ahead of time (npmobile build-kernels): nothing to compile
+        return True
     from npmobile.kernels import conv, depthwise, gemm
     from npmobile.kernels import expand_depthwise as ed
     from npmobile.kernels import squeeze_excite as se

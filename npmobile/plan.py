@@ -21,11 +21,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 
 from npmobile.errors import ModelFileError
 from npmobile.graph import Graph, Node, last_readers
+from npmobile.kernels.backend import get_num_threads
 from npmobile.kernels.entry import ByThreads
 from npmobile.layers import infer_shapes
 from npmobile.ops import Binder, layer_type
@@ -96,7 +96,7 @@ class BoundPlan:
         try:
             for k in self.feed_steps:
                 self._bind(k)
-            calls = self.one_thread_calls if numba.get_num_threads() == 1 else self.calls
+            calls = self.one_thread_calls if get_num_threads() == 1 else self.calls
             k = 0
             try:
                 if timings is None:

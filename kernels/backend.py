@@ -1,0 +1,344 @@
+"""Where the compiled kernels come from: Numba's JIT, or a module compiled ahead of time.
+
+Every kernel module takes its compiler from here -- ``from .backend import AOT, intrinsic, njit, prange`` --
+and this module is the one place that decides which compiler that is:
+
+- **JIT** (the default, and the fallback): ``njit``, ``prange`` and ``intrinsic`` are Numba's own, and the
+  kernels compile on first use (or load from Numba's on-disk cache) exactly as before.
+- **AOT**: when ``npmobile build-kernels`` has built the kernels for this machine (kernels/build.py) and the
+  module in the kernel cache is current, ``njit`` returns an ``AotKernel`` instead of a Numba dispatcher, and
+  neither Numba nor llvmlite is imported: a warm start saves Numba's import (~0.3 s, ~90 MB) and its cache
+  loading. The kernel modules still define their compiled bodies; in this mode nothing compiles them.
+
+An AOT kernel runs the exported function only when the arguments' types are exactly one of the signatures
+it was built for (the JIT runs that were exported: kernels/build.py): numba.pycc's wrappers do not check
+their arguments, and a float64 array given to a float32 signature would be read as garbage. Any other call
+goes to the JIT twin: the same kernel files imported a second time, in JIT mode, under ``JIT_PACKAGE``
+(that imports Numba, once). Both are compiled from the same source with the same flags and CPU target,
+so they give the same bits (tests/test_aot.py).
+
+The module is keyed (``cache_key``) on the Numba and llvmlite versions, the Python ABI, the CPU (model
+and feature flags), the kernel sources and the threading layer, and looked for in ``kernel_cache_dir()``
+/ key. Set ``NPMOBILE_KERNELS=jit`` to use the JIT regardless. Any other ``NUMBA_*`` setting than the
+thread count and the cache directory (a CPU target, an optimization level, ...) also means the JIT: the
+AOT module was built without it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.machinery
+import importlib.util
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+KERNELS_DIR = Path(__file__).resolve().parent
+# The kernel files imported again in JIT mode, for the calls the AOT module has no signature for.
+JIT_PACKAGE = "npmobile._jit_kernels"
+MODULE_NAME = "npmobile_kernels_aot"
+MANIFEST = "exports.json"
+# NUMBA_* settings that leave the compiled code and the threads as the AOT module has them.
+_HARMLESS_NUMBA_SETTINGS = {"NUMBA_NUM_THREADS", "NUMBA_CACHE_DIR"}
+# numba.threading_layer()'s names -> the library of each under numba/np/ufunc/.
+THREADING_LIBRARIES = {"omp": "omppool", "tbb": "tbbpool", "workqueue": "workqueue"}
+
+
+# --- where the module lives and what it must match -----------------------------------------------------
+
+def kernel_cache_dir() -> Path:
+    """$NPMOBILE_KERNELS_DIR, else $NPMOBILE_CACHE_DIR/kernels, else $XDG_CACHE_HOME/npmobile/kernels, else
+    ~/.cache/npmobile/kernels."""
+    if os.environ.get("NPMOBILE_KERNELS_DIR"):
+        return Path(os.environ["NPMOBILE_KERNELS_DIR"]).expanduser()
+    if os.environ.get("NPMOBILE_CACHE_DIR"):
+        return Path(os.environ["NPMOBILE_CACHE_DIR"]).expanduser() / "kernels"
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "npmobile" / "kernels"
+
+
+def _installed_version(package: str) -> str:
+    """A package's version from its dist-info directory name, without importing it (or importlib.metadata)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return "none"
+    site = os.path.dirname(list(spec.submodule_search_locations)[0])
+    for name in sorted(os.listdir(site)):
+        if name.startswith(package + "-") and name.endswith(".dist-info"):
+            return name[len(package) + 1:-len(".dist-info")]
+    return "unknown"
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and feature flags (Linux: /proc/cpuinfo's first processor), else what platform says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = {}
+            for line in f:
+                if not line.strip():
+                    break
+                name, _, value = line.partition(":")
+                fields[name.strip()] = value.strip()
+        return " ".join(fields.get(k, "") for k in ("vendor_id", "model name", "flags", "Features", "CPU part"))
+    except OSError:
+        return platform.processor() + " " + platform.machine()
+
+
+def cache_key() -> str:
+    """What an AOT module must have been built for to be used here, as a short hash."""
+    sources = hashlib.sha256()
+    for path in sorted(KERNELS_DIR.glob("*.py")):
+        sources.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    parts = {
+        "numba": _installed_version("numba"),
+        "llvmlite": _installed_version("llvmlite"),
+        "python": sys.implementation.cache_tag + importlib.machinery.EXTENSION_SUFFIXES[0],
+        "cpu": _cpu_identity(),
+        "sources": sources.hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def module_dir() -> Path:
+    """Where the AOT module for this machine and these sources is (or would be)."""
+    return kernel_cache_dir() / cache_key()
+
+
+def aot_wanted() -> bool:
+    """False when the environment asks for the JIT (NPMOBILE_KERNELS=jit, or a NUMBA_* setting the AOT module
+    was not built with)."""
+    if os.environ.get("NPMOBILE_KERNELS", "").lower() == "jit":
+        return False
+    return not any(k.startswith("NUMBA_") and k not in _HARMLESS_NUMBA_SETTINGS for k in os.environ)
+
+
+# --- the AOT module, loaded without Numba ---------------------------------------------------------------
+
+def default_thread_count() -> int:
+    """Numba's NUMBA_NUM_THREADS: the environment's, else the cores this process may run on."""
+    if os.environ.get("NUMBA_NUM_THREADS"):
+        return int(os.environ["NUMBA_NUM_THREADS"])
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class _Loaded:
+    """The AOT module with its manifest and the threading layer's functions."""
+
+    def __init__(self, directory: Path, manifest: dict):
+        suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+        path = directory / (MODULE_NAME + suffix)
+        # 1. The threading layer Numba's JIT uses, as a library whose symbols the kernels' parallel loops link
+        #    to (the scheduler: do_scheduling_signed, ...), and as a Python extension (its init gives the
+        #    addresses of parallel_for, get/set_num_threads, launch_threads). numba itself is not imported.
+        numba_dir = list(importlib.util.find_spec("numba").submodule_search_locations)[0]
+        library = os.path.join(numba_dir, "np", "ufunc", THREADING_LIBRARIES[manifest["threading_layer"]] + suffix)
+        ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)
+        spec = importlib.util.spec_from_file_location("npmobile_threading_layer", library)
+        layer = importlib.util.module_from_spec(spec)
+        # 2. The module's own C shim (kernels/aot_shim.c) forwards numba_parallel_for, get_num_threads and
+        #    npmobile_sgemm, which no library exports, to those addresses.
+        self.shim = ctypes.CDLL(str(path))
+        self.shim.npm_set_threading(ctypes.c_void_p(layer.parallel_for), ctypes.c_void_p(layer.get_num_threads))
+        # 3. Start the pool as Numba does (NUMBA_NUM_THREADS threads), then load the kernels.
+        self.max_threads = default_thread_count()
+        ctypes.CFUNCTYPE(None, ctypes.c_int)(layer.launch_threads)(self.max_threads)
+        self.set_num_threads = ctypes.CFUNCTYPE(None, ctypes.c_int)(layer.set_num_threads)
+        self.get_num_threads = ctypes.CFUNCTYPE(ctypes.c_int)(layer.get_num_threads)
+        self.set_num_threads(self.max_threads)
+        spec = importlib.util.spec_from_file_location(MODULE_NAME, path)
+        self.module = importlib.util.module_from_spec(spec)
+        self.manifest = manifest
+        self.directory = directory
+
+
+def _load() -> _Loaded | None:
+    """The current AOT module if one is built and wanted, else None (then the JIT is used)."""
+    if not aot_wanted():
+        return None
+    directory = module_dir()
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("key") != directory.name:
+        return None
+    return _Loaded(directory, manifest)
+
+
+# The files under JIT_PACKAGE are the JIT twin: never AOT, whatever is built.
+_loaded = None if __name__.startswith(JIT_PACKAGE) else _load()
+AOT = _loaded is not None
+
+
+# --- the JIT twin ---------------------------------------------------------------------------------------
+
+def jit_twin(module: str, qualname: str):
+    """The JIT-compiled object that stands where ``module.qualname`` stands, from the kernel files imported
+    again in JIT mode under JIT_PACKAGE (the first call imports Numba and those files)."""
+    if JIT_PACKAGE not in sys.modules:
+        package = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(JIT_PACKAGE, None, is_package=True))
+        package.__path__ = [str(KERNELS_DIR)]
+        sys.modules[JIT_PACKAGE] = package
+    found = importlib.import_module(JIT_PACKAGE + "." + module.rpartition(".")[2])
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found
+
+
+# --- the compiler the kernel modules use ----------------------------------------------------------------
+
+def _type_key(value) -> str | None:
+    """The exported-signature spelling of an argument's Numba type, or None for a type no export takes."""
+    kind = type(value)
+    if kind is _ndarray:
+        flags = value.flags
+        if not flags.aligned:
+            return None
+        layout = "C" if flags.c_contiguous else "F" if flags.f_contiguous else "A"
+        return f"{value.dtype.name}:{value.ndim}:{layout}:{'w' if flags.writeable else 'r'}"
+    if kind is int:
+        return "int64" if -(2**63) <= value < 2**63 else None
+    return _SCALAR_KEYS.get(kind)
+
+
+class AotKernel:
+    """A kernel from the AOT module: the export whose signature the arguments match, else the JIT twin."""
+
+    def __init__(self, function, options: dict):
+        self.py_func = function
+        self.options = options
+        self.name = f"{function.__module__}.{function.__qualname__}"
+        self.__name__, self.__qualname__, self.__doc__ = function.__name__, function.__qualname__, function.__doc__
+        exported = _loaded.manifest["kernels"].get(self.name, [])
+        self.exports = {tuple(sig): getattr(_loaded.module, symbol) for sig, symbol in exported}
+        self._twin = None
+
+    def twin(self):
+        """The JIT-compiled form of this kernel (imports Numba)."""
+        if self._twin is None:
+            self._twin = jit_twin(self.py_func.__module__, self.py_func.__qualname__)
+        return self._twin
+
+    def resolve(self, *args):
+        """The function to run on arguments of these types: the matching export, else the JIT twin."""
+        export = self.exports.get(tuple(_type_key(a) for a in args))
+        return export if export is not None else self.twin()
+
+    def __call__(self, *args, **kwargs):
+        if kwargs:
+            return self.twin()(*args, **kwargs)
+        return self.resolve(*args)(*args)
+
+    def __getattr__(self, name):  # a dispatcher's attributes (signatures, stats, ...): the twin's
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.twin(), name)
+
+    def __repr__(self) -> str:
+        return f"<AotKernel {self.name}: {len(self.exports)} exported signatures>"
+
+
+if AOT:
+    import numpy as _np
+
+    _ndarray = _np.ndarray
+    _SCALAR_KEYS = {float: "float64", bool: "bool", _np.float32: "float32", _np.float64: "float64",
+                    _np.int64: "int64", _np.int32: "int32", _np.bool_: "bool"}
+
+    def njit(*args, **options):
+        """Like numba.njit, for a kernel file in AOT mode: the function becomes an AotKernel."""
+        if args and callable(args[0]):
+            return AotKernel(args[0], options)
+        return lambda function: AotKernel(function, options)
+
+    def intrinsic(function):
+        """An intrinsic is only called from compiled code, which in AOT mode is all in the module."""
+        return function
+
+    prange = range
+
+    def jit_thread_count():
+        raise TypeError("jit_thread_count is called from compiled kernels only")
+
+    def get_num_threads() -> int:
+        return _loaded.get_num_threads()
+
+    def set_num_threads(n: int) -> None:
+        if not 1 <= n <= _loaded.max_threads:
+            raise ValueError(f"thread count {n} not in [1, {_loaded.max_threads}]")
+        _loaded.set_num_threads(n)
+        if "numba" in sys.modules:  # a JIT twin runs too: keep Numba's own view of the count the same
+            sys.modules["numba"].set_num_threads(n)
+
+    def max_threads() -> int:
+        return _loaded.max_threads
+
+    def target_has_avx512() -> bool:
+        """The AVX-512 decision the module was built with (kernels/gemm.py's tiles depend on it)."""
+        return bool(_loaded.manifest["avx512"])
+
+    def add_symbol(name: str, address: int) -> None:
+        """Where compiled code finds an external C function (only ``npmobile_sgemm``, kernels/blas.py)."""
+        if name != "npmobile_sgemm":
+            raise ValueError(f"the AOT module links no symbol {name!r}")
+        _loaded.shim.npm_set_sgemm(ctypes.c_void_p(address))
+        if "numba" in sys.modules:
+            import llvmlite.binding as llvm
+
+            llvm.add_symbol(name, address)
+
+else:
+    import numba
+    from numba import njit, prange  # noqa: F401  (the kernel modules' compiler)
+    from numba.extending import intrinsic  # noqa: F401
+
+    # ``jit_thread_count()``, in compiled code: the caller's Numba thread count. numba.get_num_threads()
+    # would embed a pointer into the threading library and keep the kernel out of Numba's on-disk cache;
+    # this private intrinsic calls the same function by its symbol name. Kernels that use it give the same
+    # answers whatever it returns (they only cut their work by it).
+    try:
+        from numba.np.ufunc.parallel import _iget_num_threads as jit_thread_count
+    except ImportError:  # a Numba without it: the work is cut in two
+
+        @numba.njit(inline="always")
+        def jit_thread_count():
+            return 2
+
+    get_num_threads = numba.get_num_threads
+    set_num_threads = numba.set_num_threads
+
+    def max_threads() -> int:
+        """The most threads Numba can use in this process (NUMBA_NUM_THREADS, default: the core count)."""
+        return int(numba.config.NUMBA_NUM_THREADS)
+
+    def target_has_avx512() -> bool:
+        """Whether the code Numba compiles may use AVX-512 (NUMBA_CPU_NAME/FEATURES, else the host)."""
+        from numba.core import config
+
+        if config.CPU_NAME and config.CPU_NAME != "host":
+            return "+avx512f" in (config.CPU_FEATURES or "")
+        import llvmlite.binding as llvm
+
+        return bool(llvm.get_host_cpu_features().get("avx512f", False))
+
+    def add_symbol(name: str, address: int) -> None:
+        """Make a C function known to compiled code by name (kernels/blas.py's sgemm)."""
+        import llvmlite.binding as llvm
+
+        llvm.add_symbol(name, address)
+
+
+def threading_layer() -> str:
+    """The threading layer the kernels run on ("omp", "tbb", "workqueue")."""
+    if AOT:
+        return _loaded.manifest["threading_layer"]
+    import numba
+
+    get_num_threads()  # starts the layer
+    return numba.threading_layer()
