@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import sys
+from functools import partial
 from pathlib import Path
 
 KERNELS_DIR = Path(__file__).resolve().parent
@@ -90,7 +91,7 @@ def _cpu_identity() -> str:
 def cache_key() -> str:
     """What an AOT module must have been built for to be used here, as a short hash."""
     sources = hashlib.sha256()
-    for path in sorted(KERNELS_DIR.glob("*.py")):
+    for path in sorted([*KERNELS_DIR.glob("*.py"), *KERNELS_DIR.glob("*.c")]):
         sources.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     parts = {
         "numba": _installed_version("numba"),
@@ -137,9 +138,10 @@ class _Loaded:
         #    to (the scheduler: do_scheduling_signed, ...), and as a Python extension (its init gives the
         #    addresses of parallel_for, get/set_num_threads, launch_threads). numba itself is not imported.
         numba_dir = list(importlib.util.find_spec("numba").submodule_search_locations)[0]
-        library = os.path.join(numba_dir, "np", "ufunc", THREADING_LIBRARIES[manifest["threading_layer"]] + suffix)
+        name = THREADING_LIBRARIES[manifest["threading_layer"]]
+        library = os.path.join(numba_dir, "np", "ufunc", name + suffix)
         ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)
-        spec = importlib.util.spec_from_file_location("npmobile_threading_layer", library)
+        spec = importlib.util.spec_from_file_location(name, library)  # not put in sys.modules
         layer = importlib.util.module_from_spec(spec)
         # 2. The module's own C shim (kernels/aot_shim.c) forwards numba_parallel_for, get_num_threads and
         #    npmobile_sgemm, which no library exports, to those addresses.
@@ -242,6 +244,13 @@ class AotKernel:
 
     def __repr__(self) -> str:
         return f"<AotKernel {self.name}: {len(self.exports)} exported signatures>"
+
+
+def resolved(call):
+    """A bound call (``partial(kernel, *args)``) with its AOT kernel chosen for these arguments, once."""
+    if isinstance(call, partial) and isinstance(call.func, AotKernel) and not call.keywords:
+        return partial(call.func.resolve(*call.args), *call.args)
+    return call
 
 
 if AOT:

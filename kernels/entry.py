@@ -27,8 +27,22 @@ def entry(binder: Callable[..., Callable[[], None]]) -> Callable[..., None]:
     def run(*args, **kwargs) -> None:
         binder(*args, **kwargs)()
 
-    run.bind = binder
+    run.bind = _resolving(binder) if backend.AOT else binder
     return run
+
+
+def _resolving(binder):
+    """With AOT kernels (kernels/backend.py): a binder whose call has its kernel chosen once, at binding --
+    the export for these argument types, else the JIT twin -- rather than at every call."""
+
+    @functools.wraps(binder)
+    def bind(*args, **kwargs):
+        call = binder(*args, **kwargs)
+        if isinstance(call, ByThreads):
+            return ByThreads(backend.resolved(call.one), backend.resolved(call.many))
+        return backend.resolved(call)
+
+    return bind
 
 
 class ByThreads(NamedTuple):

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The kernels from Numba's JIT, whatever `npmobile build-kernels` left in the user's cache: tests/test_aot.py
+# builds and checks the ahead-of-time module itself.
+os.environ.setdefault("NPMOBILE_KERNELS", "jit")
 sys.path.insert(0, str(Path(__file__).parent))  # tests/keras_files.py is importable from the tests
 
 

@@ -1,6 +1,6 @@
 """The command line: ``python -m npmobile COMMAND ...`` (also installed as ``npmobile``).
 
-One module per command (classify, summary, profile, show, verify), each with ``add_parser(commands)`` and
+One module per command (classify, summary, profile, show, verify, build_kernels), each with ``add_parser(commands)`` and
 ``run(args)``; what they share -- opening a model from a family name, a file or weights -- is in
 ``npmobile.cli.models``. Expected failures (a bad file, a missing weights file, an unreadable image)
 print one line to stderr and exit 1; usage errors exit 2; ``--debug`` shows the traceback instead.
@@ -12,10 +12,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from npmobile.cli import classify, profile, show, summary, verify
+from npmobile.cli import build_kernels, classify, profile, show, summary, verify
 from npmobile.errors import NpmobileError
 
-COMMANDS = (classify, summary, profile, show, verify)
+COMMANDS = (classify, summary, profile, show, verify, build_kernels)
 
 EXAMPLES = """\
 examples:
@@ -32,6 +32,7 @@ examples:
   npmobile show cat.jpg --layer block_3_depthwise --out maps.png
   npmobile show cat.jpg --layer block_3_depthwise --filters --out kernels.png
   npmobile verify my_model.h5 cat.jpg --custom-object hard_swish=hard_swish   npmobile vs Keras, layer by layer
+  npmobile build-kernels                                compile the kernels ahead of time: faster start-up
 
 weights="imagenet" files are looked for in $NPMOBILE_WEIGHTS_DIR, then the Keras cache (~/.keras/models),
 then downloaded once into ~/.cache/npmobile (checksummed).

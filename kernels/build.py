@@ -1,0 +1,218 @@
+"""Build the ahead-of-time kernel module (what ``npmobile build-kernels`` runs, in a process of its own).
+
+    python -m npmobile.kernels.build [--quick] [--root DIR]
+
+1. **Which signatures.** Nobody writes the export table: the MobileNets run through the JIT (every family of
+   npmobile.applications with random weights, at a few sizes and batches, on one thread and on all), and
+   every signature each kernel dispatcher then holds (``dispatcher.signatures``) is exported. A call with
+   other argument types later takes the JIT twin (kernels/backend.py), never an export.
+2. **How each is compiled.** numba.pycc compiles an export with plain flags; here each gets its dispatcher's
+   own (parallel, fastmath, error model: ``targetdescr.options.parse_as_flags``), and the host CPU's name
+   and features, as the JIT has them: the same machine code, the same bits.
+3. **Where it goes.** Into a temporary directory beside ``backend.kernel_cache_dir() / cache_key()``, then
+   renamed into place: a reader sees a complete module or none. ``exports.json`` beside the module lists,
+   per kernel, each signature (as ``backend._type_key`` spells an argument's type) and its symbol, with the
+   CPU decision (AVX-512) and threading layer the module was built with.
+
+Needs a C compiler (pycc links the module with it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from npmobile.errors import NpmobileError
+
+# (family, sizes, batches): what the export table is derived from. 224 runs V2's fused expand+depthwise
+# blocks; 128 and 96 the smaller maps (other tiles, the serial forms); batch 2 the batched forms.
+WORKLOAD = tuple((family, (224, 128, 96), (1, 2)) for family in
+                 ("mobilenet", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"))
+# A small module (tests, a quick try): the two models tests/test_aot.py checks, at one size.
+QUICK_WORKLOAD = (("mobilenet_v2", (96,), (1,)), ("mobilenet_v3_small", (96,), (1,)))
+
+
+def compiler_available() -> str | None:
+    """The C compiler pycc will call, if it is installed."""
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    return shutil.which(cc)
+
+
+def run_workload(workload) -> None:
+    """Run every model of ``workload`` through the JIT, on one thread and on all of them."""
+    import numpy as np
+
+    from npmobile.applications import FAMILIES
+    from npmobile.kernels.threads import max_threads
+
+    rng = np.random.default_rng(0)
+    threads = sorted({1, max_threads()})
+    for family, sizes, batches in workload:
+        for size in sizes:
+            model = FAMILIES[family](weights=None, input_shape=(size, size, 3))
+            for batch in batches:
+                x = rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+                for n in threads:
+                    model.predict(x, threads=n)
+
+
+def kernel_dispatchers() -> dict:
+    """Every kernel Python calls (a Numba dispatcher not inlined into others) of the kernel modules, by name."""
+    import importlib
+
+    from numba.core.registry import CPUDispatcher
+
+    found = {}
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        module = importlib.import_module(f"npmobile.kernels.{path.stem}")
+        for value in vars(module).values():
+            if (isinstance(value, CPUDispatcher) and value.py_func.__module__ == module.__name__
+                    and value.targetoptions.get("inline") != "always"):
+                found[f"{module.__name__}.{value.py_func.__qualname__}"] = value
+    return found
+
+
+def type_key(t) -> str | None:
+    """How kernels/backend.py spells an argument of Numba type ``t`` (None: not exportable)."""
+    from numba.core import types
+
+    if isinstance(t, types.Array):
+        if not t.aligned or t.layout not in "CFA":
+            return None
+        return f"{t.dtype}:{t.ndim}:{t.layout}:{'w' if t.mutable else 'r'}"
+    if isinstance(t, types.Boolean):
+        return "bool"
+    if isinstance(t, (types.Integer, types.Float)) and str(t) in ("int64", "int32", "float32", "float64"):
+        return str(t)
+    return None
+
+
+def export_table(dispatchers: dict) -> list[tuple[str, str, tuple, tuple]]:
+    """(kernel, symbol, numba signature, keys) for every exportable signature the dispatchers compiled."""
+    table = []
+    for name, dispatcher in sorted(dispatchers.items()):
+        for i, sig in enumerate(dispatcher.signatures):
+            keys = tuple(type_key(t) for t in sig)
+            if None in keys:
+                continue
+            symbol = name.removeprefix("npmobile.kernels.").replace(".", "__") + f"__{i}"
+            table.append((name, symbol, sig, keys))
+    return table
+
+
+def compile_module(table, dispatchers: dict, directory: Path) -> Path:
+    """Compile the exports into ``directory`` with numba.pycc, each with its dispatcher's flags."""
+    from numba.core import codegen, compiler, types
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numba.pycc's pending deprecation
+        import numba.pycc.compiler as pycc_compiler
+        from numba.pycc import CC
+
+    from npmobile.kernels import backend
+
+    by_function = {d.py_func: d for d in dispatchers.values()}
+    plain_compile = pycc_compiler.compile_extra
+
+    def compile_with_dispatcher_flags(typingctx, targetctx, func, args, return_type, flags, locals, **kw):
+        dispatcher = by_function.get(func)
+        if dispatcher is not None:
+            own = compiler.Flags()
+            dispatcher.targetdescr.options.parse_as_flags(own, dispatcher.targetoptions)
+            for name in ("no_compile", "nrt", "no_cpython_wrapper", "no_cfunc_wrapper"):
+                setattr(own, name, getattr(flags, name))
+            flags = own
+        return plain_compile(typingctx, targetctx, func, args, return_type, flags, locals, **kw)
+
+    cc = CC(backend.MODULE_NAME)
+    cc.output_dir = str(directory)
+    cc.target_cpu = "host"
+    cc.verbose = False
+    cc._mixin_sources = cc._mixin_sources + [str(Path(__file__).with_name("aot_shim.c"))]  # no public hook
+    for name, symbol, sig, _keys in table:
+        cc.export(symbol, types.void(*sig))(dispatchers[name].py_func)
+    pycc_compiler.compile_extra = compile_with_dispatcher_flags
+    host_features = codegen.AOTCPUCodegen._customize_tm_features
+    codegen.AOTCPUCodegen._customize_tm_features = lambda self: self._get_host_cpu_features()
+    try:
+        cc.compile()
+    finally:
+        pycc_compiler.compile_extra = plain_compile
+        codegen.AOTCPUCodegen._customize_tm_features = host_features
+    return directory / cc.output_file
+
+
+def build(root: Path | None = None, workload=WORKLOAD) -> tuple[Path, dict]:
+    """Build the module for this machine into ``root`` / cache_key() (root: backend.kernel_cache_dir()).
+
+    Returns the module's path and a summary (exports, seconds, bytes). Runs in JIT mode only.
+    """
+    from npmobile.kernels import backend
+
+    if backend.AOT:
+        raise NpmobileError("building kernels needs the JIT: run with NPMOBILE_KERNELS=jit")
+    if compiler_available() is None:
+        raise NpmobileError("build-kernels needs a C compiler to link the module (cc or gcc; e.g. apt install gcc);"
+                            " without it the kernels keep compiling with Numba's JIT")
+    import numba
+
+    from npmobile.kernels import gemm
+
+    start = time.perf_counter()
+    run_workload(workload)
+    dispatchers = kernel_dispatchers()
+    table = export_table(dispatchers)
+    ran = time.perf_counter()
+    root = Path(root) if root is not None else backend.kernel_cache_dir()
+    key = backend.cache_key()
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    try:
+        path = compile_module(table, dispatchers, staging)
+        kernels: dict[str, list] = {}
+        for name, symbol, _sig, keys in table:
+            kernels.setdefault(name, []).append([list(keys), symbol])
+        manifest = {"key": key, "numba": numba.__version__, "threading_layer": backend.threading_layer(),
+                    "avx512": bool(gemm.AVX512), "kernels": kernels}
+        (staging / backend.MANIFEST).write_text(json.dumps(manifest, indent=1))
+        final = root / key
+        if final.exists():  # an older build of the same key: move it aside, then drop it
+            old = Path(tempfile.mkdtemp(prefix=f".{key}-old-", dir=root))
+            final.rename(old / key)
+            staging.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    module = final / path.name
+    return module, {"exports": len(table), "kernels": len(kernels), "workload_s": ran - start,
+                    "compile_s": time.perf_counter() - ran, "bytes": module.stat().st_size}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m npmobile.kernels.build", description=__doc__.split("\n")[0])
+    parser.add_argument("--root", type=Path, help="the kernel cache directory (default: backend.kernel_cache_dir())")
+    parser.add_argument("--quick", action="store_true", help="a small module: V2 and V3-Small at 96 px, batch 1")
+    args = parser.parse_args(argv)
+    os.environ["NPMOBILE_KERNELS"] = "jit"  # the build runs the JIT (before the kernels are first imported)
+    try:
+        module, summary = build(args.root, QUICK_WORKLOAD if args.quick else WORKLOAD)
+    except NpmobileError as error:
+        print(f"npmobile: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps({"module": str(module), **summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Kernels compiled ahead of time (kernels/backend.py, kernels/build.py, ``npmobile build-kernels``).
+
+A small module (``--quick``: MobileNetV2 and V3-Small at 96 px) is built once into a temporary kernel cache;
+each check runs in a process of its own, since a process picks JIT or AOT when its kernels are first imported
+(the test process itself runs the JIT: tests/conftest.py sets NPMOBILE_KERNELS=jit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from npmobile.kernels import backend, build
+
+pytestmark = pytest.mark.skipif(build.compiler_available() is None, reason="no C compiler to build the module")
+
+# Runs V2 and V3-Small (random weights, seeded) at 1 and 2 threads, saves the outputs, and says which
+# compiler the process used and whether numba or llvmlite was ever imported.
+PREDICT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from npmobile.applications import MobileNetV2, MobileNetV3Small
+    from npmobile.kernels import backend
+    x = np.random.default_rng(1).uniform(0, 255, (1, 96, 96, 3)).astype(np.float32)
+    outs = {}
+    for name, family in (("v2", MobileNetV2), ("v3s", MobileNetV3Small)):
+        model = family(weights=None, input_shape=(96, 96, 3))
+        for threads in (1, 2):
+            outs[f"{name}_{threads}"] = model.predict(x, threads=threads)
+    np.savez(sys.argv[1], **outs)
+    print(backend.AOT, "numba" in sys.modules, "llvmlite" in sys.modules)
+""")
+
+
+def run_python(code: str, *args: str, **env: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def kernel_cache(tmp_path_factory):
+    """A kernel cache holding a quick build for this machine."""
+    root = tmp_path_factory.mktemp("kernels")
+    done = subprocess.run([sys.executable, "-m", "npmobile.kernels.build", "--quick", "--root", str(root)],
+                          capture_output=True, text=True, timeout=1200, env={**os.environ, "NPMOBILE_KERNELS": "jit"})
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["exports"] > 0 and os.path.exists(summary["module"])
+    return root
+
+
+def aot_env(root) -> dict[str, str]:
+    return {"NPMOBILE_KERNELS": "", "NPMOBILE_KERNELS_DIR": str(root)}
+
+
+def test_aot_module_gives_the_jit_bits_without_importing_numba(kernel_cache, tmp_path):
+    said = run_python(PREDICT, str(tmp_path / "aot.npz"), **aot_env(kernel_cache))
+    assert said == "True False False"  # AOT, and neither numba nor llvmlite imported
+    assert run_python(PREDICT, str(tmp_path / "jit.npz"), NPMOBILE_KERNELS="jit") == "False True True"
+    aot, jit = np.load(tmp_path / "aot.npz"), np.load(tmp_path / "jit.npz")
+    assert sorted(aot.files) == ["v2_1", "v2_2", "v3s_1", "v3s_2"]
+    for name in aot.files:
+        assert np.array_equal(aot[name], jit[name]), name
+
+
+def test_arguments_no_export_takes_run_on_the_jit(kernel_cache):
+    code = textwrap.dedent("""
+        import sys
+        import numpy as np
+        from npmobile.kernels import backend, pooling
+        kernel = pooling.average_pool_rows
+        x32 = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+        out = np.empty((2, 5), np.float32)
+        assert isinstance(kernel, backend.AotKernel) and kernel.exports
+        assert kernel.resolve(x32, out) in kernel.exports.values()
+        kernel(x32, out)
+        before = "numba" in sys.modules
+        x64, out64 = x32.astype(np.float64), np.empty((2, 5))   # float64: no export has that signature
+        assert kernel.resolve(x64, out64) is kernel.twin()
+        kernel(x64, out64)
+        strided = x32[:, :, ::2]                                 # a strided view: not the exported layout
+        assert kernel.resolve(strided, out) is kernel.twin()
+        kernel(strided, out)
+        # small integers: every sum exact, so the means are NumPy's to the bit
+        print(before, "numba" in sys.modules, np.array_equal(out64, x64.mean(axis=(1, 2))),
+              np.array_equal(out, strided.mean(axis=(1, 2))))
+    """)
+    assert run_python(code, **aot_env(kernel_cache)) == "False True True True"
+
+
+def test_a_module_built_for_another_key_is_ignored(kernel_cache, tmp_path):
+    stale = tmp_path / "kernels"
+    shutil.copytree(kernel_cache / backend.cache_key(), stale / "0123456789abcdef0123")
+    code = "from npmobile.kernels import backend; print(backend.AOT)"
+    assert run_python(code, **aot_env(stale)) == "False"
+    assert run_python(code, **aot_env(kernel_cache)) == "True"
+    assert run_python(code, **{**aot_env(kernel_cache), "NPMOBILE_KERNELS": "jit"}) == "False"
+    assert run_python(code, **aot_env(kernel_cache), NUMBA_OPT="2") == "False"  # a NUMBA_* the build did not have
+
+
+def test_build_kernels_without_a_c_compiler_says_so_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "npmobile", "build-kernels"], capture_output=True, text=True,
+                          env={**os.environ, "CC": str(tmp_path / "no-such-cc"), "NPMOBILE_KERNELS_DIR": str(tmp_path)})
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "C compiler" in done.stderr
+
+
+def test_build_kernels_help_says_what_it_does():
+    done = subprocess.run([sys.executable, "-m", "npmobile", "build-kernels", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "ahead of time" in done.stdout.replace("\n", " ")
+    assert subprocess.run([sys.executable, "-m", "npmobile", "build-kernels", "--bogus"],
+                          capture_output=True).returncode == 2
