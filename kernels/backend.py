@@ -187,6 +187,12 @@ def jit_twin(module: str, qualname: str):
         package = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(JIT_PACKAGE, None, is_package=True))
         package.__path__ = [str(KERNELS_DIR)]
         sys.modules[JIT_PACKAGE] = package
+        if AOT:  # Numba starts its side of the threading layer now, which resets this thread's count: keep it
+            threads = get_num_threads()
+            import numba
+
+            numba.get_num_threads()
+            set_num_threads(threads)
     found = importlib.import_module(JIT_PACKAGE + "." + module.rpartition(".")[2])
     for part in qualname.split("."):
         found = getattr(found, part)

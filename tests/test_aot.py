@@ -21,22 +21,35 @@ from npmobile.kernels import backend, build
 
 pytestmark = pytest.mark.skipif(build.compiler_available() is None, reason="no C compiler to build the module")
 
-# Runs V2 and V3-Small (random weights, seeded) at 1 and 2 threads, saves the outputs, and says which
-# compiler the process used and whether numba or llvmlite was ever imported.
+# Runs families (random weights, seeded) at a size and batches, on 1 and 2 threads, saves the outputs, and
+# says which compiler the process used and whether numba or llvmlite was ever imported.
+# argv: out.npz size batches(comma) families(comma)
 PREDICT = textwrap.dedent("""
     import sys
     import numpy as np
-    from npmobile.applications import MobileNetV2, MobileNetV3Small
+    from npmobile.applications import FAMILIES
     from npmobile.kernels import backend
-    x = np.random.default_rng(1).uniform(0, 255, (1, 96, 96, 3)).astype(np.float32)
+    path, size, batches, families = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), sys.argv[4].split(",")
     outs = {}
-    for name, family in (("v2", MobileNetV2), ("v3s", MobileNetV3Small)):
-        model = family(weights=None, input_shape=(96, 96, 3))
-        for threads in (1, 2):
-            outs[f"{name}_{threads}"] = model.predict(x, threads=threads)
-    np.savez(sys.argv[1], **outs)
+    for family in families:
+        model = FAMILIES[family](weights=None, input_shape=(size, size, 3))
+        for batch in map(int, batches):
+            x = np.random.default_rng(batch).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+            for threads in (1, 2):
+                outs[f"{family}_b{batch}_t{threads}"] = model.predict(x, threads=threads)
+    np.savez(path, **outs)
     print(backend.AOT, "numba" in sys.modules, "llvmlite" in sys.modules)
 """)
+
+
+def assert_aot_gives_the_jit_bits(root, tmp_path, *args: str) -> None:
+    said = run_python(PREDICT, str(tmp_path / "aot.npz"), *args, **aot_env(root))
+    assert said == "True False False"  # AOT, and neither numba nor llvmlite imported
+    assert run_python(PREDICT, str(tmp_path / "jit.npz"), *args, NPMOBILE_KERNELS="jit") == "False True True"
+    aot, jit = np.load(tmp_path / "aot.npz"), np.load(tmp_path / "jit.npz")
+    assert aot.files and sorted(aot.files) == sorted(jit.files)
+    for name in aot.files:
+        assert np.array_equal(aot[name], jit[name]), name
 
 
 def run_python(code: str, *args: str, **env: str) -> str:
@@ -46,15 +59,20 @@ def run_python(code: str, *args: str, **env: str) -> str:
     return done.stdout.strip()
 
 
+def build_into(root, *options: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "npmobile.kernels.build", *options, "--root", str(root)],
+                          capture_output=True, text=True, timeout=1800, env={**os.environ, "NPMOBILE_KERNELS": "jit"})
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["exports"] > 0 and os.path.exists(summary["module"])
+    return summary
+
+
 @pytest.fixture(scope="module")
 def kernel_cache(tmp_path_factory):
     """A kernel cache holding a quick build for this machine."""
     root = tmp_path_factory.mktemp("kernels")
-    done = subprocess.run([sys.executable, "-m", "npmobile.kernels.build", "--quick", "--root", str(root)],
-                          capture_output=True, text=True, timeout=1200, env={**os.environ, "NPMOBILE_KERNELS": "jit"})
-    assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary["exports"] > 0 and os.path.exists(summary["module"])
+    build_into(root, "--quick")
     return root
 
 
@@ -63,13 +81,14 @@ def aot_env(root) -> dict[str, str]:
 
 
 def test_aot_module_gives_the_jit_bits_without_importing_numba(kernel_cache, tmp_path):
-    said = run_python(PREDICT, str(tmp_path / "aot.npz"), **aot_env(kernel_cache))
-    assert said == "True False False"  # AOT, and neither numba nor llvmlite imported
-    assert run_python(PREDICT, str(tmp_path / "jit.npz"), NPMOBILE_KERNELS="jit") == "False True True"
-    aot, jit = np.load(tmp_path / "aot.npz"), np.load(tmp_path / "jit.npz")
-    assert sorted(aot.files) == ["v2_1", "v2_2", "v3s_1", "v3s_2"]
-    for name in aot.files:
-        assert np.array_equal(aot[name], jit[name]), name
+    assert_aot_gives_the_jit_bits(kernel_cache, tmp_path, "96", "1", "mobilenet_v2,mobilenet_v3_small")
+
+
+@pytest.mark.slow
+def test_the_full_build_covers_every_family_at_224(tmp_path):
+    build_into(tmp_path / "kernels")
+    assert_aot_gives_the_jit_bits(tmp_path / "kernels", tmp_path, "224", "1,2",
+                                  "mobilenet,mobilenet_v2,mobilenet_v3_small,mobilenet_v3_large")
 
 
 def test_arguments_no_export_takes_run_on_the_jit(kernel_cache):
@@ -95,6 +114,21 @@ def test_arguments_no_export_takes_run_on_the_jit(kernel_cache):
               np.array_equal(out, strided.mean(axis=(1, 2))))
     """)
     assert run_python(code, **aot_env(kernel_cache)) == "False True True True"
+
+
+def test_the_thread_count_holds_when_the_jit_twin_starts(kernel_cache):
+    code = textwrap.dedent("""
+        import numpy as np
+        from npmobile.kernels import activations, backend
+        from npmobile.kernels.threads import thread_limits
+        a = np.linspace(-5, 5, 100000)
+        out = np.empty_like(a)
+        with thread_limits(1):
+            activations.activate(a, out, activations.ACT_RELU6)   # float64: the twin, Numba's pool starts
+            inside = backend.get_num_threads()
+        print(inside, backend.get_num_threads() == backend.max_threads(), np.array_equal(out, np.clip(a, 0, 6)))
+    """)
+    assert run_python(code, **aot_env(kernel_cache)) == "1 True True"
 
 
 def test_a_module_built_for_another_key_is_ignored(kernel_cache, tmp_path):
