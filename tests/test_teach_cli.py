@@ -82,11 +82,12 @@ def test_profile_prints_time_intensity_and_bound_per_step(capsys, photo):
     assert code == 0
     assert "balance" in out and "FLOP/byte" in out
     rows = [line for line in out.splitlines() if "(DepthwiseConv2D)" in line]
-    assert len(rows) == 17
+    fused = [line for line in out.splitlines() if "(ExpandDepthwise)" in line]  # block_1: expand + depthwise
+    assert len(rows) == 16 and len(fused) == 1
     # Stride-1 depthwise layers move ~2.25 FLOPs per byte; each row ends with its bound.
     assert all(line.split()[-1] in ("memory", "compute") for line in rows)
     assert any(2.2 <= float(line.split()[-2]) <= 2.25 for line in rows)
-    assert "depthwise   17 steps" in out and "pointwise" in out
+    assert "depthwise   16 steps" in out and "expand+dw    1 steps" in out and "pointwise" in out
     assert "Why MobileNetV2 can be slower than V1 per MAC on a CPU" in out
     assert "for MobileNet V1 1.0 at the same size" in out
 

@@ -109,8 +109,8 @@ def expand_depthwise_output_shape(node: Node, inputs: list) -> tuple:
 
 
 def expand_depthwise_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
-    from npmobile.kernels.expand_depthwise import band_rows, expand_depthwise, fits, scratch_for
-    from npmobile.kernels.gemm import COMPILED_VARIANTS, pack
+    from npmobile.kernels.expand_depthwise import TILE, expand_depthwise, fits, scratch_for
+    from npmobile.kernels.gemm import pack
     from npmobile.kernels.threads import max_threads
     from npmobile.ops.activation import epilogue_code
 
@@ -123,10 +123,7 @@ def expand_depthwise_prepare(node: Node, in_shapes, out_shape, keras_version: in
     if expand_act is None or act is None or not fits(k, h, w, oh, strides[0], top, expand_act, act):
         return None
     kernel = expand.weights["kernel"][0, 0]
-    held = band_rows(w, c, k, strides[0])[1]
-    packed = pack(kernel, bias_or_zeros(expand, kernel.shape[1]), held * w)  # each product: a band's rows
-    if packed.variant not in COMPILED_VARIANTS:
-        return None
+    packed = pack(kernel, bias_or_zeros(expand, kernel.shape[1]), 0, TILE)
     dw_kernel = np.ascontiguousarray(depthwise.weights["depthwise_kernel"][:, :, :, 0])
     bias = bias_or_zeros(depthwise, c)
     scratch = scratch_for(max_threads(), w, c, k, strides[0])  # made once per plan (one run at a time)
@@ -146,4 +143,4 @@ def expand_depthwise_macs(node: Node, in_shape: tuple, out_shape: tuple) -> int:
 
 register(LayerType("ExpandDepthwise", expand_depthwise_reference, expand_depthwise_output_shape,
                    prepare=expand_depthwise_prepare, macs=expand_depthwise_macs,
-                   kind=lambda node: "pointwise+depthwise", from_files=False))
+                   kind=lambda node: "expand+dw", from_files=False))
