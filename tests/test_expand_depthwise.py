@@ -116,7 +116,7 @@ def test_fused_refuses_what_does_not_fit(rng):
     with pytest.raises(ValueError, match="do not fit"):
         call(x, packed, 99, dw, bias, out, 1, 1, 1, 1, ACT_RELU6, scratch)  # an activation not on the registers
     with pytest.raises(ValueError, match="not this kernel's"):
-        call(x, pack(kernel, e_bias, 1, 3 - fused.TILE if fused.TILE in (1, 2) else 0), ACT_RELU6, dw, bias, out, 1,
+        call(x, pack(kernel, e_bias, 1, 1 if fused.TILE == 0 else 0), ACT_RELU6, dw, bias, out, 1,
              1, 1, 1, ACT_RELU6, scratch)
     with pytest.raises(ValueError, match="C-contiguous float32"):
         call(x, packed, ACT_RELU6, dw, bias, out[:, :, ::-1], 1, 1, 1, 1, ACT_RELU6, scratch)

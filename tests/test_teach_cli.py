@@ -82,14 +82,25 @@ def test_profile_prints_time_intensity_and_bound_per_step(capsys, photo):
     assert code == 0
     assert "balance" in out and "FLOP/byte" in out
     rows = [line for line in out.splitlines() if "(DepthwiseConv2D)" in line]
-    fused = [line for line in out.splitlines() if "(ExpandDepthwise)" in line]  # block_1: expand + depthwise
-    assert len(rows) == 16 and len(fused) == 1
+    assert len(rows) == 17
     # Stride-1 depthwise layers move ~2.25 FLOPs per byte; each row ends with its bound.
     assert all(line.split()[-1] in ("memory", "compute") for line in rows)
     assert any(2.2 <= float(line.split()[-2]) <= 2.25 for line in rows)
-    assert "depthwise   16 steps" in out and "expand+dw    1 steps" in out and "pointwise" in out
+    assert "depthwise   17 steps" in out and "pointwise" in out
     assert "Why MobileNetV2 can be slower than V1 per MAC on a CPU" in out
     assert "for MobileNet V1 1.0 at the same size" in out
+
+
+def test_profile_shows_expand_and_depthwise_run_as_one_step(capsys, photo, tmp_path):
+    """At 160 px MobileNetV2's block_1 runs expand + depthwise fused (npmobile/ops/expand_depthwise.py):
+    the profile says so, counts them apart, and plots them."""
+    code, out, _ = run(capsys, "profile", photo, "--weights", "none", "--size", "160", "--repeats", "1",
+                       "--plot", str(tmp_path / "time.png"))
+    assert code == 0
+    fused = [line.split()[0] for line in out.splitlines() if "(ExpandDepthwise)" in line]
+    assert fused == ["block_1_depthwise"]
+    assert "expand+dw    1 steps" in out and "depthwise   16 steps" in out
+    assert "never written whole" in out
 
 
 def test_profile_writes_time_and_roofline_pngs(capsys, photo, tmp_path):

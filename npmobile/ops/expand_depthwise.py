@@ -24,12 +24,12 @@ if TYPE_CHECKING:
 _ON_REGISTERS = (None, "linear", "relu", "relu6", "hard_swish", "hard_silu")
 
 # When the pair is worth fusing (a fixed rule of the layers' shapes; measured on MobileNet V1-V3 at 224,
-# AVX-512): the 1x1 layer's output per image is too big to stay in a 1 MB L2 cache, and the 1x1 layer
-# does few multiply-adds per value it writes (input channels), so that writing and re-reading it is
-# what its time goes to. MobileNetV2's first three blocks (16 and 24 channels in, 1.8-4.8 MB out):
-# 0.87x the two layers' time at batch 8, 0.95-0.99x at batch 1; V1's first layers (32 channels in)
-# gain nothing, and on maps that fit the L2 fusing loses (the threads recompute the rows they share).
-MIN_EXPANDED_BYTES = 768 * 1024
+# AVX-512, bench/README.md): the 1x1 layer's output per image does not fit a 1 MB L2 cache, and the 1x1
+# layer does few multiply-adds per value it writes (input channels), so that writing and re-reading it is
+# what its time goes to. MobileNetV2's first three blocks (16 and 24 channels in, 1.8-4.8 MB out): 0.87x
+# the two layers' time at batch 8, 0.95-0.99x at batch 1; V1's first layers (32 channels in) gain nothing,
+# and where the output fits the L2 fusing loses (two threads recompute the rows their bands share).
+MIN_EXPANDED_BYTES = 1024 * 1024
 MAX_EXPAND_INPUT_CHANNELS = 24
 
 
