@@ -458,8 +458,8 @@ def npmobile_kind(node) -> str:
     """The kind of layer a node of npmobile's optimized plan is, for the per-kind profile."""
     if node.op == "Conv2D":
         return "pointwise 1x1" if node.weights["kernel"].shape[:2] == (1, 1) else "stem conv"
-    return {"DepthwiseConv2D": "depthwise", "Dense": "dense (+softmax)", "SqueezeExcite": "squeeze-excite"}.get(
-        node.op, "other")
+    return {"DepthwiseConv2D": "depthwise", "Dense": "dense (+softmax)", "SqueezeExcite": "squeeze-excite",
+            "ExpandDepthwise": "1x1 + depthwise fused"}.get(node.op, "other")
 
 
 def onnx_kind(op: str, weight_shape: list[int] | None) -> str:

@@ -298,6 +298,16 @@ if AOT:
         """The AVX-512 decision the module was built with (kernels/gemm.py's tiles depend on it)."""
         return bool(_loaded.manifest["avx512"])
 
+    def int64_cfunc(function, nargs: int) -> int:
+        """The address of ``function`` as a C function of ``nargs`` int64 arguments returning nothing: the
+        AOT module's copy, else the JIT twin's cfunc."""
+        name = f"{function.__module__}.{function.__qualname__}"
+        symbol = _loaded.manifest["cfuncs"].get(name)
+        if symbol is None:
+            twin_backend = importlib.import_module(JIT_PACKAGE + ".backend")
+            return twin_backend.int64_cfunc(jit_twin(function.__module__, function.__qualname__), nargs)
+        return ctypes.cast(getattr(_loaded.shim, symbol), ctypes.c_void_p).value
+
     def add_symbol(name: str, address: int) -> None:
         """Where compiled code finds an external C function (only ``npmobile_sgemm``, kernels/blas.py)."""
         if name != "npmobile_sgemm":
@@ -341,6 +351,18 @@ else:
         import llvmlite.binding as llvm
 
         return bool(llvm.get_host_cpu_features().get("avx512f", False))
+
+    # function -> its numba.cfunc, made on first use (kernels/build.py exports each one made).
+    CFUNCS: dict = {}
+
+    def int64_cfunc(function, nargs: int) -> int:
+        """The address of ``function`` compiled as a C function of ``nargs`` int64 arguments that returns
+        nothing (a numba.cfunc: compiled, or loaded from Numba's cache, on first use)."""
+        compiled = CFUNCS.get(function)
+        if compiled is None:
+            compiled = numba.cfunc(numba.types.void(*([numba.types.int64] * nargs)), cache=True)(function)
+            CFUNCS[function] = compiled
+        return compiled.address
 
     def add_symbol(name: str, address: int) -> None:
         """Make a C function known to compiled code by name (kernels/blas.py's sgemm)."""

@@ -108,8 +108,20 @@ def export_table(dispatchers: dict) -> list[tuple[str, str, tuple, tuple]]:
     return table
 
 
-def compile_module(table, dispatchers: dict, directory: Path) -> Path:
-    """Compile the exports into ``directory`` with numba.pycc, each with its dispatcher's flags."""
+def cfunc_table() -> list[tuple[str, str, object]]:
+    """(name, symbol, cfunc) for every C function the kernels made (backend.int64_cfunc: depthwise's row kernels)."""
+    from npmobile.kernels import backend
+
+    table = []
+    for function, compiled in backend.CFUNCS.items():
+        name = f"{function.__module__}.{function.__qualname__}"
+        table.append((name, "npmobile_cfunc_" + name.removeprefix("npmobile.kernels.").replace(".", "__"), compiled))
+    return sorted(table, key=lambda row: row[0])
+
+
+def compile_module(table, dispatchers: dict, cfuncs, directory: Path) -> Path:
+    """Compile the exports into ``directory`` with numba.pycc, each with its dispatcher's flags; each cfunc
+    too, its C wrapper (what numba.cfunc's address points to) made a public symbol of the module."""
     from numba.core import codegen, compiler, types
 
     with warnings.catch_warnings():
@@ -119,18 +131,27 @@ def compile_module(table, dispatchers: dict, directory: Path) -> Path:
 
     from npmobile.kernels import backend
 
-    by_function = {d.py_func: d for d in dispatchers.values()}
+    # function -> (target, its options, the C symbol of its cfunc wrapper or None)
+    by_function = {d.py_func: (d.targetdescr, d.targetoptions, None) for d in dispatchers.values()}
+    for _name, symbol, compiled in cfuncs:
+        by_function[compiled.__wrapped__] = (compiled._compiler.targetdescr, compiled._compiler.targetoptions, symbol)
     plain_compile = pycc_compiler.compile_extra
 
-    def compile_with_dispatcher_flags(typingctx, targetctx, func, args, return_type, flags, locals, **kw):
-        dispatcher = by_function.get(func)
-        if dispatcher is not None:
-            own = compiler.Flags()
-            dispatcher.targetdescr.options.parse_as_flags(own, dispatcher.targetoptions)
-            for name in ("no_compile", "nrt", "no_cpython_wrapper", "no_cfunc_wrapper"):
-                setattr(own, name, getattr(flags, name))
-            flags = own
-        return plain_compile(typingctx, targetctx, func, args, return_type, flags, locals, **kw)
+    def compile_with_own_flags(typingctx, targetctx, func, args, return_type, flags, locals, **kw):
+        if func not in by_function:
+            return plain_compile(typingctx, targetctx, func, args, return_type, flags, locals, **kw)
+        target, options, c_symbol = by_function[func]
+        own = compiler.Flags()
+        target.options.parse_as_flags(own, options)
+        for name in ("no_compile", "nrt", "no_cpython_wrapper", "no_cfunc_wrapper"):
+            setattr(own, name, getattr(flags, name))
+        if c_symbol is not None:  # as numba.cfunc compiles it
+            own.no_cfunc_wrapper, own.enable_pyobject = False, False
+        result = plain_compile(typingctx, targetctx, func, args, return_type, own, locals, **kw)
+        if c_symbol is not None:
+            wrapper = result.library.get_function(result.fndesc.llvm_cfunc_wrapper_name)
+            wrapper.name, wrapper.linkage = c_symbol, "external"
+        return result
 
     cc = CC(backend.MODULE_NAME)
     cc.output_dir = str(directory)
@@ -139,13 +160,23 @@ def compile_module(table, dispatchers: dict, directory: Path) -> Path:
     cc._mixin_sources = cc._mixin_sources + [str(Path(__file__).with_name("aot_shim.c"))]  # no public hook
     for name, symbol, sig, _keys in table:
         cc.export(symbol, types.void(*sig))(dispatchers[name].py_func)
-    pycc_compiler.compile_extra = compile_with_dispatcher_flags
+    for _name, symbol, compiled in cfuncs:
+        cc.export(symbol.removeprefix("npmobile_cfunc_") + "__cfunc", compiled._sig)(compiled.__wrapped__)
+    plain_init = pycc_compiler.ModuleCompiler.__init__
+
+    def init_exporting_cfuncs(self, *args, **kwargs):  # pycc hides every symbol but its dll_exports
+        plain_init(self, *args, **kwargs)
+        self.dll_exports.extend(symbol for _name, symbol, _compiled in cfuncs)
+
+    pycc_compiler.compile_extra = compile_with_own_flags
+    pycc_compiler.ModuleCompiler.__init__ = init_exporting_cfuncs
     host_features = codegen.AOTCPUCodegen._customize_tm_features
     codegen.AOTCPUCodegen._customize_tm_features = lambda self: self._get_host_cpu_features()
     try:
         cc.compile()
     finally:
         pycc_compiler.compile_extra = plain_compile
+        pycc_compiler.ModuleCompiler.__init__ = plain_init
         codegen.AOTCPUCodegen._customize_tm_features = host_features
     return directory / cc.output_file
 
@@ -170,18 +201,20 @@ def build(root: Path | None = None, workload=WORKLOAD) -> tuple[Path, dict]:
     run_workload(workload)
     dispatchers = kernel_dispatchers()
     table = export_table(dispatchers)
+    cfuncs = cfunc_table()
     ran = time.perf_counter()
     root = Path(root) if root is not None else backend.kernel_cache_dir()
     key = backend.cache_key()
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
     try:
-        path = compile_module(table, dispatchers, staging)
+        path = compile_module(table, dispatchers, cfuncs, staging)
         kernels: dict[str, list] = {}
         for name, symbol, _sig, keys in table:
             kernels.setdefault(name, []).append([list(keys), symbol])
         manifest = {"key": key, "numba": numba.__version__, "threading_layer": backend.threading_layer(),
-                    "avx512": bool(gemm.AVX512), "kernels": kernels}
+                    "avx512": bool(gemm.AVX512), "kernels": kernels,
+                    "cfuncs": {name: symbol for name, symbol, _compiled in cfuncs}}
         (staging / backend.MANIFEST).write_text(json.dumps(manifest, indent=1))
         final = root / key
         if final.exists():  # an older build of the same key: move it aside, then drop it
@@ -195,7 +228,7 @@ def build(root: Path | None = None, workload=WORKLOAD) -> tuple[Path, dict]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     module = final / path.name
-    return module, {"exports": len(table), "kernels": len(kernels), "workload_s": ran - start,
+    return module, {"exports": len(table), "kernels": len(kernels), "cfuncs": len(cfuncs), "workload_s": ran - start,
                     "compile_s": time.perf_counter() - ran, "bytes": module.stat().st_size}
 
 

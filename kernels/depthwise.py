@@ -47,7 +47,7 @@ from functools import partial
 import numpy as np
 
 from .activations import ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6, bias_act_row
-from .backend import AOT, intrinsic, njit, prange
+from .backend import AOT, int64_cfunc, intrinsic, njit, prange
 from .entry import ByThreads, entry
 from .gemm import AVX512
 
@@ -227,9 +227,8 @@ def depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left
     # The vector kernel works on raw addresses: another dtype or layout takes the loops below. On one
     # thread its rows run in a plain loop (ByThreads), each row computed the same way either way.
     if _vector_kernel_fits(kernel, bias, act) and _plain(x) and _plain(out):
-        if kernel.shape[0] == 3:
-            return ByThreads(partial(_depthwise_vector_serial_3x3, *args), partial(_depthwise_vector_3x3, *args))
-        return ByThreads(partial(_depthwise_vector_serial_5x5, *args), partial(_depthwise_vector_5x5, *args))
+        row = row_kernel(kernel.shape[0])
+        return ByThreads(partial(_depthwise_vector_serial, row, *args), partial(_depthwise_vector, row, *args))
     return partial(_depthwise_conv2d, *args)
 
 
@@ -495,12 +494,40 @@ MIN_WHOLE_PIXELS = {3: 0, 5: 16}
 VECTOR_ACTS = (ACT_NONE, ACT_RELU, ACT_RELU6, ACT_HARD_SWISH)
 
 
-@njit(inline="always")
-def _row(k, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_left, width, j_lo, j_hi):
-    if k == 3:
-        _row_k3(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_left, width, j_lo, j_hi)
-    else:
-        _row_k5(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_left, width, j_lo, j_hi)
+# The row kernels are compiled once each, as C functions of their own (cfuncs), and called by
+# address: every kernel that runs rows -- the depthwise kernels below and kernels/expand_depthwise.py
+# -- calls the same machine code instead of compiling its own copy (Numba links a called function's
+# IR into each caller and compiles it again there: seconds apiece on every first run). One indirect
+# call per row and channel block costs nothing beside the row's work.
+_ROW_ARGS = 15
+
+
+def _row_3x3(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_left, width, j_lo, j_hi):
+    _row_k3(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_left, width, j_lo, j_hi)
+
+
+def _row_5x5(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_left, width, j_lo, j_hi):
+    _row_k5(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_left, width, j_lo, j_hi)
+
+
+def row_kernel(k: int) -> int:
+    """The address of the compiled row kernel for k x k windows (compiled, or loaded from Numba's
+    cache, on first use: a model never compiles a size it does not have; or the AOT module's)."""
+    return int64_cfunc(_row_3x3 if k == 3 else _row_5x5, _ROW_ARGS)
+
+
+@intrinsic
+def _call_row(typingctx, address, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, lanes, pad_left, width,
+              j_lo, j_hi):
+    """Calls the row kernel at ``address`` (``row_kernel``) with the row's 15 int64 arguments."""
+    sig = types.void(*([types.int64] * (_ROW_ARGS + 1)))
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.VoidType(), [_I64] * _ROW_ARGS)
+        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), args[1:])
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit(inline="always")
@@ -511,8 +538,8 @@ def whole_columns(ow, w, k, stride_w, pad_left):
 
 
 @njit(inline="always")
-def vector_row(k, src, src_row0, h, w, cs, k_addr, b_addr, o_row, i, ow, stride_h, stride_w, pad_top, pad_left, act,
-               j_lo, j_hi):
+def vector_row(row, k, src, src_row0, h, w, cs, k_addr, b_addr, o_row, i, ow, stride_h, stride_w, pad_top, pad_left,
+               act, j_lo, j_hi):
     """Output row ``i`` of one image (at address ``o_row``) through the vector row kernel, one call of
     it per channel block. ``src``: the address of the image's input row ``src_row0`` (rows of w*cs
     floats; the image itself, or a band of its rows held elsewhere, kernels/expand_depthwise.py).
@@ -525,23 +552,18 @@ def vector_row(k, src, src_row0, h, w, cs, k_addr, b_addr, o_row, i, ow, stride_
     k_row = k_addr + 4 * (di_lo * k * cs)
     vw = VECTOR_WIDTH
     for c0 in range(0, cs, vw):
-        _row(k, x_row + 4 * c0, w * cs, cs, k_row + 4 * c0, b_addr + 4 * c0, o_row + 4 * c0,
-             ow, stride_w, rows, act, min(vw, cs - c0), pad_left, w, j_lo, j_hi)
+        _call_row(row, x_row + 4 * c0, w * cs, cs, k_row + 4 * c0, b_addr + 4 * c0, o_row + 4 * c0,
+                  ow, stride_w, rows, act, min(vw, cs - c0), pad_left, w, j_lo, j_hi)
     return True
 
 
 @njit(inline="always")
-def _vector_rows(k, x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, job_lo, job_hi):
-    """Output rows job_lo .. job_hi - 1 (numbered over (image, row)) through ``vector_row``, border
-    pixels included. Only an output row with no kernel row inside the image (padding taller than the
-    kernel) takes ``_clipped_taps``: act(bias).
-
-    ``k`` (3 or 5) is a constant where it is called: inlined into a serial loop over all rows
-    (``_depthwise_vector_serial_3x3``/``_5x5``, one thread) and into the parallel loop, row by row
-    (``_depthwise_vector_3x3``/``_5x5``; see ``depthwise_conv2d``): each compiles only when used, and
-    only its own kernel size's row kernel.
-    """
+def _vector_rows(row, x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, job_lo, job_hi):
+    """Output rows job_lo .. job_hi - 1 (numbered over (image, row)) through ``vector_row`` and the
+    row kernel at address ``row`` (``row_kernel``), border pixels included. Only an output row with no
+    kernel row inside the image (padding taller than the kernel) takes ``_clipped_taps``: act(bias)."""
     n_images, h, w, cs = x.shape
+    k = kernel.shape[0]
     oh, ow = out.shape[1], out.shape[2]
     x_addr = np.int64(x.ctypes.data)
     k_addr = np.int64(kernel.ctypes.data)
@@ -551,8 +573,8 @@ def _vector_rows(k, x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left,
     for job in range(job_lo, job_hi):
         n = job // oh
         i = job % oh
-        if vector_row(k, x_addr + 4 * (n * h * w * cs), 0, h, w, cs, k_addr, b_addr, o_addr + 4 * (job * ow * cs),
-                      i, ow, stride_h, stride_w, pad_top, pad_left, act, j_lo, j_hi):
+        if vector_row(row, k, x_addr + 4 * (n * h * w * cs), 0, h, w, cs, k_addr, b_addr,
+                      o_addr + 4 * (job * ow * cs), i, ow, stride_h, stride_w, pad_top, pad_left, act, j_lo, j_hi):
             continue
         ih0 = i * stride_h - pad_top
         second = np.empty(cs, np.float32)
@@ -563,31 +585,14 @@ def _vector_rows(k, x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left,
             bias_act_row(acc, bias, act)
 
 
-# One compiled function per kernel size and form (k a constant in each): a model compiles only the
-# row kernels of its own layers (MobileNet V1 and V2 have no 5x5 layer), and only the form it runs.
-
-
 @njit(parallel=True, cache=True)
-def _depthwise_vector_3x3(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
-    """3x3 depthwise through the vector row kernel, on checked shapes: one task per (image, output row)."""
+def _depthwise_vector(row, x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
+    """Depthwise through the vector row kernel at ``row``, on checked shapes: one task per (image, output row)."""
     for job in prange(x.shape[0] * out.shape[1]):
-        _vector_rows(3, x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, job, job + 1)
-
-
-@njit(parallel=True, cache=True)
-def _depthwise_vector_5x5(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
-    """5x5 depthwise through the vector row kernel, on checked shapes: one task per (image, output row)."""
-    for job in prange(x.shape[0] * out.shape[1]):
-        _vector_rows(5, x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, job, job + 1)
+        _vector_rows(row, x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, job, job + 1)
 
 
 @njit(cache=True)
-def _depthwise_vector_serial_3x3(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
-    """``_depthwise_vector_3x3`` on one thread: all rows in a plain loop."""
-    _vector_rows(3, x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, 0, x.shape[0] * out.shape[1])
-
-
-@njit(cache=True)
-def _depthwise_vector_serial_5x5(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
-    """``_depthwise_vector_5x5`` on one thread: all rows in a plain loop."""
-    _vector_rows(5, x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, 0, x.shape[0] * out.shape[1])
+def _depthwise_vector_serial(row, x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act):
+    """``_depthwise_vector`` on one thread: all rows in a plain loop."""
+    _vector_rows(row, x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, 0, x.shape[0] * out.shape[1])

@@ -37,10 +37,14 @@ from functools import partial
 import numpy as np
 
 from .backend import njit, prange
-from .depthwise import VECTOR_ACTS, _tap_range, vector_row, whole_columns
+from .depthwise import VECTOR_ACTS, _tap_range, row_kernel, vector_row, whole_columns
 from .entry import entry
-from .gemm import COMPILED_VARIANTS, MR, PackedWeights, rows_times_panels
+from .gemm import COMPILED_VARIANTS, MR, PackedWeights, register_tiles
 from .threads import jit_thread_count
+
+# The microkernel tile of the 1x1 layer's product, a constant: the kernel compiles that tile alone
+# (every tile gives the same bits; each costs seconds of first-run compile time). ``pack`` for it.
+TILE = COMPILED_VARIANTS[0]
 
 # Bytes of the 1x1 layer's output each thread holds: well inside a 1 MB L2 beside the weights, the
 # input rows and the output rows (a fixed size, so the cut depends only on the layer's shape).
@@ -60,11 +64,14 @@ def scratch_for(threads: int, w: int, c: int, k: int, stride: int) -> np.ndarray
 
 
 @njit(inline="always")
-def _bands(k, x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, stride_h, stride_w, pad_top, pad_left,
-           act, band, scratch, tile_scratch, no_residual, job_lo, job_hi):
+def _bands(row, k, x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, stride_h, stride_w, pad_top, pad_left,
+           act, band, scratch, job_lo, job_hi):
     """Output rows job_lo .. job_hi - 1 (numbered over (image, row)), a band at a time, through ``scratch``."""
     oh, ow, c = out.shape[1], out.shape[2], out.shape[3]
-    n_panels = panels.shape[0]
+    n_panels, cin, nr = panels.shape
+    x_addr = np.int64(x2.ctypes.data)
+    w_addr = np.int64(panels.ctypes.data)
+    e_addr = np.int64(e_bias.ctypes.data)
     s_addr = np.int64(scratch.ctypes.data)
     k_addr = np.int64(kernel.ctypes.data)
     b_addr = np.int64(bias.ctypes.data)
@@ -91,47 +98,34 @@ def _bands(k, x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, strid
                     flat[f] = flat[shift + f]
             start = held_hi
         if start < need_hi:
-            a = x2[(n * h + start) * w:(n * h + need_hi) * w]
-            dest = scratch[(start - need_lo) * w:(need_hi - need_lo) * w]
-            rows_times_panels(a, panels, e_bias, dest, e_act, no_residual, variant, 0, a.shape[0], 0, n_panels,
-                              tile_scratch)
+            register_tiles(x_addr + 4 * ((n * h + start) * w * cin), cin, w_addr, nr, e_addr,
+                           s_addr + 4 * ((start - need_lo) * row_floats), c, e_act, np.int64(0), TILE, 0,
+                           (need_hi - start) * w, 0, n_panels)
         held_image, held_lo, held_hi = n, need_lo, need_hi
         for i in range(i0, i1):
-            vector_row(k, s_addr, need_lo, h, w, c, k_addr, b_addr, o_addr + 4 * ((n * oh + i) * ow * c), i, ow,
+            vector_row(row, k, s_addr, need_lo, h, w, c, k_addr, b_addr, o_addr + 4 * ((n * oh + i) * ow * c), i, ow,
                        stride_h, stride_w, pad_top, pad_left, act, j_lo, j_hi)
         job += i1 - i0
 
 
 @njit(inline="always")
-def _split(k, x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act,
+def _split(row, k, x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act,
            band, scratch):
     """Equal runs of output rows, one per thread, each through its own band of scratch."""
-    if variant not in COMPILED_VARIANTS:  # another tile would run in its place
-        raise ValueError("expand_depthwise: this tile is not compiled for this CPU")
+    if variant != TILE:  # another tile would run in its place
+        raise ValueError("expand_depthwise: weights not packed for this kernel's tile")
     threads = min(jit_thread_count(), scratch.shape[0])
     jobs = out.shape[0] * out.shape[1]
-    tile_scratch = np.empty((1, 1), np.float32)  # the expand's activation is applied on the registers
-    no_residual = np.empty((0, 0), np.float32)
     for t in prange(threads):
-        _bands(k, x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, stride_h, stride_w, pad_top, pad_left,
-               act, band, scratch[t], tile_scratch, no_residual, jobs * t // threads, jobs * (t + 1) // threads)
-
-
-# One compiled function per depthwise kernel size: a model compiles only its own (V1 and V2: 3x3).
+        _bands(row, k, x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, stride_h, stride_w, pad_top, pad_left,
+               act, band, scratch[t], jobs * t // threads, jobs * (t + 1) // threads)
 
 
 @njit(parallel=True, cache=True)
-def _expand_depthwise_3x3(x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, stride_h, stride_w, pad_top,
-                          pad_left, act, band, scratch):
-    _split(3, x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act,
-           band, scratch)
-
-
-@njit(parallel=True, cache=True)
-def _expand_depthwise_5x5(x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, stride_h, stride_w, pad_top,
-                          pad_left, act, band, scratch):
-    _split(5, x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act,
-           band, scratch)
+def _expand_depthwise(row, x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, stride_h, stride_w, pad_top,
+                      pad_left, act, band, scratch):
+    _split(row, kernel.shape[0], x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, stride_h, stride_w,
+           pad_top, pad_left, act, band, scratch)
 
 
 _FLOAT32 = np.dtype(np.float32)
@@ -163,8 +157,8 @@ def expand_depthwise(x: np.ndarray, packed: PackedWeights, expand_act: int, kern
     # The kernels work on raw addresses: another dtype or layout must be refused, not compiled for.
     if not all(a.dtype == _FLOAT32 and a.flags.c_contiguous for a in (x, kernel, bias, out, scratch)):
         raise ValueError("expand_depthwise: arrays must be C-contiguous float32")
-    if packed.variant not in COMPILED_VARIANTS:
-        raise ValueError(f"expand_depthwise: the {MR[packed.variant]}-row tile is not compiled for this CPU")
-    run = _expand_depthwise_3x3 if k == 3 else _expand_depthwise_5x5
-    return partial(run, x.reshape(n * h * w, cin), h, w, packed.panels, packed.bias, expand_act, packed.variant,
+    if packed.variant != TILE:
+        raise ValueError(f"expand_depthwise: weights packed for the {MR[packed.variant]}-row tile, not this "
+                         f"kernel's {MR[TILE]}-row one")
+    return partial(_expand_depthwise, row_kernel(k), x.reshape(n * h * w, cin), h, w, packed.panels, packed.bias, expand_act, packed.variant,
                    kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, band, scratch)

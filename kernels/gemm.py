@@ -461,6 +461,22 @@ def rows_times_panels(a, panels, bias, out, act, residual, variant, r0, r1, p0, 
 
 
 @njit(inline="always")
+def register_tiles(a_addr, k, w_addr, nr, b_addr, c_addr, n, act, r_addr, variant, r0, r1, p0, p1):
+    """Rows [r0, r1) of C = act(A @ w + bias) (+ R), panels [p0, p1), for an activation applied on the
+    registers (``on_registers``), on raw addresses: A rows of k floats, C and R rows of n floats (R at
+    0: none), w packed in panels of nr columns. A constant ``variant`` compiles that tile alone."""
+    mr = MR[variant]
+    for p in range(p0, p1):
+        c0 = p * nr
+        cols = min(nr, n - c0)
+        w_p = w_addr + 4 * p * k * nr
+        for i in range(r0, r1, mr):
+            res = r_addr + 4 * (i * n + c0) if r_addr != 0 else np.int64(0)
+            _tile(variant, a_addr + 4 * i * k, k, min(mr, r1 - i), w_p, k, b_addr + 4 * c0, c_addr + 4 * (i * n + c0),
+                  n, act, res, n, cols)
+
+
+@njit(inline="always")
 def _activate_into(scratch, out, act, residual, has_residual, r0, rows, c0, cols):
     """out[r0 + r, c0 + c] = act(scratch[r, c]) (+ residual) for a tile whose activation is not on the registers."""
     for rr in range(rows):

@@ -37,7 +37,7 @@ _NO_WORK = ("InputLayer", "ZeroPadding2D", "Reshape", "Flatten", "Dropout")
 class StepCost:
     name: str
     op: str
-    kind: str  # "depthwise", "pointwise" (1x1 conv), "conv" (k x k conv), "dense", "se", "other"
+    kind: str  # "depthwise", "pointwise" (1x1 conv), "conv" (k x k conv), "expand+dw", "dense", "se", "other"
     flops: int
     bytes: int
     macs: int = 0  # the multiply-accumulates npmobile.costs counts for this step
@@ -78,7 +78,8 @@ class StepProfile:
 
 
 def step_kind(node: Node) -> str:
-    """The bucket a step's time goes in: pointwise, depthwise, conv, dense, se or other (its record's kind)."""
+    """The bucket a step's time goes in: pointwise, depthwise, conv, expand+dw, dense, se or other (its record's
+    kind)."""
     return layer_type(node.op).kind(node)
 
 
@@ -221,7 +222,7 @@ def profile_text(model, steps: list[StepProfile], machine: Machine, image: str, 
               f"{'Total':<44}{total_s * 1e3:>8.2f}{100:>6.1f}%{total_flops / 1e6:>9.1f}"
               f"{total_flops / total_s / 1e9:>9.2f}{sum(s.cost.bytes for s in steps) / 1e6:>10.2f}",
               "", "By kind of step:"]
-    for kind in ("conv", "depthwise", "pointwise", "se", "dense", "other"):
+    for kind in ("conv", "depthwise", "pointwise", "expand+dw", "se", "dense", "other"):
         group = [s for s in steps if s.cost.kind == kind]
         if not group:
             continue
@@ -232,6 +233,9 @@ def profile_text(model, steps: list[StepProfile], machine: Machine, image: str, 
         lines.append(f"  {kind:<10} {len(group):>3} steps  {100 * flops / max(total_flops, 1):5.1f}% of FLOPs  "
                      f"{100 * secs / total_s:5.1f}% of time  {flops / secs / 1e9 if secs else 0:6.2f} GFLOP/s  "
                      f"intensity {flops / nbytes if nbytes else 0:6.2f} FLOP/B  {memory}/{len(group)} memory-bound")
+    if any(s.cost.kind == "expand+dw" for s in steps):
+        lines += ["  (expand+dw: an expand 1x1 layer and the depthwise layer that reads it, run as one step: the",
+                  "  wide tensor between them is made a few rows at a time and never written whole.)"]
     ours = sum(s.cost.bytes for s in steps) / max(sum(s.cost.macs for s in steps), 1)
     lines += ["", f"Bytes moved per MAC: {ours:.3f} for this model at {shape[1]}x{shape[2]}"
               + (f", {v1_bytes_per_mac:.3f} for MobileNet V1 1.0 at the same size." if v1_bytes_per_mac else "."),

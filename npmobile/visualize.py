@@ -94,8 +94,8 @@ def kernel_image(kernel: np.ndarray, max_channels: int | None = 64, scale: int =
 # Charts (matplotlib)
 # --------------------------------------------------------------------------------------------------
 
-KIND_COLORS = {"conv": "#7f7f7f", "depthwise": "#d62728", "pointwise": "#1f77b4", "se": "#9467bd",
-               "dense": "#2ca02c", "other": "#bcbd22"}
+KIND_COLORS = {"conv": "#7f7f7f", "depthwise": "#d62728", "pointwise": "#1f77b4", "expand+dw": "#ff7f0e",
+               "se": "#9467bd", "dense": "#2ca02c", "other": "#bcbd22"}
 
 
 def _pyplot():

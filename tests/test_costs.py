@@ -124,9 +124,14 @@ def test_depthwise_steps_have_lower_intensity_than_pointwise_steps(v2_224):
 
 def test_step_cost_counts_float32_bytes_of_inputs_outputs_and_weights(v2_224):
     steps = {s.name: s for s in profiling.plan_costs(v2_224.optimized_graph(), (1, 224, 224, 3))}
-    dw = steps["block_2_depthwise"]  # 56x56x144 -> 56x56x144, 3x3 kernel + folded bias
-    assert dw.bytes == 4 * (2 * 56 * 56 * 144 + 9 * 144 + 144)
-    assert dw.flops == 2 * 56 * 56 * 9 * 144
+    dw = steps["block_4_depthwise"]  # 28x28x192 -> 28x28x192, 3x3 kernel + folded bias
+    assert dw.bytes == 4 * (2 * 28 * 28 * 192 + 9 * 192 + 192)
+    assert dw.flops == 2 * 28 * 28 * 9 * 192
+    # Fused with its expand layer (npmobile/ops/expand_depthwise.py): the 56x56x144 tensor between them is
+    # never written, so the step reads the block's 24 channels and writes 144.
+    fused = steps["block_2_depthwise"]
+    assert fused.bytes == 4 * (56 * 56 * 24 + 56 * 56 * 144 + 24 * 144 + 144 + 9 * 144 + 144)
+    assert fused.flops == 2 * 56 * 56 * (24 * 144 + 9 * 144)
 
 
 def test_machine_probe_measures_positive_peak_and_bandwidth():

@@ -69,8 +69,9 @@ def _fused(x, packed, expand_act, kernel, bias, case, act, threads=2):
 def test_fused_gives_the_bits_of_the_two_kernels_on_one_and_two_threads(rng, case):
     x, kernel, e_bias, dw, bias = _layers(rng, case)
     for expand_act, act in ACT_PAIRS:
-        packed = pack(kernel, e_bias, x.shape[0] * x.shape[1] * x.shape[2])
-        expected = _two_kernels(x, packed, expand_act, dw, bias, case, act)
+        packed = pack(kernel, e_bias, 0, fused.TILE)
+        expected = _two_kernels(x, pack(kernel, e_bias, x.shape[0] * x.shape[1] * x.shape[2]), expand_act, dw, bias,
+                                case, act)
         for threads in (1, 2):
             with thread_limits(threads):
                 np.testing.assert_array_equal(_fused(x, packed, expand_act, dw, bias, case, act), expected)
@@ -83,27 +84,26 @@ def test_fused_matches_its_numpy_twin(rng, case):
     for expand_act, act in ACT_PAIRS:
         mid = REFERENCE_ACTIVATIONS[expand_act](R.pointwise_conv2d(x, kernel, e_bias))
         ref = REFERENCE_ACTIVATIONS[act](R.depthwise_conv2d(mid, dw[..., None], bias, (stride, stride), pads))
-        assert_close(_fused(x, pack(kernel, e_bias, 64), expand_act, dw, bias, case, act), ref)
+        assert_close(_fused(x, pack(kernel, e_bias, 0, fused.TILE), expand_act, dw, bias, case, act), ref)
 
 
 @pytest.mark.parametrize("band_bytes", [1, 4096, 1 << 30])  # one row per band, a few rows, the whole map
-def test_any_band_size_and_tile_give_the_same_bits(rng, band_bytes, monkeypatch):
-    """The band's rows moved up from the last band (overlapping when a band is one row at stride 1) and
-    the microkernel tile chosen for the packed weights change no bit."""
+def test_any_band_size_gives_the_same_bits_as_any_tile_of_the_two_kernels(rng, band_bytes, monkeypatch):
+    """The band's rows moved up from the last band (overlapping when a band is one row at stride 1) change
+    no bit, nor does the tile the unfused product runs (the fused kernel runs ``TILE`` alone)."""
+    monkeypatch.setattr(fused, "BAND_BYTES", band_bytes)
     for case in (CASES[2], CASES[3], CASES[5]):
         x, kernel, e_bias, dw, bias = _layers(rng, case)
-        expected = _two_kernels(x, pack(kernel, e_bias, 8), ACT_RELU6, dw, bias, case, ACT_RELU6)
-        monkeypatch.setattr(fused, "BAND_BYTES", band_bytes)
+        answer = _fused(x, pack(kernel, e_bias, 0, fused.TILE), ACT_RELU6, dw, bias, case, ACT_RELU6)
         for rows in (1, 49, 5000):  # the matrix-vector, 7-row and 8-row tiles (those this CPU compiles)
-            packed = pack(kernel, e_bias, rows)
-            np.testing.assert_array_equal(_fused(x, packed, ACT_RELU6, dw, bias, case, ACT_RELU6), expected)
-        monkeypatch.undo()
+            expected = _two_kernels(x, pack(kernel, e_bias, rows), ACT_RELU6, dw, bias, case, ACT_RELU6)
+            np.testing.assert_array_equal(answer, expected)
 
 
 def test_fused_refuses_what_does_not_fit(rng):
     case = CASES[2]
     x, kernel, e_bias, dw, bias = _layers(rng, case)
-    packed = pack(kernel, e_bias, 64)
+    packed = pack(kernel, e_bias, 0, fused.TILE)
     out = np.empty(_output_shape(case), np.float32)
     scratch = fused.scratch_for(2, 19, 40, 3, 1)
     call = fused.expand_depthwise.bind
@@ -115,6 +115,9 @@ def test_fused_refuses_what_does_not_fit(rng):
         call(x[..., :4], packed, ACT_RELU6, dw, bias, out, 1, 1, 1, 1, ACT_RELU6, scratch)
     with pytest.raises(ValueError, match="do not fit"):
         call(x, packed, 99, dw, bias, out, 1, 1, 1, 1, ACT_RELU6, scratch)  # an activation not on the registers
+    with pytest.raises(ValueError, match="not this kernel's"):
+        call(x, pack(kernel, e_bias, 1, 1 if fused.TILE == 0 else 0), ACT_RELU6, dw, bias, out, 1,
+             1, 1, 1, ACT_RELU6, scratch)
     with pytest.raises(ValueError, match="C-contiguous float32"):
         call(x, packed, ACT_RELU6, dw, bias, out[:, :, ::-1], 1, 1, 1, 1, ACT_RELU6, scratch)
 

@@ -91,6 +91,18 @@ def test_profile_prints_time_intensity_and_bound_per_step(capsys, photo):
     assert "for MobileNet V1 1.0 at the same size" in out
 
 
+def test_profile_shows_expand_and_depthwise_run_as_one_step(capsys, photo, tmp_path):
+    """At 160 px MobileNetV2's block_1 runs expand + depthwise fused (npmobile/ops/expand_depthwise.py):
+    the profile says so, counts them apart, and plots them."""
+    code, out, _ = run(capsys, "profile", photo, "--weights", "none", "--size", "160", "--repeats", "1",
+                       "--plot", str(tmp_path / "time.png"))
+    assert code == 0
+    fused = [line.split()[0] for line in out.splitlines() if "(ExpandDepthwise)" in line]
+    assert fused == ["block_1_depthwise"]
+    assert "expand+dw    1 steps" in out and "depthwise   16 steps" in out
+    assert "never written whole" in out
+
+
 def test_profile_writes_time_and_roofline_pngs(capsys, photo, tmp_path):
     times, roofline = tmp_path / "time.png", tmp_path / "roofline.png"
     code, out, _ = run(capsys, "profile", photo, "--model", "mobilenet_v3_small", *SMALL, "--repeats", "1",

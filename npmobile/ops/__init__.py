@@ -13,7 +13,7 @@ A ``LayerType`` holds everything npmobile knows about one layer class, in one pl
   them once and returns the call with no arguments that computes the step (kernels/entry.py), which
   the plan then makes at every prediction; or None where the reference must run;
 - ``macs(node, in_shape, out_shape)``: multiply-accumulates per image, for ``summary --costs``;
-- ``kind(node)``: its bucket in ``profile`` (pointwise, depthwise, conv, dense, se, other).
+- ``kind(node)``: its bucket in ``profile`` (pointwise, depthwise, conv, expand+dw, dense, se, other).
 
 A layer class without a record is refused when a file is loaded (npmobile.graph.check_supported),
 never given a default. Records are framework-neutral: a PyTorch model built on the same operations

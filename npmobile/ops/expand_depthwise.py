@@ -24,12 +24,12 @@ if TYPE_CHECKING:
 _ON_REGISTERS = (None, "linear", "relu", "relu6", "hard_swish", "hard_silu")
 
 # When the pair is worth fusing (a fixed rule of the layers' shapes; measured on MobileNet V1-V3 at 224,
-# AVX-512): the 1x1 layer's output per image is too big to stay in a 1 MB L2 cache, and the 1x1 layer
-# does few multiply-adds per value it writes (input channels), so that writing and re-reading it is
-# what its time goes to. MobileNetV2's first three blocks (16 and 24 channels in, 1.8-4.8 MB out):
-# 0.87x the two layers' time at batch 8, 0.95-0.99x at batch 1; V1's first layers (32 channels in)
-# gain nothing, and on maps that fit the L2 fusing loses (the threads recompute the rows they share).
-MIN_EXPANDED_BYTES = 768 * 1024
+# AVX-512, bench/README.md): the 1x1 layer's output per image does not fit a 1 MB L2 cache, and the 1x1
+# layer does few multiply-adds per value it writes (input channels), so that writing and re-reading it is
+# what its time goes to. MobileNetV2's first three blocks (16 and 24 channels in, 1.8-4.8 MB out): 0.87x
+# the two layers' time at batch 8, 0.95-0.99x at batch 1; V1's first layers (32 channels in) gain nothing,
+# and where the output fits the L2 fusing loses (two threads recompute the rows their bands share).
+MIN_EXPANDED_BYTES = 1024 * 1024
 MAX_EXPAND_INPUT_CHANNELS = 24
 
 
@@ -109,8 +109,8 @@ def expand_depthwise_output_shape(node: Node, inputs: list) -> tuple:
 
 
 def expand_depthwise_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
-    from npmobile.kernels.expand_depthwise import band_rows, expand_depthwise, fits, scratch_for
-    from npmobile.kernels.gemm import COMPILED_VARIANTS, pack
+    from npmobile.kernels.expand_depthwise import TILE, expand_depthwise, fits, scratch_for
+    from npmobile.kernels.gemm import pack
     from npmobile.kernels.threads import max_threads
     from npmobile.ops.activation import epilogue_code
 
@@ -123,10 +123,7 @@ def expand_depthwise_prepare(node: Node, in_shapes, out_shape, keras_version: in
     if expand_act is None or act is None or not fits(k, h, w, oh, strides[0], top, expand_act, act):
         return None
     kernel = expand.weights["kernel"][0, 0]
-    held = band_rows(w, c, k, strides[0])[1]
-    packed = pack(kernel, bias_or_zeros(expand, kernel.shape[1]), held * w)  # each product: a band's rows
-    if packed.variant not in COMPILED_VARIANTS:
-        return None
+    packed = pack(kernel, bias_or_zeros(expand, kernel.shape[1]), 0, TILE)
     dw_kernel = np.ascontiguousarray(depthwise.weights["depthwise_kernel"][:, :, :, 0])
     bias = bias_or_zeros(depthwise, c)
     scratch = scratch_for(max_threads(), w, c, k, strides[0])  # made once per plan (one run at a time)
@@ -146,4 +143,4 @@ def expand_depthwise_macs(node: Node, in_shape: tuple, out_shape: tuple) -> int:
 
 register(LayerType("ExpandDepthwise", expand_depthwise_reference, expand_depthwise_output_shape,
                    prepare=expand_depthwise_prepare, macs=expand_depthwise_macs,
-                   kind=lambda node: "pointwise+depthwise", from_files=False))
+                   kind=lambda node: "expand+dw", from_files=False))
