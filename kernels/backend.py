@@ -15,7 +15,12 @@ it was built for (the JIT runs that were exported: kernels/build.py): numba.pycc
 their arguments, and a float64 array given to a float32 signature would be read as garbage. Any other call
 goes to the JIT twin: the same kernel files imported a second time, in JIT mode, under ``JIT_PACKAGE``
 (that imports Numba, once). Both are compiled from the same source with the same flags and CPU target,
-so they give the same bits (tests/test_aot.py).
+so they give the same bits (tests/test_aot.py). A C function a kernel calls by address (depthwise's row
+kernels) comes from ``int64_cfunc``: numba.cfunc's, or the module's copy of it.
+
+Also here, because they too depend on which is in use: the thread count (``get_num_threads``,
+``set_num_threads``, ``max_threads``, ``jit_thread_count`` in compiled code), the AVX-512 decision the
+tiles are chosen by (``target_has_avx512``), and where compiled code finds NumPy's sgemm (``add_symbol``).
 
 The module is keyed (``cache_key``) on the Numba and llvmlite versions, the Python ABI, the CPU (model
 and feature flags), the kernel sources and the threading layer, and looked for in ``kernel_cache_dir()``
@@ -170,7 +175,10 @@ def _load() -> _Loaded | None:
         return None
     if manifest.get("key") != directory.name:
         return None
-    return _Loaded(directory, manifest)
+    try:
+        return _Loaded(directory, manifest)
+    except (OSError, ImportError, AttributeError, KeyError, TypeError):  # a damaged module, a Numba moved: the JIT
+        return None
 
 
 # The files under JIT_PACKAGE are the JIT twin: never AOT, whatever is built.

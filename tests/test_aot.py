@@ -131,7 +131,7 @@ def test_the_thread_count_holds_when_the_jit_twin_starts(kernel_cache):
     assert run_python(code, **aot_env(kernel_cache)) == "1 True True"
 
 
-def test_a_module_built_for_another_key_is_ignored(kernel_cache, tmp_path):
+def test_a_module_of_another_key_or_damaged_is_ignored(kernel_cache, tmp_path):
     stale = tmp_path / "kernels"
     shutil.copytree(kernel_cache / backend.cache_key(), stale / "0123456789abcdef0123")
     code = "from npmobile.kernels import backend; print(backend.AOT)"
@@ -139,6 +139,11 @@ def test_a_module_built_for_another_key_is_ignored(kernel_cache, tmp_path):
     assert run_python(code, **aot_env(kernel_cache)) == "True"
     assert run_python(code, **{**aot_env(kernel_cache), "NPMOBILE_KERNELS": "jit"}) == "False"
     assert run_python(code, **aot_env(kernel_cache), NUMBA_OPT="2") == "False"  # a NUMBA_* the build did not have
+    damaged = tmp_path / "damaged"
+    shutil.copytree(kernel_cache / backend.cache_key(), damaged / backend.cache_key())
+    for module in (damaged / backend.cache_key()).glob(backend.MODULE_NAME + "*"):
+        module.write_bytes(b"not a shared library")
+    assert run_python(code, **aot_env(damaged)) == "False"
 
 
 def test_build_kernels_without_a_c_compiler_says_so_in_one_line(tmp_path):
