@@ -193,6 +193,10 @@ def build(root: Path | None = None, workload=WORKLOAD) -> tuple[Path, dict]:
     if compiler_available() is None:
         raise NpmobileError("build-kernels needs a C compiler to link the module (cc or gcc; e.g. apt install gcc);"
                             " without it the kernels keep compiling with Numba's JIT")
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.exists():
+        raise NpmobileError(f"build-kernels needs Python's C headers ({headers} is missing; e.g. apt install "
+                            "python3-dev); without them the kernels keep compiling with Numba's JIT")
     import numba
 
     from npmobile.kernels import gemm
@@ -236,12 +240,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m npmobile.kernels.build", description=__doc__.split("\n")[0])
     parser.add_argument("--root", type=Path, help="the kernel cache directory (default: backend.kernel_cache_dir())")
     parser.add_argument("--quick", action="store_true", help="a small module: V2 and V3-Small at 96 px, batch 1")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     args = parser.parse_args(argv)
     os.environ["NPMOBILE_KERNELS"] = "jit"  # the build runs the JIT (before the kernels are first imported)
     try:
         module, summary = build(args.root, QUICK_WORKLOAD if args.quick else WORKLOAD)
     except NpmobileError as error:
+        if args.debug:
+            raise
         print(f"npmobile: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:  # pycc, the compiler or the linker: one line (--debug for the traceback)
+        if args.debug:
+            raise
+        print(f"npmobile: building the kernels failed: {type(error).__name__}: {error}".splitlines()[0],
+              file=sys.stderr)
         return 1
     print(json.dumps({"module": str(module), **summary}))
     return 0

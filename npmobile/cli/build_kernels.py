@@ -30,7 +30,8 @@ def run(args) -> int:
 
     # A process of its own, on the JIT: this one may already hold an AOT module, and numba.pycc
     # is patched while it compiles (kernels/build.py).
-    command = [sys.executable, "-m", "npmobile.kernels.build"] + (["--quick"] if args.quick else [])
+    command = [sys.executable, "-m", "npmobile.kernels.build"] + (["--quick"] if args.quick else []) + (
+        ["--debug"] if getattr(args, "debug", False) else [])
     done = subprocess.run(command, env={**os.environ, "NPMOBILE_KERNELS": "jit"}, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
         if done.returncode == 1:  # the child printed its one line
