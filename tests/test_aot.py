@@ -12,14 +12,18 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from npmobile.kernels import backend, build
 
-pytestmark = pytest.mark.skipif(build.compiler_available() is None, reason="no C compiler to build the module")
+pytestmark = pytest.mark.skipif(
+    build.compiler_available() is None or not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists(),
+    reason="no C compiler or no Python headers to build the module")
 
 # Runs families (random weights, seeded) at a size and batches, on 1 and 2 threads, saves the outputs, and
 # says which compiler the process used and whether numba or llvmlite was ever imported.
