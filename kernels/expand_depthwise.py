@@ -109,16 +109,16 @@ def _bands(row, k, x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, 
 
 
 @njit(inline="always")
-def _split(row, k, x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act,
-           band, scratch):
+def _split(row, k, x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, stride_h, stride_w, pad_top, pad_left,
+           act, band, scratch):
     """Equal runs of output rows, one per thread, each through its own band of scratch."""
     if variant != TILE:  # another tile would run in its place
         raise ValueError("expand_depthwise: weights not packed for this kernel's tile")
     threads = min(jit_thread_count(), scratch.shape[0])
     jobs = out.shape[0] * out.shape[1]
     for t in prange(threads):
-        _bands(row, k, x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, stride_h, stride_w, pad_top, pad_left,
-               act, band, scratch[t], jobs * t // threads, jobs * (t + 1) // threads)
+        _bands(row, k, x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, stride_h, stride_w, pad_top,
+               pad_left, act, band, scratch[t], jobs * t // threads, jobs * (t + 1) // threads)
 
 
 @njit(parallel=True, cache=True)
@@ -160,5 +160,6 @@ def expand_depthwise(x: np.ndarray, packed: PackedWeights, expand_act: int, kern
     if packed.variant != TILE:
         raise ValueError(f"expand_depthwise: weights packed for the {MR[packed.variant]}-row tile, not this "
                          f"kernel's {MR[TILE]}-row one")
-    return partial(_expand_depthwise, row_kernel(k), x.reshape(n * h * w, cin), h, w, packed.panels, packed.bias, expand_act, packed.variant,
-                   kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, band, scratch)
+    return partial(_expand_depthwise, row_kernel(k), x.reshape(n * h * w, cin), h, w, packed.panels, packed.bias,
+                   expand_act, packed.variant, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, band,
+                   scratch)

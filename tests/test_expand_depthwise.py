@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_kernels import REFERENCE_ACTIVATIONS, assert_close, rand
 
 from npmobile.kernels import expand_depthwise as fused
 from npmobile.kernels import reference as R
@@ -16,7 +17,6 @@ from npmobile.kernels.activations import ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT
 from npmobile.kernels.depthwise import depthwise_conv2d
 from npmobile.kernels.gemm import gemm_packed, pack
 from npmobile.kernels.threads import thread_limits
-from test_kernels import REFERENCE_ACTIVATIONS, assert_close, rand
 
 # (images, height, width, input channels, expanded channels, window, stride, ((top, bottom), (left, right)))
 CASES = [
