@@ -27,6 +27,10 @@ depend on how many.
 
 The NumPy twin is the two reference kernels in a row: reference.pointwise_conv2d, then
 reference.depthwise_conv2d.
+
+(Numba's on-disk cache is checked against each kernel file alone: this file's compiled code inlines
+depthwise.py's ``vector_row``, so after editing that, clear kernels/__pycache__/*.nb* in a checkout.
+An install replaces every file, and ``npmobile build-kernels`` keys its module on all of them.)
 """
 
 from __future__ import annotations
