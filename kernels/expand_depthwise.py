@@ -68,7 +68,7 @@ def scratch_for(threads: int, w: int, c: int, k: int, stride: int) -> np.ndarray
 
 
 @njit(inline="always")
-def _bands(row, k, x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, stride_h, stride_w, pad_top, pad_left,
+def _bands(row, k, x2, h, w, panels, e_bias, e_act, kernel, bias, out, stride_h, stride_w, pad_top, pad_left,
            act, band, scratch, job_lo, job_hi):
     """Output rows job_lo .. job_hi - 1 (numbered over (image, row)), a band at a time, through ``scratch``."""
     oh, ow, c = out.shape[1], out.shape[2], out.shape[3]
@@ -121,7 +121,7 @@ def _split(row, k, x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, 
     threads = min(jit_thread_count(), scratch.shape[0])
     jobs = out.shape[0] * out.shape[1]
     for t in prange(threads):
-        _bands(row, k, x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, stride_h, stride_w, pad_top,
+        _bands(row, k, x2, h, w, panels, e_bias, e_act, kernel, bias, out, stride_h, stride_w, pad_top,
                pad_left, act, band, scratch[t], jobs * t // threads, jobs * (t + 1) // threads)
 
 
