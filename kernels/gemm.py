@@ -153,10 +153,11 @@ def _igemm_sums(builder: ir.IRBuilder, a_args, rows, weights, fma_row, zeros: li
     return _emit_loop(builder, taps, zeros, tap, "tile.tap")
 
 
-def _emit_tile(builder: ir.IRBuilder, a_sums, a_args, args, mr: int, nr: int, vw: int) -> None:
+def _emit_tile(builder: ir.IRBuilder, a_sums, a_args, args, mr: int, nr: int, vw: int, prefetch=None) -> None:
     """The IR of one MR x NR tile: see the module docstring. ``a_sums`` emits the loop over K, reading
     A as ``a_args`` locate it (``_gemm_sums`` or ``_igemm_sums``); ``args`` are the intrinsic's other
-    int64 values."""
+    int64 values. ``prefetch``: an address; step k of the loop also asks for the cache line at
+    prefetch + k * NR floats to be brought into L2 (``rows_times_panels`` says which)."""
     rows, w_addr, bias_addr, c_addr, ldc, act, r_addr, ldr, cols = args
     vec = ir.VectorType(_F32, vw)
     nv = nr // vw
@@ -166,9 +167,18 @@ def _emit_tile(builder: ir.IRBuilder, a_sums, a_args, args, mr: int, nr: int, vw
     mask = ir.Constant(ir.VectorType(ir.IntType(32), vw), [0] * vw)
     zero = ir.Constant(vec, [0.0] * vw)
 
+    if prefetch is not None:
+        prefetch_line = cgutils.get_or_insert_function(
+            module, ir.FunctionType(ir.VoidType(), [_PTR, ir.IntType(32), ir.IntType(32), ir.IntType(32)]),
+            "llvm.prefetch.p0")
+        ahead = builder.inttoptr(prefetch, _PTR)
+
     def weights(kk):
         """Row k of the panel: NR / VW vectors."""
         w_row = builder.gep(w, [builder.mul(kk, ir.Constant(_I64, nr))], source_etype=_F32)
+        if prefetch is not None:  # a read (0), kept in L2 (locality 2), of data (1)
+            line = builder.gep(ahead, [builder.mul(kk, ir.Constant(_I64, nr))], source_etype=_F32)
+            builder.call(prefetch_line, [line] + [ir.Constant(ir.IntType(32), v) for v in (0, 2, 1)])
         return [builder.load(builder.gep(w_row, [ir.Constant(_I64, j * vw)], source_etype=_F32), typ=vec, align=4)
                 for j in range(nv)]
 
@@ -300,17 +310,17 @@ def _emit_tile(builder: ir.IRBuilder, a_sums, a_args, args, mr: int, nr: int, vw
 def _tile_intrinsic(mr: int, nr: int, vw: int):
     """A Numba intrinsic computing one MR x NR tile (arguments: addresses and strides in floats, as int64).
 
-    tile(a, lda, rows, w_panel, k, bias, c, ldc, act, residual, ldr, cols): rows [0, rows) and columns
-    [0, cols) of the tile at ``c`` = act(a[rows, :k] @ w_panel[:k, :NR] + bias[:NR]) (+ residual when
-    its address is not 0).
+    tile(a, lda, rows, w_panel, k, bias, c, ldc, act, residual, ldr, cols, prefetch): rows [0, rows) and
+    columns [0, cols) of the tile at ``c`` = act(a[rows, :k] @ w_panel[:k, :NR] + bias[:NR]) (+ residual
+    when its address is not 0); ``prefetch`` as ``_emit_tile`` says.
     """
 
-    def tile(typingctx, a, lda, rows, w, k, bias, c, ldc, act, residual, ldr, cols):
-        sig = types.void(*([types.int64] * 12))
+    def tile(typingctx, a, lda, rows, w, k, bias, c, ldc, act, residual, ldr, cols, prefetch):
+        sig = types.void(*([types.int64] * 13))
 
         def codegen(context, builder, signature, args):
-            a, lda, rows, w, k, *epilogue = args
-            _emit_tile(builder, _gemm_sums, (a, lda, k), (rows, w, *epilogue), mr, nr, vw)
+            a, lda, rows, w, k, *epilogue, prefetch = args
+            _emit_tile(builder, _gemm_sums, (a, lda, k), (rows, w, *epilogue), mr, nr, vw, prefetch)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -379,15 +389,15 @@ if AVX512:
     INDIRECT_VARIANTS = (1, 2)
 
     @njit(inline="always")
-    def _tile(variant, a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols):
+    def _tile(variant, a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols, ahead):
         if variant == 1:
-            _tile1(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
+            _tile1(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols, ahead)
         elif variant == 2:
-            _tile2(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
+            _tile2(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols, ahead)
         elif variant == 3:
-            _tile3(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
+            _tile3(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols, ahead)
         else:
-            _tile4(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
+            _tile4(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols, ahead)
 
     @njit(inline="always")
     def _indirect_tile(variant, x, table, taps, zero, rows, w, bias, c, ldc, act, res, ldr, cols):
@@ -401,8 +411,8 @@ else:
     INDIRECT_VARIANTS = (0,)
 
     @njit(inline="always")
-    def _tile(variant, a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols):
-        _tile0(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols)
+    def _tile(variant, a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols, ahead):
+        _tile0(a, lda, rows, w, k, bias, c, ldc, act, res, ldr, cols, ahead)
 
     @njit(inline="always")
     def _indirect_tile(variant, x, table, taps, zero, rows, w, bias, c, ldc, act, res, ldr, cols):
@@ -442,12 +452,18 @@ def rows_times_panels(a, panels, bias, out, act, residual, variant, r0, r1, p0, 
     s_addr = np.int64(scratch.ctypes.data)
     has_residual = residual.size > 0
     r_addr = np.int64(residual.ctypes.data) if has_residual else np.int64(0)
+    n_panels = panels.shape[0]
+    lines = max(1, nr // 16)  # cache lines in one row of a panel
     for p in range(p0, p1):
         c0 = p * nr
         cols = min(nr, n - c0)
         w_p = w_addr + 4 * p * k * nr
         for i in range(r0, r1, mr):
             rows = min(mr, r1 - i)
+            # While the rows of this panel are worked, the next panel comes from memory: each row
+            # tile asks for one cache line of every row of it, in turn. (Past this task's panels: the
+            # thread's next task starts there when the cut is by panels; the last panel: its own lines.)
+            ahead = w_p + 4 * k * nr * (p + 1 < n_panels) + 64 * (((i - r0) // mr) % lines)
             # One call site (each inlines every variant): into out, or into scratch for the copy below.
             dest, ld, res = s_addr, nr, np.int64(0)
             if in_registers:
@@ -455,7 +471,7 @@ def rows_times_panels(a, panels, bias, out, act, residual, variant, r0, r1, p0, 
                 if r_addr != 0:
                     res = r_addr + 4 * (i * n + c0)
             _tile(variant, a_addr + 4 * i * k, k, rows, w_p, k, b_addr + 4 * c0, dest, ld, register_act, res, ld,
-                  cols if in_registers else nr)
+                  cols if in_registers else nr, ahead)
             if not in_registers:
                 _activate_into(scratch, out, act, residual, has_residual, i, rows, c0, cols)
 
@@ -476,7 +492,7 @@ def register_tiles(a_addr, k, w_addr, nr, b_addr, c_addr, n, act, r_addr, varian
         for i in range(r0, r1, mr):
             res = r_addr + 4 * (i * n + c0) if r_addr != 0 else np.int64(0)
             _tile(variant, a_addr + 4 * i * k, k, min(mr, r1 - i), w_p, k, b_addr + 4 * c0, c_addr + 4 * (i * n + c0),
-                  n, act, res, n, cols)
+                  n, act, res, n, cols, w_p)
 
 
 @njit(inline="always")
