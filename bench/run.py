@@ -395,7 +395,9 @@ def startup(keras_file: str, image: Path, runs: int = 7) -> dict:
 
 
 def bench_env() -> dict:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    # No kernel build in the background (npmobile/cli/build_kernels.py) while anything is measured: the JIT runs
+    # set NPMOBILE_KERNELS=jit, which rules it out anyway; this also covers an AOT module that is not current.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", NPMOBILE_AUTO_BUILD="0")
     # Older OpenBLAS builds need these on some CPUs; they slow a current one. Benchmarks only.
     if "OPENBLAS_CORETYPE" in env or "OPENBLAS_L2_SIZE" in env:
         env.pop("OPENBLAS_CORETYPE", None)

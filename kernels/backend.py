@@ -5,10 +5,12 @@ and this module is the one place that decides which compiler that is:
 
 - **JIT** (the default, and the fallback): ``njit``, ``prange`` and ``intrinsic`` are Numba's own, and the
   kernels compile on first use (or load from Numba's on-disk cache) exactly as before.
-- **AOT**: when ``npmobile build-kernels`` has built the kernels for this machine (kernels/build.py) and the
-  module in the kernel cache is current, ``njit`` returns an ``AotKernel`` instead of a Numba dispatcher, and
-  neither Numba nor llvmlite is imported: a warm start saves Numba's import (~0.3 s, ~90 MB) and its cache
-  loading. The kernel modules still define their compiled bodies; in this mode nothing compiles them.
+- **AOT**: when the kernels are built for this machine (kernels/build.py: ``npmobile build-kernels``, or the
+  build the command line starts by itself in the background after a run on the JIT,
+  npmobile/cli/build_kernels.py) and the module in the kernel cache is current, ``njit`` returns an
+  ``AotKernel`` instead of a Numba dispatcher, and neither Numba nor llvmlite is imported: a warm start saves
+  Numba's import (~0.3 s, ~90 MB) and its cache loading. The kernel modules still define their compiled
+  bodies; in this mode nothing compiles them.
 
 An AOT kernel runs the exported function only when the arguments' types are exactly one of the signatures
 it was built for (the JIT runs that were exported: kernels/build.py): numba.pycc's wrappers do not check
@@ -24,9 +26,10 @@ tiles are chosen by (``target_has_avx512``), and where compiled code finds NumPy
 
 The module is keyed (``cache_key``) on the Numba and llvmlite versions, the Python ABI, the CPU (model
 and feature flags), the kernel sources and the threading layer, and looked for in ``kernel_cache_dir()``
-/ key. Set ``NPMOBILE_KERNELS=jit`` to use the JIT regardless. Any other ``NUMBA_*`` setting than the
-thread count and the cache directory (a CPU target, an optimization level, ...) also means the JIT: the
-AOT module was built without it.
+/ key (beside it, while or after a background build: ``build.lock``, ``<key>.log``, ``<key>.failed``). Set
+``NPMOBILE_KERNELS=jit`` to use the JIT regardless (then nothing is built in the background either). Any
+other ``NUMBA_*`` setting than the thread count and the cache directory (a CPU target, an optimization level,
+...) also means the JIT: the AOT module was built without it.
 """
 
 from __future__ import annotations

@@ -15,6 +15,12 @@
    CPU decision (AVX-512) and threading layer the module was built with.
 
 Needs a C compiler (pycc links the module with it).
+
+``--background`` is how the command line starts it by itself after a run on the JIT (npmobile/cli/build_kernels.py:
+``start_in_background``): at low priority, holding the cache's build lock (``take_lock``: taken by the starter,
+handed to this process, released here when done), its output in ``<key>.log``, and on failure a ``<key>.failed``
+marker (holding the log's path) so that no later run starts it again for this key; a build that succeeds, manual
+or not, removes the marker.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -38,12 +45,111 @@ WORKLOAD = tuple((family, (224, 128, 96), (1, 2)) for family in
                  ("mobilenet", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"))
 # A small module (tests, a quick try): the two models tests/test_aot.py checks, at one size.
 QUICK_WORKLOAD = (("mobilenet_v2", (96,), (1,)), ("mobilenet_v3_small", (96,), (1,)))
+# The kernel cache's build lock: "pid start-time"; older than this, or its process gone, it is stale.
+LOCK = "build.lock"
+STALE_LOCK_SECONDS = 30 * 60
 
 
 def compiler_available() -> str | None:
     """The C compiler pycc will call, if it is installed."""
     cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
     return shutil.which(cc)
+
+
+def missing_tools() -> str | None:
+    """Why no module can be built here (no C compiler, no Python headers), or None."""
+    if compiler_available() is None:
+        return ("build-kernels needs a C compiler to link the module (cc or gcc; e.g. apt install gcc);"
+                " without it the kernels keep compiling with Numba's JIT")
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.exists():
+        return (f"build-kernels needs Python's C headers ({headers} is missing; e.g. apt install "
+                "python3-dev); without them the kernels keep compiling with Numba's JIT")
+    return None
+
+
+# --- the background build's files in the kernel cache ----------------------------------------------------
+
+def log_path(root: Path, key: str) -> Path:
+    return Path(root) / f"{key}.log"
+
+
+def failure_marker(root: Path, key: str) -> Path:
+    """Present after a background build for ``key`` failed: it holds the log's path."""
+    return Path(root) / f"{key}.failed"
+
+
+def _lock_holder(text: str, modified: float) -> tuple[int, float]:
+    """(pid, start time) of a lock's text; a lock still being written: no pid, its file's time."""
+    try:
+        pid, started = text.split()
+        return int(pid), float(started)
+    except ValueError:
+        return 0, modified
+
+
+def lock_is_stale(text: str, modified: float) -> bool:
+    pid, started = _lock_holder(text, modified)
+    if time.time() - started > STALE_LOCK_SECONDS:
+        return True
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # someone else's process: alive
+        return False
+    return False
+
+
+def take_lock(root: Path) -> int | None:
+    """The build lock of ``root`` as an open descriptor holding this process's pid, or None if a live build
+    holds it. A stale lock is moved aside and checked, so that two processes cannot both replace it."""
+    path = Path(root) / LOCK
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                text, modified = path.read_text(), path.stat().st_mtime
+            except FileNotFoundError:  # released meanwhile
+                continue
+            if not lock_is_stale(text, modified):
+                return None
+            aside = path.with_name(f"{LOCK}.{os.getpid()}.stale")
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                continue
+            if aside.read_text() != text:  # another process replaced it first: put its lock back
+                try:
+                    os.link(aside, path)
+                except FileExistsError:
+                    pass
+                aside.unlink()
+                return None
+            aside.unlink()
+            continue
+        hand_lock(fd, os.getpid())
+        return fd
+    return None
+
+
+def hand_lock(fd: int, pid: int) -> None:
+    """Make the lock open as ``fd`` say that process ``pid`` holds it (the starter hands it to the build)."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{pid} {time.time():.0f}\n".encode(), 0)
+
+
+def release_lock(root: Path, pid: int | None = None) -> None:
+    """Remove the build lock if process ``pid`` (default: this one) holds it."""
+    path = Path(root) / LOCK
+    try:
+        if _lock_holder(path.read_text(), 0)[0] == (pid or os.getpid()):
+            path.unlink()
+    except OSError:
+        pass
 
 
 def run_workload(workload) -> None:
@@ -190,13 +296,9 @@ def build(root: Path | None = None, workload=WORKLOAD) -> tuple[Path, dict]:
 
     if backend.AOT:
         raise NpmobileError("building kernels needs the JIT: run with NPMOBILE_KERNELS=jit")
-    if compiler_available() is None:
-        raise NpmobileError("build-kernels needs a C compiler to link the module (cc or gcc; e.g. apt install gcc);"
-                            " without it the kernels keep compiling with Numba's JIT")
-    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
-    if not headers.exists():
-        raise NpmobileError(f"build-kernels needs Python's C headers ({headers} is missing; e.g. apt install "
-                            "python3-dev); without them the kernels keep compiling with Numba's JIT")
+    missing = missing_tools()
+    if missing is not None:
+        raise NpmobileError(missing)
     import numba
 
     from npmobile.kernels import gemm
@@ -231,6 +333,7 @@ def build(root: Path | None = None, workload=WORKLOAD) -> tuple[Path, dict]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    failure_marker(root, key).unlink(missing_ok=True)  # a build that works clears an earlier failure
     module = final / path.name
     return module, {"exports": len(table), "kernels": len(kernels), "cfuncs": len(cfuncs), "workload_s": ran - start,
                     "compile_s": time.perf_counter() - ran, "bytes": module.stat().st_size}
@@ -241,8 +344,32 @@ def main(argv=None) -> int:
     parser.add_argument("--root", type=Path, help="the kernel cache directory (default: backend.kernel_cache_dir())")
     parser.add_argument("--quick", action="store_true", help="a small module: V2 and V3-Small at 96 px, batch 1")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    parser.add_argument("--background", action="store_true",
+                        help="started by the command line: low priority; release the build lock when done, and "
+                             "on failure leave <key>.failed in the cache")
     args = parser.parse_args(argv)
     os.environ["NPMOBILE_KERNELS"] = "jit"  # the build runs the JIT (before the kernels are first imported)
+    if not args.background:
+        return build_and_report(args)
+    os.nice(10)  # the user's own work first
+    from npmobile.kernels import backend
+
+    root = args.root if args.root is not None else backend.kernel_cache_dir()
+    args.debug, code = True, 1  # the log gets a failure's traceback
+    try:
+        code = build_and_report(args)
+    except Exception:
+        traceback.print_exc()
+    finally:
+        if code != 0:
+            key = backend.cache_key()
+            failure_marker(root, key).write_text(f"{log_path(root, key)}\n")
+        release_lock(root)
+    return code
+
+
+def build_and_report(args) -> int:
+    """Build as ``args`` say; print the summary as one JSON line, or a failure as one line on stderr."""
     try:
         module, summary = build(args.root, QUICK_WORKLOAD if args.quick else WORKLOAD)
     except NpmobileError as error:

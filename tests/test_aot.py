@@ -3,6 +3,9 @@
 A small module (``--quick``: MobileNetV2 and V3-Small at 96 px) is built once into a temporary kernel cache;
 each check runs in a process of its own, since a process picks JIT or AOT when its kernels are first imported
 (the test process itself runs the JIT: tests/conftest.py sets NPMOBILE_KERNELS=jit).
+
+The last tests check the build the command line starts by itself in the background after a run on the JIT
+(npmobile/cli/build_kernels.py: start_in_background): one for real, end to end, the others with the spawn recorded.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from npmobile.cli import build_kernels
 from npmobile.kernels import backend, build
 
 pytestmark = pytest.mark.skipif(
@@ -162,3 +168,127 @@ def test_build_kernels_help_says_what_it_does():
     assert done.returncode == 0 and "ahead of time" in done.stdout.replace("\n", " ")
     assert subprocess.run([sys.executable, "-m", "npmobile", "build-kernels", "--bogus"],
                           capture_output=True).returncode == 2
+
+
+# --- the build the command line starts by itself ---------------------------------------------------------
+
+PHOTO = Path(__file__).resolve().parents[1] / "samples" / "chelsea.jpg"
+# The command line as `python -m npmobile` runs it, then which kernels it ran on (stderr's last line).
+CLI_THEN_BACKEND = ("import sys; from npmobile.cli import main; code = main(sys.argv[1:]); "
+                    "from npmobile.kernels import backend; "
+                    "print('AOT', backend.AOT, 'numba' in sys.modules, file=sys.stderr); sys.exit(code)")
+
+
+def wait_for_the_build(root: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while (root / build.LOCK).exists():
+        assert time.monotonic() < deadline, build.log_path(root, backend.cache_key()).read_text()
+        time.sleep(1)
+
+
+def test_a_cli_run_on_the_jit_builds_the_kernels_in_the_background_for_later_runs(keras_files, tmp_path):
+    case = keras_files.get("MobileNetV2", "keras3_keras", input_shape=(96, 96, 3), alpha=0.35)
+    root = tmp_path / "kernels"
+    env = {**os.environ, "NPMOBILE_KERNELS_DIR": str(root), "NPMOBILE_AUTO_BUILD": "quick"}
+    del env["NPMOBILE_KERNELS"]
+    command = [sys.executable, "-c", CLI_THEN_BACKEND, "classify", str(PHOTO), "--weights", str(case.path), "--json"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr
+    assert build_kernels.AUTO_BUILD_NOTE in first.stderr.splitlines()
+    assert first.stderr.splitlines()[-1] == "AOT False True"
+    module = root / backend.cache_key() / backend.MANIFEST
+    assert (root / build.LOCK).exists() and not module.exists()  # returned while the build runs
+    wait_for_the_build(root)
+    assert module.exists() and not build.failure_marker(root, backend.cache_key()).exists()
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert second.returncode == 0, second.stderr
+    assert second.stderr.splitlines() == ["AOT True False"]  # the module, no Numba, no second build
+    assert json.loads(second.stdout)[0]["top"] == json.loads(first.stdout)[0]["top"]
+
+
+@pytest.fixture
+def auto_build(monkeypatch, tmp_path):
+    """start_in_background as after a CLI run on the JIT, with its kernel cache in tmp_path; the children it
+    would start are recorded (``started``), each a live process (this one)."""
+    monkeypatch.delenv("NPMOBILE_KERNELS", raising=False)
+    monkeypatch.delenv("NPMOBILE_AUTO_BUILD", raising=False)
+    monkeypatch.setenv("NPMOBILE_KERNELS_DIR", str(tmp_path))
+    started = []
+
+    def popen(command, **options):
+        started.append((command, options))
+        return SimpleNamespace(pid=os.getpid())
+
+    monkeypatch.setattr(build_kernels, "subprocess", SimpleNamespace(
+        Popen=popen, DEVNULL=subprocess.DEVNULL, STDOUT=subprocess.STDOUT))
+    return SimpleNamespace(start=build_kernels.start_in_background, started=started, root=tmp_path,
+                           key=backend.cache_key())
+
+
+def test_auto_build_starts_one_detached_low_priority_build_and_says_so(auto_build, capsys):
+    assert auto_build.start()
+    [(command, options)] = auto_build.started
+    assert command[1:] == ["-m", "npmobile.kernels.build", "--background", "--root", str(auto_build.root)]
+    assert options["start_new_session"] and options["stdin"] == subprocess.DEVNULL
+    assert options["env"]["NPMOBILE_KERNELS"] == "jit"
+    assert capsys.readouterr().err == build_kernels.AUTO_BUILD_NOTE + "\n"
+    assert (auto_build.root / build.LOCK).read_text().split()[0] == str(os.getpid())  # handed to the child
+    assert not auto_build.start()  # that build is alive: no second one, no second note
+    assert len(auto_build.started) == 1 and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("reason", ["turned off", "jit asked for", "failed before", "already built"])
+def test_auto_build_starts_nothing_when(auto_build, monkeypatch, capsys, reason):
+    if reason == "turned off":
+        monkeypatch.setenv("NPMOBILE_AUTO_BUILD", "0")
+    elif reason == "jit asked for":
+        monkeypatch.setenv("NPMOBILE_KERNELS", "jit")
+    elif reason == "failed before":
+        build.failure_marker(auto_build.root, auto_build.key).write_text("build.log\n")
+    else:
+        (auto_build.root / auto_build.key).mkdir()
+        (auto_build.root / auto_build.key / backend.MANIFEST).write_text("{}")
+    assert not auto_build.start()
+    assert auto_build.started == [] and capsys.readouterr().err == ""
+    assert not (auto_build.root / build.LOCK).exists()
+
+
+def test_a_stale_build_lock_is_replaced(auto_build):
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    lock = auto_build.root / build.LOCK
+    for holder in (f"{gone.pid} {time.time():.0f}", f"{os.getpid()} {time.time() - build.STALE_LOCK_SECONDS - 60:.0f}"):
+        lock.write_text(holder)
+        assert auto_build.start()
+        assert lock.read_text() != holder
+        lock.unlink()
+    assert len(auto_build.started) == 2
+
+
+def test_a_failed_background_build_leaves_a_marker_and_is_not_tried_again(auto_build, monkeypatch):
+    recorded = build_kernels.subprocess
+    monkeypatch.setattr(build_kernels, "subprocess", subprocess)  # a real child this time ...
+    monkeypatch.setattr(build, "missing_tools", lambda: None)
+    monkeypatch.setenv("CC", str(auto_build.root / "no-such-cc"))  # ... that finds no C compiler: fails at once
+    assert auto_build.start()
+    wait_for_the_build(auto_build.root, timeout=120)
+    log = build.log_path(auto_build.root, auto_build.key)
+    assert build.failure_marker(auto_build.root, auto_build.key).read_text().strip() == str(log)
+    assert "C compiler" in log.read_text()
+    monkeypatch.setattr(build_kernels, "subprocess", recorded)
+    assert not auto_build.start() and auto_build.started == []
+
+
+def test_the_library_never_starts_a_build(tmp_path):
+    code = textwrap.dedent("""
+        import numpy as np
+        from npmobile.applications import FAMILIES
+        from npmobile.kernels import backend
+        model = FAMILIES["mobilenet_v3_small"](weights=None, input_shape=(96, 96, 3))
+        model.predict(np.zeros((1, 96, 96, 3), np.float32))
+        print(backend.AOT)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "NPMOBILE_KERNELS": "", "NPMOBILE_KERNELS_DIR": str(tmp_path / "k")})
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+    assert "background" not in done.stderr and not (tmp_path / "k").exists()

@@ -3,7 +3,9 @@
 One module per command (classify, summary, profile, show, verify, build_kernels), each with ``add_parser(commands)`` and
 ``run(args)``; what they share -- opening a model from a family name, a file or weights -- is in
 ``npmobile.cli.models``. Expected failures (a bad file, a missing weights file, an unreadable image)
-print one line to stderr and exit 1; usage errors exit 2; ``--debug`` shows the traceback instead.
+print one line to stderr and exit 1; usage errors exit 2; ``--debug`` shows the traceback instead. After a
+command that ran a model on the JIT, the kernels may be built ahead of time in the background
+(``build_kernels.start_in_background``: once per machine, one line on stderr, ``NPMOBILE_AUTO_BUILD=0`` off).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from npmobile.cli import build_kernels, classify, profile, show, summary, verify
 from npmobile.errors import NpmobileError
 
 COMMANDS = (classify, summary, profile, show, verify, build_kernels)
+# The commands that run a model: after one succeeds on the JIT, the kernels are built ahead of time in the
+# background for later runs (build_kernels.start_in_background).
+RUN_MODELS = (classify, profile, show, verify)
 
 EXAMPLES = """\
 examples:
@@ -52,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS:
         sub = command.add_parser(commands)
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        sub.set_defaults(handler=command.run)
+        sub.set_defaults(handler=command.run, runs_model=command in RUN_MODELS)
     return parser
 
 
@@ -60,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        code = args.handler(args)
     except NpmobileError as error:
         if args.debug:
             raise
@@ -68,3 +73,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    if code == 0 and args.runs_model:
+        build_kernels.start_in_background()
+    return code

@@ -1,11 +1,21 @@
-"""``npmobile build-kernels``: compile the kernels ahead of time, so that later runs start without Numba."""
+"""``npmobile build-kernels``: compile the kernels ahead of time, so that later runs start without Numba.
+
+The command line also starts that build by itself (``start_in_background``), the way ``git gc --auto`` packs a
+repository: after a command that ran a model on the JIT because no module is built for this machine yet, once,
+detached, at low priority; it prints one line and does not wait. ``NPMOBILE_AUTO_BUILD=0`` turns that off,
+``NPMOBILE_AUTO_BUILD=quick`` builds the small module (tests). The library never starts processes.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+AUTO_BUILD_NOTE = ("npmobile: compiling the kernels ahead of time in the background (once, ~1 min); later runs "
+                   "start faster. NPMOBILE_AUTO_BUILD=0 turns this off.")
 
 
 def add_parser(commands):
@@ -18,7 +28,10 @@ def add_parser(commands):
                     "predict, ...) load it instead of importing Numba: about 0.3-0.5 s and 100 MB less at "
                     "start-up, the same answers bit for bit. A call the module has no signature for, a changed "
                     "kernel source, CPU or Numba version, or NPMOBILE_KERNELS=jit: the JIT, as without it. "
-                    "Takes a few minutes (the first time also Numba's compiles).",
+                    "Takes 20-60 s (the first time also Numba's compiles). classify, profile, show and verify "
+                    "start this build by themselves, in the background, after a run on the JIT when no module "
+                    "is built yet (NPMOBILE_AUTO_BUILD=0 turns that off); this command builds in the "
+                    "foreground, also after such a build failed.",
     )
     parser.add_argument("--quick", action="store_true",
                         help="a small module (MobileNetV2 and V3-Small at 96 px, batch 1): for a quick try")
@@ -41,3 +54,41 @@ def run(args) -> int:
     print(f"{summary['module']}  ({summary['exports']} exported signatures of {summary['kernels']} kernels, "
           f"{summary['bytes'] / 2**20:.1f} MiB, built in {summary['workload_s'] + summary['compile_s']:.0f} s)")
     return 0
+
+
+def start_in_background() -> bool:
+    """After a command ran its kernels on the JIT: start the build of this machine's module, detached, if
+    none is built, none is being built, none failed before for this key and nothing forbids it; say so in one
+    line on stderr. Never fails the command: anything unexpected means no build."""
+    setting = os.environ.get("NPMOBILE_AUTO_BUILD", "").strip().lower()
+    backend = sys.modules.get("npmobile.kernels.backend")  # absent: no kernel ran in this process
+    if setting == "0" or backend is None or backend.AOT or not backend.aot_wanted():
+        return False
+    try:
+        from npmobile.kernels import build
+
+        if build.missing_tools() is not None or importlib.util.find_spec("numba") is None:
+            return False
+        root, key = backend.kernel_cache_dir(), backend.cache_key()
+        if (root / key / backend.MANIFEST).exists() or build.failure_marker(root, key).exists():
+            return False
+        root.mkdir(parents=True, exist_ok=True)
+        lock = build.take_lock(root)
+        if lock is None:  # another build is under way
+            return False
+        try:
+            command = [sys.executable, "-m", "npmobile.kernels.build", "--background", "--root", str(root)]
+            with open(build.log_path(root, key), "wb") as log:
+                child = subprocess.Popen(command + (["--quick"] if setting == "quick" else []),
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True, env={**os.environ, "NPMOBILE_KERNELS": "jit"})
+            build.hand_lock(lock, child.pid)
+        except BaseException:
+            build.release_lock(root)
+            raise
+        finally:
+            os.close(lock)
+    except Exception:  # a convenience: whatever goes wrong here, the command's own result stands
+        return False
+    print(AUTO_BUILD_NOTE, file=sys.stderr)
+    return True
