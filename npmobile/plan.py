@@ -178,9 +178,30 @@ def build_plan(graph: Graph, input_shapes: list[tuple[int, ...]], outputs: list[
     buffer_sizes: list[int] = []
     free: list[int] = []
     buffer_of_value: dict[str, int] = {}
+
+    def read_for_the_last_time(name: str, index: int) -> None:
+        """Free the buffer of value ``name`` if node ``index`` was its last reader (or it has none), unless
+        a view of it (another value in the same buffer) still lives."""
+        if last_use.get(name, index) == index and name not in keep and name in buffer_of_value:
+            buffer = buffer_of_value.pop(name)
+            if buffer not in buffer_of_value.values():
+                free.append(buffer)
+
     for index, node in enumerate(nodes):
         in_shapes = [full(shapes[i]) for i in node.inputs if isinstance(i, str)]
         out_shape = full(shapes[node.name])
+        sources = [i for i in node.inputs if isinstance(i, str)]
+        if (layer_type(node.op).view and len(sources) == 1 and sources[0] in buffer_of_value
+                and int(np.prod(out_shape)) == int(np.prod(in_shapes[0]))):
+            # A reshape: the input's buffer seen in another shape; no step. (A model input's view is a
+            # step: the caller's arrays are not the plan's.)
+            value_of[node.name] = len(slot_shapes)
+            slot_shapes.append(out_shape)
+            value_slot.append(buffer_of_value[sources[0]])
+            buffer_of_value[node.name] = buffer_of_value[sources[0]]
+            read_for_the_last_time(sources[0], index)
+            read_for_the_last_time(node.name, index)
+            continue
         prepare = layer_type(node.op).prepare
         bind = prepare(node, in_shapes, out_shape, graph.keras_version) if prepare else None
         bind = bind or _reference_binder(node, graph.keras_version)
@@ -206,11 +227,9 @@ def build_plan(graph: Graph, input_shapes: list[tuple[int, ...]], outputs: list[
                           value))
         # Free the buffers of values read for the last time (after this step: kernels need
         # their output distinct from their inputs).
-        for i in set(i for i in node.inputs if isinstance(i, str)):
-            if last_use.get(i) == index and i not in keep and i in buffer_of_value:
-                free.append(buffer_of_value.pop(i))
-        if node.name not in last_use and node.name not in keep:
-            free.append(buffer_of_value.pop(node.name))
+        for i in set(sources):
+            read_for_the_last_time(i, index)
+        read_for_the_last_time(node.name, index)
     return Plan(steps, slot_shapes, value_slot, buffer_sizes,
                 [value_of[n] for n in graph.inputs], {name: value_of[name] for name in outputs})
 

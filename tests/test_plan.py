@@ -129,3 +129,22 @@ def test_a_stem_whose_pixels_suit_7_row_tiles_runs_on_a_tile_the_indirect_produc
     x = np.random.default_rng(9).uniform(-1, 1, (1, 226, 226, 3)).astype(np.float32)
     stem = model.predict(x, outputs=["Conv1"])["Conv1"]
     np.testing.assert_allclose(stem, model.predict(x, outputs=["Conv1"], reference=True)["Conv1"], rtol=0, atol=1e-5)
+
+
+def test_a_reshape_is_a_view_of_its_input_not_a_step():
+    """Reshape and Flatten (``view=True`` records) share their input's buffer: no step runs for them."""
+    model = applications.MobileNet(weights=None, input_shape=(32, 32, 3))
+    x = np.random.default_rng(4).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    probabilities = model.predict(x)
+    np.testing.assert_allclose(probabilities, model.predict(x, reference=True), rtol=0, atol=2e-6)
+    plan = next(iter(model._runners[None].plans.values())).plan
+    assert "Reshape" not in [step.node.op for step in plan.steps]
+    # Asked for both, the reshape and what it reshapes come back right (and as copies of their own).
+    wanted = ["conv_preds", "reshape_2"]
+    got = model.predict(x, outputs=wanted)
+    want = model.predict(x, outputs=wanted, reference=True)
+    for name in wanted:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(got["reshape_2"], got["conv_preds"].reshape(2, -1))
+    assert not np.shares_memory(got["reshape_2"], got["conv_preds"])
+    np.testing.assert_array_equal(model.predict(x), probabilities)

@@ -68,6 +68,9 @@ class LayerType:
     kind: Callable[[Node], str] = lambda node: "other"
     aliases: tuple[str, ...] = ()  # other Keras class names for the same layer
     from_files: bool = True  # False: made only by npmobile's passes (never accepted from a file)
+    # True: the output is the input's values in another shape, in the same order (a C-contiguous reshape):
+    # the plan gives it the input's buffer and runs nothing (npmobile.plan).
+    view: bool = False
 
     def weight_names(self, config: dict) -> list[str]:
         """The weight names in Keras's creation order (shapes need the input's channels; names do not)."""

@@ -97,8 +97,8 @@ def identity_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
 
 register(
     LayerType("ZeroPadding2D", zero_padding_reference, zero_padding_output_shape),
-    LayerType("Reshape", reshape_reference, reshape_output_shape),
-    LayerType("Flatten", flatten_reference, flatten_output_shape),
+    LayerType("Reshape", reshape_reference, reshape_output_shape, view=True),
+    LayerType("Flatten", flatten_reference, flatten_output_shape, view=True),
     LayerType("Rescaling", rescaling_reference, validate=rescaling_validate),
     LayerType("Dropout", identity_reference),
 )
