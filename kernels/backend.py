@@ -266,7 +266,10 @@ class AotKernel:
 def resolved(call):
     """A bound call (``partial(kernel, *args)``) with its AOT kernel chosen for these arguments, once."""
     if isinstance(call, partial) and isinstance(call.func, AotKernel) and not call.keywords:
-        return partial(call.func.resolve(*call.args), *call.args)
+        chosen = partial(call.func.resolve(*call.args), *call.args)
+        if getattr(call, "calls_blas", False):  # kernels/entry.py's mark goes with it
+            chosen.calls_blas = True
+        return chosen
     return call
 
 

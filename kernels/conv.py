@@ -47,7 +47,7 @@ import numpy as np
 from . import blas
 from .activations import ACT_NONE
 from .backend import njit, prange
-from .entry import entry, in_order
+from .entry import calls_blas, entry, in_order
 from .gemm import INDIRECT_CIN, INDIRECT_VARIANTS, MR, PackedWeights, gemm_packed, igemm_packed
 from .pointwise import TILES_PER_IMAGE, epilogue_rows, gemm_matmul, tile_shape
 
@@ -237,7 +237,7 @@ def conv2d(
         # Tiles of rows only (column tiles would build the same patch rows twice): pointwise's row
         # height, cut by the shape of one image alone (see pointwise.tile_shape).
         tile_rows = min(tile_shape(oh * ow, width, cout)[0], max(16, -(-oh * ow // TILES_PER_IMAGE)))
-        return partial(conv_tiles, x, patches, w2, bias, o2, act, kh, kw, stride_h, stride_w, pad_top, pad_left,
-                       dilation_h, dilation_w, oh, ow, scale, offset, tile_rows)
-    return in_order(patch_rows, partial(gemm_matmul, patches, w2, bias, o2, act, None, oh * ow))
+        return calls_blas(partial(conv_tiles, x, patches, w2, bias, o2, act, kh, kw, stride_h, stride_w, pad_top,
+                                  pad_left, dilation_h, dilation_w, oh, ow, scale, offset, tile_rows))
+    return in_order(patch_rows, calls_blas(partial(gemm_matmul, patches, w2, bias, o2, act, None, oh * ow)))
 

@@ -62,6 +62,25 @@ def no_work() -> None:
     """The bound call of a step with nothing to compute (an empty product)."""
 
 
+def calls_blas(call):
+    """Mark a bound call whose kernel calls BLAS (kernels/blas.py's sgemm, or NumPy's matmul): while a
+    plan with such a step runs, BLAS is held to one thread (kernels/threads.py says why). Returns ``call``."""
+    call.calls_blas = True
+    return call
+
+
+def needs_blas(call) -> bool:
+    """Whether running a bound call may call BLAS: if marked by ``calls_blas``; a compiled kernel's partial
+    otherwise not; any other callable (a NumPy reference step, say) may."""
+    if isinstance(call, ByThreads):
+        return needs_blas(call.one) or needs_blas(call.many)
+    marked = getattr(call, "calls_blas", None)
+    return (not isinstance(call, functools.partial)) if marked is None else marked
+
+
+no_work.calls_blas = False
+
+
 def in_order(first: Callable[[], None], then: Callable[[], None]) -> Callable[[], None]:
     """One call that makes two, in this order (a scratch filled, then the product that reads it)."""
 
@@ -69,4 +88,5 @@ def in_order(first: Callable[[], None], then: Callable[[], None]) -> Callable[[]
         first()
         then()
 
+    both.calls_blas = needs_blas(first) or needs_blas(then)
     return both

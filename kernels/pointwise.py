@@ -45,7 +45,7 @@ import numpy as np
 from . import blas
 from .activations import ACT_NONE, bias_act_row
 from .backend import njit, prange
-from .entry import entry, no_work
+from .entry import calls_blas, entry, no_work
 from .gemm import AVX512, PackedWeights, gemm_packed, pack
 
 # np.matmul fallback: rows of the GEMM per block, so that the block's output (rows x Cout floats)
@@ -222,8 +222,8 @@ def gemm(a: np.ndarray, w: np.ndarray | PackedWeights, bias: np.ndarray | None, 
         return gemm_packed.bind(a, packed, out, act, residual)
     if blas.AVAILABLE and _contiguous(a, w, out, residual) and a.dtype == w.dtype == out.dtype == np.float32:
         tile_rows, tile_cols = tile_shape(rows_per_image, a.shape[1], cout)
-        return partial(gemm_tiles, a, w, bias, out, act, residual, rows_per_image, tile_rows, tile_cols)
-    return partial(gemm_matmul, a, w, bias, out, act, residual, rows_per_image)
+        return calls_blas(partial(gemm_tiles, a, w, bias, out, act, residual, rows_per_image, tile_rows, tile_cols))
+    return calls_blas(partial(gemm_matmul, a, w, bias, out, act, residual, rows_per_image))
 
 
 def gemm_matmul(a: np.ndarray, w: np.ndarray, bias: np.ndarray, out: np.ndarray, act: int,

@@ -13,6 +13,10 @@ workers call BLAS on one tile each (kernels/blas.py, kernels/pointwise.py).
 
     with thread_limits(2):
         model.predict(x)
+
+A prediction holds BLAS only when a step of its plan calls it (``hold_blas``, kernels/entry.py
+``calls_blas``): on AVX-512 no MobileNet step does, and the get and two sets cost ~30 us per
+prediction after the kernels have pushed the interpreter's data out of the caches.
 """
 
 from __future__ import annotations
@@ -80,26 +84,43 @@ def set_threads(threads: int | None = None) -> int:
 
 
 @contextlib.contextmanager
-def thread_limits(threads: int | None = None) -> Iterator[int]:
-    """Context manager form of ``set_threads``: restores both pools' previous settings on exit.
+def thread_limits(threads: int | None = None, blas: bool = True) -> Iterator[int]:
+    """Context manager form of ``set_threads``: restores the previous settings on exit.
 
-    Entered once per prediction: it talks to the BLAS libraries through threadpoolctl's controllers
-    directly (a get and a set each), not through ``ThreadpoolController.limit``, which re-reads
-    every library's state and costs as much as a small layer.
+    ``blas=False``: Numba's thread count only (a plan holds BLAS itself, ``hold_blas``, when one of its
+    steps calls it). Entered once per prediction, so it does the least it can: Numba's count is set
+    only when it differs, and BLAS is reached through threadpoolctl's controllers directly (a get and
+    a set each), not through ``ThreadpoolController.limit``, which re-reads every library's state and
+    costs as much as a small layer.
     """
     previous = backend.get_num_threads()
     n = max_threads() if threads is None else max(1, min(int(threads), max_threads()))
+    if n != previous:
+        backend.set_num_threads(n)
+    try:
+        if blas:
+            with hold_blas():
+                yield n
+        else:
+            yield n
+    finally:
+        if n != previous:
+            backend.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def hold_blas() -> Iterator[None]:
+    """BLAS on one thread meanwhile (the module docstring says why), then as it was."""
     pools = _blas_pools()
     blas_previous = [pool.get_num_threads() for pool in pools]
-    for pool in pools:
-        pool.set_num_threads(1)
-    backend.set_num_threads(n)
+    for pool, count in zip(pools, blas_previous):
+        if count != 1:
+            pool.set_num_threads(1)
     try:
-        yield n
+        yield
     finally:
-        backend.set_num_threads(previous)
         for pool, count in zip(pools, blas_previous):
-            if count is not None:
+            if count is not None and count != 1:
                 pool.set_num_threads(count)
 
 

@@ -136,7 +136,8 @@ class Model:
         feeds = self._check_inputs(x, dtype)
         run = self._run_reference if reference else self._run
         n = feeds[0].shape[0]
-        with _RUN_LOCK, thread_limits(threads):
+        # BLAS is held to one thread by the plan when a step calls it; a reference run may call it anywhere.
+        with _RUN_LOCK, thread_limits(threads, blas=reference):
             if batch_size is None or batch_size >= n:
                 return run(feeds, outputs)
             return _concat([run([f[i : i + batch_size] for f in feeds], outputs) for i in range(0, n, batch_size)])
@@ -195,7 +196,7 @@ class Model:
         runs (after one warm-up run, which also compiles the kernels)."""
         feeds = self._check_inputs(x)
         runs: list[list] = []
-        with _RUN_LOCK, thread_limits(threads):
+        with _RUN_LOCK, thread_limits(threads, blas=False):  # the plan holds BLAS when a step calls it
             self._run(feeds, None)
             runner = self._runners[None]
             for _ in range(repeats):

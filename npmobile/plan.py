@@ -26,7 +26,8 @@ import numpy as np
 from npmobile.errors import ModelFileError
 from npmobile.graph import Graph, Node, last_readers
 from npmobile.kernels.backend import get_num_threads
-from npmobile.kernels.entry import ByThreads
+from npmobile.kernels.entry import ByThreads, needs_blas
+from npmobile.kernels.threads import hold_blas
 from npmobile.layers import infer_shapes
 from npmobile.ops import Binder, layer_type
 
@@ -78,6 +79,9 @@ class BoundPlan:
         self.feed_steps = [k for k, step in enumerate(plan.steps) if plan.reads_inputs(step)]
         self.calls: list = [None] * len(plan.steps)
         self.one_thread_calls: list = [None] * len(plan.steps)
+        # Whether a step calls BLAS, so that runs hold it to one thread (kernels/entry.py ``needs_blas``);
+        # known once every step is bound, at the first run.
+        self.calls_blas: bool | None = None
         for k in range(len(plan.steps)):
             if k not in self.feed_steps:
                 self._bind(k)
@@ -88,6 +92,20 @@ class BoundPlan:
         self.calls[k] = call.many if isinstance(call, ByThreads) else call
         self.one_thread_calls[k] = call.one if isinstance(call, ByThreads) else call
 
+    def _run_calls(self, calls: list, timings: list | None) -> None:
+        k = 0
+        try:
+            if timings is None:
+                for k, call in enumerate(calls):  # noqa: B007 (k names the failing step below)
+                    call()
+            else:
+                for k, call in enumerate(calls):
+                    start = time.perf_counter()
+                    call()
+                    timings.append((self.plan.steps[k], time.perf_counter() - start))
+        except _KERNEL_ERRORS as error:
+            raise _cannot_run(self.plan.steps[k], error) from None
+
     def run(self, feeds: list[np.ndarray], timings: list[tuple[Step, float]] | None = None) -> dict[str, np.ndarray]:
         """Run every step; with ``timings`` (a list), append (step, seconds) for each step."""
         plan, values = self.plan, self.values
@@ -97,18 +115,13 @@ class BoundPlan:
             for k in self.feed_steps:
                 self._bind(k)
             calls = self.one_thread_calls if get_num_threads() == 1 else self.calls
-            k = 0
-            try:
-                if timings is None:
-                    for k, call in enumerate(calls):  # noqa: B007 (k names the failing step below)
-                        call()
-                else:
-                    for k, call in enumerate(calls):
-                        start = time.perf_counter()
-                        call()
-                        timings.append((plan.steps[k], time.perf_counter() - start))
-            except _KERNEL_ERRORS as error:
-                raise _cannot_run(plan.steps[k], error) from None
+            if self.calls_blas is None:
+                self.calls_blas = any(needs_blas(call) for call in self.calls + self.one_thread_calls)
+            if self.calls_blas:
+                with hold_blas():
+                    self._run_calls(calls, timings)
+            else:
+                self._run_calls(calls, timings)
             # Copies: the buffers are reused by the next call.
             return {name: values[v].copy() for name, v in plan.output_values.items()}
         finally:

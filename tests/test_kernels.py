@@ -32,6 +32,7 @@ from npmobile.kernels.activations import (
 )
 from npmobile.kernels.conv import conv2d, indirection_table
 from npmobile.kernels.depthwise import depthwise_conv2d
+from npmobile.kernels.entry import in_order, needs_blas, no_work
 from npmobile.kernels.gemm import COMPILED_VARIANTS, INDIRECT_CIN, INDIRECT_VARIANTS, VARIANTS, pack
 from npmobile.kernels.pointwise import (
     TILES_PER_IMAGE,
@@ -44,7 +45,7 @@ from npmobile.kernels.pointwise import (
 )
 from npmobile.kernels.pooling import global_average_pool
 from npmobile.kernels.squeeze_excite import squeeze_excite
-from npmobile.kernels.threads import max_threads, set_threads, thread_limits
+from npmobile.kernels.threads import hold_blas, max_threads, set_threads, thread_limits
 
 REFERENCE_ACTIVATIONS = {
     ACT_NONE: lambda x: x,
@@ -651,6 +652,33 @@ def test_thread_limits_pins_blas_to_one_and_restores_both_pools():
         assert _blas_threads() and all(t == 1 for t in _blas_threads())
     assert numba.get_num_threads() == numba_before
     assert _blas_threads() == blas_before
+
+
+def test_thread_limits_without_blas_leaves_blas_alone():
+    np.ones((2, 2)) @ np.ones((2, 2))
+    with threadpool_limits(2, user_api="blas"):
+        blas_before = _blas_threads()
+        with thread_limits(1, blas=False):
+            assert numba.get_num_threads() == 1
+            assert _blas_threads() == blas_before
+            with hold_blas():
+                assert all(t == 1 for t in _blas_threads())
+            assert _blas_threads() == blas_before
+
+
+def test_bound_calls_say_whether_they_call_blas():
+    """A plan holds BLAS to one thread only when a step calls it (npmobile/plan.py): the bound calls say so."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 9, 9, 4)).astype(np.float32)
+    out = np.empty((1, 9, 9, 8), np.float32)
+    kernel, bias = rng.standard_normal((3, 3, 4, 8)).astype(np.float32), np.zeros(8, np.float32)
+    # A 4-channel convolution without packed weights: im2col, then BLAS (or NumPy's matmul).
+    assert needs_blas(conv2d.bind(x, kernel, bias, out, 1, 1, 1, 1))
+    dw_out = np.empty_like(x)
+    dw_kernel = rng.standard_normal((3, 3, 4)).astype(np.float32)
+    assert not needs_blas(depthwise_conv2d.bind(x, dw_kernel, np.zeros(4, np.float32), dw_out, 1, 1, 1, 1, ACT_NONE))
+    assert not needs_blas(in_order(no_work, no_work))
+    assert needs_blas(in_order(no_work, lambda: None))  # a Python step may call anything
 
 
 def test_set_threads_clamps_to_what_numba_has():
