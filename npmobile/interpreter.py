@@ -178,16 +178,19 @@ class Model:
         return self.optimized_graph(outputs)
 
     def _run(self, feeds: list[np.ndarray], outputs: Sequence[str] | None):
-        graph = self.optimized_graph(outputs)
-        wanted = [graph.resolve(name) for name in outputs] if outputs is not None else list(graph.outputs)
+        # The runner of these outputs is looked up first: after the first call, that is all a call does
+        # before the kernels (each line of Python costs microseconds once the kernels have been through
+        # the caches).
         key = tuple(outputs) if outputs is not None else None
         runner = self._runners.get(key)
         if runner is None:
-            runner = self._runners[key] = PlanCache(graph, list(dict.fromkeys(wanted)))
+            graph = self.optimized_graph(outputs)
+            wanted = [graph.resolve(name) for name in outputs] if outputs is not None else list(graph.outputs)
+            runner = self._runners[key] = PlanCache(graph, wanted)
         values = runner.run(feeds)
         if outputs is not None:
-            return {name: values[node] for name, node in zip(outputs, wanted)}
-        results = [values[name] for name in wanted]
+            return {name: values[node] for name, node in zip(outputs, runner.wanted)}
+        results = [values[name] for name in runner.wanted]
         return results[0] if len(results) == 1 else results
 
     def profile(self, x: np.ndarray, repeats: int = 5, threads: int | None = None) -> list[dict]:

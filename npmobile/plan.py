@@ -254,8 +254,10 @@ class PlanCache:
     scratch are never used by two calls at once.
     """
 
-    def __init__(self, graph: Graph, outputs: list[str], size: int = 4):
-        self.graph, self.outputs, self.size = graph, outputs, size
+    def __init__(self, graph: Graph, wanted: list[str], size: int = 4):
+        """``wanted``: the node names whose values a run returns, in the caller's order (repeats allowed)."""
+        self.graph, self.wanted, self.size = graph, wanted, size
+        self.outputs = list(dict.fromkeys(wanted))
         self.plans: dict[tuple, BoundPlan] = {}
 
     def run(self, feeds: list[np.ndarray], timings: list | None = None) -> dict[str, np.ndarray]:
