@@ -41,7 +41,7 @@ from functools import partial
 import numpy as np
 
 from .backend import njit, prange
-from .depthwise import VECTOR_ACTS, _tap_range, row_kernel, vector_row, whole_columns
+from .depthwise import VECTOR_ACTS, _tap_range, by_pixel_order, row_kernel, vector_row, whole_columns
 from .entry import entry
 from .gemm import COMPILED_VARIANTS, MR, PackedWeights, register_tiles
 from .threads import jit_thread_count
@@ -164,6 +164,7 @@ def expand_depthwise(x: np.ndarray, packed: PackedWeights, expand_act: int, kern
     if packed.variant != TILE:
         raise ValueError(f"expand_depthwise: weights packed for the {MR[packed.variant]}-row tile, not this "
                          f"kernel's {MR[TILE]}-row one")
-    return partial(_expand_depthwise, row_kernel(k), x.reshape(n * h * w, cin), h, w, packed.panels, packed.bias,
+    row = row_kernel(k, by_pixel_order(k, c, w, out.shape[2]))
+    return partial(_expand_depthwise, row, x.reshape(n * h * w, cin), h, w, packed.panels, packed.bias,
                    expand_act, packed.variant, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, band,
                    scratch)

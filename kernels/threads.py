@@ -140,24 +140,27 @@ def kernels_cached(depthwise_sizes: tuple[int, ...] = (3, 5), squeeze_excite: bo
     from npmobile.kernels import squeeze_excite as se
 
     # The stem runs the indirect GEMM (after a rescaled copy of the input for V3). Depthwise: the vector
-    # kernel's parallel driver and the row kernel of each window size (a run on one thread compiles the
-    # plain-loop driver too). Not checked: the OpenBLAS tiles some AVX2 products take (only models with
-    # 1x1 layers of 256+ channels each way compile them, in the same first run as the microkernel's drivers).
+    # kernel's parallel driver and a row kernel of each window size (a run on one thread compiles the
+    # plain-loop driver too) -- of 3x3 windows in either order (depthwise.by_pixel_order), so a model
+    # that also needs the other order compiles it without notice (a second, under a second). Not checked:
+    # the OpenBLAS tiles some AVX2 products take (only models with 1x1 layers of 256+ channels each way
+    # compile them, in the same first run as the microkernel's drivers).
     try:
         from numba.core.caching import FunctionCache  # the row kernels are cfuncs, made on first use
     except ImportError:  # another Numba version: say nothing rather than guess
         return True
-    kernels = [gemm.gemm_panels, gemm.igemm_panels] + ([conv.rescale_into] if rescaled_input else [])
-    row_kernels = {3: depthwise._row_3x3, 5: depthwise._row_5x5}
+    kernels = [[gemm.gemm_panels], [gemm.igemm_panels]] + ([[conv.rescale_into]] if rescaled_input else [])
+    row_kernels = {3: (depthwise._row_3x3, depthwise._row_3x3_by_pixel), 5: (depthwise._row_5x5,)}
     sizes = [k for k in (*depthwise_sizes, *expand_depthwise_sizes) if k in row_kernels]
     if sizes:
-        kernels.append(depthwise._depthwise_vector)
-        kernels += [FunctionCache(row_kernels[k]) for k in sorted(set(sizes))]
+        kernels.append([depthwise._depthwise_vector])
+        kernels += [[FunctionCache(row) for row in row_kernels[k]] for k in sorted(set(sizes))]
     if squeeze_excite:
-        kernels.append(se._squeeze_excite)
+        kernels.append([se._squeeze_excite])
     if expand_depthwise_sizes:
-        kernels.append(ed._expand_depthwise)
-    try:
-        return all(os.path.exists(getattr(k, "_cache", k)._cache_file._index_path) for k in kernels)
+        kernels.append([ed._expand_depthwise])
+    try:  # each group: one of them compiled
+        return all(any(os.path.exists(getattr(k, "_cache", k)._cache_file._index_path) for k in group)
+                   for group in kernels)
     except AttributeError:  # another Numba version keeps it elsewhere: say nothing rather than guess
         return True

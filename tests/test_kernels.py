@@ -222,6 +222,45 @@ def test_depthwise_vector_paths_match_reference(rng, case):
         assert_close(fast, _reference_depthwise(x, kernel, bias, stride, pads, act))
 
 
+ROW_ORDER_CASES = [case for case in DEPTHWISE_GRID if case[4] == 3] + [
+    (1, 14, 14, 512, 3, 1, "same"), (1, 7, 7, 1024, 3, 2, "same"), (2, 28, 28, 256, 3, 2, "valid")]
+
+
+@pytest.mark.parametrize("case", ROW_ORDER_CASES, ids=lambda c: "n{}_{}x{}x{}_k{}_s{}_{}".format(*c))
+def test_depthwise_row_orders_give_the_same_bits(rng, case):
+    """Block by block over a row, or every block of a group of pixels in turn (depthwise.by_pixel_order
+    chooses by shape): the same FMAs for every output, so the same bits, on the serial and parallel drivers."""
+    from npmobile.kernels import depthwise as D
+
+    n, h, w, c, k, stride, padding = case
+    pads = ((0, 0), (0, 0)) if padding == "valid" else (R.same_padding(h, k, stride), R.same_padding(w, k, stride))
+    x, kernel, bias = rand(rng, n, h, w, c), rand(rng, k, k, c, scale=0.5), rand(rng, c)
+    expected = _fast_depthwise(x, kernel, bias, stride, pads, ACT_NONE)
+    for act in ALL_ACTS:
+        if act not in D.VECTOR_ACTS:
+            continue
+        outs = []
+        for by_pixel in (False, True):
+            for driver in (D._depthwise_vector_serial, D._depthwise_vector):
+                out = np.full(expected.shape, np.nan, np.float32)
+                driver(D.row_kernel(3, by_pixel), x, kernel, bias, out, stride, stride, pads[0][0], pads[1][0], act)
+                outs.append(out)
+        for out in outs[1:]:
+            np.testing.assert_array_equal(out, outs[0])
+        assert_close(outs[0], _reference_depthwise(x, kernel, bias, stride, pads, act))
+
+
+def test_depthwise_row_order_rule():
+    """Pixel by pixel where a block's rows, C floats apart, crowd a few L1 sets (V1's channel counts)."""
+    from npmobile.kernels.depthwise import VECTOR_WIDTH, by_pixel_order
+
+    assert by_pixel_order(3, 512, 14, 14) and by_pixel_order(3, 128, 56, 28) and by_pixel_order(3, 1024, 7, 7)
+    assert not by_pixel_order(3, 576, 14, 14) and not by_pixel_order(3, 144, 56, 56)  # V2's: spread over the sets
+    assert not by_pixel_order(3, 72, 56, 56)  # pixels not a whole number of lines apart
+    assert not by_pixel_order(5, 1024, 7, 7)  # no MobileNet 5x5 layer conflicts: one order for them
+    assert not by_pixel_order(3, VECTOR_WIDTH, 112, 112)  # one block: the same loads either way
+
+
 @pytest.mark.parametrize("k, stride, pads", [(3, 1, ((1, 1), (1, 1))), (3, 2, ((0, 1), (0, 1))),
                                              (5, 1, ((2, 2), (2, 2))), (5, 2, ((1, 2), (1, 2)))])
 @pytest.mark.parametrize("size, channels", [(7, 40), (14, 17), (2, 24), (40, 16)])
