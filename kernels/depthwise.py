@@ -228,7 +228,8 @@ def depthwise_conv2d(x, kernel, bias, out, stride_h, stride_w, pad_top, pad_left
     # The vector kernel works on raw addresses: another dtype or layout takes the loops below. On one
     # thread its rows run in a plain loop (ByThreads), each row computed the same way either way.
     if _vector_kernel_fits(kernel, bias, act) and _plain(x) and _plain(out):
-        row = row_kernel(kernel.shape[0], by_pixel_order(kernel.shape[0], c_count, x.shape[2], out.shape[2]))
+        k = kernel.shape[0]
+        row = row_kernel(k, act, by_pixel_order(k, c_count, x.shape[2], out.shape[2]))
         return ByThreads(partial(_depthwise_vector_serial, row, *args), partial(_depthwise_vector, row, *args))
     return partial(_depthwise_conv2d, *args)
 
@@ -312,7 +313,7 @@ if not AOT:
     _PTR = ir.PointerType()
 
 
-def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int, by_pixel: bool) -> None:
+def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int, by_pixel: bool, hard_swish: bool) -> None:
     """The IR of ``row_intrinsic``: see its docstring."""
     x_addr, x_rs, cs, k_addr, bias_addr, out_addr, n_out, sw, rows, act, pad_left, width, j_lo, j_hi = args
     vec = ir.VectorType(_F32, vw)
@@ -360,7 +361,6 @@ def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int, by_pixel: bool) -> N
     is_relu = builder.or_(builder.icmp_signed("==", act, i64(ACT_RELU)), builder.icmp_signed("==", act, i64(ACT_RELU6)))
     low = builder.select(is_relu, zero, builder.fneg(inf))
     high = builder.select(builder.icmp_signed("==", act, i64(ACT_RELU6)), six, inf)
-    swish = builder.icmp_signed("==", act, i64(ACT_HARD_SWISH))
 
     def clamp(v, lo, hi):  # NaN stays NaN (both comparisons are false), as in kernels/gemm.py
         v = builder.select(builder.fcmp_ordered("<", v, lo), lo, v)
@@ -481,24 +481,22 @@ def _emit_row(builder: ir.IRBuilder, args, k: int, vw: int, by_pixel: bool) -> N
         with builder.if_then(builder.icmp_signed("<", whole, cs)):
             body(whole, tail_mask)
 
-    # The branches sit outside the pixel loops, each loop body straight-line (the hard swish's
-    # division must not run, and be thrown away, for the other activations). One copy per count of
+    # The branches sit outside the pixel loops, each loop body straight-line. One copy per count of
     # kernel rows inside the image, so that the top and bottom output rows run as fast as the others.
-    with builder.if_else(swish) as (is_swish, is_clamp):
-        for hard_swish in (True, False):
-            with (is_swish if hard_swish else is_clamp):
-                for n_rows in range(1, k + 1):
-                    with builder.if_then(builder.icmp_signed("==", rows, i64(n_rows))):
-                        if by_pixel:
-                            windows(hard_swish, n_rows)
-                        else:
-                            for_each_block(lambda c0, lanes, h=hard_swish, n=n_rows: windows(h, n, c0, lanes))
+    for n_rows in range(1, k + 1):
+        with builder.if_then(builder.icmp_signed("==", rows, i64(n_rows))):
+            if by_pixel:
+                windows(hard_swish, n_rows)
+            else:
+                for_each_block(lambda c0, lanes, n=n_rows: windows(hard_swish, n, c0, lanes))
 
 
-def _row_intrinsic(k: int, vw: int, by_pixel: bool):
+def _row_intrinsic(k: int, vw: int, by_pixel: bool, hard_swish: bool):
     """A Numba intrinsic computing one output row, every channel, in blocks of VW: each block over the
     whole row, its kernel loaded once (``by_pixel`` False), or every block of a group of pixels before
     the next group (True; ``by_pixel_order`` says when). The same FMAs either way: the same bits.
+    ``hard_swish``: the activation is hard swish (``act`` is not read), else none, ReLU or ReLU6 (one
+    clamp, its bounds from ``act``): each kernel holds the one epilogue it runs, half the code to compile.
 
     row(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, pad_left, width, j_lo, j_hi),
     all int64 (addresses, strides in floats): for j < n_out and channels [0, cs),
@@ -506,19 +504,19 @@ def _row_intrinsic(k: int, vw: int, by_pixel: bool):
                             x[r*x_rs + (j*sw - pad_left + t)*cs + c] * kernel[(r*K + t)*cs + c])
     where x points at input column 0 of the first kernel row inside the image (kernel at that
     row), and input columns outside [0, width) count as zeros. Pixels [j_lo, j_hi) are those whose
-    windows lie wholly inside the image; act none, ReLU, ReLU6 or hard swish.
+    windows lie wholly inside the image.
     """
 
     def row(typingctx, x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, pad_left, width, j_lo, j_hi):
         sig = types.void(*([types.int64] * 14))
 
         def codegen(context, builder, signature, args):
-            _emit_row(builder, args, k, vw, by_pixel)
+            _emit_row(builder, args, k, vw, by_pixel, hard_swish)
             return context.get_dummy_value()
 
         return sig, codegen
 
-    row.__name__ = f"depthwise_row_k{k}_v{vw}" + ("_by_pixel" if by_pixel else "")
+    row.__name__ = f"depthwise_row_k{k}_v{vw}{'_by_pixel' if by_pixel else ''}{'_hard_swish' if hard_swish else ''}"
     return intrinsic(row)
 
 
@@ -526,9 +524,12 @@ def _row_intrinsic(k: int, vw: int, by_pixel: bool):
 # and the accumulators still fit its 16 registers (a rule of the CPU, never a timing). Only this
 # CPU's width is built: each width's copies of the loops cost seconds of first-run compile time.
 VECTOR_WIDTH = 16 if AVX512 else 8
-_row_k3 = _row_intrinsic(3, VECTOR_WIDTH, False)
-_row_k5 = _row_intrinsic(5, VECTOR_WIDTH, False)
-_row_k3_by_pixel = _row_intrinsic(3, VECTOR_WIDTH, True)
+_row_k3 = _row_intrinsic(3, VECTOR_WIDTH, False, False)
+_row_k5 = _row_intrinsic(5, VECTOR_WIDTH, False, False)
+_row_k3_by_pixel = _row_intrinsic(3, VECTOR_WIDTH, True, False)
+_row_k3_hard_swish = _row_intrinsic(3, VECTOR_WIDTH, False, True)
+_row_k5_hard_swish = _row_intrinsic(5, VECTOR_WIDTH, False, True)
+_row_k3_by_pixel_hard_swish = _row_intrinsic(3, VECTOR_WIDTH, True, True)
 
 # Pixels per step of the stride-1/2 loops (registers: 9 kernel vectors + 4 accumulators at 3x3).
 GROUP = {(3, 1): 4, (3, 2): 4, (5, 1): 3, (5, 2): 2}
@@ -561,6 +562,27 @@ def _row_3x3_by_pixel(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, pad_
     _row_k3_by_pixel(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, pad_left, width, j_lo, j_hi)
 
 
+def _row_3x3_hard_swish(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, pad_left, width, j_lo, j_hi):
+    """``_row_3x3`` with hard swish after the bias."""
+    _row_k3_hard_swish(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, pad_left, width, j_lo, j_hi)
+
+
+def _row_5x5_hard_swish(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, pad_left, width, j_lo, j_hi):
+    """``_row_5x5`` with hard swish after the bias."""
+    _row_k5_hard_swish(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, pad_left, width, j_lo, j_hi)
+
+
+def _row_3x3_by_pixel_hard_swish(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, pad_left, width, j_lo, j_hi):
+    """``_row_3x3_by_pixel`` with hard swish after the bias."""
+    _row_k3_by_pixel_hard_swish(x, x_rs, cs, kernel, bias, out, n_out, sw, rows, act, pad_left, width, j_lo, j_hi)
+
+
+# (window size, by pixel, hard swish) -> the row kernel (``row_kernel``).
+ROW_KERNELS = {(3, False, False): _row_3x3, (3, True, False): _row_3x3_by_pixel, (5, False, False): _row_5x5,
+               (3, False, True): _row_3x3_hard_swish, (3, True, True): _row_3x3_by_pixel_hard_swish,
+               (5, False, True): _row_5x5_hard_swish}
+
+
 # The L1 data cache the order rule assumes: 64 sets of 64-byte lines (every x86-64 core of the last
 # decade: 32 KB 8-way or 48 KB 12-way), of whose ways a block's input and output rows can count on 6
 # (the kernel, the next rows and the replacement policy take the rest). With these the rule picks the
@@ -586,13 +608,11 @@ def by_pixel_order(k: int, channels: int, in_width: int, out_width: int) -> bool
     return k * in_width + out_width > L1_WAYS * sets
 
 
-def row_kernel(k: int, by_pixel: bool = False) -> int:
-    """The address of the compiled row kernel for k x k windows, in the order ``by_pixel`` says
-    (``by_pixel_order``): compiled, or loaded from Numba's cache, on first use (a model never compiles
-    one it does not run), or the AOT module's."""
-    if by_pixel and k == 3:
-        return int64_cfunc(_row_3x3_by_pixel, _ROW_ARGS)
-    return int64_cfunc(_row_3x3 if k == 3 else _row_5x5, _ROW_ARGS)
+def row_kernel(k: int, act: int, by_pixel: bool = False) -> int:
+    """The address of the compiled row kernel for k x k windows and activation ``act`` (one of
+    VECTOR_ACTS), in the order ``by_pixel`` says (``by_pixel_order``; 3x3 only): compiled, or loaded from
+    Numba's cache, on first use (a model never compiles one it does not run), or the AOT module's."""
+    return int64_cfunc(ROW_KERNELS[k, by_pixel and k == 3, act == ACT_HARD_SWISH], _ROW_ARGS)
 
 
 @intrinsic

@@ -164,7 +164,7 @@ def expand_depthwise(x: np.ndarray, packed: PackedWeights, expand_act: int, kern
     if packed.variant != TILE:
         raise ValueError(f"expand_depthwise: weights packed for the {MR[packed.variant]}-row tile, not this "
                          f"kernel's {MR[TILE]}-row one")
-    row = row_kernel(k, by_pixel_order(k, c, w, out.shape[2]))
+    row = row_kernel(k, act, by_pixel_order(k, c, w, out.shape[2]))
     return partial(_expand_depthwise, row, x.reshape(n * h * w, cin), h, w, packed.panels, packed.bias,
                    expand_act, packed.variant, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, band,
                    scratch)

@@ -141,8 +141,8 @@ def kernels_cached(depthwise_sizes: tuple[int, ...] = (3, 5), squeeze_excite: bo
 
     # The stem runs the indirect GEMM (after a rescaled copy of the input for V3). Depthwise: the vector
     # kernel's parallel driver and a row kernel of each window size (a run on one thread compiles the
-    # plain-loop driver too) -- of 3x3 windows in either order (depthwise.by_pixel_order), so a model
-    # that also needs the other order compiles it without notice (a second, under a second). Not checked:
+    # plain-loop driver too) -- any of its orders and activations (depthwise.ROW_KERNELS), so a model that
+    # needs another one compiles it without notice (under a second each). Not checked:
     # the OpenBLAS tiles some AVX2 products take (only models with 1x1 layers of 256+ channels each way
     # compile them, in the same first run as the microkernel's drivers).
     try:
@@ -150,7 +150,7 @@ def kernels_cached(depthwise_sizes: tuple[int, ...] = (3, 5), squeeze_excite: bo
     except ImportError:  # another Numba version: say nothing rather than guess
         return True
     kernels = [[gemm.gemm_panels], [gemm.igemm_panels]] + ([[conv.rescale_into]] if rescaled_input else [])
-    row_kernels = {3: (depthwise._row_3x3, depthwise._row_3x3_by_pixel), 5: (depthwise._row_5x5,)}
+    row_kernels = {size: [row for (k, _, _), row in depthwise.ROW_KERNELS.items() if k == size] for size in (3, 5)}
     sizes = [k for k in (*depthwise_sizes, *expand_depthwise_sizes) if k in row_kernels]
     if sizes:
         kernels.append([depthwise._depthwise_vector])

@@ -243,7 +243,8 @@ def test_depthwise_row_orders_give_the_same_bits(rng, case):
         for by_pixel in (False, True):
             for driver in (D._depthwise_vector_serial, D._depthwise_vector):
                 out = np.full(expected.shape, np.nan, np.float32)
-                driver(D.row_kernel(3, by_pixel), x, kernel, bias, out, stride, stride, pads[0][0], pads[1][0], act)
+                driver(D.row_kernel(3, act, by_pixel), x, kernel, bias, out, stride, stride, pads[0][0], pads[1][0],
+                       act)
                 outs.append(out)
         for out in outs[1:]:
             np.testing.assert_array_equal(out, outs[0])
