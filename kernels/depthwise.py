@@ -543,7 +543,9 @@ VECTOR_ACTS = (ACT_NONE, ACT_RELU, ACT_RELU6, ACT_HARD_SWISH)
 # -- calls the same machine code instead of compiling its own copy (Numba links a called function's
 # IR into each caller and compiles it again there: seconds apiece on every first run). One indirect
 # call per output row, every channel block inside it: a call per block cost 10-30% on 7x7 and 14x14
-# maps, where a block's row is a few pixels of work.
+# maps, where a block's row is a few pixels of work. One plain function per kernel, written out: a
+# cfunc is cached (and exported by kernels/build.py) under its function's own name and source, which
+# functions made by a factory would share.
 _ROW_ARGS = 14
 
 

@@ -201,9 +201,9 @@ def build_plan(graph: Graph, input_shapes: list[tuple[int, ...]], outputs: list[
                 free.append(buffer)
 
     for index, node in enumerate(nodes):
-        in_shapes = [full(shapes[i]) for i in node.inputs if isinstance(i, str)]
-        out_shape = full(shapes[node.name])
         sources = [i for i in node.inputs if isinstance(i, str)]
+        in_shapes = [full(shapes[i]) for i in sources]
+        out_shape = full(shapes[node.name])
         if (layer_type(node.op).view and len(sources) == 1 and sources[0] in buffer_of_value
                 and int(np.prod(out_shape)) == int(np.prod(in_shapes[0]))):
             # A reshape: the input's buffer seen in another shape; no step. (A model input's view is a
