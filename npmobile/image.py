@@ -177,7 +177,8 @@ def _decode(source: Path | BinaryIO, max_pixels: int | None = None,
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image Pillow can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{name}: refused: over twice the limit of {limit:,} pixels{_ALLOW_MORE}") from None
+        raise ImageError(f"{name}: refused: too many pixels (over twice the limit of {limit:,})"
+                         f"{_ALLOW_MORE}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         # Pillow reports truncated and corrupt data as OSError/SyntaxError/ValueError/EOFError.
         reason = " ".join(str(error).split()) or type(error).__name__
@@ -211,8 +212,8 @@ def _refuse_too_many(image: Image.Image, limit: int | None, name: object) -> Non
     not thread-safe."""
     pixels = image.width * image.height
     if limit and pixels > limit:
-        raise ImageError(f"{name}: refused: {image.width}x{image.height} is {pixels:,} pixels, over the limit of "
-                         f"{limit:,}{_ALLOW_MORE}")
+        raise ImageError(f"{name}: refused: too many pixels ({image.width}x{image.height} = {pixels:,}, over the "
+                         f"limit of {limit:,}){_ALLOW_MORE}")
 
 
 def _upright(image: Image.Image) -> Image.Image:

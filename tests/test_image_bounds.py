@@ -84,7 +84,7 @@ def test_max_pixels_refuses_from_the_header_before_decoding(tmp_path, monkeypatc
         raise AssertionError("decoded an image past the limit")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", decoding)
-    with pytest.raises(ImageError, match=r"300x200 is 60,000 pixels, over the limit of 59,999") as error:
+    with pytest.raises(ImageError, match=r"too many pixels \(300x200 = 60,000, over the limit of 59,999\)") as error:
         load_img(path, target_size=(32, 32), max_pixels=59_999)
     message = str(error.value)
     assert str(path) in message and "\n" not in message and "max_pixels=" in message and "--max-pixels" in message
@@ -237,3 +237,34 @@ def test_draft_decodes_a_large_jpeg_in_a_fraction_of_the_memory(tmp_path):
     drafted = _peak_memory(path, cap=1024 * MB, draft=True)
     assert full["peak"] > 4 * 6000 * 4000 * 0.9  # RGB held in 4 bytes a pixel
     assert drafted["peak"] < full["peak"] / 8, (drafted["peak"] / MB, full["peak"] / MB)
+
+
+# --- the command line ---------------------------------------------------------------------------------
+
+def _classify(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "npmobile", "classify", *args, "--weights", "none", "--alpha", "0.35",
+               "--size", "96", "--json", "--threads", "1"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_max_pixels_refuses_in_one_line_and_raises_pillows_limit(tmp_path):
+    small, large = tmp_path / "small.png", tmp_path / "large.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(small)
+    Image.new("RGB", (400, 300), (30, 200, 30)).save(large)
+    refused = _classify(str(small), str(large), "--max-pixels", "1200")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    rows = {Path(row["path"]).name: row for row in json.loads(refused.stdout)}
+    assert "top" in rows["small.png"] and "too many pixels (400x300 = 120,000" in rows["large.png"]["error"]
+    lines = [line for line in refused.stderr.splitlines() if "large.png" in line]
+    assert len(lines) == 1 and "--max-pixels" in lines[0] and "MAX_IMAGE_PIXELS" not in lines[0]
+    # Past Pillow's own limit (here by a 200 Mpx header on a tiny file): --max-pixels lets it through.
+    claims = tmp_path / "claims.png"
+    Image.new("L", (1, 1)).save(claims)
+    data = bytearray(claims.read_bytes())
+    struct.pack_into(">II", data, 16, 20_000, 10_000)
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    claims.write_bytes(bytes(data))
+    default = _classify(str(claims))
+    assert default.returncode == 1 and "too many pixels" in default.stderr and "Traceback" not in default.stderr
+    allowed = _classify(str(claims), "--max-pixels", "200000000")
+    assert "too many pixels" not in allowed.stderr and "cannot be decoded" in allowed.stderr  # decoding was tried
