@@ -15,8 +15,13 @@ made that size through ``npmobile.dask.worker_environment``, BLAS one thread).
 The client starts uvicorn (127.0.0.1 only) for each configuration, waits for ``/health``, then measures:
 - **the first requests after warm-up**: one new connection per request until every worker has answered
   once, each worker's first request timed, against the median of the next sequential requests (steady);
-- **load** at each concurrency: that many connections each sending requests back to back, a bounded number
-  of requests (and seconds) per cell: requests per second, p50 and p99 latency.
+- **load** at each concurrency: that many keep-alive connections each sending requests back to back, a
+  bounded number of requests (and seconds) per cell: requests per second, p50 and p99 latency, and the
+  server's CPU time per request (its workers' user + system time from /proc: threads that spin waiting for
+  work show there, and it depends less than the rate on what else the machine runs).
+Each configuration's server is started ``--rounds`` times, the configurations taking turns, so that a busy
+minute on a shared machine falls on all of them: rates are the rounds' medians, latencies percentiles of
+all the rounds' requests.
 The image is samples/chelsea.jpg (451x300 JPEG, decoded and resized per request); the model MobileNetV2
 (alpha 1.0, 224 px) with seeded random weights: speed does not depend on the weights. Client and server
 share the machine's cores, and on a shared machine other jobs too: the load average is recorded; compare
@@ -89,9 +94,10 @@ def server(workers: int, threads: int, model: str):
             process.wait()
 
 
-def first_requests(url: str, body: bytes, workers: int, steady: int = 15, limit: int = 40) -> dict:
+def first_requests(url: str, body: bytes, workers: int, steady: int = 10, limit: int = 40) -> tuple[dict, list]:
     """Each worker's first request after warm-up (a new connection per request, until every worker has
-    answered; the kernel spreads new connections over the workers), then ``steady`` more: their median."""
+    answered; the kernel spreads new connections over the workers), and ``steady`` more after them:
+    ({worker pid: its first request's seconds}, the later requests' seconds)."""
     import httpx
 
     firsts: dict[int, float] = {}
@@ -109,13 +115,22 @@ def first_requests(url: str, body: bytes, workers: int, steady: int = 15, limit:
             firsts[pid] = elapsed
         else:
             later.append(elapsed)
-    steady_s = statistics.median(later)
-    return {"first_ms": [round(s * 1e3, 2) for s in firsts.values()], "steady_ms": round(steady_s * 1e3, 2),
-            "first_over_steady": round(max(firsts.values()) / steady_s, 2), "workers_seen": len(firsts)}
+    return firsts, later
 
 
-async def load(url: str, body: bytes, concurrency: int, requests: int, seconds: float) -> dict:
-    """``concurrency`` connections sending back to back until ``requests`` are done or ``seconds`` pass."""
+def cpu_seconds(pids) -> float:
+    """CPU time (user + system, every thread) the processes have used so far, from /proc."""
+    ticks = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime and stime: the line's 14th and 15th fields
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+async def load(url: str, body: bytes, concurrency: int, requests: int, seconds: float, servers: list) -> dict:
+    """``concurrency`` connections sending back to back until ``requests`` are done or ``seconds`` pass:
+    {"rate": requests per second, "latencies": seconds of each, "cpu": the ``servers`` processes' CPU
+    seconds per request, "workers": pids answering, "answers": the distinct top-5 lists}."""
     import httpx
 
     latencies: list[float] = []
@@ -139,14 +154,38 @@ async def load(url: str, body: bytes, concurrency: int, requests: int, seconds: 
                 pids.add(reply["pid"])
                 answers.add(tuple((t["wnid"], t["probability"]) for t in reply["top"]))
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds(servers)
         await asyncio.gather(*[user() for _ in range(concurrency)])
-        wall = time.perf_counter() - started
-    ms = np.asarray(latencies) * 1e3
-    return {"concurrency": concurrency, "requests": len(latencies), "seconds": round(wall, 2),
-            "req_per_s": round(len(latencies) / wall, 1), "p50_ms": round(float(np.percentile(ms, 50)), 1),
-            "p99_ms": round(float(np.percentile(ms, 99)), 1), "workers_answering": len(pids),
-            "distinct_answers": len(answers)}
+        wall, cpu = time.perf_counter() - started, cpu_seconds(servers) - cpu
+    return {"rate": len(latencies) / wall, "latencies": latencies, "cpu": cpu / len(latencies), "workers": pids,
+            "answers": answers}
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1e3, 1)
+
+
+def summary(workers: int, threads: int, rounds: list[dict]) -> dict:
+    """One configuration over its rounds: medians of the rounds' rates, percentiles of all latencies."""
+    firsts = [s for r in rounds for s in r["firsts"].values()]
+    later = [s for r in rounds for s in r["later"]]
+    cells = []
+    for k, concurrency in enumerate(rounds[0]["concurrency"]):
+        done = [r["load"][k] for r in rounds]
+        latencies = np.asarray([s for d in done for s in d["latencies"]])
+        cells.append({"concurrency": concurrency, "requests": len(latencies),
+                      "req_per_s": round(statistics.median(d["rate"] for d in done), 1),
+                      "req_per_s_rounds": [round(d["rate"], 1) for d in done],
+                      "p50_ms": ms(np.percentile(latencies, 50)), "p99_ms": ms(np.percentile(latencies, 99)),
+                      "server_cpu_ms_per_request": ms(statistics.median(d["cpu"] for d in done)),
+                      "workers_answering": max(len(d["workers"]) for d in done),
+                      "distinct_answers": len(set().union(*(d["answers"] for d in done)))})
+    return {"workers": workers, "threads": threads, "rounds": len(rounds),
+            "ready_s": round(statistics.median(r["ready_s"] for r in rounds), 2),
+            "kernels": rounds[0]["kernels"], "warmup_s": round(statistics.median(r["warmup_s"] for r in rounds), 3),
+            "first_after_warmup_ms": ms(statistics.median(firsts)), "steady_ms": ms(statistics.median(later)),
+            "first_over_steady": round(statistics.median(firsts) / statistics.median(later), 2),
+            "first_after_warmup_max_ms": ms(max(firsts)), "load": cells}
 
 
 def machine() -> dict:
@@ -164,8 +203,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="Numba threads per worker")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--requests", type=int, default=120, help="requests per cell (at most)")
-    parser.add_argument("--seconds", type=float, default=15.0, help="seconds per cell (at most)")
+    parser.add_argument("--requests", type=int, default=150, help="requests per cell and round (at most)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="seconds per cell and round (at most)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="each configuration's server started this many times, the configurations alternated")
     parser.add_argument("--model", default="mobilenet_v2")
     parser.add_argument("--image", default=str(REPO / "samples" / "chelsea.jpg"))
     args = parser.parse_args()
@@ -173,17 +214,21 @@ def main() -> None:
     body = Path(args.image).read_bytes()
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "machine": machine(), "load_average_before": os.getloadavg(), "model": args.model,
-               "image": Path(args.image).name, "runs": []}
-    for workers in args.workers:
-        for threads in args.threads:
+               "image": Path(args.image).name, "requests_per_cell": args.requests, "runs": []}
+    configs = [(workers, threads) for workers in args.workers for threads in args.threads]
+    rounds: dict[tuple[int, int], list[dict]] = {config: [] for config in configs}
+    for round_number in range(args.rounds):
+        for workers, threads in configs:
             with server(workers, threads, args.model) as (url, ready_s, health):
-                run = {"workers": workers, "threads": threads, "ready_s": round(ready_s, 2),
-                       "kernels": health["kernels"], "warmup_s": health["warmup_s"],
-                       "first": first_requests(url, body, workers), "load": []}
-                for concurrency in args.concurrency:
-                    run["load"].append(asyncio.run(load(url, body, concurrency, args.requests, args.seconds)))
-            results["runs"].append(run)
-            print(json.dumps(run), flush=True)
+                firsts, later = first_requests(url, body, workers)
+                done = [asyncio.run(load(url, body, c, args.requests, args.seconds, list(firsts)))
+                        for c in args.concurrency]
+            rounds[workers, threads].append({"ready_s": ready_s, "kernels": health["kernels"],
+                                             "warmup_s": health["warmup_s"], "firsts": firsts, "later": later,
+                                             "concurrency": args.concurrency, "load": done})
+            print(f"round {round_number + 1}: {workers} worker(s) x {threads} thread(s): "
+                  + "  ".join(f"c{c} {d['rate']:.1f} req/s" for c, d in zip(args.concurrency, done)), flush=True)
+    results["runs"] = [summary(workers, threads, rounds[workers, threads]) for workers, threads in configs]
     results["load_average_after"] = os.getloadavg()
     out = HERE / "results"
     out.mkdir(exist_ok=True)
@@ -193,10 +238,11 @@ def main() -> None:
     print(f"{results['machine']['cpu']}, {results['machine']['cores']} cores; load average "
           f"{results['load_average_before'][0]:.1f} before, {results['load_average_after'][0]:.1f} after")
     for run in results["runs"]:
-        cells = "  ".join(f"c{c['concurrency']}: {c['req_per_s']} req/s p50 {c['p50_ms']} p99 {c['p99_ms']} ms"
-                          for c in run["load"])
+        cells = "  ".join(f"c{c['concurrency']}: {c['req_per_s']} req/s p50 {c['p50_ms']} p99 {c['p99_ms']} ms "
+                          f"cpu {c['server_cpu_ms_per_request']} ms/req" for c in run["load"])
         print(f"{run['workers']} worker(s) x {run['threads']} thread(s): ready {run['ready_s']} s, first after "
-              f"warm-up {run['first']['first_over_steady']}x steady ({run['first']['steady_ms']} ms)  {cells}")
+              f"warm-up {run['first_after_warmup_ms']} ms = {run['first_over_steady']}x steady ({run['steady_ms']} "
+              f"ms)  {cells}")
 
 
 if __name__ == "__main__":
