@@ -106,6 +106,16 @@ def test_max_pixels_above_pillows_limit_lets_the_image_through(tmp_path, monkeyp
     assert Image.MAX_IMAGE_PIXELS == 5_000_000  # a smaller limit for one call never lowers Pillow's
 
 
+def test_torchvision_preparation_takes_the_same_limit(tmp_path):
+    from npmobile.image import load_torchvision
+
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (300, 260), (1, 2, 3)).save(path)
+    with pytest.raises(ImageError, match="too many pixels"):
+        load_torchvision(path, max_pixels=300 * 260 - 1)
+    assert load_torchvision(path, max_pixels=300 * 260).shape == (224, 224, 3)
+
+
 def test_max_pixels_must_be_positive():
     with pytest.raises(ImageError, match="max_pixels must be at least 1"):
         load_img(SAMPLES / "chelsea.jpg", max_pixels=0)
