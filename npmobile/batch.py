@@ -203,6 +203,7 @@ class BatchClassifier:
     interpolation: str = "nearest"
     crop: str | None = None
     labels: tuple[str, ...] | None = None  # class names in class order (``classify --labels``)
+    max_pixels: int | None = None  # images of more pixels are refused before decoding (npmobile.image.load_img)
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUTS:
@@ -245,7 +246,7 @@ class BatchClassifier:
         for i, row in enumerate(rows):
             try:
                 raw = data[i] if data is not None and data[i] is not None else read_image_bytes(row["path"])
-                images.append(decode(raw, row["path"], size, self.interpolation, self.crop, mode))
+                images.append(decode(raw, row["path"], size, self.interpolation, self.crop, mode, self.max_pixels))
                 ok.append(i)
             except ImageError as error:
                 row["error"] = str(error)
@@ -273,9 +274,10 @@ class BatchClassifier:
 
 
 def decode(raw: bytes, name: str, size: tuple[int, int], interpolation: str, crop: str | None,
-           mode: str = "") -> np.ndarray:
+           mode: str = "", max_pixels: int | None = None) -> np.ndarray:
     """Bytes of an image file as the model's H x W x 3 input (npmobile's image pipeline, as the CLI);
-    ``mode`` "torchvision" (a PyTorch state dict's model): torchvision's resize, crop and normalization."""
+    ``mode`` "torchvision" (a PyTorch state dict's model): torchvision's resize, crop and normalization.
+    ``max_pixels``: load_img's limit (default Pillow's)."""
     from npmobile.image import load_img
 
     stream = io.BytesIO(raw)
@@ -283,8 +285,8 @@ def decode(raw: bytes, name: str, size: tuple[int, int], interpolation: str, cro
     if mode == "torchvision":
         from npmobile.opening import load_torchvision_sized
 
-        return load_torchvision_sized(stream, size[0])
-    return load_img(stream, target_size=size, interpolation=interpolation, crop=crop)
+        return load_torchvision_sized(stream, size[0], max_pixels)
+    return load_img(stream, target_size=size, interpolation=interpolation, crop=crop, max_pixels=max_pixels)
 
 
 def pooled_layer(model) -> str:

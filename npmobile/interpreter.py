@@ -142,6 +142,42 @@ class Model:
                 return run(feeds, outputs)
             return _concat([run([f[i : i + batch_size] for f in feeds], outputs) for i in range(0, n, batch_size)])
 
+    def warmup(
+        self,
+        sizes: Sequence[tuple[int, int]] | None = None,
+        batch_sizes: Sequence[int] = (1,),
+        outputs: Sequence[str] | None = None,
+        threads: int | None = None,
+    ) -> list[tuple[int, ...]]:
+        """Compile (or load) every kernel the model runs on these inputs and build their plans, so the
+        first real ``predict`` does neither: a server calls it at start-up, before it says it is ready.
+
+        ``sizes``: the (height, width) of the images to come (default: the model's own input size;
+        needed when the model takes any size); ``batch_sizes``: the batch sizes ``predict`` will be
+        given; ``outputs`` and ``threads`` as ``predict`` will be called with them (a kernel's
+        one-thread form is another compiled function: warm with the thread count you serve with).
+        Each combination runs one prediction on zeros. The plans of the last four input shapes are
+        kept; the kernels stay loaded for the life of the process. Returns the batch shapes run.
+        """
+        runs = [(size, int(batch)) for size in (sizes or [None]) for batch in batch_sizes]
+        shapes = []
+        for size, batch in runs:
+            feeds = [np.zeros(self._warmup_shape(name, size, batch), np.float32) for name in self.graph.inputs]
+            self.predict(feeds if len(feeds) > 1 else feeds[0], outputs=outputs, threads=threads)
+            shapes.append(feeds[0].shape)
+        return shapes
+
+    def _warmup_shape(self, name: str, size: Sequence[int] | None, batch: int) -> tuple[int, ...]:
+        """Input ``name``'s batch shape for ``warmup``: its own dimensions, ``size`` as (height, width)."""
+        want = self.graph.input_shapes[name]
+        dims = list(want[1:])
+        if size is not None and len(dims) == 3:
+            dims[:2] = [int(v) for v in size]
+        if batch < 1 or any(d is None for d in dims):
+            raise InputShapeError(f"model {self.name!r} takes inputs of shape {want}: warmup needs sizes=[(height, "
+                                  "width), ...] and batch sizes of at least 1")
+        return (batch, *dims)
+
     def _check_inputs(self, x, dtype: np.dtype = np.dtype(np.float32)) -> list[np.ndarray]:
         arrays = list(x) if isinstance(x, (list, tuple)) else [x]
         if len(arrays) != len(self.graph.inputs):

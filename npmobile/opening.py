@@ -89,8 +89,8 @@ def model_input(model, path: str, size: int) -> np.ndarray:
     return preprocess_tf(x) if preprocess_for(model) == "tf" else x
 
 
-def load_torchvision_sized(path, size: int) -> np.ndarray:
+def load_torchvision_sized(path, size: int, max_pixels: int | None = None) -> np.ndarray:
     """torchvision's preparation for a ``size`` crop: resized to 256/224 of it first (Resize(256), CenterCrop(224))."""
     from npmobile.image import load_torchvision
 
-    return load_torchvision(path, crop_size=size, resize_size=round(size * 256 / 224))
+    return load_torchvision(path, crop_size=size, resize_size=round(size * 256 / 224), max_pixels=max_pixels)

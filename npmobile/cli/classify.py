@@ -37,6 +37,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
                              "PyTorch weights always use torchvision's bilinear resize and crop)")
     parser.add_argument("--crop", choices=["none", "center"], default="none",
                         help="center: keep the central 87.5%% before resizing (the published evaluations do)")
+    parser.add_argument("--max-pixels", type=positive_int, default=None, metavar="N",
+                        help="refuse images of more than N pixels, from their header, before decoding them "
+                             "(default: Pillow's limit, 89,478,485); raise it for large images you trust")
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
                         help="CPU threads (default: all cores, or NUMBA_NUM_THREADS); with --engine, per worker")
     parser.add_argument("--output", choices=["top", "probabilities", "features"], default="top",
@@ -90,6 +93,7 @@ def run(args) -> int:
                  args.trusted, tuple(args.custom_objects)), output=args.output,
         top=args.top, threads=args.threads, interpolation=args.interpolation,
         crop=None if args.crop == "none" else args.crop, labels=read_labels(args.labels) if args.labels else None,
+        max_pixels=args.max_pixels,
     )
     results: list[dict] = []
     with progress_bar(len(images), "classifying") as progress:
