@@ -50,7 +50,7 @@ from .gemm import AVX512, PackedWeights, gemm_packed, pack
 
 # np.matmul fallback: rows of the GEMM per block, so that the block's output (rows x Cout floats)
 # is still in L2 when the epilogue reads it back, and blocks are few enough that the per-call
-# overhead of np.matmul (~2 us) stays small.
+# overhead of each np.matmul call stays small.
 _BLOCK_BYTES = 512 * 1024
 
 
@@ -174,10 +174,10 @@ def use_microkernel(k: int, n: int, avx512: bool = AVX512) -> bool:
     """Whether a layer's [*, k] x [k, n] product runs on the microkernel (else OpenBLAS tiles).
 
     A fixed rule of the layer's shape and the CPU, so a layer always takes the same path and gives
-    the same answer. On AVX-512 the microkernel ran 1.6-2.3x OpenBLAS's tiles at every MobileNet 1x1
-    shape and 4-5x on matrix-vector products (bench/README.md). On AVX2 a 6x16 tile measured
-    1.07-1.21x OpenBLAS at MobileNetV2's shapes but 0.86-0.97x on square products of 256-512 (issue
-    13, znver3): those stay with OpenBLAS. Without a BLAS to call, always the microkernel.
+    the same answer. On AVX-512 the microkernel is faster than OpenBLAS's tiles at every MobileNet 1x1
+    shape and on matrix-vector products. On AVX2 the 6x16 tile is faster at MobileNetV2's shapes but
+    not on square products of 256 channels and more each way: those stay with OpenBLAS (the
+    measurements: bench/README.md, "GEMM tiles and cuts"). Without a BLAS to call, always the microkernel.
     """
     return avx512 or not blas.AVAILABLE or k < 256 or n < 256
 
