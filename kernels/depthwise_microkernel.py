@@ -22,6 +22,11 @@ The row's arguments, all int64 (addresses, strides in floats), are ``RowArgs``: 
 where x points at input column 0 of the first kernel row inside the image (kernel at that row), and input
 columns outside [0, width) count as zeros. Pixels [j_lo, j_hi) are those whose windows lie wholly inside
 the image.
+
+Numba's on-disk cache is checked against each kernel file alone: the row kernels (kernels/depthwise_row_kernels.py)
+hold this file's IR in their cached code, so after editing it (or kernels/vector_ir.py) clear
+kernels/__pycache__/*.nb* in a checkout. (An install replaces every file, and ``npmobile build-kernels`` keys its
+module on all of them.)
 """
 
 from __future__ import annotations

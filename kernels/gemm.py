@@ -13,6 +13,8 @@ The same tile with another way of reading A: row p of A is output pixel p's rece
 from the image through an indirection table (kernels/conv.py ``indirection_table``; twin:
 kernels/reference.py ``indirect_conv2d``) instead of an im2col copy.
 
+Read in order: kernels/reference.py (``dense``; ``pack_panels`` and ``gemm_panels``, the packed product in
+NumPy), the plain Numba loops (kernels/pointwise.py ``pointwise_conv2d_numba``), then the microkernel.
 The operator's parts, each in its own file:
 - kernels/gemm_rules.py: the tiles (``Tile``: MR x NR in vectors of VW), which this CPU compiles, which one
   a product takes (``choose_tile``) and how a product is cut into tasks (``tiling``);

@@ -16,6 +16,11 @@ Determinism: every output value is one FMA chain over k = 0..K-1 starting from z
 activation, then + residual. Edge tiles run the very same instructions (rows past ``rows`` re-read the last
 row and are not stored; columns past ``cols`` are computed from the panel's zero padding and masked out of
 the stores), so how the product is cut never changes an answer.
+
+Numba's on-disk cache is checked against each kernel file alone: the drivers (kernels/gemm_drivers.py,
+kernels/expand_depthwise.py) hold this file's IR, and the tiles of kernels/gemm_rules.py, in their cached
+code, so after editing either of these two files (or kernels/vector_ir.py) clear kernels/__pycache__/*.nb* in
+a checkout. (An install replaces every file, and ``npmobile build-kernels`` keys its module on all of them.)
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ Four implementations of the same contract:
   tiles of ``out`` (blocks of rows, and of columns when there are few rows) and, on each of its
   workers, asks BLAS's sgemm for one tile, then runs the epilogue on that tile while it is still
   in cache. BLAS because OpenBLAS's hand-written microkernels keep a register tile of the output
-  in registers, which plain Numba loops cannot (kernels/gemm.py does it in LLVM IR). Tiles
+  in registers, which plain Numba loops cannot (kernels/gemm_microkernel.py does it in LLVM IR). Tiles
   because OpenBLAS's own threads would fight Numba's for the cores (kernels/threads.py): this way
   Numba's pool owns the cores and every product still uses all of them.
 - the same, with ``np.matmul`` for the product, when kernels/blas.py finds no sgemm to call from
