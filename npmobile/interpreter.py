@@ -195,8 +195,8 @@ class Model:
 
     def profile(self, x: np.ndarray, repeats: int = 5, threads: int | None = None) -> list[dict]:
         """Time each step of the optimized plan on ``x``: one dict per step with the node's name, op,
-        the Keras layers it stands for, its output shape and the median seconds over ``repeats``
-        runs (after one warm-up run, which also compiles the kernels)."""
+        the Keras layers it stands for, its output shape, the median seconds over ``repeats``
+        runs (after one warm-up run, which also compiles the kernels) and every run's seconds ("runs")."""
         feeds = self._check_inputs(x)
         runs: list[list] = []
         with _RUN_LOCK, thread_limits(threads, blas=False):  # the plan holds BLAS when a step calls it
@@ -210,7 +210,7 @@ class Model:
         for k, (step, _) in enumerate(runs[0]):
             seconds = sorted(run[k][1] for run in runs)[len(runs) // 2]
             rows.append({"name": step.node.name, "op": step.node.op, "keras_names": list(step.node.keras_names),
-                         "node": step.node, "seconds": seconds})
+                         "node": step.node, "seconds": seconds, "runs": [run[k][1] for run in runs]})
         return rows
 
     def _graph_in(self, dtype: np.dtype) -> Graph:

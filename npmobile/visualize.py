@@ -361,8 +361,9 @@ def _pyplot():
     return plt
 
 
-def plot_times(steps, path: str | Path, title: str = "") -> None:
-    """Bar chart: milliseconds per plan step, coloured by kind (depthwise, pointwise, ...)."""
+def plot_times(steps, path: str | Path, title: str = "") -> list[str]:
+    """Bar chart: milliseconds per plan step, coloured by kind (depthwise, pointwise, ...); returns the texts
+    drawn."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(8, 0.18 * len(steps)), 4.5), dpi=100)
     xs = np.arange(len(steps))
@@ -375,22 +376,41 @@ def plot_times(steps, path: str | Path, title: str = "") -> None:
     ax.legend(handles, [k for k in KIND_COLORS if any(s.cost.kind == k for s in steps)], fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
+    texts = _chart_texts(fig, ax)
     plt.close(fig)
+    return texts
 
 
-def plot_roofline(steps, machine, path: str | Path, title: str = "") -> None:
+def _chart_texts(fig, ax) -> list[str]:
+    """Every piece of text on a chart: title, axis labels, legend entries, notes (for the caller's checks)."""
+    legend = ax.get_legend()
+    return [ax.get_title(), ax.get_xlabel(), ax.get_ylabel(),
+            *([t.get_text() for t in legend.get_texts()] if legend else []),
+            *(t.get_text() for t in ax.texts), *(t.get_text() for t in fig.texts)]
+
+
+def plot_roofline(steps, machine, path: str | Path, title: str = "") -> list[str]:
     """Roofline: each step at (its arithmetic intensity, the GFLOP/s it reached), under the machine's
-    roof min(peak, intensity * bandwidth). Steps left of the ridge are memory-bound."""
+    roof min(peak, intensity * bandwidth) as ``profiling.measure_machine`` measured it, said on the chart.
+    Steps left of the ridge are memory-bound. Returns the texts drawn."""
     plt = _pyplot()
     work = [s for s in steps if s.cost.flops > 0 and s.seconds > 0]
     fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
     low = min([s.cost.intensity for s in work] + [machine.balance]) / 2
     high = max([s.cost.intensity for s in work] + [machine.balance]) * 2
     xs = np.geomspace(low, high, 200)
-    ax.plot(xs, [machine.attainable_gflops(x) for x in xs], color="black", lw=2, label="roof")
+    ax.plot(xs, [machine.attainable_gflops(x) for x in xs], color="black", lw=2,
+            label=f"roof: {machine.peak_gflops:.0f} GFLOP/s, {machine.bandwidth_gbs:.0f} GB/s")
+    if machine.memory_gbs:
+        ax.plot(xs, [min(machine.peak_gflops, x * machine.memory_gbs) for x in xs], color="grey", lw=1, ls="--",
+                label=f"large arrays: {machine.memory_gbs:.0f} GB/s")
     ax.axvline(machine.balance, color="grey", ls=":", lw=1)
     ax.annotate(f"balance {machine.balance:.1f} FLOP/B", (machine.balance, machine.peak_gflops),
                 textcoords="offset points", xytext=(4, -12), fontsize=8)
+    threads = f"{machine.threads} thread{'s' if machine.threads > 1 else ''}"
+    fig.text(0.01, 0.01, f"roof measured on this machine, {threads}: peak = npmobile's pointwise (1x1) kernel on a "
+             "cache-resident product;\nbandwidth = an elementwise add compiled by Numba like the kernels, on "
+             "cache-resident arrays (bytes read + written per second)", fontsize=7, color="#444444")
     for kind, color in KIND_COLORS.items():
         group = [s for s in work if s.cost.kind == kind]
         if group:
@@ -401,6 +421,8 @@ def plot_roofline(steps, machine, path: str | Path, title: str = "") -> None:
     ax.set_ylabel("GFLOP/s")
     ax.set_title(title or "roofline")
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path)
+    texts = _chart_texts(fig, ax)
     plt.close(fig)
+    return texts
