@@ -11,11 +11,13 @@ command that ran a model on the JIT, the kernels may be built ahead of time in t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from npmobile.cli import build_kernels, classify, profile, show, summary, verify
-from npmobile.errors import NpmobileError
+from npmobile.cli.models import settle_model_options
+from npmobile.errors import NpmobileError, UsageError
 
 COMMANDS = (classify, summary, profile, show, verify, build_kernels)
 # The commands that run a model: after one succeeds on the JIT, the kernels are built ahead of time in the
@@ -64,15 +66,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "model_options", False):
+        settle_model_options(args)
     try:
         code = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
     except NpmobileError as error:
         if args.debug:
             raise
         print(f"npmobile: {error}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(error, UsageError) else 1
     except KeyboardInterrupt:
+        print("npmobile: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`npmobile classify ... | head -1`): stop quietly, as Unix tools do. Python would
+        # flush stdout again at exit and fail once more: point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE: what a shell reports for a command a pipe closed on
     if code == 0 and args.runs_model:
         build_kernels.start_in_background()
     return code
