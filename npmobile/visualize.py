@@ -159,7 +159,7 @@ class Figure:
         return [t for r, t in self.texts if r == role]
 
 
-class _Canvas:
+class Canvas:
     """A white page that remembers what was written on it (the Figure)."""
 
     def __init__(self, width: int, height: int):
@@ -227,7 +227,7 @@ def tile_figure(tiles: np.ndarray, labels: list[str], title: str, subtitle: str,
                 MARGIN + text_size(subtitle, f_sub)[0] + MARGIN, MARGIN + left_w + bar_w + 2 * MARGIN)
     input_h = shown.shape[0] + 2 * under_h if shown is not None else 0
     height = MARGIN + header_h + max(grid_h, input_h) + MARGIN + footer_h + MARGIN
-    canvas = _Canvas(width, height)
+    canvas = Canvas(width, height)
 
     canvas.write("title", (MARGIN, MARGIN), title, f_title)
     canvas.write("subtitle", (MARGIN, MARGIN + text_size(title, f_title)[1] + 6), subtitle, f_sub, fill=FAINT)
