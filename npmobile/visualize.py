@@ -420,7 +420,7 @@ def plot_roofline(steps, machine, path: str | Path, title: str = "") -> list[str
     ax.set_xlabel("arithmetic intensity (FLOPs per byte moved)")
     ax.set_ylabel("GFLOP/s")
     ax.set_title(title or "roofline")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path)
     texts = _chart_texts(fig, ax)

@@ -58,7 +58,7 @@ def test_depthwise_layer_costs_follow_the_formulas(v2_costs):
     assert dw.pair_macs == dw.macs + by_name["block_1_project"].macs
 
 
-def test_parts_come_from_keras_names(v2_costs):
+def test_v2_parts_come_from_the_graph_structure(v2_costs):
     part = {c.name: c.part for c in v2_costs}
     assert part["Conv1"] == part["bn_Conv1"] == "stem"
     assert part["block_5_expand_relu"] == "expand"

@@ -129,9 +129,18 @@ def test_no_step_sits_more_than_10_percent_above_the_measured_roof(threads, phot
     rows = model.profile(x, repeats=3, threads=threads)
     machine = machine.best(profiling.measure_machine(threads, memory=False))
     steps = profiling.profile_steps(model, rows, x.shape)
-    over = [(s.cost.name, round(s.gflops, 1), round(machine.attainable_gflops(s.cost.intensity), 1))
-            for s in steps if s.cost.flops and s.gflops > 1.1 * machine.attainable_gflops(s.cost.intensity)]
-    assert not over, f"steps above the roof ({machine.describe()}): {over}"
+
+    def above(roof) -> list:
+        return [(s.cost.name, round(s.gflops, 1), round(roof.attainable_gflops(s.cost.intensity), 1))
+                for s in steps if s.cost.flops and s.gflops > 1.1 * roof.attainable_gflops(s.cost.intensity)]
+
+    # The roof is the best the kernels reach; a neighbour that stole every sample of both probes only hides it
+    # for a while: measure again (twice at most) before calling a step above it.
+    for _ in range(2):
+        if not above(machine):
+            break
+        machine = machine.best(profiling.measure_machine(threads, memory=False))
+    assert not above(machine), f"steps above the roof ({machine.describe()}): {above(machine)}"
     texts = visualize.plot_roofline(steps, machine, tmp_path / "roof.png", title="roofline")
     assert f"roof: {machine.peak_gflops:.0f} GFLOP/s, {machine.bandwidth_gbs:.0f} GB/s" in texts
     assert any("peak = npmobile's pointwise (1x1) kernel" in t and f"{machine.threads} thread" in t for t in texts)
