@@ -32,6 +32,7 @@ examples:
   npmobile classify cat.png --weights best.pth --labels classes.txt   a PyTorch state dict (torchvision's way)
   npmobile classify cat.png --model mobilenet --alpha 0.5 --size 160 --crop center
   npmobile classify photos/ --engine ray --workers 4 --out preds.parquet   on Ray Data (or --engine dask)
+  find photos -name '*.jpg' | npmobile classify --from-file - --out preds.jsonl   paths from standard input
   npmobile summary mobilenet_v3_small
   npmobile summary my_model.h5
   npmobile summary mobilenet_v2 --costs                 params and MACs per layer, depthwise vs standard conv
@@ -43,7 +44,7 @@ examples:
 
 weights="imagenet" files are looked for in $NPMOBILE_WEIGHTS_DIR, then the Keras cache (~/.keras/models),
 then downloaded once into ~/.cache/npmobile (checksummed).
-exit status: 0 ok, 1 failure (any image that could not be classified), 2 usage error.
+exit status: 0 ok, 1 failure (any image that could not be classified), 2 usage error, 130 interrupted (Ctrl-C).
 """
 
 
