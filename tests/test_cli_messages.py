@@ -104,6 +104,18 @@ def test_whole_model_file_accepts_its_own_size(capsys, whole_model):
     assert code == 0 and out.startswith(CAT)
 
 
+def test_size_applies_to_a_whole_model_that_takes_any_size(capsys, tmp_path):
+    import keras
+
+    inputs = keras.Input((None, None, 3))
+    outputs = keras.layers.DepthwiseConv2D(3, strides=2, padding="same", name="dw")(inputs)
+    path = tmp_path / "any_size.keras"
+    keras.Model(inputs, outputs).save(path)
+    code, out, _ = run(capsys, "show", CAT, "--weights", str(path), "--size", "64", "--layer", "dw",
+                       "--out", str(tmp_path / "maps.png"))
+    assert code == 0 and "3 of 3 feature maps, 32x32 each" in out
+
+
 # --------------------------------------------------------------------------------------------------
 # 7. Folder runs
 # --------------------------------------------------------------------------------------------------
