@@ -16,7 +16,6 @@ import sys
 from collections.abc import Sequence
 
 from npmobile.cli import build_kernels, classify, profile, show, summary, verify
-from npmobile.cli.models import settle_model_options
 from npmobile.errors import NpmobileError, UsageError
 
 COMMANDS = (classify, summary, profile, show, verify, build_kernels)
@@ -68,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "model_options", False):
+        from npmobile.cli.models import settle_model_options
+
         settle_model_options(args)
     try:
         code = args.handler(args)
