@@ -49,6 +49,7 @@ from npmobile.kernels.pointwise import (
 from npmobile.kernels.pooling import average_pool_rows, global_average_pool
 from npmobile.kernels.squeeze_excite import squeeze_excite
 from npmobile.kernels.threads import thread_limits
+from npmobile.profiling import measure_machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REFERENCE_ACT = {ACT_RELU6: ref.relu6, ACT_HARD_SWISH: ref.hard_swish}
@@ -365,7 +366,12 @@ def main() -> None:
     env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
                                           "NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
     print(f"numba {numba.__version__} ({numba.config.THREADING_LAYER} layer), numpy {np.__version__}, BLAS {blas}")
-    print(f"env {env}; microkernel tiles for {'AVX-512' if AVX512 else 'AVX2'}\n")
+    print(f"env {env}; microkernel tiles for {'AVX-512' if AVX512 else 'AVX2'}")
+    # The roof `npmobile profile --roofline` draws, from the same function: what the GF columns compare with.
+    roofs = {n: measure_machine(n) for n in (1, 2)}
+    for machine in roofs.values():
+        print(f"roof: {machine.describe()}")
+    print()
 
     results = []
     header = f"{'case':42s} {'candidate':16s} {'1 thread':>18s} {'2 threads':>18s} {'x ref (1t)':>10s}"
@@ -399,6 +405,8 @@ def main() -> None:
                     "platform": platform.platform(), "python": platform.python_version()},
         "numba": numba.__version__, "numpy": np.__version__, "blas": blas, "env": env,
         "rounds": args.rounds, "kernels": results, "pipeline": pipelines,
+        "roof": {n: {"peak_gflops": m.peak_gflops, "bandwidth_gbs": m.bandwidth_gbs, "memory_gbs": m.memory_gbs}
+                 for n, m in roofs.items()},
     }, indent=1))
     print(f"\nwrote {path}")
 

@@ -56,6 +56,7 @@ class ModelRef:
     # (name in the file, npmobile built-in) for each of the user's own activation functions (load_model's
     # custom_objects), as a tuple so the reference stays hashable
     custom_objects: tuple[tuple[str, str], ...] = ()
+    given: tuple[str, ...] = ()  # the architecture options the user typed (opening.check_whole_model)
 
     def open(self):
         """The model, built in this process."""
@@ -67,7 +68,7 @@ class ModelRef:
             return family_model(self.model, self.alpha, self.size, self.minimalistic, None)
         weights = None if self.weights is None else shipped_file(self.weights)
         return open_model(self.model, self.alpha, self.size, self.minimalistic, weights, self.load_timeout,
-                          self.trusted, list(self.custom_objects))
+                          self.trusted, list(self.custom_objects), self.given)
 
 
 def shipped_file(path: str) -> str:
@@ -367,6 +368,58 @@ def folder_format(path: str | os.PathLike) -> str:
     return "jsonl" if Path(path).suffix.lower() in (".jsonl", ".ndjson") else "parquet"
 
 
+def _pyarrow_parquet(path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise NpmobileError(f"{path}: writing Parquet needs pyarrow: pip install 'npmobile[ray]' or pyarrow") from None
+    return pq
+
+
+class RowWriter:
+    """Rows written to one file as they come, batch by batch, Parquet or JSON lines by its suffix: what was
+    written before an interruption stays readable (``close`` ends the Parquet file properly).
+
+    Made before any work: a wrong suffix, a missing pyarrow or an existing file (without ``overwrite``)
+    fails then, not after the last image. The file itself is created by the first ``write``."""
+
+    def __init__(self, path: str | os.PathLike, output: str = "top", overwrite: bool = False):
+        from npmobile.errors import UsageError
+
+        self.path, self.output, self.kind = path, output, output_format(path)
+        self.rows = 0
+        self._file = None
+        if self.kind == "parquet":
+            _pyarrow_parquet(path)
+        if not overwrite and os.path.lexists(path):
+            raise UsageError(f"{path} exists: add --overwrite to replace it, or choose another file")
+        if os.path.isdir(path):
+            raise UsageError(f"{path} is a folder: --out takes a file name ending in .parquet or .jsonl")
+
+    def write(self, rows: Sequence[dict]) -> None:
+        if not rows:
+            return
+        try:
+            if self.kind == "jsonl":
+                if self._file is None:
+                    self._file = open(self.path, "w", encoding="utf-8")
+                self._file.write("".join(json.dumps(record(row)) + "\n" for row in rows))
+                self._file.flush()
+            else:
+                table = rows_to_table(rows, self.output)
+                if self._file is None:
+                    self._file = _pyarrow_parquet(self.path).ParquetWriter(self.path, table.schema)
+                self._file.write_table(table)
+        except OSError as error:
+            raise NpmobileError(f"{self.path}: cannot write ({error.strerror or error})") from None
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 def write_rows(rows: Iterable[dict], path: str | os.PathLike, output: str = "top") -> int:
     """Write rows to one file, Parquet or JSON lines by its suffix; returns how many were written."""
     kind = output_format(path)
@@ -376,9 +429,5 @@ def write_rows(rows: Iterable[dict], path: str | os.PathLike, output: str = "top
             for row in rows:
                 f.write(json.dumps(record(row)) + "\n")
         return len(rows)
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise NpmobileError(f"{path}: writing Parquet needs pyarrow: pip install 'npmobile[ray]' or pyarrow") from None
-    pq.write_table(rows_to_table(rows, output), path)
+    _pyarrow_parquet(path).write_table(rows_to_table(rows, output), path)
     return len(rows)

@@ -30,6 +30,10 @@ class InputShapeError(NpmobileError, ValueError):
     """The array given to predict does not have the shape the model takes."""
 
 
+class UsageError(NpmobileError):
+    """An argument the caller gave cannot be used as given (the CLI exits 2, as for its own usage errors)."""
+
+
 class CustomObjectError(NpmobileError, ValueError):
     """``custom_objects`` maps a name to something npmobile cannot run: a Python function, an unknown name."""
 

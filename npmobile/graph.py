@@ -74,8 +74,17 @@ class Graph:
         for node in self.nodes:
             if name in node.keras_names:
                 return node.name
-        known = ", ".join(n.name for n in self.nodes[:5])
-        raise KeyError(f"no layer named {name!r} in model {self.name!r} (layers include {known}, …)")
+        raise KeyError(f"no layer named {name!r} in model {self.name!r} ({self._closest_names(name)})")
+
+    def _closest_names(self, name: str) -> str:
+        """'did you mean ...' with the closest layer names, or a few names when none is close."""
+        import difflib
+
+        names = list(dict.fromkeys([*self.aliases, *(k for n in self.nodes for k in (n.name, *n.keras_names))]))
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        if close:
+            return "did you mean " + ", ".join(repr(c) for c in close) + "?"
+        return "layers include " + ", ".join(n.name for n in self.nodes[:5]) + ", …"
 
     def consumers(self) -> dict[str, list[Node]]:
         users: dict[str, list[Node]] = {n.name: [] for n in self.nodes}

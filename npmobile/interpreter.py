@@ -111,7 +111,8 @@ class Model:
         """Run the model on a batch of NHWC images.
 
         Returns the model's output (a list of arrays if it has several), or with ``outputs=[names]``
-        a dict from each requested Keras layer name to that layer's output.
+        a dict from each requested Keras layer name to that layer's output (``outputs="name"``: that
+        layer's output array).
         ``batch_size`` splits a large batch into chunks to bound memory; results are the same.
         ``reference=True`` runs the graph as Keras wrote it, layer by layer, with the plain NumPy
         reference kernels: slow, and the definition the fast path is checked against.
@@ -129,6 +130,8 @@ class Model:
             if isinstance(result, dict):
                 return {name: _nhwc_to_nchw(a) for name, a in result.items()}
             return [_nhwc_to_nchw(a) for a in result] if isinstance(result, list) else _nhwc_to_nchw(result)
+        if isinstance(outputs, str):  # one layer by name: its array (iterating the name would ask for "o", "u", ...)
+            return self.predict(x, [outputs], batch_size, reference, threads, data_format, dtype)[outputs]
         dtype = np.dtype(dtype)
         if dtype != np.float32 and not (reference and dtype == np.float64):
             raise InputShapeError(f"dtype={dtype.name}: the fast path runs float32; float64 runs only with "
@@ -181,7 +184,13 @@ class Model:
     def _check_inputs(self, x, dtype: np.dtype = np.dtype(np.float32)) -> list[np.ndarray]:
         arrays = list(x) if isinstance(x, (list, tuple)) else [x]
         if len(arrays) != len(self.graph.inputs):
-            raise InputShapeError(f"model {self.name!r} takes {len(self.graph.inputs)} inputs, got {len(arrays)}")
+            if len(self.graph.inputs) == 1 and arrays and all(np.ndim(a) == 3 for a in arrays):
+                raise InputShapeError(f"model {self.name!r} takes one batch array [N, H, W, C]; got a list of "
+                                      f"{len(arrays)} images: stack them first, predict(np.stack(images))")
+            raise InputShapeError(f"model {self.name!r} takes {len(self.graph.inputs)} input array"
+                                  f"{'s' if len(self.graph.inputs) > 1 else ''}, got a list of {len(arrays)}"
+                                  + ("; for a batch, stack the images into one array [N, H, W, C]"
+                                     if len(self.graph.inputs) == 1 else ""))
         feeds = []
         for name, a in zip(self.graph.inputs, arrays):
             a = np.ascontiguousarray(a, dtype=dtype)
@@ -192,6 +201,9 @@ class Model:
                 raise InputShapeError(
                     f"model {self.name!r} expects input of shape {shape}, got {tuple(a.shape)}"
                 )
+            if a.shape[0] == 0:
+                raise InputShapeError(f"model {self.name!r} got an empty batch {tuple(a.shape)}: give at least one "
+                                      "image (the first axis counts images)")
             feeds.append(a)
         return feeds
 
@@ -231,8 +243,8 @@ class Model:
 
     def profile(self, x: np.ndarray, repeats: int = 5, threads: int | None = None) -> list[dict]:
         """Time each step of the optimized plan on ``x``: one dict per step with the node's name, op,
-        the Keras layers it stands for, its output shape and the median seconds over ``repeats``
-        runs (after one warm-up run, which also compiles the kernels)."""
+        the Keras layers it stands for, its output shape, the median seconds over ``repeats``
+        runs (after one warm-up run, which also compiles the kernels) and every run's seconds ("runs")."""
         feeds = self._check_inputs(x)
         runs: list[list] = []
         with _RUN_LOCK, thread_limits(threads, blas=False):  # the plan holds BLAS when a step calls it
@@ -246,7 +258,7 @@ class Model:
         for k, (step, _) in enumerate(runs[0]):
             seconds = sorted(run[k][1] for run in runs)[len(runs) // 2]
             rows.append({"name": step.node.name, "op": step.node.op, "keras_names": list(step.node.keras_names),
-                         "node": step.node, "seconds": seconds})
+                         "node": step.node, "seconds": seconds, "runs": [run[k][1] for run in runs]})
         return rows
 
     def _graph_in(self, dtype: np.dtype) -> Graph:
@@ -286,7 +298,9 @@ class Model:
 
     def summary_text(self, line_length: int = 98) -> str:
         shapes = self.shapes
-        cols = (int(line_length * 0.45), int(line_length * 0.33))
+        longest = max((len(f"{n.name} ({n.op})") for n in self.graph.nodes), default=0)
+        cols = (max(int(line_length * 0.45), longest + 2), int(line_length * 0.33))  # long names never touch
+        line_length = max(line_length, cols[0] + cols[1] + 12)                        # the shape column
         rule = "─" * line_length
         lines = [f'Model: "{self.name}"', rule,
                  f"{'Layer (type)':<{cols[0]}}{'Output Shape':<{cols[1]}}{'Param #':>{line_length - sum(cols)}}",

@@ -16,8 +16,11 @@ NOT_SUPPORTED = "npmobile reads Keras files (.h5, .keras, .weights.h5)"
 def foreign_file(path: str, head: bytes) -> str:
     """The message for a file that is neither HDF5 nor zip, from its first bytes."""
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        kind = "a Python pickle (a PyTorch .pt/.pth saved in the legacy format?)"
-    elif head[4:8] == b"TFL3":
+        # Not torch.save's (its zip and its legacy pickle are recognised before this): pickle.dump's own.
+        return (f"{path}: a Python pickle written by pickle.dump, not a PyTorch file: npmobile reads state dicts "
+                "saved with torch.save(model.state_dict(), PATH) (.pth, .safetensors) and Keras files (.h5, "
+                ".keras, .weights.h5); a plain pickle is never opened, unpickling can run code")
+    if head[4:8] == b"TFL3":
         kind = "a TensorFlow Lite model"
     elif head.startswith(b"\x93NUMPY"):
         kind = "a NumPy .npy array"
