@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -668,3 +670,84 @@ def plant_imports(folder: Path) -> Path:
         (folder / f"{name}.py").write_text(f"open({str(folder / 'imported')!r}, 'a').write('{name}\\n')\n")
     shutil.copy(PHOTO, folder / "photo.jpg")
     return folder
+
+
+# --- a read-only deployment (a container run as an unprivileged user) ------------------------------------
+
+def read_only_install(base: Path) -> Path:
+    """npmobile as a read-only site-packages would hold it (the package with its kernels and weights inside),
+    under ``base``; returns the folder to put on sys.path."""
+    repo = Path(__file__).resolve().parents[1]
+    site = base / "site"
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(repo / "npmobile", site / "npmobile", ignore=ignore)
+    shutil.copytree(repo / "kernels", site / "npmobile" / "kernels", ignore=ignore)
+    shutil.copytree(repo / "weights", site / "npmobile" / "weights", ignore=ignore)
+    return site
+
+
+# Runs the command line from the read-only copy (never the working tree's editable npmobile).
+RUN_FROM = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import npmobile; "
+            "assert npmobile.__file__.startswith(sys.path[0]), npmobile.__file__; "
+            "from npmobile.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def without_privileges() -> list[str]:
+    """The prefix that runs a command subject to file modes: as root (CI), root without its capabilities (it
+    may no longer write where the mode says no; another user could not even reach this interpreter when it
+    lives under /root); as anyone else, nothing."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv (util-linux): no way to make a folder read-only for a child")
+    return [setpriv, "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all"]
+
+
+@pytest.mark.parametrize("with_module", [False, True], ids=["jit-in-memory", "module-built-at-image-build"])
+def test_a_read_only_deployment_classifies_with_the_normal_answer(kernel_cache, keras_files, tmp_path, with_module):
+    """Home, site-packages (npmobile's copy), NUMBA_CACHE_DIR and the kernel cache all read-only for the process
+    (``without_privileges``): the normal run's answer, no traceback, one line on stderr at most."""
+    case = keras_files.get("MobileNetV2", "keras3_keras", input_shape=(96, 96, 3), alpha=0.35)
+    base = Path(tempfile.mkdtemp(prefix="npmobile-read-only-"))  # reachable by another user, unlike tmp_path
+    try:
+        site = read_only_install(base)
+        for name in ("home", "numba-cache", "kernels"):
+            (base / name).mkdir()
+        shutil.copy(case.path, base / "model.keras")
+        shutil.copy(PHOTO, base / "photo.jpg")
+        if with_module:  # built by this user (root at an image's build time), used read-only by the other
+            shutil.copytree(kernel_cache / backend.cache_key(), base / "kernels" / backend.cache_key())
+        for path in [base, *base.rglob("*")]:
+            path.chmod((0o555 if path.is_dir() else 0o444) | (path.stat().st_mode & 0o111))
+        command = [sys.executable, "-I", "-c", RUN_FROM, str(site), "classify", str(base / "photo.jpg"),
+                   "--weights", str(base / "model.keras"), "--json"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NPMOBILE_", "NUMBA_", "XDG_"))}
+        env.update(HOME=str(base / "home"), NUMBA_CACHE_DIR=str(base / "numba-cache"))
+        if with_module:
+            env["NPMOBILE_KERNELS_DIR"] = str(base / "kernels")
+        done = subprocess.run(without_privileges() + command, capture_output=True, text=True, timeout=900, env=env,
+                              cwd=base)
+        normal = subprocess.run([sys.executable, "-m", "npmobile", "classify", str(PHOTO), "--weights", str(case.path),
+                                 "--json"], capture_output=True, text=True, timeout=900,
+                                env={**os.environ, "NPMOBILE_AUTO_BUILD": "0"})
+    finally:
+        for path in [base, *base.rglob("*")]:
+            if path.is_dir() and not path.is_symlink():
+                path.chmod(0o755)
+        shutil.rmtree(base)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert normal.returncode == 0, normal.stderr
+    assert json.loads(done.stdout)[0]["top"] == json.loads(normal.stdout)[0]["top"]
+    assert len(done.stderr.splitlines()) <= 1, done.stderr
+
+
+def test_a_module_root_built_is_usable_by_another_user_when_no_one_else_may_write_it(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    made = os.stat_result((stat.S_IFDIR | 0o755, 0, 0, 1, 0, 0, 0, 0, 0, 0))  # owned by root, 755
+    assert backend.private_enough(made) is None
+    assert backend.private_enough(os.stat_result((stat.S_IFDIR | 0o775,) + made[1:])) is not None
+    mine = os.stat_result((stat.S_IFDIR | 0o700, 0, 0, 1, 1000, 1000, 0, 0, 0, 0))
+    assert backend.private_enough(mine) is None
+    theirs = os.stat_result((stat.S_IFDIR | 0o755, 0, 0, 1, 1001, 1001, 0, 0, 0, 0))
+    assert "another user" in backend.private_enough(theirs)
