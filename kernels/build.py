@@ -9,10 +9,18 @@
 2. **How each is compiled.** numba.pycc compiles an export with plain flags; here each gets its dispatcher's
    own (parallel, fastmath, error model: ``targetdescr.options.parse_as_flags``), and the host CPU's name
    and features, as the JIT has them: the same machine code, the same bits.
-3. **Where it goes.** Into a temporary directory beside ``backend.kernel_cache_dir() / cache_key()``, then
-   renamed into place: a reader sees a complete module or none. ``exports.json`` beside the module lists,
+3. **Where it goes.** Into a staging folder beside ``backend.kernel_cache_dir() / cache_key()``
+   (``.build-<host>-<pid>-...``), flushed to disk, then renamed into place (``install``): a reader sees a
+   complete module or none, and a module is never rewritten in place. ``exports.json`` beside the module lists,
    per kernel, each signature (as ``backend._type_key`` spells an argument's type) and its symbol, with the
-   CPU decision (AVX-512) and threading layer the module was built with.
+   CPU decision (AVX-512) and threading layer the module was built with, the workload it ran (which models'
+   kernels it covers) and the module's size and SHA-256 (``backend.verify_module`` checks them at every load).
+   Folders are made readable by others (umask permitting) and writable only by their owner: a module built by
+   root into a container image is loaded by the unprivileged user the container runs as.
+4. **Who builds.** One build at a time per kernel cache: foreground or background, a build holds the cache's
+   lock (``build.lock``: pid, start time, host). A foreground build waits for a build of this host, stops in one
+   line for another host's, says when a current module is there already (``--force`` builds anyway), and
+   removes the staging folders of builds that were killed halfway (``clean_abandoned``).
 
 Needs a C compiler (pycc links the module with it).
 
@@ -20,7 +28,9 @@ Needs a C compiler (pycc links the module with it).
 ``start_in_background``): at low priority, holding the cache's build lock (``take_lock``: taken by the starter,
 handed to this process, released here when done), its output in ``<key>.log``, and on failure a ``<key>.failed``
 marker (holding the log's path) so that no later run starts it again for this key; a build that succeeds, manual
-or not, removes the marker.
+or not, removes the marker. Files in the cache are made by exclusive creation or a temporary name and a rename,
+never written through a link. The build runs as an isolated child (npmobile/children.py: ``python -I``, no
+PYTHON* variables, started in ``/``): nothing in the user's working folder is imported.
 """
 
 from __future__ import annotations
