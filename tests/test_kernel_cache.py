@@ -240,3 +240,18 @@ def test_numba_with_nowhere_to_cache_compiles_in_memory_saying_so_once(monkeypat
     assert "compile in memory" in line and "NUMBA_CACHE_DIR" in line
     with pytest.raises(RuntimeError, match="other"):
         backend._cached_or_in_memory(lambda: (_ for _ in ()).throw(RuntimeError("other")), lambda: None)
+
+
+def test_a_background_build_on_a_full_disk_ends_cleanly_and_releases_the_lock(tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(build, "build", disk_full)
+    monkeypatch.setattr(build, "write_atomically", disk_full)  # not even the failure marker fits
+    monkeypatch.setattr(build.os, "nice", lambda n: 0)
+    fd = build.take_lock(tmp_path)
+    os.close(fd)
+    args = SimpleNamespace(root=tmp_path, quick=True, force=False, debug=False)
+    assert build.build_in_background(args) == 1
+    assert not (tmp_path / build.LOCK).exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
