@@ -21,10 +21,10 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from kernel_cache_helpers import PHOTO, plant_imports, record_background_builds
 
 from npmobile.cli import build_kernels
 from npmobile.kernels import backend, build
@@ -181,7 +181,6 @@ def test_build_kernels_help_says_what_it_does():
 
 # --- the build the command line starts by itself ---------------------------------------------------------
 
-PHOTO = Path(__file__).resolve().parents[1] / "samples" / "chelsea.jpg"
 # The command line as `python -m npmobile` runs it, then which kernels it ran on (stderr's last line).
 CLI_THEN_BACKEND = ("import sys; from npmobile.cli import main; code = main(sys.argv[1:]); "
                     "from npmobile.kernels import backend; "
@@ -240,21 +239,7 @@ def test_a_cli_run_on_the_jit_builds_the_kernels_in_the_background_for_later_run
 
 @pytest.fixture
 def auto_build(monkeypatch, tmp_path):
-    """start_in_background as after a CLI run on the JIT, with its kernel cache in tmp_path; the children it
-    would start are recorded (``started``), each a live process (this one)."""
-    monkeypatch.delenv("NPMOBILE_KERNELS", raising=False)
-    monkeypatch.delenv("NPMOBILE_AUTO_BUILD", raising=False)
-    monkeypatch.setenv("NPMOBILE_KERNELS_DIR", str(tmp_path))
-    started = []
-
-    def popen(command, **options):
-        started.append((command, options))
-        return SimpleNamespace(pid=os.getpid())
-
-    monkeypatch.setattr(build_kernels, "subprocess", SimpleNamespace(
-        Popen=popen, DEVNULL=subprocess.DEVNULL, STDOUT=subprocess.STDOUT))
-    return SimpleNamespace(start=build_kernels.start_in_background, started=started, root=tmp_path,
-                           key=backend.cache_key())
+    return record_background_builds(monkeypatch, tmp_path)
 
 
 def test_auto_build_starts_one_detached_low_priority_build_and_says_so(auto_build, capsys):
@@ -660,16 +645,6 @@ def test_a_lock_of_another_host_stops_the_foreground_build_in_one_line(kernel_ca
         (kernel_cache / build.LOCK).unlink()
     assert done.returncode == 1 and done.stderr.count("\n") == 1
     assert "some-other-host" in done.stderr and str(kernel_cache / build.LOCK) in done.stderr
-
-
-def plant_imports(folder: Path) -> Path:
-    """A folder (of downloaded photos, say) holding a numpy.py, json.py and sitecustomize.py that record being
-    imported in ``folder/imported``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("numpy", "json", "sitecustomize", "struct"):
-        (folder / f"{name}.py").write_text(f"open({str(folder / 'imported')!r}, 'a').write('{name}\\n')\n")
-    shutil.copy(PHOTO, folder / "photo.jpg")
-    return folder
 
 
 # --- a read-only deployment (a container run as an unprivileged user) ------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from kernel_cache_helpers import plant_imports, record_background_builds
 
 from npmobile import isolation
 from npmobile.cli import build_kernels
@@ -104,23 +105,8 @@ def test_the_lock_names_its_host_and_a_lock_of_another_host_is_not_taken(tmp_pat
 
 @pytest.fixture
 def auto_build(monkeypatch, tmp_path):
-    """start_in_background after a CLI run on the JIT, its kernel cache in tmp_path / "kernels"; the children
-    it would start are recorded, each a live process (this one)."""
-    monkeypatch.delenv("NPMOBILE_KERNELS", raising=False)
-    monkeypatch.delenv("NPMOBILE_AUTO_BUILD", raising=False)
-    root = tmp_path / "kernels"
-    root.mkdir()
-    monkeypatch.setenv("NPMOBILE_KERNELS_DIR", str(root))
-    started = []
-
-    def popen(command, **options):
-        started.append((command, options))
-        return SimpleNamespace(pid=os.getpid())
-
-    monkeypatch.setattr(build_kernels, "subprocess", SimpleNamespace(
-        Popen=popen, DEVNULL=subprocess.DEVNULL, STDOUT=subprocess.STDOUT))
-    return SimpleNamespace(start=build_kernels.start_in_background, started=started, root=root,
-                           key=backend.cache_key())
+    (tmp_path / "kernels").mkdir()
+    return record_background_builds(monkeypatch, tmp_path / "kernels")
 
 
 def test_a_symlinked_log_is_replaced_not_written_through(auto_build, tmp_path):
@@ -188,14 +174,6 @@ def test_write_atomically_replaces_a_link_and_create_new_never_follows_one(tmp_p
 
 
 # --- nothing from the working folder runs ------------------------------------------------------------------
-
-def plant_imports(folder: Path) -> Path:
-    """A folder holding a numpy.py, json.py, struct.py and sitecustomize.py that record being imported."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("numpy", "json", "sitecustomize", "struct"):
-        (folder / f"{name}.py").write_text(f"open({str(folder / 'imported')!r}, 'a').write('{name}\\n')\n")
-    return folder
-
 
 def test_build_kernels_imports_nothing_from_the_working_folder(tmp_path):
     planted = plant_imports(tmp_path / "photos")
