@@ -21,7 +21,6 @@ from npmobile import isolation
 from npmobile.cli import build_kernels
 from npmobile.kernels import backend, build
 
-PHOTO = Path(__file__).resolve().parents[1] / "samples" / "chelsea.jpg"
 NPMOBILE = Path(sys.executable).with_name("npmobile")
 MODULE_FILE = backend.MODULE_NAME + importlib.machinery.EXTENSION_SUFFIXES[0]
 
