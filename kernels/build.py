@@ -118,6 +118,16 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise
 
 
+def make_cache_folder(root: Path) -> None:
+    """Make the kernel cache folder, writable by its owner only whatever the umask (a group-writable folder,
+    which a umask of 002 gives, is one backend.verify_module refuses to load from)."""
+    Path(root).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(root, 0o755 & ~_umask())
+    except FileExistsError:
+        pass
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -508,7 +518,7 @@ def build(root: Path | None = None, workload=WORKLOAD, force: bool = False) -> t
     ran = time.perf_counter()
     root = Path(root) if root is not None else backend.kernel_cache_dir()
     key = backend.cache_key()
-    root.mkdir(parents=True, exist_ok=True)
+    make_cache_folder(root)
     staging = Path(tempfile.mkdtemp(prefix=_staging_prefix("build"), dir=root))
     try:
         path = compile_module(table, dispatchers, cfuncs, staging)
@@ -528,6 +538,7 @@ def build(root: Path | None = None, workload=WORKLOAD, force: bool = False) -> t
         # root is loaded by the unprivileged user the container runs as); writable by this user only.
         os.chmod(staging, 0o755 & ~_umask())
         os.chmod(path, 0o755 & ~_umask())
+        os.chmod(staging / backend.MANIFEST, 0o644 & ~_umask())
         fsync_path(staging, directory=True)
         final = install(staging, root / key, force=force)
     except BaseException:
@@ -590,7 +601,7 @@ def main(argv=None) -> int:
     if args.background:
         return build_in_background(args)
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        make_cache_folder(root)
         lock = wait_for_lock(root, say=lambda text: print(
             f"npmobile: another build of the kernels (pid {text.split()[0]}) is running; waiting for it",
             file=sys.stderr))

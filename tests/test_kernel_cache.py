@@ -232,3 +232,12 @@ def test_a_background_build_on_a_full_disk_ends_cleanly_and_releases_the_lock(tm
     assert build.build_in_background(args) == 1
     assert not (tmp_path / build.LOCK).exists()
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_the_cache_folder_is_made_private_under_a_group_writable_umask(tmp_path):
+    previous = os.umask(0o002)  # Debian/Ubuntu's default for users with a group of their own
+    try:
+        build.make_cache_folder(tmp_path / "cache" / "kernels")
+    finally:
+        os.umask(previous)
+    assert backend.private_enough(os.lstat(tmp_path / "cache" / "kernels")) is None

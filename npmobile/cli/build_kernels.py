@@ -99,7 +99,7 @@ def start_in_background() -> bool:
         if ((rejected is None and (root / key / backend.MANIFEST).exists())
                 or build.failure_marker(root, key).exists()):
             return False
-        root.mkdir(parents=True, exist_ok=True)
+        build.make_cache_folder(root)
         lock = build.take_lock(root)
         if lock is None:  # another build is under way
             return False
