@@ -336,7 +336,8 @@ def _say_rejected(why: ModuleRejected) -> None:
     fast start-up silently went away would never learn why)."""
     after = ("; the next command-line run builds a new one" if why.rebuild and os.environ.get("NPMOBILE_AUTO_BUILD")
              != "0" else "")
-    sys.stderr.write(f"npmobile: kernel module not used: {why}; the kernels run on Numba's JIT{after}\n")
+    if sys.stderr is not None:  # none at all under pythonw or a detached service
+        sys.stderr.write(f"npmobile: kernel module not used: {why}; the kernels run on Numba's JIT{after}\n")
 
 
 def _load() -> _Loaded | None:
@@ -567,7 +568,7 @@ else:
         except RuntimeError as error:
             if "no locator available" not in str(error):
                 raise
-            if not _said_uncached:
+            if not _said_uncached and sys.stderr is not None:
                 _said_uncached = True
                 sys.stderr.write("npmobile: no writable folder for Numba's kernel cache (site-packages, home and "
                                  "NUMBA_CACHE_DIR are read-only): the kernels compile in memory for this process; "
