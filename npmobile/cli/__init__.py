@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from npmobile.cli import build_kernels, classify, profile, show, summary, verify
-from npmobile.errors import NpmobileError
+from npmobile.errors import NpmobileError, UsageError
 
 COMMANDS = (classify, summary, profile, show, verify, build_kernels)
 # The commands that run a model: after one succeeds on the JIT, the kernels are built ahead of time in the
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"npmobile: {error}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(error, UsageError) else 1
     except KeyboardInterrupt:
         return 130
     if code == 0 and args.runs_model:

@@ -38,7 +38,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--crop", choices=["none", "center"], default="none",
                         help="center: keep the central 87.5%% before resizing (the published evaluations do)")
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                        help="CPU threads (default: all cores, or NUMBA_NUM_THREADS); with --engine, per worker")
+                        help="CPU threads, 1 to the CPUs this process may use (default: all of them: its "
+                             "affinity mask, capped by its cgroup CPU quota rounded up; or NUMBA_NUM_THREADS "
+                             "when set); more is refused. With --engine, per worker")
     parser.add_argument("--output", choices=["top", "probabilities", "features"], default="top",
                         help="top: the top-K classes (default); probabilities: the whole output row; "
                              "features: the global average pooling's output, an embedding (needs --json or --out)")
@@ -81,6 +83,10 @@ def run(args) -> int:
         raise NpmobileError(f"no images found in {', '.join(args.images)}")
     if args.engine is None and (args.address or args.workers):
         raise NpmobileError("--address and --workers need --engine ray or --engine dask")
+    if args.threads is not None and args.address is None:  # a cluster elsewhere: its workers check their own
+        from npmobile.kernels import cpus
+
+        cpus.checked_thread_count(args.threads, cpus.default_thread_count())
     if args.output != "top" and not (args.json or args.out):
         raise NpmobileError(f"--output {args.output} needs --json or --out: its values are for programs")
     if args.out:
