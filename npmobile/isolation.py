@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from npmobile import errors
+from npmobile.children import NEUTRAL_CWD, clean_environment, isolated_python
 from npmobile.errors import ModelFileError, NpmobileError
 from npmobile.spec import CallSpec, LayerSpec, ModelSpec, StoredLayer, TensorRef, WeightsFile
 
@@ -131,18 +132,16 @@ def _package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# sys.path[0] is the working directory for ``-c``: replaced, so that a folder of downloaded files (where the
-# hostile one may sit beside a planted ``numpy.py``) is never a place the child imports from.
-_BOOT = "import sys; sys.path[0] = sys.argv[1]; from npmobile.isolation import child_main; child_main()"
+# The child is isolated (npmobile/children.py: ``python -I``, no PYTHON* variables, started in a neutral folder),
+# so a folder of downloaded files (where the hostile one may sit beside a planted ``numpy.py``) is never a place
+# it imports from; it reads with the caller's npmobile, from the folder given first.
+_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from npmobile.isolation import child_main; child_main()"
 
 
 def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
     # One thread for every pool the readers' libraries might start: less address space, nothing to share.
-    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
-        env[name] = "1"
-    env.pop("PYTHONSTARTUP", None)
-    return env
+    return clean_environment(**{name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                       "NUMEXPR_NUM_THREADS")})
 
 
 class PendingRead:
@@ -157,9 +156,9 @@ class PendingRead:
         self._started = time.monotonic()
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-c", _BOOT, _package_root(), kind, path, str(MEMORY_LIMIT_BYTES)],
+                isolated_python(_BOOT, _package_root(), kind, os.path.abspath(path), str(MEMORY_LIMIT_BYTES)),
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr, bufsize=0,
-                env=_child_env(), close_fds=True,
+                env=_child_env(), close_fds=True, cwd=NEUTRAL_CWD,
             )
         except OSError as error:
             self._stderr.close()
