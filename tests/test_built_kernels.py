@@ -55,6 +55,16 @@ def test_the_kernel_plan_parity_and_concurrency_tests_pass_on_the_built_module(b
     BUILT_KERNELS_REPORT.extend("  " + line for line in done.stdout.splitlines() if line.startswith(("built", "  the")))
 
 
+def test_an_aot_pass_that_would_run_the_jit_ends_before_any_test(tmp_path):
+    """An AOT pass whose kernel cache holds no module for this machine would silently prove the JIT again."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'tmp'}",
+               str(REPO / "tests" / "test_plan.py")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**aot_environment(tmp_path / "no-module"), "NPMOBILE_TEST_KERNELS": "aot"})
+    assert done.returncode == 3, done.stdout[-3000:]
+    assert "AOT pass: no built module was loaded" in done.stdout and " passed" not in done.stdout
+
+
 # Every variant the registry has weights for (weights=None: random, seeded, the same in both processes), at three
 # sizes, on one thread and all; then each hand-built model given. Saves the outputs; says the mode it ran on.
 # argv: out.npz model-file...
