@@ -21,6 +21,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 AOT_PASS = os.environ.get("NPMOBILE_TEST_KERNELS") == "aot"
 if not AOT_PASS:
     os.environ.setdefault("NPMOBILE_KERNELS", "jit")
+if "NUMBA_NUM_THREADS" not in os.environ:  # the tests of 1 against 2 threads run them even on one CPU
+    from npmobile.kernels.cpus import available_cpus
+
+    os.environ["NUMBA_NUM_THREADS"] = str(max(2, available_cpus()))
 sys.path.insert(0, str(Path(__file__).parent))  # tests/keras_files.py is importable from the tests
 REPO = Path(__file__).resolve().parents[1]
 # Lines for the end of the run: what the AOT pass ran on, and what the JIT twin stood in for.
