@@ -94,9 +94,24 @@ def check_the_built_module_runs() -> str:
     return str(backend.module_dir())
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "jit_only: a test of Numba's JIT itself, in a process of its own (its "
+                            "cache, another CPU target): the AOT pass would run it the same way, so deselects it")
+
+
 def pytest_sessionstart(session):
     if AOT_PASS:
         check_the_built_module_runs()
+
+
+def pytest_collection_modifyitems(config, items):
+    if not AOT_PASS:
+        return
+    jit_only = [item for item in items if item.get_closest_marker("jit_only")]
+    if jit_only:
+        config.hook.pytest_deselected(items=jit_only)
+        items[:] = [item for item in items if not item.get_closest_marker("jit_only")]
+        BUILT_KERNELS_REPORT.append(f"  deselected, the JIT's own: {', '.join(item.name for item in jit_only)}")
 
 
 @pytest.fixture(scope="session")

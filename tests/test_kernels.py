@@ -741,6 +741,7 @@ def test_set_threads_sets_both_pools_and_refuses_counts_the_kernels_cannot_run()
             threadpool_limits(limits=blas_before[0], user_api="blas")
 
 
+@pytest.mark.jit_only
 def test_kernels_cached_says_so_once_a_models_own_kernels_are_compiled(tmp_path):
     """The 'compiling kernels' notice follows the kernels the model runs: a MobileNetV2 never compiles the 5x5
     depthwise or the squeeze-excite kernel, so their absence must not make every run announce a compile."""
