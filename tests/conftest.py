@@ -81,17 +81,21 @@ def check_the_built_module_runs() -> str:
     if imported:
         pytest.exit(f"AOT pass: {' and '.join(imported)} imported to run the families the module was built "
                     "for: the module does not hold their kernels", returncode=3)
-    fell_back: set[str] = set()
+    fell_back: dict[str, str] = {}  # kernel -> the test that first called the JIT twin for it
     jit_twin = backend.jit_twin
 
     def recorded_twin(module: str, qualname: str):
-        fell_back.add(f"{module.rpartition('.')[2]}.{qualname}")
+        fell_back.setdefault(f"{module.rpartition('.')[2]}.{qualname}", RUNNING_TEST[0])
         return jit_twin(module, qualname)
 
     backend.jit_twin = recorded_twin  # what the JIT twin stands in for, reported at the end
     BUILT_KERNELS_REPORT.append(f"built kernels (AOT pass): {backend.module_dir()}")
-    BUILT_KERNELS_REPORT.append(lambda: "  the JIT twin stood in for: " + (", ".join(sorted(fell_back)) or "none"))
+    BUILT_KERNELS_REPORT.append(lambda: "  the JIT twin stood in for (first in): " + (
+        ", ".join(f"{kernel} ({test})" for kernel, test in sorted(fell_back.items())) or "none"))
     return str(backend.module_dir())
+
+
+RUNNING_TEST = ["before the first test"]
 
 
 def pytest_configure(config):
@@ -102,6 +106,10 @@ def pytest_configure(config):
 def pytest_sessionstart(session):
     if AOT_PASS:
         check_the_built_module_runs()
+
+
+def pytest_runtest_setup(item):
+    RUNNING_TEST[0] = item.nodeid.rpartition("/")[2]
 
 
 def pytest_collection_modifyitems(config, items):
