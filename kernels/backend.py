@@ -30,6 +30,18 @@ and feature flags), the kernel sources and the threading layer, and looked for i
 ``NPMOBILE_KERNELS=jit`` to use the JIT regardless (then nothing is built in the background either). Any
 other ``NUMBA_*`` setting than the thread count and the cache directory (a CPU target, an optimization level,
 ...) also means the JIT: the AOT module was built without it.
+
+A module is native code, so it is checked before it is loaded (``verify_module``): the cache folder, the key
+folder and the files are not symlinks, belong to this user or root and are writable by nobody else
+(``private_enough``), and the module's size and SHA-256, which the build writes into the manifest once the
+module is complete, match. The bytes checked are the bytes loaded: a private in-memory copy (``_private_copy``),
+so a module cut short in place afterwards cannot fault the process. A module that fails costs one line on
+stderr (``rejected`` says why, and whether the command line's next background build replaces it); the JIT runs.
+
+The JIT twin's package (``_JitPackage``) can be imported by any process, not only by an AOT one: the twin and the
+kernels it stands for share Numba's on-disk cache, and an entry the twin compiled names the twin's module.
+Where Numba finds no folder it may write its cache to (a read-only install, home and NUMBA_CACHE_DIR), the
+kernels compile in memory (``njit`` here, said in one line).
 """
 
 from __future__ import annotations
@@ -324,7 +336,8 @@ def _say_rejected(why: ModuleRejected) -> None:
     fast start-up silently went away would never learn why)."""
     after = ("; the next command-line run builds a new one" if why.rebuild and os.environ.get("NPMOBILE_AUTO_BUILD")
              != "0" else "")
-    sys.stderr.write(f"npmobile: kernel module not used: {why}; the kernels run on Numba's JIT{after}\n")
+    if sys.stderr is not None:  # none at all under pythonw or a detached service
+        sys.stderr.write(f"npmobile: kernel module not used: {why}; the kernels run on Numba's JIT{after}\n")
 
 
 def _load() -> _Loaded | None:
@@ -556,7 +569,7 @@ else:
         except RuntimeError as error:
             if "no locator available" not in str(error):
                 raise
-            if not _said_uncached:
+            if not _said_uncached and sys.stderr is not None:
                 _said_uncached = True
                 sys.stderr.write("npmobile: no writable folder for Numba's kernel cache (site-packages, home and "
                                  "NUMBA_CACHE_DIR are read-only): the kernels compile in memory for this process; "

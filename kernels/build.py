@@ -9,10 +9,18 @@
 2. **How each is compiled.** numba.pycc compiles an export with plain flags; here each gets its dispatcher's
    own (parallel, fastmath, error model: ``targetdescr.options.parse_as_flags``), and the host CPU's name
    and features, as the JIT has them: the same machine code, the same bits.
-3. **Where it goes.** Into a temporary directory beside ``backend.kernel_cache_dir() / cache_key()``, then
-   renamed into place: a reader sees a complete module or none. ``exports.json`` beside the module lists,
+3. **Where it goes.** Into a staging folder beside ``backend.kernel_cache_dir() / cache_key()``
+   (``.build-<host>-<pid>-...``), flushed to disk, then renamed into place (``install``): a reader sees a
+   complete module or none, and a module is never rewritten in place. ``exports.json`` beside the module lists,
    per kernel, each signature (as ``backend._type_key`` spells an argument's type) and its symbol, with the
-   CPU decision (AVX-512) and threading layer the module was built with.
+   CPU decision (AVX-512) and threading layer the module was built with, the workload it ran (which models'
+   kernels it covers) and the module's size and SHA-256 (``backend.verify_module`` checks them at every load).
+   Folders are made readable by others (umask permitting) and writable only by their owner: a module built by
+   root into a container image is loaded by the unprivileged user the container runs as.
+4. **Who builds.** One build at a time per kernel cache: foreground or background, a build holds the cache's
+   lock (``build.lock``: pid, start time, host). A foreground build waits for a build of this host, stops in one
+   line for another host's, says when a current module is there already (``--force`` builds anyway), and
+   removes the staging folders of builds that were killed halfway (``clean_abandoned``).
 
 Needs a C compiler (pycc links the module with it).
 
@@ -20,7 +28,9 @@ Needs a C compiler (pycc links the module with it).
 ``start_in_background``): at low priority, holding the cache's build lock (``take_lock``: taken by the starter,
 handed to this process, released here when done), its output in ``<key>.log``, and on failure a ``<key>.failed``
 marker (holding the log's path) so that no later run starts it again for this key; a build that succeeds, manual
-or not, removes the marker.
+or not, removes the marker. Files in the cache are made by exclusive creation or a temporary name and a rename,
+never written through a link. The build runs as an isolated child (npmobile/children.py: ``python -I``, no
+PYTHON* variables, started in ``/``): nothing in the user's working folder is imported.
 """
 
 from __future__ import annotations
@@ -106,6 +116,16 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def make_cache_folder(root: Path) -> None:
+    """Make the kernel cache folder, writable by its owner only whatever the umask (a group-writable folder,
+    which a umask of 002 gives, is one backend.verify_module refuses to load from)."""
+    Path(root).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(root, 0o755 & ~_umask())
+    except FileExistsError:
+        pass
 
 
 def _umask() -> int:
@@ -498,7 +518,7 @@ def build(root: Path | None = None, workload=WORKLOAD, force: bool = False) -> t
     ran = time.perf_counter()
     root = Path(root) if root is not None else backend.kernel_cache_dir()
     key = backend.cache_key()
-    root.mkdir(parents=True, exist_ok=True)
+    make_cache_folder(root)
     staging = Path(tempfile.mkdtemp(prefix=_staging_prefix("build"), dir=root))
     try:
         path = compile_module(table, dispatchers, cfuncs, staging)
@@ -518,6 +538,7 @@ def build(root: Path | None = None, workload=WORKLOAD, force: bool = False) -> t
         # root is loaded by the unprivileged user the container runs as); writable by this user only.
         os.chmod(staging, 0o755 & ~_umask())
         os.chmod(path, 0o755 & ~_umask())
+        os.chmod(staging / backend.MANIFEST, 0o644 & ~_umask())
         fsync_path(staging, directory=True)
         final = install(staging, root / key, force=force)
     except BaseException:
@@ -580,7 +601,7 @@ def main(argv=None) -> int:
     if args.background:
         return build_in_background(args)
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        make_cache_folder(root)
         lock = wait_for_lock(root, say=lambda text: print(
             f"npmobile: another build of the kernels (pid {text.split()[0]}) is running; waiting for it",
             file=sys.stderr))

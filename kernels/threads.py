@@ -164,7 +164,10 @@ def kernels_cached(depthwise_sizes: tuple[int, ...] = (3, 5), squeeze_excite: bo
     sizes = [k for k in (*depthwise_sizes, *expand_depthwise_sizes) if k in row_kernels]
     if sizes:
         kernels.append([depthwise._depthwise_vector])
-        kernels += [[FunctionCache(row) for row in row_kernels[k]] for k in sorted(set(sizes))]
+        try:
+            kernels += [[FunctionCache(row) for row in row_kernels[k]] for k in sorted(set(sizes))]
+        except RuntimeError:  # "no locator available": nowhere to cache; kernels/backend.py said in its one line
+            return True       # that they compile in memory (a "first run only" note would be wrong)
     if squeeze_excite:
         kernels.append([se._squeeze_excite])
     if expand_depthwise_sizes:

@@ -13,16 +13,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import textwrap
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from kernel_cache_helpers import PHOTO, plant_imports, record_background_builds
 
 from npmobile.cli import build_kernels
 from npmobile.kernels import backend, build
@@ -179,7 +181,6 @@ def test_build_kernels_help_says_what_it_does():
 
 # --- the build the command line starts by itself ---------------------------------------------------------
 
-PHOTO = Path(__file__).resolve().parents[1] / "samples" / "chelsea.jpg"
 # The command line as `python -m npmobile` runs it, then which kernels it ran on (stderr's last line).
 CLI_THEN_BACKEND = ("import sys; from npmobile.cli import main; code = main(sys.argv[1:]); "
                     "from npmobile.kernels import backend; "
@@ -238,21 +239,7 @@ def test_a_cli_run_on_the_jit_builds_the_kernels_in_the_background_for_later_run
 
 @pytest.fixture
 def auto_build(monkeypatch, tmp_path):
-    """start_in_background as after a CLI run on the JIT, with its kernel cache in tmp_path; the children it
-    would start are recorded (``started``), each a live process (this one)."""
-    monkeypatch.delenv("NPMOBILE_KERNELS", raising=False)
-    monkeypatch.delenv("NPMOBILE_AUTO_BUILD", raising=False)
-    monkeypatch.setenv("NPMOBILE_KERNELS_DIR", str(tmp_path))
-    started = []
-
-    def popen(command, **options):
-        started.append((command, options))
-        return SimpleNamespace(pid=os.getpid())
-
-    monkeypatch.setattr(build_kernels, "subprocess", SimpleNamespace(
-        Popen=popen, DEVNULL=subprocess.DEVNULL, STDOUT=subprocess.STDOUT))
-    return SimpleNamespace(start=build_kernels.start_in_background, started=started, root=tmp_path,
-                           key=backend.cache_key())
+    return record_background_builds(monkeypatch, tmp_path)
 
 
 def test_auto_build_starts_one_detached_low_priority_build_and_says_so(auto_build, capsys):
@@ -660,11 +647,82 @@ def test_a_lock_of_another_host_stops_the_foreground_build_in_one_line(kernel_ca
     assert "some-other-host" in done.stderr and str(kernel_cache / build.LOCK) in done.stderr
 
 
-def plant_imports(folder: Path) -> Path:
-    """A folder (of downloaded photos, say) holding a numpy.py, json.py and sitecustomize.py that record being
-    imported in ``folder/imported``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("numpy", "json", "sitecustomize", "struct"):
-        (folder / f"{name}.py").write_text(f"open({str(folder / 'imported')!r}, 'a').write('{name}\\n')\n")
-    shutil.copy(PHOTO, folder / "photo.jpg")
-    return folder
+# --- a read-only deployment (a container run as an unprivileged user) ------------------------------------
+
+def read_only_install(base: Path) -> Path:
+    """npmobile as a read-only site-packages would hold it (the package with its kernels and weights inside),
+    under ``base``; returns the folder to put on sys.path."""
+    repo = Path(__file__).resolve().parents[1]
+    site = base / "site"
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(repo / "npmobile", site / "npmobile", ignore=ignore)
+    shutil.copytree(repo / "kernels", site / "npmobile" / "kernels", ignore=ignore)
+    shutil.copytree(repo / "weights", site / "npmobile" / "weights", ignore=ignore)
+    return site
+
+
+# Runs the command line from the read-only copy (never the working tree's editable npmobile).
+RUN_FROM = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import npmobile; "
+            "assert npmobile.__file__.startswith(sys.path[0]), npmobile.__file__; "
+            "from npmobile.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def without_privileges() -> list[str]:
+    """The prefix that runs a command subject to file modes: as root (CI), root without its capabilities (it
+    may no longer write where the mode says no; another user could not even reach this interpreter when it
+    lives under /root); as anyone else, nothing."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv (util-linux): no way to make a folder read-only for a child")
+    return [setpriv, "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all"]
+
+
+@pytest.mark.parametrize("with_module", [False, True], ids=["jit-in-memory", "module-built-at-image-build"])
+def test_a_read_only_deployment_classifies_with_the_normal_answer(kernel_cache, keras_files, tmp_path, with_module):
+    """Home, site-packages (npmobile's copy), NUMBA_CACHE_DIR and the kernel cache all read-only for the process
+    (``without_privileges``): the normal run's answer, no traceback, one line on stderr at most."""
+    case = keras_files.get("MobileNetV2", "keras3_keras", input_shape=(96, 96, 3), alpha=0.35)
+    base = Path(tempfile.mkdtemp(prefix="npmobile-read-only-"))  # reachable by another user, unlike tmp_path
+    try:
+        site = read_only_install(base)
+        for name in ("home", "numba-cache", "kernels"):
+            (base / name).mkdir()
+        shutil.copy(case.path, base / "model.keras")
+        shutil.copy(PHOTO, base / "photo.jpg")
+        if with_module:  # built by this user (root at an image's build time), used read-only by the other
+            shutil.copytree(kernel_cache / backend.cache_key(), base / "kernels" / backend.cache_key())
+        for path in [base, *base.rglob("*")]:
+            path.chmod((0o555 if path.is_dir() else 0o444) | (path.stat().st_mode & 0o111))
+        command = [sys.executable, "-I", "-c", RUN_FROM, str(site), "classify", str(base / "photo.jpg"),
+                   "--weights", str(base / "model.keras"), "--json"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NPMOBILE_", "NUMBA_", "XDG_"))}
+        env.update(HOME=str(base / "home"), NUMBA_CACHE_DIR=str(base / "numba-cache"))
+        if with_module:
+            env["NPMOBILE_KERNELS_DIR"] = str(base / "kernels")
+        done = subprocess.run(without_privileges() + command, capture_output=True, text=True, timeout=900, env=env,
+                              cwd=base)
+        normal = subprocess.run([sys.executable, "-m", "npmobile", "classify", str(PHOTO), "--weights", str(case.path),
+                                 "--json"], capture_output=True, text=True, timeout=900,
+                                env={**os.environ, "NPMOBILE_AUTO_BUILD": "0"})
+    finally:
+        for path in [base, *base.rglob("*")]:
+            if path.is_dir() and not path.is_symlink():
+                path.chmod(0o755)
+        shutil.rmtree(base)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert normal.returncode == 0, normal.stderr
+    assert json.loads(done.stdout)[0]["top"] == json.loads(normal.stdout)[0]["top"]
+    assert len(done.stderr.splitlines()) <= 1, done.stderr
+
+
+def test_a_module_root_built_is_usable_by_another_user_when_no_one_else_may_write_it(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    made = os.stat_result((stat.S_IFDIR | 0o755, 0, 0, 1, 0, 0, 0, 0, 0, 0))  # owned by root, 755
+    assert backend.private_enough(made) is None
+    assert backend.private_enough(os.stat_result((stat.S_IFDIR | 0o775,) + made[1:])) is not None
+    mine = os.stat_result((stat.S_IFDIR | 0o700, 0, 0, 1, 1000, 1000, 0, 0, 0, 0))
+    assert backend.private_enough(mine) is None
+    theirs = os.stat_result((stat.S_IFDIR | 0o755, 0, 0, 1, 1001, 1001, 0, 0, 0, 0))
+    assert "another user" in backend.private_enough(theirs)

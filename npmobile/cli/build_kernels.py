@@ -34,7 +34,11 @@ def add_parser(commands):
                     "Takes 20-60 s (the first time also Numba's compiles). classify, profile, show and verify "
                     "start this build by themselves, in the background, after a run on the JIT when no module "
                     "is built yet (NPMOBILE_AUTO_BUILD=0 turns that off); this command builds in the "
-                    "foreground, also after such a build failed.",
+                    "foreground, also after such a build failed, waits for a build that is running, and says "
+                    "so and stops when the module there is current (--force rebuilds). It prints which models' "
+                    "kernels the module covers. A module is loaded only after its size and SHA-256 are checked "
+                    "and only from a folder that is yours (or root's) and not writable by others; "
+                    "NPMOBILE_KERNELS_DIR names a module built beforehand (a container image), used read-only.",
     )
     parser.add_argument("--quick", action="store_true",
                         help="a small module (MobileNetV2 and V3-Small at 96 px, batch 1): for a quick try")
@@ -95,7 +99,7 @@ def start_in_background() -> bool:
         if ((rejected is None and (root / key / backend.MANIFEST).exists())
                 or build.failure_marker(root, key).exists()):
             return False
-        root.mkdir(parents=True, exist_ok=True)
+        build.make_cache_folder(root)
         lock = build.take_lock(root)
         if lock is None:  # another build is under way
             return False
