@@ -60,6 +60,8 @@ import threading
 from functools import partial
 from pathlib import Path
 
+from . import cpus
+
 KERNELS_DIR = Path(__file__).resolve().parent
 # The kernel files imported again in JIT mode, for the calls the AOT module has no signature for.
 JIT_PACKAGE = "npmobile._jit_kernels"
@@ -142,13 +144,11 @@ def aot_wanted() -> bool:
 # --- the AOT module, loaded without Numba ---------------------------------------------------------------
 
 def default_thread_count() -> int:
-    """Numba's NUMBA_NUM_THREADS: the environment's, else the cores this process may run on."""
-    if os.environ.get("NUMBA_NUM_THREADS"):
-        return int(os.environ["NUMBA_NUM_THREADS"])
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return os.cpu_count() or 1
+    """The thread pool's size: NUMBA_NUM_THREADS when set, else the CPUs this process may use (its affinity
+    mask and cgroup CPU quota, kernels/cpus.py). Made Numba's setting too, so that a Numba imported later
+    (the JIT twin, or the JIT itself) starts a pool of the same size."""
+    cpus.set_numba_default()
+    return cpus.default_thread_count()
 
 
 class ModuleRejected(Exception):
@@ -552,6 +552,7 @@ if AOT:
             llvm.add_symbol(name, address)
 
 else:
+    default_thread_count()  # NUMBA_NUM_THREADS set before Numba reads it
     import numba
     from numba import prange  # noqa: F401  (the kernel modules' compiler)
     from numba.extending import intrinsic  # noqa: F401
@@ -601,9 +602,15 @@ else:
     get_num_threads = numba.get_num_threads
     set_num_threads = numba.set_num_threads
 
+    _thread_limit: list[int] = []
+
     def max_threads() -> int:
-        """The most threads Numba can use in this process (NUMBA_NUM_THREADS, default: the core count)."""
-        return int(numba.config.NUMBA_NUM_THREADS)
+        """The most threads the kernels may use in this process: Numba's pool (NUMBA_NUM_THREADS), capped by
+        the CPUs this process may use unless NUMBA_NUM_THREADS asks for more (a Numba imported before
+        npmobile sized its pool by the core count alone)."""
+        if not _thread_limit:
+            _thread_limit.append(min(int(numba.config.NUMBA_NUM_THREADS), cpus.default_thread_count()))
+        return _thread_limit[0]
 
     def target_has_avx512() -> bool:
         """Whether the code Numba compiles may use AVX-512 (NUMBA_CPU_NAME/FEATURES, else the host)."""

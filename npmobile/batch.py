@@ -138,11 +138,12 @@ def input_size(model, size: int) -> tuple[int, int]:
 
 
 def worker_threads(requested: int | None = None) -> int:
-    """Numba threads for this worker: ``requested``, else the CPUs the engine gave it, else all."""
-    from npmobile.kernels.threads import max_threads
+    """Numba threads for this worker: ``requested`` (more than this process may use: ThreadCountError), else
+    the CPUs the engine gave it, else all it may use."""
+    from npmobile.kernels.threads import checked_threads, max_threads
 
     if requested is not None:
-        return max(1, min(int(requested), max_threads()))
+        return checked_threads(requested)
     given = _ray_cpus() or _dask_threads()
     return max(1, min(given, max_threads())) if given else max_threads()
 

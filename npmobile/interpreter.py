@@ -118,8 +118,9 @@ class Model:
         reference kernels: slow, and the definition the fast path is checked against.
         ``dtype=np.float64`` (with ``reference=True``) runs that reference in float64 on the same float32
         weights: near-exact arithmetic, to tell whose rounding a difference between two engines is.
-        ``threads``: how many cores the kernels use (default: NUMBA_NUM_THREADS, i.e. all). BLAS is
-        held to one thread meanwhile: its pool and Numba's fight when both are awake.
+        ``threads``: how many cores the kernels use (default: all this process may use -- its affinity mask
+        and cgroup CPU quota -- or NUMBA_NUM_THREADS when set; 0 or more: ThreadCountError). BLAS is held to
+        one thread meanwhile: its pool and Numba's fight when both are awake.
         ``data_format="channels_first"``: ``x`` is NCHW (PyTorch's layout), and so are the 4-D outputs.
         """
         if data_format not in ("channels_last", "channels_first"):

@@ -164,6 +164,7 @@ def test_a_tile_not_compiled_for_this_cpu_is_refused_not_run(rng):
         G.gemm_packed(a, G.PackedWeights(kernel, bias, other), np.empty((8, 16), np.float32), ACT_NONE)
 
 
+@pytest.mark.jit_only
 def test_the_avx2_build_of_the_tiles_matches_the_reference_too(tmp_path):
     """The drivers hold only the target CPU's tiles: the AVX2 build (6x16 tiles of <8 x float>, plain and
     indirect) is compiled and checked here in a process that targets Haswell, whatever this CPU is."""

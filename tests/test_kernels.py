@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import inspect
 
-import numba
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from npmobile.kernels import blas
+from npmobile.errors import ThreadCountError
+from npmobile.kernels import backend, blas
 from npmobile.kernels import reference as ref
 from npmobile.kernels.activations import (
     ACT_HARD_SIGMOID,
@@ -688,11 +688,11 @@ def _blas_threads() -> list[int]:
 
 def test_thread_limits_pins_blas_to_one_and_restores_both_pools():
     np.ones((2, 2)) @ np.ones((2, 2))  # make sure NumPy's BLAS is loaded
-    numba_before, blas_before = numba.get_num_threads(), _blas_threads()
+    numba_before, blas_before = backend.get_num_threads(), _blas_threads()
     with thread_limits(1) as n:
-        assert n == 1 and numba.get_num_threads() == 1
+        assert n == 1 and backend.get_num_threads() == 1
         assert _blas_threads() and all(t == 1 for t in _blas_threads())
-    assert numba.get_num_threads() == numba_before
+    assert backend.get_num_threads() == numba_before
     assert _blas_threads() == blas_before
 
 
@@ -701,7 +701,7 @@ def test_thread_limits_without_blas_leaves_blas_alone():
     with threadpool_limits(2, user_api="blas"):
         blas_before = _blas_threads()
         with thread_limits(1, blas=False):
-            assert numba.get_num_threads() == 1
+            assert backend.get_num_threads() == 1
             assert _blas_threads() == blas_before
             with hold_blas():
                 assert all(t == 1 for t in _blas_threads())
@@ -723,19 +723,27 @@ def test_bound_calls_say_whether_they_call_blas():
     assert needs_blas(in_order(no_work, lambda: None))  # a Python step may call anything
 
 
-def test_set_threads_clamps_to_what_numba_has():
-    before, blas_before = numba.get_num_threads(), _blas_threads()
+def test_set_threads_sets_both_pools_and_refuses_counts_the_kernels_cannot_run():
+    before, blas_before = backend.get_num_threads(), _blas_threads()
     try:
-        assert set_threads(10_000) == max_threads()
-        assert set_threads(0) == 1
-        assert numba.get_num_threads() == 1
+        assert set_threads(1) == 1
+        assert backend.get_num_threads() == 1
         assert all(t == 1 for t in _blas_threads())
+        assert set_threads(None) == max_threads() == backend.get_num_threads()
+        for wrong in (0, -1, max_threads() + 1, 1.5, True, "2"):
+            with pytest.raises(ThreadCountError, match=f"threads={wrong!r}: this process may use 1 to "):
+                set_threads(wrong)
+            with pytest.raises(ThreadCountError):
+                with thread_limits(wrong):
+                    pass
+        assert backend.get_num_threads() == max_threads()
     finally:
-        numba.set_num_threads(before)
+        backend.set_num_threads(before)
         if blas_before:
             threadpool_limits(limits=blas_before[0], user_api="blas")
 
 
+@pytest.mark.jit_only
 def test_kernels_cached_says_so_once_a_models_own_kernels_are_compiled(tmp_path):
     """The 'compiling kernels' notice follows the kernels the model runs: a MobileNetV2 never compiles the 5x5
     depthwise or the squeeze-excite kernel, so their absence must not make every run announce a compile."""
@@ -752,7 +760,7 @@ def test_kernels_cached_says_so_once_a_models_own_kernels_are_compiled(tmp_path)
         "model.predict(np.zeros((1, 64, 64, 3), np.float32))\n"
         "print(before, kernels_cached((3,), False, False), kernels_cached((3, 5), True, True))\n"
     )
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NPMOBILE_KERNELS": "jit"}  # the JIT's cache, in any pass
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "True", "False"]

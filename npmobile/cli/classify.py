@@ -45,7 +45,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         help="refuse images of more than N pixels, from their header, before decoding them "
                              "(default: Pillow's limit, 89,478,485); raise it for large images you trust")
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                        help="CPU threads (default: all cores, or NUMBA_NUM_THREADS); with --engine, per worker")
+                        help="CPU threads, 1 to the CPUs this process may use (default: all of them: its "
+                             "affinity mask, capped by its cgroup CPU quota rounded up; or NUMBA_NUM_THREADS "
+                             "when set); more is refused. With --engine, per worker")
     parser.add_argument("--output", choices=["top", "probabilities", "features"], default="top",
                         help="top: the top-K classes (default); probabilities: the whole output row; "
                              "features: the global average pooling's output, an embedding (needs --json or --out)")
@@ -127,6 +129,10 @@ def check_options(args) -> None:
     """Combinations that cannot work: usage errors (exit 2), before any work."""
     if args.engine is None and (args.address or args.workers):
         raise UsageError("--address and --workers need --engine ray or --engine dask")
+    if args.threads is not None and args.address is None:  # a cluster elsewhere: its workers check their own
+        from npmobile.kernels import cpus
+
+        cpus.checked_thread_count(args.threads, cpus.default_thread_count())
     if args.output != "top" and not (args.json or args.out):
         raise UsageError(f"--output {args.output} needs --json or --out: its values are for programs")
 
