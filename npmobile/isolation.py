@@ -425,6 +425,9 @@ def child_main() -> None:
     """``python -c _BOOT ROOT KIND PATH MEMORY_LIMIT``: read, then write one result to stdout and exit."""
     kind, path, limit = sys.argv[2], sys.argv[3], int(sys.argv[4])
     _limit_memory(limit)
+    from npmobile.io import lock_down
+
+    lock_down()
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write into the result stream
     try:

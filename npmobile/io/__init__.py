@@ -60,9 +60,24 @@ def _kind(path: str) -> str:
     raise ModelFileError(foreign_file(path, head))
 
 
+# Set in the isolated reader's child (lock_down): libhdf5 there searches no plugin folder.
+_NO_PLUGINS = False
+
+
+def lock_down() -> None:
+    """For a process that only reads files from strangers (the isolated reader's child): from the first
+    HDF5 file it opens, libhdf5 loads no filter plugin, whatever HDF5_PLUGIN_PATH says."""
+    global _NO_PLUGINS
+    _NO_PLUGINS = True
+
+
 def _open_hdf5(source, name: str) -> h5py.File:
     import h5py
 
+    if _NO_PLUGINS:
+        from npmobile.io.hdf5 import no_plugin_search
+
+        no_plugin_search()
     try:
         return h5py.File(source, "r")
     except (OSError, ValueError) as error:
@@ -161,7 +176,7 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
 
 
 def _read_model(path: str) -> ModelSpec:
-    from npmobile.io.hdf5 import keras_major_version, legacy_layers, model_config
+    from npmobile.io.hdf5 import has, keras_major_version, legacy_layers, model_config
 
     if _kind(path) == "zip":
         archive = _KerasArchive(path)
@@ -176,7 +191,7 @@ def _read_model(path: str) -> ModelSpec:
                     "npmobile.applications.MobileNetV2(weights=PATH, ...)"
                 )
             spec = parse_model_config(config, keras_major_version(f), path)
-            if "model_weights" not in f:
+            if not has(f, "model_weights", path):
                 raise ModelFileError(f"{path}: the model has no 'model_weights' group")
             stored = legacy_layers(f, path)
     _attach_by_name(spec, stored, path, nested_groups=_kind(path) == "hdf5")
@@ -184,12 +199,12 @@ def _read_model(path: str) -> ModelSpec:
 
 
 def _read_weights(path: str) -> WeightsFile:
-    from npmobile.io.hdf5 import keras3_layers, legacy_layers
+    from npmobile.io.hdf5 import has, keras3_layers, legacy_layers
 
     if _kind(path) == "zip":
         return WeightsFile(_KerasArchive(path).weights(), path)
     with _open_hdf5(path, path) as f:
-        if "layers" in f and "layer_names" not in f.attrs and "model_weights" not in f:
+        if has(f, "layers", path) and "layer_names" not in f.attrs and not has(f, "model_weights", path):
             return WeightsFile(keras3_layers(f, path), path)
         return WeightsFile(_flatten_nested(legacy_layers(f, path)), path)
 
