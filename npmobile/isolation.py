@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from npmobile import errors
-from npmobile.errors import ModelFileError, NpmobileError
+from npmobile.errors import ModelFileError, NpmobileError, UnsupportedLayerError
 from npmobile.spec import CallSpec, LayerSpec, ModelSpec, StoredLayer, TensorRef, WeightsFile
 
 # Far above any real MobileNet file: a Keras-written MobileNetV3-Large .h5 is read, child start-up
@@ -103,6 +103,8 @@ def read_in_process(path: str, kind: str):
         return read_weights(path)
     try:
         return read_model(path)
+    except UnsupportedLayerError:
+        raise  # a whole model npmobile refuses (a Lambda): never its weights on another architecture
     except NpmobileError as model_error:
         try:
             weights = read_weights(path)

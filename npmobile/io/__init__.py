@@ -20,7 +20,7 @@ import numpy as np
 
 from npmobile.errors import ModelFileError, NpmobileError, WeightsError, WeightsOnlyFileError, unreadable
 from npmobile.io.config import parse_model_config
-from npmobile.io.kinds import HDF5_SIGNATURE, ZIP_SIGNATURE, foreign_archive, foreign_file
+from npmobile.io.kinds import HDF5_SIGNATURE, ZIP_SIGNATURE, foreign_archive, foreign_file, zip_members
 from npmobile.io.torch import torch_format
 from npmobile.io.variables import canonical_name, split_weight_name, variable_order
 from npmobile.spec import LayerSpec, ModelSpec, StoredLayer, WeightsFile
@@ -91,7 +91,7 @@ class _KerasArchive:
         self.path = path
         try:
             self.zip = zipfile.ZipFile(path)
-            members = {info.filename: info for info in self.zip.infolist()}
+            members = zip_members(path, self.zip.infolist())
         except (zipfile.BadZipFile, OSError, ValueError) as error:
             raise ModelFileError(f"{path}: the .keras archive is corrupt ({error})") from None
         for name, info in members.items():

@@ -28,7 +28,7 @@ from functools import partial
 import numpy as np
 
 from npmobile.errors import ModelFileError, NpmobileError
-from npmobile.io.kinds import ZIP_SIGNATURE
+from npmobile.io.kinds import ZIP_SIGNATURE, zip_members
 
 # torch.serialization's legacy format starts with this number, pickled, then the protocol version.
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -309,7 +309,7 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, pa
 def _read_zip(path: str):
     try:
         archive = zipfile.ZipFile(path)
-        members = {info.filename: info for info in archive.infolist()}
+        members = zip_members(path, archive.infolist())
     except (zipfile.BadZipFile, OSError, ValueError) as error:
         raise ModelFileError(f"{path}: the PyTorch zip archive is corrupt ({error})") from None
     with archive:
