@@ -34,6 +34,13 @@ MAX_FILE_VALUES = 256 * 2**20
 VALUES_PER_FILE_BYTE = 16
 VALUES_FLOOR = 16 * 2**20
 
+# What the isolated reader's child sends back (npmobile/isolation.py), checked by the child before it sends and
+# by the parent before it parses or allocates: a JSON header (the configs re-encoded, the names of layers
+# and tensors), then the arrays, at most the file's values (file_value_limit) in at most 4 bytes each.
+MAX_RESULT_HEADER_BYTES = 2 * MAX_CONFIG_BYTES + 256 * MAX_TENSORS
+MAX_RESULT_VALUES = 2 * MAX_CONFIG_VALUES + 16 * MAX_TENSORS
+MAX_RESULT_DEPTH = MAX_CONFIG_DEPTH + 8
+
 # --------------------------------------------------------------------------------------------------
 # Running a model (npmobile/layers.py): at load, and again at predict for inputs of unknown size
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ The format is sniffed from the file's first bytes, not its name.
 from __future__ import annotations
 
 import io
-import json
 import os
 import zipfile
 from typing import TYPE_CHECKING
@@ -19,10 +18,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from npmobile.errors import ModelFileError, NpmobileError, WeightsError, WeightsOnlyFileError, unreadable
+from npmobile.io.bounds import ReadBudget, parse_json
 from npmobile.io.config import parse_model_config
 from npmobile.io.kinds import HDF5_SIGNATURE, ZIP_SIGNATURE, foreign_archive, foreign_file, zip_members
 from npmobile.io.torch import torch_format
 from npmobile.io.variables import canonical_name, split_weight_name, variable_order
+from npmobile.limits import MAX_CONFIG_BYTES, MAX_FILE_BYTES
 from npmobile.spec import LayerSpec, ModelSpec, StoredLayer, WeightsFile
 
 # h5py (and npmobile.io.hdf5) are imported where a file is read, not here: binding weights, all that the
@@ -31,8 +32,7 @@ if TYPE_CHECKING:
     import h5py
 
 # A .keras archive holds a config, metadata and the weights: nothing near this size in a MobileNet.
-MAX_ZIP_MEMBER_BYTES = 512 * 1024 * 1024
-MAX_CONFIG_BYTES = 64 * 1024 * 1024
+MAX_ZIP_MEMBER_BYTES = MAX_FILE_BYTES
 
 __all__ = ["WeightsFile", "bind_weights", "read_model", "read_weights"]
 
@@ -121,10 +121,7 @@ class _KerasArchive:
         return data
 
     def json(self, name: str) -> dict:
-        try:
-            return json.loads(self.read(name, MAX_CONFIG_BYTES).decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ModelFileError(f"{self.path}: {name} is not valid JSON ({error})") from None
+        return parse_json(self.read(name, MAX_CONFIG_BYTES), f"{self.path}: {name}")
 
     def keras_version(self) -> int:
         if "metadata.json" not in self.members:
@@ -137,7 +134,7 @@ class _KerasArchive:
 
         data = self.read("model.weights.h5", MAX_ZIP_MEMBER_BYTES)
         with _open_hdf5(io.BytesIO(data), f"{self.path}: model.weights.h5") as f:
-            return keras3_layers(f, f"{self.path}: model.weights.h5")
+            return keras3_layers(f, f"{self.path}: model.weights.h5", ReadBudget.for_file(self.path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,7 +190,7 @@ def _read_model(path: str) -> ModelSpec:
             spec = parse_model_config(config, keras_major_version(f), path)
             if not has(f, "model_weights", path):
                 raise ModelFileError(f"{path}: the model has no 'model_weights' group")
-            stored = legacy_layers(f, path)
+            stored = legacy_layers(f, path, ReadBudget.for_file(path))
     _attach_by_name(spec, stored, path, nested_groups=_kind(path) == "hdf5")
     return spec
 
@@ -205,8 +202,8 @@ def _read_weights(path: str) -> WeightsFile:
         return WeightsFile(_KerasArchive(path).weights(), path)
     with _open_hdf5(path, path) as f:
         if has(f, "layers", path) and "layer_names" not in f.attrs and not has(f, "model_weights", path):
-            return WeightsFile(keras3_layers(f, path), path)
-        return WeightsFile(_flatten_nested(legacy_layers(f, path)), path)
+            return WeightsFile(keras3_layers(f, path, ReadBudget.for_file(path)), path)
+        return WeightsFile(_flatten_nested(legacy_layers(f, path, ReadBudget.for_file(path))), path)
 
 
 def bind_weights(spec: ModelSpec, weights: WeightsFile) -> None:

@@ -14,35 +14,14 @@ sits in nested groups, because HDF5 reads slashes as paths), never by walking th
 from __future__ import annotations
 
 import io
-import json
-from dataclasses import dataclass
 from typing import Any
 
 import h5py
 import numpy as np
 
 from npmobile.errors import ModelFileError
+from npmobile.io.bounds import ReadBudget, parse_json
 from npmobile.spec import StoredLayer
-
-# Larger than any MobileNet variable: a dataset bigger than this is refused before it is read.
-MAX_DATASET_ELEMENTS = 64 * 1024 * 1024
-# And all of one file's weights together (a full-size MobileNet holds under 6 M values).
-MAX_FILE_ELEMENTS = 256 * 1024 * 1024
-
-
-@dataclass
-class ReadBudget:
-    """Values one file may still have read from it. Chunks never written cost nothing on disk but read
-    back as fill values, so a tiny file could list gigabytes of datasets that each pass the per-dataset
-    limit (or one dataset many times over)."""
-
-    left: int = MAX_FILE_ELEMENTS
-
-    def take(self, size: int, where: str) -> None:
-        if size > self.left:
-            raise ModelFileError(f"{where}: the file's weights add up to more than {MAX_FILE_ELEMENTS:,} values; "
-                                 "refusing it")
-        self.left -= size
 
 
 def text(value: Any) -> str:
@@ -159,19 +138,17 @@ def _check_storage(dataset: h5py.Dataset, path: str, where: str) -> None:
                 "plugins: refusing it (re-save the file without that filter)")
 
 
-def read_dataset(group: h5py.Group, path: str, where: str, budget: ReadBudget | None = None) -> np.ndarray:
+def read_dataset(group: h5py.Group, path: str, where: str, budget: ReadBudget) -> np.ndarray:
     dataset = member(group, path, where)
     if dataset is None:
         raise ModelFileError(f"{where}: weight {path!r} is listed but missing from the file")
     if not isinstance(dataset, h5py.Dataset):
         raise ModelFileError(f"{where}: weight {path!r} is not a dataset")
     _check_storage(dataset, path, where)
-    if dataset.size > MAX_DATASET_ELEMENTS:
-        raise ModelFileError(f"{where}: weight {path!r} has {dataset.size:,} values, more than any MobileNet layer")
     if dataset.dtype.kind not in "fiu":
         raise ModelFileError(f"{where}: weight {path!r} is not numeric (dtype {dataset.dtype})")
-    if budget is not None:
-        budget.take(dataset.size, where)
+    # The shape the file declares bounds what is decompressed: counted before a byte of it is read.
+    budget.take(dataset.size, f"{where}: weight {path!r}")
     return np.asarray(dataset[()], dtype=np.float32)
 
 
@@ -179,13 +156,12 @@ def model_config(f: h5py.File, source: str) -> dict | None:
     raw = f.attrs.get("model_config")
     if raw is None:
         return None
-    try:
-        return json.loads(text(raw))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelFileError(f"{source}: model_config is not valid JSON ({error})") from None
+    if not isinstance(raw, (bytes, str)):
+        raise ModelFileError(f"{source}: model_config is not a text")
+    return parse_json(raw, f"{source}: model_config")
 
 
-def legacy_layers(f: h5py.File, source: str) -> list[StoredLayer]:
+def legacy_layers(f: h5py.File, source: str, budget: ReadBudget) -> list[StoredLayer]:
     """The per-layer weights of a legacy .h5 (full model or weights only), in the file's layer order."""
     root = member(f, "model_weights", source) if has(f, "model_weights", source) else f
     if not isinstance(root, h5py.Group):
@@ -194,9 +170,9 @@ def legacy_layers(f: h5py.File, source: str) -> list[StoredLayer]:
     if "layer_names" not in root.attrs and "layer_names0" not in root.attrs:
         raise ModelFileError(f"{source}: no 'layer_names' attribute; not a Keras weights file")
     layers = []
-    budget = ReadBudget()
     for name in names:
         where = f"{source}: layer {name!r}"
+        budget.take_layer(where)
         group = member(root, name, where)
         if not isinstance(group, h5py.Group):
             raise ModelFileError(f"{where} is listed but its group is missing")
@@ -207,14 +183,13 @@ def legacy_layers(f: h5py.File, source: str) -> list[StoredLayer]:
     return layers
 
 
-def keras3_layers(f: h5py.File, source: str) -> list[StoredLayer]:
+def keras3_layers(f: h5py.File, source: str, budget: ReadBudget) -> list[StoredLayer]:
     """The per-layer weights of a Keras 3 .weights.h5 (or a .keras's model.weights.h5), flattened:
     nested models' layers come in place, under their own names."""
     top = member(f, "layers", source)
     if not isinstance(top, h5py.Group):
         raise ModelFileError(f"{source}: no 'layers' group; not a Keras 3 weights file")
     layers: list[StoredLayer] = []
-    budget = ReadBudget()
 
     def walk(group: h5py.Group, prefix: str) -> None:
         for key in group:
@@ -224,6 +199,7 @@ def keras3_layers(f: h5py.File, source: str) -> list[StoredLayer]:
                 continue
             vars_group, inner = member(item, "vars", where), member(item, "layers", where)
             if isinstance(vars_group, h5py.Group):
+                budget.take_layer(where)
                 name = text(vars_group.attrs.get("name", key))
                 numbered = sorted((k for k in vars_group if k.isdigit()), key=int)
                 variables = [(None, read_dataset(vars_group, k, where, budget)) for k in numbered]
