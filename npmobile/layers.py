@@ -81,6 +81,11 @@ def _check_window(node: Node, x: Shape, out: Shape, source: str) -> None:
     work = out[1] * out[2] * out[3] * kernel[0] * kernel[1]
     if work > MAX_WINDOW_WORK:
         raise ModelFileError(f"{where}: {work:,} window values per image; refusing it")
+    # A convolution's windows laid out as a matrix (im2col: every output pixel's kernel x input channels), the
+    # scratch its fast path allocates when the plan is made.
+    patches = out[1] * out[2] * kernel[0] * kernel[1] * x[-1]
+    if node.op in ("Conv2D", "SeparableConv2D") and kernel != (1, 1) and patches > MAX_ELEMENTS:
+        raise ModelFileError(f"{where}: its windows as a matrix hold {patches:,} values per image; refusing it")
 
 
 def _with_source(error: Exception, source: str) -> Exception:

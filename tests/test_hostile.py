@@ -124,6 +124,11 @@ ABSURD = {
     "zero-padding-10**5": ([_input(), _layer("ZeroPadding2D", "z", "in", padding=[[10**5, 10**5], [10**5, 10**5]])],
                            {}, "'z'"),
     "reshape-10**6": ([_input(), _layer("Reshape", "rs", "in", target_shape=[10**6, 10**6, -1])], {}, "'rs'"),
+    # Within the per-layer and window rules; its windows as a matrix (the im2col scratch) are 17 G values.
+    "conv-patches": ([_input(shape=(None, 256, 256, 64)), _layer("Conv2D", "c", "in", filters=4, kernel_size=[64, 64],
+                                                                strides=[1, 1],
+                                                                padding="same", use_bias=False)],
+                     {"c": {"kernel": np.ones((64, 64, 64, 4), np.float32)}}, "'c'"),
 }
 
 
