@@ -14,7 +14,10 @@ The child imports only the readers (h5py and NumPy, never Numba) and sends back 
 made -- a ModelSpec or a WeightsFile -- as a JSON header followed by the raw bytes of every array.
 No pickle: a reader subverted by a hostile file must not be able to run code in the caller by what
 it sends back; the header is plain data and the arrays are numbers, read into one buffer that the
-caller's arrays are views of (no copy after the pipe).
+caller's arrays are views of (no copy after the pipe). The caller holds that result to the caps of
+npmobile.limits before it parses the header or allocates the buffer (npmobile.io.bounds): a reader that
+went wrong, or a file the child's checks missed, cannot make the caller allocate more than the file may give.
+The child also loads no HDF5 filter plugin (npmobile.io.lock_down).
 
     pending = start_read(path, "model", timeout=60)    # the child runs while the caller imports
     spec = pending.result()
