@@ -79,6 +79,25 @@ def stride_zero_pth(folder: Path) -> Path:
     return path
 
 
+def deflated_storage_pth(folder: Path) -> Path:
+    """A torch.save zip whose one storage member is rewritten as 600 MB of deflated zeros (under 1 MB)."""
+    torch = pytest.importorskip("torch")
+    source = folder / "small.pth"
+    torch.save({"w": torch.zeros(4)}, source)
+    path = folder / "deflated.pth"
+    with zipfile.ZipFile(source) as archive, zipfile.ZipFile(path, "w") as out:
+        for info in archive.infolist():
+            if not info.filename.endswith("/data/0"):
+                out.writestr(info, archive.read(info))
+                continue
+            deflated = zipfile.ZipInfo(info.filename)
+            deflated.compress_type = zipfile.ZIP_DEFLATED
+            with out.open(deflated, "w", force_zip64=True) as member:
+                for _ in range(600):
+                    member.write(bytes(2**20))
+    return path
+
+
 def gzip_h5(folder: Path) -> Path:
     """A weights-only .h5 of four 64 M-value datasets of zeros, each chunk written deflated once (zlib of zeros
     shrinks a thousandfold): 1 GiB of float32 from about 1 MB."""
@@ -136,6 +155,7 @@ def many_entries_safetensors(folder: Path) -> Path:
 
 ATTACKS = {
     "stride-0 .pth": (stride_zero_pth, "holds more values than its storage"),
+    "deflated .pth storage": (deflated_storage_pth, "storages add up to 629,145,600 bytes"),
     "gzip .h5": (gzip_h5, "add up to more than"),
     "20M empty objects .keras": (empty_objects_keras, "config.json is 60,000,"),
     "5M empty objects .keras": (lambda folder: empty_objects_keras(folder, 5_000_000), "JSON values, more than"),

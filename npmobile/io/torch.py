@@ -336,11 +336,18 @@ def _read_zip(path: str):
         unpickler = _StateDictUnpickler(io.BytesIO(_read_member(archive, members[pkl], MAX_PICKLE_BYTES, path)))
         obj = _unpickle(unpickler, path)
         buffers = {}
+        infos = {key: members.get(f"{prefix}data/{key}") for key in unpickler.storages}
+        missing = [key for key, info in infos.items() if info is None]
+        if missing:
+            raise ModelFileError(f"{path}: storage {missing[0]!r} is missing from the archive")
+        # Deflated members can claim more than the file holds: all of them together, as their headers claim
+        # (never decompressed past that), within what a file may be.
+        claimed = sum(info.file_size for info in infos.values())
+        if claimed > MAX_FILE_BYTES:
+            raise ModelFileError(f"{path}: its storages add up to {claimed:,} bytes, more than {MAX_FILE_BYTES:,}; "
+                                 "refusing it")
         for key, storage in unpickler.storages.items():
-            info = members.get(f"{prefix}data/{key}")
-            if info is None:
-                raise ModelFileError(f"{path}: storage {key!r} is missing from the archive")
-            data = _read_member(archive, info, MAX_FILE_BYTES, path)
+            data = _read_member(archive, infos[key], MAX_FILE_BYTES, path)
             _check_storage(storage, len(data), path)
             buffers[key] = np.frombuffer(data, storage.dtype)
     return obj, buffers
