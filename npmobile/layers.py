@@ -7,10 +7,11 @@ alone, and sizes a MobileNet never comes near refused before anything is allocat
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from npmobile.errors import ModelFileError, UnsupportedLayerError
-from npmobile.graph import Node
+from npmobile.graph import Node, last_readers
 from npmobile.limits import MAX_LAYER_VALUES, MAX_PLAN_VALUES, MAX_WINDOW, MAX_WINDOW_WORK
 from npmobile.ops import layer_type
 from npmobile.ops.common import check_channels_last, pair
@@ -158,6 +159,22 @@ def check_plan_total(graph, buffer_sizes: list[int], input_shapes: list[tuple[in
         shown = ", ".join(str(tuple(shape)) for shape in input_shapes)
         raise ModelFileError(f"{graph.source}: running the model on an input of shape {shown} needs {total:,} "
                              f"values per image in its buffers, more than {MAX_PLAN_VALUES:,}; refusing it")
+
+
+def check_values_alive(graph, shapes: dict[str, Shape], keep: set[str], input_shapes: list[tuple[int, ...]]) -> None:
+    """The same bound for a run that keeps every value until its last reader has run (the reference path):
+    the most values alive at once, per image, at most MAX_PLAN_VALUES."""
+    nodes = [n for n in graph.nodes if n.op != "InputLayer"]
+    last = last_readers(nodes)
+    alive: dict[str, int] = {}
+    peak = 0
+    for index, node in enumerate(nodes):
+        alive[node.name] = math.prod(d or 1 for d in shapes[node.name][1:])
+        peak = max(peak, sum(alive.values()))
+        for source in {i for i in node.inputs if isinstance(i, str)}:
+            if last[source] == index and source not in keep:
+                alive.pop(source, None)
+    check_plan_total(graph, [peak * max(int(input_shapes[0][0]), 1)], input_shapes)
 
 
 def _positive_ints(node: Node, key: str, value, count: int | None = None) -> None:

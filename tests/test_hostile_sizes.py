@@ -70,7 +70,7 @@ PREDICT = """
 @pytest.mark.parametrize("case,layer,references", [
     ("padding", "'pad' (ZeroPadding2D)", "False, True"),
     ("upsampling", "'up' (UpSampling2D)", "False, True"),
-    ("branches", "buffers", "False,"),
+    ("branches", "buffers", "False, True"),
 ])
 def test_predict_refuses_sizes_the_rules_refuse_once_the_input_is_known(unknown_size_files, case, layer,
                                                                         references):
