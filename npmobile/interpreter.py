@@ -16,7 +16,7 @@ import numpy as np
 from npmobile.errors import InputShapeError
 from npmobile.graph import Graph, last_readers
 from npmobile.kernels.threads import thread_limits
-from npmobile.layers import infer_shapes
+from npmobile.layers import check_values_alive, checked_shapes, infer_shapes
 from npmobile.ops import layer_type
 from npmobile.passes import optimize
 from npmobile.plan import PlanCache
@@ -276,6 +276,8 @@ class Model:
         graph = self._graph_in(feeds[0].dtype)
         wanted = [graph.resolve(name) for name in outputs] if outputs is not None else list(graph.outputs)
         keep = set(wanted)
+        # The size rules of load time, for this input, and the values alive at once (as a plan's buffers).
+        check_values_alive(graph, checked_shapes(graph, [f.shape for f in feeds]), keep, [f.shape for f in feeds])
         nodes = [n for n in graph.nodes if n.op != "InputLayer"]
         last = last_readers(nodes)  # a value is dropped once its last reader has run
 

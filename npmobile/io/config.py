@@ -7,14 +7,14 @@ Two dialects, one result:
 - Keras 2 / tf_keras: ``inbound_nodes`` is a list of calls, each a list of
   ``[layer, node_index, tensor_index, kwargs]``; ``x + 3`` is a ``TFOpLambda`` with ``y`` in kwargs;
   a nested model's own construction counts as its node 0, so calls of it are numbered from 1.
-Nothing in a config is executed: Lambda layers stay data (the graph refuses them by name).
+Nothing in a config is executed: a Lambda layer anywhere in it is refused by name.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from npmobile.errors import ModelFileError
+from npmobile.errors import ModelFileError, UnsupportedLayerError
 from npmobile.spec import CallSpec, LayerSpec, ModelSpec, TensorRef
 
 MODEL_CLASSES = ("Functional", "Model", "Sequential")
@@ -94,6 +94,11 @@ def _parse_layer(raw: dict, keras_version: int, source: str) -> LayerSpec:
     name = str(raw.get("name") or config.get("name"))
     if not name or name == "None":
         raise ModelFileError(f"{source}: a layer of class {class_name} has no name")
+    if class_name == "Lambda":
+        # Refused wherever it is, even where no output depends on it: a file that holds code is never
+        # passed on (``npmobile verify`` would hand it to Keras, and tf_keras unmarshals a Lambda's code).
+        raise UnsupportedLayerError(f"{source}: layer {name!r} is a Lambda layer, which holds Python code; npmobile "
+                                    "never executes code from a file (rebuild the model with built-in layers)")
     calls = [_parse_call(node, keras_version) for node in raw.get("inbound_nodes", [])]
     submodel = None
     if class_name in MODEL_CLASSES:
@@ -116,9 +121,15 @@ def _class_name(raw: dict) -> str:
     if isinstance(registered, str) and registered and registered != class_name:
         return registered if ">" in registered else f"{module}>{registered}"
     # Keras 3 names the module of every built-in class ("keras.layers"); user classes get None or theirs.
-    if "module" in raw and not str(module or "").startswith(("keras", "tf_keras")):
+    if "module" in raw and not _keras_module(module):
         return f"{module or 'custom'}>{class_name}"
     return class_name
+
+
+def _keras_module(module: Any) -> bool:
+    """Keras's own modules, exactly: ``keras``, ``keras.*``, ``tf_keras``, ``tf_keras.*`` (not ``keras_evil``)."""
+    return isinstance(module, str) and any(module == root or module.startswith(root + ".")
+                                           for root in ("keras", "tf_keras"))
 
 
 def _parse_call(node: Any, keras_version: int) -> CallSpec:

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterable
+
+from npmobile.errors import ModelFileError
 
 # The first bytes of the two containers Keras writes (and PyTorch's zip format shares the zip one).
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -49,3 +52,15 @@ def foreign_archive(path: str, members: Iterable[str]) -> str | None:
     else:
         kind = "a zip archive without a .keras model's config.json or model.weights.h5"
     return f"{path}: {kind}, not a Keras file: {NOT_SUPPORTED}"
+
+
+
+def zip_members(path: str, infos: Iterable[zipfile.ZipInfo]) -> dict[str, zipfile.ZipInfo]:
+    """A zip's members by name; a name that occurs twice is refused (which of the two a reader takes differs:
+    Python's zipfile the last, others the first, so the file would mean two things)."""
+    members: dict[str, zipfile.ZipInfo] = {}
+    for info in infos:
+        if info.filename in members:
+            raise ModelFileError(f"{path}: the archive holds two members named {info.filename!r}; refusing it")
+        members[info.filename] = info
+    return members
