@@ -257,6 +257,10 @@ if AOT:
     def max_threads() -> int:
         return _loaded.max_threads
 
+    def is_cached(kernel) -> bool | None:
+        """Built ahead of time: nothing is compiled at a first run."""
+        return True
+
     def target_has_avx512() -> bool:
         """The AVX-512 decision the module was built with (kernels/gemm.py's tiles depend on it)."""
         return bool(_loaded.manifest["avx512"])
@@ -285,6 +289,10 @@ else:
     import numba
     from numba import prange  # noqa: F401  (the kernel modules' compiler)
     from numba.extending import intrinsic  # noqa: F401
+
+    from . import jit_cache
+
+    jit_cache.register()  # a kernel's cache entry goes stale when any kernel file changes
 
     _said_uncached = False
 
@@ -340,6 +348,18 @@ else:
         if not _thread_limit:
             _thread_limit.append(min(int(numba.config.NUMBA_NUM_THREADS), cpus.default_thread_count()))
         return _thread_limit[0]
+
+    def is_cached(kernel) -> bool | None:
+        """Whether Numba's on-disk cache holds a current entry for ``kernel`` (a dispatcher, or a plain function
+        ``int64_cfunc`` compiles), so that its first call loads it instead of compiling; None when that cannot
+        be told (nowhere to cache, or a Numba that keeps its cache otherwise)."""
+        try:
+            from numba.core.caching import FunctionCache
+
+            cache = kernel._cache if hasattr(kernel, "_cache") else FunctionCache(kernel)
+            return bool(cache._cache_file._load_index())  # empty when absent or stale (jit_cache.py)
+        except (ImportError, AttributeError, RuntimeError, OSError, ValueError):
+            return None
 
     def target_has_avx512() -> bool:
         """Whether the code Numba compiles may use AVX-512 (NUMBA_CPU_NAME/FEATURES, else the host)."""

@@ -242,3 +242,56 @@ def test_the_cache_folder_is_made_private_under_a_group_writable_umask(tmp_path)
     finally:
         os.umask(previous)
     assert backend.private_enough(os.lstat(tmp_path / "cache" / "kernels")) is None
+
+
+def test_the_kernel_sources_hash_changes_with_any_kernel_file(tmp_path):
+    """Numba's cache entries and the built module are keyed on every kernel file: a driver inlines what another
+    file emits (kernels/gemm_drivers.py and kernels/gemm_microkernel.py), so editing any one must change the key."""
+    from npmobile.kernels import module_key
+
+    copy = tmp_path / "kernels"
+    copy.mkdir()
+    sources = sorted([*module_key.KERNELS_DIR.glob("*.py"), *module_key.KERNELS_DIR.glob("*.c")])
+    for path in sources:
+        (copy / path.name).write_bytes(path.read_bytes())
+    original = module_key.kernel_sources_hash(copy)
+    assert original == module_key.kernel_sources_hash()
+    seen = {original}
+    for path in sources:
+        edited = copy / path.name
+        before = edited.read_bytes()
+        edited.write_bytes(before + b"\n# edited\n")
+        seen.add(module_key.kernel_sources_hash(copy))
+        edited.write_bytes(before)
+    assert len(seen) == len(sources) + 1
+    assert module_key.kernel_sources_hash(copy) == original
+
+
+@pytest.mark.jit_only
+def test_numbas_cache_entry_of_a_kernel_goes_stale_when_another_kernel_file_changes(tmp_path):
+    """A kernel compiled and cached, then a process whose kernel sources differ (as after editing an emitter):
+    the entry is not used there (kernels/jit_cache.py), while an unchanged process loads it. The entry stays where
+    Numba would put it (NUMBA_CACHE_DIR here)."""
+    script = (
+        "import sys, numpy as np\n"
+        "from npmobile.kernels import jit_cache\n"
+        "if sys.argv[1] == 'edited': jit_cache.sources_stamp = lambda: 'sources after an edit'\n"
+        "from npmobile.kernels import backend, pooling\n"
+        "kernel = pooling.average_pool_rows\n"
+        "before = backend.is_cached(kernel)\n"
+        "kernel(np.ones((1, 2, 2, 3), np.float32), np.zeros((1, 3), np.float32))\n"
+        "print(before, backend.is_cached(kernel), type(kernel._cache._impl.locator).__name__)\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NPMOBILE_KERNELS": "jit"}
+
+    def run(mode: str) -> list[str]:
+        done = subprocess.run([sys.executable, "-c", script, mode], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert run("same") == ["False", "True", "KernelSourcesLocator"]  # compiled, then cached
+    assert run("same")[0] == "True"                                   # loaded
+    assert run("edited")[:2] == ["False", "True"]                     # stale: compiled again, entry rewritten
+    assert run("same")[0] == "False"                                  # and back: stale the other way
+    assert list(tmp_path.rglob("pooling.average_pool_rows-*.nbi"))
