@@ -49,6 +49,7 @@ from functools import partial
 from . import cpus
 
 # Other code asks the backend (what the module must match, where it is, its check): these are its answers.
+from .aot_kernel import AotKernel, resolved  # noqa: F401
 from .aot_module import LoadedModule, ModuleRejected, default_thread_count, private_enough, verify_module  # noqa: F401
 from .module_key import KERNELS_DIR, MANIFEST, MODULE_NAME, aot_wanted, cache_key, kernel_cache_dir, module_dir  # noqa: F401
 
@@ -161,79 +162,19 @@ def jit_twin(module: str, qualname: str):
 
 # --- the compiler the kernel modules use ----------------------------------------------------------------
 
-def _type_key(value) -> str | None:
-    """The exported-signature spelling of an argument's Numba type, or None for a type no export takes."""
-    kind = type(value)
-    if kind is _ndarray:
-        flags = value.flags
-        if not flags.aligned:
-            return None
-        layout = "C" if flags.c_contiguous else "F" if flags.f_contiguous else "A"
-        return f"{value.dtype.name}:{value.ndim}:{layout}:{'w' if flags.writeable else 'r'}"
-    if kind is int:
-        return "int64" if -(2**63) <= value < 2**63 else None
-    return _SCALAR_KEYS.get(kind)
-
-
-class AotKernel:
-    """A kernel from the AOT module: the export whose signature the arguments match, else the JIT twin."""
-
-    def __init__(self, function, options: dict):
-        self.py_func = function
-        self.options = options
-        self.name = f"{function.__module__}.{function.__qualname__}"
-        self.__name__, self.__qualname__, self.__doc__ = function.__name__, function.__qualname__, function.__doc__
-        exported = _loaded.manifest["kernels"].get(self.name, [])
-        self.exports = {tuple(sig): getattr(_loaded.module, symbol) for sig, symbol in exported}
-        self._twin = None
-
-    def twin(self):
-        """The JIT-compiled form of this kernel (imports Numba)."""
-        if self._twin is None:
-            self._twin = jit_twin(self.py_func.__module__, self.py_func.__qualname__)
-        return self._twin
-
-    def resolve(self, *args):
-        """The function to run on arguments of these types: the matching export, else the JIT twin."""
-        export = self.exports.get(tuple(_type_key(a) for a in args))
-        return export if export is not None else self.twin()
-
-    def __call__(self, *args, **kwargs):
-        if kwargs:
-            return self.twin()(*args, **kwargs)
-        return self.resolve(*args)(*args)
-
-    def __getattr__(self, name):  # a dispatcher's attributes (signatures, stats, ...): the twin's
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self.twin(), name)
-
-    def __repr__(self) -> str:
-        return f"<AotKernel {self.name}: {len(self.exports)} exported signatures>"
-
-
-def resolved(call):
-    """A bound call (``partial(kernel, *args)``) with its AOT kernel chosen for these arguments, once."""
-    if isinstance(call, partial) and isinstance(call.func, AotKernel) and not call.keywords:
-        chosen = partial(call.func.resolve(*call.args), *call.args)
-        if getattr(call, "calls_blas", False):  # kernels/entry.py's mark goes with it
-            chosen.calls_blas = True
-        return chosen
-    return call
-
-
 if AOT:
-    import numpy as _np
-
-    _ndarray = _np.ndarray
-    _SCALAR_KEYS = {float: "float64", bool: "bool", _np.float32: "float32", _np.float64: "float64",
-                    _np.int64: "int64", _np.int32: "int32", _np.bool_: "bool"}
-
     def njit(*args, **options):
         """Like numba.njit, for a kernel file in AOT mode: the function becomes an AotKernel."""
         if args and callable(args[0]):
-            return AotKernel(args[0], options)
-        return lambda function: AotKernel(function, options)
+            return _aot_kernel(args[0], options)
+        return lambda function: _aot_kernel(function, options)
+
+    def _aot_kernel(function, options: dict) -> AotKernel:
+        """``function``'s exports in the module, and where its JIT twin is when a call matches none."""
+        name = f"{function.__module__}.{function.__qualname__}"
+        exported = _loaded.manifest["kernels"].get(name, [])
+        exports = {tuple(sig): getattr(_loaded.module, symbol) for sig, symbol in exported}
+        return AotKernel(function, options, exports, partial(jit_twin, function.__module__, function.__qualname__))
 
     def intrinsic(function):
         """An intrinsic is only called from compiled code, which in AOT mode is all in the module."""

@@ -8,7 +8,7 @@
    own (parallel, fastmath, error model: ``targetdescr.options.parse_as_flags``), and the host CPU's name
    and features, as the JIT has them: the same machine code, the same bits.
 3. **What is written.** ``exports.json`` beside the module lists, per kernel, each signature (as
-   ``backend._type_key`` spells an argument's type) and its symbol, with the CPU decision (AVX-512) and threading
+   ``aot_kernel.type_key`` spells an argument's type) and its symbol, with the CPU decision (AVX-512) and threading
    layer the module was built with, the workload the caller ran and the module's size and SHA-256
    (kernels/aot_module.py ``verify_module`` checks them at every load). Where and how it is put in place, and
    the build lock: kernels/cache_files.py.

@@ -242,6 +242,6 @@ def conv2d(
     return in_order(patch_rows, calls_blas(partial(gemm_matmul, patches, w2, bias, o2, act, None, oh * ow)))
 
 
-# What a model's first run through this operator compiles (kernels/threads.py ``kernels_cached``):
+# What a model's first run through this operator compiles (kernels/first_run.py ``kernels_cached``):
 # the rescaled copy of a model's input (a Rescaling layer before the stem).
 FIRST_RUN_KERNELS = (rescale_into,)

@@ -44,7 +44,7 @@ from .entry import ByThreads, entry
 
 __all__ = ["FIRST_RUN_KERNELS", "ROW_KERNELS", "depthwise_conv2d", "row_kernels_of"]
 
-# What a model's first run of a vector depthwise layer compiles (kernels/threads.py ``kernels_cached``): the
+# What a model's first run of a vector depthwise layer compiles (kernels/first_run.py ``kernels_cached``): the
 # parallel driver, and a row kernel of the window's size (``row_kernels_of``: any of its orders and activations).
 FIRST_RUN_KERNELS = (vector_depthwise,)
 

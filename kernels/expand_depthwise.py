@@ -174,6 +174,6 @@ def expand_depthwise(x: np.ndarray, packed: PackedWeights, expand_act: int, kern
                    scratch)
 
 
-# What a model's first run through this operator compiles (kernels/threads.py ``kernels_cached``):
+# What a model's first run through this operator compiles (kernels/first_run.py ``kernels_cached``):
 # the fused expand + depthwise driver.
 FIRST_RUN_KERNELS = (_expand_depthwise,)

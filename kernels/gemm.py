@@ -44,7 +44,7 @@ __all__ = ["AVX512", "COMPILED_TILES", "FIRST_RUN_KERNELS", "INDIRECT_CIN", "IND
            "PackedWeights", "Tile", "choose_tile", "gemm_packed", "gemm_panels", "igemm_packed", "igemm_panels", "pack",
            "register_tiles", "tiling"]
 
-# What a model's first run through this operator compiles (kernels/threads.py ``kernels_cached`` asks
+# What a model's first run through this operator compiles (kernels/first_run.py ``kernels_cached`` asks
 # backend.is_cached about each): the direct and the indirect (the stem convolution's) drivers.
 FIRST_RUN_KERNELS = (gemm_panels, igemm_panels)
 

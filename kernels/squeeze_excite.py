@@ -305,6 +305,6 @@ def _squeeze_excite(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, o
             _scale_row(rows, tile, job // h, job % h, out_rows)
 
 
-# What a model's first run through this operator compiles (kernels/threads.py ``kernels_cached``):
+# What a model's first run through this operator compiles (kernels/first_run.py ``kernels_cached``):
 # the fused squeeze-and-excite kernel.
 FIRST_RUN_KERNELS = (_squeeze_excite,)
