@@ -86,10 +86,10 @@ def alpha_words(alpha: float) -> str:
 
 
 def holds_workload(manifest: dict, workload) -> bool:
-    """Whether a module's manifest says its build ran at least ``workload`` (every family, size and batch)."""
-    ran = {(w["family"], size, batch) for w in manifest.get("workload") or ()
+    """Whether a module's manifest says its build ran at least ``workload`` (every family, alpha, size and batch)."""
+    ran = {(w["family"], w.get("alpha", 1.0), size, batch) for w in manifest.get("workload") or ()
            for size in w["sizes"] for batch in w["batches"]}
-    return all((family, size, batch) in ran for family, sizes, batches in workload for size in sizes
+    return all((family, alpha, size, batch) in ran for family, alpha, sizes, batches in workload for size in sizes
                for batch in batches)
 
 

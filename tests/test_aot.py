@@ -416,7 +416,7 @@ def test_a_module_built_on_one_thread_serves_two(kernel_cache, tmp_path):
 
 def test_a_kernel_the_module_lacks_and_a_c_function_it_lacks_run_on_the_jit_twin(kernel_cache, tmp_path):
     def lacking(manifest):
-        manifest["kernels"].pop("npmobile.kernels.gemm.gemm_panels")
+        manifest["kernels"].pop("npmobile.kernels.gemm_drivers.gemm_panels")
         manifest["cfuncs"].clear()
 
     copy = edited_copy(kernel_cache, tmp_path, lacking)
@@ -435,7 +435,7 @@ def test_two_threads_reaching_the_first_fallback_at_once(kernel_cache):
                 barrier.wait()
                 out = np.empty_like(a)
                 activations.activate(a, out, activations.ACT_RELU6)   # float64: no export, the twin
-                address = depthwise.row_kernel(3, depthwise.ACT_HARD_SWISH, by_pixel=k % 2 == 0)
+                address = depthwise.row_kernel(3, activations.ACT_HARD_SWISH, by_pixel=k % 2 == 0)
                 results.append((k % 2, address, np.array_equal(out, np.clip(a, 0, 6))))
             except BaseException as error:
                 errors.append(repr(error))
@@ -455,8 +455,8 @@ def test_a_jit_run_loads_what_the_twin_left_in_numbas_cache(kernel_cache, tmp_pa
     # The twin and the kernels share Numba's on-disk cache (one source file): an entry the twin compiled names
     # the twin's package, which a later run on the JIT (or a kernel build) must be able to import.
     numba_cache = {"NUMBA_CACHE_DIR": str(tmp_path / "numba")}
-    code = ("from npmobile.kernels import backend, depthwise; "
-            "print(backend.AOT, depthwise.row_kernel(3, depthwise.ACT_HARD_SWISH, by_pixel=True) > 0)")
+    code = ("from npmobile.kernels import activations, backend, depthwise; "
+            "print(backend.AOT, depthwise.row_kernel(3, activations.ACT_HARD_SWISH, by_pixel=True) > 0)")
     assert run_python(code, **aot_env(kernel_cache), **numba_cache) == "True True"
     assert run_python(code, NPMOBILE_KERNELS="jit", **numba_cache) == "False True"
 
