@@ -241,3 +241,7 @@ def conv2d(
                                   pad_left, dilation_h, dilation_w, oh, ow, scale, offset, tile_rows))
     return in_order(patch_rows, calls_blas(partial(gemm_matmul, patches, w2, bias, o2, act, None, oh * ow)))
 
+
+# What a model's first run through this operator compiles (kernels/first_run.py ``kernels_cached``):
+# the rescaled copy of a model's input (a Rescaling layer before the stem).
+FIRST_RUN_KERNELS = (rescale_into,)

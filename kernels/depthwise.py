@@ -38,14 +38,15 @@ import numpy as np
 
 from .depthwise_drivers import vector_depthwise, vector_depthwise_serial
 from .depthwise_loops import plain_depthwise_conv2d
-from .depthwise_row_kernels import ROW_KERNELS, row_kernel
+from .depthwise_row_kernels import ROW_KERNELS, row_kernel, row_kernels_of
 from .depthwise_rules import by_pixel_order, takes_vector_kernel
 from .entry import ByThreads, entry
 
-__all__ = ["ROW_KERNELS", "depthwise_conv2d"]
+__all__ = ["FIRST_RUN_KERNELS", "ROW_KERNELS", "depthwise_conv2d", "row_kernels_of"]
 
-# The vector driver under the name kernels/threads.py's ``kernels_cached`` checks Numba's cache for.
-_depthwise_vector = vector_depthwise
+# What a model's first run of a vector depthwise layer compiles (kernels/first_run.py ``kernels_cached``): the
+# parallel driver, and a row kernel of the window's size (``row_kernels_of``: any of its orders and activations).
+FIRST_RUN_KERNELS = (vector_depthwise,)
 
 
 @entry

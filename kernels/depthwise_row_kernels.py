@@ -65,6 +65,11 @@ ROW_KERNELS = {(3, False, False): _row_3x3, (3, True, False): _row_3x3_by_pixel,
                (5, False, True): _row_5x5_hard_swish}
 
 
+def row_kernels_of(k: int) -> tuple:
+    """The row kernels (plain functions int64_cfunc compiles) for k x k windows, of every order and activation."""
+    return tuple(row for (size, _, _), row in ROW_KERNELS.items() if size == k)
+
+
 def row_kernel(k: int, act: int, by_pixel: bool = False) -> int:
     """The address of the compiled row kernel for k x k windows and activation ``act`` (one of
     VECTOR_ACTS), in the order ``by_pixel`` says (``by_pixel_order``; 3x3 only): compiled, or loaded from

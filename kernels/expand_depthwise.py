@@ -172,3 +172,8 @@ def expand_depthwise(x: np.ndarray, packed: PackedWeights, expand_act: int, kern
     return partial(_expand_depthwise, row, x.reshape(n * h * w, cin), h, w, packed.panels, packed.bias,
                    expand_act, _TILE_INDEX, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, band,
                    scratch)
+
+
+# What a model's first run through this operator compiles (kernels/first_run.py ``kernels_cached``):
+# the fused expand + depthwise driver.
+FIRST_RUN_KERNELS = (_expand_depthwise,)

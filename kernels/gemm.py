@@ -40,9 +40,13 @@ from .gemm_drivers import NO_RESIDUAL, gemm_panels, igemm_panels, register_tiles
 from .gemm_packing import PackedWeights, pack
 from .gemm_rules import AVX512, COMPILED_TILES, INDIRECT_CIN, INDIRECT_TILES, TASKS, Tile, choose_tile, tiling
 
-__all__ = ["AVX512", "COMPILED_TILES", "INDIRECT_CIN", "INDIRECT_TILES", "NO_RESIDUAL", "TASKS", "PackedWeights",
-           "Tile", "choose_tile", "gemm_packed", "gemm_panels", "igemm_packed", "igemm_panels", "pack",
+__all__ = ["AVX512", "COMPILED_TILES", "FIRST_RUN_KERNELS", "INDIRECT_CIN", "INDIRECT_TILES", "NO_RESIDUAL", "TASKS",
+           "PackedWeights", "Tile", "choose_tile", "gemm_packed", "gemm_panels", "igemm_packed", "igemm_panels", "pack",
            "register_tiles", "tiling"]
+
+# What a model's first run through this operator compiles (kernels/first_run.py ``kernels_cached`` asks
+# backend.is_cached about each): the direct and the indirect (the stem convolution's) drivers.
+FIRST_RUN_KERNELS = (gemm_panels, igemm_panels)
 
 _FLOAT32 = np.dtype(np.float32)
 

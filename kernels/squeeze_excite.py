@@ -303,3 +303,8 @@ def _squeeze_excite(x, reduce_kernel, reduce_bias, expand_kernel, expand_bias, o
     else:
         for job in range(n_images * h):
             _scale_row(rows, tile, job // h, job % h, out_rows)
+
+
+# What a model's first run through this operator compiles (kernels/first_run.py ``kernels_cached``):
+# the fused squeeze-and-excite kernel.
+FIRST_RUN_KERNELS = (_squeeze_excite,)

@@ -22,7 +22,6 @@ prediction after the kernels have pushed the interpreter's data out of the cache
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 from . import backend, cpus
@@ -132,48 +131,3 @@ def hold_blas() -> Iterator[None]:
         for pool, count in zip(pools, blas_previous):
             if count is not None and count != 1:
                 pool.set_num_threads(count)
-
-
-def kernels_cached(depthwise_sizes: tuple[int, ...] = (3, 5), squeeze_excite: bool = True,
-                   rescaled_input: bool = True, expand_depthwise_sizes: tuple[int, ...] = ()) -> bool:
-    """True when the kernels a MobileNet runs are in Numba's on-disk cache (so no compile pause is coming).
-
-    ``depthwise_sizes``, ``squeeze_excite``, ``rescaled_input``, ``expand_depthwise_sizes``: what the
-    model has (V1 and V2: 3x3, no squeeze-excite, no Rescaling layer; V2 at 224: 3x3 expand + depthwise
-    pairs fused), since a kernel a model never runs is never compiled. Checks the cache index file of
-    each; a False answer only means "expect a compile", never an error.
-    """
-    if backend.AOT:  # built ahead of time (npmobile build-kernels): nothing to compile
-        return True
-    from npmobile.kernels import conv, depthwise, gemm
-    from npmobile.kernels import expand_depthwise as ed
-    from npmobile.kernels import squeeze_excite as se
-
-    # The stem runs the indirect GEMM (after a rescaled copy of the input for V3). Depthwise: the vector
-    # kernel's parallel driver and a row kernel of each window size (a run on one thread compiles the
-    # plain-loop driver too) -- any of its orders and activations (depthwise.ROW_KERNELS), so a model that
-    # needs another one compiles it without notice (under a second each). Not checked:
-    # the OpenBLAS tiles some AVX2 products take (only models with 1x1 layers of 256+ channels each way
-    # compile them, in the same first run as the microkernel's drivers).
-    try:
-        from numba.core.caching import FunctionCache  # the row kernels are cfuncs, made on first use
-    except ImportError:  # another Numba version: say nothing rather than guess
-        return True
-    kernels = [[gemm.gemm_panels], [gemm.igemm_panels]] + ([[conv.rescale_into]] if rescaled_input else [])
-    row_kernels = {size: [row for (k, _, _), row in depthwise.ROW_KERNELS.items() if k == size] for size in (3, 5)}
-    sizes = [k for k in (*depthwise_sizes, *expand_depthwise_sizes) if k in row_kernels]
-    if sizes:
-        kernels.append([depthwise._depthwise_vector])
-        try:
-            kernels += [[FunctionCache(row) for row in row_kernels[k]] for k in sorted(set(sizes))]
-        except RuntimeError:  # "no locator available": nowhere to cache; kernels/backend.py said in its one line
-            return True       # that they compile in memory (a "first run only" note would be wrong)
-    if squeeze_excite:
-        kernels.append([se._squeeze_excite])
-    if expand_depthwise_sizes:
-        kernels.append([ed._expand_depthwise])
-    try:  # each group: one of them compiled
-        return all(any(os.path.exists(getattr(k, "_cache", k)._cache_file._index_path) for k in group)
-                   for group in kernels)
-    except AttributeError:  # another Numba version keeps it elsewhere: say nothing rather than guess
-        return True

@@ -27,7 +27,7 @@ import pytest
 from kernel_cache_helpers import PHOTO, plant_imports, record_background_builds
 
 from npmobile.cli import build_kernels
-from npmobile.kernels import backend, build
+from npmobile.kernels import backend, build, cache_files
 
 pytestmark = pytest.mark.skipif(
     build.compiler_available() is None or not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists(),
@@ -72,7 +72,7 @@ def run_python(code: str, *args: str, **env: str) -> str:
 
 
 def build_into(root, *options: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "npmobile.kernels.build", *options, "--root", str(root)],
+    done = subprocess.run([sys.executable, "-m", "npmobile.kernel_build", *options, "--root", str(root)],
                           capture_output=True, text=True, timeout=1800, env={**os.environ, "NPMOBILE_KERNELS": "jit"})
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -189,8 +189,8 @@ CLI_THEN_BACKEND = ("import sys; from npmobile.cli import main; code = main(sys.
 
 def wait_for_the_build(root: Path, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
-    while (root / build.LOCK).exists():
-        assert time.monotonic() < deadline, build.log_path(root, backend.cache_key()).read_text()
+    while (root / cache_files.LOCK).exists():
+        assert time.monotonic() < deadline, cache_files.log_path(root, backend.cache_key()).read_text()
         time.sleep(1)
 
 
@@ -217,9 +217,9 @@ def test_a_cli_run_on_the_jit_builds_the_kernels_in_the_background_for_later_run
     first = classify(False)
     assert first.stderr.splitlines() == [build_kernels.AUTO_BUILD_NOTE]
     module = root / backend.cache_key() / backend.MANIFEST
-    assert (root / build.LOCK).exists() and not module.exists()  # returned while the build runs
+    assert (root / cache_files.LOCK).exists() and not module.exists()  # returned while the build runs
     wait_for_the_build(root)
-    assert module.exists() and not build.failure_marker(root, backend.cache_key()).exists()
+    assert module.exists() and not cache_files.failure_marker(root, backend.cache_key()).exists()
     second = classify(True)
     assert second.stderr == ""  # the module, no second build
     assert json.loads(second.stdout)[0]["top"] == json.loads(first.stdout)[0]["top"]
@@ -246,13 +246,13 @@ def test_auto_build_starts_one_detached_low_priority_build_and_says_so(auto_buil
     assert auto_build.start()
     [(command, options)] = auto_build.started
     assert command[:2] == [sys.executable, "-I"]  # isolated: no working folder, PYTHON* variable or user site
-    assert "npmobile.kernels.build" in command and command[command.index("--root") + 1] == str(auto_build.root)
+    assert "npmobile.kernel_build" in command and command[command.index("--root") + 1] == str(auto_build.root)
     assert "--background" in command
     assert options["start_new_session"] and options["stdin"] == subprocess.DEVNULL
     assert options["env"]["NPMOBILE_KERNELS"] == "jit" and not any(k.startswith("PYTHON") for k in options["env"])
     assert options["cwd"] == os.path.abspath(os.sep)
     assert capsys.readouterr().err == build_kernels.AUTO_BUILD_NOTE + "\n"
-    assert (auto_build.root / build.LOCK).read_text().split()[0] == str(os.getpid())  # handed to the child
+    assert (auto_build.root / cache_files.LOCK).read_text().split()[0] == str(os.getpid())  # handed to the child
     assert not auto_build.start()  # that build is alive: no second one, no second note
     assert len(auto_build.started) == 1 and capsys.readouterr().err == ""
 
@@ -264,20 +264,21 @@ def test_auto_build_starts_nothing_when(auto_build, monkeypatch, capsys, reason)
     elif reason == "jit asked for":
         monkeypatch.setenv("NPMOBILE_KERNELS", "jit")
     elif reason == "failed before":
-        build.failure_marker(auto_build.root, auto_build.key).write_text("build.log\n")
+        cache_files.failure_marker(auto_build.root, auto_build.key).write_text("build.log\n")
     else:
         (auto_build.root / auto_build.key).mkdir()
         (auto_build.root / auto_build.key / backend.MANIFEST).write_text("{}")
     assert not auto_build.start()
     assert auto_build.started == [] and capsys.readouterr().err == ""
-    assert not (auto_build.root / build.LOCK).exists()
+    assert not (auto_build.root / cache_files.LOCK).exists()
 
 
 def test_a_stale_build_lock_is_replaced(auto_build):
     gone = subprocess.Popen([sys.executable, "-c", ""])
     gone.wait()
-    lock = auto_build.root / build.LOCK
-    for holder in (f"{gone.pid} {time.time():.0f}", f"{os.getpid()} {time.time() - build.STALE_LOCK_SECONDS - 60:.0f}"):
+    lock = auto_build.root / cache_files.LOCK
+    stale = time.time() - cache_files.STALE_LOCK_SECONDS - 60
+    for holder in (f"{gone.pid} {time.time():.0f}", f"{os.getpid()} {stale:.0f}"):
         lock.write_text(holder)
         assert auto_build.start()
         assert lock.read_text() != holder
@@ -292,8 +293,8 @@ def test_a_failed_background_build_leaves_a_marker_and_is_not_tried_again(auto_b
     monkeypatch.setenv("CC", str(auto_build.root / "no-such-cc"))  # ... that finds no C compiler: fails at once
     assert auto_build.start()
     wait_for_the_build(auto_build.root, timeout=120)
-    log = build.log_path(auto_build.root, auto_build.key)
-    assert build.failure_marker(auto_build.root, auto_build.key).read_text().strip() == str(log)
+    log = cache_files.log_path(auto_build.root, auto_build.key)
+    assert cache_files.failure_marker(auto_build.root, auto_build.key).read_text().strip() == str(log)
     assert "C compiler" in log.read_text()
     monkeypatch.setattr(build_kernels, "subprocess", recorded)
     assert not auto_build.start() and auto_build.started == []
@@ -620,7 +621,7 @@ def test_build_kernels_on_a_current_module_says_so_and_force_rebuilds(kernel_cac
 
 
 def test_the_foreground_build_waits_for_a_build_that_holds_the_lock(kernel_cache):
-    lock = build.take_lock(kernel_cache)  # as a background build of this host would hold it
+    lock = cache_files.take_lock(kernel_cache)  # as a background build of this host would hold it
     assert lock is not None
     try:
         child = subprocess.Popen([str(NPMOBILE), "build-kernels", "--quick"], stdout=subprocess.PIPE,
@@ -631,20 +632,20 @@ def test_the_foreground_build_waits_for_a_build_that_holds_the_lock(kernel_cache
         assert child.poll() is None
     finally:
         os.close(lock)
-        build.release_lock(kernel_cache)
+        cache_files.release_lock(kernel_cache)
     out, err = child.communicate(timeout=300)
     assert child.returncode == 0 and "is current" in out, err
 
 
 def test_a_lock_of_another_host_stops_the_foreground_build_in_one_line(kernel_cache):
-    (kernel_cache / build.LOCK).write_text(f"{os.getpid()} {time.time():.0f} some-other-host\n")
+    (kernel_cache / cache_files.LOCK).write_text(f"{os.getpid()} {time.time():.0f} some-other-host\n")
     try:
         done = subprocess.run([str(NPMOBILE), "build-kernels", "--quick"], capture_output=True, text=True,
                               timeout=300, env={**os.environ, "NPMOBILE_KERNELS_DIR": str(kernel_cache)})
     finally:
-        (kernel_cache / build.LOCK).unlink()
+        (kernel_cache / cache_files.LOCK).unlink()
     assert done.returncode == 1 and done.stderr.count("\n") == 1
-    assert "some-other-host" in done.stderr and str(kernel_cache / build.LOCK) in done.stderr
+    assert "some-other-host" in done.stderr and str(kernel_cache / cache_files.LOCK) in done.stderr
 
 
 # --- a read-only deployment (a container run as an unprivileged user) ------------------------------------

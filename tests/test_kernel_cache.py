@@ -17,9 +17,9 @@ from types import SimpleNamespace
 import pytest
 from kernel_cache_helpers import plant_imports, record_background_builds
 
-from npmobile import isolation
+from npmobile import isolation, kernel_build
 from npmobile.cli import build_kernels
-from npmobile.kernels import backend, build
+from npmobile.kernels import backend, build, cache_files
 
 NPMOBILE = Path(sys.executable).with_name("npmobile")
 MODULE_FILE = backend.MODULE_NAME + importlib.machinery.EXTENSION_SUFFIXES[0]
@@ -48,8 +48,8 @@ def test_the_loser_of_two_builders_keeps_the_winners_module_without_failing(tmp_
             real_rename(tmp_path / ".build-theirs", final)
         return real_rename(source, target)
 
-    monkeypatch.setattr(build.os, "rename", winner_first)
-    assert build.install(ours, final) == final
+    monkeypatch.setattr(cache_files.os, "rename", winner_first)
+    assert cache_files.install(ours, final) == final
     assert (final / MODULE_FILE).read_bytes() == b"theirs" and not ours.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [final.name]
 
@@ -57,11 +57,11 @@ def test_the_loser_of_two_builders_keeps_the_winners_module_without_failing(tmp_
 def test_a_damaged_module_is_replaced_by_rename_and_force_replaces_a_sound_one(tmp_path):
     final = made_module(tmp_path / backend.cache_key(), b"sound")
     (final / MODULE_FILE).write_bytes(b"cut")  # no longer what its manifest says
-    build.install(made_module(tmp_path / ".build-1", b"new"), final)
+    cache_files.install(made_module(tmp_path / ".build-1", b"new"), final)
     assert (final / MODULE_FILE).read_bytes() == b"new"
-    build.install(made_module(tmp_path / ".build-2", b"newer"), final)  # sound: kept
+    cache_files.install(made_module(tmp_path / ".build-2", b"newer"), final)  # sound: kept
     assert (final / MODULE_FILE).read_bytes() == b"new"
-    build.install(made_module(tmp_path / ".build-3", b"forced"), final, force=True)
+    cache_files.install(made_module(tmp_path / ".build-3", b"forced"), final, force=True)
     assert (final / MODULE_FILE).read_bytes() == b"forced"
     assert sorted(p.name for p in tmp_path.iterdir()) == [final.name]
 
@@ -69,33 +69,34 @@ def test_a_damaged_module_is_replaced_by_rename_and_force_replaces_a_sound_one(t
 def test_the_staging_folder_of_a_build_killed_halfway_is_removed_by_the_next(tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", ""])
     gone.wait()
-    host = build.this_host()
+    host = cache_files.this_host()
     killed = tmp_path / f".build-{host}-{gone.pid}-x1y2"
     replacing = tmp_path / f".old-{host}-{gone.pid}-a1b2"
     running = tmp_path / f".build-{host}-{os.getpid()}-c3d4"
     elsewhere = tmp_path / f".build-other-host-{gone.pid}-e5f6"
     for folder in (killed, replacing, running, elsewhere):
         (folder / "partial").mkdir(parents=True)
-    assert sorted(build.clean_abandoned(tmp_path)) == sorted([killed, replacing])
+    assert sorted(cache_files.clean_abandoned(tmp_path)) == sorted([killed, replacing])
     assert running.exists() and elsewhere.exists() and not killed.exists() and not replacing.exists()
 
 
 # --- the lock ----------------------------------------------------------------------------------------------
 
 def test_the_lock_names_its_host_and_a_lock_of_another_host_is_not_taken(tmp_path):
-    fd = build.take_lock(tmp_path)
+    fd = cache_files.take_lock(tmp_path)
     os.close(fd)
-    pid, _, host = (build.lock_text(tmp_path) or "").split()
-    assert int(pid) == os.getpid() and host == build.this_host()
-    build.release_lock(tmp_path)
+    pid, _, host = (cache_files.lock_text(tmp_path) or "").split()
+    assert int(pid) == os.getpid() and host == cache_files.this_host()
+    cache_files.release_lock(tmp_path)
     gone = subprocess.Popen([sys.executable, "-c", ""])
     gone.wait()
     # a process that has ended on another host is not one this host can see: alive until the lock is old
-    (tmp_path / build.LOCK).write_text(f"{gone.pid} {time.time():.0f} other-host\n")
-    assert build.take_lock(tmp_path) is None
-    assert build.wait_for_lock(tmp_path) is None  # nothing to wait for from here
-    (tmp_path / build.LOCK).write_text(f"{gone.pid} {time.time() - build.STALE_LOCK_SECONDS - 60:.0f} other-host\n")
-    fd = build.take_lock(tmp_path)
+    (tmp_path / cache_files.LOCK).write_text(f"{gone.pid} {time.time():.0f} other-host\n")
+    assert cache_files.take_lock(tmp_path) is None
+    assert cache_files.wait_for_lock(tmp_path) is None  # nothing to wait for from here
+    stale = time.time() - cache_files.STALE_LOCK_SECONDS - 60
+    (tmp_path / cache_files.LOCK).write_text(f"{gone.pid} {stale:.0f} other-host\n")
+    fd = cache_files.take_lock(tmp_path)
     assert fd is not None
     os.close(fd)
 
@@ -111,7 +112,7 @@ def auto_build(monkeypatch, tmp_path):
 def test_a_symlinked_log_is_replaced_not_written_through(auto_build, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("the user's file\n")
-    log = build.log_path(auto_build.root, auto_build.key)
+    log = cache_files.log_path(auto_build.root, auto_build.key)
     log.symlink_to(victim)
     assert auto_build.start()
     assert victim.read_text() == "the user's file\n"
@@ -123,7 +124,7 @@ def test_a_module_that_failed_its_check_is_rebuilt_but_not_one_in_a_folder_other
     assert not auto_build.start()  # a manifest, nothing refused: built
     monkeypatch.setattr(backend, "rejected", backend.ModuleRejected("cut short", rebuild=True))
     assert auto_build.start() and len(auto_build.started) == 1
-    build.release_lock(auto_build.root, os.getpid())
+    cache_files.release_lock(auto_build.root, os.getpid())
     monkeypatch.setattr(backend, "rejected", backend.ModuleRejected("the cache is group-writable", rebuild=False))
     assert not auto_build.start() and len(auto_build.started) == 1
 
@@ -140,15 +141,15 @@ def test_a_failed_background_build_writes_its_marker_by_rename_not_through_a_lin
     monkeypatch.setattr(build, "missing_tools", lambda: None)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))  # ... that finds no C compiler: fails at once
     victim = tmp_path / "victim.txt"
-    marker = build.failure_marker(auto_build.root, auto_build.key)
+    marker = cache_files.failure_marker(auto_build.root, auto_build.key)
     marker.symlink_to(victim)  # dangling: the run does not take it for a marker
     assert auto_build.start()
     deadline = time.monotonic() + 120
-    while (auto_build.root / build.LOCK).exists():
+    while (auto_build.root / cache_files.LOCK).exists():
         assert time.monotonic() < deadline
         time.sleep(0.5)
     assert not victim.exists() and not marker.is_symlink()
-    assert marker.read_text().strip() == str(build.log_path(auto_build.root, auto_build.key))
+    assert marker.read_text().strip() == str(cache_files.log_path(auto_build.root, auto_build.key))
 
 
 def test_build_kernels_into_a_cache_it_cannot_write_says_so_in_one_line(tmp_path):
@@ -164,11 +165,11 @@ def test_write_atomically_replaces_a_link_and_create_new_never_follows_one(tmp_p
     victim.write_text("keep")
     link = tmp_path / "marker"
     link.symlink_to(victim)
-    build.write_atomically(link, b"written")
+    cache_files.write_atomically(link, b"written")
     assert victim.read_text() == "keep" and link.read_text() == "written" and not link.is_symlink()
     link.unlink()
     link.symlink_to(victim)
-    os.close(build.create_new(link))
+    os.close(cache_files.create_new(link))
     assert victim.read_text() == "keep" and not link.is_symlink()
 
 
@@ -223,21 +224,74 @@ def test_a_background_build_on_a_full_disk_ends_cleanly_and_releases_the_lock(tm
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(build, "build", disk_full)
-    monkeypatch.setattr(build, "write_atomically", disk_full)  # not even the failure marker fits
-    monkeypatch.setattr(build.os, "nice", lambda n: 0)
-    fd = build.take_lock(tmp_path)
+    monkeypatch.setattr(kernel_build, "build", disk_full)
+    monkeypatch.setattr(cache_files, "write_atomically", disk_full)  # not even the failure marker fits
+    monkeypatch.setattr(cache_files.os, "nice", lambda n: 0)
+    fd = cache_files.take_lock(tmp_path)
     os.close(fd)
     args = SimpleNamespace(root=tmp_path, quick=True, force=False, debug=False)
-    assert build.build_in_background(args) == 1
-    assert not (tmp_path / build.LOCK).exists()
+    assert kernel_build.build_in_background(args) == 1
+    assert not (tmp_path / cache_files.LOCK).exists()
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
 def test_the_cache_folder_is_made_private_under_a_group_writable_umask(tmp_path):
     previous = os.umask(0o002)  # Debian/Ubuntu's default for users with a group of their own
     try:
-        build.make_cache_folder(tmp_path / "cache" / "kernels")
+        cache_files.make_cache_folder(tmp_path / "cache" / "kernels")
     finally:
         os.umask(previous)
     assert backend.private_enough(os.lstat(tmp_path / "cache" / "kernels")) is None
+
+
+def test_the_kernel_sources_hash_changes_with_any_kernel_file(tmp_path):
+    """Numba's cache entries and the built module are keyed on every kernel file: a driver inlines what another
+    file emits (kernels/gemm_drivers.py and kernels/gemm_microkernel.py), so editing any one must change the key."""
+    from npmobile.kernels import module_key
+
+    copy = tmp_path / "kernels"
+    copy.mkdir()
+    sources = sorted([*module_key.KERNELS_DIR.glob("*.py"), *module_key.KERNELS_DIR.glob("*.c")])
+    for path in sources:
+        (copy / path.name).write_bytes(path.read_bytes())
+    original = module_key.kernel_sources_hash(copy)
+    assert original == module_key.kernel_sources_hash()
+    seen = {original}
+    for path in sources:
+        edited = copy / path.name
+        before = edited.read_bytes()
+        edited.write_bytes(before + b"\n# edited\n")
+        seen.add(module_key.kernel_sources_hash(copy))
+        edited.write_bytes(before)
+    assert len(seen) == len(sources) + 1
+    assert module_key.kernel_sources_hash(copy) == original
+
+
+@pytest.mark.jit_only
+def test_numbas_cache_entry_of_a_kernel_goes_stale_when_another_kernel_file_changes(tmp_path):
+    """A kernel compiled and cached, then a process whose kernel sources differ (as after editing an emitter):
+    the entry is not used there (kernels/jit_cache.py), while an unchanged process loads it. The entry stays where
+    Numba would put it (NUMBA_CACHE_DIR here)."""
+    script = (
+        "import sys, numpy as np\n"
+        "from npmobile.kernels import jit_cache\n"
+        "if sys.argv[1] == 'edited': jit_cache.sources_stamp = lambda: 'sources after an edit'\n"
+        "from npmobile.kernels import backend, pooling\n"
+        "kernel = pooling.average_pool_rows\n"
+        "before = backend.is_cached(kernel)\n"
+        "kernel(np.ones((1, 2, 2, 3), np.float32), np.zeros((1, 3), np.float32))\n"
+        "print(before, backend.is_cached(kernel), type(kernel._cache._impl.locator).__name__)\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NPMOBILE_KERNELS": "jit"}
+
+    def run(mode: str) -> list[str]:
+        done = subprocess.run([sys.executable, "-c", script, mode], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert run("same") == ["False", "True", "KernelSourcesLocator"]  # compiled, then cached
+    assert run("same")[0] == "True"                                   # loaded
+    assert run("edited")[:2] == ["False", "True"]                     # stale: compiled again, entry rewritten
+    assert run("same")[0] == "False"                                  # and back: stale the other way
+    assert list(tmp_path.rglob("pooling.average_pool_rows-*.nbi"))

@@ -754,7 +754,7 @@ def test_kernels_cached_says_so_once_a_models_own_kernels_are_compiled(tmp_path)
     script = (
         "import numpy as np\n"
         "from npmobile.applications import MobileNetV2\n"
-        "from npmobile.kernels.threads import kernels_cached\n"
+        "from npmobile.kernels.first_run import kernels_cached\n"
         "model = MobileNetV2(weights=None, alpha=0.35, input_shape=(64, 64, 3))\n"
         "before = kernels_cached((3,), False, False)\n"
         "model.predict(np.zeros((1, 64, 64, 3), np.float32))\n"

@@ -16,35 +16,13 @@ import sys
 from collections.abc import Sequence
 
 from npmobile.cli import build_kernels, classify, profile, show, summary, verify
+from npmobile.cli.models import EXAMPLES
 from npmobile.errors import NpmobileError, UsageError
 
 COMMANDS = (classify, summary, profile, show, verify, build_kernels)
 # The commands that run a model: after one succeeds on the JIT, the kernels are built ahead of time in the
 # background for later runs (build_kernels.start_in_background).
 RUN_MODELS = (classify, profile, show, verify)
-
-EXAMPLES = """\
-examples:
-  npmobile classify samples/chelsea.jpg                 top-5 ImageNet classes (MobileNetV2, official weights)
-  npmobile classify photos/ --model mobilenet_v3_large --top 3 --json > labels.json
-  npmobile classify cat.png --weights my_finetuned.keras
-  npmobile classify cat.png --weights best.pth --labels classes.txt   a PyTorch state dict (torchvision's way)
-  npmobile classify cat.png --model mobilenet --alpha 0.5 --size 160 --crop center
-  npmobile classify photos/ --engine ray --workers 4 --out preds.parquet   on Ray Data (or --engine dask)
-  find photos -name '*.jpg' | npmobile classify --from-file - --out preds.jsonl   paths from standard input
-  npmobile summary mobilenet_v3_small
-  npmobile summary my_model.h5
-  npmobile summary mobilenet_v2 --costs                 params and MACs per layer, depthwise vs standard conv
-  npmobile profile cat.jpg --size 160 --plot time.png --roofline roofline.png
-  npmobile show cat.jpg --layer block_3_depthwise --out maps.png
-  npmobile show cat.jpg --layer block_3_depthwise --filters --out kernels.png
-  npmobile verify my_model.h5 cat.jpg --custom-object hard_swish=hard_swish   npmobile vs Keras, layer by layer
-  npmobile build-kernels                                compile the kernels ahead of time: faster start-up
-
-weights="imagenet" files are looked for in $NPMOBILE_WEIGHTS_DIR, then the Keras cache (~/.keras/models),
-then downloaded once into ~/.cache/npmobile (checksummed).
-exit status: 0 ok, 1 failure (any image that could not be classified), 2 usage error, 130 interrupted (Ctrl-C).
-"""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -49,7 +49,7 @@ def add_parser(commands):
 
 def build_command(root: Path, *options: str) -> list[str]:
     """The kernel build as an isolated child (npmobile/children.py): ``python -I``, clean environment."""
-    return isolated_main("npmobile.kernels.build", "--root", str(root), *options)
+    return isolated_main("npmobile.kernel_build", "--root", str(root), *options)
 
 
 def run(args) -> int:
@@ -57,8 +57,8 @@ def run(args) -> int:
     from npmobile.kernels.backend import kernel_cache_dir
 
     # A process of its own, on the JIT: this one may already hold an AOT module, and numba.pycc
-    # is patched while it compiles (kernels/build.py). The build takes the cache's lock, as the background
-    # build does, and says when a current module is there already.
+    # is patched while it compiles (kernels/build.py, run by npmobile/kernel_build.py). The build takes the
+    # cache's lock, as the background build does, and says when a current module is there already.
     options = [name for name, wanted in (("--quick", args.quick), ("--force", getattr(args, "force", False)),
                                          ("--debug", getattr(args, "debug", False))) if wanted]
     done = subprocess.run(build_command(kernel_cache_dir().absolute(), *options), stdout=subprocess.PIPE, text=True,
@@ -88,7 +88,7 @@ def start_in_background() -> bool:
     if setting == "0" or backend is None or backend.AOT or not backend.aot_wanted():
         return False
     try:
-        from npmobile.kernels import build
+        from npmobile.kernels import build, cache_files
 
         if build.missing_tools() is not None or importlib.util.find_spec("numba") is None:
             return False
@@ -97,14 +97,14 @@ def start_in_background() -> bool:
         if rejected is not None and not rejected.rebuild:  # a build would land where it cannot be used
             return False
         if ((rejected is None and (root / key / backend.MANIFEST).exists())
-                or build.failure_marker(root, key).exists()):
+                or cache_files.failure_marker(root, key).exists()):
             return False
-        build.make_cache_folder(root)
-        lock = build.take_lock(root)
+        cache_files.make_cache_folder(root)
+        lock = cache_files.take_lock(root)
         if lock is None:  # another build is under way
             return False
         try:
-            log = build.create_new(build.log_path(root, key))
+            log = cache_files.create_new(cache_files.log_path(root, key))
             try:
                 command = build_command(root, "--background", *(["--quick"] if setting == "quick" else []))
                 child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -112,9 +112,9 @@ def start_in_background() -> bool:
                                          env=clean_environment(NPMOBILE_KERNELS="jit"))
             finally:
                 os.close(log)
-            build.hand_lock(lock, child.pid)
+            cache_files.hand_lock(lock, child.pid)
         except BaseException:
-            build.release_lock(root)
+            cache_files.release_lock(root)
             raise
         finally:
             os.close(lock)

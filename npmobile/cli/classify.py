@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from importlib import import_module
 from pathlib import Path
 
-from npmobile.cli.models import add_model_options, notice_first_compile, positive_int
+from npmobile.cli.models import EXAMPLES, add_model_options, notice_first_compile, positive_int
 from npmobile.errors import NpmobileError, UsageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -18,8 +18,6 @@ BATCH = 16
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
-    from npmobile.cli import EXAMPLES
-
     parser = commands.add_parser(
         "classify", help="classify images with an ImageNet MobileNet or your own Keras model",
         description="Classify images (files or folders). Prints rank, label, WordNet id and probability.",
