@@ -1,0 +1,113 @@
+"""Elementwise arithmetic as data: the op nodes Keras 3 writes for ``x / 127.5 - 1`` (``TrueDivide``,
+``Divide``, ``Subtract``, ``Negative``, ``Cast``; ``Add`` and ``Multiply`` live in merge.py) and the
+TFOpLambda layers tf_keras writes for the same (npmobile.io.config maps them here).
+
+An operand is a tensor (a node's name) or a constant: a number, or a per-channel vector (a tuple of
+floats, as ``preprocess_input``'s 'torch' mode writes its mean and std). The constant may stand on
+either side (``1 - x``, ``255 / x``); the inputs keep the order Keras wrote. Constants are float32
+values, as Keras converts them before computing, and every operation is one IEEE float32 operation,
+so the answers are Keras's bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from npmobile.errors import ModelFileError, UnsupportedLayerError
+from npmobile.ops import Binder, LayerType, register
+from npmobile.ops.merge import broadcast_shape
+
+if TYPE_CHECKING:
+    from npmobile.graph import Node
+
+
+def operand(value, dtype) -> np.ndarray | float:
+    """A node's input as NumPy computes with it: arrays as they are, a constant as a ``dtype`` value
+    (a vector broadcasts over the last axis, the channels)."""
+    if isinstance(value, np.ndarray):
+        return value
+    return np.asarray(value, dtype=np.float32).astype(dtype)
+
+
+def constants(node: Node) -> list:
+    return [i for i in node.inputs if not isinstance(i, str)]
+
+
+def elementwise_shape(node: Node, inputs: list) -> tuple:
+    """Broadcasting of the tensors; a vector constant must hold one value per channel (or one value)."""
+    shape = broadcast_shape(node, inputs)
+    for constant in constants(node):
+        if isinstance(constant, tuple) and len(constant) not in (1, shape[-1]):
+            raise ModelFileError(f"layer {node.name!r} ({node.op}): a constant of {len(constant)} values does "
+                                 f"not fit {shape[-1]} channels")
+    return shape
+
+
+def _dtype_of(inputs) -> np.dtype:
+    return next(i.dtype for i in inputs if isinstance(i, np.ndarray))
+
+
+def _binary_reference(function):
+    def reference(node: Node, inputs, keras_version: int) -> np.ndarray:
+        dtype = _dtype_of(inputs)
+        y = operand(inputs[0], dtype)
+        for other in inputs[1:]:
+            y = function(y, operand(other, dtype))
+        return np.asarray(y, dtype=dtype)
+
+    return reference
+
+
+def ufunc_prepare(function):
+    """The fast path of an elementwise op: one NumPy ufunc call writing into the plan's buffer."""
+
+    def prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
+        if len(node.inputs) != 2 or all(isinstance(i, str) for i in node.inputs):
+            return None
+        constant = next(i for i in node.inputs if not isinstance(i, str))
+        if tuple(next(s for s in in_shapes)) != tuple(out_shape):
+            return None
+        value = operand(constant, np.float32)
+        tensor_first = isinstance(node.inputs[0], str)
+
+        def bind(args, out):
+            x = next(a for a in args if isinstance(a, np.ndarray))
+            if tensor_first:
+                return lambda: function(x, value, out=out)
+            return lambda: function(value, x, out=out)
+
+        return bind
+
+    return prepare
+
+
+def negative_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
+    return np.negative(inputs[0])
+
+
+def _check_one_tensor(node: Node, keras_version: int) -> None:
+    if len(node.inputs) != 1 or not isinstance(node.inputs[0], str):
+        raise ModelFileError(f"layer {node.name!r} ({node.op}) takes one tensor, given {len(node.inputs)} inputs")
+
+
+def cast_validate(node: Node, keras_version: int) -> None:
+    _check_one_tensor(node, keras_version)
+    dtype = node.config.get("dtype")
+    if dtype != "float32":
+        raise UnsupportedLayerError(f"layer {node.name!r} casts to {dtype!r}; npmobile runs float32 models and "
+                                    "reads only a cast to float32 (the identity)")
+
+
+def identity_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
+    return inputs[0]
+
+
+register(
+    LayerType("Subtract", _binary_reference(np.subtract), elementwise_shape, prepare=ufunc_prepare(np.subtract)),
+    LayerType("TrueDivide", _binary_reference(np.divide), elementwise_shape, prepare=ufunc_prepare(np.divide),
+              aliases=("Divide",)),
+    LayerType("Negative", negative_reference, validate=_check_one_tensor),
+    LayerType("Cast", identity_reference, validate=cast_validate, identity=True),
+)
