@@ -361,8 +361,8 @@ def fuse_expand_depthwise(graph: Graph, keep: set[str]) -> Graph:
     return graph
 
 
-PASSES = (drop_identities, fold_batchnorm, fuse_zero_padding, scalar_ops_to_rescaling, fold_rescaling, fuse_squeeze_excite, fuse_hard_swish_ops,
-          fuse_activation, fuse_residual_add, fuse_expand_depthwise)
+PASSES = (drop_identities, fold_batchnorm, fuse_zero_padding, scalar_ops_to_rescaling, fold_rescaling,
+          fuse_squeeze_excite, fuse_hard_swish_ops, fuse_activation, fuse_residual_add, fuse_expand_depthwise)
 
 
 def optimize(graph: Graph, keep: set[str] | frozenset[str] = frozenset()) -> Graph:
