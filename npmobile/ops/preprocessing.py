@@ -77,7 +77,8 @@ def _adapted(config: dict) -> bool:
 def normalization_weights(config: dict, in_channels: int | None) -> dict[str, tuple]:
     if not _adapted(config):
         return {}
-    return {"mean": (in_channels,), "variance": (in_channels,), "count": ()}
+    # count, a scalar Keras keeps for adapt, is held 1-D like every weight (npmobile.interpreter)
+    return {"mean": (in_channels,), "variance": (in_channels,), "count": (1,)}
 
 
 def normalization_validate(node: Node, keras_version: int) -> None:
