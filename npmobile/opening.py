@@ -68,13 +68,35 @@ def family_model(family: str, alpha: float, size: int, minimalistic: bool, weigh
     return applications.FAMILIES[family](**kwargs)
 
 
+# Layers that map pixel values: a model with one of these before its first convolution (or dense layer)
+# does its own preprocessing. Arithmetic counts where one operand is a constant (x / 127.5, x - mean).
+VALUE_PREPROCESSING = frozenset({"Rescaling", "Normalization"})
+CONSTANT_ARITHMETIC = frozenset({"Add", "Subtract", "Multiply", "TrueDivide", "Negative"})
+WEIGHTED = frozenset({"Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Dense", "BatchNormalization"})
+
+
+def carries_preprocessing(graph) -> bool:
+    """Whether the graph maps its pixels itself before its first weighted layer: a Rescaling (MobileNetV3),
+    a Normalization, or preprocess_input called on the input tensor (op nodes, TFOpLambda arithmetic)."""
+    for node in graph.nodes:  # in an order where every node follows its inputs: the stem comes first
+        if node.op in WEIGHTED:
+            return False
+        if node.op in VALUE_PREPROCESSING:
+            return True
+        if node.op in CONSTANT_ARITHMETIC and (node.op == "Negative"
+                                               or any(not isinstance(i, str) for i in node.inputs)):
+            return True
+    return False
+
+
 def preprocess_for(model) -> str:
     """How a model wants its pixels: "torchvision" for PyTorch state dicts (npmobile.image.load_torchvision);
-    MobileNetV3 graphs start with a Rescaling layer and take 0..255; V1/V2 take x / 127.5 - 1."""
+    "none" (0..255, as keras.utils.load_img gives them) for a model that does its own preprocessing, like
+    MobileNetV3's Rescaling or the transfer-learning tutorial's preprocess_input inside the model; "tf"
+    (x / 127.5 - 1) for V1/V2 without it. Never both: a model's own preprocessing is never applied twice."""
     if getattr(model, "preprocessing", None) == "torchvision":
         return "torchvision"
-    first = next(n for n in model.graph.nodes if n.op != "InputLayer")
-    return "none" if first.op == "Rescaling" else "tf"
+    return "none" if carries_preprocessing(model.graph) else "tf"
 
 
 def model_input(model, path: str, size: int) -> np.ndarray:
