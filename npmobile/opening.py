@@ -116,3 +116,23 @@ def load_torchvision_sized(path, size: int) -> np.ndarray:
     from npmobile.image import load_torchvision
 
     return load_torchvision(path, crop_size=size, resize_size=round(size * 256 / 224))
+
+
+def binary_head(model) -> str | None:
+    """A model with one output unit is a binary classifier: "logits" when its output is a raw score (the
+    transfer-learning tutorial's ``Dense(1)``), "probability" when a sigmoid ends it; None otherwise."""
+    output = model.graph.outputs[0]
+    if model.shapes[output][-1] != 1 or len(model.shapes[output]) != 2:
+        return None
+    node = model.graph.node(output)
+    activation = node.config.get("activation") if node.op in ("Dense", "Activation") else None
+    return "probability" if activation == "sigmoid" else "logits"
+
+
+def two_class_probabilities(model, out: np.ndarray) -> np.ndarray:
+    """A binary head's output as the probabilities of classes 0 and 1: [1 - p, p], with p the sigmoid of
+    a logit (float64, as a probability should be computed, then float32) or the model's own p."""
+    p = out.astype(np.float64).reshape(len(out), 1)
+    if binary_head(model) == "logits":
+        p = 1.0 / (1.0 + np.exp(-p))
+    return np.concatenate([1.0 - p, p], axis=1).astype(np.float32)
