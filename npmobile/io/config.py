@@ -18,6 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 from npmobile.errors import ModelFileError
+from npmobile.ops import canonical_class
+from npmobile.ops.preprocessing import REFUSED
 from npmobile.spec import CallSpec, LayerSpec, ModelSpec, TensorRef
 
 MODEL_CLASSES = ("Functional", "Model", "Sequential")
@@ -111,7 +113,14 @@ def _parse_layer(raw: dict, keras_version: int, source: str) -> LayerSpec:
     name = str(raw.get("name") or config.get("name"))
     if not name or name == "None":
         raise ModelFileError(f"{source}: a layer of class {class_name} has no name")
-    calls = [_parse_call(node, keras_version) for node in raw.get("inbound_nodes", [])]
+    try:
+        calls = [_parse_call(node, keras_version) for node in raw.get("inbound_nodes", [])]
+    except ModelFileError:
+        if canonical_class(class_name) not in REFUSED:
+            raise
+        # A layer refused by name (caffe mode's GetItem takes an Ellipsis): its tensors are enough for the
+        # graph to reach it and say why.
+        calls = [_tensors_only(node) for node in raw.get("inbound_nodes", [])]
     submodel = None
     if class_name in MODEL_CLASSES:
         submodel = _parse_model({"class_name": class_name, "config": config}, keras_version, source)
@@ -230,6 +239,13 @@ def _constant(value: Any) -> float | tuple[float, ...]:
             return tuple(float(v) for v in flat)
     raise ModelFileError(f"unsupported constant operand {str(value)[:80]!r} (npmobile reads numbers and "
                          "per-channel vectors)")
+
+
+def _tensors_only(node: Any) -> CallSpec:
+    """A Keras 3 call's tensor arguments, whatever else it holds."""
+    args = node.get("args", []) if isinstance(node, dict) else []
+    flat = [a for arg in args for a in (arg if isinstance(arg, list) else [arg])]
+    return CallSpec(args=[_history_ref(a["config"]["keras_history"]) for a in flat if _is_tensor(a)])
 
 
 def _is_tensor(value: Any) -> bool:

@@ -1,0 +1,205 @@
+"""The model TensorFlow's "Transfer learning and fine-tuning" tutorial writes (augmentation in a nested
+Sequential, preprocess_input on the input tensor, the base called with training=False, a Dense(1) logit
+head), and its cousins, written by Keras 3 (.keras, .h5) and tf_keras (.h5): they load, answer as
+Keras's predict does, run the preprocessing once, and classify/verify work on them (issue 24)."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import shutil
+import zipfile
+
+import h5py
+import numpy as np
+import pytest
+from test_cli import PHOTOS, run_cli
+from test_parity import assert_bit_close
+from tutorial_models import TRANSFER_MODELS, TRANSFER_WRITERS
+
+import npmobile
+from npmobile.errors import UnsupportedLayerError
+from npmobile.opening import binary_head, carries_preprocessing, preprocess_for
+
+IDENTITY_OPS = {"Dropout", "RandomFlip", "RandomRotation", "RandomZoom", "RandomContrast", "RandomTranslation",
+                "RandomBrightness", "Cast"}
+
+
+@pytest.mark.parametrize("writer", TRANSFER_WRITERS)
+@pytest.mark.parametrize("kind", TRANSFER_MODELS)
+def test_transfer_model_matches_keras(transfer_models, kind, writer):
+    case = transfer_models(kind, writer)
+    model = npmobile.load_model(case.path)
+    assert_bit_close(model.predict(case.x), case.y, f"{kind} {writer}")
+    assert preprocess_for(model) == "none"  # the model maps its own pixels: never a second time
+    assert binary_head(model) == "logits"
+
+
+def test_tutorial_graph_has_its_augmentation_and_preprocessing(transfer_models):
+    keras3 = npmobile.load_model(transfer_models("tutorial", "keras3_keras").path)
+    ops = [n.op for n in keras3.graph.nodes[:6]]
+    assert ops == ["InputLayer", "RandomFlip", "RandomRotation", "TrueDivide", "Subtract", "Conv2D"]
+    tf_keras = npmobile.load_model(transfer_models("tutorial", "tfkeras_h5").path)
+    assert [n.op for n in tf_keras.graph.nodes[3:5]] == ["TrueDivide", "Subtract"]  # math.truediv, math.subtract
+    assert tf_keras.graph.nodes[3].inputs[1] == 127.5 and tf_keras.graph.nodes[4].inputs[1] == 1.0
+
+
+@pytest.mark.parametrize("writer", TRANSFER_WRITERS)
+def test_optimized_tutorial_has_no_identities_and_folds_what_is_exact(transfer_models, writer):
+    """The augmentation and Dropout vanish; ``- 1`` is read by the stem convolution (x * 1 + (-1) is
+    x - 1 in float32); ``/ 127.5`` stays a division, since x * (1 / 127.5) rounds differently."""
+    case = transfer_models("tutorial", writer)
+    model = npmobile.load_model(case.path)
+    plan = model.optimized_graph()
+    assert not {n.op for n in plan.nodes} & IDENTITY_OPS
+    assert [n.op for n in plan.nodes[:3]] == ["InputLayer", "TrueDivide", "Conv2D"]
+    stem = plan.nodes[2]
+    assert (stem.config["input_scale"], stem.config["input_offset"]) == (1.0, -1.0)
+    # The stem's output, with the subtraction folded in and with it run on its own: the same bits.
+    subtract = model.graph.nodes[4].name
+    folded = model.predict(case.x, outputs=["Conv1"])["Conv1"]
+    np.testing.assert_array_equal(folded, model.predict(case.x, outputs=["Conv1", subtract])["Conv1"])
+
+
+@pytest.mark.parametrize("framework", ["keras", "tf_keras"])
+def test_power_of_two_scaling_folds_into_the_stem_exactly(tmp_path, framework):
+    """``x / 128 - 1`` and ``(x - 127) * 0.5`` are exactly Rescaling's x * s + o: the stem reads them."""
+    keras = importlib.import_module(framework)
+    inputs = keras.Input((20, 24, 3))
+    a = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="stem_a")(inputs / 128.0 - 1.0)
+    b = keras.layers.Conv2D(4, 3, padding="valid", name="stem_b")((inputs - 127.0) * 0.5)
+    c = keras.layers.Conv2D(4, 1, name="stem_c")(1.0 - inputs)  # constant first: stays an op
+    outputs = keras.layers.Concatenate()([keras.layers.GlobalAveragePooling2D()(t) for t in (a, b, c)])
+    model = keras.Model(inputs, outputs)
+    path = tmp_path / ("ops.keras" if framework == "keras" else "ops.h5")
+    model.save(str(path))
+    got = npmobile.load_model(path)
+    plan = got.optimized_graph()
+    assert plan.node("stem_a").config["input_scale"] == 1 / 128 and plan.node("stem_a").config["input_offset"] == -1
+    assert plan.node("stem_b").config["input_scale"] == 0.5
+    assert "input_scale" not in plan.node("stem_c").config
+    x = np.random.default_rng(2).uniform(0, 255, (2, 20, 24, 3)).astype(np.float32)
+    every_layer = [n.name for n in got.graph.nodes if n.op != "InputLayer"]
+    np.testing.assert_array_equal(got.predict(x), got.predict(x, outputs=every_layer)[got.graph.outputs[0]])
+    assert_bit_close(got.predict(x), model.predict(x, verbose=0), f"constant ops {framework}")
+
+
+def test_seed_generator_state_does_not_trip_weight_binding(transfer_models, tmp_path):
+    """Keras 3 versions store a random layer's seed-generator state as its variable; it is no weight of the
+    layer at inference, so binding ignores it."""
+    case = transfer_models("tutorial", "keras3_keras")
+    path = tmp_path / "seeded.keras"
+    with zipfile.ZipFile(case.path) as source, zipfile.ZipFile(path, "w") as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == "model.weights.h5":
+                buffer = io.BytesIO(data)
+                with h5py.File(buffer, "r+") as f:
+                    found: list[str] = []
+                    f.visit(lambda name: found.append(name) if name.endswith(("/random_flip", "/random_rotation"))
+                            else None)
+                    assert len(found) == 2, found
+                    for layer in found:
+                        group = f[layer]
+                        group.require_group("vars").create_dataset("0", data=np.array([1, 42], np.uint32))
+                        group.require_group("seed_generator/vars").create_dataset("0", data=np.array([0, 7]))
+                data = buffer.getvalue()
+            target.writestr(item, data)
+    assert_bit_close(npmobile.load_model(path).predict(case.x), case.y, "seed state")
+
+
+def test_plain_mobilenets_still_get_tf_preprocessing():
+    from npmobile import applications
+
+    v2 = applications.MobileNetV2(weights=None, input_shape=(64, 64, 3), alpha=0.35)
+    v3 = applications.MobileNetV3Small(weights=None, input_shape=(64, 64, 3))
+    assert (preprocess_for(v2), preprocess_for(v3)) == ("tf", "none")
+    assert not carries_preprocessing(v2.graph) and binary_head(v2) is None
+
+
+def _applications_modules(keras) -> list[str]:
+    return sorted(name for name in dir(keras.applications)
+                  if hasattr(getattr(keras.applications, name), "preprocess_input") and name != "imagenet_utils")
+
+
+@pytest.mark.parametrize("framework", ["keras", "tf_keras"])
+def test_every_preprocess_input_loads_or_names_caffe_mode(tmp_path, framework):
+    """Each keras.applications family's preprocess_input, called on the input tensor: 'tf' and 'torch'
+    modes and the identity load and match Keras; 'caffe' mode (the RGB -> BGR flip) is refused by name."""
+    keras = importlib.import_module(framework)
+    x = np.random.default_rng(6).uniform(0, 255, (2, 12, 14, 3)).astype(np.float32)
+    modules = _applications_modules(keras)
+    assert {"mobilenet", "mobilenet_v2", "densenet", "resnet50"} <= set(modules)
+    for name in modules:
+        inputs = keras.Input((12, 14, 3))
+        y = getattr(keras.applications, name).preprocess_input(inputs)
+        model = keras.Model(inputs, keras.layers.Conv2D(4, 3, name="conv")(y))
+        path = tmp_path / f"{name}.h5"
+        model.save(str(path))
+        caffe = not np.allclose(model.predict(x[..., ::-1] * 0, verbose=0), model.predict(x * 0, verbose=0)) \
+            or name in ("resnet50", "resnet", "vgg16", "vgg19")
+        try:
+            got = npmobile.load_model(path)
+        except UnsupportedLayerError as error:
+            assert caffe and "'caffe' mode" in str(error), f"{framework} {name}: {error}"
+            continue
+        assert_bit_close(got.predict(x), model.predict(x, verbose=0), f"{framework} {name}.preprocess_input")
+
+
+def test_lambda_refusal_says_what_to_use_instead(tmp_path):
+    import tf_keras
+
+    inputs = tf_keras.Input((8, 8, 3))
+    y = tf_keras.layers.Lambda(lambda t: t / 127.5 - 1)(inputs)
+    model = tf_keras.Model(inputs, tf_keras.layers.Conv2D(2, 3)(y))
+    model.save(str(tmp_path / "lambda.h5"))
+    with pytest.raises(UnsupportedLayerError, match=r"Lambda.*Rescaling\(1/127.5, offset=-1\)"):
+        npmobile.load_model(tmp_path / "lambda.h5")
+
+
+def test_classify_prints_the_probability_keras_gives(transfer_models, tmp_path):
+    """The tutorial's model on a photo: keras.utils.load_img, the model's own preprocessing, the sigmoid of
+    Keras's logit; npmobile shows it as class 1's probability and 1 - it as class 0's."""
+    import keras
+
+    case = transfer_models("tutorial", "keras3_keras")
+    size = case.x.shape[1:3]
+    image = keras.utils.img_to_array(keras.utils.load_img(PHOTOS[0], target_size=size))[None]
+    logit = float(np.asarray(case.keras_model.predict(image, verbose=0)).ravel()[0])
+    expected = 1.0 / (1.0 + np.exp(-logit))
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cats\ndogs\n")
+    result = run_cli("classify", str(PHOTOS[0]), "--weights", str(case.path), "--labels", str(labels), "--json")
+    assert result.returncode == 0, result.stderr
+    top = {entry["label"]: entry["probability"] for entry in json.loads(result.stdout)[0]["top"]}
+    assert set(top) == {"cats", "dogs"}
+    assert abs(top["dogs"] - expected) < 1e-4 * max(1.0, abs(logit)) and abs(top["cats"] + top["dogs"] - 1) < 1e-6
+    text = run_cli("classify", str(PHOTOS[0]), "--weights", str(case.path))
+    assert text.returncode == 0 and f"{expected:.4f}"[:5] in text.stdout.replace(f"{1 - expected:.4f}", "")
+
+
+@pytest.mark.parametrize("writer", TRANSFER_WRITERS)
+def test_verify_passes_on_the_tutorial_model(transfer_models, writer, tmp_path):
+    case = transfer_models("tutorial", writer)
+    path = tmp_path / case.path.name
+    shutil.copyfile(case.path, path)
+    result = run_cli("verify", str(path), "--json")
+    assert result.returncode == 0, result.stderr + result.stdout[-2000:]
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["inputs"].startswith("2 random input(s) (96, 96, 3) in 0..255")
+    if writer == "keras3_h5":  # Keras 3 cannot load its own op nodes back from a .h5: verify said what it did
+        assert any("op nodes" in note for note in report["notes"])
+
+
+def test_verify_passes_on_keras3_mobilenet_v3_h5(keras_files):
+    """Keras 3.15 cannot load the .h5 it writes for MobileNetV3 ("Only input tensors may be passed as
+    positional arguments"); verify rebuilds it for Keras from the file and compares."""
+    import keras
+
+    case = keras_files.get("MobileNetV3Small", "keras3_h5", input_shape=(96, 96, 3), alpha=0.75)
+    with pytest.raises(ValueError):
+        keras.saving.load_model(case.path)
+    result = run_cli("verify", str(case.path), "--json")
+    assert result.returncode == 0, result.stderr + result.stdout[-2000:]
+    assert json.loads(result.stdout)["ok"]
