@@ -184,15 +184,18 @@ def test_classify_prints_the_probability_keras_gives(transfer_models, tmp_path):
 
 
 @pytest.mark.parametrize("writer", TRANSFER_WRITERS)
-def test_verify_passes_on_the_tutorial_model(transfer_models, writer, tmp_path):
-    case = transfer_models("tutorial", writer)
+@pytest.mark.parametrize("kind", TRANSFER_MODELS)
+def test_verify_passes_on_transfer_models(transfer_models, kind, writer, tmp_path):
+    case = transfer_models(kind, writer)
     path = tmp_path / case.path.name
     shutil.copyfile(case.path, path)
     result = run_cli("verify", str(path), "--json")
     assert result.returncode == 0, result.stderr + result.stdout[-2000:]
     report = json.loads(result.stdout)
-    assert report["ok"] and report["inputs"].startswith("2 random input(s) (96, 96, 3) in 0..255")
-    if writer == "keras3_h5":  # Keras 3 cannot load its own op nodes back from a .h5: verify said what it did
+    size = "(224, 224, 3)" if kind == "resize_normalize" else "(96, 96, 3)"  # any size: verify's default
+    assert report["ok"] and report["inputs"].startswith(f"2 random input(s) {size} in 0..255")
+    if writer == "keras3_h5" and kind != "resize_normalize":  # op nodes (preprocess_input, V3's hard-swish),
+        # which Keras 3 cannot load back from its own .h5: verify said what it did
         assert any("op nodes" in note for note in report["notes"])
 
 

@@ -49,7 +49,7 @@ def _dtype_of(inputs) -> np.dtype:
     return next(i.dtype for i in inputs if isinstance(i, np.ndarray))
 
 
-def _binary_reference(function):
+def binary_reference(function):
     def reference(node: Node, inputs, keras_version: int) -> np.ndarray:
         dtype = _dtype_of(inputs)
         y = operand(inputs[0], dtype)
@@ -105,8 +105,8 @@ def identity_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
 
 
 register(
-    LayerType("Subtract", _binary_reference(np.subtract), elementwise_shape, prepare=ufunc_prepare(np.subtract)),
-    LayerType("TrueDivide", _binary_reference(np.divide), elementwise_shape, prepare=ufunc_prepare(np.divide),
+    LayerType("Subtract", binary_reference(np.subtract), elementwise_shape, prepare=ufunc_prepare(np.subtract)),
+    LayerType("TrueDivide", binary_reference(np.divide), elementwise_shape, prepare=ufunc_prepare(np.divide),
               aliases=("Divide",)),
     LayerType("Negative", negative_reference, validate=_check_one_tensor),
     LayerType("Cast", identity_reference, validate=cast_validate, identity=True),

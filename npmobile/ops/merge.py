@@ -29,9 +29,9 @@ def broadcast_shape(node: Node, inputs: list) -> tuple:
 
 
 def add_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
-    from npmobile.ops.arithmetic import _binary_reference
+    from npmobile.ops.arithmetic import binary_reference
 
-    return _binary_reference(np.add)(node, inputs, keras_version)
+    return binary_reference(np.add)(node, inputs, keras_version)
 
 
 def add_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
@@ -54,9 +54,9 @@ def add_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder 
 
 
 def multiply_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
-    from npmobile.ops.arithmetic import _binary_reference
+    from npmobile.ops.arithmetic import binary_reference
 
-    return _binary_reference(np.multiply)(node, inputs, keras_version)
+    return binary_reference(np.multiply)(node, inputs, keras_version)
 
 
 def multiply_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:

@@ -116,10 +116,13 @@ def normalization_reference(node: Node, inputs, keras_version: int) -> np.ndarra
 
 
 def normalization_output_shape(node: Node, inputs: list) -> tuple:
+    """The input's shape; a config's mean and variance hold one value, or one per channel."""
     x = next(s for s in inputs if s is not None)
-    mean, _ = _mean_and_variance(node, np.float32) if not _adapted(node.config) else (None, None)
-    if mean is not None and mean.size not in (1, x[-1]):
-        raise ModelFileError(f"layer {node.name!r} (Normalization): {mean.size} means for {x[-1]} channels")
+    if not _adapted(node.config):
+        for values in _mean_and_variance(node, np.float32):
+            if values.size not in (1, x[-1]):
+                raise ModelFileError(f"layer {node.name!r} (Normalization): {values.size} values for "
+                                     f"{x[-1]} channels")
     return x
 
 
