@@ -128,27 +128,36 @@ def _applications_modules(keras) -> list[str]:
 
 
 @pytest.mark.parametrize("framework", ["keras", "tf_keras"])
-def test_every_preprocess_input_loads_or_names_caffe_mode(tmp_path, framework):
-    """Each keras.applications family's preprocess_input, called on the input tensor: 'tf' and 'torch'
-    modes and the identity load and match Keras; 'caffe' mode (the RGB -> BGR flip) is refused by name."""
+def test_every_preprocess_input_loads(tmp_path, framework):
+    """Each keras.applications family's preprocess_input, called on the input tensor, loads and matches Keras:
+    'tf' and 'torch' modes, the identity (V3, EfficientNet, ConvNeXt) and 'caffe' mode's RGB -> BGR flip and
+    mean subtraction (ResNet50, VGG)."""
     keras = importlib.import_module(framework)
     x = np.random.default_rng(6).uniform(0, 255, (2, 12, 14, 3)).astype(np.float32)
     modules = _applications_modules(keras)
-    assert {"mobilenet", "mobilenet_v2", "densenet", "resnet50"} <= set(modules)
+    assert {"mobilenet", "mobilenet_v2", "densenet", "resnet50", "vgg16"} <= set(modules)
     for name in modules:
         inputs = keras.Input((12, 14, 3))
         y = getattr(keras.applications, name).preprocess_input(inputs)
         model = keras.Model(inputs, keras.layers.Conv2D(4, 3, name="conv")(y))
         path = tmp_path / f"{name}.h5"
         model.save(str(path))
-        caffe = not np.allclose(model.predict(x[..., ::-1] * 0, verbose=0), model.predict(x * 0, verbose=0)) \
-            or name in ("resnet50", "resnet", "vgg16", "vgg19")
-        try:
-            got = npmobile.load_model(path)
-        except UnsupportedLayerError as error:
-            assert caffe and "'caffe' mode" in str(error), f"{framework} {name}: {error}"
-            continue
+        got = npmobile.load_model(path)
         assert_bit_close(got.predict(x), model.predict(x, verbose=0), f"{framework} {name}.preprocess_input")
+        if name in ("resnet50", "vgg16"):
+            assert {"ReverseChannels"} <= {n.op for n in got.graph.nodes} or \
+                {"GetItem", "Stack"} <= {n.op for n in got.graph.nodes}
+            assert preprocess_for(got) == "none"
+
+
+def test_other_indexing_is_refused_by_name(tmp_path):
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.Conv2D(2, 1)(inputs[:, 1:]))
+    model.save(str(tmp_path / "slice.keras"))
+    with pytest.raises(UnsupportedLayerError, match="GetItem"):
+        npmobile.load_model(tmp_path / "slice.keras")
 
 
 def test_lambda_refusal_says_what_to_use_instead(tmp_path):

@@ -113,6 +113,9 @@ def _parse_layer(raw: dict, keras_version: int, source: str) -> LayerSpec:
     name = str(raw.get("name") or config.get("name"))
     if not name or name == "None":
         raise ModelFileError(f"{source}: a layer of class {class_name} has no name")
+    if class_name == "GetItem":  # Keras 3's x[..., k] ('caffe' mode's channel flip): data, or refused by name
+        class_name, config, calls = _get_item(name, raw.get("inbound_nodes", []))
+        return LayerSpec(name=name, class_name=class_name, config=config, inbound=calls)
     try:
         calls = [_parse_call(node, keras_version) for node in raw.get("inbound_nodes", [])]
     except ModelFileError:
@@ -129,6 +132,8 @@ def _parse_layer(raw: dict, keras_version: int, source: str) -> LayerSpec:
         submodel = _parse_pipeline(name, config, keras_version, source)
     elif class_name == "TFOpLambda":
         class_name, config = _tf_op_lambda(name, config, calls)
+    elif class_name == "SlicingOpLambda" and all(call.kwargs.get("slice_spec") == CHANNEL_FLIP for call in calls):
+        class_name, config = "ReverseChannels", {"name": name}  # x[..., ::-1]: 'caffe' mode's RGB -> BGR
     elif class_name == "RandomCrop":  # what its predict computes depends on the writer (npmobile.ops.preprocessing)
         config = {**config, "npmobile_keras_version": keras_version}
     return LayerSpec(name=name, class_name=class_name, config=config, inbound=calls, submodel=submodel)
@@ -148,6 +153,30 @@ def _parse_pipeline(name: str, config: dict, keras_version: int, source: str) ->
         layers.append(layer)
     return ModelSpec(name=name, layers=layers, inputs=[TensorRef(input_name)], outputs=[TensorRef(layers[-1].name)],
                      keras_version=keras_version, source=source)
+
+
+# tf_keras's slice_spec of x[..., ::-1], the channel flip of preprocess_input's 'caffe' mode.
+CHANNEL_FLIP = [{"class_name": "__ellipsis__"}, {"start": None, "stop": None, "step": -1}]
+
+
+def _get_item(name: str, nodes: list) -> tuple[str, dict, list[CallSpec]]:
+    """Keras 3's ``x[..., k]`` (a GetItem node called with ``[tensor, [Ellipsis, k]]``) as the channel it
+    takes; any other indexing keeps only its tensors, and the layer record refuses it by name."""
+    indices, calls = set(), []
+    for node in nodes:
+        args = node.get("args", []) if isinstance(node, dict) else []
+        tensor = args[0] if args and _is_tensor(args[0]) else None
+        key = args[1] if len(args) == 2 else None
+        if (tensor is not None and isinstance(key, list) and len(key) == 2 and isinstance(key[0], dict)
+                and key[0].get("class_name") == "__ellipsis__" and isinstance(key[1], int)
+                and not isinstance(key[1], bool)):
+            indices.add(key[1])
+        else:
+            indices.add(None)
+        calls.append(_tensors_only(node))
+    if len(indices) == 1 and None not in indices:
+        return "GetItem", {"name": name, "channel": indices.pop()}, calls
+    return "GetItem", {"name": name}, calls
 
 
 def _tf_op_lambda(name: str, config: dict, calls: list[CallSpec]) -> tuple[str, dict]:

@@ -9,6 +9,9 @@
 - ``RandomCrop`` differs between the two: tf_keras's ``predict`` crops to the aspect ratio and resizes
   to the crop size; Keras 3's returns its input unchanged (although the model declares the crop size).
   npmobile does what the Keras that wrote the file does.
+- ``preprocess_input``'s 'caffe' mode flips RGB to BGR: tf_keras writes ``x[..., ::-1]`` (a SlicingOpLambda,
+  read as ReverseChannels), Keras 3 three GetItem nodes ``x[..., k]`` and a Stack; the mean subtraction
+  after it is constant arithmetic (npmobile.ops.arithmetic).
 - Layers that change the image at inference and that npmobile does not compute are refused by name,
   with the reason (``REFUSED``, listed in the README).
 """
@@ -47,14 +50,8 @@ REFUSED = {
                     "npmobile does not compute it (apply it to the images before the model)",
     "ContrastLimitedAdaptiveHistogramEqualization": "Keras 3 equalizes each image's histogram tile by tile at "
                                                     "inference; npmobile does not compute it",
-    "GetItem": "indexing a tensor (Keras 3 writes preprocess_input's 'caffe' mode, the RGB -> BGR channel flip, "
-               "as GetItem + Stack); npmobile does not run 'caffe' mode: flip the channels and subtract the "
-               "mean before the model, or use a model whose preprocessing is Rescaling or 'tf'/'torch' mode",
-    "Stack": "stacking tensors (Keras 3 writes preprocess_input's 'caffe' mode, the RGB -> BGR channel flip, "
-             "as GetItem + Stack); npmobile does not run 'caffe' mode",
-    "SlicingOpLambda": "slicing a tensor (tf_keras writes preprocess_input's 'caffe' mode, the RGB -> BGR "
-                       "channel flip, as x[..., ::-1]); npmobile does not run 'caffe' mode: flip the channels "
-                       "and subtract the mean before the model",
+    "SlicingOpLambda": "slicing a tensor; npmobile reads only the channel flip x[..., ::-1] (preprocess_input's "
+                       "'caffe' mode)",
 }
 
 
@@ -221,12 +218,63 @@ def _window_validate(node: Node, keras_version: int) -> None:
     _check_target(node)
 
 
+# --------------------------------------------------------------------------------------------------
+# 'caffe' mode's channel flip: tf_keras's x[..., ::-1]; Keras 3's x[..., 2], x[..., 1], x[..., 0] stacked
+# --------------------------------------------------------------------------------------------------
+
+
+def reverse_channels_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
+    return np.ascontiguousarray(inputs[0][..., ::-1])
+
+
+def get_item_validate(node: Node, keras_version: int) -> None:
+    channel = node.config.get("channel")
+    if not isinstance(channel, int) or isinstance(channel, bool):
+        raise UnsupportedLayerError(f"layer {node.name!r} (GetItem) indexes a tensor other than by channel "
+                                    "(x[..., k]); npmobile reads only that, as preprocess_input's 'caffe' mode "
+                                    "writes it")
+
+
+def get_item_output_shape(node: Node, inputs: list) -> tuple:
+    x = next(s for s in inputs if s is not None)
+    channel = node.config["channel"]
+    if x[-1] is not None and not -x[-1] <= channel < x[-1]:
+        raise ModelFileError(f"layer {node.name!r} (GetItem): channel {channel} of {x[-1]}")
+    return x[:-1]
+
+
+def get_item_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
+    return np.ascontiguousarray(inputs[0][..., node.config["channel"]])
+
+
+def stack_validate(node: Node, keras_version: int) -> None:
+    if node.config.get("axis", 0) != -1:
+        raise UnsupportedLayerError(f"layer {node.name!r} (Stack): npmobile stacks along the last axis only "
+                                    f"(axis=-1), not axis={node.config.get('axis', 0)!r}")
+    if not node.inputs or not all(isinstance(i, str) for i in node.inputs):
+        raise ModelFileError(f"layer {node.name!r} (Stack) stacks tensors only")
+
+
+def stack_output_shape(node: Node, inputs: list) -> tuple:
+    shapes = [s for s in inputs if s is not None]
+    if len({len(s) for s in shapes}) != 1:
+        raise ModelFileError(f"layer {node.name!r} (Stack) stacks tensors of different ranks")
+    return (*shapes[0], len(shapes))
+
+
+def stack_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
+    return np.stack(inputs, axis=-1)
+
+
 register(
     *(LayerType(name, identity_reference, identity=True) for name in IDENTITY_AT_INFERENCE),
     LayerType("Normalization", normalization_reference, normalization_output_shape, normalization_weights,
               normalization_validate),
     LayerType("Resizing", resizing_reference, resized_shape, validate=resizing_validate),
     LayerType("CenterCrop", center_crop_reference, resized_shape, validate=_window_validate),
+    LayerType("ReverseChannels", reverse_channels_reference),
+    LayerType("GetItem", get_item_reference, get_item_output_shape, validate=get_item_validate),
+    LayerType("Stack", stack_reference, stack_output_shape, validate=stack_validate),
     LayerType("RandomCrop", random_crop_reference, random_crop_output_shape, validate=_window_validate,
               identity=lambda node: not _crops_at_inference(node)),
 )
