@@ -20,7 +20,7 @@ from tutorial_models import TRANSFER_MODELS, TRANSFER_WRITERS
 
 import npmobile
 from npmobile.errors import UnsupportedLayerError
-from npmobile.opening import binary_head, carries_preprocessing, preprocess_for
+from npmobile.opening import binary_head, carries_preprocessing, preprocess_for, two_class_probabilities
 
 IDENTITY_OPS = {"Dropout", "RandomFlip", "RandomRotation", "RandomZoom", "RandomContrast", "RandomTranslation",
                 "RandomBrightness", "Cast"}
@@ -219,3 +219,17 @@ def test_verify_passes_on_keras3_mobilenet_v3_h5(keras_files):
     result = run_cli("verify", str(case.path), "--json")
     assert result.returncode == 0, result.stderr + result.stdout[-2000:]
     assert json.loads(result.stdout)["ok"]
+
+
+def test_a_sigmoid_head_is_shown_as_it_is(tmp_path):
+    import keras
+
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x))
+    model.save(str(tmp_path / "sigmoid.keras"))
+    got = npmobile.load_model(tmp_path / "sigmoid.keras")
+    x = np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 3)).astype(np.float32)
+    p = got.predict(x)
+    assert binary_head(got) == "probability"
+    np.testing.assert_allclose(two_class_probabilities(got, p), np.concatenate([1 - p, p], axis=1), atol=1e-7)
