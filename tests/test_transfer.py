@@ -46,31 +46,34 @@ def test_tutorial_graph_has_its_augmentation_and_preprocessing(transfer_models):
 
 
 @pytest.mark.parametrize("writer", TRANSFER_WRITERS)
-def test_optimized_tutorial_has_no_identities_and_folds_what_is_exact(transfer_models, writer):
-    """The augmentation and Dropout vanish; ``- 1`` is read by the stem convolution (x * 1 + (-1) is
-    x - 1 in float32); ``/ 127.5`` stays a division, since x * (1 / 127.5) rounds differently."""
+def test_optimized_tutorial_has_no_identities_and_its_preprocessing_is_in_the_stem(transfer_models, writer):
+    """The augmentation and Dropout vanish; ``x / 127.5 - 1``, which Keras's predict computes as
+    x * float32(1 / 127.5) - 1, is exactly a Rescaling: the stem convolution reads it."""
     case = transfer_models("tutorial", writer)
     model = npmobile.load_model(case.path)
     plan = model.optimized_graph()
     assert not {n.op for n in plan.nodes} & IDENTITY_OPS
-    assert [n.op for n in plan.nodes[:3]] == ["InputLayer", "TrueDivide", "Conv2D"]
-    stem = plan.nodes[2]
-    assert (stem.config["input_scale"], stem.config["input_offset"]) == (1.0, -1.0)
-    # The stem's output, with the subtraction folded in and with it run on its own: the same bits.
+    assert [n.op for n in plan.nodes[:2]] == ["InputLayer", "Conv2D"]
+    stem = plan.nodes[1]
+    assert stem.config["input_scale"] == float(np.float32(1) / np.float32(127.5)) and stem.config["input_offset"] == -1
+    assert [n.op for n in model.graph.nodes[3:5]] == ["TrueDivide", "Subtract"]
+    # The stem's output, with the preprocessing folded in and with it run on its own: the same bits.
     subtract = model.graph.nodes[4].name
     folded = model.predict(case.x, outputs=["Conv1"])["Conv1"]
     np.testing.assert_array_equal(folded, model.predict(case.x, outputs=["Conv1", subtract])["Conv1"])
 
 
 @pytest.mark.parametrize("framework", ["keras", "tf_keras"])
-def test_power_of_two_scaling_folds_into_the_stem_exactly(tmp_path, framework):
-    """``x / 128 - 1`` and ``(x - 127) * 0.5`` are exactly Rescaling's x * s + o: the stem reads them."""
+def test_constant_scaling_folds_into_the_stem_exactly(tmp_path, framework):
+    """``x / 128 - 1``, ``(x - 127) * 0.5`` and the division of ``(-x) / 127.5`` are exactly Rescaling's
+    x * s + o (as Keras's predict computes a division by a constant): the stem reads them. ``1 - x`` stays."""
     keras = importlib.import_module(framework)
     inputs = keras.Input((20, 24, 3))
     a = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="stem_a")(inputs / 128.0 - 1.0)
     b = keras.layers.Conv2D(4, 3, padding="valid", name="stem_b")((inputs - 127.0) * 0.5)
     c = keras.layers.Conv2D(4, 1, name="stem_c")(1.0 - inputs)  # constant first: stays an op
-    outputs = keras.layers.Concatenate()([keras.layers.GlobalAveragePooling2D()(t) for t in (a, b, c)])
+    d = keras.layers.Conv2D(4, 3, name="stem_d")((-inputs) / 127.5)
+    outputs = keras.layers.Concatenate()([keras.layers.GlobalAveragePooling2D()(t) for t in (a, b, c, d)])
     model = keras.Model(inputs, outputs)
     path = tmp_path / ("ops.keras" if framework == "keras" else "ops.h5")
     model.save(str(path))
@@ -79,6 +82,7 @@ def test_power_of_two_scaling_folds_into_the_stem_exactly(tmp_path, framework):
     assert plan.node("stem_a").config["input_scale"] == 1 / 128 and plan.node("stem_a").config["input_offset"] == -1
     assert plan.node("stem_b").config["input_scale"] == 0.5
     assert "input_scale" not in plan.node("stem_c").config
+    assert plan.node("stem_d").config["input_scale"] == float(np.float32(1) / np.float32(127.5))  # after -x
     x = np.random.default_rng(2).uniform(0, 255, (2, 20, 24, 3)).astype(np.float32)
     every_layer = [n.name for n in got.graph.nodes if n.op != "InputLayer"]
     np.testing.assert_array_equal(got.predict(x), got.predict(x, outputs=every_layer)[got.graph.outputs[0]])
@@ -233,3 +237,35 @@ def test_a_sigmoid_head_is_shown_as_it_is(tmp_path):
     p = got.predict(x)
     assert binary_head(got) == "probability"
     np.testing.assert_allclose(two_class_probabilities(got, p), np.concatenate([1 - p, p], axis=1), atol=1e-7)
+
+
+@pytest.mark.parametrize("framework,suffix", [("keras", ".keras"), ("keras", ".h5"), ("tf_keras", ".h5")])
+def test_elementwise_ops_with_constants_match_keras(tmp_path, framework, suffix):
+    """Op nodes / TFOpLambda arithmetic: casts to float32, negation, division either way, subtraction from a
+    constant, a per-channel vector; each one float32 operation, as Keras computes it."""
+    keras = importlib.import_module(framework)
+    inputs = keras.Input((10, 12, 3))
+    if framework == "keras":
+        ops = keras.ops
+        x = ops.cast(inputs, "float32")
+        x = ops.divide(ops.negative(x) - 3.0, 7.0)
+    else:
+        import tensorflow as tf
+
+        x = tf.cast(inputs, "float32")
+        x = tf.math.divide(tf.math.negative(x) - 3.0, 7.0)
+    x = 255.0 / (x - 0.5)
+    x = (1.0 - x) * np.array([0.25, -2.0, 3.0], np.float32) + np.array([1.0, 2.0, 3.0], np.float32)
+    model = keras.Model(inputs, keras.layers.Conv2D(2, 3, name="conv")(x))
+    path = tmp_path / f"ops{suffix}"
+    model.save(str(path))
+    got = npmobile.load_model(path)
+    assert {"Cast", "Negative", "TrueDivide", "Subtract"} <= {n.op for n in got.graph.nodes}
+    assert "Cast" not in {n.op for n in got.optimized_graph().nodes}
+    x = np.random.default_rng(8).uniform(1, 255, (2, 10, 12, 3)).astype(np.float32)
+    expected = model.predict(x, verbose=0)
+    assert_bit_close(got.predict(x), expected, f"elementwise ops {framework}{suffix}")
+    assert_bit_close(got.predict(x, reference=True), expected, "reference path")
+    probe = keras.Model(model.inputs, model.get_layer("conv").input)  # the preprocessed image itself
+    np.testing.assert_array_equal(got.predict(x, outputs=[got.graph.node("conv").inputs[0]])[
+        got.graph.node("conv").inputs[0]], probe.predict(x, verbose=0))

@@ -163,9 +163,11 @@ def fold_rescaling(graph: Graph, keep: set[str]) -> Graph:
 
 
 def _exact_affine(node: Node) -> tuple[str, float] | None:
-    """A scalar op on one tensor as ("mul", s) or ("add", o) when computing it that way gives the same
-    float32 bits: x - c is x + (-c) and -x is x * -1 by IEEE's definition; x / c is x * (1 / c) only
-    when c is a power of two (1 / c exact). ``x / 127.5`` is not, and stays a division."""
+    """A scalar op on one tensor as ("mul", s) or ("add", o) where computing it that way gives the same
+    float32 bits: x - c is x + (-c) and -x is x * -1 by IEEE's definition, and x / c is, as Keras's
+    predict computes it, x * (1 / c) (npmobile.ops.arithmetic). ``c - x`` and ``c / x`` are not."""
+    from npmobile.ops.arithmetic import divisor_constant, reciprocal
+
     tensors = [i for i in node.inputs if isinstance(i, str)]
     scalars = [i for i in node.inputs if isinstance(i, float)]
     if node.op == "Negative" and len(tensors) == 1 and len(node.inputs) == 1:
@@ -179,17 +181,14 @@ def _exact_affine(node: Node) -> tuple[str, float] | None:
         return ("mul", c)
     if node.op == "Subtract" and tensor_first:
         return ("add", -c)
-    if node.op == "TrueDivide" and tensor_first and c != 0 and np.isfinite(c):
-        mantissa, _ = np.frexp(c)
-        inverse = np.float32(1.0) / np.float32(c)
-        if abs(mantissa) == 0.5 and np.isfinite(inverse) and inverse != 0 and np.frexp(inverse)[0] in (0.5, -0.5):
-            return ("mul", float(inverse))
+    if node.op == "TrueDivide" and divisor_constant(node) is not None:
+        return ("mul", reciprocal(c))
     return None
 
 
 def scalar_ops_to_rescaling(graph: Graph, keep: set[str]) -> Graph:
-    """Constant arithmetic right before a convolution (``x / 2 - 1`` written as op nodes, or
-    preprocess_input's subtraction) becomes a Rescaling, which fold_rescaling then folds into the
+    """Constant arithmetic right before a convolution (``x / 127.5 - 1``, preprocess_input's 'tf' mode,
+    written as op nodes or TFOpLambda layers) becomes a Rescaling, which fold_rescaling then folds into the
     convolution's input: a multiply and an add after it, or either alone, are Rescaling(s, o)'s
     x * s + o with the same two float32 roundings. Only ops that feed a convolution (through one
     another) are touched: the constant adds inside hard-swish and squeeze-excite are other passes' patterns."""
