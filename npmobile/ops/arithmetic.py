@@ -25,6 +25,7 @@ import numpy as np
 from npmobile.errors import ModelFileError, UnsupportedLayerError
 from npmobile.ops import Binder, LayerType, register
 from npmobile.ops.merge import broadcast_shape
+from npmobile.ops.reshaping import identity_reference
 
 if TYPE_CHECKING:
     from npmobile.graph import Node
@@ -46,7 +47,7 @@ def elementwise_shape(node: Node, inputs: list) -> tuple:
     """Broadcasting of the tensors; a vector constant must hold one value per channel (or one value)."""
     shape = broadcast_shape(node, inputs)
     for constant in constants(node):
-        if isinstance(constant, tuple) and len(constant) not in (1, shape[-1]):
+        if isinstance(constant, tuple) and shape[-1] is not None and len(constant) not in (1, shape[-1]):
             raise ModelFileError(f"layer {node.name!r} ({node.op}): a constant of {len(constant)} values does "
                                  f"not fit {shape[-1]} channels")
     return shape
@@ -57,6 +58,9 @@ def _dtype_of(inputs) -> np.dtype:
 
 
 def binary_reference(function):
+    """The reference of an elementwise op: ``function`` applied left to right over the inputs, constants
+    as float32 values (widened to the tensors' dtype on the float64 reference path)."""
+
     def reference(node: Node, inputs, keras_version: int) -> np.ndarray:
         dtype = _dtype_of(inputs)
         y = operand(inputs[0], dtype)
@@ -133,10 +137,6 @@ def cast_validate(node: Node, keras_version: int) -> None:
     if dtype != "float32":
         raise UnsupportedLayerError(f"layer {node.name!r} casts to {dtype!r}; npmobile runs float32 models and "
                                     "reads only a cast to float32 (the identity)")
-
-
-def identity_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
-    return inputs[0]
 
 
 register(

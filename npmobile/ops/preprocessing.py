@@ -25,6 +25,7 @@ import numpy as np
 from npmobile.errors import ModelFileError, UnsupportedLayerError
 from npmobile.kernels import reference as ref
 from npmobile.ops import LayerType, register
+from npmobile.ops.reshaping import identity_reference
 
 if TYPE_CHECKING:
     from npmobile.graph import Node
@@ -53,10 +54,6 @@ REFUSED = {
     "SlicingOpLambda": "slicing a tensor; npmobile reads only the channel flip x[..., ::-1] (preprocess_input's "
                        "'caffe' mode)",
 }
-
-
-def identity_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
-    return inputs[0]
 
 
 # --------------------------------------------------------------------------------------------------
