@@ -185,6 +185,8 @@ def _tf_op_lambda(name: str, config: dict, calls: list[CallSpec]) -> tuple[str, 
     op = TF_OP_LAMBDAS.get(config.get("function"))
     if op is None or not calls or any(len(call.tensors()) != 1 for call in calls):
         return "TFOpLambda", config
+    if any(call.kwargs.get("data_format", "NHWC") != "NHWC" for call in calls):  # bias_add on channels first
+        return "TFOpLambda", config
     if op == "Cast":
         if any(call.kwargs.get("dtype") != "float32" for call in calls):
             return "TFOpLambda", config
@@ -242,9 +244,6 @@ def _parse_call(node: Any, keras_version: int) -> CallSpec:
             args.append(TensorRef(str(other[0]), int(other[1]), int(other[2])))
         else:
             args.append(_constant(other))
-    if kwargs.get("data_format", "NHWC") != "NHWC":
-        raise ModelFileError(f"unsupported bias_add data_format {kwargs['data_format']!r}")
-    kwargs.pop("data_format", None)
     return CallSpec(args=args, kwargs={k: v for k, v in kwargs.items() if k != "name"})
 
 
