@@ -33,11 +33,11 @@ import numba
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from npmobile.kernels import reference as R
+from npmobile.kernels import reference as ref
 from npmobile.kernels.activations import ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6
 from npmobile.kernels.conv import conv2d, indirection_table
 from npmobile.kernels.depthwise import depthwise_conv2d
-from npmobile.kernels.gemm import AVX512, VARIANTS, choose_variant
+from npmobile.kernels.gemm import AVX512, choose_tile
 from npmobile.kernels.pointwise import (
     gemm_matmul,
     gemm_tiles,
@@ -49,9 +49,10 @@ from npmobile.kernels.pointwise import (
 from npmobile.kernels.pooling import average_pool_rows, global_average_pool
 from npmobile.kernels.squeeze_excite import squeeze_excite
 from npmobile.kernels.threads import thread_limits
+from npmobile.profiling import measure_machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
-REFERENCE_ACT = {ACT_RELU6: R.relu6, ACT_HARD_SWISH: R.hard_swish}
+REFERENCE_ACT = {ACT_RELU6: ref.relu6, ACT_HARD_SWISH: ref.hard_swish}
 rng = np.random.default_rng(0)
 
 
@@ -66,18 +67,18 @@ def rand(*shape, scale=1.0):
 
 def depthwise_case(h, c, k, s, pads, act=ACT_RELU6, label=""):
     (top, bottom), (left, right) = pads
-    oh, ow = R.conv_output_size(h, k, s, (top, bottom)), R.conv_output_size(h, k, s, (left, right))
+    oh, ow = ref.conv_output_size(h, k, s, (top, bottom)), ref.conv_output_size(h, k, s, (left, right))
     x, ker, b = rand(1, h, h, c), rand(k, k, c), rand(c)
     out = np.empty((1, oh, oh, c), np.float32)
     run = depthwise_conv2d.bind(x, ker, b, out, s, s, top, left, act)  # as the plan calls it
-    finish = R.hard_swish if act == ACT_HARD_SWISH else R.relu6
+    finish = ref.hard_swish if act == ACT_HARD_SWISH else ref.relu6
     return (
         f"depthwise {h}x{h}x{c} k{k} s{s}" + label,
         2 * oh * ow * c * k * k,
         {
             "numba": (lambda: depthwise_conv2d(x, ker, b, out, s, s, top, left, act), "numba"),
             "plan's bound call": (run, "numba"),
-            "reference": (lambda: finish(R.depthwise_conv2d(x, ker[..., None], b, (s, s), pads)), "blas"),
+            "reference": (lambda: finish(ref.depthwise_conv2d(x, ker[..., None], b, (s, s), pads)), "blas"),
         },
     )
 
@@ -97,7 +98,7 @@ def pointwise_case(hw, cin, cout, residual=False, label=""):
     act = ACT_NONE if residual else ACT_RELU6
     x2, plain = x.reshape(-1, cin), np.empty((hw * hw, cout), np.float32)
     packed = prepare_weights(w, b, hw * hw)  # as the plan does, once
-    mr, nr, _ = VARIANTS[choose_variant(hw * hw, cout)]
+    mr, nr, _ = choose_tile(hw * hw, cout)
     return (
         f"pointwise {hw}x{hw} {cin}->{cout}" + (" +res" if residual else "") + label,
         2 * hw * hw * cin * cout,
@@ -108,7 +109,7 @@ def pointwise_case(hw, cin, cout, residual=False, label=""):
                                                        None if res is None else res.reshape(-1, cout)), "numba"),
             "numba gemm": (lambda: pointwise_conv2d_numba(x, w, b, out, act, res), "numba"),
             "np.matmul only": (lambda: np.matmul(x2, w, out=plain), "blas"),
-            "reference": (lambda: R.relu6(R.pointwise_conv2d(x, w, b)), "blas"),
+            "reference": (lambda: ref.relu6(ref.pointwise_conv2d(x, w, b)), "blas"),
         },
     )
 
@@ -120,7 +121,7 @@ def stem_case(cout, act, scale, offset, label):
     pads = ((0, 1), (0, 1))
     rows = 112 * 112
     packed = prepare_weights(ker.reshape(27, cout), b, rows)  # the plan's weights, table and scratch, made once
-    table = indirection_table(224, 224, 3, 112, 112, 3, 3, 2, 2, 0, 0, 1, 1, VARIANTS[packed.variant][0])
+    table = indirection_table(224, 224, 3, 112, 112, 3, 3, 2, 2, 0, 0, 1, 1, packed.tile.mr)
     rescaled, patches = np.empty(x.size, np.float32), np.empty(rows * 27, np.float32)
     reference = REFERENCE_ACT[act]
     return (
@@ -133,7 +134,7 @@ def stem_case(cout, act, scale, offset, label):
                                               packed, indirect=False), "numba"),
             "im2col+blas tiles": (lambda: conv2d(x, ker, b, out, 2, 2, 0, 0, act, 1, 1, scale, offset, patches),
                                   "numba"),
-            "reference": (lambda: reference(R.conv2d(R.rescale(x, scale, offset), ker, b, (2, 2), pads)), "blas"),
+            "reference": (lambda: reference(ref.conv2d(ref.rescale(x, scale, offset), ker, b, (2, 2), pads)), "blas"),
         },
     )
 
@@ -146,7 +147,7 @@ def se_case(hw, c, cr):
         2 * hw * hw * c + 4 * c * cr,
         {
             "numba": (lambda: squeeze_excite(x, w1, b1, w2, b2, out), "numba"),
-            "reference": (lambda: R.squeeze_excite(x, w1, b1, w2, b2), "blas"),
+            "reference": (lambda: ref.squeeze_excite(x, w1, b1, w2, b2), "blas"),
         },
     )
 
@@ -163,7 +164,7 @@ def gap_dense_cases():
             7 * 7 * 1280,
             {
                 "numba": (lambda: global_average_pool(x, pooled), "numba"),
-                "reference": (lambda: R.global_average_pool(x), "blas"),
+                "reference": (lambda: ref.global_average_pool(x), "blas"),
             },
         ),
         (
@@ -172,7 +173,7 @@ def gap_dense_cases():
             {
                 "ukernel 1x128": (lambda: pointwise_conv2d(pooled, packed, None, logits, ACT_NONE), "numba"),
             "blas tiles": (lambda: blas_tiles(pooled, w, b, logits, ACT_NONE), "numba"),
-                "reference": (lambda: R.dense(pooled, w, b), "blas"),
+                "reference": (lambda: ref.dense(pooled, w, b), "blas"),
             },
         ),
     ]
@@ -365,7 +366,12 @@ def main() -> None:
     env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
                                           "NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
     print(f"numba {numba.__version__} ({numba.config.THREADING_LAYER} layer), numpy {np.__version__}, BLAS {blas}")
-    print(f"env {env}; microkernel variants for {'AVX-512' if AVX512 else 'AVX2'}\n")
+    print(f"env {env}; microkernel tiles for {'AVX-512' if AVX512 else 'AVX2'}")
+    # The roof `npmobile profile --roofline` draws, from the same function: what the GF columns compare with.
+    roofs = {n: measure_machine(n) for n in (1, 2)}
+    for machine in roofs.values():
+        print(f"roof: {machine.describe()}")
+    print()
 
     results = []
     header = f"{'case':42s} {'candidate':16s} {'1 thread':>18s} {'2 threads':>18s} {'x ref (1t)':>10s}"
@@ -399,6 +405,8 @@ def main() -> None:
                     "platform": platform.platform(), "python": platform.python_version()},
         "numba": numba.__version__, "numpy": np.__version__, "blas": blas, "env": env,
         "rounds": args.rounds, "kernels": results, "pipeline": pipelines,
+        "roof": {n: {"peak_gflops": m.peak_gflops, "bandwidth_gbs": m.bandwidth_gbs, "memory_gbs": m.memory_gbs}
+                 for n, m in roofs.items()},
     }, indent=1))
     print(f"\nwrote {path}")
 

@@ -30,6 +30,18 @@ and feature flags), the kernel sources and the threading layer, and looked for i
 ``NPMOBILE_KERNELS=jit`` to use the JIT regardless (then nothing is built in the background either). Any
 other ``NUMBA_*`` setting than the thread count and the cache directory (a CPU target, an optimization level,
 ...) also means the JIT: the AOT module was built without it.
+
+A module is native code, so it is checked before it is loaded (``verify_module``): the cache folder, the key
+folder and the files are not symlinks, belong to this user or root and are writable by nobody else
+(``private_enough``), and the module's size and SHA-256, which the build writes into the manifest once the
+module is complete, match. The bytes checked are the bytes loaded: a private in-memory copy (``_private_copy``),
+so a module cut short in place afterwards cannot fault the process. A module that fails costs one line on
+stderr (``rejected`` says why, and whether the command line's next background build replaces it); the JIT runs.
+
+The JIT twin's package (``_JitPackage``) can be imported by any process, not only by an AOT one: the twin and the
+kernels it stands for share Numba's on-disk cache, and an entry the twin compiled names the twin's module.
+Where Numba finds no folder it may write its cache to (a read-only install, home and NUMBA_CACHE_DIR), the
+kernels compile in memory (``njit`` here, said in one line).
 """
 
 from __future__ import annotations
@@ -41,9 +53,14 @@ import importlib.util
 import json
 import os
 import platform
+import stat
 import sys
+import tempfile
+import threading
 from functools import partial
 from pathlib import Path
+
+from . import cpus
 
 KERNELS_DIR = Path(__file__).resolve().parent
 # The kernel files imported again in JIT mode, for the calls the AOT module has no signature for.
@@ -127,21 +144,169 @@ def aot_wanted() -> bool:
 # --- the AOT module, loaded without Numba ---------------------------------------------------------------
 
 def default_thread_count() -> int:
-    """Numba's NUMBA_NUM_THREADS: the environment's, else the cores this process may run on."""
-    if os.environ.get("NUMBA_NUM_THREADS"):
-        return int(os.environ["NUMBA_NUM_THREADS"])
+    """The thread pool's size: NUMBA_NUM_THREADS when set, else the CPUs this process may use (its affinity
+    mask and cgroup CPU quota, kernels/cpus.py). Made Numba's setting too, so that a Numba imported later
+    (the JIT twin, or the JIT itself) starts a pool of the same size."""
+    cpus.set_numba_default()
+    return cpus.default_thread_count()
+
+
+class ModuleRejected(Exception):
+    """A built module that is there but may not be used: why (naming the file), and whether a new build
+    replaces it (a damaged module or key folder: yes; a cache folder others may write to: no, a build would
+    land in the same folder)."""
+
+    def __init__(self, reason: str, rebuild: bool = True):
+        super().__init__(reason)
+        self.rebuild = rebuild
+
+
+# Why the module in the kernel cache was not used (None: it was, or there is none); the command line's
+# background build (npmobile/cli/build_kernels.py) rebuilds it when ``rebuild`` says so.
+rejected: ModuleRejected | None = None
+# A manifest is a few hundred kilobytes at most; anything far larger is not one.
+_MAX_MANIFEST_BYTES = 16 * 2**20
+
+
+def private_enough(st: os.stat_result) -> str | None:
+    """Why a file or folder with this stat may not hold code npmobile loads, or None: it must belong to this
+    user or to root (a module built into a container image at build time) and be writable by nobody else."""
+    if st.st_uid not in (os.geteuid(), 0):
+        return f"it belongs to another user (uid {st.st_uid})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"others may write to it (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _read_nofollow(name: str, dir_fd: int, limit: int | None = None) -> tuple[bytes, os.stat_result]:
+    """The bytes of ``name`` in the folder ``dir_fd`` (never through a symlink) and its stat, taken from the
+    open file: what is checked is what is read."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), dir_fd=dir_fd)
     try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return os.cpu_count() or 1
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{name} is not a regular file")
+        size = st.st_size if limit is None else min(st.st_size, limit)
+        chunks, read = [], 0
+        while read < size:
+            chunk = os.read(fd, min(size - read, 1 << 22))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            read += len(chunk)
+        return b"".join(chunks), st
+    finally:
+        os.close(fd)
+
+
+def verify_module(directory: Path) -> tuple[dict, bytes] | None:
+    """The manifest and the bytes of the module in ``directory`` (kernel_cache_dir() / key) once checked, or
+    None when no module is built there. Raises ModuleRejected when one is there but may not be used:
+
+    - the cache folder and the key folder are real folders, not symlinks, and they, the manifest and the module
+      belong to this user or root and are writable by nobody else (``private_enough``);
+    - the manifest names this key, and the module's size and SHA-256, written by the build once the module was
+      complete, match the bytes read here -- the bytes then loaded (``_private_copy``), so a file changed or cut
+      short after this check cannot reach the loader.
+    """
+    root = directory.parent
+    try:
+        root_stat = os.lstat(root)
+    except OSError:
+        return None
+    if stat.S_ISLNK(root_stat.st_mode):
+        raise ModuleRejected(f"the kernel cache {root} is a symlink (give its real path)", rebuild=False)
+    if not stat.S_ISDIR(root_stat.st_mode):
+        return None
+    why = private_enough(root_stat)
+    if why is not None:
+        raise ModuleRejected(f"the kernel cache {root}: {why}", rebuild=False)
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise ModuleRejected(f"{directory}: not a folder npmobile may load from ({error.strerror})") from None
+    try:
+        why = private_enough(os.fstat(dir_fd))
+        if why is not None:
+            raise ModuleRejected(f"{directory}: {why}")
+        try:
+            text, st = _read_nofollow(MANIFEST, dir_fd, _MAX_MANIFEST_BYTES)
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise ModuleRejected(f"{directory / MANIFEST}: cannot be read ({error})") from None
+        why = private_enough(st)
+        if why is not None:
+            raise ModuleRejected(f"{directory / MANIFEST}: {why}")
+        try:
+            manifest = json.loads(text)
+            expected = manifest["module"]
+            name, size, digest = expected["file"], int(expected["bytes"]), str(expected["sha256"])
+        except (ValueError, KeyError, TypeError):
+            raise ModuleRejected(f"{directory / MANIFEST}: not a manifest this npmobile wrote (no checksum)") from None
+        if manifest.get("key") != directory.name:
+            return None
+        if name != MODULE_NAME + importlib.machinery.EXTENSION_SUFFIXES[0]:
+            raise ModuleRejected(f"{directory / MANIFEST}: names a module file {name!r}")
+        path = directory / name
+        try:
+            data, st = _read_nofollow(name, dir_fd, size + 1)
+        except OSError as error:
+            raise ModuleRejected(f"{path}: cannot be read ({error.strerror or error})") from None
+        why = private_enough(st)
+        if why is not None:
+            raise ModuleRejected(f"{path}: {why}")
+        if len(data) != size:
+            raise ModuleRejected(f"{path}: {len(data)} bytes where its build wrote {size} (cut short or changed)")
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ModuleRejected(f"{path}: its bytes do not match the checksum its build wrote (damaged or changed)")
+        return manifest, data
+    finally:
+        os.close(dir_fd)
+
+
+def _private_copy(data: bytes) -> tuple[str, object]:
+    """A path to a copy of ``data`` that only this process can reach (an anonymous memory file on Linux, else a
+    file in a private temporary folder, removed by the returned cleanup once loaded): the loader maps what was
+    checked, and a module file cut short meanwhile cannot make it fault (SIGBUS)."""
+    if hasattr(os, "memfd_create"):
+        try:
+            fd = os.memfd_create(MODULE_NAME, getattr(os, "MFD_CLOEXEC", 0))
+        except OSError:
+            fd = None
+        if fd is not None:
+            with open(fd, "wb", closefd=False) as f:
+                f.write(data)
+            return f"/proc/self/fd/{fd}", lambda: os.close(fd)
+    folder = tempfile.mkdtemp(prefix="npmobile-kernels-")
+    path = os.path.join(folder, MODULE_NAME + importlib.machinery.EXTENSION_SUFFIXES[0])
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o700)
+    with open(fd, "wb") as f:
+        f.write(data)
+
+    def remove() -> None:
+        os.unlink(path)
+        os.rmdir(folder)
+
+    return path, remove
 
 
 class _Loaded:
     """The AOT module with its manifest and the threading layer's functions."""
 
-    def __init__(self, directory: Path, manifest: dict):
+    def __init__(self, directory: Path, manifest: dict, data: bytes):
         suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-        path = directory / (MODULE_NAME + suffix)
+        path, cleanup = _private_copy(data)
+        try:
+            self._load(path, manifest, suffix)
+        finally:
+            cleanup()  # what is loaded stays mapped
+        self.manifest = manifest
+        self.directory = directory
+
+    def _load(self, path: str, manifest: dict, suffix: str) -> None:
         # 1. The threading layer Numba's JIT uses, as a library whose symbols the kernels' parallel loops link
         #    to (the scheduler: do_scheduling_signed, ...), and as a Python extension (its init gives the
         #    addresses of parallel_for, get/set_num_threads, launch_threads). numba itself is not imported.
@@ -153,7 +318,7 @@ class _Loaded:
         layer = importlib.util.module_from_spec(spec)
         # 2. The module's own C shim (kernels/aot_shim.c) forwards numba_parallel_for, get_num_threads and
         #    npmobile_sgemm, which no library exports, to those addresses.
-        self.shim = ctypes.CDLL(str(path))
+        self.shim = ctypes.CDLL(path)
         self.shim.npm_set_threading(ctypes.c_void_p(layer.parallel_for), ctypes.c_void_p(layer.get_num_threads))
         # 3. Start the pool as Numba does (NUMBA_NUM_THREADS threads), then load the kernels.
         self.max_threads = default_thread_count()
@@ -161,26 +326,38 @@ class _Loaded:
         self.set_num_threads = ctypes.CFUNCTYPE(None, ctypes.c_int)(layer.set_num_threads)
         self.get_num_threads = ctypes.CFUNCTYPE(ctypes.c_int)(layer.get_num_threads)
         self.set_num_threads(self.max_threads)
-        spec = importlib.util.spec_from_file_location(MODULE_NAME, path)
+        loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, path)
+        spec = importlib.util.spec_from_file_location(MODULE_NAME, path, loader=loader)
         self.module = importlib.util.module_from_spec(spec)
-        self.manifest = manifest
-        self.directory = directory
+
+
+def _say_rejected(why: ModuleRejected) -> None:
+    """The one line a run prints about a module it may not use (the library's only output: a user whose
+    fast start-up silently went away would never learn why)."""
+    after = ("; the next command-line run builds a new one" if why.rebuild and os.environ.get("NPMOBILE_AUTO_BUILD")
+             != "0" else "")
+    if sys.stderr is not None:  # none at all under pythonw or a detached service
+        sys.stderr.write(f"npmobile: kernel module not used: {why}; the kernels run on Numba's JIT{after}\n")
 
 
 def _load() -> _Loaded | None:
-    """The current AOT module if one is built and wanted, else None (then the JIT is used)."""
+    """The current AOT module if one is built, checked and wanted, else None (then the JIT is used)."""
+    global rejected
     if not aot_wanted():
         return None
     directory = module_dir()
     try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    if manifest.get("key") != directory.name:
-        return None
-    try:
-        return _Loaded(directory, manifest)
-    except (OSError, ImportError, AttributeError, KeyError, TypeError):  # a damaged module, a Numba moved: the JIT
+        found = verify_module(directory)
+        if found is None:
+            return None
+        try:
+            return _Loaded(directory, *found)
+        except (OSError, ImportError, AttributeError, KeyError, TypeError) as error:  # a Numba moved, ...
+            raise ModuleRejected(f"{directory}: cannot be loaded ({type(error).__name__}: {error})"
+                                 .splitlines()[0]) from None
+    except ModuleRejected as why:
+        rejected = why
+        _say_rejected(why)
         return None
 
 
@@ -191,20 +368,63 @@ AOT = _loaded is not None
 
 # --- the JIT twin ---------------------------------------------------------------------------------------
 
-def jit_twin(module: str, qualname: str):
-    """The JIT-compiled object that stands where ``module.qualname`` stands, from the kernel files imported
-    again in JIT mode under JIT_PACKAGE (the first call imports Numba and those files)."""
-    if JIT_PACKAGE not in sys.modules:
-        package = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(JIT_PACKAGE, None, is_package=True))
-        package.__path__ = [str(KERNELS_DIR)]
-        sys.modules[JIT_PACKAGE] = package
-        if AOT:  # Numba starts its side of the threading layer now, which resets this thread's count: keep it
-            threads = get_num_threads()
+class _JitPackage:
+    """Finds and makes JIT_PACKAGE, the kernel files' folder as a package of its own whose modules (and their
+    ``from .backend import ...``) are always in JIT mode, in any process that imports it.
+
+    Not only the JIT twin imports it: Numba's on-disk cache is shared by the twin and the kernels it stands
+    for (one source file, one cache entry), and an entry the twin compiled names the twin's module, which
+    Numba imports when it loads the entry -- in a later run on the JIT, or in a kernel build, too.
+    """
+
+    npmobile_jit_package = True
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name != JIT_PACKAGE:
+            return None
+        spec = importlib.machinery.ModuleSpec(JIT_PACKAGE, _JitPackage, is_package=True)
+        spec.submodule_search_locations = [str(KERNELS_DIR)]
+        return spec
+
+    @staticmethod
+    def create_module(spec):
+        return None
+
+    @staticmethod
+    def exec_module(module) -> None:
+        pass
+
+
+if not __name__.startswith(JIT_PACKAGE) and not any(getattr(f, "npmobile_jit_package", False)
+                                                     for f in sys.meta_path):
+    sys.meta_path.append(_JitPackage)
+
+# Held while the first JIT twin is imported: two threads reaching their first fallback at once must not
+# start Numba's pool twice or see the thread count reset meanwhile.
+_TWIN_LOCK = threading.RLock()
+_twin_started = False
+
+
+def jit_module(stem: str):
+    """The kernel file ``kernels/<stem>.py`` imported again in JIT mode, under JIT_PACKAGE (the first call
+    imports Numba)."""
+    global _twin_started
+    with _TWIN_LOCK:
+        if not _twin_started and AOT:  # Numba starts its side of the threading layer now, which resets this
+            threads = get_num_threads()  # thread's count: keep it
             import numba
 
             numba.get_num_threads()
             set_num_threads(threads)
-    found = importlib.import_module(JIT_PACKAGE + "." + module.rpartition(".")[2])
+        _twin_started = True
+        return importlib.import_module(f"{JIT_PACKAGE}.{stem}")
+
+
+def jit_twin(module: str, qualname: str):
+    """The JIT-compiled object that stands where ``module.qualname`` stands, from the kernel files imported
+    again in JIT mode under JIT_PACKAGE (``jit_module``)."""
+    found = jit_module(module.rpartition(".")[2])
     for part in qualname.split("."):
         found = getattr(found, part)
     return found
@@ -317,9 +537,8 @@ if AOT:
         AOT module's copy, else the JIT twin's cfunc."""
         name = f"{function.__module__}.{function.__qualname__}"
         symbol = _loaded.manifest["cfuncs"].get(name)
-        if symbol is None:
-            twin_backend = importlib.import_module(JIT_PACKAGE + ".backend")
-            return twin_backend.int64_cfunc(jit_twin(function.__module__, function.__qualname__), nargs)
+        if symbol is None:  # a row kernel the build's workload never ran: the JIT twin's backend makes it
+            return jit_module("backend").int64_cfunc(jit_twin(function.__module__, function.__qualname__), nargs)
         return ctypes.cast(getattr(_loaded.shim, symbol), ctypes.c_void_p).value
 
     def add_symbol(name: str, address: int) -> None:
@@ -333,9 +552,40 @@ if AOT:
             llvm.add_symbol(name, address)
 
 else:
+    default_thread_count()  # NUMBA_NUM_THREADS set before Numba reads it
     import numba
-    from numba import njit, prange  # noqa: F401  (the kernel modules' compiler)
+    from numba import prange  # noqa: F401  (the kernel modules' compiler)
     from numba.extending import intrinsic  # noqa: F401
+
+    _said_uncached = False
+
+    def _cached_or_in_memory(compile_cached, compile_uncached):
+        """``compile_cached()``, or ``compile_uncached()`` when Numba finds no folder it may write its cache to
+        (a read-only site-packages, home and NUMBA_CACHE_DIR: "cannot cache function ...: no locator
+        available"): the kernels then compile in memory for this process, said once on stderr."""
+        global _said_uncached
+        try:
+            return compile_cached()
+        except RuntimeError as error:
+            if "no locator available" not in str(error):
+                raise
+            if not _said_uncached and sys.stderr is not None:
+                _said_uncached = True
+                sys.stderr.write("npmobile: no writable folder for Numba's kernel cache (site-packages, home and "
+                                 "NUMBA_CACHE_DIR are read-only): the kernels compile in memory for this process; "
+                                 "set NUMBA_CACHE_DIR to a writable folder, or build the kernels ahead of time "
+                                 "(README, 'Read-only deployments')\n")
+            return compile_uncached()
+
+    def njit(*args, **options):
+        """numba.njit, but ``cache=True`` falls back to compiling in memory where nothing can be cached."""
+        if args and callable(args[0]):
+            return njit(**options)(args[0])
+        if not options.get("cache"):
+            return numba.njit(*args, **options)
+        uncached = {**options, "cache": False}
+        return lambda function: _cached_or_in_memory(lambda: numba.njit(*args, **options)(function),
+                                                     lambda: numba.njit(*args, **uncached)(function))
 
     # ``jit_thread_count()``, in compiled code: the caller's Numba thread count. numba.get_num_threads()
     # would embed a pointer into the threading library and keep the kernel out of Numba's on-disk cache;
@@ -352,9 +602,15 @@ else:
     get_num_threads = numba.get_num_threads
     set_num_threads = numba.set_num_threads
 
+    _thread_limit: list[int] = []
+
     def max_threads() -> int:
-        """The most threads Numba can use in this process (NUMBA_NUM_THREADS, default: the core count)."""
-        return int(numba.config.NUMBA_NUM_THREADS)
+        """The most threads the kernels may use in this process: Numba's pool (NUMBA_NUM_THREADS), capped by
+        the CPUs this process may use unless NUMBA_NUM_THREADS asks for more (a Numba imported before
+        npmobile sized its pool by the core count alone)."""
+        if not _thread_limit:
+            _thread_limit.append(min(int(numba.config.NUMBA_NUM_THREADS), cpus.default_thread_count()))
+        return _thread_limit[0]
 
     def target_has_avx512() -> bool:
         """Whether the code Numba compiles may use AVX-512 (NUMBA_CPU_NAME/FEATURES, else the host)."""
@@ -368,14 +624,19 @@ else:
 
     # function -> its numba.cfunc, made on first use (kernels/build.py exports each one made).
     CFUNCS: dict = {}
+    _CFUNCS_LOCK = threading.Lock()
 
     def int64_cfunc(function, nargs: int) -> int:
         """The address of ``function`` compiled as a C function of ``nargs`` int64 arguments that returns
-        nothing (a numba.cfunc: compiled, or loaded from Numba's cache, on first use)."""
-        compiled = CFUNCS.get(function)
-        if compiled is None:
-            compiled = numba.cfunc(numba.types.void(*([numba.types.int64] * nargs)), cache=True)(function)
-            CFUNCS[function] = compiled
+        nothing (a numba.cfunc: compiled, or loaded from Numba's cache, on first use; once, whichever threads
+        ask at the same time)."""
+        with _CFUNCS_LOCK:
+            compiled = CFUNCS.get(function)
+            if compiled is None:
+                sig = numba.types.void(*([numba.types.int64] * nargs))
+                compiled = _cached_or_in_memory(lambda: numba.cfunc(sig, cache=True)(function),
+                                                lambda: numba.cfunc(sig)(function))
+                CFUNCS[function] = compiled
         return compiled.address
 
     def add_symbol(name: str, address: int) -> None:

@@ -48,7 +48,7 @@ from . import blas
 from .activations import ACT_NONE
 from .backend import njit, prange
 from .entry import calls_blas, entry, in_order
-from .gemm import INDIRECT_CIN, INDIRECT_VARIANTS, MR, PackedWeights, gemm_packed, igemm_packed
+from .gemm import INDIRECT_CIN, INDIRECT_TILES, PackedWeights, gemm_packed, igemm_packed
 from .pointwise import TILES_PER_IMAGE, epilogue_rows, gemm_matmul, tile_shape
 
 
@@ -208,8 +208,8 @@ def conv2d(
         raise ValueError(f"conv2d: packed weights [{packed.k}, {packed.n}] do not fit kernel {kernel.shape}")
     microkernel = packed is not None and x.flags.c_contiguous and o2.flags.c_contiguous
     if (microkernel and indirect and x.dtype == np.float32 and fits_indirection(x.shape)
-            and packed.variant in INDIRECT_VARIANTS):
-        mr = MR[packed.variant]
+            and packed.tile in INDIRECT_TILES):
+        mr = packed.tile.mr
         if table is None:
             table = indirection_table(x.shape[1], x.shape[2], cin, oh, ow, kh, kw, stride_h, stride_w, pad_top,
                                       pad_left, dilation_h, dilation_w, mr)

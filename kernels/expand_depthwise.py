@@ -4,7 +4,7 @@
     call = expand_depthwise.bind(...)       # checked once (what a plan does), then call() (kernels/entry.py)
 
 x        [N, H, W, Cin]   float32, C-contiguous: the block's input
-packed   the 1x1 layer's [Cin, C] weights and bias, packed for the microkernel (kernels/gemm.py ``pack``)
+packed   the 1x1 layer's [Cin, C] weights and bias, packed for the microkernel's ``TILE`` (kernels/gemm.py ``pack``)
 kernel   [K, K, C]        float32, the depthwise kernel (K = 3 or 5), bias [C]
 out      [N, OH, OW, C]   float32, C-contiguous, preallocated
 scratch  [T, R*W, C]      float32: one band of R rows of the 1x1 layer's output per thread (``band_rows``)
@@ -21,7 +21,7 @@ again (the window's overlap) are moved up, not recomputed.
 
 Same bits as the two layers run one after the other (tests/test_expand_depthwise.py): each value of
 the 1x1 layer is the microkernel's FMA chain whatever the rows around it (kernels/gemm.py), and each
-depthwise output is ``vector_row``'s (kernels/depthwise.py), reading the same values from elsewhere.
+depthwise output is ``vector_row``'s (kernels/depthwise_drivers.py), reading the same values from elsewhere.
 The threads take equal runs of output rows (numbered over the batch's images); the answer does not
 depend on how many.
 
@@ -29,7 +29,8 @@ The NumPy twin is the two reference kernels in a row: reference.pointwise_conv2d
 reference.depthwise_conv2d.
 
 (Numba's on-disk cache is checked against each kernel file alone: this file's compiled code inlines
-depthwise.py's ``vector_row``, so after editing that, clear kernels/__pycache__/*.nb* in a checkout.
+depthwise_drivers.py's ``vector_row`` and gemm_drivers.py's ``register_tiles``, so after editing those,
+clear kernels/__pycache__/*.nb* in a checkout.
 An install replaces every file, and ``npmobile build-kernels`` keys its module on all of them.)
 """
 
@@ -41,14 +42,18 @@ from functools import partial
 import numpy as np
 
 from .backend import njit, prange
-from .depthwise import VECTOR_ACTS, _tap_range, by_pixel_order, row_kernel, vector_row, whole_columns
+from .depthwise_drivers import RowLayer, vector_row, whole_columns
+from .depthwise_loops import tap_range
+from .depthwise_row_kernels import row_kernel
+from .depthwise_rules import VECTOR_ACTS, VECTOR_SIZES, by_pixel_order
 from .entry import entry
-from .gemm import COMPILED_VARIANTS, MR, PackedWeights, register_tiles
+from .gemm import COMPILED_TILES, PackedWeights, register_tiles
 from .threads import jit_thread_count
 
 # The microkernel tile of the 1x1 layer's product, a constant: the kernel compiles that tile alone
 # (every tile gives the same bits; each costs seconds of first-run compile time). ``pack`` for it.
-TILE = COMPILED_VARIANTS[0]
+TILE = COMPILED_TILES[0]
+_TILE_INDEX = COMPILED_TILES.index(TILE)  # how the compiled drivers know it
 
 # Bytes of the 1x1 layer's output each thread holds: well inside a 1 MB L2 beside the weights, the
 # input rows and the output rows (a fixed size, so the cut depends only on the layer's shape).
@@ -77,10 +82,10 @@ def _bands(row, k, x2, h, w, panels, e_bias, e_act, kernel, bias, out, stride_h,
     w_addr = np.int64(panels.ctypes.data)
     e_addr = np.int64(e_bias.ctypes.data)
     s_addr = np.int64(scratch.ctypes.data)
-    k_addr = np.int64(kernel.ctypes.data)
-    b_addr = np.int64(bias.ctypes.data)
     o_addr = np.int64(out.ctypes.data)
     j_lo, j_hi = whole_columns(ow, w, k, stride_w, pad_left)
+    layer = RowLayer(row, k, h, w, c, np.int64(kernel.ctypes.data), np.int64(bias.ctypes.data), ow, stride_h,
+                     stride_w, pad_top, pad_left, act, j_lo, j_hi)
     row_floats = w * c
     flat = scratch.reshape(scratch.size)
     held_image, held_lo, held_hi = -1, 0, 0  # the 1x1 layer's rows [held_lo, held_hi) of that image, in scratch
@@ -89,7 +94,7 @@ def _bands(row, k, x2, h, w, panels, e_bias, e_act, kernel, bias, out, stride_h,
         n = job // oh
         i0 = job % oh
         i1 = min(oh, i0 + band, i0 + job_hi - job)
-        need_lo = _tap_range(i0, stride_h, pad_top, k, h)[0]
+        need_lo = tap_range(i0, stride_h, pad_top, k, h)[0]
         need_lo = max(0, need_lo)
         need_hi = min(h, (i1 - 1) * stride_h - pad_top + k)
         start = need_lo
@@ -103,20 +108,19 @@ def _bands(row, k, x2, h, w, panels, e_bias, e_act, kernel, bias, out, stride_h,
             start = held_hi
         if start < need_hi:
             register_tiles(x_addr + 4 * ((n * h + start) * w * cin), cin, w_addr, nr, e_addr,
-                           s_addr + 4 * ((start - need_lo) * row_floats), c, e_act, np.int64(0), TILE, 0,
+                           s_addr + 4 * ((start - need_lo) * row_floats), c, e_act, np.int64(0), _TILE_INDEX, 0,
                            (need_hi - start) * w, 0, n_panels)
         held_image, held_lo, held_hi = n, need_lo, need_hi
         for i in range(i0, i1):
-            vector_row(row, k, s_addr, need_lo, h, w, c, k_addr, b_addr, o_addr + 4 * ((n * oh + i) * ow * c), i, ow,
-                       stride_h, stride_w, pad_top, pad_left, act, j_lo, j_hi)
+            vector_row(layer, s_addr, need_lo, o_addr + 4 * ((n * oh + i) * ow * c), i)
         job += i1 - i0
 
 
 @njit(inline="always")
-def _split(row, k, x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, stride_h, stride_w, pad_top, pad_left,
+def _split(row, k, x2, h, w, panels, e_bias, e_act, tile, kernel, bias, out, stride_h, stride_w, pad_top, pad_left,
            act, band, scratch):
     """Equal runs of output rows, one per thread, each through its own band of scratch."""
-    if variant != TILE:  # another tile would run in its place
+    if tile != _TILE_INDEX:  # another tile would run in its place
         raise ValueError("expand_depthwise: weights not packed for this kernel's tile")
     threads = min(jit_thread_count(), scratch.shape[0])
     jobs = out.shape[0] * out.shape[1]
@@ -126,9 +130,9 @@ def _split(row, k, x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, 
 
 
 @njit(parallel=True, cache=True)
-def _expand_depthwise(row, x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, stride_h, stride_w, pad_top,
+def _expand_depthwise(row, x2, h, w, panels, e_bias, e_act, tile, kernel, bias, out, stride_h, stride_w, pad_top,
                       pad_left, act, band, scratch):
-    _split(row, kernel.shape[0], x2, h, w, panels, e_bias, e_act, variant, kernel, bias, out, stride_h, stride_w,
+    _split(row, kernel.shape[0], x2, h, w, panels, e_bias, e_act, tile, kernel, bias, out, stride_h, stride_w,
            pad_top, pad_left, act, band, scratch)
 
 
@@ -140,7 +144,7 @@ def fits(k: int, h: int, w: int, oh: int, stride_h: int, pad_top: int, expand_ac
     has a kernel row inside the image (no padding taller than the window), activations applied on the
     registers."""
     last_row = (oh - 1) * stride_h - pad_top
-    return (k in (3, 5) and 0 <= pad_top < k and last_row < h and last_row + k > 0
+    return (k in VECTOR_SIZES and 0 <= pad_top < k and last_row < h and last_row + k > 0
             and expand_act in VECTOR_ACTS and act in VECTOR_ACTS)
 
 
@@ -161,10 +165,10 @@ def expand_depthwise(x: np.ndarray, packed: PackedWeights, expand_act: int, kern
     # The kernels work on raw addresses: another dtype or layout must be refused, not compiled for.
     if not all(a.dtype == _FLOAT32 and a.flags.c_contiguous for a in (x, kernel, bias, out, scratch)):
         raise ValueError("expand_depthwise: arrays must be C-contiguous float32")
-    if packed.variant != TILE:
-        raise ValueError(f"expand_depthwise: weights packed for the {MR[packed.variant]}-row tile, not this "
-                         f"kernel's {MR[TILE]}-row one")
+    if packed.tile != TILE:
+        raise ValueError(f"expand_depthwise: weights packed for the {packed.tile.name} tile, not this "
+                         f"kernel's {TILE.name}")
     row = row_kernel(k, act, by_pixel_order(k, c, w, out.shape[2]))
     return partial(_expand_depthwise, row, x.reshape(n * h * w, cin), h, w, packed.panels, packed.bias,
-                   expand_act, packed.variant, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, band,
+                   expand_act, _TILE_INDEX, kernel, bias, out, stride_h, stride_w, pad_top, pad_left, act, band,
                    scratch)

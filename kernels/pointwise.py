@@ -25,7 +25,7 @@ Four implementations of the same contract:
   tiles of ``out`` (blocks of rows, and of columns when there are few rows) and, on each of its
   workers, asks BLAS's sgemm for one tile, then runs the epilogue on that tile while it is still
   in cache. BLAS because OpenBLAS's hand-written microkernels keep a register tile of the output
-  in registers, which plain Numba loops cannot (kernels/gemm.py does it in LLVM IR). Tiles
+  in registers, which plain Numba loops cannot (kernels/gemm_microkernel.py does it in LLVM IR). Tiles
   because OpenBLAS's own threads would fight Numba's for the cores (kernels/threads.py): this way
   Numba's pool owns the cores and every product still uses all of them.
 - the same, with ``np.matmul`` for the product, when kernels/blas.py finds no sgemm to call from
@@ -50,7 +50,7 @@ from .gemm import AVX512, PackedWeights, gemm_packed, pack
 
 # np.matmul fallback: rows of the GEMM per block, so that the block's output (rows x Cout floats)
 # is still in L2 when the epilogue reads it back, and blocks are few enough that the per-call
-# overhead of np.matmul (~2 us) stays small.
+# overhead of each np.matmul call stays small.
 _BLOCK_BYTES = 512 * 1024
 
 
@@ -174,10 +174,10 @@ def use_microkernel(k: int, n: int, avx512: bool = AVX512) -> bool:
     """Whether a layer's [*, k] x [k, n] product runs on the microkernel (else OpenBLAS tiles).
 
     A fixed rule of the layer's shape and the CPU, so a layer always takes the same path and gives
-    the same answer. On AVX-512 the microkernel ran 1.6-2.3x OpenBLAS's tiles at every MobileNet 1x1
-    shape and 4-5x on matrix-vector products (bench/README.md). On AVX2 a 6x16 tile measured
-    1.07-1.21x OpenBLAS at MobileNetV2's shapes but 0.86-0.97x on square products of 256-512 (issue
-    13, znver3): those stay with OpenBLAS. Without a BLAS to call, always the microkernel.
+    the same answer. On AVX-512 the microkernel is faster than OpenBLAS's tiles at every MobileNet 1x1
+    shape and on matrix-vector products. On AVX2 the 6x16 tile is faster at MobileNetV2's shapes but
+    not on square products of 256 channels and more each way: those stay with OpenBLAS (the
+    measurements: bench/README.md, "GEMM tiles and cuts"). Without a BLAS to call, always the microkernel.
     """
     return avx512 or not blas.AVAILABLE or k < 256 or n < 256
 

@@ -49,14 +49,10 @@ from functools import partial
 
 import numpy as np
 
-from .backend import AOT, intrinsic, njit, prange
+from .backend import intrinsic, njit, prange
 from .entry import entry
 from .threads import jit_thread_count
-
-if not AOT:  # the LLVM IR below is emitted only when Numba compiles a kernel (kernels/backend.py)
-    from llvmlite import ir
-    from numba import types
-    from numba.core import cgutils
+from .vector_ir import cgutils, ir, types
 
 _SIXTH = np.float32(1.0 / 6.0)
 _POOL_CHUNK = 2048  # floats of a flat row per pool job (8 KB of sums: stays in L1 while the rows stream by)

@@ -25,15 +25,24 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from . import backend
+from . import backend, cpus
 
 # ``jit_thread_count()``, in compiled code: the caller's thread count (kernels/backend.py says how).
 from .backend import jit_thread_count  # noqa: F401
 
 
 def max_threads() -> int:
-    """The most threads the kernels can use in this process (NUMBA_NUM_THREADS, default: the core count)."""
+    """The most threads the kernels can use in this process, and the default: the CPUs it may use (its
+    affinity mask and cgroup CPU quota, kernels/cpus.py), or NUMBA_NUM_THREADS when that is set."""
     return backend.max_threads()
+
+
+def checked_threads(threads: int | None) -> int:
+    """``threads`` if the kernels can run that many threads here (None: ``max_threads()``), else
+    ThreadCountError: 0 threads runs nothing, and more than the CPUs this process may use only makes the
+    threads wait for each other."""
+    limit = max_threads()
+    return limit if threads is None else cpus.checked_thread_count(threads, limit)
 
 
 _controller = None
@@ -75,8 +84,9 @@ def set_threads(threads: int | None = None) -> int:
 
     Returns the Numba thread count in effect. numba.set_num_threads applies to the calling thread.
     Without threadpoolctl BLAS keeps its own setting (OPENBLAS_NUM_THREADS=1 does the same).
+    A count below 1 or above ``max_threads()``: ThreadCountError.
     """
-    n = max_threads() if threads is None else max(1, min(int(threads), max_threads()))
+    n = checked_threads(threads)
     backend.set_num_threads(n)
     for pool in _blas_pools():
         pool.set_num_threads(1)
@@ -85,7 +95,7 @@ def set_threads(threads: int | None = None) -> int:
 
 @contextlib.contextmanager
 def thread_limits(threads: int | None = None, blas: bool = True) -> Iterator[int]:
-    """Context manager form of ``set_threads``: restores the previous settings on exit.
+    """Context manager form of ``set_threads`` (the same check): restores the previous settings on exit.
 
     ``blas=False``: Numba's thread count only (a plan holds BLAS itself, ``hold_blas``, when one of its
     steps calls it). Entered once per prediction, so it does the least it can: Numba's count is set
@@ -93,8 +103,8 @@ def thread_limits(threads: int | None = None, blas: bool = True) -> Iterator[int
     a set each), not through ``ThreadpoolController.limit``, which re-reads every library's state and
     costs as much as a small layer.
     """
+    n = checked_threads(threads)
     previous = backend.get_num_threads()
-    n = max_threads() if threads is None else max(1, min(int(threads), max_threads()))
     if n != previous:
         backend.set_num_threads(n)
     try:
@@ -154,7 +164,10 @@ def kernels_cached(depthwise_sizes: tuple[int, ...] = (3, 5), squeeze_excite: bo
     sizes = [k for k in (*depthwise_sizes, *expand_depthwise_sizes) if k in row_kernels]
     if sizes:
         kernels.append([depthwise._depthwise_vector])
-        kernels += [[FunctionCache(row) for row in row_kernels[k]] for k in sorted(set(sizes))]
+        try:
+            kernels += [[FunctionCache(row) for row in row_kernels[k]] for k in sorted(set(sizes))]
+        except RuntimeError:  # "no locator available": nowhere to cache; kernels/backend.py said in its one line
+            return True       # that they compile in memory (a "first run only" note would be wrong)
     if squeeze_excite:
         kernels.append([se._squeeze_excite])
     if expand_depthwise_sizes:

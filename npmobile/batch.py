@@ -56,6 +56,7 @@ class ModelRef:
     # (name in the file, npmobile built-in) for each of the user's own activation functions (load_model's
     # custom_objects), as a tuple so the reference stays hashable
     custom_objects: tuple[tuple[str, str], ...] = ()
+    given: tuple[str, ...] = ()  # the architecture options the user typed (opening.check_whole_model)
 
     def open(self):
         """The model, built in this process."""
@@ -67,7 +68,7 @@ class ModelRef:
             return family_model(self.model, self.alpha, self.size, self.minimalistic, None)
         weights = None if self.weights is None else shipped_file(self.weights)
         return open_model(self.model, self.alpha, self.size, self.minimalistic, weights, self.load_timeout,
-                          self.trusted, list(self.custom_objects))
+                          self.trusted, list(self.custom_objects), self.given)
 
 
 def shipped_file(path: str) -> str:
@@ -137,11 +138,12 @@ def input_size(model, size: int) -> tuple[int, int]:
 
 
 def worker_threads(requested: int | None = None) -> int:
-    """Numba threads for this worker: ``requested``, else the CPUs the engine gave it, else all."""
-    from npmobile.kernels.threads import max_threads
+    """Numba threads for this worker: ``requested`` (more than this process may use: ThreadCountError), else
+    the CPUs the engine gave it, else all it may use."""
+    from npmobile.kernels.threads import checked_threads, max_threads
 
     if requested is not None:
-        return max(1, min(int(requested), max_threads()))
+        return checked_threads(requested)
     given = _ray_cpus() or _dask_threads()
     return max(1, min(given, max_threads())) if given else max_threads()
 
@@ -203,6 +205,7 @@ class BatchClassifier:
     interpolation: str = "nearest"
     crop: str | None = None
     labels: tuple[str, ...] | None = None  # class names in class order (``classify --labels``)
+    max_pixels: int | None = None  # images of more pixels are refused before decoding (npmobile.image.load_img)
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUTS:
@@ -247,7 +250,7 @@ class BatchClassifier:
         for i, row in enumerate(rows):
             try:
                 raw = data[i] if data is not None and data[i] is not None else read_image_bytes(row["path"])
-                images.append(decode(raw, row["path"], size, self.interpolation, self.crop, mode))
+                images.append(decode(raw, row["path"], size, self.interpolation, self.crop, mode, self.max_pixels))
                 ok.append(i)
             except ImageError as error:
                 row["error"] = str(error)
@@ -278,9 +281,10 @@ class BatchClassifier:
 
 
 def decode(raw: bytes, name: str, size: tuple[int, int], interpolation: str, crop: str | None,
-           mode: str = "") -> np.ndarray:
+           mode: str = "", max_pixels: int | None = None) -> np.ndarray:
     """Bytes of an image file as the model's H x W x 3 input (npmobile's image pipeline, as the CLI);
-    ``mode`` "torchvision" (a PyTorch state dict's model): torchvision's resize, crop and normalization."""
+    ``mode`` "torchvision" (a PyTorch state dict's model): torchvision's resize, crop and normalization.
+    ``max_pixels``: load_img's limit (default Pillow's)."""
     from npmobile.image import load_img
 
     stream = io.BytesIO(raw)
@@ -288,8 +292,8 @@ def decode(raw: bytes, name: str, size: tuple[int, int], interpolation: str, cro
     if mode == "torchvision":
         from npmobile.opening import load_torchvision_sized
 
-        return load_torchvision_sized(stream, size[0])
-    return load_img(stream, target_size=size, interpolation=interpolation, crop=crop)
+        return load_torchvision_sized(stream, size[0], max_pixels)
+    return load_img(stream, target_size=size, interpolation=interpolation, crop=crop, max_pixels=max_pixels)
 
 
 def pooled_layer(model) -> str:
@@ -370,6 +374,58 @@ def folder_format(path: str | os.PathLike) -> str:
     return "jsonl" if Path(path).suffix.lower() in (".jsonl", ".ndjson") else "parquet"
 
 
+def _pyarrow_parquet(path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise NpmobileError(f"{path}: writing Parquet needs pyarrow: pip install 'npmobile[ray]' or pyarrow") from None
+    return pq
+
+
+class RowWriter:
+    """Rows written to one file as they come, batch by batch, Parquet or JSON lines by its suffix: what was
+    written before an interruption stays readable (``close`` ends the Parquet file properly).
+
+    Made before any work: a wrong suffix, a missing pyarrow or an existing file (without ``overwrite``)
+    fails then, not after the last image. The file itself is created by the first ``write``."""
+
+    def __init__(self, path: str | os.PathLike, output: str = "top", overwrite: bool = False):
+        from npmobile.errors import UsageError
+
+        self.path, self.output, self.kind = path, output, output_format(path)
+        self.rows = 0
+        self._file = None
+        if self.kind == "parquet":
+            _pyarrow_parquet(path)
+        if not overwrite and os.path.lexists(path):
+            raise UsageError(f"{path} exists: add --overwrite to replace it, or choose another file")
+        if os.path.isdir(path):
+            raise UsageError(f"{path} is a folder: --out takes a file name ending in .parquet or .jsonl")
+
+    def write(self, rows: Sequence[dict]) -> None:
+        if not rows:
+            return
+        try:
+            if self.kind == "jsonl":
+                if self._file is None:
+                    self._file = open(self.path, "w", encoding="utf-8")
+                self._file.write("".join(json.dumps(record(row)) + "\n" for row in rows))
+                self._file.flush()
+            else:
+                table = rows_to_table(rows, self.output)
+                if self._file is None:
+                    self._file = _pyarrow_parquet(self.path).ParquetWriter(self.path, table.schema)
+                self._file.write_table(table)
+        except OSError as error:
+            raise NpmobileError(f"{self.path}: cannot write ({error.strerror or error})") from None
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 def write_rows(rows: Iterable[dict], path: str | os.PathLike, output: str = "top") -> int:
     """Write rows to one file, Parquet or JSON lines by its suffix; returns how many were written."""
     kind = output_format(path)
@@ -379,9 +435,5 @@ def write_rows(rows: Iterable[dict], path: str | os.PathLike, output: str = "top
             for row in rows:
                 f.write(json.dumps(record(row)) + "\n")
         return len(rows)
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise NpmobileError(f"{path}: writing Parquet needs pyarrow: pip install 'npmobile[ray]' or pyarrow") from None
-    pq.write_table(rows_to_table(rows, output), path)
+    _pyarrow_parquet(path).write_table(rows_to_table(rows, output), path)
     return len(rows)

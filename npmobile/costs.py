@@ -22,7 +22,6 @@ the profiler divides by measured times.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from npmobile.graph import Graph, Node
@@ -35,28 +34,11 @@ CONVENTION = (
     "and dense layers; BatchNorm, activations, adds, pooling and padding are not counted. 1 MAC = 2 FLOPs."
 )
 
-# Block parts, in the order a MobileNet meets them.
-PARTS = ("stem", "expand", "depthwise", "se", "project", "pointwise", "head", "classifier")
+# Block parts, in the order a MobileNet meets them ("conv": a k x k convolution past the stem).
+PARTS = ("stem", "expand", "depthwise", "se", "project", "pointwise", "conv", "head", "classifier")
 
-# Keras layer names -> block part. MobileNetV2/V3 name every layer of an inverted-residual block
-# "<block>_<part>..." (block_3_expand_BN, expanded_conv_3_squeeze_excite_mul); V1 numbers its
-# depthwise/pointwise pairs conv_dw_N / conv_pw_N. The first match wins.
-_BLOCK = r"(block_\d+|expanded_conv(?:_\d+)?)"
-_PART_RULES: tuple[tuple[re.Pattern, str], ...] = tuple(
-    (re.compile(pattern), part)
-    for pattern, part in (
-        (_BLOCK + r"_expand", "expand"),
-        (_BLOCK + r"_(depthwise|pad)", "depthwise"),
-        (_BLOCK + r"_squeeze_excite", "se"),
-        (_BLOCK + r"_(project|add)", "project"),  # the residual add closes the block, after the projection
-        (r"conv_(dw|pad)_\d+", "depthwise"),
-        (r"conv_pw_\d+", "pointwise"),
-        (r"(predictions|logits|conv_preds|reshape_\d+|act_softmax|flatten)(_|$)", "classifier"),
-        (r"(Conv_1|conv_1|conv_2|out_relu|avg_pool|max_pool)(_|$)", "head"),
-        (r"(conv1|Conv1|bn_Conv1|conv1_bn|conv1_relu|Conv1_relu|conv1_pad|conv|conv_bn|rescaling|normalization)$",
-         "stem"),
-    )
-)
+_POOLS = ("GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten")
+_MULTIPLIES = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Dense")  # the layers whose MACs are counted
 
 
 @dataclass(frozen=True)
@@ -116,14 +98,6 @@ def node_macs(node: Node, in_shape: tuple, out_shape: tuple) -> int:
     return layer_type(node.op).macs(node, in_shape, out_shape)
 
 
-def part_of(name: str) -> str | None:
-    """The block part a Keras layer name belongs to, or None if the name says nothing."""
-    for pattern, part in _PART_RULES:
-        if pattern.match(name):
-            return part
-    return None
-
-
 # --------------------------------------------------------------------------------------------------
 # The whole model
 # --------------------------------------------------------------------------------------------------
@@ -144,64 +118,96 @@ def with_input_size(graph: Graph, size: int | tuple[int, int] | None) -> Graph:
                  graph.keras_version, graph.source)
 
 
+def _is_1x1(node: Node) -> bool:
+    return node.op == "Conv2D" and pair(node.config.get("kernel_size", 1)) == (1, 1)
+
+
+def _squeeze_excite_nodes(graph: Graph) -> set[str]:
+    """The layers of every squeeze-excite gate: from a global pooling forward (its 1x1 convolutions and
+    activations) to the multiply that scales a feature map not computed in the gate."""
+    users = graph.consumers()
+    gates: set[str] = set()
+    for pool in (n for n in graph.nodes if n.op in _POOLS[:2]):
+        branch, frontier, closed = {pool.name}, [pool.name], False
+        while frontier and len(branch) < 32:
+            following = []
+            for name in frontier:
+                for user in users.get(name, []):
+                    if user.name in branch:
+                        continue
+                    branch.add(user.name)
+                    outside = [i for i in user.inputs if isinstance(i, str) and i not in branch]
+                    if user.op == "Multiply" and outside:
+                        closed = True  # the gate scales the map: the branch ends here
+                    else:
+                        following.append(user.name)
+            frontier = following
+        if closed and not frontier:
+            gates |= branch
+    return gates
+
+
 def _parts(graph: Graph) -> dict[str, str]:
-    """Every node's part: from its name, else inherited from the node that feeds it (Keras's automatic
-    names like ``re_lu_3`` or ``add_1`` carry no meaning), with a few rules by class."""
-    parts: dict[str, str] = {}
-    named = _torchvision_parts(graph)
-    for node in graph.nodes:
-        part = named.get(node.name) or part_of(node.name)
-        if part is None:
-            sources = [parts[i] for i in node.inputs if isinstance(i, str) and i in parts]
-            if node.op == "InputLayer" or not sources or sources[0] == "input":
-                part = "stem" if node.op != "InputLayer" else "input"
-            elif node.op in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
-                part = "head"
-            elif node.op == "Dense":
-                part = "classifier"
+    """Every node's part, from the graph's structure and what each layer is, never from its name (a model
+    built by hand has Keras's automatic names, conv2d_3 and re_lu_7; torchvision's are module paths).
+
+    Depthwise layers cut the network into segments. Before the first: the stem (a 1x1 convolution after the
+    stem's first convolution expands for the first depthwise layer). Between two depthwise layers, one 1x1
+    convolution is the pointwise half of a separable pair (MobileNet V1); two or more are a projection, then
+    expansions (an inverted residual block, V2/V3). After the last: its pointwise or projection layer, then
+    the head; past the last global pooling, the last layer with weights is the classifier (and any Dense).
+    Squeeze-excite gates are found by shape (_squeeze_excite_nodes). Layers without weights take their
+    input's part (the input computed last); padding takes the part of the convolution it pads for."""
+    nodes = graph.nodes
+    gates = _squeeze_excite_nodes(graph)
+    depthwise = [k for k, n in enumerate(nodes) if n.op == "DepthwiseConv2D"]
+    pools = [k for k, n in enumerate(nodes) if n.op in _POOLS and n.name not in gates]
+    last_pool = pools[-1] if pools and (not depthwise or pools[-1] > depthwise[-1]) else len(nodes)
+    weighted = [k for k, n in enumerate(nodes) if n.op in _MULTIPLIES and n.name not in gates]
+    parts: dict[str, str] = {name: "se" for name in gates}
+
+    bounds = [-1, *depthwise, last_pool]
+    segments = [[k for k in weighted if lo < k < hi and nodes[k].op == "Conv2D"] for lo, hi in zip(bounds, bounds[1:])]
+    first = segments[0]
+    inverted = any(sum(map(_is_1x1, (nodes[k] for k in seg))) >= 2 for seg in segments[1:-1]) or any(
+        _is_1x1(nodes[k]) for k in first[1:])
+    for k in first:
+        parts[nodes[k].name] = "expand" if _is_1x1(nodes[k]) and k != first[0] else "stem"
+    for index, seg in enumerate(segments[1:], start=1):
+        last = index == len(segments) - 1
+        ones = [k for k in seg if _is_1x1(nodes[k])]
+        for k in seg:
+            if not _is_1x1(nodes[k]):
+                parts[nodes[k].name] = "head" if last else "conv"
+            elif k == ones[0]:
+                parts[nodes[k].name] = "project" if inverted and (len(ones) > 1 or last) else "pointwise"
             else:
-                part = sources[0]
-        parts[node.name] = part
-    return parts
+                parts[nodes[k].name] = "head" if last else "expand"
+    for k in depthwise:
+        parts[nodes[k].name] = "depthwise"
+    after = [k for k in weighted if k > last_pool]
+    for k in after:
+        parts[nodes[k].name] = "classifier" if k == after[-1] or nodes[k].op == "Dense" else "head"
+    for k in weighted:  # layers with weights the rules above did not place (Dense in the middle, ...)
+        parts.setdefault(nodes[k].name, "head" if k > last_pool else "conv")
+    if last_pool < len(nodes):
+        parts.setdefault(nodes[last_pool].name, "head")
 
-
-_TORCHVISION_BLOCK = re.compile(r"features\.(\d+)\.(?:block|conv)\.(\d+)")
-
-
-def _torchvision_parts(graph: Graph) -> dict[str, str]:
-    """Parts for torchvision's module paths (npmobile.applications.torchvision): ``features.0`` is the stem,
-    the last ``features.N`` the head; inside a block, ``block.K`` / ``conv.K`` is what its first layer
-    is (a depthwise conv, squeeze-excite's pooling, a 1x1 conv before the depthwise one: expand, after
-    it: project). Layers not named here (BatchNorm, activations, the residual add) inherit their input's."""
-    names = [n.name for n in graph.nodes]
-    if "features.0.0" not in names:
-        return {}
-    first: dict[tuple[int, int], Node] = {}  # (block, sub-module) -> its first layer
-    for node in graph.nodes:
-        m = _TORCHVISION_BLOCK.match(node.name)
-        if m:
-            first.setdefault((int(m.group(1)), int(m.group(2))), node)
-    last = max(int(n.split(".")[1]) for n in names if re.match(r"features\.\d+\.", n))
-    parts: dict[str, str] = {}
-    for node in graph.nodes:
-        m = _TORCHVISION_BLOCK.match(node.name)
-        if node.name.startswith("features.0."):
-            parts[node.name] = "stem"
-        elif node.name.startswith(f"features.{last}."):
-            parts[node.name] = "head"
-        elif node.name.startswith("classifier.") or node.name == "flatten":
-            parts[node.name] = "classifier"
-        elif node.name == "avgpool":
-            parts[node.name] = "head"
-        elif re.fullmatch(r"features\.\d+", node.name):
-            parts[node.name] = "project"  # the residual add closes the block, after the projection
-        elif m and m.end() == len(node.name):
-            parts[node.name] = "se"  # squeeze-excite's multiply: the only layer named by its module alone
-        elif m and first[(int(m.group(1)), int(m.group(2)))] is node:
-            block, sub = int(m.group(1)), int(m.group(2))
-            later = [first[(block, k)].op for k in range(sub + 1, sub + 4) if (block, k) in first]
-            parts[node.name] = {"DepthwiseConv2D": "depthwise", "GlobalAveragePooling2D": "se"}.get(
-                node.op, "expand" if "DepthwiseConv2D" in later else "project")
+    consumers = graph.consumers()
+    order = {n.name: k for k, n in enumerate(nodes)}
+    for node in nodes:
+        if node.name in parts:
+            continue
+        if node.op == "InputLayer":
+            parts[node.name] = "input"
+            continue
+        # The input computed last: a residual add closes the block of its branch, not of its shortcut.
+        sources = sorted((order[i], parts[i]) for i in node.inputs if isinstance(i, str) and i in parts)
+        parts[node.name] = "stem" if not sources or sources[-1][1] == "input" else sources[-1][1]
+    for node in reversed(nodes):  # padding belongs to the convolution it pads for
+        users = consumers.get(node.name, [])
+        if node.op == "ZeroPadding2D" and len(users) == 1:
+            parts[node.name] = parts[users[0].name]
     return parts
 
 

@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterator, Sequence
 
 from npmobile.batch import BatchClassifier, arrow_schema, folder_format, record
+from npmobile.kernels.cpus import available_cpus
 
 try:
     import dask.bag as db
@@ -40,12 +41,17 @@ def worker_environment(threads: int) -> dict[str, str]:
             "MKL_NUM_THREADS": "1"}
 
 
+def default_workers(threads: int) -> int:
+    """Worker processes of ``threads`` Numba threads each that the CPUs this process may use hold (at least 1)."""
+    return max(1, available_cpus() // threads)
+
+
 @contextlib.contextmanager
 def local_client(workers: int | None = None, threads: int = 1) -> Iterator[Client]:
     """A throwaway Dask cluster on this machine, on the loopback interface only (no dashboard):
-    ``workers`` processes (default: cores // threads) of one task thread, each running ``threads``
-    Numba threads."""
-    workers = workers or max(1, (os.cpu_count() or 1) // threads)
+    ``workers`` processes (default: the CPUs this process may use // threads: the affinity mask and the
+    cgroup CPU quota, kernels/cpus.py) of one task thread, each running ``threads`` Numba threads."""
+    workers = workers or default_workers(threads)
     # No dashboard; the scheduler's own HTTP routes on a free loopback port (its default is 8787 on all
     # interfaces). Failed tasks are raised to the caller, so the workers' log lines are silenced.
     scheduler = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}

@@ -30,6 +30,14 @@ class InputShapeError(NpmobileError, ValueError):
     """The array given to predict does not have the shape the model takes."""
 
 
+class UsageError(NpmobileError):
+    """An argument the caller gave cannot be used as given (the CLI exits 2, as for its own usage errors)."""
+
+
+class ThreadCountError(UsageError, ValueError):
+    """A thread count the kernels cannot run: below 1, or more than the CPUs this process may use."""
+
+
 class CustomObjectError(NpmobileError, ValueError):
     """``custom_objects`` maps a name to something npmobile cannot run: a Python function, an unknown name."""
 

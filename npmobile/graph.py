@@ -75,8 +75,17 @@ class Graph:
         for node in self.nodes:
             if name in node.keras_names:
                 return node.name
-        known = ", ".join(n.name for n in self.nodes[:5])
-        raise KeyError(f"no layer named {name!r} in model {self.name!r} (layers include {known}, …)")
+        raise KeyError(f"no layer named {name!r} in model {self.name!r} ({self._closest_names(name)})")
+
+    def _closest_names(self, name: str) -> str:
+        """'did you mean ...' with the closest layer names, or a few names when none is close."""
+        import difflib
+
+        names = list(dict.fromkeys([*self.aliases, *(k for n in self.nodes for k in (n.name, *n.keras_names))]))
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        if close:
+            return "did you mean " + ", ".join(repr(c) for c in close) + "?"
+        return "layers include " + ", ".join(n.name for n in self.nodes[:5]) + ", …"
 
     def consumers(self) -> dict[str, list[Node]]:
         users: dict[str, list[Node]] = {n.name: [] for n in self.nodes}
@@ -250,13 +259,9 @@ def _constant(value) -> float | tuple:
     return tuple(float(v) for v in value) if isinstance(value, (tuple, list)) else float(value)
 
 
-# What to write instead of code in a file, for preprocessing (the usual reason for a Lambda).
-_INSTEAD = ("for preprocessing use Rescaling(1/127.5, offset=-1), Normalization, or call "
-            "keras.applications.<family>.preprocess_input on the input tensor, all of which npmobile reads")
-
-
 def check_supported(layer: LayerSpec, spec: ModelSpec) -> None:
     """Refuse, with one clear line, any layer npmobile does not run: nothing from a file is executed."""
+    from npmobile.io.config import INSTEAD_OF_CODE
     from npmobile.ops.preprocessing import REFUSED
 
     where = f"{spec.source or spec.name}: layer {layer.name!r}"
@@ -264,13 +269,13 @@ def check_supported(layer: LayerSpec, spec: ModelSpec) -> None:
     if cls == "Lambda":
         raise UnsupportedLayerError(
             f"{where} is a Lambda layer, which holds Python code; npmobile never executes code from a file "
-            f"(rebuild the model with built-in layers; {_INSTEAD})"
+            f"(rebuild the model with built-in layers; {INSTEAD_OF_CODE})"
         )
     if cls == "TFOpLambda":
         function = layer.config.get("function", "?")
         raise UnsupportedLayerError(
             f"{where} is a TFOpLambda calling {function!r}; npmobile runs only elementwise add, subtract, "
-            f"multiply, divide and negate of one tensor with constants, and casts to float32 ({_INSTEAD})"
+            f"multiply, divide and negate of one tensor with constants, and casts to float32 ({INSTEAD_OF_CODE})"
         )
     if cls in REFUSED:
         raise UnsupportedLayerError(f"{where} has class {layer.class_name!r}: {REFUSED[cls]}")

@@ -16,7 +16,7 @@ import numpy as np
 from npmobile.errors import InputShapeError
 from npmobile.graph import Graph, last_readers
 from npmobile.kernels.threads import thread_limits
-from npmobile.layers import infer_shapes
+from npmobile.layers import check_values_alive, checked_shapes, infer_shapes
 from npmobile.ops import layer_type
 from npmobile.passes import optimize
 from npmobile.plan import PlanCache
@@ -111,14 +111,16 @@ class Model:
         """Run the model on a batch of NHWC images.
 
         Returns the model's output (a list of arrays if it has several), or with ``outputs=[names]``
-        a dict from each requested Keras layer name to that layer's output.
+        a dict from each requested Keras layer name to that layer's output (``outputs="name"``: that
+        layer's output array).
         ``batch_size`` splits a large batch into chunks to bound memory; results are the same.
         ``reference=True`` runs the graph as Keras wrote it, layer by layer, with the plain NumPy
         reference kernels: slow, and the definition the fast path is checked against.
         ``dtype=np.float64`` (with ``reference=True``) runs that reference in float64 on the same float32
         weights: near-exact arithmetic, to tell whose rounding a difference between two engines is.
-        ``threads``: how many cores the kernels use (default: NUMBA_NUM_THREADS, i.e. all). BLAS is
-        held to one thread meanwhile: its pool and Numba's fight when both are awake.
+        ``threads``: how many cores the kernels use (default: all this process may use -- its affinity mask
+        and cgroup CPU quota -- or NUMBA_NUM_THREADS when set; 0 or more: ThreadCountError). BLAS is held to
+        one thread meanwhile: its pool and Numba's fight when both are awake.
         ``data_format="channels_first"``: ``x`` is NCHW (PyTorch's layout), and so are the 4-D outputs.
         """
         if data_format not in ("channels_last", "channels_first"):
@@ -129,6 +131,8 @@ class Model:
             if isinstance(result, dict):
                 return {name: _nhwc_to_nchw(a) for name, a in result.items()}
             return [_nhwc_to_nchw(a) for a in result] if isinstance(result, list) else _nhwc_to_nchw(result)
+        if isinstance(outputs, str):  # one layer by name: its array (iterating the name would ask for "o", "u", ...)
+            return self.predict(x, [outputs], batch_size, reference, threads, data_format, dtype)[outputs]
         dtype = np.dtype(dtype)
         if dtype != np.float32 and not (reference and dtype == np.float64):
             raise InputShapeError(f"dtype={dtype.name}: the fast path runs float32; float64 runs only with "
@@ -142,10 +146,52 @@ class Model:
                 return run(feeds, outputs)
             return _concat([run([f[i : i + batch_size] for f in feeds], outputs) for i in range(0, n, batch_size)])
 
+    def warmup(
+        self,
+        sizes: Sequence[tuple[int, int]] | None = None,
+        batch_sizes: Sequence[int] = (1,),
+        outputs: Sequence[str] | None = None,
+        threads: int | None = None,
+    ) -> list[tuple[int, ...]]:
+        """Compile (or load) every kernel the model runs on these inputs and build their plans, so the
+        first real ``predict`` does neither: a server calls it at start-up, before it says it is ready.
+
+        ``sizes``: the (height, width) of the images to come (default: the model's own input size;
+        needed when the model takes any size); ``batch_sizes``: the batch sizes ``predict`` will be
+        given; ``outputs`` and ``threads`` as ``predict`` will be called with them (a kernel's
+        one-thread form is another compiled function: warm with the thread count you serve with).
+        Each combination runs one prediction on zeros. The plans of the last four input shapes are
+        kept; the kernels stay loaded for the life of the process. Returns the batch shapes run.
+        """
+        runs = [(size, int(batch)) for size in (sizes or [None]) for batch in batch_sizes]
+        shapes = []
+        for size, batch in runs:
+            feeds = [np.zeros(self._warmup_shape(name, size, batch), np.float32) for name in self.graph.inputs]
+            self.predict(feeds if len(feeds) > 1 else feeds[0], outputs=outputs, threads=threads)
+            shapes.append(feeds[0].shape)
+        return shapes
+
+    def _warmup_shape(self, name: str, size: Sequence[int] | None, batch: int) -> tuple[int, ...]:
+        """Input ``name``'s batch shape for ``warmup``: its own dimensions, ``size`` as (height, width)."""
+        want = self.graph.input_shapes[name]
+        dims = list(want[1:])
+        if size is not None and len(dims) == 3:
+            dims[:2] = [int(v) for v in size]
+        if batch < 1 or any(d is None for d in dims):
+            raise InputShapeError(f"model {self.name!r} takes inputs of shape {want}: warmup needs sizes=[(height, "
+                                  "width), ...] and batch sizes of at least 1")
+        return (batch, *dims)
+
     def _check_inputs(self, x, dtype: np.dtype = np.dtype(np.float32)) -> list[np.ndarray]:
         arrays = list(x) if isinstance(x, (list, tuple)) else [x]
         if len(arrays) != len(self.graph.inputs):
-            raise InputShapeError(f"model {self.name!r} takes {len(self.graph.inputs)} inputs, got {len(arrays)}")
+            if len(self.graph.inputs) == 1 and arrays and all(np.ndim(a) == 3 for a in arrays):
+                raise InputShapeError(f"model {self.name!r} takes one batch array [N, H, W, C]; got a list of "
+                                      f"{len(arrays)} images: stack them first, predict(np.stack(images))")
+            raise InputShapeError(f"model {self.name!r} takes {len(self.graph.inputs)} input array"
+                                  f"{'s' if len(self.graph.inputs) > 1 else ''}, got a list of {len(arrays)}"
+                                  + ("; for a batch, stack the images into one array [N, H, W, C]"
+                                     if len(self.graph.inputs) == 1 else ""))
         feeds = []
         for name, a in zip(self.graph.inputs, arrays):
             a = np.ascontiguousarray(a, dtype=dtype)
@@ -156,6 +202,9 @@ class Model:
                 raise InputShapeError(
                     f"model {self.name!r} expects input of shape {shape}, got {tuple(a.shape)}"
                 )
+            if a.shape[0] == 0:
+                raise InputShapeError(f"model {self.name!r} got an empty batch {tuple(a.shape)}: give at least one "
+                                      "image (the first axis counts images)")
             feeds.append(a)
         return feeds
 
@@ -195,8 +244,8 @@ class Model:
 
     def profile(self, x: np.ndarray, repeats: int = 5, threads: int | None = None) -> list[dict]:
         """Time each step of the optimized plan on ``x``: one dict per step with the node's name, op,
-        the Keras layers it stands for, its output shape and the median seconds over ``repeats``
-        runs (after one warm-up run, which also compiles the kernels)."""
+        the Keras layers it stands for, its output shape, the median seconds over ``repeats``
+        runs (after one warm-up run, which also compiles the kernels) and every run's seconds ("runs")."""
         feeds = self._check_inputs(x)
         runs: list[list] = []
         with _RUN_LOCK, thread_limits(threads, blas=False):  # the plan holds BLAS when a step calls it
@@ -210,7 +259,7 @@ class Model:
         for k, (step, _) in enumerate(runs[0]):
             seconds = sorted(run[k][1] for run in runs)[len(runs) // 2]
             rows.append({"name": step.node.name, "op": step.node.op, "keras_names": list(step.node.keras_names),
-                         "node": step.node, "seconds": seconds})
+                         "node": step.node, "seconds": seconds, "runs": [run[k][1] for run in runs]})
         return rows
 
     def _graph_in(self, dtype: np.dtype) -> Graph:
@@ -227,6 +276,8 @@ class Model:
         graph = self._graph_in(feeds[0].dtype)
         wanted = [graph.resolve(name) for name in outputs] if outputs is not None else list(graph.outputs)
         keep = set(wanted)
+        # The size rules of load time, for this input, and the values alive at once (as a plan's buffers).
+        check_values_alive(graph, checked_shapes(graph, [f.shape for f in feeds]), keep, [f.shape for f in feeds])
         nodes = [n for n in graph.nodes if n.op != "InputLayer"]
         last = last_readers(nodes)  # a value is dropped once its last reader has run
 
@@ -250,7 +301,9 @@ class Model:
 
     def summary_text(self, line_length: int = 98) -> str:
         shapes = self.shapes
-        cols = (int(line_length * 0.45), int(line_length * 0.33))
+        longest = max((len(f"{n.name} ({n.op})") for n in self.graph.nodes), default=0)
+        cols = (max(int(line_length * 0.45), longest + 2), int(line_length * 0.33))  # long names never touch
+        line_length = max(line_length, cols[0] + cols[1] + 12)                        # the shape column
         rule = "─" * line_length
         lines = [f'Model: "{self.name}"', rule,
                  f"{'Layer (type)':<{cols[0]}}{'Output Shape':<{cols[1]}}{'Param #':>{line_length - sum(cols)}}",

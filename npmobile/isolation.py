@@ -14,7 +14,10 @@ The child imports only the readers (h5py and NumPy, never Numba) and sends back 
 made -- a ModelSpec or a WeightsFile -- as a JSON header followed by the raw bytes of every array.
 No pickle: a reader subverted by a hostile file must not be able to run code in the caller by what
 it sends back; the header is plain data and the arrays are numbers, read into one buffer that the
-caller's arrays are views of (no copy after the pipe).
+caller's arrays are views of (no copy after the pipe). The caller holds that result to the caps of
+npmobile.limits before it parses the header or allocates the buffer (npmobile.io.bounds): a reader that
+went wrong, or a file the child's checks missed, cannot make the caller allocate more than the file may give.
+The child also loads no HDF5 filter plugin (npmobile.io.lock_down).
 
     pending = start_read(path, "model", timeout=60)    # the child runs while the caller imports
     spec = pending.result()
@@ -39,13 +42,16 @@ from typing import Any
 import numpy as np
 
 from npmobile import errors
-from npmobile.errors import ModelFileError, NpmobileError
+from npmobile.children import NEUTRAL_CWD, clean_environment, isolated_python
+from npmobile.errors import ModelFileError, NpmobileError, UnsupportedLayerError
+from npmobile.io.bounds import ALIGN, check_result_arrays, file_bytes, parse_json
+from npmobile.limits import MAX_RESULT_DEPTH, MAX_RESULT_HEADER_BYTES, MAX_RESULT_VALUES
 from npmobile.spec import CallSpec, LayerSpec, ModelSpec, StoredLayer, TensorRef, WeightsFile
 
 # Far above any real MobileNet file: a Keras-written MobileNetV3-Large .h5 is read, child start-up
 # included, in about half a second on one core of a shared 2-core AMD EPYC.
 DEFAULT_TIMEOUT = 60.0
-# Address space for the child. A file may hold up to 256 M float32 values (1 GiB, hdf5.MAX_FILE_ELEMENTS),
+# Address space for the child. A file may hold up to 256 M float32 values (1 GiB, limits.MAX_FILE_VALUES),
 # read as float64 one dataset at a time, and a .keras member up to 512 MB: 4 GiB covers all of it.
 MEMORY_LIMIT_BYTES = 4 * 2**30
 
@@ -54,7 +60,7 @@ KINDS = ("model", "weights", "any")
 
 _MAGIC = b"NPMOBILE-READ-1\n"
 _PREFIX = struct.Struct("<16sQQ")  # magic, header length, data length
-_ALIGN = 64  # each array starts on a 64-byte boundary of the buffer
+_ALIGN = ALIGN  # each array starts on a 64-byte boundary of the buffer
 # Errors a child may report, by name; anything else becomes a ModelFileError.
 _ERRORS = {cls.__name__: cls for cls in (errors.ModelFileError, errors.WeightsOnlyFileError, errors.WeightsError,
                                           errors.UnsupportedLayerError, errors.NpmobileError)}
@@ -103,11 +109,14 @@ def read_in_process(path: str, kind: str):
         return read_weights(path)
     try:
         return read_model(path)
+    except UnsupportedLayerError:
+        raise  # a whole model npmobile refuses (a Lambda): never its weights on another architecture
     except NpmobileError as model_error:
         try:
             weights = read_weights(path)
-        except NpmobileError:
-            raise model_error from None
+        except NpmobileError as weights_error:
+            # Why the weights cannot be read is the answer for a weights-only file; for any other, why the model.
+            raise (weights_error if isinstance(model_error, errors.WeightsOnlyFileError) else model_error) from None
         weights.model_error = model_error
         return weights
 
@@ -131,18 +140,16 @@ def _package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# sys.path[0] is the working directory for ``-c``: replaced, so that a folder of downloaded files (where the
-# hostile one may sit beside a planted ``numpy.py``) is never a place the child imports from.
-_BOOT = "import sys; sys.path[0] = sys.argv[1]; from npmobile.isolation import child_main; child_main()"
+# The child is isolated (npmobile/children.py: ``python -I``, no PYTHON* variables, started in a neutral folder),
+# so a folder of downloaded files (where the hostile one may sit beside a planted ``numpy.py``) is never a place
+# it imports from; it reads with the caller's npmobile, from the folder given first.
+_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from npmobile.isolation import child_main; child_main()"
 
 
 def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
     # One thread for every pool the readers' libraries might start: less address space, nothing to share.
-    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
-        env[name] = "1"
-    env.pop("PYTHONSTARTUP", None)
-    return env
+    return clean_environment(**{name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                       "NUMEXPR_NUM_THREADS")})
 
 
 class PendingRead:
@@ -157,9 +164,9 @@ class PendingRead:
         self._started = time.monotonic()
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-c", _BOOT, _package_root(), kind, path, str(MEMORY_LIMIT_BYTES)],
+                isolated_python(_BOOT, _package_root(), kind, os.path.abspath(path), str(MEMORY_LIMIT_BYTES)),
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr, bufsize=0,
-                env=_child_env(), close_fds=True,
+                env=_child_env(), close_fds=True, cwd=NEUTRAL_CWD,
             )
         except OSError as error:
             self._stderr.close()
@@ -185,18 +192,31 @@ class PendingRead:
         return None if self.timeout is None else self._started + self.timeout
 
     def _collect(self):
+        """The child's result, bounded before anything is allocated for it: the header's length first, its JSON
+        (size, number of values, depth) before it is parsed, the table of arrays (count, values, layout; the
+        caps of the file the child read, npmobile.limits) before the buffer for their bytes exists."""
         stream = self._process.stdout
         try:
             prefix = _read_exact(stream, _PREFIX.size, self._deadline())
             magic, header_length, data_length = _PREFIX.unpack(prefix) if len(prefix) == _PREFIX.size else (b"", 0, 0)
             if magic != _MAGIC:
                 raise _ChildDied
-            if header_length > 2**31 or data_length > MEMORY_LIMIT_BYTES:
-                raise ModelFileError(f"{self.path}: the isolated reader sent a malformed result")
+            if header_length > MAX_RESULT_HEADER_BYTES:
+                raise ModelFileError(f"{self.path}: the isolated reader sent a {header_length:,}-byte result header, "
+                                     f"more than {MAX_RESULT_HEADER_BYTES:,}; refusing it")
             header = _read_exact(stream, header_length, self._deadline())
+            if len(header) != header_length:
+                raise _ChildDied
+            message = parse_json(header, f"{self.path}: the isolated reader's result", MAX_RESULT_HEADER_BYTES,
+                                 MAX_RESULT_VALUES, MAX_RESULT_DEPTH)
+            if not isinstance(message, dict):
+                raise ModelFileError(f"{self.path}: the isolated reader sent a malformed result")
+            expected = 0 if "error" in message else _data_length(message, self.path)
+            if data_length != expected:
+                raise ModelFileError(f"{self.path}: the isolated reader sent a malformed result")
             data = bytearray(data_length)
             got = _read_into(stream, memoryview(data), self._deadline())
-            if len(header) != header_length or got != data_length:
+            if got != data_length:
                 raise _ChildDied
         except _TimedOut:
             raise ModelFileError(
@@ -204,10 +224,6 @@ class PendingRead:
                 "hostile (for a file you trust, raise the time limit or load it as trusted)") from None
         except _ChildDied:
             raise self._death() from None
-        try:
-            message = json.loads(header.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ModelFileError(f"{self.path}: the isolated reader sent a malformed result") from None
         return decode(message, data, self.path)
 
     def _death(self) -> ModelFileError:
@@ -226,6 +242,23 @@ class PendingRead:
         lines = [line for line in self._stderr.read().decode("utf-8", "replace").splitlines() if line.strip()]
         last = lines[-1].strip()[:200] if lines else "no output"
         return ModelFileError(f"{self.path}: the isolated reader stopped (exit status {code}): {last}")
+
+
+def _data_length(message: dict, path: str) -> int:
+    """The byte length of the arrays the header's table lists, within the caps of the file at ``path``."""
+    try:
+        return check_result_arrays(message["arrays"], file_bytes(path), path)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ModelFileError(f"{path}: the isolated reader sent a malformed result ({error})") from None
+
+
+def check_result(header: bytes, arrays: _Arrays, path: str) -> None:
+    """What the child is about to send, held to the bounds the parent will check (so that a file over them
+    gets the reader's own message, not a refusal of the result)."""
+    if len(header) > MAX_RESULT_HEADER_BYTES:
+        raise ModelFileError(f"{path}: its configs and names take {len(header):,} bytes, more than "
+                             f"{MAX_RESULT_HEADER_BYTES:,}; refusing it")
+    check_result_arrays(arrays.table, file_bytes(path), path)
 
 
 class _TimedOut(Exception):
@@ -363,7 +396,7 @@ def encode(result) -> tuple[bytes, _Arrays]:
     else:
         raise TypeError(f"cannot send a {type(result).__name__}")
     message["arrays"] = arrays.table
-    return json.dumps(message).encode("utf-8"), arrays
+    return json.dumps(message, separators=(",", ":")).encode("utf-8"), arrays
 
 
 def encode_error(error: Exception) -> bytes:
@@ -439,10 +472,14 @@ def child_main() -> None:
     """``python -c _BOOT ROOT KIND PATH MEMORY_LIMIT``: read, then write one result to stdout and exit."""
     kind, path, limit = sys.argv[2], sys.argv[3], int(sys.argv[4])
     _limit_memory(limit)
+    from npmobile.io import lock_down
+
+    lock_down()
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write into the result stream
     try:
         header, arrays = encode(read_in_process(path, kind))
+        check_result(header, arrays, path)
     except NpmobileError as error:
         header, arrays = encode_error(error), _Arrays()
     except MemoryError:

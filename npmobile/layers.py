@@ -7,8 +7,12 @@ alone, and sizes a MobileNet never comes near refused before anything is allocat
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 from npmobile.errors import ModelFileError, UnsupportedLayerError
-from npmobile.graph import Node
+from npmobile.graph import Node, last_readers
+from npmobile.limits import MAX_LAYER_VALUES, MAX_PLAN_VALUES, MAX_WINDOW, MAX_WINDOW_WORK
 from npmobile.ops import layer_type
 from npmobile.ops.common import check_channels_last, pair
 
@@ -35,9 +39,9 @@ def output_shape(node: Node, inputs: list[Shape]) -> Shape:
     return layer_type(node.op).output_shape(node, inputs)
 
 
-# No MobileNet tensor comes near this many values per image; a config that asks for more is refused
+# No MobileNet tensor comes near these sizes (npmobile.limits); a config that asks for more is refused
 # before anything is allocated (a hostile file could otherwise ask for terabytes).
-MAX_ELEMENTS = 2**28
+MAX_ELEMENTS = MAX_LAYER_VALUES
 
 
 def _check_size(node: Node, shape: Shape, source: str) -> None:
@@ -52,11 +56,8 @@ def _check_size(node: Node, shape: Shape, source: str) -> None:
         raise ModelFileError(f"{where}: output shape {shape} has {size:,} values per image; refusing it")
 
 
-# The widest window (kernel or pool, dilation included) along one axis, and the most window
-# positions x window size one layer may visit per image. MobileNets use 3x3 to 7x7 windows; a file
-# asking for more would allocate a huge padded copy, or materialize billions of windows, at run time.
-MAX_WINDOW = 2**12
-MAX_WINDOW_WORK = 2**30
+# MobileNets use 3x3 to 7x7 windows; a file asking for wider ones, or for billions of window values
+# (npmobile.limits), would allocate a huge padded copy, or materialize the windows, at run time.
 _WINDOWED = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "AveragePooling2D", "MaxPooling2D")
 
 
@@ -81,6 +82,11 @@ def _check_window(node: Node, x: Shape, out: Shape, source: str) -> None:
     work = out[1] * out[2] * out[3] * kernel[0] * kernel[1]
     if work > MAX_WINDOW_WORK:
         raise ModelFileError(f"{where}: {work:,} window values per image; refusing it")
+    # A convolution's windows laid out as a matrix (im2col: every output pixel's kernel x input channels), the
+    # scratch its fast path allocates when the plan is made.
+    patches = out[1] * out[2] * kernel[0] * kernel[1] * x[-1]
+    if node.op in ("Conv2D", "SeparableConv2D") and kernel != (1, 1) and patches > MAX_ELEMENTS:
+        raise ModelFileError(f"{where}: its windows as a matrix hold {patches:,} values per image; refusing it")
 
 
 def _with_source(error: Exception, source: str) -> Exception:
@@ -91,10 +97,14 @@ def _with_source(error: Exception, source: str) -> Exception:
     return type(error)(message)
 
 
-def infer_shapes(graph, check: bool = True) -> dict[str, Shape]:
+def infer_shapes(graph, check: bool = True, sizes: bool | None = None) -> dict[str, Shape]:
     """Every node's output shape, from the input shapes and configs; with ``check``, every node's
-    weights are validated against its config and input on the way (before anything is allocated),
-    and absurd sizes are refused."""
+    weights are validated against its config and input on the way (before anything is allocated).
+    With ``sizes`` (default: as ``check``) absurd sizes are refused: per image, every layer's output,
+    window and padded input (_check_size, _check_window). A plan for an actual input asks for the
+    sizes alone (its configs and weights were checked at load), so that an input of unknown size at
+    load still meets the same rules once it is known, before any buffer exists."""
+    sizes = check if sizes is None else sizes
     shapes: dict[str, Shape] = {}
     for node in graph.nodes:
         if node.op == "InputLayer":
@@ -102,7 +112,7 @@ def infer_shapes(graph, check: bool = True) -> dict[str, Shape]:
             if not isinstance(shape, (list, tuple)) or len(shape) < 2:
                 raise ModelFileError(f"{graph.source}: input {node.name!r} has shape {shape!r}")
             shapes[node.name] = (None, *(None if d is None else d for d in shape[1:]))
-            if check:
+            if sizes:
                 _check_size(node, shapes[node.name], graph.source)
             continue
         ins = [shapes[i] if isinstance(i, str) else None for i in node.inputs]
@@ -115,7 +125,7 @@ def infer_shapes(graph, check: bool = True) -> dict[str, Shape]:
             if check and tensors[0][-1] is not None:
                 check_weights(node, int(tensors[0][-1]), graph.source)
             shapes[node.name] = output_shape(node, ins)
-            if check:
+            if sizes:
                 _check_window(node, tensors[0], shapes[node.name], graph.source)
         except (ModelFileError, UnsupportedLayerError) as e:
             raise _with_source(e, graph.source) from None
@@ -123,9 +133,48 @@ def infer_shapes(graph, check: bool = True) -> dict[str, Shape]:
             # A config value of the wrong type or shape, in a file: name the layer, not a line of ours.
             raise ModelFileError(f"{graph.source}: layer {node.name!r} ({node.op}) has an invalid config "
                                  f"({type(e).__name__}: {e})") from None
-        if check:
+        if sizes:
             _check_size(node, shapes[node.name], graph.source)
     return shapes
+
+
+def checked_shapes(graph, input_shapes: list[tuple[int, ...]]) -> dict[str, Shape]:
+    """Every node's output shape for these actual input shapes (batch first), through the size rules of
+    load time; a refusal names the layer and the input it was asked for."""
+    concrete = {name: tuple(shape) for name, shape in zip(graph.inputs, input_shapes)}
+    shaped = replace(graph, input_shapes=concrete)
+    try:
+        return infer_shapes(shaped, check=False, sizes=True)
+    except ModelFileError as error:
+        shown = ", ".join(str(tuple(shape)) for shape in input_shapes)
+        raise ModelFileError(f"{error} (for an input of shape {shown})") from None
+
+
+def check_plan_total(graph, buffer_sizes: list[int], input_shapes: list[tuple[int, ...]]) -> None:
+    """Refuse a plan whose buffers together hold more than MAX_PLAN_VALUES per image: each layer may pass
+    the per-layer rule while the values alive at once add up (wide branches)."""
+    batch = max(int(input_shapes[0][0]), 1)
+    total = sum(buffer_sizes) // batch
+    if total > MAX_PLAN_VALUES:
+        shown = ", ".join(str(tuple(shape)) for shape in input_shapes)
+        raise ModelFileError(f"{graph.source}: running the model on an input of shape {shown} needs {total:,} "
+                             f"values per image in its buffers, more than {MAX_PLAN_VALUES:,}; refusing it")
+
+
+def check_values_alive(graph, shapes: dict[str, Shape], keep: set[str], input_shapes: list[tuple[int, ...]]) -> None:
+    """The same bound for a run that keeps every value until its last reader has run (the reference path):
+    the most values alive at once, per image, at most MAX_PLAN_VALUES."""
+    nodes = [n for n in graph.nodes if n.op != "InputLayer"]
+    last = last_readers(nodes)
+    alive: dict[str, int] = {}
+    peak = 0
+    for index, node in enumerate(nodes):
+        alive[node.name] = math.prod(d or 1 for d in shapes[node.name][1:])
+        peak = max(peak, sum(alive.values()))
+        for source in {i for i in node.inputs if isinstance(i, str)}:
+            if last[source] == index and source not in keep:
+                alive.pop(source, None)
+    check_plan_total(graph, [peak * max(int(input_shapes[0][0]), 1)], input_shapes)
 
 
 def _positive_ints(node: Node, key: str, value, count: int | None = None) -> None:

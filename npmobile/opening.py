@@ -18,13 +18,18 @@ from npmobile.isolation import DEFAULT_TIMEOUT
 
 def open_model(family: str, alpha: float, size: int, minimalistic: bool, weights: str | None,
                timeout: float | None = DEFAULT_TIMEOUT, trusted: bool = False,
-               custom_objects: list[tuple[str, str]] | None = None):
+               custom_objects: list[tuple[str, str]] | None = None, given: tuple[str, ...] = ()):
     """A model for the CLI: a whole Keras model from ``weights`` if the file holds one, otherwise the
     ``family`` architecture with ``weights`` (a weights file, or the official ImageNet weights).
 
-    The file is read once (one child process, see npmobile.isolation), and what it holds decides."""
+    The file is read once (one child process, see npmobile.isolation), and what it holds decides.
+    ``given``: the architecture options the user typed (model, alpha, size, minimalistic); a whole model
+    has its own architecture, so typing one that contradicts it is a UsageError (check_whole_model)."""
     if weights is None:
         return family_model(family, alpha, size, minimalistic, "imagenet", timeout, trusted)
+    if Path(weights).is_dir():
+        raise NpmobileError(f"{weights}: is a directory; --weights takes a model or weights file (.h5, .keras, "
+                            ".weights.h5, .pth, .safetensors)")
     if not Path(weights).is_file():
         raise NpmobileError(f"{weights}: no such file")
     from npmobile.activations import check_custom_objects, map_custom_functions
@@ -41,11 +46,11 @@ def open_model(family: str, alpha: float, size: int, minimalistic: bool, weights
     contents = pending.result()
     if isinstance(contents, ModelSpec):
         map_custom_functions(contents, mapping)
-        return Model(Graph.from_spec(contents))
+        return check_whole_model(Model(Graph.from_spec(contents)), weights, given, size)
     if isinstance(contents, StateDict):  # PyTorch: the architecture is read from the tensors
         from npmobile.applications.torchvision import model_from_state_dict
 
-        return model_from_state_dict(contents)
+        return check_whole_model(model_from_state_dict(contents), weights, given, size)
     if isinstance(contents.model_error, WeightsOnlyFileError):
         # Weights and no architecture: whether they fit --model is the question, and its answer the message.
         return family_model(family, alpha, size, minimalistic, contents)
@@ -53,6 +58,23 @@ def open_model(family: str, alpha: float, size: int, minimalistic: bool, weights
         return family_model(family, alpha, size, minimalistic, contents)
     except NpmobileError:
         raise contents.model_error from None
+
+
+def check_whole_model(model, path: str, given: tuple[str, ...], size: int):
+    """``model`` (read whole from ``path``), unless a typed option contradicts it: --model, --alpha and
+    --minimalistic build a family's architecture, which a whole-model file replaces; --size is applied
+    to a model that takes any input size and must equal a fixed one."""
+    from npmobile.errors import UsageError
+
+    family = [f"--{name}" for name in ("model", "alpha", "minimalistic") if name in given]
+    if family:
+        several = len(family) > 1
+        raise UsageError(f"{path} holds a whole model with its own architecture: {' and '.join(family)} "
+                         f"{'do' if several else 'does'} not apply (drop {'them' if several else 'it'})")
+    height, width = model.input_shape[1:3]
+    if "size" in given and height is not None and (height, width) != (size, size):
+        raise UsageError(f"{path} takes {height}x{width} images: --size {size} contradicts it (drop --size)")
+    return model
 
 
 def family_model(family: str, alpha: float, size: int, minimalistic: bool, weights,
@@ -111,11 +133,11 @@ def model_input(model, path: str, size: int) -> np.ndarray:
     return preprocess_tf(x) if preprocess_for(model) == "tf" else x
 
 
-def load_torchvision_sized(path, size: int) -> np.ndarray:
+def load_torchvision_sized(path, size: int, max_pixels: int | None = None) -> np.ndarray:
     """torchvision's preparation for a ``size`` crop: resized to 256/224 of it first (Resize(256), CenterCrop(224))."""
     from npmobile.image import load_torchvision
 
-    return load_torchvision(path, crop_size=size, resize_size=round(size * 256 / 224))
+    return load_torchvision(path, crop_size=size, resize_size=round(size * 256 / 224), max_pixels=max_pixels)
 
 
 def binary_head(model) -> str | None:

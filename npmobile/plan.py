@@ -28,7 +28,7 @@ from npmobile.graph import Graph, Node, last_readers
 from npmobile.kernels.backend import get_num_threads
 from npmobile.kernels.entry import ByThreads, needs_blas
 from npmobile.kernels.threads import hold_blas
-from npmobile.layers import infer_shapes
+from npmobile.layers import check_plan_total, checked_shapes
 from npmobile.ops import Binder, layer_type
 
 
@@ -168,9 +168,7 @@ def _reference_binder(node: Node, keras_version: int) -> Binder:
 def build_plan(graph: Graph, input_shapes: list[tuple[int, ...]], outputs: list[str]) -> Plan:
     """``outputs``: node names whose values the caller wants back."""
     concrete = {name: tuple(shape) for name, shape in zip(graph.inputs, input_shapes)}
-    shaped = Graph(graph.name, graph.nodes, graph.inputs, graph.outputs, concrete, graph.aliases,
-                   graph.keras_version, graph.source)
-    shapes = infer_shapes(shaped, check=False)
+    shapes = checked_shapes(graph, input_shapes)  # the size rules of load time, now that sizes are known
     batch = input_shapes[0][0]
 
     def full(shape):
@@ -243,6 +241,7 @@ def build_plan(graph: Graph, input_shapes: list[tuple[int, ...]], outputs: list[
         for i in set(sources):
             read_for_the_last_time(i, index)
         read_for_the_last_time(node.name, index)
+    check_plan_total(graph, buffer_sizes, input_shapes)
     return Plan(steps, slot_shapes, value_slot, buffer_sizes,
                 [value_of[n] for n in graph.inputs], {name: value_of[name] for name in outputs})
 

@@ -14,8 +14,13 @@ GFLOP/s to its memory bandwidth in GB/s is the machine balance (FLOPs per byte):
 is below it waits on memory (memory-bound), one above it waits on arithmetic (compute-bound). That is
 the roofline model: attainable GFLOP/s = min(peak, intensity * bandwidth).
 
-``measure_machine`` estimates peak and bandwidth with two quick probes (a float32 matmul through
-NumPy's BLAS, which the engine's 1x1 convolutions also use, and a large array copy).
+``measure_machine`` measures the roof with the engine's own kind of code, on as many threads as the
+steps ran: the peak is the best GFLOP/s of its pointwise (1x1 convolution) kernel on products small enough
+to stay in the caches; the bandwidth the best bytes per second of an elementwise add (two reads, one write
+per element) compiled by Numba like the kernels, on arrays that stay in the caches; a second, lower
+bandwidth on arrays far larger than the caches is drawn for reference. A roof measured with another
+library (NumPy's matmul, ``np.copyto``) is not the engine's: its steps then sit above it.
+bench/kernels.py prints the same measurement.
 """
 
 from __future__ import annotations
@@ -49,8 +54,10 @@ class StepCost:
 
 @dataclass(frozen=True)
 class Machine:
-    peak_gflops: float  # float32 matmul, GFLOP/s
-    bandwidth_gbs: float  # large copy, GB/s (bytes read + bytes written per second)
+    peak_gflops: float  # the engine's pointwise kernel on a cache-resident product, GFLOP/s
+    bandwidth_gbs: float  # a vectorized Numba add on cache-resident arrays, GB/s (bytes read + written)
+    threads: int = 1
+    memory_gbs: float = 0.0  # the same add on arrays far larger than the caches (0: not measured)
 
     @property
     def balance(self) -> float:
@@ -60,12 +67,26 @@ class Machine:
     def attainable_gflops(self, intensity: float) -> float:
         return min(self.peak_gflops, intensity * self.bandwidth_gbs)
 
+    def best(self, other: Machine) -> Machine:
+        """The higher roof of two measurements (a busy neighbour only ever lowers one)."""
+        return Machine(max(self.peak_gflops, other.peak_gflops), max(self.bandwidth_gbs, other.bandwidth_gbs),
+                       self.threads, max(self.memory_gbs, other.memory_gbs))
+
+    def describe(self) -> str:
+        """What the roof is, in one line (the chart and the report say it)."""
+        text = (f"peak {self.peak_gflops:.1f} GFLOP/s (npmobile's pointwise kernel, cache-resident product), "
+                f"bandwidth {self.bandwidth_gbs:.1f} GB/s (a Numba add, cache-resident arrays)")
+        if self.memory_gbs:
+            text += f", {self.memory_gbs:.1f} GB/s on {_LARGE_MB} MB arrays"
+        return text + f"; {self.threads} thread{'s' if self.threads > 1 else ''}"
+
 
 @dataclass(frozen=True)
 class StepProfile:
     cost: StepCost
-    seconds: float
+    seconds: float  # the median over the runs
     keras_names: tuple[str, ...]
+    spread: float = 0.0  # the interquartile range of the runs' seconds
 
     @property
     def gflops(self) -> float:
@@ -124,8 +145,43 @@ def plan_costs(plan: Graph, input_shape: tuple) -> list[StepCost]:
 def profile_steps(model, rows: list[dict], input_shape: tuple) -> list[StepProfile]:
     """Join ``Model.profile`` rows (seconds per step) with the steps' costs, by node name."""
     costs = {c.name: c for c in plan_costs(model.optimized_graph(), input_shape)}
-    return [StepProfile(costs[r["name"]], float(r["seconds"]), tuple(r["keras_names"])) for r in rows
-            if r["name"] in costs]
+    return [StepProfile(costs[r["name"]], float(r["seconds"]), tuple(r["keras_names"]),
+                        interquartile_range(r.get("runs", [r["seconds"]]))) for r in rows if r["name"] in costs]
+
+
+def interquartile_range(values) -> float:
+    """The spread of ``values``: 75th minus 25th percentile (0 for one value). Unlike the standard deviation,
+    one run slowed down by a neighbour moves it little, several do: it says whether the median can be trusted."""
+    q1, q3 = np.percentile(np.asarray(values, np.float64), [25, 75])
+    return float(q3 - q1)
+
+
+def run_totals(rows: list[dict]) -> list[float]:
+    """Each run's total seconds over all steps (``Model.profile`` rows)."""
+    runs = [r.get("runs", [r["seconds"]]) for r in rows]
+    return [float(sum(run[k] for run in runs)) for k in range(min(len(run) for run in runs))] if runs else []
+
+
+NOISY = 0.2  # an interquartile range above this fraction of the median: the machine was busy
+
+
+def noise_warning(rows: list[dict], steps: list[StepProfile]) -> str | None:
+    """One line when the runs disagree (total's spread over NOISY of its median), naming how many of the steps
+    that matter (1% of the time or more) disagree too; None when the numbers can be trusted."""
+    totals = run_totals(rows)
+    if len(totals) < 2:
+        return None
+    median = float(np.median(totals))
+    spread = interquartile_range(totals)
+    total = sum(s.seconds for s in steps) or 1e-12
+    big = [s for s in steps if s.seconds >= 0.01 * total]
+    noisy = [s for s in big if s.seconds > 0 and s.spread > NOISY * s.seconds]
+    if spread <= NOISY * median and not noisy:
+        return None
+    return (f"warning: the runs disagree (whole runs: median {median * 1e3:.2f} ms, interquartile range "
+            f"{spread * 1e3:.2f} ms = {100 * spread / median:.0f}% of the median; {len(noisy)} of {len(big)} main "
+            "steps over "
+            f"{100 * NOISY:.0f}%): the machine is busy; run again with more --repeats or fewer --threads")
 
 
 def bytes_per_mac(model, size: int | tuple[int, int]) -> float:
@@ -141,31 +197,93 @@ def bytes_per_mac(model, size: int | tuple[int, int]) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def _best_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: page in the arrays, start BLAS threads
-    best = float("inf")
-    for _ in range(repeats):
+# Products [rows, k] x [k, n] of MobileNet's 1x1 shapes small enough to stay in a core's L2 (A, W and the
+# output under 1 MB together); the peak is the best of them, since the best shape is the kernel's limit.
+PEAK_PRODUCTS = ((196, 256, 256), (256, 128, 128), (64, 512, 256), (784, 64, 128))
+CACHED_FLOATS = (8192, 32768, 131072)  # per thread and array: 96 KB to 1.5 MB per core in all, within L2
+_LARGE_MB = 192  # three 64 MB arrays: memory, not caches, on most machines
+
+
+def _best_seconds(call, budget: float = 0.15, most: int = 300) -> float:
+    """The shortest time of one ``call()`` over about ``budget`` seconds of calls (after a warm-up, which
+    also compiles). One call per sample and the best sample, as a step is timed one call at a time: on a
+    busy machine a sample of many calls always contains a stolen time slice, a single call often does not."""
+    call()
+    best, spent, count = float("inf"), 0.0, 0
+    while count < most and (spent < budget or count < 5):
         start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+        call()
+        seconds = time.perf_counter() - start
+        best, spent, count = min(best, seconds), spent + seconds, count + 1
     return best
 
 
-def measure_machine(matrix: int = 768, copy_mb: int = 64, repeats: int = 3) -> Machine:
-    """Peak float32 GFLOP/s (an n x n matmul through NumPy's BLAS) and memory bandwidth (copying an
-    array much larger than the caches). The best of ``repeats`` runs each; a few tens of ms in all."""
+def _pointwise_gflops(rows: int, k: int, n: int) -> float:
+    from npmobile.kernels.activations import ACT_NONE
+    from npmobile.kernels.pointwise import pointwise_conv2d, prepare_weights
+
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((matrix, matrix), dtype=np.float32)
-    b = rng.standard_normal((matrix, matrix), dtype=np.float32)
-    c = np.empty_like(a)
-    seconds = _best_seconds(lambda: np.matmul(a, b, out=c), repeats)
-    peak = 2 * matrix**3 / seconds / 1e9
-    n = copy_mb * 2**20 // 4
-    src = np.ones(n, np.float32)
-    dst = np.empty_like(src)
-    seconds = _best_seconds(lambda: np.copyto(dst, src), repeats)
-    bandwidth = 2 * src.nbytes / seconds / 1e9  # every byte is read once and written once
-    return Machine(peak, bandwidth)
+    x = rng.standard_normal((1, rows, 1, k), dtype=np.float32)
+    kernel = rng.standard_normal((k, n), dtype=np.float32)
+    bias = np.zeros(n, np.float32)
+    out = np.empty((1, rows, 1, n), np.float32)
+    call = pointwise_conv2d.bind(x, prepare_weights(kernel, bias, rows), bias, out, ACT_NONE)
+    return 2 * rows * k * n / _best_seconds(call) / 1e9
+
+
+def _stream_kernels():
+    """Two adds out = a + b over float32 arrays, compiled by Numba like the kernels, in loops LLVM vectorizes:
+    one on the calling thread, one that gives each of Numba's threads its own contiguous chunk (each core
+    streams from its own cache). The engine's own ``add`` picks an activation per element, which keeps it
+    from vectorizing: it would understate the roof."""
+    global _STREAMS
+    if _STREAMS is None:
+        from numba import njit, prange
+
+        @njit(cache=True)
+        def stream_add(a, b, out):
+            for i in range(a.shape[0]):
+                out[i] = a[i] + b[i]
+
+        @njit(parallel=True, cache=True)
+        def stream_add_chunks(a, b, out, chunks):
+            size = a.shape[0] // chunks
+            for c in prange(chunks):
+                for i in range(c * size, (c + 1) * size):
+                    out[i] = a[i] + b[i]
+
+        _STREAMS = stream_add, stream_add_chunks
+    return _STREAMS
+
+
+_STREAMS = None
+
+
+def _stream_gbs(floats: int, threads: int, budget: float = 0.15) -> float:
+    """Bytes read and written per second by the add over ``floats`` floats per thread."""
+    a, b = np.ones(floats * threads, np.float32), np.ones(floats * threads, np.float32)
+    out = np.empty_like(a)
+    serial, chunked = _stream_kernels()
+    call = (lambda: serial(a, b, out)) if threads == 1 else (lambda: chunked(a, b, out, threads))
+    return 3 * a.nbytes / _best_seconds(call, budget) / 1e9
+
+
+def measure_machine(threads: int | None = None, memory: bool = True) -> Machine:
+    """The roof the engine reaches on ``threads`` threads (None: all): its pointwise kernel's best GFLOP/s
+    on cache-resident products (PEAK_PRODUCTS) and a vectorized add's best GB/s on cache-resident arrays
+    (on n threads, or on one when that was faster: n threads can always do what one does),
+    plus that add's GB/s on large arrays when ``memory``. The best single call of each over ~0.15 s; about a
+    second in all (the first call in a process also loads or compiles the kernels)."""
+    from npmobile.kernels.threads import thread_limits
+
+    with thread_limits(threads) as n:
+        peak = max(_pointwise_gflops(*shape) for shape in PEAK_PRODUCTS)
+        bandwidth = max(_stream_gbs(floats, t) for floats in CACHED_FLOATS for t in {1, n})
+        large = _stream_gbs(_LARGE_MB * 2**20 // (12 * n), n, 0.3) if memory else 0.0
+    if n > 1:  # n threads can always do what one does: the one-thread peak is a floor of the n-thread roof
+        with thread_limits(1):
+            peak = max(peak, *(_pointwise_gflops(*shape) for shape in PEAK_PRODUCTS))
+    return Machine(peak, bandwidth, n, large)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,34 +312,42 @@ Why MobileNetV2 can be slower than V1 per MAC on a CPU:
 
 
 def profile_text(model, steps: list[StepProfile], machine: Machine, image: str, input_shape: tuple,
-                 repeats: int, v1_bytes_per_mac: float | None = None) -> str:
-    """The ``npmobile profile`` report: one row per plan step, totals by kind, and the explanation."""
+                 repeats: int, v1_bytes_per_mac: float | None = None, totals: list[float] | None = None) -> str:
+    """The ``npmobile profile`` report: one row per plan step with its median time and spread (interquartile
+    range of the runs), totals by kind, and the explanation."""
     total_s = sum(s.seconds for s in steps) or 1e-12
     total_flops = sum(s.cost.flops for s in steps)
     shape = input_shape
     lines = [
-        f'Profile of "{model.name}" on {image} (median of {repeats} runs, batch 1, {len(steps)} steps of the '
-        "fused plan)",
-        f"Machine: peak {machine.peak_gflops:.1f} GFLOP/s (float32 matmul), bandwidth {machine.bandwidth_gbs:.1f}"
-        f" GB/s (large copy) -> balance {machine.balance:.1f} FLOP/byte.",
+        f'Profile of "{model.name}" on {image} (median of {repeats} runs, batch 1, {machine.threads} '
+        f"thread{'s' if machine.threads > 1 else ''}, {len(steps)} steps of the fused plan; IQR: the runs' "
+        "interquartile range)",
+        f"Machine: {machine.describe()}",
+        f"  -> balance {machine.balance:.1f} FLOP/byte.",
         "  A step whose intensity (FLOPs per byte moved: float32 inputs + output + weights) is below the balance",
-        "  waits on memory (memory-bound); above it, on arithmetic (compute-bound). Small inputs fit in the",
-        "  caches, which are faster than the measured memory bandwidth: expect steps above the roof there.",
+        "  waits on memory (memory-bound); above it, on arithmetic (compute-bound). The roof is what npmobile's",
+        "  own kernels reach with their data in the caches: no step should sit above it.",
         "",
-        f"{'Step (op)':<44}{'ms':>8}{'time%':>7}{'MFLOP':>9}{'GFLOP/s':>9}{'MB moved':>10}{'FLOP/B':>8}  bound",
-        "─" * 104,
+        f"{'Step (op)':<44}{'ms':>8}{'IQR':>7}{'time%':>7}{'MFLOP':>9}{'GFLOP/s':>9}{'MB moved':>10}{'FLOP/B':>8}"
+        "  bound",
+        "─" * 111,
     ]
     for s in steps:
         label = f"{s.cost.name} ({s.cost.op})"
         if len(label) > 43:
             label = label[:42] + "…"
-        lines.append(f"{label:<44}{s.seconds * 1e3:>8.3f}{100 * s.seconds / total_s:>6.1f}%"
+        lines.append(f"{label:<44}{s.seconds * 1e3:>8.3f}{s.spread * 1e3:>7.3f}{100 * s.seconds / total_s:>6.1f}%"
                      f"{s.cost.flops / 1e6:>9.2f}{s.gflops:>9.2f}{s.cost.bytes / 1e6:>10.3f}"
                      f"{s.cost.intensity:>8.2f}  {bound(s, machine)}")
-    lines += ["─" * 104,
-              f"{'Total':<44}{total_s * 1e3:>8.2f}{100:>6.1f}%{total_flops / 1e6:>9.1f}"
+    lines += ["─" * 111,
+              f"{'Total (sum of the medians)':<44}{total_s * 1e3:>8.2f}{'':>7}{100:>6.1f}%{total_flops / 1e6:>9.1f}"
               f"{total_flops / total_s / 1e9:>9.2f}{sum(s.cost.bytes for s in steps) / 1e6:>10.2f}",
-              "", "By kind of step:"]
+              ]
+    if totals:
+        median, spread = float(np.median(totals)), interquartile_range(totals)
+        lines.append(f"Whole runs: median {median * 1e3:.2f} ms, interquartile range {spread * 1e3:.2f} ms "
+                     f"({100 * spread / median if median else 0:.0f}% of the median)")
+    lines += ["", "By kind of step:"]
     for kind in ("conv", "depthwise", "pointwise", "expand+dw", "se", "dense", "other"):
         group = [s for s in steps if s.cost.kind == kind]
         if not group:

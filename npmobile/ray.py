@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from npmobile.batch import BatchClassifier, folder_format, record, rows_to_table
+from npmobile.kernels.cpus import available_cpus
 
 try:
     import ray
@@ -111,12 +112,13 @@ class JSONLinesDatasink(ray.data.datasource.BlockBasedFileDatasink):
 
 @contextlib.contextmanager
 def local_ray(threads: int = 1, cpus: int | None = None) -> Iterator[None]:
-    """A throwaway single-node Ray on the loopback interface, with no dashboard and no usage reports."""
+    """A throwaway single-node Ray on the loopback interface, with no dashboard and no usage reports; its CPUs
+    (default) those this process may use: the affinity mask and the cgroup CPU quota (kernels/cpus.py)."""
     saved = {k: os.environ.get(k) for k in LOOPBACK_ENVIRONMENT}
     os.environ.update(LOOPBACK_ENVIRONMENT)
     loopback = _only_loopback(True)
     try:
-        ray.init(num_cpus=cpus or os.cpu_count(), _node_ip_address="127.0.0.1", include_dashboard=False,
+        ray.init(num_cpus=cpus or available_cpus(), _node_ip_address="127.0.0.1", include_dashboard=False,
                  runtime_env={"env_vars": worker_environment(threads)}, object_store_memory=256 * 2**20,
                  log_to_driver=False, logging_level=logging.ERROR, configure_logging=False)
         yield

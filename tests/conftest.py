@@ -1,18 +1,125 @@
-"""Shared fixtures. Keras is the reference: it is imported here only for the tests that ask for it."""
+"""Shared fixtures. Keras is the reference: it is imported here only for the tests that ask for it.
+
+A test run proves the kernels twice. The first pass (plain ``pytest``) runs Numba's JIT, whatever
+``npmobile build-kernels`` left in the user's cache. tests/test_built_kernels.py builds the ahead-of-time module
+once (``built_kernels``) and runs the kernel, plan, parity and concurrency tests again in a second pytest process
+on it: the AOT pass (NPMOBILE_TEST_KERNELS=aot), whose start checks that the module really runs
+(``check_the_built_module_runs``) -- a process picks the JIT or the module when it first imports its kernels.
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# The kernels from Numba's JIT, whatever `npmobile build-kernels` left in the user's cache: tests/test_aot.py
-# builds and checks the ahead-of-time module itself.
-os.environ.setdefault("NPMOBILE_KERNELS", "jit")
+AOT_PASS = os.environ.get("NPMOBILE_TEST_KERNELS") == "aot"
+if not AOT_PASS:
+    os.environ.setdefault("NPMOBILE_KERNELS", "jit")
+if "NUMBA_NUM_THREADS" not in os.environ:  # the tests of 1 against 2 threads run them even on one CPU
+    from npmobile.kernels.cpus import available_cpus
+
+    os.environ["NUMBA_NUM_THREADS"] = str(max(2, available_cpus()))
 sys.path.insert(0, str(Path(__file__).parent))  # tests/keras_files.py is importable from the tests
+REPO = Path(__file__).resolve().parents[1]
+# Lines for the end of the run: what the AOT pass ran on, and what the JIT twin stood in for.
+BUILT_KERNELS_REPORT: list[str] = []
+
+
+def build_kernels_into(root: Path) -> None:
+    """``npmobile build-kernels`` (the full build, as a user runs it) into the kernel cache ``root``."""
+    from npmobile.kernels import build
+
+    missing = build.missing_tools()
+    if missing is not None:  # failed, not skipped: a run that cannot prove the built kernels proves less
+        pytest.fail(f"the tests of the built kernels cannot run: {missing}")
+    env = {**os.environ, "NPMOBILE_KERNELS_DIR": str(root), "NPMOBILE_AUTO_BUILD": "0"}
+    done = subprocess.run([sys.executable, "-m", "npmobile", "build-kernels"], capture_output=True, text=True,
+                          timeout=1800, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def built_kernels(tmp_path_factory) -> Path:
+    """A kernel cache holding this machine's module (``npmobile build-kernels``), built once per test run; in
+    the AOT pass, the one that pass runs on."""
+    if AOT_PASS:
+        return Path(os.environ["NPMOBILE_KERNELS_DIR"])
+    root = tmp_path_factory.mktemp("built_kernels")
+    started = time.perf_counter()
+    build_kernels_into(root)
+    BUILT_KERNELS_REPORT.append(f"built kernels: module built in {time.perf_counter() - started:.0f} s")
+    return root
+
+
+# --- the AOT pass ---------------------------------------------------------------------------------------------
+
+def check_the_built_module_runs() -> str:
+    """In the AOT pass, before any test (and any test file's own ``import numba``): the kernels are the built
+    module's, and each family runs on it without importing Numba or llvmlite. A pass that ran the JIT would
+    prove nothing about the module, so anything else ends the run."""
+    from npmobile.kernels import backend
+
+    if not backend.AOT:
+        pytest.exit(f"AOT pass: no built module was loaded from {backend.module_dir()}: it would run the JIT",
+                    returncode=3)
+    import numpy as np
+
+    from npmobile.applications import FAMILIES
+    from npmobile.kernels.threads import max_threads
+
+    for family in FAMILIES.values():  # what the build's workload ran: every call has its export
+        model = family(weights=None, input_shape=(96, 96, 3))
+        for threads in sorted({1, max_threads()}):
+            model.predict(np.zeros((1, 96, 96, 3), np.float32), threads=threads)
+    imported = [name for name in ("numba", "llvmlite") if name in sys.modules]
+    if imported:
+        pytest.exit(f"AOT pass: {' and '.join(imported)} imported to run the families the module was built "
+                    "for: the module does not hold their kernels", returncode=3)
+    fell_back: dict[str, str] = {}  # kernel -> the test that first called the JIT twin for it
+    jit_twin = backend.jit_twin
+
+    def recorded_twin(module: str, qualname: str):
+        fell_back.setdefault(f"{module.rpartition('.')[2]}.{qualname}", RUNNING_TEST[0])
+        return jit_twin(module, qualname)
+
+    backend.jit_twin = recorded_twin  # what the JIT twin stands in for, reported at the end
+    BUILT_KERNELS_REPORT.append(f"built kernels (AOT pass): {backend.module_dir()}")
+    BUILT_KERNELS_REPORT.append(lambda: "  the JIT twin stood in for (first in): " + (
+        ", ".join(f"{kernel} ({test})" for kernel, test in sorted(fell_back.items())) or "none"))
+    return str(backend.module_dir())
+
+
+RUNNING_TEST = ["before the first test"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "jit_only: a test of Numba's JIT itself, in a process of its own (its "
+                            "cache, another CPU target): the AOT pass would run it the same way, so deselects it")
+
+
+def pytest_sessionstart(session):
+    if AOT_PASS:
+        check_the_built_module_runs()
+
+
+def pytest_runtest_setup(item):
+    RUNNING_TEST[0] = item.nodeid.rpartition("/")[2]
+
+
+def pytest_collection_modifyitems(config, items):
+    if not AOT_PASS:
+        return
+    jit_only = [item for item in items if item.get_closest_marker("jit_only")]
+    if jit_only:
+        config.hook.pytest_deselected(items=jit_only)
+        items[:] = [item for item in items if not item.get_closest_marker("jit_only")]
+        BUILT_KERNELS_REPORT.append(f"  deselected, the JIT's own: {', '.join(item.name for item in jit_only)}")
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +151,8 @@ def record_fuzz(target: str, ran: int, outcomes: dict[str, int]) -> None:
 
 
 def pytest_terminal_summary(terminalreporter):
+    for line in BUILT_KERNELS_REPORT:
+        terminalreporter.write_line(line() if callable(line) else line)
     if not FUZZ_COUNTS:
         return
     total = sum(c["ran"] for c in FUZZ_COUNTS.values())

@@ -13,16 +13,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import textwrap
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from kernel_cache_helpers import PHOTO, plant_imports, record_background_builds
 
 from npmobile.cli import build_kernels
 from npmobile.kernels import backend, build
@@ -78,11 +80,18 @@ def build_into(root, *options: str) -> dict:
     return summary
 
 
+NPMOBILE = Path(sys.executable).with_name("npmobile")  # the console script: its sys.path has no working folder
+
+
 @pytest.fixture(scope="module")
 def kernel_cache(tmp_path_factory):
-    """A kernel cache holding a quick build for this machine."""
+    """A kernel cache holding a quick build for this machine, made as a user makes it: ``npmobile build-kernels
+    --quick`` (once for this file: a build costs 20-45 s)."""
     root = tmp_path_factory.mktemp("kernels")
-    build_into(root, "--quick")
+    done = subprocess.run([str(NPMOBILE), "build-kernels", "--quick"], capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "NPMOBILE_KERNELS_DIR": str(root)})
+    assert done.returncode == 0, done.stderr
+    assert "covers the kernels of: mobilenet_v2 at 96 px" in done.stdout
     return root
 
 
@@ -172,7 +181,6 @@ def test_build_kernels_help_says_what_it_does():
 
 # --- the build the command line starts by itself ---------------------------------------------------------
 
-PHOTO = Path(__file__).resolve().parents[1] / "samples" / "chelsea.jpg"
 # The command line as `python -m npmobile` runs it, then which kernels it ran on (stderr's last line).
 CLI_THEN_BACKEND = ("import sys; from npmobile.cli import main; code = main(sys.argv[1:]); "
                     "from npmobile.kernels import backend; "
@@ -187,50 +195,62 @@ def wait_for_the_build(root: Path, timeout: float = 180) -> None:
 
 
 def test_a_cli_run_on_the_jit_builds_the_kernels_in_the_background_for_later_runs(keras_files, tmp_path):
+    """End to end, as a user: ``npmobile classify`` in a folder of photos that also holds a numpy.py, json.py and
+    sitecustomize.py (none ever imported: not by the command, its isolated reader or its background build);
+    the build, the second run on the module, then the module damaged, refused, rebuilt and used again."""
     case = keras_files.get("MobileNetV2", "keras3_keras", input_shape=(96, 96, 3), alpha=0.35)
     root = tmp_path / "kernels"
+    photos = plant_imports(tmp_path / "photos")
     env = {**os.environ, "NPMOBILE_KERNELS_DIR": str(root), "NPMOBILE_AUTO_BUILD": "quick"}
     del env["NPMOBILE_KERNELS"]
-    command = [sys.executable, "-c", CLI_THEN_BACKEND, "classify", str(PHOTO), "--weights", str(case.path), "--json"]
-    first = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert first.returncode == 0, first.stderr
-    assert build_kernels.AUTO_BUILD_NOTE in first.stderr.splitlines()
-    assert first.stderr.splitlines()[-1] == "AOT False True"
+    # -I: like the console script, the command's own sys.path holds no working folder
+    command = [sys.executable, "-I", "-c", CLI_THEN_BACKEND, "classify", "photo.jpg", "--weights", str(case.path),
+               "--json"]
+
+    def classify(aot: bool) -> subprocess.CompletedProcess:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=photos)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.splitlines()[-1] == f"AOT {aot} {not aot}"  # and whether Numba was imported
+        done.stderr = "".join(done.stderr.splitlines(keepends=True)[:-1])
+        return done
+
+    first = classify(False)
+    assert first.stderr.splitlines() == [build_kernels.AUTO_BUILD_NOTE]
     module = root / backend.cache_key() / backend.MANIFEST
     assert (root / build.LOCK).exists() and not module.exists()  # returned while the build runs
     wait_for_the_build(root)
     assert module.exists() and not build.failure_marker(root, backend.cache_key()).exists()
-    second = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert second.returncode == 0, second.stderr
-    assert second.stderr.splitlines() == ["AOT True False"]  # the module, no Numba, no second build
+    second = classify(True)
+    assert second.stderr == ""  # the module, no second build
     assert json.loads(second.stdout)[0]["top"] == json.loads(first.stdout)[0]["top"]
+    [library] = (root / backend.cache_key()).glob(backend.MODULE_NAME + "*")
+    with open(library, "r+b") as f:  # a copy cut short (a full disk)
+        f.truncate(200_000)
+    third = classify(False)
+    lines = third.stderr.splitlines()
+    assert len(lines) == 2 and str(library.parent) in lines[0] and lines[1] == build_kernels.AUTO_BUILD_NOTE
+    assert json.loads(third.stdout)[0]["top"] == json.loads(first.stdout)[0]["top"]
+    wait_for_the_build(root)
+    fourth = classify(True)
+    assert fourth.stderr == "" and json.loads(fourth.stdout)[0]["top"] == json.loads(first.stdout)[0]["top"]
+    assert not (photos / "imported").exists()
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # no staging folder left
 
 
 @pytest.fixture
 def auto_build(monkeypatch, tmp_path):
-    """start_in_background as after a CLI run on the JIT, with its kernel cache in tmp_path; the children it
-    would start are recorded (``started``), each a live process (this one)."""
-    monkeypatch.delenv("NPMOBILE_KERNELS", raising=False)
-    monkeypatch.delenv("NPMOBILE_AUTO_BUILD", raising=False)
-    monkeypatch.setenv("NPMOBILE_KERNELS_DIR", str(tmp_path))
-    started = []
-
-    def popen(command, **options):
-        started.append((command, options))
-        return SimpleNamespace(pid=os.getpid())
-
-    monkeypatch.setattr(build_kernels, "subprocess", SimpleNamespace(
-        Popen=popen, DEVNULL=subprocess.DEVNULL, STDOUT=subprocess.STDOUT))
-    return SimpleNamespace(start=build_kernels.start_in_background, started=started, root=tmp_path,
-                           key=backend.cache_key())
+    return record_background_builds(monkeypatch, tmp_path)
 
 
 def test_auto_build_starts_one_detached_low_priority_build_and_says_so(auto_build, capsys):
     assert auto_build.start()
     [(command, options)] = auto_build.started
-    assert command[1:] == ["-m", "npmobile.kernels.build", "--background", "--root", str(auto_build.root)]
+    assert command[:2] == [sys.executable, "-I"]  # isolated: no working folder, PYTHON* variable or user site
+    assert "npmobile.kernels.build" in command and command[command.index("--root") + 1] == str(auto_build.root)
+    assert "--background" in command
     assert options["start_new_session"] and options["stdin"] == subprocess.DEVNULL
-    assert options["env"]["NPMOBILE_KERNELS"] == "jit"
+    assert options["env"]["NPMOBILE_KERNELS"] == "jit" and not any(k.startswith("PYTHON") for k in options["env"])
+    assert options["cwd"] == os.path.abspath(os.sep)
     assert capsys.readouterr().err == build_kernels.AUTO_BUILD_NOTE + "\n"
     assert (auto_build.root / build.LOCK).read_text().split()[0] == str(os.getpid())  # handed to the child
     assert not auto_build.start()  # that build is alive: no second one, no second note
@@ -292,3 +312,417 @@ def test_the_library_never_starts_a_build(tmp_path):
                           env={**os.environ, "NPMOBILE_KERNELS": "", "NPMOBILE_KERNELS_DIR": str(tmp_path / "k")})
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
     assert "background" not in done.stderr and not (tmp_path / "k").exists()
+
+
+# --- every fallback path answers with the JIT's bits (issue: the second run crashed) ----------------------
+
+# Builds a model (a family with alpha at a size, or a Keras file), runs it on random inputs on 1 and 2 threads,
+# saves the outputs; says AOT or not. argv: out.npz spec size batch, spec "family:alpha" or a file path.
+PREDICT_ONE = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import npmobile
+    from npmobile.applications import FAMILIES
+    from npmobile.kernels import backend
+    path, spec, size, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    if ":" in spec:
+        family, alpha = spec.split(":")
+        model = FAMILIES[family](weights=None, input_shape=(size, size, 3), alpha=float(alpha))
+    else:
+        model = npmobile.load_model(spec)
+    x = np.random.default_rng(7).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+    np.savez(path, **{f"t{n}": model.predict(x, threads=n) for n in (1, 2)})
+    print(backend.AOT)
+""")
+
+
+def assert_second_runs_give_the_jit_bits(root, tmp_path, spec: str, size: int, batch: int = 1, **env) -> None:
+    """Two runs on the built module (the second and later runs of a user), then one on the JIT: the same bits."""
+    for run in ("aot1", "aot2"):
+        assert run_python(PREDICT_ONE, str(tmp_path / f"{run}.npz"), spec, str(size), str(batch),
+                          **aot_env(root), **env) == "True"
+    assert run_python(PREDICT_ONE, str(tmp_path / "jit.npz"), spec, str(size), str(batch),
+                      NPMOBILE_KERNELS="jit") == "False"
+    jit = np.load(tmp_path / "jit.npz")
+    for run in ("aot1", "aot2"):
+        aot = np.load(tmp_path / f"{run}.npz")
+        for name in jit.files:
+            assert np.array_equal(aot[name], jit[name]), (run, name)
+
+
+@pytest.mark.parametrize("spec, size", [
+    ("mobilenet_v2:1.0", 224),          # after build-kernels --quick: the by-pixel 3x3 row kernel, fused blocks
+    ("mobilenet_v3_large:0.75", 224),   # the issue's reproducer: a hard-swish by-pixel row kernel no build made
+    ("mobilenet_v3_small:0.75", 224),
+    ("mobilenet:0.5", 160),
+])
+def test_models_the_quick_build_never_ran_give_the_jit_bits(kernel_cache, tmp_path, spec, size):
+    assert_second_runs_give_the_jit_bits(kernel_cache, tmp_path, spec, size)
+
+
+def test_the_issues_reproducer_classifies_on_its_second_run(kernel_cache, tmp_path):
+    command = [str(NPMOBILE), "classify", str(PHOTO), "--model", "mobilenet_v3_large", "--alpha", "0.75",
+               "--weights", "none", "--json"]
+    answers = []
+    for kernels in ("", "", "jit"):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                              env={**os.environ, **aot_env(kernel_cache), "NPMOBILE_KERNELS": kernels})
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        answers.append(json.loads(done.stdout)[0]["top"])
+    assert answers[0] == answers[1] == answers[2]
+
+
+def test_a_hand_built_v3_block_with_a_hard_swish_depthwise_on_64_channels(kernel_cache, tmp_path):
+    keras = pytest.importorskip("keras")
+    x = inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(64, 1, use_bias=False, name="expand")(x)
+    x = keras.layers.BatchNormalization(name="expand_bn")(x)
+    x = keras.layers.Activation("hard_swish", name="expand_hs")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="depthwise")(x)
+    x = keras.layers.BatchNormalization(name="depthwise_bn")(x)
+    x = keras.layers.Activation("hard_swish", name="depthwise_hs")(x)
+    x = keras.layers.Conv2D(16, 1, name="project")(x)
+    model = keras.Model(inputs, x)
+    rng = np.random.default_rng(3)
+    model.set_weights([(rng.uniform(0.5, 1.5, w.shape) if "variance" in v.path else rng.normal(0, 0.5, w.shape))
+                       .astype(np.float32) for w, v in zip(model.get_weights(), model.weights)])
+    path = tmp_path / "v3_block.keras"
+    model.save(path)
+    assert_second_runs_give_the_jit_bits(kernel_cache, tmp_path, str(path), 32, batch=2)
+
+
+def edited_copy(root: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the kernel cache whose module's manifest ``edit`` changed (the module's bytes untouched)."""
+    copy = tmp_path / "edited"
+    shutil.copytree(root, copy)
+    manifest_path = copy / backend.cache_key() / backend.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    edit(manifest)
+    manifest_path.write_text(json.dumps(manifest))
+    return copy
+
+
+def test_a_module_built_on_one_thread_serves_two(kernel_cache, tmp_path):
+    # A build on one thread runs only the kernels' one-thread forms: the parallel ones are not in its module.
+    def one_thread_build(manifest):
+        for name in [name for name in manifest["kernels"] if not name.endswith("_serial")]:
+            if name + "_serial" in manifest["kernels"]:
+                del manifest["kernels"][name]
+
+    copy = edited_copy(kernel_cache, tmp_path, one_thread_build)
+    assert_second_runs_give_the_jit_bits(copy, tmp_path, "mobilenet_v2:1.0", 96)
+
+
+def test_a_kernel_the_module_lacks_and_a_c_function_it_lacks_run_on_the_jit_twin(kernel_cache, tmp_path):
+    def lacking(manifest):
+        manifest["kernels"].pop("npmobile.kernels.gemm.gemm_panels")
+        manifest["cfuncs"].clear()
+
+    copy = edited_copy(kernel_cache, tmp_path, lacking)
+    assert_second_runs_give_the_jit_bits(copy, tmp_path, "mobilenet_v3_small:1.0", 96, batch=2)
+
+
+def test_two_threads_reaching_the_first_fallback_at_once(kernel_cache):
+    code = textwrap.dedent("""
+        import sys, threading
+        import numpy as np
+        from npmobile.kernels import activations, backend, depthwise
+        barrier, results, errors = threading.Barrier(8), [], []
+        a = np.linspace(-5, 5, 4096)
+        def fallback(k):
+            try:
+                barrier.wait()
+                out = np.empty_like(a)
+                activations.activate(a, out, activations.ACT_RELU6)   # float64: no export, the twin
+                address = depthwise.row_kernel(3, depthwise.ACT_HARD_SWISH, by_pixel=k % 2 == 0)
+                results.append((k % 2, address, np.array_equal(out, np.clip(a, 0, 6))))
+            except BaseException as error:
+                errors.append(repr(error))
+        threads = [threading.Thread(target=fallback, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        addresses = {parity: {address for p, address, _ in results if p == parity} for parity in (0, 1)}
+        print(backend.AOT, len(results), all(ok for _, _, ok in results), [len(v) for v in addresses.values()])
+    """)
+    assert run_python(code, **aot_env(kernel_cache)) == "True 8 True [1, 1]"
+
+
+def test_a_jit_run_loads_what_the_twin_left_in_numbas_cache(kernel_cache, tmp_path):
+    # The twin and the kernels share Numba's on-disk cache (one source file): an entry the twin compiled names
+    # the twin's package, which a later run on the JIT (or a kernel build) must be able to import.
+    numba_cache = {"NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    code = ("from npmobile.kernels import backend, depthwise; "
+            "print(backend.AOT, depthwise.row_kernel(3, depthwise.ACT_HARD_SWISH, by_pixel=True) > 0)")
+    assert run_python(code, **aot_env(kernel_cache), **numba_cache) == "True True"
+    assert run_python(code, NPMOBILE_KERNELS="jit", **numba_cache) == "False True"
+
+
+# --- a module is checked before it is used ---------------------------------------------------------------
+
+CHECK = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from npmobile.applications import FAMILIES
+    from npmobile.kernels import backend
+    model = FAMILIES["mobilenet_v2"](weights=None, input_shape=(96, 96, 3))
+    np.save(sys.argv[1], model.predict(np.full((1, 96, 96, 3), 100, np.float32)))
+    print(backend.AOT, backend.rejected is not None and backend.rejected.rebuild)
+""")
+
+
+def run_check(root, out: Path) -> tuple[str, str]:
+    done = subprocess.run([sys.executable, "-c", CHECK, str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **aot_env(root)})
+    assert done.returncode == 0, done.stderr  # no SIGBUS (-7), no traceback
+    return done.stdout.strip(), done.stderr
+
+
+@pytest.fixture(scope="module")
+def jit_answer(kernel_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("jit") / "jit.npy"
+    run_check(kernel_cache, out)  # the intact module
+    aot = np.load(out)
+    done = subprocess.run([sys.executable, "-c", CHECK, str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "NPMOBILE_KERNELS": "jit"})
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(aot, np.load(out))
+    return aot
+
+
+def damaged_copy(root: Path, tmp_path: Path, damage) -> Path:
+    copy = tmp_path / "damaged"
+    shutil.copytree(root, copy)
+    directory = copy / backend.cache_key()
+    [module] = directory.glob(backend.MODULE_NAME + "*")
+    damage(module, directory / backend.MANIFEST)
+    return copy
+
+
+def truncate(at: int):
+    def damage(module: Path, manifest: Path) -> None:
+        with open(module, "r+b") as f:
+            f.truncate(at if at >= 0 else module.stat().st_size + at)
+    return damage
+
+
+def flip(offsets):
+    def damage(module: Path, manifest: Path) -> None:
+        data = bytearray(module.read_bytes())
+        for offset in offsets:
+            data[offset % len(data)] ^= 0xFF
+        module.write_bytes(bytes(data))
+    return damage
+
+
+def wrong_hash(module: Path, manifest: Path) -> None:
+    entry = json.loads(manifest.read_text())
+    entry["module"]["sha256"] = "0" * 64
+    manifest.write_text(json.dumps(entry))
+
+
+def no_checksum(module: Path, manifest: Path) -> None:  # a manifest an older npmobile wrote
+    entry = json.loads(manifest.read_text())
+    del entry["module"]
+    manifest.write_text(json.dumps(entry))
+
+
+@pytest.mark.parametrize("damage", [truncate(0), truncate(4096), truncate(200_000), truncate(-1),
+                                    flip([100]), flip([300_000, 300_001]), flip([-2]), wrong_hash, no_checksum],
+                         ids=["empty", "4k", "200k", "one-byte-short", "flip-header", "flip-code", "flip-end",
+                              "manifest-hash", "no-checksum"])
+def test_a_damaged_module_is_refused_in_one_line_and_the_jit_answers(kernel_cache, jit_answer, tmp_path, damage):
+    copy = damaged_copy(kernel_cache, tmp_path, damage)
+    said, stderr = run_check(copy, tmp_path / "out.npy")
+    assert said == "False True"  # the JIT, and marked for the next background build
+    assert np.array_equal(np.load(tmp_path / "out.npy"), jit_answer)
+    [line] = stderr.splitlines()
+    assert line.startswith("npmobile: kernel module not used: ") and str(copy / backend.cache_key()) in line
+
+
+def test_a_module_cut_short_after_it_was_loaded_does_not_crash_the_run(kernel_cache, jit_answer, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(kernel_cache, copy)
+    [module] = (copy / backend.cache_key()).glob(backend.MODULE_NAME + "*")
+    code = textwrap.dedent(f"""
+        import numpy as np
+        from npmobile.applications import FAMILIES
+        from npmobile.kernels import backend
+        assert backend.AOT
+        with open({str(module)!r}, "r+b") as f:   # a copy cut short in place, under the running process
+            f.truncate(200_000)
+        model = FAMILIES["mobilenet_v2"](weights=None, input_shape=(96, 96, 3))
+        y = model.predict(np.full((1, 96, 96, 3), 100, np.float32))
+        print(np.array_equal(y, np.load({str(tmp_path / "jit.npy")!r})))
+    """)
+    np.save(tmp_path / "jit.npy", jit_answer)
+    assert run_python(code, **aot_env(copy)) == "True"
+
+
+def test_a_module_others_may_write_or_reached_through_a_link_is_not_loaded(kernel_cache, tmp_path):
+    key = backend.cache_key()
+    code = "from npmobile.kernels import backend; print(backend.AOT)"
+
+    def refused(root: Path, why: str) -> None:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, **aot_env(root)})
+        assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+        [line] = done.stderr.splitlines()
+        assert "kernel module not used" in line and why in line, line
+
+    def copy(name: str) -> Path:
+        shutil.copytree(kernel_cache, tmp_path / name)
+        return tmp_path / name
+
+    group_writable = copy("group")
+    (group_writable / key).chmod(0o775)
+    refused(group_writable, "others may write to it")
+    module_writable = copy("module")
+    [module] = (module_writable / key).glob(backend.MODULE_NAME + "*")
+    module.chmod(0o757)
+    refused(module_writable, "others may write to it")
+    cache_writable = copy("cache")
+    cache_writable.chmod(0o777)
+    refused(cache_writable, "others may write to it")
+    linked_folder = tmp_path / "linked-folder"
+    linked_folder.mkdir()
+    (linked_folder / key).symlink_to(kernel_cache / key)
+    refused(linked_folder, "not a folder npmobile may load from")
+    linked_cache = tmp_path / "linked-cache"
+    linked_cache.symlink_to(kernel_cache)
+    refused(linked_cache, "is a symlink")
+    if os.geteuid() == 0:  # a module of another user (root may hand it over)
+        other = copy("other")
+        for path in (other / key, *(other / key).iterdir()):
+            os.chown(path, 65534, 65534)
+        refused(other, "belongs to another user")
+
+
+def test_build_kernels_on_a_current_module_says_so_and_force_rebuilds(kernel_cache, tmp_path):
+    planted = plant_imports(tmp_path / "photos")
+    env = {**os.environ, "NPMOBILE_KERNELS_DIR": str(kernel_cache)}
+    done = subprocess.run([str(NPMOBILE), "build-kernels", "--quick"], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=planted)
+    assert done.returncode == 0, done.stderr
+    assert "is current: nothing to build (--force rebuilds it)" in done.stdout
+    assert "covers the kernels of: mobilenet_v2 at 96 px, batch 1; mobilenet_v3_small at 96 px" in done.stdout
+    assert not (planted / "imported").exists()  # the build's child never imported the folder's numpy.py
+    module = next((kernel_cache / backend.cache_key()).glob(backend.MODULE_NAME + "*"))
+    before = module.stat().st_ino
+    done = subprocess.run([str(NPMOBILE), "build-kernels", "--quick", "--force"], capture_output=True, text=True,
+                          timeout=1800, env=env, cwd=planted)
+    assert done.returncode == 0, done.stderr
+    assert "is current" not in done.stdout and "exported signatures" in done.stdout
+    assert next((kernel_cache / backend.cache_key()).glob(backend.MODULE_NAME + "*")).stat().st_ino != before
+    assert not (planted / "imported").exists()
+
+
+def test_the_foreground_build_waits_for_a_build_that_holds_the_lock(kernel_cache):
+    lock = build.take_lock(kernel_cache)  # as a background build of this host would hold it
+    assert lock is not None
+    try:
+        child = subprocess.Popen([str(NPMOBILE), "build-kernels", "--quick"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "NPMOBILE_KERNELS_DIR": str(kernel_cache)})
+        waiting = child.stderr.readline()
+        assert "another build of the kernels" in waiting and "waiting for it" in waiting
+        assert child.poll() is None
+    finally:
+        os.close(lock)
+        build.release_lock(kernel_cache)
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0 and "is current" in out, err
+
+
+def test_a_lock_of_another_host_stops_the_foreground_build_in_one_line(kernel_cache):
+    (kernel_cache / build.LOCK).write_text(f"{os.getpid()} {time.time():.0f} some-other-host\n")
+    try:
+        done = subprocess.run([str(NPMOBILE), "build-kernels", "--quick"], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "NPMOBILE_KERNELS_DIR": str(kernel_cache)})
+    finally:
+        (kernel_cache / build.LOCK).unlink()
+    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    assert "some-other-host" in done.stderr and str(kernel_cache / build.LOCK) in done.stderr
+
+
+# --- a read-only deployment (a container run as an unprivileged user) ------------------------------------
+
+def read_only_install(base: Path) -> Path:
+    """npmobile as a read-only site-packages would hold it (the package with its kernels and weights inside),
+    under ``base``; returns the folder to put on sys.path."""
+    repo = Path(__file__).resolve().parents[1]
+    site = base / "site"
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(repo / "npmobile", site / "npmobile", ignore=ignore)
+    shutil.copytree(repo / "kernels", site / "npmobile" / "kernels", ignore=ignore)
+    shutil.copytree(repo / "weights", site / "npmobile" / "weights", ignore=ignore)
+    return site
+
+
+# Runs the command line from the read-only copy (never the working tree's editable npmobile).
+RUN_FROM = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import npmobile; "
+            "assert npmobile.__file__.startswith(sys.path[0]), npmobile.__file__; "
+            "from npmobile.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def without_privileges() -> list[str]:
+    """The prefix that runs a command subject to file modes: as root (CI), root without its capabilities (it
+    may no longer write where the mode says no; another user could not even reach this interpreter when it
+    lives under /root); as anyone else, nothing."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv (util-linux): no way to make a folder read-only for a child")
+    return [setpriv, "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all"]
+
+
+@pytest.mark.parametrize("with_module", [False, True], ids=["jit-in-memory", "module-built-at-image-build"])
+def test_a_read_only_deployment_classifies_with_the_normal_answer(kernel_cache, keras_files, tmp_path, with_module):
+    """Home, site-packages (npmobile's copy), NUMBA_CACHE_DIR and the kernel cache all read-only for the process
+    (``without_privileges``): the normal run's answer, no traceback, one line on stderr at most."""
+    case = keras_files.get("MobileNetV2", "keras3_keras", input_shape=(96, 96, 3), alpha=0.35)
+    base = Path(tempfile.mkdtemp(prefix="npmobile-read-only-"))  # reachable by another user, unlike tmp_path
+    try:
+        site = read_only_install(base)
+        for name in ("home", "numba-cache", "kernels"):
+            (base / name).mkdir()
+        shutil.copy(case.path, base / "model.keras")
+        shutil.copy(PHOTO, base / "photo.jpg")
+        if with_module:  # built by this user (root at an image's build time), used read-only by the other
+            shutil.copytree(kernel_cache / backend.cache_key(), base / "kernels" / backend.cache_key())
+        for path in [base, *base.rglob("*")]:
+            path.chmod((0o555 if path.is_dir() else 0o444) | (path.stat().st_mode & 0o111))
+        command = [sys.executable, "-I", "-c", RUN_FROM, str(site), "classify", str(base / "photo.jpg"),
+                   "--weights", str(base / "model.keras"), "--json"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NPMOBILE_", "NUMBA_", "XDG_"))}
+        env.update(HOME=str(base / "home"), NUMBA_CACHE_DIR=str(base / "numba-cache"))
+        if with_module:
+            env["NPMOBILE_KERNELS_DIR"] = str(base / "kernels")
+        done = subprocess.run(without_privileges() + command, capture_output=True, text=True, timeout=900, env=env,
+                              cwd=base)
+        normal = subprocess.run([sys.executable, "-m", "npmobile", "classify", str(PHOTO), "--weights", str(case.path),
+                                 "--json"], capture_output=True, text=True, timeout=900,
+                                env={**os.environ, "NPMOBILE_AUTO_BUILD": "0"})
+    finally:
+        for path in [base, *base.rglob("*")]:
+            if path.is_dir() and not path.is_symlink():
+                path.chmod(0o755)
+        shutil.rmtree(base)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert normal.returncode == 0, normal.stderr
+    assert json.loads(done.stdout)[0]["top"] == json.loads(normal.stdout)[0]["top"]
+    assert len(done.stderr.splitlines()) <= 1, done.stderr
+
+
+def test_a_module_root_built_is_usable_by_another_user_when_no_one_else_may_write_it(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    made = os.stat_result((stat.S_IFDIR | 0o755, 0, 0, 1, 0, 0, 0, 0, 0, 0))  # owned by root, 755
+    assert backend.private_enough(made) is None
+    assert backend.private_enough(os.stat_result((stat.S_IFDIR | 0o775,) + made[1:])) is not None
+    mine = os.stat_result((stat.S_IFDIR | 0o700, 0, 0, 1, 1000, 1000, 0, 0, 0, 0))
+    assert backend.private_enough(mine) is None
+    theirs = os.stat_result((stat.S_IFDIR | 0o755, 0, 0, 1, 1001, 1001, 0, 0, 0, 0))
+    assert "another user" in backend.private_enough(theirs)

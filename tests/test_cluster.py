@@ -313,6 +313,6 @@ def test_embeddings_are_the_pooled_features_bit_for_bit(model_file, photos, tmp_
 
 def test_output_values_need_json_or_out(model_file, photos):
     result = run_cli("classify", str(photos), "--weights", model_file, "--output", "probabilities")
-    assert result.returncode == 1 and "needs --json or --out" in result.stderr
+    assert result.returncode == 2 and "needs --json or --out" in result.stderr  # a usage error
     result = run_cli("classify", str(photos), "--weights", model_file, "--out", "preds.csv")
     assert result.returncode == 1 and "preds.csv: write .parquet or .jsonl" in result.stderr

@@ -55,7 +55,8 @@ def test_an_image_answers_the_same_on_1_to_4_threads_in_any_batch_and_position()
     """The determinism contract (README), on one model of each family: final and intermediate outputs
     bit-identical for threads 1-4, batches of 1, 3 and 7, the image at different positions.
 
-    In a process of its own with NUMBA_NUM_THREADS=4: Numba caps its threads at the core count."""
+    In a process of its own with NUMBA_NUM_THREADS=4: the kernels cap their threads at the CPUs this process
+    may use."""
     worker = Path(__file__).with_name("determinism_worker.py")
     env = {**os.environ, "NUMBA_NUM_THREADS": "4"}
     result = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True, timeout=600, env=env,

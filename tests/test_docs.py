@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from npmobile import applications, costs
@@ -102,3 +103,84 @@ def test_readme_benchmark_table_is_the_latest_run():
     assert block == bench_run.markdown(report)
     assert {(c["model"], c["batch"], c["threads"]) for c in report["cells"]} == {
         (m, b, t) for m in ("v1", "v2", "v3s", "v3l") for b in (1, 8) for t in (1, 2)}
+
+
+# --------------------------------------------------------------------------------------------------
+# The tutorial's figures and its "Where to go next" commands
+# --------------------------------------------------------------------------------------------------
+
+
+def _figures_module():
+    spec = importlib.util.spec_from_file_location("docs_figures", REPO / "docs" / "figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cells(figure, role: str) -> list[float]:
+    return [float(text) for r, text in figure.texts if r == role]
+
+
+def test_tutorial_figures_show_the_reference_kernels_numbers(tmp_path):
+    """docs/figures.py draws the tutorial's tensors; every number in a cell is what the reference kernels compute
+    for the tutorial's image and filters, and the committed pictures are the ones it draws, shown by the page."""
+    from PIL import Image
+
+    from npmobile.kernels import reference as K
+
+    figures = _figures_module()
+    drawn = figures.write_all(tmp_path)
+    x = np.zeros((1, 4, 4, 2), np.float32)  # section 1, as the page builds it
+    x[0, :, 2:, 0] = 1
+    x[0, :, :, 1] = [[1], [2], [3], [4]]
+    vertical = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], np.float32)
+    dw = np.stack([vertical, vertical.T], axis=-1)[..., None]
+    pw = np.array([[1, 0, 0.5], [0, 1, 0.5]], np.float32)
+    pad = ((1, 1), (1, 1))
+    d = K.depthwise_conv2d(x, dw, padding=pad)
+    p = K.pointwise_conv2d(d, pw)
+    padded = K.zero_pad(x, pad)
+    image, sliding, pointwise = (drawn[name] for name in figures.FIGURES)
+    for c in range(2):
+        assert _cells(image, f"x channel {c}") == x[0, :, :, c].ravel().tolist()
+        assert _cells(sliding, f"padded channel {c}") == padded[0, :, :, c].ravel().tolist()
+        assert _cells(sliding, f"filter {c}") == dw[:, :, c, 0].ravel().tolist()
+        assert _cells(sliding, f"depthwise output {c}") == d[0, :, :, c].ravel().tolist()
+    window_sums = [float(t.rsplit("= ", 1)[1]) for r, t in sliding.texts if r == "sum"]
+    assert window_sums == [float(d[0, 1, 2, 0]), float(d[0, 1, 2, 1])] == [4.0, 8.0]
+    assert _cells(pointwise, "pixel channels") == d[0, 1, 2].tolist()
+    assert _cells(pointwise, "pointwise kernel") == pw.ravel().tolist()
+    assert _cells(pointwise, "pixel mixed") == p[0, 1, 2].tolist() == (d[0, 1, 2] @ pw).tolist()
+    for c in range(3):
+        assert _cells(pointwise, f"pointwise output {c}") == p[0, :, :, c].ravel().tolist()
+    page = TUTORIAL.read_text(encoding="utf-8")
+    for name, figure in drawn.items():
+        assert f"]({name})" in page, f"docs/depthwise.md does not show {name}"
+        with Image.open(REPO / "docs" / name) as committed:
+            assert committed.size == figure.image.size, f"docs/{name} is not what docs/figures.py draws now"
+
+
+def _next_commands() -> list[list[str]]:
+    """The npmobile commands of the tutorial's "Where to go next", as argument lists."""
+    section = TUTORIAL.read_text(encoding="utf-8").split("## Where to go next", 1)[1]
+    return [command.split()[1:] for command in re.findall(r"`(npmobile [^`]+)`", section)]
+
+
+def test_where_to_go_next_commands_run_offline_on_files_the_reader_has(tmp_path):
+    """Run from a copy of the repository's root with only samples/ in it, with every download pointed at a
+    closed port: each command exits 0."""
+    import os
+    import subprocess
+    import sys
+
+    commands = _next_commands()
+    assert len(commands) >= 4 and all(c[0] in ("summary", "profile", "show") for c in commands)
+    (tmp_path / "samples").symlink_to(REPO / "samples")
+    env = {**os.environ, "NPMOBILE_AUTO_BUILD": "0", "NPMOBILE_WEIGHTS_DIR": str(tmp_path / "weights"),
+           "KERAS_HOME": str(tmp_path / "keras"), "NPMOBILE_CACHE_DIR": str(tmp_path / "cache"),
+           "NPMOBILE_WEIGHTS_URL": "http://127.0.0.1:9/"}
+    for command in commands:
+        result = subprocess.run([sys.executable, "-m", "npmobile", *command], capture_output=True, text=True,
+                                cwd=tmp_path, env=env, timeout=600)
+        assert result.returncode == 0, f"npmobile {' '.join(command)}: {result.stderr[-500:]}"
+    assert (tmp_path / "maps.png").exists() and (tmp_path / "roofline.png").exists()

@@ -12,10 +12,11 @@ import pytest
 from test_kernels import REFERENCE_ACTIVATIONS, assert_close, rand
 
 from npmobile.kernels import expand_depthwise as fused
-from npmobile.kernels import reference as R
+from npmobile.kernels import reference as ref
 from npmobile.kernels.activations import ACT_HARD_SWISH, ACT_NONE, ACT_RELU, ACT_RELU6
 from npmobile.kernels.depthwise import depthwise_conv2d
 from npmobile.kernels.gemm import gemm_packed, pack
+from npmobile.kernels.gemm_rules import AVX2_6X16, AVX512_8X32
 from npmobile.kernels.threads import thread_limits
 
 # (images, height, width, input channels, expanded channels, window, stride, ((top, bottom), (left, right)))
@@ -44,7 +45,7 @@ def _layers(rng, case):
 
 def _output_shape(case):
     n, h, w, _, c, k, stride, ((top, bottom), (left, right)) = case
-    return (n, R.conv_output_size(h, k, stride, (top, bottom)), R.conv_output_size(w, k, stride, (left, right)), c)
+    return (n, ref.conv_output_size(h, k, stride, (top, bottom)), ref.conv_output_size(w, k, stride, (left, right)), c)
 
 
 def _two_kernels(x, packed, expand_act, kernel, bias, case, act):
@@ -82,9 +83,9 @@ def test_fused_matches_its_numpy_twin(rng, case):
     x, kernel, e_bias, dw, bias = _layers(rng, case)
     *_, k, stride, pads = case
     for expand_act, act in ACT_PAIRS:
-        mid = REFERENCE_ACTIVATIONS[expand_act](R.pointwise_conv2d(x, kernel, e_bias))
-        ref = REFERENCE_ACTIVATIONS[act](R.depthwise_conv2d(mid, dw[..., None], bias, (stride, stride), pads))
-        assert_close(_fused(x, pack(kernel, e_bias, 0, fused.TILE), expand_act, dw, bias, case, act), ref)
+        mid = REFERENCE_ACTIVATIONS[expand_act](ref.pointwise_conv2d(x, kernel, e_bias))
+        expected = REFERENCE_ACTIVATIONS[act](ref.depthwise_conv2d(mid, dw[..., None], bias, (stride, stride), pads))
+        assert_close(_fused(x, pack(kernel, e_bias, 0, fused.TILE), expand_act, dw, bias, case, act), expected)
 
 
 @pytest.mark.parametrize("band_bytes", [1, 4096, 1 << 30])  # one row per band, a few rows, the whole map
@@ -116,8 +117,8 @@ def test_fused_refuses_what_does_not_fit(rng):
     with pytest.raises(ValueError, match="do not fit"):
         call(x, packed, 99, dw, bias, out, 1, 1, 1, 1, ACT_RELU6, scratch)  # an activation not on the registers
     with pytest.raises(ValueError, match="not this kernel's"):
-        call(x, pack(kernel, e_bias, 1, 1 if fused.TILE == 0 else 0), ACT_RELU6, dw, bias, out, 1,
-             1, 1, 1, ACT_RELU6, scratch)
+        other = AVX512_8X32 if fused.TILE != AVX512_8X32 else AVX2_6X16
+        call(x, pack(kernel, e_bias, 1, other), ACT_RELU6, dw, bias, out, 1, 1, 1, 1, ACT_RELU6, scratch)
     with pytest.raises(ValueError, match="C-contiguous float32"):
         call(x, packed, ACT_RELU6, dw, bias, out[:, :, ::-1], 1, 1, 1, 1, ACT_RELU6, scratch)
 

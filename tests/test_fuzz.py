@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -260,3 +261,102 @@ def test_mutated_h5_structures_load_or_raise_our_error(h5_models, tmp_path_facto
     kind = data.draw(st.sampled_from(kinds), label="mutation")
     target = _mutated_copy(source, tmp_path_factory.mktemp("h5"), kind, data)
     record_fuzz(f"h5-{kind}:{source.name}", 1, {load_and_predict(target): 1})
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs of unknown size: the sizes a model computes are only known at predict, where the same rules hold
+# --------------------------------------------------------------------------------------------------
+
+# Config entries that set sizes without changing any weight's shape: a mutated one still loads.
+SIZE_KEYS = ("strides", "padding", "size", "pool_size", "dilation_rate", "cropping")
+# Plans whose layers' outputs add up to at most this many values are made and run (well inside the guard).
+RUN_VALUES = 16 * 2**20
+
+
+@pytest.fixture(scope="module")
+def unknown_size_zip(tmp_path_factory) -> Path:
+    """A small Keras-written model on a (None, None, 3) input: convolutions, padding, pooling, upsampling."""
+    import keras
+
+    layers = keras.layers
+    inputs = keras.Input((None, None, 3))
+    x = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu6")(inputs)
+    x = layers.DepthwiseConv2D(3, padding="same", dilation_rate=1)(x)
+    x = layers.ZeroPadding2D(((1, 2), (0, 1)))(x)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.UpSampling2D(2)(x)
+    x = layers.Conv2D(4, 1)(x)
+    outputs = layers.AveragePooling2D(3, strides=1, padding="same")(x)
+    path = tmp_path_factory.mktemp("unknown-size") / "unknown.keras"
+    keras.Model(inputs, outputs).save(path)
+    return path
+
+
+@contextlib.contextmanager
+def address_space(extra: int):
+    """Allow this process ``extra`` bytes of address space more than it uses now: a prediction that breaks
+    the size rules ends in MemoryError (a foreign exception: the test fails) instead of filling the machine."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/status") as status:
+        in_use = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (in_use + extra if hard == resource.RLIM_INFINITY
+                                            else min(in_use + extra, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def plan_and_predict(path: Path, sizes: list[tuple[int, int]]) -> str:
+    """Load, then for each input size make the plan (refused in our error, or within the rules) and run the
+    small ones. "ok", "npmobile-error" or "npmobile-timeout"; anything else fails the test."""
+    from npmobile.layers import checked_shapes
+    from npmobile.limits import MAX_PLAN_VALUES
+    from npmobile.plan import build_plan
+
+    try:
+        with time_limit(PER_INPUT_SECONDS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = npmobile.load_model(path, timeout=READ_SECONDS)
+            graph = model.optimized_graph()
+            refused = 0
+            for height, width in sizes:
+                shape = (1, height, width, 3)
+                try:
+                    shapes = checked_shapes(graph, [shape])
+                    if sum(math.prod(s[1:]) for s in shapes.values()) > RUN_VALUES:
+                        continue  # within the rules, too large to plan and run here (making a plan fills tables)
+                    plan = build_plan(graph, [shape], list(graph.outputs))
+                except NpmobileError:
+                    refused += 1
+                    continue
+                assert sum(plan.buffer_sizes) <= MAX_PLAN_VALUES, (shape, plan.buffer_sizes)
+                with address_space(2**30):
+                    model.predict(np.zeros(shape, np.float32))
+        return "npmobile-error" if refused else "ok"
+    except NpmobileError as error:
+        return "npmobile-timeout" if "did not finish" in str(error) else "npmobile-error"
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_unknown_size_inputs_meet_the_size_rules_at_predict(unknown_size_zip, tmp_path_factory, data):
+    with zipfile.ZipFile(unknown_size_zip) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(members["config.json"])
+    paths = [p for p, v in _paths(config) if p and p[-1] in SIZE_KEYS]
+    big = st.integers(min_value=0, max_value=10**5)
+    for _ in range(data.draw(st.integers(min_value=1, max_value=3), label="edits")):
+        path = data.draw(st.sampled_from(paths), label="path")
+        _set(config, path, data.draw(st.one_of(big, st.lists(big, min_size=2, max_size=2),
+                                               st.lists(st.lists(big, min_size=2, max_size=2), min_size=2,
+                                                        max_size=2)), label="value"))
+    side = st.integers(min_value=1, max_value=96)
+    sizes = data.draw(st.lists(st.tuples(side, side), min_size=1, max_size=3), label="input sizes")
+    target = tmp_path_factory.mktemp("unknown") / "mutated.keras"
+    with zipfile.ZipFile(target, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, json.dumps(config) if name == "config.json" else content)
+    record_fuzz(f"unknown-size:{unknown_size_zip.name}", 1, {plan_and_predict(target, sizes): 1})

@@ -1,7 +1,7 @@
 """The LLVM-vector GEMM microkernel (kernels/gemm.py) against its NumPy twins (kernels/reference.py).
 
 Tolerance as in tests/test_kernels.py: max |fast - ref| <= 1e-5 * max(1, max |ref|). Beyond that,
-bit for bit: every variant compiled for this CPU (the AVX2 build also in a Haswell-targeted process),
+bit for bit: every tile compiled for this CPU (the AVX2 build also in a Haswell-targeted process),
 every cut of the work, every thread count and every batch position gives the same float32 answers,
 because each output is one FMA chain over K in order.
 """
@@ -13,11 +13,12 @@ import pytest
 from test_kernels import ALL_ACTS, REFERENCE_ACTIVATIONS, assert_close, rand
 
 from npmobile.kernels import gemm as G
-from npmobile.kernels import reference as R
+from npmobile.kernels import gemm_rules
+from npmobile.kernels import reference as ref
 from npmobile.kernels.activations import ACT_HARD_SWISH, ACT_NONE, ACT_RELU6, ACT_SWISH
 from npmobile.kernels.threads import max_threads, thread_limits
 
-VARIANTS = G.COMPILED_VARIANTS  # this CPU's tiles; the other CPU's: test_the_avx2_build_...
+TILES = G.COMPILED_TILES  # this CPU's tiles; the other CPU's: test_the_avx2_build_...
 
 
 @pytest.fixture
@@ -33,73 +34,73 @@ SHAPES = [
 ]
 
 
-def _packed_run(a, kernel, bias, act, residual, variant, rows=None, per_task=None):
-    packed = G.pack(kernel, bias, a.shape[0], variant)
+def _packed_run(a, kernel, bias, act, residual, tile, rows=None, per_task=None):
+    packed = G.pack(kernel, bias, a.shape[0], tile)
     out = np.full((a.shape[0], kernel.shape[1]), np.nan, np.float32)
     if rows is None:
         G.gemm_packed(a, packed, out, act, residual)
     else:
         G.gemm_panels(a, packed.panels, packed.bias, out, act, G.NO_RESIDUAL if residual is None else residual,
-                      variant, rows, per_task)
+                      TILES.index(tile), rows, per_task)
     return out
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("tile", TILES, ids=lambda tile: tile.name)
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_microkernel_matches_reference_every_activation_with_and_without_residual(rng, m, k, n, variant):
+def test_microkernel_matches_reference_every_activation_with_and_without_residual(rng, m, k, n, tile):
     a, kernel, bias = rand(rng, m, k), rand(rng, k, n, scale=k**-0.5), rand(rng, n)
     shortcut = rand(rng, m, n)
-    plain = R.dense(a, kernel, bias)
+    plain = ref.dense(a, kernel, bias)
     for act in ALL_ACTS:
-        assert_close(_packed_run(a, kernel, bias, act, None, variant), REFERENCE_ACTIVATIONS[act](plain))
-        assert_close(_packed_run(a, kernel, bias, act, shortcut, variant),
+        assert_close(_packed_run(a, kernel, bias, act, None, tile), REFERENCE_ACTIVATIONS[act](plain))
+        assert_close(_packed_run(a, kernel, bias, act, shortcut, tile),
                      REFERENCE_ACTIVATIONS[act](plain) + shortcut)
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 5, 3), (29, 33, 47), (196, 24, 144)])
 def test_packed_reference_twin_matches_the_plain_product(rng, m, k, n):
     a, kernel, bias = rand(rng, m, k), rand(rng, k, n, scale=k**-0.5), rand(rng, n)
-    for width in sorted({G.VARIANTS[v][1] for v in G.COMPILED_VARIANTS}):
-        panels = R.pack_panels(kernel, width)
+    for width in sorted({tile.nr for tile in TILES}):
+        panels = ref.pack_panels(kernel, width)
         assert panels.shape == (-(-n // width), k, width)
-        assert_close(R.gemm_panels(a, panels, bias, n), R.dense(a, kernel, bias))
-        packed = G.PackedWeights(kernel, bias, next(v for v in G.COMPILED_VARIANTS if G.VARIANTS[v][1] == width))
+        assert_close(ref.gemm_panels(a, panels, bias, n), ref.dense(a, kernel, bias))
+        packed = G.PackedWeights(kernel, bias, next(tile for tile in TILES if tile.nr == width))
         np.testing.assert_array_equal(packed.panels, panels)
         out = np.empty((m, n), np.float32)
         G.gemm_packed(a, packed, out, ACT_NONE)
-        assert_close(out, R.gemm_panels(a, panels, bias, n))
+        assert_close(out, ref.gemm_panels(a, panels, bias, n))
 
 
-def test_every_variant_cut_thread_count_and_batch_position_gives_the_same_bits(rng):
+def test_every_tile_cut_thread_count_and_batch_position_gives_the_same_bits(rng):
     """The determinism contract: one image's answer depends on nothing but the image."""
     k, n, image_rows = 40, 75, 37
     kernel, bias = rand(rng, k, n, scale=k**-0.5), rand(rng, n)
     image = rand(rng, image_rows, k)
     shortcut = rand(rng, image_rows, n)
     for act, residual in ((ACT_RELU6, None), (ACT_NONE, shortcut), (ACT_HARD_SWISH, None), (ACT_SWISH, shortcut)):
-        alone = _packed_run(image, kernel, bias, act, residual, VARIANTS[0], rows=image_rows, per_task=99)
+        alone = _packed_run(image, kernel, bias, act, residual, TILES[0], rows=image_rows, per_task=99)
         for threads in sorted({1, 2, max_threads()}):
             with thread_limits(threads):
-                for variant in VARIANTS:
-                    mr = G.VARIANTS[variant][0]
+                for tile in TILES:
+                    mr = tile.mr
                     for rows, per_task in ((mr, 1), (3 * mr, 2), (image_rows, 99)):
-                        out = _packed_run(image, kernel, bias, act, residual, variant, rows, per_task)
+                        out = _packed_run(image, kernel, bias, act, residual, tile, rows, per_task)
                         np.testing.assert_array_equal(out, alone)
                     for position in range(3):
                         batch = rand(rng, 3 * image_rows, k)
                         batch[position * image_rows:(position + 1) * image_rows] = image
                         res = None if residual is None else np.concatenate([residual] * 3)
-                        out = _packed_run(batch, kernel, bias, act, res, variant)
+                        out = _packed_run(batch, kernel, bias, act, res, tile)
                         np.testing.assert_array_equal(out[position * image_rows:(position + 1) * image_rows], alone)
 
 
-def test_choose_variant_follows_the_shape_and_the_cpu():
-    assert G.choose_variant(12544, 96, avx512=False) == 0
-    assert G.choose_variant(1, 1000, avx512=True) == 3  # a matrix-vector product
-    assert G.choose_variant(3136, 24, avx512=True) == 1
-    assert G.choose_variant(784, 40, avx512=True) == 2  # 48 columns in panels of 16, 64 in panels of 32
-    assert G.choose_variant(49, 960, avx512=True) == 4  # a 7x7 map: 7-row tiles pad no row
-    assert G.choose_variant(392, 960, avx512=True) == 1  # ... in a batch of 8, 8-row tiles pad none either
+def test_choose_tile_follows_the_shape_and_the_cpu():
+    assert G.choose_tile(12544, 96, avx512=False) == gemm_rules.AVX2_6X16
+    assert G.choose_tile(1, 1000, avx512=True) == gemm_rules.AVX512_1X128  # a matrix-vector product
+    assert G.choose_tile(3136, 24, avx512=True) == gemm_rules.AVX512_8X32
+    assert G.choose_tile(784, 40, avx512=True) == gemm_rules.AVX512_28X16  # 48 columns in panels of 16, 64 of 32
+    assert G.choose_tile(49, 960, avx512=True) == gemm_rules.AVX512_7X32  # a 7x7 map: 7-row tiles pad no row
+    assert G.choose_tile(392, 960, avx512=True) == gemm_rules.AVX512_8X32  # a batch of 8: 8-row tiles pad none
 
 
 def test_tiling_covers_the_product_and_gives_several_cores_work():
@@ -157,12 +158,13 @@ def test_plain_and_prepared_weights_give_the_same_bits(rng):
 
 
 def test_a_tile_not_compiled_for_this_cpu_is_refused_not_run(rng):
-    other = next(v for v in range(len(G.VARIANTS)) if v not in G.COMPILED_VARIANTS)
+    other = next(tile for tile in (gemm_rules.AVX2_6X16, gemm_rules.AVX512_8X32) if tile not in TILES)
     a, kernel, bias = rand(rng, 8, 16), rand(rng, 16, 16), rand(rng, 16)
     with pytest.raises(ValueError, match="not compiled for this CPU"):
         G.gemm_packed(a, G.PackedWeights(kernel, bias, other), np.empty((8, 16), np.float32), ACT_NONE)
 
 
+@pytest.mark.jit_only
 def test_the_avx2_build_of_the_tiles_matches_the_reference_too(tmp_path):
     """The drivers hold only the target CPU's tiles: the AVX2 build (6x16 tiles of <8 x float>, plain and
     indirect) is compiled and checked here in a process that targets Haswell, whatever this CPU is."""
@@ -172,21 +174,21 @@ def test_the_avx2_build_of_the_tiles_matches_the_reference_too(tmp_path):
 
     script = (
         "import numpy as np\n"
-        "from npmobile.kernels import gemm as G, reference as R\n"
+        "from npmobile.kernels import gemm as G, reference as ref\n"
         "from npmobile.kernels.conv import conv2d\n"
-        "assert not G.AVX512 and G.COMPILED_VARIANTS == (0,)\n"
+        "assert not G.AVX512 and G.COMPILED_TILES == (G.Tile(6, 16, 8),)\n"
         "rng = np.random.default_rng(0)\n"
         "for m, k, n in ((1, 7, 1), (5, 17, 33), (57, 40, 127), (196, 24, 144)):\n"
         "    a, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (n,)))\n"
         "    out = np.empty((m, n), np.float32)\n"
         "    G.gemm_packed(a, G.pack(w, b, m), out, 0)\n"
-        "    np.testing.assert_allclose(out, R.dense(a, w, b), rtol=1e-5, atol=1e-5)\n"
+        "    np.testing.assert_allclose(out, ref.dense(a, w, b), rtol=1e-5, atol=1e-5)\n"
         "x = rng.standard_normal((2, 15, 13, 3)).astype(np.float32)\n"
         "kern = rng.standard_normal((3, 3, 3, 24)).astype(np.float32)\n"
         "bias = rng.standard_normal(24).astype(np.float32)\n"
         "out = np.empty((2, 8, 7, 24), np.float32)\n"
         "conv2d(x, kern, bias, out, 2, 2, 1, 1, 0, packed=G.pack(kern.reshape(27, 24), bias, 112))\n"
-        "expected = R.conv2d(x, kern, bias, (2, 2), ((1, 1), (1, 1)))\n"
+        "expected = ref.conv2d(x, kern, bias, (2, 2), ((1, 1), (1, 1)))\n"
         "np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)\n"
         "print('ok')\n"
     )

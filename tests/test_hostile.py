@@ -18,9 +18,12 @@ import numpy as np
 import pytest
 
 import npmobile
+import npmobile.io.torch
+import npmobile.isolation
 from npmobile.errors import ModelFileError, NpmobileError, UnsupportedLayerError
 
 V3 = dict(input_shape=(96, 96, 3))
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,6 +124,11 @@ ABSURD = {
     "zero-padding-10**5": ([_input(), _layer("ZeroPadding2D", "z", "in", padding=[[10**5, 10**5], [10**5, 10**5]])],
                            {}, "'z'"),
     "reshape-10**6": ([_input(), _layer("Reshape", "rs", "in", target_shape=[10**6, 10**6, -1])], {}, "'rs'"),
+    # Within the per-layer and window rules; its windows as a matrix (the im2col scratch) are 17 G values.
+    "conv-patches": ([_input(shape=(None, 256, 256, 64)), _layer("Conv2D", "c", "in", filters=4, kernel_size=[64, 64],
+                                                                strides=[1, 1],
+                                                                padding="same", use_bias=False)],
+                     {"c": {"kernel": np.ones((64, 64, 64, 4), np.float32)}}, "'c'"),
 }
 
 
@@ -510,3 +518,109 @@ def test_malformed_configs_fail_naming_the_file(keras_files, tmp_path, case):
         npmobile.load_model(path)
     message = str(info.value)
     assert "\n" not in message and message.startswith(str(path)) and expected in message, message
+
+
+# --------------------------------------------------------------------------------------------------
+# Keras's modules exactly, Lambda wherever it is, one member per name
+# --------------------------------------------------------------------------------------------------
+
+
+def _rewrite_keras(source: Path, target: Path, edit) -> Path:
+    """A copy of a .keras archive whose config.json ``edit`` changed."""
+    with zipfile.ZipFile(source) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(members["config.json"])
+    edit(config)
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(target, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return target
+
+
+@pytest.fixture(scope="module")
+def relu_then_lambda(tmp_path_factory) -> dict[str, Path]:
+    """Keras-written: input -> ReLU 'r' -> Lambda 'double' (the output), as .keras and .h5."""
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    outputs = keras.layers.Lambda(lambda t: t * 2.0, name="double")(keras.layers.ReLU(name="r")(inputs))
+    folder = tmp_path_factory.mktemp("lambda")
+    paths = {}
+    for suffix in (".keras", ".h5"):
+        paths[suffix] = folder / f"model{suffix}"
+        keras.Model(inputs, outputs).save(paths[suffix])
+    return paths
+
+
+def _output_r(config: dict) -> None:
+    config["config"]["output_layers"] = [["r", 0, 0]]
+
+
+@pytest.mark.parametrize("module,refused", [("keras_evil.layers", True), ("kerasx", True), ("tf_keras_x.layers", True),
+                                            ("keras.layers", False), ("keras", False), ("tf_keras.layers", False)])
+def test_layer_modules_are_keras_only_when_named_exactly(relu_then_lambda, tmp_path, module, refused):
+    def edit(config):
+        _output_r(config)
+        config["config"]["layers"] = [layer for layer in config["config"]["layers"] if layer["name"] != "double"]
+        relu = next(layer for layer in config["config"]["layers"] if layer["name"] == "r")
+        relu["module"] = module
+
+    path = _rewrite_keras(relu_then_lambda[".keras"], tmp_path / "module.keras", edit)
+    if refused:
+        message = _load_error(path, UnsupportedLayerError)
+        assert f"{module}>ReLU" in message and "'r'" in message
+    else:
+        x = np.linspace(-1, 1, 8 * 8 * 3, dtype=np.float32).reshape(1, 8, 8, 3)
+        np.testing.assert_array_equal(npmobile.load_model(path).predict(x), np.maximum(x, 0))
+
+
+def test_a_lambda_no_output_depends_on_is_refused(relu_then_lambda, tmp_path):
+    keras_path = _rewrite_keras(relu_then_lambda[".keras"], tmp_path / "unreachable.keras", _output_r)
+    h5_path = tmp_path / "unreachable.h5"
+    h5_path.write_bytes(relu_then_lambda[".h5"].read_bytes())
+    with h5py.File(h5_path, "r+") as f:
+        config = json.loads(f.attrs["model_config"])
+        _output_r(config)
+        f.attrs["model_config"] = json.dumps(config)
+    for path in (keras_path, h5_path):
+        for trusted in (False, True):
+            with pytest.raises(UnsupportedLayerError, match="'double' is a Lambda layer") as info:
+                npmobile.load_model(path, trusted=trusted)
+            assert str(path) in str(info.value)
+        # Nor are its weights put on an architecture, nor is it handed to Keras by verify (whose status for
+        # "could not run" is 3).
+        for command, status in ((["classify", str(SAMPLES / "chelsea.jpg"), "--weights", str(path)], 1),
+                                (["verify", str(path), str(SAMPLES / "chelsea.jpg")], 3)):
+            result = subprocess.run([sys.executable, "-m", "npmobile", *command], capture_output=True, text=True,
+                                    timeout=300)
+            lines = [line for line in result.stderr.splitlines() if line.strip()]
+            assert result.returncode == status and len(lines) == 1 and "Lambda" in lines[0], result.stderr[-2000:]
+
+
+def _duplicate(source: Path, target: Path, name: str, content: bytes) -> Path:
+    """A copy of a zip with a second member called ``name`` added after the first."""
+    with zipfile.ZipFile(source) as archive, zipfile.ZipFile(target, "w") as out:
+        for info in archive.infolist():
+            out.writestr(info, archive.read(info))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zipfile warns of the duplicate it is asked to write
+            out.writestr(name, content)
+    return target
+
+
+def test_archive_members_with_one_name_twice_are_refused(relu_then_lambda, tmp_path):
+    torch = pytest.importorskip("torch")
+    pth = tmp_path / "state.pth"
+    torch.save({"weight": torch.ones(4)}, pth)
+    with zipfile.ZipFile(pth) as archive:
+        storage = next(n for n in archive.namelist() if n.endswith("/data/0"))
+    forged = _duplicate(pth, tmp_path / "forged.pth", storage, np.full(4, 7, np.float32).tobytes())
+    for trusted in (False, True):
+        with pytest.raises(ModelFileError, match="two members named") as info:
+            npmobile.io.torch.read_state_dict(forged) if trusted else \
+                npmobile.isolation.read_file(forged, "any")
+        assert storage in str(info.value)
+    keras_path = _rewrite_keras(relu_then_lambda[".keras"], tmp_path / "plain.keras", _output_r)
+    forged = _duplicate(keras_path, tmp_path / "forged.keras", "config.json", b"{}")
+    assert "two members named 'config.json'" in _load_error(forged)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import inspect
 
-import numba
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from npmobile.kernels import blas
-from npmobile.kernels import reference as R
+from npmobile.errors import ThreadCountError
+from npmobile.kernels import backend, blas
+from npmobile.kernels import reference as ref
 from npmobile.kernels.activations import (
     ACT_HARD_SIGMOID,
     ACT_HARD_SWISH,
@@ -33,7 +33,7 @@ from npmobile.kernels.activations import (
 from npmobile.kernels.conv import conv2d, indirection_table
 from npmobile.kernels.depthwise import depthwise_conv2d
 from npmobile.kernels.entry import in_order, needs_blas, no_work
-from npmobile.kernels.gemm import COMPILED_VARIANTS, INDIRECT_CIN, INDIRECT_VARIANTS, VARIANTS, pack
+from npmobile.kernels.gemm import COMPILED_TILES, INDIRECT_CIN, INDIRECT_TILES, pack
 from npmobile.kernels.pointwise import (
     TILES_PER_IMAGE,
     dense,
@@ -49,22 +49,22 @@ from npmobile.kernels.threads import hold_blas, max_threads, set_threads, thread
 
 REFERENCE_ACTIVATIONS = {
     ACT_NONE: lambda x: x,
-    ACT_RELU: R.relu,
-    ACT_RELU6: R.relu6,
-    ACT_HARD_SWISH: R.hard_swish,
-    ACT_HARD_SIGMOID: R.hard_sigmoid,
-    ACT_SIGMOID: R.sigmoid,
-    ACT_SWISH: R.swish,
+    ACT_RELU: ref.relu,
+    ACT_RELU6: ref.relu6,
+    ACT_HARD_SWISH: ref.hard_swish,
+    ACT_HARD_SIGMOID: ref.hard_sigmoid,
+    ACT_SIGMOID: ref.sigmoid,
+    ACT_SWISH: ref.swish,
 }
 ALL_ACTS = list(REFERENCE_ACTIVATIONS)
 EXACT_ACTS = [ACT_NONE, ACT_RELU, ACT_RELU6, ACT_HARD_SWISH, ACT_HARD_SIGMOID]
 
 
-def assert_close(fast: np.ndarray, ref: np.ndarray) -> None:
-    assert fast.shape == ref.shape
+def assert_close(fast: np.ndarray, expected: np.ndarray) -> None:
+    assert fast.shape == expected.shape
     assert np.all(np.isfinite(fast))
-    scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
-    err = float(np.abs(fast.astype(np.float64) - ref).max(initial=0.0))
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    err = float(np.abs(fast.astype(np.float64) - expected).max(initial=0.0))
     assert err <= 1e-5 * scale, f"max error {err:.3g} exceeds 1e-5 * {scale:.3g}"
 
 
@@ -103,8 +103,8 @@ def test_sigmoid_activations_match_reference_to_an_ulp(rng, act):
     x = _activation_probe(rng)
     out = np.empty_like(x)
     activate(x, out, act)
-    ref = REFERENCE_ACTIVATIONS[act](x)
-    np.testing.assert_allclose(out, ref, rtol=4e-7, atol=1e-37)
+    expected = REFERENCE_ACTIVATIONS[act](x)
+    np.testing.assert_allclose(out, expected, rtol=4e-7, atol=1e-37)
 
 
 def test_hard_swish_divides_by_six_like_keras():
@@ -120,7 +120,7 @@ def test_hard_swish_divides_by_six_like_keras():
 
 def test_activate_works_in_place(rng):
     x = _activation_probe(rng)
-    expected = R.relu6(x)
+    expected = ref.relu6(x)
     activate(x, x, ACT_RELU6)
     np.testing.assert_array_equal(x, expected)
 
@@ -137,7 +137,7 @@ def test_softmax_matches_reference(rng):
     x = rand(rng, 3, 1000, scale=5.0)
     out = np.empty_like(x)
     softmax(x, out)
-    np.testing.assert_allclose(out, R.softmax(x), rtol=2e-6, atol=1e-9)
+    np.testing.assert_allclose(out, ref.softmax(x), rtol=2e-6, atol=1e-9)
     np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)
 
 
@@ -176,15 +176,15 @@ DEPTHWISE_CASES = [
 
 
 def _reference_depthwise(x, kernel, bias, stride, pads, act):
-    y = R.depthwise_conv2d(x, kernel[..., None], bias, (stride, stride), pads)
+    y = ref.depthwise_conv2d(x, kernel[..., None], bias, (stride, stride), pads)
     return REFERENCE_ACTIVATIONS[act](y)
 
 
 def _fast_depthwise(x, kernel, bias, stride, pads, act):
     (top, bottom), (left, right) = pads
     k = kernel.shape[0]
-    oh = R.conv_output_size(x.shape[1], k, stride, (top, bottom))
-    ow = R.conv_output_size(x.shape[2], k, stride, (left, right))
+    oh = ref.conv_output_size(x.shape[1], k, stride, (top, bottom))
+    ow = ref.conv_output_size(x.shape[2], k, stride, (left, right))
     out = np.full((x.shape[0], oh, ow, x.shape[3]), np.nan, dtype=np.float32)
     depthwise_conv2d(x, kernel, bias, out, stride, stride, top, left, act)
     return out
@@ -215,7 +215,7 @@ DEPTHWISE_GRID = [
 @pytest.mark.parametrize("case", DEPTHWISE_GRID, ids=lambda c: "n{}_{}x{}x{}_k{}_s{}_{}".format(*c))
 def test_depthwise_vector_paths_match_reference(rng, case):
     n, h, w, c, k, stride, padding = case
-    pads = ((0, 0), (0, 0)) if padding == "valid" else (R.same_padding(h, k, stride), R.same_padding(w, k, stride))
+    pads = ((0, 0), (0, 0)) if padding == "valid" else (ref.same_padding(h, k, stride), ref.same_padding(w, k, stride))
     x, kernel, bias = rand(rng, n, h, w, c), rand(rng, k, k, c, scale=0.5), rand(rng, c)
     for act in ALL_ACTS:
         fast = _fast_depthwise(x, kernel, bias, stride, pads, act)
@@ -228,22 +228,24 @@ ROW_ORDER_CASES = [case for case in DEPTHWISE_GRID if case[4] == 3] + [
 
 @pytest.mark.parametrize("case", ROW_ORDER_CASES, ids=lambda c: "n{}_{}x{}x{}_k{}_s{}_{}".format(*c))
 def test_depthwise_row_orders_give_the_same_bits(rng, case):
-    """Block by block over a row, or every block of a group of pixels in turn (depthwise.by_pixel_order
+    """Block by block over a row, or every block of a group of pixels in turn (depthwise_rules.by_pixel_order
     chooses by shape): the same FMAs for every output, so the same bits, on the serial and parallel drivers."""
-    from npmobile.kernels import depthwise as D
+    from npmobile.kernels.depthwise_drivers import vector_depthwise, vector_depthwise_serial
+    from npmobile.kernels.depthwise_row_kernels import row_kernel
+    from npmobile.kernels.depthwise_rules import VECTOR_ACTS
 
     n, h, w, c, k, stride, padding = case
-    pads = ((0, 0), (0, 0)) if padding == "valid" else (R.same_padding(h, k, stride), R.same_padding(w, k, stride))
+    pads = ((0, 0), (0, 0)) if padding == "valid" else (ref.same_padding(h, k, stride), ref.same_padding(w, k, stride))
     x, kernel, bias = rand(rng, n, h, w, c), rand(rng, k, k, c, scale=0.5), rand(rng, c)
     expected = _fast_depthwise(x, kernel, bias, stride, pads, ACT_NONE)
     for act in ALL_ACTS:
-        if act not in D.VECTOR_ACTS:
+        if act not in VECTOR_ACTS:
             continue
         outs = []
         for by_pixel in (False, True):
-            for driver in (D._depthwise_vector_serial, D._depthwise_vector):
+            for driver in (vector_depthwise_serial, vector_depthwise):
                 out = np.full(expected.shape, np.nan, np.float32)
-                driver(D.row_kernel(3, act, by_pixel), x, kernel, bias, out, stride, stride, pads[0][0], pads[1][0],
+                driver(row_kernel(3, act, by_pixel), x, kernel, bias, out, stride, stride, pads[0][0], pads[1][0],
                        act)
                 outs.append(out)
         for out in outs[1:]:
@@ -253,7 +255,7 @@ def test_depthwise_row_orders_give_the_same_bits(rng, case):
 
 def test_depthwise_row_order_rule():
     """Pixel by pixel where a block's rows, C floats apart, crowd a few L1 sets (V1's channel counts)."""
-    from npmobile.kernels.depthwise import VECTOR_WIDTH, by_pixel_order
+    from npmobile.kernels.depthwise_rules import VECTOR_WIDTH, by_pixel_order
 
     assert by_pixel_order(3, 512, 14, 14) and by_pixel_order(3, 128, 56, 28) and by_pixel_order(3, 1024, 7, 7)
     assert not by_pixel_order(3, 576, 14, 14) and not by_pixel_order(3, 144, 56, 56)  # V2's: spread over the sets
@@ -271,7 +273,7 @@ def test_depthwise_border_pixels_sum_like_interior_ones(rng, k, stride, pads, si
     x, kernel, bias = rand(rng, 2, size, size, channels), rand(rng, k, k, channels, scale=0.5), rand(rng, channels)
     for act in (ACT_NONE, ACT_RELU6, ACT_HARD_SWISH):
         fast = _fast_depthwise(x, kernel, bias, stride, pads, act)
-        padded = _fast_depthwise(R.zero_pad(x, pads).astype(np.float32), kernel, bias, stride, ((0, 0), (0, 0)), act)
+        padded = _fast_depthwise(ref.zero_pad(x, pads).astype(np.float32), kernel, bias, stride, ((0, 0), (0, 0)), act)
         np.testing.assert_array_equal(fast, padded)
 
 
@@ -319,7 +321,7 @@ def test_bound_depthwise_matches_the_plain_call_on_one_and_two_threads(rng, k, s
 def test_same_padding_gives_ceil_of_size_over_stride_positions():
     for size in (1, 7, 112, 113):
         for k, s, d in [(3, 1, 1), (3, 2, 1), (5, 2, 1), (1, 2, 1), (3, 1, 2)]:
-            assert R.conv_output_size(size, k, s, R.same_padding(size, k, s, d), d) == -(-size // s)
+            assert ref.conv_output_size(size, k, s, ref.same_padding(size, k, s, d), d) == -(-size // s)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,7 +349,7 @@ def test_pointwise_matches_reference(rng, case, impl):
     fn = POINTWISE_IMPLEMENTATIONS[impl]
     x, kernel, bias = rand(rng, n, h, w, cin), rand(rng, cin, cout, scale=cin**-0.5), rand(rng, cout)
     shortcut = rand(rng, n, h, w, cout)
-    plain = R.pointwise_conv2d(x, kernel, bias)
+    plain = ref.pointwise_conv2d(x, kernel, bias)
     for act in ALL_ACTS:
         out = np.full((n, h, w, cout), np.nan, dtype=np.float32)
         fn(x, kernel, bias, out, act)
@@ -371,7 +373,7 @@ def test_gemm_tiles_any_tiling_matches_reference(rng, m, k, n):
     """Every way of cutting the product -- ragged last tiles, single rows or columns, one tile, one
     image or several -- gives the reference's answer, with and without a residual, on one thread and on all."""
     a, w, bias, shortcut = rand(rng, m, k), rand(rng, k, n, scale=k**-0.5), rand(rng, n), rand(rng, m, n)
-    plain = R.dense(a, w, bias)
+    plain = ref.dense(a, w, bias)
     tilings = {(m, n), (1, 1), (max(1, m // 3), max(1, n // 2)), (5, 17), (64, n), tile_shape(m, k, n)}
     images = [1] + [d for d in (3, 7) if m % d == 0]
     for threads in sorted({1, max_threads()}):
@@ -380,7 +382,7 @@ def test_gemm_tiles_any_tiling_matches_reference(rng, m, k, n):
                 for tile_rows, tile_cols in sorted(tilings):
                     out = np.full((m, n), np.nan, dtype=np.float32)
                     gemm_tiles(a, w, bias, out, ACT_RELU6, None, m // count, min(tile_rows, m // count), tile_cols)
-                    assert_close(out, R.relu6(plain))
+                    assert_close(out, ref.relu6(plain))
                     gemm_tiles(a, w, bias, out, ACT_NONE, shortcut, m // count, min(tile_rows, m // count), tile_cols)
                     assert_close(out, plain + shortcut)
 
@@ -446,19 +448,19 @@ def test_gemm_matmul_fallback_matches_reference(rng):
     a, w, bias, shortcut = rand(rng, 300, 40), rand(rng, 40, 24, scale=0.2), rand(rng, 24), rand(rng, 300, 24)
     out = np.full((300, 24), np.nan, dtype=np.float32)
     gemm_matmul(a, w, bias, out, ACT_HARD_SWISH, None)
-    assert_close(out, R.hard_swish(R.dense(a, w, bias)))
+    assert_close(out, ref.hard_swish(ref.dense(a, w, bias)))
     gemm_matmul(a, w, bias, out, ACT_NONE, shortcut)
-    assert_close(out, R.dense(a, w, bias) + shortcut)
+    assert_close(out, ref.dense(a, w, bias) + shortcut)
 
 
 def test_dense_matches_reference(rng):
     x, kernel, bias = rand(rng, 3, 1280), rand(rng, 1280, 1000, scale=0.03), rand(rng, 1000)
     out = np.empty((3, 1000), dtype=np.float32)
     dense(x, kernel, bias, out, ACT_NONE)
-    assert_close(out, R.dense(x, kernel, bias))
+    assert_close(out, ref.dense(x, kernel, bias))
     probs = np.empty_like(out)
     softmax(out, probs)
-    np.testing.assert_allclose(probs, R.softmax(R.dense(x, kernel, bias)), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(probs, ref.softmax(ref.dense(x, kernel, bias)), rtol=1e-4, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -490,13 +492,13 @@ def test_conv2d_matches_reference(rng, case):
     n, h, w, cin, cout, k, stride, dil, pads = case
     x, kernel, bias = rand(rng, n, h, w, cin), rand(rng, k, k, cin, cout, scale=0.3), rand(rng, cout)
     (top, bottom), (left, right) = pads
-    oh = R.conv_output_size(h, k, stride, (top, bottom), dil)
-    ow = R.conv_output_size(w, k, stride, (left, right), dil)
-    plain = R.conv2d(x, kernel, bias, (stride, stride), pads, (dil, dil))
+    oh = ref.conv_output_size(h, k, stride, (top, bottom), dil)
+    ow = ref.conv_output_size(w, k, stride, (left, right), dil)
+    plain = ref.conv2d(x, kernel, bias, (stride, stride), pads, (dil, dil))
     pixels = (x * 40 + 128).astype(np.float32)
-    rescaled = R.conv2d(R.rescale(pixels, 1 / 127.5, -1), kernel, bias, (stride, stride), pads, (dil, dil))
-    # OpenBLAS tiles (no packed weights), then the microkernel in each of its variants.
-    for packed in (None, *(pack(kernel.reshape(-1, cout), bias, n * oh * ow, v) for v in COMPILED_VARIANTS)):
+    rescaled = ref.conv2d(ref.rescale(pixels, 1 / 127.5, -1), kernel, bias, (stride, stride), pads, (dil, dil))
+    # OpenBLAS tiles (no packed weights), then the microkernel in each of its tiles.
+    for packed in (None, *(pack(kernel.reshape(-1, cout), bias, n * oh * ow, tile) for tile in COMPILED_TILES)):
         for act in (ACT_NONE, ACT_RELU6, ACT_HARD_SWISH, ACT_SWISH):
             out = np.full((n, oh, ow, cout), np.nan, dtype=np.float32)
             conv2d(x, kernel, bias, out, stride, stride, top, left, act, dil, dil, packed=packed)
@@ -513,17 +515,17 @@ def test_conv2d_matches_reference(rng, case):
                          ids=lambda c: "n{}_{}x{}_{}to{}_k{}_s{}_d{}_p{}".format(*c))
 def test_indirect_gemm_gives_the_bits_of_im2col_and_the_microkernel(rng, case):
     """The stem's outputs do not change with the indirect GEMM: each is the same FMA chain over
-    k = (ky, kx, c), then the bias, then the activation, in every variant, rescaled or not."""
+    k = (ky, kx, c), then the bias, then the activation, in every tile, rescaled or not."""
     n, h, w, cin, cout, k, stride, dil, pads = case
     (top, bottom), (left, right) = pads
-    oh = R.conv_output_size(h, k, stride, (top, bottom), dil)
-    ow = R.conv_output_size(w, k, stride, (left, right), dil)
+    oh = ref.conv_output_size(h, k, stride, (top, bottom), dil)
+    ow = ref.conv_output_size(w, k, stride, (left, right), dil)
     x, kernel, bias = rand(rng, n, h, w, cin), rand(rng, k, k, cin, cout, scale=0.3), rand(rng, cout)
     x[0, 0, 0] = -0.0  # a negative zero, which x * 1 + 0 would make positive, changes no sum
     pixels = (x * 40 + 128).astype(np.float32)
-    for variant in COMPILED_VARIANTS:
-        packed = pack(kernel.reshape(-1, cout), bias, n * oh * ow, variant)
-        table = indirection_table(h, w, cin, oh, ow, k, k, stride, stride, top, left, dil, dil, VARIANTS[variant][0])
+    for tile in COMPILED_TILES:
+        packed = pack(kernel.reshape(-1, cout), bias, n * oh * ow, tile)
+        table = indirection_table(h, w, cin, oh, ow, k, k, stride, stride, top, left, dil, dil, tile.mr)
         for act in ALL_ACTS:
             for image, scale, offset in ((x, 1.0, 0.0), (pixels, 1 / 127.5, -1.0)):
                 outs = []
@@ -543,8 +545,8 @@ def test_indirect_gemm_answer_depends_on_the_image_alone(rng):
     kernel, bias = rand(rng, 3, 3, 3, 24, scale=0.3), rand(rng, 24)
     image = (rand(rng, 1, 29, 23, 3) * 40 + 128).astype(np.float32)
     oh, ow = 15, 12
-    for variant in COMPILED_VARIANTS:
-        packed = pack(kernel.reshape(-1, 24), bias, oh * ow, variant)
+    for tile in COMPILED_TILES:
+        packed = pack(kernel.reshape(-1, 24), bias, oh * ow, tile)
         alone = np.empty((1, oh, ow, 24), np.float32)
         conv2d(image, kernel, bias, alone, 2, 2, 1, 0, ACT_HARD_SWISH, 1, 1, 1 / 127.5, -1.0, packed=packed)
         for threads in sorted({1, 2, max_threads()}):
@@ -555,7 +557,7 @@ def test_indirect_gemm_answer_depends_on_the_image_alone(rng):
                     out = np.empty((3, oh, ow, 24), np.float32)
                     conv2d(batch, kernel, bias, out, 2, 2, 1, 0, ACT_HARD_SWISH, 1, 1, 1 / 127.5, -1.0, packed=packed)
                     np.testing.assert_array_equal(out[position], alone[0])
-                mr = VARIANTS[variant][0]
+                mr = tile.mr
                 packed.cuts[-oh * ow] = (mr, 1)  # another cut of the pixels into tasks: one tile each
                 out = np.empty((1, oh, ow, 24), np.float32)
                 conv2d(image, kernel, bias, out, 2, 2, 1, 0, ACT_HARD_SWISH, 1, 1, 1 / 127.5, -1.0, packed=packed)
@@ -567,23 +569,23 @@ def test_indirect_gemm_answer_depends_on_the_image_alone(rng):
 def test_indirection_table_reference_twin_matches_conv2d(rng, case):
     n, h, w, cin, cout, k, stride, dil, pads = case
     (top, bottom), (left, right) = pads
-    oh = R.conv_output_size(h, k, stride, (top, bottom), dil)
-    ow = R.conv_output_size(w, k, stride, (left, right), dil)
+    oh = ref.conv_output_size(h, k, stride, (top, bottom), dil)
+    ow = ref.conv_output_size(w, k, stride, (left, right), dil)
     x, kernel, bias = rand(rng, n, h, w, cin), rand(rng, k, k, cin, cout, scale=0.3), rand(rng, cout)
     for mr in (1, 6, 28):
         table = indirection_table(h, w, cin, oh, ow, k, k, stride, stride, top, left, dil, dil, mr)
         assert table.shape == (-(-oh * ow // mr), k * k, mr) and table.dtype == np.int32
-        assert_close(R.indirect_conv2d(x, table, kernel, bias)[:, : oh * ow].reshape(n, oh, ow, cout),
-                     R.conv2d(x, kernel, bias, (stride, stride), pads, (dil, dil)))
+        assert_close(ref.indirect_conv2d(x, table, kernel, bias)[:, : oh * ow].reshape(n, oh, ow, cout),
+                     ref.conv2d(x, kernel, bias, (stride, stride), pads, (dil, dil)))
 
 
 def test_conv2d_refuses_an_indirection_table_of_another_geometry(rng):
     x, kernel, bias = rand(rng, 1, 9, 9, 3), rand(rng, 3, 3, 3, 8), rand(rng, 8)
-    variant = INDIRECT_VARIANTS[0]  # one of this CPU's indirect tiles, given a table cut for other tile rows
-    packed = pack(kernel.reshape(-1, 8), bias, 25, variant)
+    tile = INDIRECT_TILES[0]  # one of this CPU's indirect tiles, given a table cut for other tile rows
+    packed = pack(kernel.reshape(-1, 8), bias, 25, tile)
     with pytest.raises(ValueError, match="indirection table"):
         conv2d(x, kernel, bias, np.empty((1, 5, 5, 8), np.float32), 2, 2, 1, 1, packed=packed,
-               table=indirection_table(9, 9, 3, 5, 5, 3, 3, 2, 2, 1, 1, mr=VARIANTS[variant][0] + 1))
+               table=indirection_table(9, 9, 3, 5, 5, 3, 3, 2, 2, 1, 1, mr=tile.mr + 1))
 
 
 def test_conv2d_without_blas_matches_reference(rng, monkeypatch):
@@ -592,7 +594,7 @@ def test_conv2d_without_blas_matches_reference(rng, monkeypatch):
     x, kernel, bias = rand(rng, 2, 15, 12, 3), rand(rng, 3, 3, 3, 8, scale=0.3), rand(rng, 8)
     out = np.full((2, 8, 6, 8), np.nan, dtype=np.float32)
     conv2d(x, kernel, bias, out, 2, 2, 1, 0, ACT_RELU6, 1, 1, 0.5, 0.25)
-    assert_close(out, R.relu6(R.conv2d(R.rescale(x, 0.5, 0.25), kernel, bias, (2, 2), ((1, 1), (0, 1)))))
+    assert_close(out, ref.relu6(ref.conv2d(ref.rescale(x, 0.5, 0.25), kernel, bias, (2, 2), ((1, 1), (0, 1)))))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -605,7 +607,7 @@ def test_global_average_pool_matches_reference(rng, shape):
     x = rand(rng, *shape)
     out = np.empty((shape[0], 1, 1, shape[3]), dtype=np.float32)  # a keepdims buffer, filled via a view
     global_average_pool(x, out.reshape(shape[0], shape[3]))
-    assert_close(out, R.global_average_pool(x, keepdims=True))
+    assert_close(out, ref.global_average_pool(x, keepdims=True))
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -618,13 +620,13 @@ def test_squeeze_excite_matches_reference(rng, shape, reduced, threads):
     x = rand(rng, *shape)
     w1, b1 = rand(rng, c, reduced, scale=c**-0.5), rand(rng, reduced)
     w2, b2 = rand(rng, reduced, c, scale=reduced**-0.5) * 3, rand(rng, c)
-    ref = R.squeeze_excite(x, w1, b1, w2, b2)
+    expected = ref.squeeze_excite(x, w1, b1, w2, b2)
     out = np.full_like(x, np.nan)
     with thread_limits(threads):
         squeeze_excite(x, w1, b1, w2, b2, out)
-        assert_close(out, ref)
+        assert_close(out, expected)
         squeeze_excite(x, w1, b1, w2, b2, x)  # in place
-    assert_close(x, ref)
+    assert_close(x, expected)
     np.testing.assert_array_equal(x, out)
 
 
@@ -686,11 +688,11 @@ def _blas_threads() -> list[int]:
 
 def test_thread_limits_pins_blas_to_one_and_restores_both_pools():
     np.ones((2, 2)) @ np.ones((2, 2))  # make sure NumPy's BLAS is loaded
-    numba_before, blas_before = numba.get_num_threads(), _blas_threads()
+    numba_before, blas_before = backend.get_num_threads(), _blas_threads()
     with thread_limits(1) as n:
-        assert n == 1 and numba.get_num_threads() == 1
+        assert n == 1 and backend.get_num_threads() == 1
         assert _blas_threads() and all(t == 1 for t in _blas_threads())
-    assert numba.get_num_threads() == numba_before
+    assert backend.get_num_threads() == numba_before
     assert _blas_threads() == blas_before
 
 
@@ -699,7 +701,7 @@ def test_thread_limits_without_blas_leaves_blas_alone():
     with threadpool_limits(2, user_api="blas"):
         blas_before = _blas_threads()
         with thread_limits(1, blas=False):
-            assert numba.get_num_threads() == 1
+            assert backend.get_num_threads() == 1
             assert _blas_threads() == blas_before
             with hold_blas():
                 assert all(t == 1 for t in _blas_threads())
@@ -721,19 +723,27 @@ def test_bound_calls_say_whether_they_call_blas():
     assert needs_blas(in_order(no_work, lambda: None))  # a Python step may call anything
 
 
-def test_set_threads_clamps_to_what_numba_has():
-    before, blas_before = numba.get_num_threads(), _blas_threads()
+def test_set_threads_sets_both_pools_and_refuses_counts_the_kernels_cannot_run():
+    before, blas_before = backend.get_num_threads(), _blas_threads()
     try:
-        assert set_threads(10_000) == max_threads()
-        assert set_threads(0) == 1
-        assert numba.get_num_threads() == 1
+        assert set_threads(1) == 1
+        assert backend.get_num_threads() == 1
         assert all(t == 1 for t in _blas_threads())
+        assert set_threads(None) == max_threads() == backend.get_num_threads()
+        for wrong in (0, -1, max_threads() + 1, 1.5, True, "2"):
+            with pytest.raises(ThreadCountError, match=f"threads={wrong!r}: this process may use 1 to "):
+                set_threads(wrong)
+            with pytest.raises(ThreadCountError):
+                with thread_limits(wrong):
+                    pass
+        assert backend.get_num_threads() == max_threads()
     finally:
-        numba.set_num_threads(before)
+        backend.set_num_threads(before)
         if blas_before:
             threadpool_limits(limits=blas_before[0], user_api="blas")
 
 
+@pytest.mark.jit_only
 def test_kernels_cached_says_so_once_a_models_own_kernels_are_compiled(tmp_path):
     """The 'compiling kernels' notice follows the kernels the model runs: a MobileNetV2 never compiles the 5x5
     depthwise or the squeeze-excite kernel, so their absence must not make every run announce a compile."""
@@ -750,7 +760,7 @@ def test_kernels_cached_says_so_once_a_models_own_kernels_are_compiled(tmp_path)
         "model.predict(np.zeros((1, 64, 64, 3), np.float32))\n"
         "print(before, kernels_cached((3,), False, False), kernels_cached((3, 5), True, True))\n"
     )
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NPMOBILE_KERNELS": "jit"}  # the JIT's cache, in any pass
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "True", "False"]

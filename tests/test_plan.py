@@ -120,11 +120,11 @@ def test_a_bound_kernel_call_checks_its_arrays_once_when_bound():
 
 
 def test_a_stem_whose_pixels_suit_7_row_tiles_runs_on_a_tile_the_indirect_product_has():
-    """113 x 113 output pixels: choose_variant picks the 7-row tile, which the indirect GEMM is not built
+    """113 x 113 output pixels: choose_tile picks the 7-row tile, which the indirect GEMM is not built
     with; the stem's weights are packed for the 8x32 tile instead (same bits)."""
-    from npmobile.kernels import gemm
+    from npmobile.kernels import gemm_rules
 
-    assert gemm.choose_variant(113 * 113, 32, avx512=True) == 4
+    assert gemm_rules.choose_tile(113 * 113, 32, avx512=True) == gemm_rules.AVX512_7X32
     model = applications.MobileNetV2(weights=None, input_shape=(226, 226, 3), include_top=False, alpha=0.35)
     x = np.random.default_rng(9).uniform(-1, 1, (1, 226, 226, 3)).astype(np.float32)
     stem = model.predict(x, outputs=["Conv1"])["Conv1"]

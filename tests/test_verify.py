@@ -86,10 +86,10 @@ def test_an_altered_weight_is_named_as_the_first_bad_layer(keras_files, monkeypa
 
 def test_images_and_text_output_on_a_keras_applications_file(keras_files):
     case = keras_files.get("MobileNetV2", "keras3_keras", input_shape=(96, 96, 3), alpha=0.35)
-    result = run_cli("verify", str(case.path), *map(str, PHOTOS))
+    result = run_cli("verify", str(case.path), *map(str, PHOTOS), "--all")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "inputs: 2 image(s), preprocessed to -1..1" in out
+    assert "inputs: 2 image(s), preprocessed to -1..1" in out and "more layers" not in out  # --all: every layer
     assert "block_3_depthwise" in out and "first layer beyond tolerance: none" in out
     assert "top-5 agree: yes" in out and "verdict: within tolerance (exit 0)" in out
 
@@ -330,3 +330,34 @@ def test_a_torch_model_that_cannot_take_the_file_could_not_run(state_dicts, tmp_
         assert main(["verify", path, "--torch-model", f"{module}:{name}", "--size", "32", "--samples", "1"]) == 3
         err = capsys.readouterr().err
         assert said in err and err.count("\n") == 1, err
+
+
+def _layer_row(name: str, max_abs: float, ok: bool = True) -> dict:
+    return {"name": name, "class": "Conv2D", "max_abs": max_abs, "rel": max_abs, "tolerance": 1e-4, "ok": ok,
+            "npmobile_vs_float64": 1e-7, "reference_vs_float64": 1e-7}
+
+
+def test_the_text_listing_shows_ends_problems_and_counts_the_rest():
+    """The default listing (the README shows one): the first 4 and last 3 layers, every layer beyond tolerance
+    and the closest to it, the others counted in place; --all lists them all."""
+    from npmobile.cli.verify import report_text
+
+    def listing(rows: list[dict], all_layers: bool = False) -> list[str]:
+        report = {"model": "m.h5", "model_name": "m", "writer": "Keras 3", "inputs": "1 image(s)",
+                  "reference": "Keras", "reference_detail": "Keras 3", "notes": [], "layers": rows,
+                  "skipped_layers": [], "first_layer_beyond_tolerance": next(
+                      (r["name"] for r in rows if not r["ok"]), None), "ok": all(r["ok"] for r in rows),
+                  "float64": {"npmobile": 1e-7, "Keras": 1e-7},
+                  "final": {"path": "predict", "max_abs": 1e-7, "rel": 1e-7, "tolerance": 5e-5, "ok": True,
+                            "top5_agree": "yes"}}
+        return [" ".join(line.split()[:2]) if line.startswith("…") else line.split()[0]
+                for line in report_text(report, all_layers).splitlines() if line.startswith(("layer_", "…"))]
+
+    rows = [_layer_row(f"layer_{k}", 1e-7) for k in range(20)]
+    rows[8] = _layer_row("layer_8", 5e-5)  # the closest to its tolerance
+    assert listing(rows) == ["layer_0", "layer_1", "layer_2", "layer_3", "… (4", "layer_8", "… (8",
+                             "layer_17", "layer_18", "layer_19"]
+    rows[12] = _layer_row("layer_12", 3e-4, ok=False)  # beyond: shown (and now the worst)
+    assert listing(rows) == ["layer_0", "layer_1", "layer_2", "layer_3", "… (8", "layer_12", "… (4",
+                             "layer_17", "layer_18", "layer_19"]
+    assert listing(rows, all_layers=True) == [f"layer_{k}" for k in range(20)]

@@ -11,11 +11,12 @@ command that ran a model on the JIT, the kernels may be built ahead of time in t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from npmobile.cli import build_kernels, classify, profile, show, summary, verify
-from npmobile.errors import NpmobileError
+from npmobile.errors import NpmobileError, UsageError
 
 COMMANDS = (classify, summary, profile, show, verify, build_kernels)
 # The commands that run a model: after one succeeds on the JIT, the kernels are built ahead of time in the
@@ -30,6 +31,7 @@ examples:
   npmobile classify cat.png --weights best.pth --labels classes.txt   a PyTorch state dict (torchvision's way)
   npmobile classify cat.png --model mobilenet --alpha 0.5 --size 160 --crop center
   npmobile classify photos/ --engine ray --workers 4 --out preds.parquet   on Ray Data (or --engine dask)
+  find photos -name '*.jpg' | npmobile classify --from-file - --out preds.jsonl   paths from standard input
   npmobile summary mobilenet_v3_small
   npmobile summary my_model.h5
   npmobile summary mobilenet_v2 --costs                 params and MACs per layer, depthwise vs standard conv
@@ -41,7 +43,7 @@ examples:
 
 weights="imagenet" files are looked for in $NPMOBILE_WEIGHTS_DIR, then the Keras cache (~/.keras/models),
 then downloaded once into ~/.cache/npmobile (checksummed).
-exit status: 0 ok, 1 failure (any image that could not be classified), 2 usage error.
+exit status: 0 ok, 1 failure (any image that could not be classified), 2 usage error, 130 interrupted (Ctrl-C).
 """
 
 
@@ -64,15 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "model_options", False):
+        from npmobile.cli.models import settle_model_options
+
+        settle_model_options(args)
     try:
         code = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
     except NpmobileError as error:
         if args.debug:
             raise
         print(f"npmobile: {error}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(error, UsageError) else 1
     except KeyboardInterrupt:
+        print("npmobile: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`npmobile classify ... | head -1`): stop quietly, as Unix tools do. Python would
+        # flush stdout again at exit and fail once more: point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE: what a shell reports for a command a pipe closed on
     if code == 0 and args.runs_model:
         build_kernels.start_in_background()
     return code

@@ -66,12 +66,20 @@ def add_custom_object_option(parser: argparse.ArgumentParser) -> None:
                              "(e.g. hard_swish=hard_swish, my_act=relu6); repeatable. Nothing in the file is run")
 
 
+# The architecture options' defaults, filled in after parsing (settle_model_options) so that what the user
+# typed is known: a whole-model file has its own architecture, and an option that contradicts it is refused.
+MODEL_DEFAULTS = {"model": "mobilenet_v2", "alpha": 1.0, "size": 224, "minimalistic": False}
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=list(FAMILIES), default="mobilenet_v2",
-                        help="architecture (default mobilenet_v2)")
-    parser.add_argument("--alpha", type=float, default=1.0, help="width multiplier (default 1.0)")
-    parser.add_argument("--size", type=positive_int, default=224, help="input size in pixels (default 224)")
-    parser.add_argument("--minimalistic", action="store_true", help="V3 minimalistic variant")
+    parser.add_argument("--model", choices=list(FAMILIES), default=None,
+                        help="architecture (default mobilenet_v2); not with a whole-model file, which has its own")
+    parser.add_argument("--alpha", type=float, default=None, help="width multiplier (default 1.0)")
+    parser.add_argument("--size", type=positive_int, default=None,
+                        help="input size in pixels (default 224); with a whole-model file, only for a model "
+                             "that takes any size")
+    parser.add_argument("--minimalistic", action="store_true", default=None, help="V3 minimalistic variant")
+    parser.set_defaults(model_options=True)  # cli.main settles them after parsing (settle_model_options)
     parser.add_argument("--weights", metavar="PATH", default=None,
                         help="any Keras file npmobile reads: a whole model (.h5, .keras) or weights for --model "
                              "(.weights.h5, official .h5); or a PyTorch state dict (.pth, .safetensors) of a "
@@ -82,12 +90,20 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     add_custom_object_option(parser)
 
 
+def settle_model_options(args: argparse.Namespace) -> None:
+    """Record which architecture options were typed (``args.given_model_options``), then fill in defaults."""
+    args.given_model_options = tuple(name for name in MODEL_DEFAULTS if getattr(args, name) is not None)
+    for name, default in MODEL_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
 def teaching_model(args):
     """The model for profile/show: as classify opens it, plus ``--weights none`` for random weights."""
     if args.weights is not None and args.weights.lower() == "none":
         return family_model(args.model, args.alpha, args.size, args.minimalistic, None)
     return open_model(args.model, args.alpha, args.size, args.minimalistic, args.weights, args.load_timeout,
-                      args.trusted, args.custom_objects)
+                      args.trusted, args.custom_objects, args.given_model_options)
 
 
 def notice_first_compile(model) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from npmobile.cli.models import add_custom_object_option, add_load_options, positive_int
+from npmobile.errors import UsageError
 from npmobile.opening import family_model
 from npmobile.weights.registry import FAMILIES
 
@@ -32,6 +35,8 @@ def run(args) -> int:
 
     if args.model in FAMILIES:
         model = family_model(args.model, args.alpha, args.size, args.minimalistic, None)
+    elif not Path(args.model).exists() and not Path(args.model).suffix:
+        raise UsageError(unknown_family(args.model))
     else:
         model = npmobile.load_model(args.model, custom_objects=dict(args.custom_objects), timeout=args.load_timeout,
                                     trusted=args.trusted)
@@ -40,6 +45,15 @@ def run(args) -> int:
     else:
         print(model.summary_text())
     return 0
+
+
+def unknown_family(name: str) -> str:
+    """The line for a model name that is neither a file nor a family: the families, and the closest."""
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), FAMILIES, n=2, cutoff=0.6)
+    return (f"{name}: no such file, and not a model family npmobile builds ({', '.join(FAMILIES)})"
+            + (f"; did you mean {' or '.join(close)}?" if close else ""))
 
 
 def costs_report(model, size: int) -> str:

@@ -171,6 +171,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         help="compare npmobile's fast path with its own reference path only (what verify does "
                              "when Keras is not installed)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--all", action="store_true", dest="all_layers",
+                        help="list every layer (default: the first and last few, every one beyond tolerance and "
+                             "the closest to it; the others are counted)")
     return parser
 
 
@@ -187,7 +190,7 @@ def run(args) -> int:
             raise
         print(f"npmobile verify: could not run: {error}", file=sys.stderr)
         return EXIT_COULD_NOT_RUN
-    print(json.dumps(report, indent=2) if args.json else report_text(report))
+    print(json.dumps(report, indent=2) if args.json else report_text(report, args.all_layers))
     return EXIT_OK if report["ok"] else EXIT_BEYOND
 
 
@@ -749,7 +752,25 @@ def _compare_layers(model, side, x: np.ndarray) -> list[LayerRow]:
 # --------------------------------------------------------------------------------------------------
 
 
-def report_text(report: dict) -> str:
+def shown_layers(rows: list[dict], all_layers: bool, head: int = 4, tail: int = 3) -> list[dict | int]:
+    """The layer rows to print, with the count of ok rows left out between them (an int) where some are."""
+    if all_layers:
+        return list(rows)
+    worst = max(range(len(rows)), key=lambda k: rows[k]["max_abs"] / rows[k]["tolerance"] if rows[k]["tolerance"]
+                else 0, default=None)
+    keep = {k for k in range(len(rows)) if k < head or k >= len(rows) - tail or not rows[k]["ok"] or k == worst}
+    shown: list[dict | int] = []
+    for k, row in enumerate(rows):
+        if k in keep:
+            shown.append(row)
+        elif shown and isinstance(shown[-1], int):
+            shown[-1] += 1
+        else:
+            shown.append(1)
+    return shown
+
+
+def report_text(report: dict, all_layers: bool = False) -> str:
     ref = report["reference"]
     lines = [f"npmobile verify: {report['model']} (model {report['model_name']!r}, written by {report['writer']})",
              f"inputs: {report['inputs']}",
@@ -761,7 +782,10 @@ def report_text(report: dict) -> str:
     lines.append("")
     lines.append(f"{'layer':<{width}}  {'class':<22} {'max |diff|':>10} {'rel':>9} {'tolerance':>9}      "
                  f"{'npmobile↔f64':>12} {ref + '↔f64':>12}")
-    for row in report["layers"]:
+    for row in shown_layers(report["layers"], all_layers):
+        if isinstance(row, int):
+            lines.append(f"{'…':<{width}}  ({row} more layer{'s' if row > 1 else ''}, every one ok; --all lists them)")
+            continue
         mark = "ok" if row["ok"] else "BEYOND"
         lines.append(f"{row['name']:<{width}}  {row['class']:<22} {row['max_abs']:>10.2e} {row['rel']:>9.2e} "
                      f"{row['tolerance']:>9.1e} {mark:<6} {row['npmobile_vs_float64']:>12.2e} "

@@ -11,7 +11,6 @@ The format is sniffed from the file's first bytes, not its name.
 from __future__ import annotations
 
 import io
-import json
 import os
 import zipfile
 from typing import TYPE_CHECKING
@@ -19,10 +18,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from npmobile.errors import ModelFileError, NpmobileError, WeightsError, WeightsOnlyFileError, unreadable
+from npmobile.io.bounds import ReadBudget, parse_json
 from npmobile.io.config import parse_model_config
-from npmobile.io.kinds import HDF5_SIGNATURE, ZIP_SIGNATURE, foreign_archive, foreign_file
+from npmobile.io.kinds import HDF5_SIGNATURE, ZIP_SIGNATURE, foreign_archive, foreign_file, zip_members
 from npmobile.io.torch import torch_format
 from npmobile.io.variables import canonical_name, split_weight_name, variable_order
+from npmobile.limits import MAX_CONFIG_BYTES, MAX_FILE_BYTES
 from npmobile.spec import LayerSpec, ModelSpec, StoredLayer, WeightsFile
 
 # h5py (and npmobile.io.hdf5) are imported where a file is read, not here: binding weights, all that the
@@ -31,8 +32,7 @@ if TYPE_CHECKING:
     import h5py
 
 # A .keras archive holds a config, metadata and the weights: nothing near this size in a MobileNet.
-MAX_ZIP_MEMBER_BYTES = 512 * 1024 * 1024
-MAX_CONFIG_BYTES = 64 * 1024 * 1024
+MAX_ZIP_MEMBER_BYTES = MAX_FILE_BYTES
 
 __all__ = ["WeightsFile", "bind_weights", "read_model", "read_weights"]
 
@@ -60,9 +60,24 @@ def _kind(path: str) -> str:
     raise ModelFileError(foreign_file(path, head))
 
 
+# Set in the isolated reader's child (lock_down): libhdf5 there searches no plugin folder.
+_NO_PLUGINS = False
+
+
+def lock_down() -> None:
+    """For a process that only reads files from strangers (the isolated reader's child): from the first
+    HDF5 file it opens, libhdf5 loads no filter plugin, whatever HDF5_PLUGIN_PATH says."""
+    global _NO_PLUGINS
+    _NO_PLUGINS = True
+
+
 def _open_hdf5(source, name: str) -> h5py.File:
     import h5py
 
+    if _NO_PLUGINS:
+        from npmobile.io.hdf5 import no_plugin_search
+
+        no_plugin_search()
     try:
         return h5py.File(source, "r")
     except (OSError, ValueError) as error:
@@ -76,7 +91,7 @@ class _KerasArchive:
         self.path = path
         try:
             self.zip = zipfile.ZipFile(path)
-            members = {info.filename: info for info in self.zip.infolist()}
+            members = zip_members(path, self.zip.infolist())
         except (zipfile.BadZipFile, OSError, ValueError) as error:
             raise ModelFileError(f"{path}: the .keras archive is corrupt ({error})") from None
         for name, info in members.items():
@@ -106,10 +121,7 @@ class _KerasArchive:
         return data
 
     def json(self, name: str) -> dict:
-        try:
-            return json.loads(self.read(name, MAX_CONFIG_BYTES).decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ModelFileError(f"{self.path}: {name} is not valid JSON ({error})") from None
+        return parse_json(self.read(name, MAX_CONFIG_BYTES), f"{self.path}: {name}")
 
     def keras_version(self) -> int:
         if "metadata.json" not in self.members:
@@ -122,7 +134,7 @@ class _KerasArchive:
 
         data = self.read("model.weights.h5", MAX_ZIP_MEMBER_BYTES)
         with _open_hdf5(io.BytesIO(data), f"{self.path}: model.weights.h5") as f:
-            return keras3_layers(f, f"{self.path}: model.weights.h5")
+            return keras3_layers(f, f"{self.path}: model.weights.h5", ReadBudget.for_file(self.path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,7 +173,7 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
 
 
 def _read_model(path: str) -> ModelSpec:
-    from npmobile.io.hdf5 import keras_major_version, legacy_layers, model_config
+    from npmobile.io.hdf5 import has, keras_major_version, legacy_layers, model_config
 
     if _kind(path) == "zip":
         archive = _KerasArchive(path)
@@ -176,22 +188,22 @@ def _read_model(path: str) -> ModelSpec:
                     "npmobile.applications.MobileNetV2(weights=PATH, ...)"
                 )
             spec = parse_model_config(config, keras_major_version(f), path)
-            if "model_weights" not in f:
+            if not has(f, "model_weights", path):
                 raise ModelFileError(f"{path}: the model has no 'model_weights' group")
-            stored = legacy_layers(f, path)
+            stored = legacy_layers(f, path, ReadBudget.for_file(path))
     _attach_by_name(spec, stored, path, nested_groups=_kind(path) == "hdf5")
     return spec
 
 
 def _read_weights(path: str) -> WeightsFile:
-    from npmobile.io.hdf5 import keras3_layers, legacy_layers
+    from npmobile.io.hdf5 import has, keras3_layers, legacy_layers
 
     if _kind(path) == "zip":
         return WeightsFile(_KerasArchive(path).weights(), path)
     with _open_hdf5(path, path) as f:
-        if "layers" in f and "layer_names" not in f.attrs and "model_weights" not in f:
-            return WeightsFile(keras3_layers(f, path), path)
-        return WeightsFile(_flatten_nested(legacy_layers(f, path)), path)
+        if has(f, "layers", path) and "layer_names" not in f.attrs and not has(f, "model_weights", path):
+            return WeightsFile(keras3_layers(f, path, ReadBudget.for_file(path)), path)
+        return WeightsFile(_flatten_nested(legacy_layers(f, path, ReadBudget.for_file(path))), path)
 
 
 def bind_weights(spec: ModelSpec, weights: WeightsFile) -> None:

@@ -10,14 +10,14 @@ Two dialects, one result:
   a nested model's own construction counts as its node 0, so calls of it are numbered from 1.
 Constant operands are data: a number, or a per-channel vector (Keras 3's ``__tensor__`` / ``__numpy__``
 values, tf_keras's ``y`` or ``bias`` lists), kept as a float or a tuple of floats.
-Nothing in a config is executed: Lambda layers stay data (the graph refuses them by name).
+Nothing in a config is executed: a Lambda layer anywhere in it is refused by name.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from npmobile.errors import ModelFileError
+from npmobile.errors import ModelFileError, UnsupportedLayerError
 from npmobile.ops import canonical_class
 from npmobile.ops.preprocessing import REFUSED
 from npmobile.spec import CallSpec, LayerSpec, ModelSpec, TensorRef
@@ -42,6 +42,9 @@ TF_OP_LAMBDAS = {
     "math.negative": "Negative",
     "cast": "Cast",
 }
+# What to write instead of code in a file, for preprocessing (the usual reason for a Lambda).
+INSTEAD_OF_CODE = ("for preprocessing use Rescaling(1/127.5, offset=-1), Normalization, or call "
+                   "keras.applications.<family>.preprocess_input on the input tensor, all of which npmobile reads")
 # The most values a constant operand may hold: a per-channel vector, never an image's worth.
 MAX_CONSTANT_VALUES = 4096
 
@@ -113,6 +116,12 @@ def _parse_layer(raw: dict, keras_version: int, source: str) -> LayerSpec:
     name = str(raw.get("name") or config.get("name"))
     if not name or name == "None":
         raise ModelFileError(f"{source}: a layer of class {class_name} has no name")
+    if class_name == "Lambda":
+        # Refused wherever it is, even where no output depends on it: a file that holds code is never
+        # passed on (``npmobile verify`` would hand it to Keras, and tf_keras unmarshals a Lambda's code).
+        raise UnsupportedLayerError(f"{source}: layer {name!r} is a Lambda layer, which holds Python code; npmobile "
+                                    f"never executes code from a file (rebuild the model with built-in layers; "
+                                    f"{INSTEAD_OF_CODE})")
     if class_name == "GetItem":  # Keras 3's x[..., k] ('caffe' mode's channel flip): data, or refused by name
         class_name, config, calls = _get_item(name, raw.get("inbound_nodes", []))
         return LayerSpec(name=name, class_name=class_name, config=config, inbound=calls)
@@ -207,9 +216,15 @@ def _class_name(raw: dict) -> str:
     if isinstance(registered, str) and registered and registered != class_name:
         return registered if ">" in registered else f"{module}>{registered}"
     # Keras 3 names the module of every built-in class ("keras.layers"); user classes get None or theirs.
-    if "module" in raw and not str(module or "").startswith(("keras", "tf_keras")):
+    if "module" in raw and not _keras_module(module):
         return f"{module or 'custom'}>{class_name}"
     return class_name
+
+
+def _keras_module(module: Any) -> bool:
+    """Keras's own modules, exactly: ``keras``, ``keras.*``, ``tf_keras``, ``tf_keras.*`` (not ``keras_evil``)."""
+    return isinstance(module, str) and any(module == root or module.startswith(root + ".")
+                                           for root in ("keras", "tf_keras"))
 
 
 def _parse_call(node: Any, keras_version: int) -> CallSpec:

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterable
+
+from npmobile.errors import ModelFileError
 
 # The first bytes of the two containers Keras writes (and PyTorch's zip format shares the zip one).
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -16,8 +19,11 @@ NOT_SUPPORTED = "npmobile reads Keras files (.h5, .keras, .weights.h5)"
 def foreign_file(path: str, head: bytes) -> str:
     """The message for a file that is neither HDF5 nor zip, from its first bytes."""
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        kind = "a Python pickle (a PyTorch .pt/.pth saved in the legacy format?)"
-    elif head[4:8] == b"TFL3":
+        # Not torch.save's (its zip and its legacy pickle are recognised before this): pickle.dump's own.
+        return (f"{path}: a Python pickle written by pickle.dump, not a PyTorch file: npmobile reads state dicts "
+                "saved with torch.save(model.state_dict(), PATH) (.pth, .safetensors) and Keras files (.h5, "
+                ".keras, .weights.h5); a plain pickle is never opened, unpickling can run code")
+    if head[4:8] == b"TFL3":
         kind = "a TensorFlow Lite model"
     elif head.startswith(b"\x93NUMPY"):
         kind = "a NumPy .npy array"
@@ -46,3 +52,15 @@ def foreign_archive(path: str, members: Iterable[str]) -> str | None:
     else:
         kind = "a zip archive without a .keras model's config.json or model.weights.h5"
     return f"{path}: {kind}, not a Keras file: {NOT_SUPPORTED}"
+
+
+
+def zip_members(path: str, infos: Iterable[zipfile.ZipInfo]) -> dict[str, zipfile.ZipInfo]:
+    """A zip's members by name; a name that occurs twice is refused (which of the two a reader takes differs:
+    Python's zipfile the last, others the first, so the file would mean two things)."""
+    members: dict[str, zipfile.ZipInfo] = {}
+    for info in infos:
+        if info.filename in members:
+            raise ModelFileError(f"{path}: the archive holds two members named {info.filename!r}; refusing it")
+        members[info.filename] = info
+    return members

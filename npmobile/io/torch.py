@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import io
-import json
 import os
 import pickle
 import struct
@@ -28,19 +27,16 @@ from functools import partial
 import numpy as np
 
 from npmobile.errors import ModelFileError, NpmobileError
-from npmobile.io.kinds import ZIP_SIGNATURE
+from npmobile.io.bounds import ReadBudget, parse_json
+from npmobile.io.kinds import ZIP_SIGNATURE, zip_members
+from npmobile.limits import MAX_FILE_BYTES, MAX_PICKLE_BYTES, MAX_TENSOR_VALUES
 
 # torch.serialization's legacy format starts with this number, pickled, then the protocol version.
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
 LEGACY_HEAD = b"\x80\x02\x8a\x0a" + LEGACY_MAGIC.to_bytes(10, "little")
-# A MobileNet's state dict is ~22 MB; nothing a reader is given should come near these.
-MAX_FILE_BYTES = 512 * 1024 * 1024
-MAX_PICKLE_BYTES = 64 * 1024 * 1024
-MAX_SAFETENSORS_HEADER = 64 * 1024 * 1024
-# Values in one tensor, and in the whole state dict (a full-size MobileNet holds under 6 M).
-MAX_TENSOR_ELEMENTS = 64 * 1024 * 1024
-MAX_TOTAL_ELEMENTS = 256 * 1024 * 1024
+# A header longer than this is no safetensors file (a sniff: reading bounds the header at MAX_CONFIG_BYTES).
+MAX_SAFETENSORS_HEADER = 64 * 2**20
 # Checkpoints nest the state dict under one of these keys (next to an optimizer's state, an epoch...).
 NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 
@@ -165,7 +161,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> _Tensor
     if len(size) != len(stride) or storage_offset < 0 or min(size, default=1) < 0 or min(stride, default=0) < 0:
         raise ModelFileError(f"a tensor has an impossible size {size} / stride {stride}")
     # A zero stride repeats one value: a tiny storage could otherwise ask for terabytes.
-    if int(np.prod(size, dtype=np.float64)) > MAX_TENSOR_ELEMENTS:
+    if int(np.prod(size, dtype=np.float64)) > MAX_TENSOR_VALUES:
         raise ModelFileError(f"a tensor of size {size} is far larger than any MobileNet weight; refusing it")
     return _TensorStub(storage, storage_offset, size, stride)
 
@@ -253,18 +249,34 @@ def _unpickle(unpickler: _StateDictUnpickler, path: str):
 # --------------------------------------------------------------------------------------------------
 
 
-def _tensor(stub: _TensorStub, buffers: dict[str, np.ndarray], path: str) -> np.ndarray:
+def _storage_values(stub: _TensorStub, buffers: dict[str, np.ndarray]) -> np.ndarray:
+    """The values of the storage a tensor is a view of (a legacy file's storage may itself view another)."""
     storage = stub.storage
     if storage.view is not None:
         root, offset, size = storage.view
-        flat = buffers[root][offset : offset + size]
-    else:
-        flat = buffers[storage.key]
+        return buffers[root][offset : offset + size]
+    return buffers[storage.key]
+
+
+def _check_fits(stub: _TensorStub, flat: np.ndarray, where: str) -> None:
+    """A tensor reads only values of its storage, each at most once."""
     if stub.size and min(stub.size) == 0:
-        return np.zeros(stub.size, flat.dtype)
+        return
     last = stub.offset + sum((n - 1) * s for n, s in zip(stub.size, stub.stride))
     if last >= flat.size:
-        raise ModelFileError(f"{path}: a tensor of size {stub.size} reaches past its storage of {flat.size} values")
+        raise ModelFileError(f"{where}: of size {stub.size}, reaches past its storage of {flat.size} values")
+    if int(np.prod(stub.size, dtype=np.int64)) > flat.size:
+        # Only zero or overlapping strides read a storage's values more than once: a few bytes could become
+        # gigabytes of repeated values. No state dict's parameter or buffer is such a view.
+        raise ModelFileError(f"{where}: of size {stub.size} (stride {stub.stride}), holds more values than its "
+                             f"storage of {flat.size}; refusing it")
+
+
+def _tensor(stub: _TensorStub, buffers: dict[str, np.ndarray], path: str) -> np.ndarray:
+    """The tensor's values, copied out of its storage (checked by _check_fits)."""
+    flat = _storage_values(stub, buffers)
+    if stub.size and min(stub.size) == 0:
+        return np.zeros(stub.size, flat.dtype)
     itemsize = flat.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(flat[stub.offset :], shape=stub.size,
                                            strides=[s * itemsize for s in stub.stride], writeable=False)
@@ -282,9 +294,10 @@ def _materialize(state: dict, buffers: dict[str, np.ndarray], path: str) -> dict
     """The state dict's tensors as arrays (anything else in it is left out, as is the rest of a checkpoint:
     an optimizer's tensors are never built). Their total size is bounded before any is made."""
     stubs = {k: v for k, v in state.items() if isinstance(v, _TensorStub)}
-    total = sum(int(np.prod(stub.size, dtype=np.int64)) for stub in stubs.values())
-    if total > MAX_TOTAL_ELEMENTS:
-        raise ModelFileError(f"{path}: its tensors add up to {total:,} values, more than any MobileNet; refusing it")
+    budget = ReadBudget.for_file(path)
+    for key, stub in stubs.items():
+        _check_fits(stub, _storage_values(stub, buffers), f"{path}: tensor {str(key)[:80]!r}")
+        budget.take(int(np.prod(stub.size, dtype=np.int64)), f"{path}: tensor {str(key)[:80]!r}")
     bf16 = STORAGE_DTYPES["BFloat16Storage"]
     return {key: _as_float(_tensor(stub, buffers, path), bfloat16=stub.storage.dtype == bf16)
             for key, stub in stubs.items()}
@@ -309,7 +322,7 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, pa
 def _read_zip(path: str):
     try:
         archive = zipfile.ZipFile(path)
-        members = {info.filename: info for info in archive.infolist()}
+        members = zip_members(path, archive.infolist())
     except (zipfile.BadZipFile, OSError, ValueError) as error:
         raise ModelFileError(f"{path}: the PyTorch zip archive is corrupt ({error})") from None
     with archive:
@@ -323,11 +336,18 @@ def _read_zip(path: str):
         unpickler = _StateDictUnpickler(io.BytesIO(_read_member(archive, members[pkl], MAX_PICKLE_BYTES, path)))
         obj = _unpickle(unpickler, path)
         buffers = {}
+        infos = {key: members.get(f"{prefix}data/{key}") for key in unpickler.storages}
+        missing = [key for key, info in infos.items() if info is None]
+        if missing:
+            raise ModelFileError(f"{path}: storage {missing[0]!r} is missing from the archive")
+        # Deflated members can claim more than the file holds: all of them together, as their headers claim
+        # (never decompressed past that), within what a file may be.
+        claimed = sum(info.file_size for info in infos.values())
+        if claimed > MAX_FILE_BYTES:
+            raise ModelFileError(f"{path}: its storages add up to {claimed:,} bytes, more than {MAX_FILE_BYTES:,}; "
+                                 "refusing it")
         for key, storage in unpickler.storages.items():
-            info = members.get(f"{prefix}data/{key}")
-            if info is None:
-                raise ModelFileError(f"{path}: storage {key!r} is missing from the archive")
-            data = _read_member(archive, info, MAX_FILE_BYTES, path)
+            data = _read_member(archive, infos[key], MAX_FILE_BYTES, path)
             _check_storage(storage, len(data), path)
             buffers[key] = np.frombuffer(data, storage.dtype)
     return obj, buffers
@@ -380,20 +400,33 @@ def _read_legacy(path: str):
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     with open(path, "rb") as f:
-        data = f.read(MAX_FILE_BYTES + 1)
-    if len(data) > MAX_FILE_BYTES:
-        raise ModelFileError(f"{path}: over {MAX_FILE_BYTES:,} bytes; refusing it")
-    length = int.from_bytes(data[:8], "little")
-    if len(data) < 8 or length > min(MAX_SAFETENSORS_HEADER, len(data) - 8):
-        raise ModelFileError(f"{path}: the safetensors header is truncated")
-    try:
-        header = json.loads(data[8 : 8 + length].decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelFileError(f"{path}: the safetensors header is not valid JSON ({error})") from None
-    if not isinstance(header, dict):
-        raise ModelFileError(f"{path}: the safetensors header is not a JSON object")
-    body = memoryview(data)[8 + length :]
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_FILE_BYTES:
+            raise ModelFileError(f"{path}: over {MAX_FILE_BYTES:,} bytes; refusing it")
+        head = f.read(8)
+        length = int.from_bytes(head, "little")
+        if len(head) < 8 or length > min(MAX_SAFETENSORS_HEADER, size - 8):
+            raise ModelFileError(f"{path}: the safetensors header is truncated")
+        header = parse_json(f.read(length), f"{path}: the safetensors header")
+        if not isinstance(header, dict):
+            raise ModelFileError(f"{path}: the safetensors header is not a JSON object")
+        # Every entry is checked against the file's size and the caps before the tensors' bytes are read.
+        entries = _safetensors_entries(header, size - 8 - length, size, path)
+        body = memoryview(f.read(size - 8 - length))
+    if len(body) != size - 8 - length:
+        raise ModelFileError(f"{path}: the file is truncated")
     tensors = {}
+    for name, (dtype_name, shape, begin, end) in entries.items():
+        array = np.frombuffer(body[begin:end], SAFETENSORS_DTYPES[dtype_name]).reshape(shape)
+        tensors[name] = _as_float(array, bfloat16=dtype_name == "BF16")
+    return tensors
+
+
+def _safetensors_entries(header: dict, body_bytes: int, file_size: int, path: str) -> dict[str, tuple]:
+    """name -> (dtype, shape, begin, end) for every tensor of a safetensors header, each one within the body
+    and all of them within the caps (npmobile.limits)."""
+    budget = ReadBudget(file_size)
+    entries = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -405,11 +438,11 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
         except (KeyError, TypeError, ModelFileError) as error:
             raise ModelFileError(f"{where} has an invalid header entry ({error})") from None
         count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= len(body) or end - begin != count * dtype.itemsize:
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= body_bytes or end - begin != count * dtype.itemsize:
             raise ModelFileError(f"{where}: shape {shape} of {entry['dtype']} does not fit bytes {begin}..{end}")
-        array = np.frombuffer(body[begin:end], dtype).reshape(shape)
-        tensors[name] = _as_float(array, bfloat16=entry["dtype"] == "BF16")
-    return tensors
+        budget.take(count, where)
+        entries[name] = (entry["dtype"], shape, begin, end)
+    return entries
 
 
 # --------------------------------------------------------------------------------------------------

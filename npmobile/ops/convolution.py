@@ -72,7 +72,7 @@ def conv2d_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
 
 def conv2d_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
     from npmobile.kernels.conv import conv2d, fits_indirection, indirection_table
-    from npmobile.kernels.gemm import INDIRECT_VARIANTS, MR, pack
+    from npmobile.kernels.gemm import INDIRECT_TILES, pack
     from npmobile.kernels.pointwise import pointwise_conv2d, prepare_weights
 
     kernel = node.weights["kernel"]
@@ -104,11 +104,11 @@ def conv2d_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Bind
     x_shape = in_shapes[0]
     table = patches = rescaled = None
     if packed is not None and fits_indirection(x_shape):
-        if packed.variant not in INDIRECT_VARIANTS:  # the indirect product has fewer tiles (kernels/gemm.py)
-            packed = pack(k4.reshape(-1, k4.shape[3]), bias, int(np.prod(out_shape[:3])), INDIRECT_VARIANTS[0])
+        if packed.tile not in INDIRECT_TILES:  # the indirect product has fewer tiles (kernels/gemm_rules.py)
+            packed = pack(k4.reshape(-1, k4.shape[3]), bias, int(np.prod(out_shape[:3])), INDIRECT_TILES[0])
         (_, h, w, cin), (_, oh, ow, _) = x_shape, out_shape
         table = indirection_table(h, w, cin, oh, ow, *kernel.shape[:2], *strides, top, left, *dilation,
-                                  MR[packed.variant])
+                                  packed.tile.mr)
         rescaled = np.empty(int(np.prod(x_shape)), np.float32) if rescaled_input else None
     else:
         patches = np.empty(int(np.prod(out_shape[:3])) * int(np.prod(kernel.shape[:3])), dtype=np.float32)
