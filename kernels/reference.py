@@ -401,6 +401,43 @@ def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray,
     return lower, upper, (position - below).astype(np.float32)
 
 
+def resize(x: np.ndarray, size: tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:
+    """TensorFlow's image resize as Keras calls it (tf.image.resize, half-pixel centers, no antialias):
+    "bilinear" as in upsample2d; "nearest" takes, for output position i, input floor((i + 0.5) * in / out)
+    (clamped to the image). Every position and weight in float32, as TensorFlow computes them."""
+    n, h, w, c = x.shape
+    if interpolation == "nearest":
+        rows, cols = _nearest_taps(h, size[0]), _nearest_taps(w, size[1])
+        return x[:, rows][:, :, cols]
+    if interpolation != "bilinear":
+        raise ValueError(f"resize: interpolation {interpolation!r} is not bilinear or nearest")
+    top, bottom, row_mix = _resize_taps(h, size[0])
+    left, right, col_mix = _resize_taps(w, size[1])
+    col_mix = col_mix[None, None, :, None].astype(x.dtype)
+    upper, lower = x[:, top], x[:, bottom]
+    upper = upper[:, :, left] + (upper[:, :, right] - upper[:, :, left]) * col_mix
+    lower = lower[:, :, left] + (lower[:, :, right] - lower[:, :, left]) * col_mix
+    return upper + (lower - upper) * row_mix[None, :, None, None].astype(x.dtype)
+
+
+def _resize_scale(in_size: int, out_size: int) -> np.float32:
+    return np.float32(in_size) / np.float32(out_size)  # one float32 division, as TensorFlow's
+
+
+def _resize_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    position = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * _resize_scale(in_size, out_size) \
+        - np.float32(0.5)
+    below = np.floor(position)
+    lower = np.maximum(below, 0).astype(np.int64)
+    upper = np.minimum(np.ceil(position), in_size - 1).astype(np.int64)
+    return lower, upper, (position - below).astype(np.float32)
+
+
+def _nearest_taps(in_size: int, out_size: int) -> np.ndarray:
+    position = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * _resize_scale(in_size, out_size)
+    return np.clip(np.floor(position).astype(np.int64), 0, in_size - 1)
+
+
 # --------------------------------------------------------------------------------------------------
 # Squeeze-and-excite (MobileNetV3)
 # --------------------------------------------------------------------------------------------------

@@ -224,11 +224,13 @@ class BatchClassifier:
         ``before_warming(model)``: called once the model has opened, before its kernels load or compile."""
         if self._loaded is None:
             from npmobile.kernels.threads import set_threads
-            from npmobile.opening import preprocess_for
+            from npmobile.opening import binary_head, preprocess_for
 
             threads = set_threads(worker_threads(self.threads))
             model = cached_model(self.model, threads, before_warming)
             classes = model.shapes[model.graph.outputs[0]][-1]
+            if binary_head(model) is not None:  # shown as two classes: 1 - p and p
+                classes = 2
             if self.labels is not None and len(self.labels) != classes:
                 raise NpmobileError(f"{len(self.labels)} labels, the model has {classes} classes")
             layer = pooled_layer(model) if self.output == "features" else None
@@ -259,6 +261,7 @@ class BatchClassifier:
 
     def _predict(self, model, x: np.ndarray, threads: int, mode: str, layer: str | None) -> list:
         from npmobile.applications.common import preprocess_tf
+        from npmobile.opening import binary_head, two_class_probabilities
 
         x = preprocess_tf(x) if mode == "tf" else x
         if layer is not None:
@@ -270,6 +273,8 @@ class BatchClassifier:
             from npmobile.kernels.reference import softmax
 
             out = softmax(out.astype(np.float64)).astype(np.float32)
+        if layer is None and binary_head(model) is not None:  # Dense(1): the probability of class 1, and 0's
+            out = two_class_probabilities(model, out)
         if self.output == "top":
             return [top_classes(p, self.top, self.labels) for p in out]
         return [row.tolist() for row in out]

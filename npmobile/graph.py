@@ -21,8 +21,9 @@ from npmobile.errors import ModelFileError, UnsupportedLayerError
 from npmobile.ops import canonical_class, file_classes
 from npmobile.spec import LayerSpec, ModelSpec, TensorRef
 
-# An input of a node: the name of the node whose output it is, or a scalar operand.
-Input = str | float
+# An input of a node: the name of the node whose output it is, or a constant operand (a number, or a
+# per-channel vector as a tuple of floats).
+Input = str | float | tuple
 
 NESTED_MODEL_CLASSES = frozenset({"Functional", "Model", "Sequential"})
 
@@ -200,9 +201,11 @@ class _GraphBuilder:
         if not 0 <= call < len(layer.inbound):
             raise self._fail(spec, f"layer {layer.name!r} is referenced as call {call} "
                                    f"but has {len(layer.inbound)} calls")
+        if cls not in NESTED_MODEL_CLASSES and layer.submodel is None:
+            check_supported(layer, spec)  # before its arguments: a refused layer's may be anything
         args: list[Input] = []
         for arg in layer.inbound[call].args:
-            args.append(visit(arg, layer.name) if isinstance(arg, TensorRef) else float(arg))
+            args.append(visit(arg, layer.name) if isinstance(arg, TensorRef) else _constant(arg))
 
         if cls in NESTED_MODEL_CLASSES or layer.submodel is not None:
             if layer.submodel is None:
@@ -216,7 +219,6 @@ class _GraphBuilder:
             self.aliases[layer.name] = sub_outputs[0]
             return sub_outputs[0]
 
-        check_supported(layer, spec)
         name = self._unique(layer.name if call == 0 else f"{layer.name}_{call}")
         self.nodes.append(
             Node(
@@ -253,22 +255,30 @@ class _GraphBuilder:
         return candidate
 
 
+def _constant(value) -> float | tuple:
+    return tuple(float(v) for v in value) if isinstance(value, (tuple, list)) else float(value)
+
+
 def check_supported(layer: LayerSpec, spec: ModelSpec) -> None:
     """Refuse, with one clear line, any layer npmobile does not run: nothing from a file is executed."""
+    from npmobile.io.config import INSTEAD_OF_CODE
+    from npmobile.ops.preprocessing import REFUSED
+
     where = f"{spec.source or spec.name}: layer {layer.name!r}"
     cls = canonical_class(layer.class_name)
     if cls == "Lambda":
         raise UnsupportedLayerError(
             f"{where} is a Lambda layer, which holds Python code; npmobile never executes code from a file "
-            "(rebuild the model with built-in layers)"
+            f"(rebuild the model with built-in layers; {INSTEAD_OF_CODE})"
         )
     if cls == "TFOpLambda":
         function = layer.config.get("function", "?")
         raise UnsupportedLayerError(
-            f"{where} is a TFOpLambda calling {function!r}; npmobile runs only scalar add and multiply ops"
+            f"{where} is a TFOpLambda calling {function!r}; npmobile runs only elementwise add, subtract, "
+            f"multiply, divide and negate of one tensor with constants, and casts to float32 ({INSTEAD_OF_CODE})"
         )
-    if cls in ("Add", "Multiply") and layer.inbound:
-        return
+    if cls in REFUSED:
+        raise UnsupportedLayerError(f"{where} has class {layer.class_name!r}: {REFUSED[cls]}")
     if ">" in cls:  # Keras's "package>Name": a class registered by user code, never imported here
         raise UnsupportedLayerError(
             f"{where} has class {layer.class_name!r}, a custom class defined by user code; npmobile never runs "

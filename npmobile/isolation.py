@@ -350,8 +350,9 @@ def _encode_model(spec: ModelSpec, arrays: _Arrays) -> dict:
 def _encode_layer(layer: LayerSpec, arrays: _Arrays) -> dict:
     return {
         "name": layer.name, "class_name": layer.class_name, "config": layer.config,
-        # A TensorRef is a list [layer, node, tensor]; a scalar operand a number.
-        "inbound": [{"args": [_encode_ref(a) if isinstance(a, TensorRef) else a for a in call.args],
+        # A TensorRef is a list [layer, node, tensor]; a scalar operand a number; a per-channel constant
+        # (a tuple of floats) {"constant": [...]}.
+        "inbound": [{"args": [_encode_arg(a) for a in call.args],
                      "kwargs": call.kwargs} for call in layer.inbound],
         "submodel": None if layer.submodel is None else _encode_model(layer.submodel, arrays),
     }
@@ -359,6 +360,20 @@ def _encode_layer(layer: LayerSpec, arrays: _Arrays) -> dict:
 
 def _encode_ref(ref: TensorRef) -> list:
     return [ref.layer, ref.node_index, ref.tensor_index]
+
+
+def _encode_arg(arg):
+    if isinstance(arg, TensorRef):
+        return _encode_ref(arg)
+    return {"constant": list(arg)} if isinstance(arg, tuple) else arg
+
+
+def _decode_arg(arg):
+    if isinstance(arg, list):
+        return _decode_ref(arg)
+    if isinstance(arg, dict):
+        return tuple(float(v) for v in arg["constant"])
+    return float(arg)
 
 
 def encode(result) -> tuple[bytes, _Arrays]:
@@ -430,8 +445,7 @@ def _array(entry: list, data: bytearray) -> np.ndarray:
 
 def _decode_model(body: dict, arrays: list[np.ndarray]) -> ModelSpec:
     layers = [LayerSpec(name=str(layer["name"]), class_name=str(layer["class_name"]), config=layer["config"],
-                        inbound=[CallSpec(args=[_decode_ref(a) if isinstance(a, list) else float(a)
-                                                for a in call["args"]], kwargs=dict(call["kwargs"]))
+                        inbound=[CallSpec(args=[_decode_arg(a) for a in call["args"]], kwargs=dict(call["kwargs"]))
                                  for call in layer["inbound"]],
                         submodel=None if layer["submodel"] is None else _decode_model(layer["submodel"], arrays))
               for layer in body["layers"]]

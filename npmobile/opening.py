@@ -90,13 +90,35 @@ def family_model(family: str, alpha: float, size: int, minimalistic: bool, weigh
     return applications.FAMILIES[family](**kwargs)
 
 
+# Layers that map pixel values: a model with one of these before its first convolution (or dense layer)
+# does its own preprocessing. Arithmetic counts where one operand is a constant (x / 127.5, x - mean).
+VALUE_PREPROCESSING = frozenset({"Rescaling", "Normalization"})
+CONSTANT_ARITHMETIC = frozenset({"Add", "Subtract", "Multiply", "TrueDivide", "Negative"})
+WEIGHTED = frozenset({"Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Dense", "BatchNormalization"})
+
+
+def carries_preprocessing(graph) -> bool:
+    """Whether the graph maps its pixels itself before its first weighted layer: a Rescaling (MobileNetV3),
+    a Normalization, or preprocess_input called on the input tensor (op nodes, TFOpLambda arithmetic)."""
+    for node in graph.nodes:  # in an order where every node follows its inputs: the stem comes first
+        if node.op in WEIGHTED:
+            return False
+        if node.op in VALUE_PREPROCESSING:
+            return True
+        if node.op in CONSTANT_ARITHMETIC and (node.op == "Negative"
+                                               or any(not isinstance(i, str) for i in node.inputs)):
+            return True
+    return False
+
+
 def preprocess_for(model) -> str:
     """How a model wants its pixels: "torchvision" for PyTorch state dicts (npmobile.image.load_torchvision);
-    MobileNetV3 graphs start with a Rescaling layer and take 0..255; V1/V2 take x / 127.5 - 1."""
+    "none" (0..255, as keras.utils.load_img gives them) for a model that does its own preprocessing, like
+    MobileNetV3's Rescaling or the transfer-learning tutorial's preprocess_input inside the model; "tf"
+    (x / 127.5 - 1) for V1/V2 without it. Never both: a model's own preprocessing is never applied twice."""
     if getattr(model, "preprocessing", None) == "torchvision":
         return "torchvision"
-    first = next(n for n in model.graph.nodes if n.op != "InputLayer")
-    return "none" if first.op == "Rescaling" else "tf"
+    return "none" if carries_preprocessing(model.graph) else "tf"
 
 
 def model_input(model, path: str, size: int) -> np.ndarray:
@@ -116,3 +138,23 @@ def load_torchvision_sized(path, size: int, max_pixels: int | None = None) -> np
     from npmobile.image import load_torchvision
 
     return load_torchvision(path, crop_size=size, resize_size=round(size * 256 / 224), max_pixels=max_pixels)
+
+
+def binary_head(model) -> str | None:
+    """A model with one output unit is a binary classifier: "logits" when its output is a raw score (the
+    transfer-learning tutorial's ``Dense(1)``), "probability" when a sigmoid ends it; None otherwise."""
+    output = model.graph.outputs[0]
+    if model.shapes[output][-1] != 1 or len(model.shapes[output]) != 2:
+        return None
+    node = model.graph.node(output)
+    activation = node.config.get("activation") if node.op in ("Dense", "Activation") else None
+    return "probability" if activation == "sigmoid" else "logits"
+
+
+def two_class_probabilities(model, out: np.ndarray) -> np.ndarray:
+    """A binary head's output as the probabilities of classes 0 and 1: [1 - p, p], with p the sigmoid of
+    a logit (float64, as a probability should be computed, then float32) or the model's own p."""
+    p = out.astype(np.float64).reshape(len(out), 1)
+    if binary_head(model) == "logits":
+        p = 1.0 / (1.0 + np.exp(-p))
+    return np.concatenate([1.0 - p, p], axis=1).astype(np.float32)

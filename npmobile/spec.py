@@ -6,11 +6,12 @@ between readers (which know files) and the graph (which knows nothing of files).
 
 Canonical forms, whatever the file's Keras version:
 - ``LayerSpec.inbound`` holds one ``CallSpec`` per time the layer was called (Keras "inbound node").
-  Each argument is a ``TensorRef`` or a Python float (a scalar operand, as in ``x + 3.0``).
+  Each argument is a ``TensorRef`` or a constant: a Python float (a scalar operand, as in ``x + 3.0``) or a
+  tuple of floats (a per-channel vector, as preprocess_input's 'torch' mode subtracts).
   A merge layer (``Add``, ``Multiply``, ``Concatenate``) receives its tensors as separate args.
-- Scalar arithmetic nodes, whether Keras 3 op nodes (class_name "Add" with args ``[tensor, 3.0]``) or
-  tf_keras ``TFOpLambda`` nodes (``__operators__.add`` / ``math.multiply`` with ``y``), are written as
-  class_name "Add" / "Multiply" with one TensorRef and one float among the args.
+- Elementwise arithmetic with constants, whether Keras 3 op nodes (class_name "Add" with args ``[tensor, 3.0]``,
+  "TrueDivide", "Subtract", ...) or tf_keras ``TFOpLambda`` nodes (``math.truediv`` with ``y``), are written as
+  class_name "Add" / "Multiply" / "Subtract" / "TrueDivide" / "Negative" / "Cast" with the args in Keras's order.
 - A nested model (a Functional or Sequential used as a layer) has class_name "Functional" and its own
   ModelSpec in ``submodel``; its weights live in ``submodel.weights``.
 - A weights-only file (no architecture) is a ``WeightsFile``: per ``StoredLayer``, its variables in file
@@ -38,7 +39,7 @@ class TensorRef:
     tensor_index: int = 0
 
 
-Arg = TensorRef | float
+Arg = TensorRef | float | tuple
 
 
 @dataclass

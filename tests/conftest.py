@@ -160,3 +160,12 @@ def pytest_terminal_summary(terminalreporter):
     for target, counts in sorted(FUZZ_COUNTS.items()):
         detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "ran")
         terminalreporter.write_line(f"  {target}: {counts['ran']} ({detail})")
+
+
+@pytest.fixture(scope="session")
+def transfer_models(tmp_path_factory):
+    """Transfer-learning models as TensorFlow's tutorial builds them (see tests/tutorial_models.py):
+    ``transfer_models("tutorial", "keras3_keras")``."""
+    from tutorial_models import TransferFiles
+
+    return TransferFiles(tmp_path_factory.mktemp("transfer"))

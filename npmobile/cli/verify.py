@@ -465,6 +465,13 @@ def _open_keras(path: str, keras_version: int, mapping: dict[str, str], module_p
     try:
         keras_model = framework.models.load_model(path, custom_objects=custom, compile=False)
     except Exception as error:  # Keras's own failure on this file: report it, do not hide it as npmobile's
+        if framework is keras and keras_version >= 3 and _is_hdf5(path):
+            keras_model = _keras3_h5_with_op_modules(keras, path, custom, error)
+            notes.append(f"{name} cannot load back the op nodes it writes into a legacy .h5 (x / 127.5, x + 3.0: "
+                         "the config names no module, so Keras takes them for layers); verify rebuilt the model from "
+                         "the file's config naming each op's module, as a .keras file does, and loaded the file's "
+                         "weights into it (nothing else changed)")
+            return _KerasSide(framework, keras_model, name, notes)
         if framework is keras or not custom:
             raise CouldNotRun(f"{name} could not load {path} ({type(error).__name__}: {str(error)[:300]})") from None
         keras_model = _tf_keras_with_named_functions(framework, path, custom, error)
@@ -472,6 +479,56 @@ def _open_keras(path: str, keras_version: int, mapping: dict[str, str], module_p
                      "verify gave it a temporary copy of the file naming them by plain name, as older tf_keras wrote "
                      "them (nothing else changed)")
     return _KerasSide(framework, keras_model, name, notes)
+
+
+def _is_hdf5(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89HDF\r\n\x1a\n"
+
+
+# Where Keras 3 defines the op classes its functional graphs hold (``x / 127.5`` is a TrueDivide node).
+_KERAS3_OP_MODULES = ("keras.src.ops.numpy", "keras.src.ops.nn", "keras.src.ops.core", "keras.src.ops.math")
+
+
+def _with_op_modules(keras, layer: dict) -> dict:
+    """A layer entry of a Keras 3 legacy .h5 config with its module named as a .keras config names it. An
+    op node is told from a layer by its config, which has no "trainable" (``Add`` the op takes 3.0 as an
+    argument; ``Add`` the layer takes only tensors)."""
+    from importlib import import_module
+
+    layer = dict(layer)
+    class_name, config = layer.get("class_name"), layer.get("config")
+    if "module" not in layer and isinstance(config, dict):
+        if class_name in ("Functional", "Model"):
+            layer["module"], layer["registered_name"] = "keras.src.models.functional", "Functional"
+        elif class_name == "Sequential":
+            layer["module"] = "keras"
+        elif "trainable" not in config and class_name != "InputLayer":
+            module = next((m for m in _KERAS3_OP_MODULES if hasattr(import_module(m), str(class_name))), None)
+            if module is not None:
+                layer["module"], layer["registered_name"] = module, class_name
+    if isinstance(config, dict) and isinstance(config.get("layers"), list):
+        layer["config"] = {**config, "layers": [_with_op_modules(keras, inner) for inner in config["layers"]]}
+    return layer
+
+
+def _keras3_h5_with_op_modules(keras, path: str, custom: dict, error: Exception):
+    """Keras 3.15 writes ``x + 3.0`` (MobileNetV3's hard-swish) and ``x / 127.5`` (preprocess_input) into a
+    legacy .h5 as nodes of class "Add" / "TrueDivide" without their module, and its own loader then fails
+    on them ("Unknown layer: 'TrueDivide'", "Only input tensors may be passed as positional arguments").
+    Rebuild the model from the config with the modules named, then load the file's weights into it."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            config = f.attrs["model_config"]
+        config = json.loads(config.decode() if isinstance(config, bytes) else config)
+        model = keras.saving.deserialize_keras_object(_with_op_modules(keras, config), custom_objects=custom)
+        model.load_weights(path)
+        return model
+    except Exception:
+        raise CouldNotRun(f"Keras {keras.__version__} could not load {path} ({type(error).__name__}: "
+                          f"{str(error)[:300]})") from None
 
 
 def _tf_keras_with_named_functions(tf_keras, path: str, custom: dict, error: Exception):

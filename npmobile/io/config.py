@@ -5,8 +5,11 @@ Two dialects, one result:
   ``{"class_name": "__keras_tensor__", "config": {"keras_history": [layer, node, tensor]}}``; a merge
   layer gets one list of tensors; ``x + 3.0`` is a node of class "Add" with a float among its args.
 - Keras 2 / tf_keras: ``inbound_nodes`` is a list of calls, each a list of
-  ``[layer, node_index, tensor_index, kwargs]``; ``x + 3`` is a ``TFOpLambda`` with ``y`` in kwargs;
+  ``[layer, node_index, tensor_index, kwargs]``; ``x + 3`` is a ``TFOpLambda`` with ``y`` in kwargs
+  (``3 - x`` puts ``["_CONSTANT_VALUE", -1, 3.0]`` first and the tensor in ``y``);
   a nested model's own construction counts as its node 0, so calls of it are numbered from 1.
+Constant operands are data: a number, or a per-channel vector (Keras 3's ``__tensor__`` / ``__numpy__``
+values, tf_keras's ``y`` or ``bias`` lists), kept as a float or a tuple of floats.
 Nothing in a config is executed: a Lambda layer anywhere in it is refused by name.
 """
 
@@ -15,16 +18,35 @@ from __future__ import annotations
 from typing import Any
 
 from npmobile.errors import ModelFileError, UnsupportedLayerError
+from npmobile.ops import canonical_class
+from npmobile.ops.preprocessing import REFUSED
 from npmobile.spec import CallSpec, LayerSpec, ModelSpec, TensorRef
 
 MODEL_CLASSES = ("Functional", "Model", "Sequential")
-# tf_keras TFOpLambda functions that are scalar arithmetic, and the op they amount to.
+# Keras 3's preprocessing container: a chain of layers called as one layer (read like a Sequential).
+PIPELINE_CLASS = "Pipeline"
+# tf_keras TFOpLambda functions that are elementwise arithmetic, and the op they amount to
+# (npmobile.ops.arithmetic). ``nn.bias_add`` is how tf_keras writes preprocess_input's mean subtraction.
 TF_OP_LAMBDAS = {
     "__operators__.add": "Add",
     "math.add": "Add",
+    "nn.bias_add": "Add",
     "__operators__.mul": "Multiply",
     "math.multiply": "Multiply",
+    "__operators__.sub": "Subtract",
+    "math.subtract": "Subtract",
+    "__operators__.truediv": "TrueDivide",
+    "math.truediv": "TrueDivide",
+    "math.divide": "TrueDivide",
+    "__operators__.neg": "Negative",
+    "math.negative": "Negative",
+    "cast": "Cast",
 }
+# What to write instead of code in a file, for preprocessing (the usual reason for a Lambda).
+INSTEAD_OF_CODE = ("for preprocessing use Rescaling(1/127.5, offset=-1), Normalization, or call "
+                   "keras.applications.<family>.preprocess_input on the input tensor, all of which npmobile reads")
+# The most values a constant operand may hold: a per-channel vector, never an image's worth.
+MAX_CONSTANT_VALUES = 4096
 
 
 def parse_model_config(config: dict, keras_version: int, source: str) -> ModelSpec:
@@ -98,18 +120,91 @@ def _parse_layer(raw: dict, keras_version: int, source: str) -> LayerSpec:
         # Refused wherever it is, even where no output depends on it: a file that holds code is never
         # passed on (``npmobile verify`` would hand it to Keras, and tf_keras unmarshals a Lambda's code).
         raise UnsupportedLayerError(f"{source}: layer {name!r} is a Lambda layer, which holds Python code; npmobile "
-                                    "never executes code from a file (rebuild the model with built-in layers)")
-    calls = [_parse_call(node, keras_version) for node in raw.get("inbound_nodes", [])]
+                                    f"never executes code from a file (rebuild the model with built-in layers; "
+                                    f"{INSTEAD_OF_CODE})")
+    if class_name == "GetItem":  # Keras 3's x[..., k] ('caffe' mode's channel flip): data, or refused by name
+        class_name, config, calls = _get_item(name, raw.get("inbound_nodes", []))
+        return LayerSpec(name=name, class_name=class_name, config=config, inbound=calls)
+    try:
+        calls = [_parse_call(node, keras_version) for node in raw.get("inbound_nodes", [])]
+    except ModelFileError:
+        if canonical_class(class_name) not in REFUSED:
+            raise
+        # A layer refused by name (caffe mode's GetItem takes an Ellipsis): its tensors are enough for the
+        # graph to reach it and say why.
+        calls = [_tensors_only(node) for node in raw.get("inbound_nodes", [])]
     submodel = None
     if class_name in MODEL_CLASSES:
         submodel = _parse_model({"class_name": class_name, "config": config}, keras_version, source)
         submodel.name = name
+    elif class_name == PIPELINE_CLASS:
+        submodel = _parse_pipeline(name, config, keras_version, source)
     elif class_name == "TFOpLambda":
-        op = TF_OP_LAMBDAS.get(config.get("function"))
-        scalar_calls = [c for c in calls if any(isinstance(a, float) for a in c.args)]
-        if op is not None and scalar_calls and len(scalar_calls) == len(calls):
-            class_name, config = op, {"name": name}
+        class_name, config = _tf_op_lambda(name, config, calls)
+    elif class_name == "SlicingOpLambda" and all(call.kwargs.get("slice_spec") == CHANNEL_FLIP for call in calls):
+        class_name, config = "ReverseChannels", {"name": name}  # x[..., ::-1]: 'caffe' mode's RGB -> BGR
+    elif class_name == "RandomCrop":  # what its predict computes depends on the writer (npmobile.ops.preprocessing)
+        config = {**config, "npmobile_keras_version": keras_version}
     return LayerSpec(name=name, class_name=class_name, config=config, inbound=calls, submodel=submodel)
+
+
+def _parse_pipeline(name: str, config: dict, keras_version: int, source: str) -> ModelSpec:
+    """Keras 3's Pipeline: its layers applied in turn, a chain like a Sequential without an input layer
+    (the outer call feeds it, so its input's shape is never needed)."""
+    raw_layers = config.get("layers")
+    if not isinstance(raw_layers, list):
+        raise ModelFileError(f"{source}: Pipeline {name!r} has no list of layers")
+    input_name = f"{name}_input"
+    layers = [LayerSpec(input_name, "InputLayer", {"batch_shape": [None, None, None, None]}, [])]
+    for raw in raw_layers:
+        layer = _parse_layer({**raw, "inbound_nodes": []}, keras_version, source)
+        layer.inbound = [CallSpec([TensorRef(layers[-1].name)])]
+        layers.append(layer)
+    return ModelSpec(name=name, layers=layers, inputs=[TensorRef(input_name)], outputs=[TensorRef(layers[-1].name)],
+                     keras_version=keras_version, source=source)
+
+
+# tf_keras's slice_spec of x[..., ::-1], the channel flip of preprocess_input's 'caffe' mode.
+CHANNEL_FLIP = [{"class_name": "__ellipsis__"}, {"start": None, "stop": None, "step": -1}]
+
+
+def _get_item(name: str, nodes: list) -> tuple[str, dict, list[CallSpec]]:
+    """Keras 3's ``x[..., k]`` (a GetItem node called with ``[tensor, [Ellipsis, k]]``) as the channel it
+    takes; any other indexing keeps only its tensors, and the layer record refuses it by name."""
+    indices, calls = set(), []
+    for node in nodes:
+        args = node.get("args", []) if isinstance(node, dict) else []
+        tensor = args[0] if args and _is_tensor(args[0]) else None
+        key = args[1] if len(args) == 2 else None
+        if (tensor is not None and isinstance(key, list) and len(key) == 2 and isinstance(key[0], dict)
+                and key[0].get("class_name") == "__ellipsis__" and isinstance(key[1], int)
+                and not isinstance(key[1], bool)):
+            indices.add(key[1])
+        else:
+            indices.add(None)
+        calls.append(_tensors_only(node))
+    if len(indices) == 1 and None not in indices:
+        return "GetItem", {"name": name, "channel": indices.pop()}, calls
+    return "GetItem", {"name": name}, calls
+
+
+def _tf_op_lambda(name: str, config: dict, calls: list[CallSpec]) -> tuple[str, dict]:
+    """A TFOpLambda that is elementwise arithmetic on one tensor (and constants) becomes the op it
+    amounts to; any other stays a TFOpLambda, which the graph refuses by name."""
+    op = TF_OP_LAMBDAS.get(config.get("function"))
+    if op is None or not calls or any(len(call.tensors()) != 1 for call in calls):
+        return "TFOpLambda", config
+    if any(call.kwargs.get("data_format", "NHWC") != "NHWC" for call in calls):  # bias_add on channels first
+        return "TFOpLambda", config
+    if op == "Cast":
+        if any(call.kwargs.get("dtype") != "float32" for call in calls):
+            return "TFOpLambda", config
+        return op, {"name": name, "dtype": "float32"}
+    if op == "Negative":
+        return (op, {"name": name}) if all(len(call.args) == 1 for call in calls) else ("TFOpLambda", config)
+    if all(len(call.args) == 2 for call in calls):
+        return op, {"name": name}
+    return "TFOpLambda", config
 
 
 def _class_name(raw: dict) -> str:
@@ -148,14 +243,52 @@ def _parse_call(node: Any, keras_version: int) -> CallSpec:
         node = [node]
     args, kwargs = [], {}
     for entry in node:
-        args.append(TensorRef(str(entry[0]), int(entry[1]), int(entry[2])))
+        if entry[0] == "_CONSTANT_VALUE":  # tf_keras: a constant as the first operand (3 - x)
+            args.append(_constant(entry[2]))
+        else:
+            args.append(TensorRef(str(entry[0]), int(entry[1]), int(entry[2])))
         if len(entry) > 3 and isinstance(entry[3], dict):
             kwargs.update(entry[3])
-    # TFOpLambda puts the other operand of x + 3 in kwargs["y"].
-    y = kwargs.pop("y", None)
-    if isinstance(y, (int, float)) and not isinstance(y, bool):
-        args.append(float(y))
+    # TFOpLambda puts the other operand of x + 3 in kwargs["y"] (a constant, or the tensor of 3 - x),
+    # and nn.bias_add its vector in kwargs["bias"].
+    for key in ("y", "bias"):
+        if key not in kwargs:
+            continue
+        other = kwargs.pop(key)
+        if _is_history(other):
+            args.append(TensorRef(str(other[0]), int(other[1]), int(other[2])))
+        else:
+            args.append(_constant(other))
     return CallSpec(args=args, kwargs={k: v for k, v in kwargs.items() if k != "name"})
+
+
+def _is_history(value: Any) -> bool:
+    """A tf_keras tensor reference [layer, node_index, tensor_index]."""
+    return (isinstance(value, list) and len(value) == 3 and isinstance(value[0], str)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value[1:]))
+
+
+def _constant(value: Any) -> float | tuple[float, ...]:
+    """A constant operand as data: a number, or a per-channel vector (any leading axes of size 1, as
+    Keras 3 writes preprocess_input's mean with shape (1, 1, 1, 3)) as a tuple of floats."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, list):
+        flat = value
+        while len(flat) == 1 and isinstance(flat[0], list):  # leading axes of size 1
+            flat = flat[0]
+        if (0 < len(flat) <= MAX_CONSTANT_VALUES
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat)):
+            return tuple(float(v) for v in flat)
+    raise ModelFileError(f"unsupported constant operand {str(value)[:80]!r} (npmobile reads numbers and "
+                         "per-channel vectors)")
+
+
+def _tensors_only(node: Any) -> CallSpec:
+    """A Keras 3 call's tensor arguments, whatever else it holds."""
+    args = node.get("args", []) if isinstance(node, dict) else []
+    flat = [a for arg in args for a in (arg if isinstance(arg, list) else [arg])]
+    return CallSpec(args=[_history_ref(a["config"]["keras_history"]) for a in flat if _is_tensor(a)])
 
 
 def _is_tensor(value: Any) -> bool:
@@ -167,6 +300,11 @@ def _keras3_arg(arg: Any):
         return _history_ref(arg["config"]["keras_history"])
     if isinstance(arg, (int, float)) and not isinstance(arg, bool):
         return float(arg)
+    if isinstance(arg, dict) and arg.get("class_name") in ("__tensor__", "__numpy__"):
+        constant = arg.get("config") or {}
+        if constant.get("dtype", "float32") not in ("float32", "float64", "int32", "int64"):
+            raise ModelFileError(f"unsupported constant of dtype {constant.get('dtype')!r}")
+        return _constant(constant.get("value"))
     raise ModelFileError(f"unsupported call argument {str(arg)[:80]!r}")
 
 

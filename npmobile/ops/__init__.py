@@ -71,6 +71,9 @@ class LayerType:
     # True: the output is the input's values in another shape, in the same order (a C-contiguous reshape):
     # the plan gives it the input's buffer and runs nothing (npmobile.plan).
     view: bool = False
+    # True (or true of the node): the output is the input, unchanged, at inference (Dropout, the random
+    # augmentations): the passes drop the node and its readers read its input (npmobile.passes).
+    identity: bool | Callable[[Node], bool] = False
 
     def weight_names(self, config: dict) -> list[str]:
         """The weight names in Keras's creation order (shapes need the input's channels; names do not)."""
@@ -101,6 +104,14 @@ def layer_type(op: str) -> LayerType:
     return found
 
 
+def is_identity(node: Node) -> bool:
+    """Whether ``node`` passes its input through unchanged at inference."""
+    found = LAYER_TYPES.get(canonical_class(node.op))
+    if found is None:
+        return False
+    return found.identity(node) if callable(found.identity) else bool(found.identity)
+
+
 def file_classes() -> list[str]:
     """The layer classes a file may contain, sorted (InputLayer and nested models aside)."""
     return sorted(name for name, t in LAYER_TYPES.items() if t.from_files)
@@ -109,12 +120,14 @@ def file_classes() -> list[str]:
 # The records, by kind. Imported last: each module registers its records on import.
 from npmobile.ops import (  # noqa: E402, F401
     activation,
+    arithmetic,
     convolution,
     core,
     expand_depthwise,
     merge,
     normalization,
     pooling,
+    preprocessing,
     reshaping,
     squeeze_excite,
 )

@@ -1,4 +1,5 @@
-"""Merging layers: Add (residual connections; scalar adds from TFOpLambda), Multiply, Concatenate."""
+"""Merging layers: Add (residual connections; constant adds from op nodes and TFOpLambda), Multiply,
+Concatenate. A constant operand is a number or a per-channel vector (npmobile.ops.arithmetic)."""
 
 from __future__ import annotations
 
@@ -28,18 +29,21 @@ def broadcast_shape(node: Node, inputs: list) -> tuple:
 
 
 def add_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
-    y = inputs[0]
-    for other in inputs[1:]:
-        y = y + other  # a scalar operand is a Python float: NumPy rounds it to y's dtype
-    return y
+    from npmobile.ops.arithmetic import binary_reference
+
+    return binary_reference(np.add)(node, inputs, keras_version)
 
 
 def add_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
-    """The Add merge layer of two same-shaped tensors (no broadcasting, no scalars)."""
+    """The Add merge layer of two same-shaped tensors (no broadcasting); a tensor plus a constant as one
+    NumPy call."""
     from npmobile.kernels import activations as act_kernels
+    from npmobile.ops.arithmetic import ufunc_prepare
 
-    if len(node.inputs) != 2 or not all(isinstance(i, str) for i in node.inputs):
+    if len(node.inputs) != 2:
         return None
+    if not all(isinstance(i, str) for i in node.inputs):
+        return ufunc_prepare(np.add)(node, in_shapes, out_shape, keras_version)
     if any(tuple(s) != tuple(out_shape) for s in in_shapes):
         return None
 
@@ -50,10 +54,21 @@ def add_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder 
 
 
 def multiply_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
-    y = inputs[0]
-    for other in inputs[1:]:
-        y = y * other
-    return y
+    from npmobile.ops.arithmetic import binary_reference
+
+    return binary_reference(np.multiply)(node, inputs, keras_version)
+
+
+def multiply_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
+    from npmobile.ops.arithmetic import ufunc_prepare
+
+    return ufunc_prepare(np.multiply)(node, in_shapes, out_shape, keras_version)
+
+
+def _elementwise_shape(node: Node, inputs: list) -> tuple:
+    from npmobile.ops.arithmetic import elementwise_shape
+
+    return elementwise_shape(node, inputs)
 
 
 def concatenate_output_shape(node: Node, inputs: list) -> tuple:
@@ -69,7 +84,7 @@ def concatenate_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
 
 
 register(
-    LayerType("Add", add_reference, broadcast_shape, prepare=add_prepare),
-    LayerType("Multiply", multiply_reference, broadcast_shape),
+    LayerType("Add", add_reference, _elementwise_shape, prepare=add_prepare),
+    LayerType("Multiply", multiply_reference, _elementwise_shape, prepare=multiply_prepare),
     LayerType("Concatenate", concatenate_reference, concatenate_output_shape),
 )

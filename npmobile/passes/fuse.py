@@ -11,6 +11,7 @@ import numpy as np
 from npmobile.errors import ModelFileError, UnsupportedLayerError
 from npmobile.graph import Graph, Node
 from npmobile.layers import infer_shapes
+from npmobile.ops import is_identity
 from npmobile.ops.activation import epilogue_activation
 from npmobile.ops.expand_depthwise import fused_node, worth_fusing
 
@@ -68,16 +69,23 @@ def _is_linear(node: Node) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def drop_dropout(graph: Graph, keep: set[str]) -> Graph:
-    """Dropout is the identity at inference: its readers read its input instead."""
-    for node in [n for n in graph.nodes if n.op == "Dropout"]:
+def drop_identities(graph: Graph, keep: set[str]) -> Graph:
+    """Dropout, the random augmentations and a cast to float32 are the identity at inference
+    (npmobile.ops.is_identity): their readers read their input instead. A layer asked for by name keeps
+    answering, as the node its input comes from (unless that is a model input, which is no node)."""
+    for node in [n for n in graph.nodes if n.op == "Dropout" or is_identity(n)]:
         source = node.inputs[0]
+        if not isinstance(source, str) or (source in graph.inputs and _is_kept(node, graph, keep)):
+            continue
         producer = _producer(graph, source)
         if producer is not None:
             producer.keras_names.extend(node.keras_names)
         graph.nodes.remove(node)
         _replace_uses(graph, node.name, source)
     return graph
+
+
+drop_dropout = drop_identities  # its first name, when Dropout was the only identity
 
 
 def fold_batchnorm(graph: Graph, keep: set[str]) -> Graph:
@@ -151,6 +159,60 @@ def fold_rescaling(graph: Graph, keep: set[str]) -> Graph:
         conv.config = {**conv.config, "input_scale": float(scale), "input_offset": float(offset)}
         conv.inputs = [rescaling.inputs[0]] + conv.inputs[1:]
         graph.nodes.remove(rescaling)
+    return graph
+
+
+def _exact_affine(node: Node) -> tuple[str, float] | None:
+    """A scalar op on one tensor as ("mul", s) or ("add", o) where computing it that way gives the same
+    float32 bits: x - c is x + (-c) and -x is x * -1 by IEEE's definition, and x / c is, as Keras's
+    predict computes it, x * (1 / c) (npmobile.ops.arithmetic). ``c - x`` and ``c / x`` are not."""
+    from npmobile.ops.arithmetic import divisor_constant, reciprocal
+
+    tensors = [i for i in node.inputs if isinstance(i, str)]
+    scalars = [i for i in node.inputs if isinstance(i, float)]
+    if node.op == "Negative" and len(tensors) == 1 and len(node.inputs) == 1:
+        return ("mul", -1.0)
+    if len(tensors) != 1 or len(scalars) != 1 or len(node.inputs) != 2:
+        return None
+    c, tensor_first = float(np.float32(scalars[0])), isinstance(node.inputs[0], str)
+    if node.op == "Add":
+        return ("add", c)
+    if node.op == "Multiply":
+        return ("mul", c)
+    if node.op == "Subtract" and tensor_first:
+        return ("add", -c)
+    if node.op == "TrueDivide" and divisor_constant(node) is not None:
+        return ("mul", reciprocal(c))
+    return None
+
+
+def scalar_ops_to_rescaling(graph: Graph, keep: set[str]) -> Graph:
+    """Constant arithmetic right before a convolution (``x / 127.5 - 1``, preprocess_input's 'tf' mode,
+    written as op nodes or TFOpLambda layers) becomes a Rescaling, which fold_rescaling then folds into the
+    convolution's input: a multiply and an add after it, or either alone, are Rescaling(s, o)'s
+    x * s + o with the same two float32 roundings. Only ops that feed a convolution (through one
+    another) are touched: the constant adds inside hard-swish and squeeze-excite are other passes' patterns."""
+    for conv in [n for n in graph.nodes if n.op == "Conv2D"]:
+        last = _producer(graph, conv.inputs[0])
+        if last is None or _only_consumer(graph, last, keep) is not conv or _exact_affine(last) is None:
+            continue
+        kind, value = _exact_affine(last)
+        chain, scale, offset = [last], 1.0, 0.0
+        if kind == "add":
+            offset = value
+            first = _producer(graph, next(i for i in last.inputs if isinstance(i, str)))
+            affine = None if first is None else _exact_affine(first)
+            if affine is not None and affine[0] == "mul" and _only_consumer(graph, first, keep) is last:
+                scale = affine[1]
+                chain.insert(0, first)
+        else:
+            scale = value
+        source = next(i for i in chain[0].inputs if isinstance(i, str))
+        rescaling = Node(name=last.name, op="Rescaling", config={"scale": scale, "offset": offset}, inputs=[source],
+                         keras_names=[name for n in chain for name in n.keras_names])
+        graph.nodes[graph.nodes.index(last)] = rescaling
+        for gone in chain[:-1]:
+            graph.nodes.remove(gone)
     return graph
 
 
@@ -298,8 +360,8 @@ def fuse_expand_depthwise(graph: Graph, keep: set[str]) -> Graph:
     return graph
 
 
-PASSES = (drop_dropout, fold_batchnorm, fuse_zero_padding, fold_rescaling, fuse_squeeze_excite, fuse_hard_swish_ops,
-          fuse_activation, fuse_residual_add, fuse_expand_depthwise)
+PASSES = (drop_identities, fold_batchnorm, fuse_zero_padding, scalar_ops_to_rescaling, fold_rescaling,
+          fuse_squeeze_excite, fuse_hard_swish_ops, fuse_activation, fuse_residual_add, fuse_expand_depthwise)
 
 
 def optimize(graph: Graph, keep: set[str] | frozenset[str] = frozenset()) -> Graph:
