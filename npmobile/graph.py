@@ -261,8 +261,7 @@ def _constant(value) -> float | tuple:
 
 def check_supported(layer: LayerSpec, spec: ModelSpec) -> None:
     """Refuse, with one clear line, any layer npmobile does not run: nothing from a file is executed."""
-    from npmobile.io.config import INSTEAD_OF_CODE
-    from npmobile.ops.preprocessing import REFUSED
+    from npmobile.ops.preprocessing import INSTEAD_OF_CODE, REFUSED
 
     where = f"{spec.source or spec.name}: layer {layer.name!r}"
     cls = canonical_class(layer.class_name)

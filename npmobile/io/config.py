@@ -19,7 +19,7 @@ from typing import Any
 
 from npmobile.errors import ModelFileError, UnsupportedLayerError
 from npmobile.ops import canonical_class
-from npmobile.ops.preprocessing import REFUSED
+from npmobile.ops.preprocessing import INSTEAD_OF_CODE, REFUSED
 from npmobile.spec import CallSpec, LayerSpec, ModelSpec, TensorRef
 
 MODEL_CLASSES = ("Functional", "Model", "Sequential")
@@ -42,9 +42,6 @@ TF_OP_LAMBDAS = {
     "math.negative": "Negative",
     "cast": "Cast",
 }
-# What to write instead of code in a file, for preprocessing (the usual reason for a Lambda).
-INSTEAD_OF_CODE = ("for preprocessing use Rescaling(1/127.5, offset=-1), Normalization, or call "
-                   "keras.applications.<family>.preprocess_input on the input tensor, all of which npmobile reads")
 # The most values a constant operand may hold: a per-channel vector, never an image's worth.
 MAX_CONSTANT_VALUES = 4096
 

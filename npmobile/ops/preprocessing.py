@@ -46,6 +46,9 @@ IDENTITY_AT_INFERENCE = (
 )
 
 # Layers npmobile knows and refuses: each changes the image at inference in a way npmobile does not compute.
+# What to write instead of code in a file, for preprocessing (the usual reason for a Lambda).
+INSTEAD_OF_CODE = ("for preprocessing use Rescaling(1/127.5, offset=-1), Normalization, or call "
+                   "keras.applications.<family>.preprocess_input on the input tensor, all of which npmobile reads")
 REFUSED = {
     "AutoContrast": "Keras 3 stretches each image's own value range at inference as well as in training; "
                     "npmobile does not compute it (apply it to the images before the model)",
