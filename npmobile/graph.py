@@ -13,33 +13,13 @@ layers it now stands for, so a fused node still answers to the name of every lay
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
 
 from npmobile.errors import ModelFileError, UnsupportedLayerError
+from npmobile.nodes import Input, Node, last_readers  # noqa: F401 (the graph's node types, re-exported)
 from npmobile.ops import canonical_class, file_classes
 from npmobile.spec import LayerSpec, ModelSpec, TensorRef
 
-# An input of a node: the name of the node whose output it is, or a constant operand (a number, or a
-# per-channel vector as a tuple of floats).
-Input = str | float | tuple
-
 NESTED_MODEL_CLASSES = frozenset({"Functional", "Model", "Sequential"})
-
-
-@dataclass
-class Node:
-    name: str
-    op: str
-    config: dict[str, Any]
-    inputs: list[Input]
-    weights: dict[str, np.ndarray] = field(default_factory=dict)
-    keras_names: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.keras_names:
-            self.keras_names = [self.name]
 
 
 @dataclass
@@ -94,17 +74,6 @@ class Graph:
                 if isinstance(inp, str):
                     users[inp].append(node)
         return users
-
-
-def last_readers(nodes: list[Node]) -> dict[str, int]:
-    """For each value some node of ``nodes`` reads, the index of the last node that reads it: once that
-    node has run, the value is needed no more (unless the caller asked for it)."""
-    last: dict[str, int] = {}
-    for index, node in enumerate(nodes):
-        for source in node.inputs:
-            if isinstance(source, str):
-                last[source] = index
-    return last
 
 
 class _GraphBuilder:

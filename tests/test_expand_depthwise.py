@@ -134,7 +134,7 @@ def _fused_names(model, outputs=None):
 
 def test_mobilenet_v2_at_224_fuses_its_first_three_expansions_and_answers_the_same(monkeypatch):
     from npmobile.applications import MobileNetV2
-    from npmobile.ops import expand_depthwise as record
+    from npmobile.passes import expand_depthwise as fusion_rule
 
     model = MobileNetV2(weights=None)
     assert _fused_names(model) == ["block_1_depthwise", "block_2_depthwise", "block_3_depthwise"]
@@ -143,7 +143,7 @@ def test_mobilenet_v2_at_224_fuses_its_first_three_expansions_and_answers_the_sa
     x = np.random.default_rng(0).uniform(-1, 1, (2, 224, 224, 3)).astype(np.float32)
     answer = model.predict(x)
 
-    monkeypatch.setattr(record, "MIN_EXPANDED_BYTES", 1 << 40)  # the same model, nothing fused
+    monkeypatch.setattr(fusion_rule, "MIN_EXPANDED_BYTES", 1 << 40)  # the same model, nothing fused
     unfused = MobileNetV2(weights=None)
     unfused.graph = model.graph
     assert _fused_names(unfused) == []

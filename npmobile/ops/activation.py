@@ -11,10 +11,10 @@ import numpy as np
 from npmobile.activations import FUSABLE_ACTIVATIONS, activation_function, lookup
 from npmobile.errors import UnsupportedLayerError
 from npmobile.kernels import reference as ref
-from npmobile.ops import Binder, LayerType, register
+from npmobile.ops.record import Binder, LayerType, register
 
 if TYPE_CHECKING:
-    from npmobile.graph import Node
+    from npmobile.nodes import Node
 
 
 def apply_activation(x: np.ndarray, node: Node, keras_version: int) -> np.ndarray:

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from npmobile.errors import ModelFileError, UnsupportedLayerError
-from npmobile.ops import Binder, LayerType, register
-from npmobile.ops.merge import broadcast_shape
+from npmobile.ops.common import broadcast_shape
+from npmobile.ops.record import Binder, LayerType, register
 from npmobile.ops.reshaping import identity_reference
 
 if TYPE_CHECKING:
-    from npmobile.graph import Node
+    from npmobile.nodes import Node
 
 
 def operand(value, dtype) -> np.ndarray | float:

@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from npmobile.errors import UnsupportedLayerError
+from npmobile.errors import ModelFileError, UnsupportedLayerError
 from npmobile.kernels import reference as ref
 
 if TYPE_CHECKING:
-    from npmobile.graph import Node
+    from npmobile.nodes import Node
 
 
 def pair(value) -> tuple[int, int]:
@@ -70,3 +70,17 @@ def pixels(shape: tuple) -> int:
             raise ValueError("unknown spatial size")
         count *= int(d)
     return count
+
+
+def broadcast_shape(node: Node, inputs: list) -> tuple:
+    """NumPy broadcasting of the tensor inputs' shapes (scalars take no part)."""
+    shapes = [s for s in inputs if s is not None]
+    rank = max(len(s) for s in shapes)
+    out = []
+    for axis in range(rank):
+        dims = {s[axis - rank + len(s)] for s in shapes if axis - rank + len(s) >= 0} - {1}
+        known = {d for d in dims if d is not None}
+        if len(known) > 1:
+            raise ModelFileError(f"layer {node.name!r} ({node.op}) combines tensors of shapes {shapes}")
+        out.append(known.pop() if known else (None if None in dims else 1))
+    return (None, *out[1:])

@@ -8,12 +8,12 @@ import numpy as np
 
 from npmobile.errors import UnsupportedLayerError
 from npmobile.kernels import reference as ref
-from npmobile.ops import Binder, LayerType, register
 from npmobile.ops.activation import apply_activation, epilogue_code, validate_activation
 from npmobile.ops.common import bias_or_zeros, conv_padding, pair, pixels, spatial_output
+from npmobile.ops.record import Binder, LayerType, register
 
 if TYPE_CHECKING:
-    from npmobile.graph import Node
+    from npmobile.nodes import Node
 
 
 def _with_bias(shapes: dict, config: dict, channels) -> dict:

@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from npmobile.kernels import reference as ref
-from npmobile.ops import Binder, LayerType, register
 from npmobile.ops.activation import apply_activation, epilogue_code, validate_activation
 from npmobile.ops.common import bias_or_zeros, pixels
+from npmobile.ops.record import Binder, LayerType, register
 
 if TYPE_CHECKING:
-    from npmobile.graph import Node
+    from npmobile.nodes import Node
 
 
 def dense_weights(config: dict, in_channels: int | None) -> dict[str, tuple]:

@@ -7,30 +7,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from npmobile.errors import ModelFileError
-from npmobile.ops import Binder, LayerType, register
+from npmobile.ops.arithmetic import binary_reference, elementwise_shape, ufunc_prepare
+from npmobile.ops.record import Binder, LayerType, register
 
 if TYPE_CHECKING:
-    from npmobile.graph import Node
-
-
-def broadcast_shape(node: Node, inputs: list) -> tuple:
-    """NumPy broadcasting of the tensor inputs' shapes (scalars take no part)."""
-    shapes = [s for s in inputs if s is not None]
-    rank = max(len(s) for s in shapes)
-    out = []
-    for axis in range(rank):
-        dims = {s[axis - rank + len(s)] for s in shapes if axis - rank + len(s) >= 0} - {1}
-        known = {d for d in dims if d is not None}
-        if len(known) > 1:
-            raise ModelFileError(f"layer {node.name!r} ({node.op}) combines tensors of shapes {shapes}")
-        out.append(known.pop() if known else (None if None in dims else 1))
-    return (None, *out[1:])
+    from npmobile.nodes import Node
 
 
 def add_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
-    from npmobile.ops.arithmetic import binary_reference
-
     return binary_reference(np.add)(node, inputs, keras_version)
 
 
@@ -38,7 +22,6 @@ def add_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder 
     """The Add merge layer of two same-shaped tensors (no broadcasting); a tensor plus a constant as one
     NumPy call."""
     from npmobile.kernels import activations as act_kernels
-    from npmobile.ops.arithmetic import ufunc_prepare
 
     if len(node.inputs) != 2:
         return None
@@ -54,19 +37,15 @@ def add_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder 
 
 
 def multiply_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
-    from npmobile.ops.arithmetic import binary_reference
-
     return binary_reference(np.multiply)(node, inputs, keras_version)
 
 
 def multiply_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
-    from npmobile.ops.arithmetic import ufunc_prepare
 
     return ufunc_prepare(np.multiply)(node, in_shapes, out_shape, keras_version)
 
 
 def _elementwise_shape(node: Node, inputs: list) -> tuple:
-    from npmobile.ops.arithmetic import elementwise_shape
 
     return elementwise_shape(node, inputs)
 

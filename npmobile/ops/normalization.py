@@ -8,10 +8,10 @@ import numpy as np
 
 from npmobile.errors import UnsupportedLayerError
 from npmobile.kernels import reference as ref
-from npmobile.ops import LayerType, register
+from npmobile.ops.record import LayerType, register
 
 if TYPE_CHECKING:
-    from npmobile.graph import Node
+    from npmobile.nodes import Node
 
 
 def batch_norm_weights(config: dict, in_channels: int | None) -> dict[str, tuple]:

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from npmobile.kernels import reference as ref
-from npmobile.ops import Binder, LayerType, register
 from npmobile.ops.common import check_channels_last, conv_padding, pair, spatial_output
+from npmobile.ops.record import Binder, LayerType, register
 
 if TYPE_CHECKING:
-    from npmobile.graph import Node
+    from npmobile.nodes import Node
 
 
 def global_pool_output_shape(node: Node, inputs: list) -> tuple:

@@ -24,11 +24,11 @@ import numpy as np
 
 from npmobile.errors import ModelFileError, UnsupportedLayerError
 from npmobile.kernels import reference as ref
-from npmobile.ops import LayerType, register
+from npmobile.ops.record import LayerType, register
 from npmobile.ops.reshaping import identity_reference
 
 if TYPE_CHECKING:
-    from npmobile.graph import Node
+    from npmobile.nodes import Node
 
 # The identity at inference in Keras 3 and tf_keras (a layer only one of them has is listed too).
 IDENTITY_AT_INFERENCE = (

@@ -9,11 +9,11 @@ import numpy as np
 
 from npmobile.errors import ModelFileError, UnsupportedLayerError
 from npmobile.kernels import reference as ref
-from npmobile.ops import LayerType, register
 from npmobile.ops.common import pair
+from npmobile.ops.record import LayerType, register
 
 if TYPE_CHECKING:
-    from npmobile.graph import Node
+    from npmobile.nodes import Node
 
 
 def _zero_padding(node: Node) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from npmobile.kernels import reference as ref
-from npmobile.ops import Binder, LayerType, register
+from npmobile.ops.record import Binder, LayerType, register
 
 if TYPE_CHECKING:
-    from npmobile.graph import Node
+    from npmobile.nodes import Node
 
 
 def squeeze_excite_reference(node: Node, inputs, keras_version: int) -> np.ndarray:

@@ -13,7 +13,7 @@ from npmobile.graph import Graph, Node
 from npmobile.layers import infer_shapes
 from npmobile.ops import is_identity
 from npmobile.ops.activation import epilogue_activation
-from npmobile.ops.expand_depthwise import fused_node, worth_fusing
+from npmobile.passes.expand_depthwise import fused_node, worth_fusing
 
 CONV_OPS = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D")
 
