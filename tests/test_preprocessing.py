@@ -1,7 +1,7 @@
 """Every image preprocessing and augmentation layer of the installed Keras 3 and tf_keras, against that
 Keras's own predict: each loads and answers as Keras does, or is refused by name with the reason listed
-in docs/reading-keras-files.md's table of refusals. Whether a layer is the identity at inference is measured here, on the
-installed versions, never assumed."""
+in docs/reading-keras-files.md's table of refusals. Whether a layer is the identity at inference is measured
+here, on the installed versions, never assumed."""
 
 from __future__ import annotations
 
