@@ -184,3 +184,124 @@ def test_where_to_go_next_commands_run_offline_on_files_the_reader_has(tmp_path)
                                 cwd=tmp_path, env=env, timeout=600)
         assert result.returncode == 0, f"npmobile {' '.join(command)}: {result.stderr[-500:]}"
     assert (tmp_path / "maps.png").exists() and (tmp_path / "roofline.png").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# README.md and the docs/ pages it links: short, linked pages exist, every shell command accounted for
+# --------------------------------------------------------------------------------------------------
+
+README = REPO / "README.md"
+PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
+SHELL_BLOCK = re.compile(r"```(?:bash|sh|shell|console)\n(.*?)```", re.S)
+NPMOBILE_COMMAND = re.compile(r"(?:^|&& )(?:npmobile|\S*python3? -m npmobile) (.*)$")
+
+# Commands the docs show that a test cannot run offline here, each with the reason and where it is covered.
+RUN_ELSEWHERE = {
+    "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/python -m npmobile classify samples/chelsea.jpg":
+        "installs from PyPI and downloads the ImageNet weights (14 MB); the same classify runs below on --weights none",
+    "npmobile build-kernels":
+        "compiles every kernel ahead of time (20-45 s, needs a C compiler); tests/test_built_kernels.py runs it",
+    "npmobile classify photos/ --weights finetuned.keras --engine ray --workers 2 --out preds.parquet":
+        "starts a Ray cluster; tests/test_cluster.py runs classify on real local Ray and Dask clusters",
+    "npmobile classify photos/ --engine dask --address tcp://scheduler:8786 --json > preds.json":
+        "needs a running Dask scheduler at that address; tests/test_cluster.py starts a local one",
+}
+# Downloads a command would make, replaced by random weights: the command is otherwise the page's.
+DOWNLOADING = ("classify", "show", "profile")
+
+
+def _shell_commands() -> list[tuple[str, str]]:
+    """(page, command) for every npmobile command in a fenced shell block of README.md and docs/*.md,
+    comments cut off."""
+    found = []
+    for page in PAGES:
+        for block in SHELL_BLOCK.findall(page.read_text(encoding="utf-8")):
+            for line in block.splitlines():
+                command = line.split("  #")[0].strip()
+                if NPMOBILE_COMMAND.search(command):
+                    found.append((page.relative_to(REPO).as_posix(), command))
+    return found
+
+
+def _offline_commands() -> list[tuple[str, str]]:
+    return [(page, command) for page, command in _shell_commands() if command not in RUN_ELSEWHERE]
+
+
+def test_readme_is_short_with_both_first_screen_commands_and_its_links_exist():
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 250
+    first_screen = text[: text.index("## ")]
+    assert ".venv/bin/python -m npmobile classify samples/chelsea.jpg" in first_screen
+    assert "<!-- test-command -->" in first_screen and ".venv/bin/python -m pytest -q" in first_screen
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
+            if not target.startswith("http"):
+                assert (page.parent / target).exists(), f"{page.name} links {target}, which does not exist"
+
+
+def test_no_page_narrates_earlier_runs():
+    for page in [*PAGES, REPO / "bench" / "README.md"]:
+        text = page.read_text(encoding="utf-8")
+        for phrase in ("the run before", "half an hour earlier", "the one before that", "this session",
+                       "second session", "third session", "fourth session"):
+            assert phrase not in text.lower(), f"{page.name} narrates an earlier run: {phrase!r}"
+
+
+def test_every_shell_command_in_the_docs_is_run_here_or_says_why_not():
+    commands = {command for _, command in _shell_commands()}
+    assert set(RUN_ELSEWHERE) <= commands, f"listed but no longer in the docs: {set(RUN_ELSEWHERE) - commands}"
+    assert len(_offline_commands()) >= 15
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tutorials, transfer_models):
+    """A folder holding every file the docs' commands name, written here: photos, Keras files written by Keras
+    (a hand-built tutorial MobileNetV3-Small, TensorFlow's transfer-learning tutorial model), a torchvision-named
+    MobileNetV3-Small state dict written by torch, label files."""
+    import shutil
+
+    import torch
+    from PIL import Image
+
+    from npmobile.applications import torchvision_modules
+
+    root = tmp_path_factory.mktemp("docs_commands")
+    (root / "samples").symlink_to(REPO / "samples")
+    shutil.copy(REPO / "samples" / "chelsea.jpg", root / "cat.jpg")
+    with Image.open(REPO / "samples" / "chelsea.jpg") as photo:
+        photo.save(root / "cat.png")
+    (root / "photos").mkdir()
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        shutil.copy(REPO / "samples" / name, root / "photos" / name)
+    transfer = transfer_models("tutorial", "keras3_keras").path
+    for name in ("tutorial_model.keras", "finetuned.keras"):
+        shutil.copy(transfer, root / name)
+    shutil.copy(transfer_models("tutorial", "keras3_h5").path, root / "my_model.h5")
+    shutil.copy(tutorials("MobileNetV3Small", "tfkeras_h5").path, root / "tutorial_v3_small.h5")
+    (root / "cats_dogs.txt").write_text("cat\ndog\n")
+    net = torchvision_modules.randomize(torchvision_modules.build("mobilenet_v3_small", num_classes=3), seed=1)
+    torch.save(net.state_dict(), root / "best.pth")
+    (root / "classes.txt").write_text("ant\nbee\nwasp\n")
+    return root
+
+
+@pytest.mark.parametrize(("page", "command"), _offline_commands(), ids=[c for _, c in _offline_commands()])
+def test_docs_command_runs_offline(workspace, page, command):
+    """Each command as its page writes it, run from the folder of files the test wrote, with every download
+    pointed at a closed port (the official weights replaced by --weights none): exit 0, and any --out written."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    args = shlex.split(NPMOBILE_COMMAND.search(command).group(1))
+    if args[0] in DOWNLOADING and "--weights" not in args:
+        args += ["--weights", "none"]
+    env = {**os.environ, "NPMOBILE_AUTO_BUILD": "0", "NPMOBILE_WEIGHTS_DIR": str(workspace / "weights"),
+           "KERAS_HOME": str(workspace / "keras"), "NPMOBILE_CACHE_DIR": str(workspace / "cache"),
+           "TORCH_HOME": str(workspace / "torch"), "NPMOBILE_WEIGHTS_URL": "http://127.0.0.1:9/"}
+    result = subprocess.run([sys.executable, "-m", "npmobile", *args], capture_output=True, text=True,
+                            cwd=workspace, env=env, timeout=600)
+    assert result.returncode == 0, f"{page}: npmobile {' '.join(args)}: {result.stderr[-800:]}"
+    if "--out" in args:
+        assert (workspace / args[args.index("--out") + 1]).exists()

@@ -1,7 +1,7 @@
 """Every image preprocessing and augmentation layer of the installed Keras 3 and tf_keras, against that
 Keras's own predict: each loads and answers as Keras does, or is refused by name with the reason listed
-in README's table of refusals. Whether a layer is the identity at inference is measured here, on the
-installed versions, never assumed."""
+in docs/reading-keras-files.md's table of refusals. Whether a layer is the identity at inference is measured
+here, on the installed versions, never assumed."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import npmobile
 from npmobile.errors import UnsupportedLayerError
 from npmobile.ops.preprocessing import IDENTITY_AT_INFERENCE, REFUSED
 
-README = Path(__file__).parent.parent / "README.md"
+REFUSALS_PAGE = Path(__file__).parent.parent / "docs" / "reading-keras-files.md"
 FRAMEWORKS = ("keras", "tf_keras")
 SHAPE = (30, 38, 3)
 # Preprocessing layers for data that is not an image (text, categories, audio): outside this check.
@@ -177,7 +177,7 @@ def test_normalization_adapted_and_inverted(tmp_path, framework):
                      f"Normalization {framework}")
 
 
-def test_readme_lists_every_refusal():
-    text = README.read_text()
+def test_docs_list_every_refusal():
+    text = REFUSALS_PAGE.read_text()
     for name in REFUSED:
-        assert f"`{name}`" in text, f"README's table of refusals does not list {name}"
+        assert f"`{name}`" in text, f"docs/reading-keras-files.md's table of refusals does not list {name}"

@@ -131,7 +131,7 @@ def teaching_model(args):
 
 
 def notice_first_compile(model) -> None:
-    """Say so when ``model``'s kernels are about to be compiled (first run after install: ~10-30 s);
+    """Say so when ``model``'s kernels are about to be compiled (first run after install: about 13 s for MobileNetV2);
     afterwards Numba loads them from its cache in milliseconds."""
     from npmobile.kernels.first_run import kernels_cached
 
@@ -143,4 +143,4 @@ def notice_first_compile(model) -> None:
     fused = tuple(sorted({int(n.weights["depthwise_kernel"].shape[0]) for n in model.optimized_graph().nodes
                           if n.op == "ExpandDepthwise"}))
     if not kernels_cached(sizes, squeeze_excite, rescaled_input, fused):
-        print("npmobile: compiling kernels (first run only, about half a minute)...", file=sys.stderr)
+        print("npmobile: compiling kernels (first run only, about 15 s)...", file=sys.stderr)
