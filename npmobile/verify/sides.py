@@ -7,13 +7,14 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from npmobile.verify.report import CouldNotRun, UsageProblem
 
 
+@runtime_checkable
 class Side(Protocol):
     """What verify compares npmobile with: an engine that runs the same file.
 
