@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from keras_files import NESTED, WRITERS, segmentation_head
 
-PROBABILITY_ATOL = 5e-5
-FEATURE_RTOL = 1e-4
+from npmobile.verify import FEATURE_RTOL, PROBABILITY_ATOL
 
 # (family, keras.applications kwargs): each flag that changes the graph, on small inputs.
 VARIANTS = [
