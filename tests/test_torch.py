@@ -22,12 +22,13 @@ import npmobile
 from npmobile.applications import torchvision as tv
 from npmobile.errors import ModelFileError, WeightsError
 from npmobile.io.torch import read_state_dict, torch_format
+from npmobile.verify.report import FEATURE_RTOL
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 from npmobile.applications import torchvision_modules as tvm  # noqa: E402  (needs torch)
 
-RTOL = 1e-4
+RTOL = FEATURE_RTOL
 # (architecture, constructor kwargs): every variant the issue names.
 VARIANTS = [
     ("mobilenet_v2", {}),
