@@ -191,7 +191,7 @@ def keras_names_outside_the_records() -> dict[str, list[str]]:
 
 @pytest.mark.xfail(strict=True, reason=(
     "Keras class names as strings outside the records today: npmobile/batch.py, cli/models.py (notice_first_compile),"
-    " cli/verify.py, costs.py, graph.py, interpreter.py, layers.py, opening.py, plan.py, profiling.py (InputLayer in"
+    " verify/sides.py, costs.py, graph.py, interpreter.py, layers.py, opening.py, plan.py, profiling.py (InputLayer in"
     " most): removed as the records say what each of these asks"))
 def test_keras_layer_classes_are_named_only_by_the_records_readers_passes_and_builders():
     assert keras_names_outside_the_records() == {}
