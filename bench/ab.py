@@ -26,7 +26,8 @@ input are compared too (identical bits, else the largest |difference| and whethe
 in the user's cache never stands in); --kernels built builds each revision's own module first
 (`python -m npmobile build-kernels` into a kernel folder of its own) and runs on it.
 
-Writes bench/results/ab-<A>-<B>.json (short commit hashes) and prints a table. No timing is asserted anywhere.
+Writes bench/results/ab-<A>-<B>.json (short commit hashes; ab-<A>-<B>-built.json with --kernels built) and
+prints a table. No timing is asserted anywhere.
 """
 
 from __future__ import annotations
@@ -99,12 +100,17 @@ def environment(changes: dict[str, str]):
                 os.environ[name] = value
 
 
-def imported_from(env: dict[str, str]) -> str:
-    """Where a process with ``env`` imports npmobile from (checked to be the revision's install)."""
+# What a revision's process runs: where npmobile comes from, and whether its kernels are the built module.
+_PROBE = ("import json, npmobile, npmobile.kernels.backend as backend; "
+          "print(json.dumps({'npmobile_file': npmobile.__file__, 'aot': getattr(backend, 'AOT', None)}))")
+
+
+def probe(env: dict[str, str]) -> dict:
+    """Where a process with ``env`` imports npmobile from, and whether it runs the built kernel module."""
     with environment(env):
-        done = subprocess.run([sys.executable, "-c", "import npmobile; print(npmobile.__file__)"], check=True,
-                              capture_output=True, text=True, env=run.bench_env(), cwd=tempfile.gettempdir())
-    return done.stdout.strip()
+        done = subprocess.run([sys.executable, "-c", _PROBE], check=True, capture_output=True, text=True,
+                              env=run.bench_env(), cwd=tempfile.gettempdir())
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def build_kernels(env: dict[str, str]) -> float:
@@ -218,12 +224,15 @@ def main() -> None:
                   file=sys.stderr, flush=True)
             site = install(revision, folder / side)
             envs[side] = revision_env(site, args.kernels, folder / side / "kernels")
-            revision["npmobile_file"] = imported_from(envs[side])
-            if not revision["npmobile_file"].startswith(str(site)):
-                raise SystemExit(f"{side} imports npmobile from {revision['npmobile_file']}, not from {site}")
             if args.kernels == "built":
                 print(f"building {side}'s kernel module...", file=sys.stderr, flush=True)
                 revision["build_kernels_seconds"] = build_kernels(envs[side])
+            revision.update(probe(envs[side]))
+            if not revision["npmobile_file"].startswith(str(site)):
+                raise SystemExit(f"{side} imports npmobile from {revision['npmobile_file']}, not from {site}")
+            if revision["aot"] != (args.kernels == "built"):
+                raise SystemExit(f"{side} runs {'the built module' if revision['aot'] else 'the JIT'}, "
+                                 f"not what --kernels {args.kernels} asks for")
         print(f"preparing {', '.join(args.models)} (bench/run.py's models)...", file=sys.stderr, flush=True)
         files = run.prepare(args.models, folder)
         cells = measure(files, envs, folder, args.models, args.batches, args.threads, args.rounds, args.per_round)
@@ -232,7 +241,8 @@ def main() -> None:
                   "per_round": args.per_round, "cells": cells}
         print(table(report))
         run.RESULTS.mkdir(parents=True, exist_ok=True)
-        path = run.RESULTS / f"ab-{revisions['A']['short']}-{revisions['B']['short']}.json"
+        suffix = "-built" if args.kernels == "built" else ""
+        path = run.RESULTS / f"ab-{revisions['A']['short']}-{revisions['B']['short']}{suffix}.json"
         path.write_text(json.dumps(report, indent=1))
         print(f"written {path}")
     finally:
