@@ -69,12 +69,14 @@ def _tap_windows(xp: np.ndarray, kernel: tuple[int, int], strides: tuple[int, in
     (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilation
     oh = (xp.shape[1] - (kh - 1) * dh - 1) // sh + 1
     ow = (xp.shape[2] - (kw - 1) * dw - 1) // sw + 1
+    if oh < 0 or ow < 0:
+        raise ValueError(f"a {kh}x{kw} window does not fit the padded input {xp.shape[1:3]}")
     windows = {}
     for di in range(kh):
         for dj in range(kw):
             # The padded rows i*sh + di*dh for every output row i = 0..oh-1 (and likewise columns).
-            rows = slice(di * dh, di * dh + (oh - 1) * sh + 1, sh)
-            cols = slice(dj * dw, dj * dw + (ow - 1) * sw + 1, sw)
+            rows = slice(di * dh, di * dh + oh * sh, sh)
+            cols = slice(dj * dw, dj * dw + ow * sw, sw)
             windows[di, dj] = xp[:, rows, cols, :]
     return windows
 
