@@ -14,11 +14,14 @@ delegate). Each engine runs in a process of its own (thread settings are per pro
 engine would steal cores from another), and the parent interleaves them: each round asks every
 engine in turn, in rotating order, for a few timed predictions, so drift on this shared machine
 hits all engines alike. Reported: medians (ms) with interquartile range, npmobile/peer ratios
-(below 1: npmobile faster), output agreement with Keras per engine, peak RSS per engine (a separate
-process each) and `python -m npmobile classify` as a whole process: wall time and peak memory with a warm
-Numba cache, and the first-ever run's (every kernel compiled). Results are
+(below 1: npmobile faster), each engine's GFLOP/s and share of the machine's measured compute peak
+(npmobile.profiling.measure_machine, the roof `npmobile profile --roofline` draws), output agreement with Keras
+per engine, peak RSS per engine (a separate process each), `python -m npmobile classify` as a whole process (wall
+time and peak memory with a warm Numba cache, with the kernels built ahead of time, and the first-ever run's: every
+kernel compiled) and each engine's start-up: a fresh process, from its start to its first answer, with its peak
+memory (npmobile on built kernels, its file read in a child and with trusted=True). Results are
 written to bench/results/<date>-<host>.json and bench/results/latest.json. No timing is ever
-asserted in tests; goals live here.
+asserted in tests; goals live in bench/README.md.
 
 PyTorch is optional: `pip install torch` (here: `torch==2.13.0`, the CPU wheel on disk); when
 importable, it is benchmarked. bench/torch_model.py builds a torch module from the same .keras file
@@ -36,6 +39,7 @@ import datetime
 import json
 import os
 import platform
+import py_compile
 import shutil
 import socket
 import statistics
@@ -46,6 +50,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from engines import load_engine, model_input, quiet_tf, set_process_threads  # bench/engines.py, beside this file
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -75,10 +80,6 @@ def engines_to_run(files: dict) -> list[str]:
     if not all(f["torchscript"] for f in files.values()):
         skip.add("pytorch")
     return [e for e in ENGINES if e not in skip]
-
-
-def quiet_tf() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,85 +152,6 @@ def torchscript_file(key: str, keras_path: Path, folder: Path) -> str | None:
 # Eigen, ONNX Runtime): in one process they steal each other's cores. So each engine runs in its own
 # process, with its own thread settings, and the parent interleaves them: one round asks every
 # engine in turn (rotating the order) for a few timed predictions.
-
-
-def load_engine(engine: str, files: dict, threads: int):
-    """A callable x -> output for one engine and model file, using ``threads`` threads."""
-    if engine in ("npmobile", "npmobile_trusted"):
-        import npmobile
-
-        model = npmobile.load_model(files["keras"], trusted=engine == "npmobile_trusted")
-        return lambda x: model.predict(x, threads=threads)
-    if engine == "onnxruntime":
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(files["onnx"], options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {name: x})[0]
-    if engine == "litert":
-        return litert_runner(files["litert"], threads)
-    if engine == "pytorch":
-        import torch
-
-        module = torch.jit.freeze(torch.jit.load(files["torchscript"]).eval())  # inlines weights, folds BN
-
-        def run(x: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                return module(torch.from_numpy(x)).numpy()
-
-        return run
-    import keras
-    import tensorflow as tf
-
-    model = keras.saving.load_model(files["keras"])
-    if engine == "keras_predict":
-        return lambda x: model.predict(x, verbose=0, batch_size=len(x))
-    compiled = tf.function(lambda t: model(t, training=False), jit_compile=False, reduce_retracing=True)
-    return lambda x: compiled(tf.constant(x)).numpy()
-
-
-def litert_runner(path: str, threads: int):
-    """LiteRT's interpreter with its default XNNPACK delegate; resized to the batch it is given."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=path, num_threads=threads)
-    source = interpreter.get_input_details()[0]["index"]
-    state = {"shape": None}
-
-    def run(x: np.ndarray) -> np.ndarray:
-        if state["shape"] != x.shape:
-            interpreter.resize_tensor_input(source, x.shape)
-            interpreter.allocate_tensors()
-            state["shape"] = x.shape
-        interpreter.set_tensor(source, x)
-        interpreter.invoke()
-        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-
-    return run
-
-
-def model_input(key: str, batch: int) -> np.ndarray:
-    x = np.random.default_rng(batch).uniform(-1, 1, (batch, 224, 224, 3)).astype(np.float32)
-    return (x + 1) * np.float32(127.5) if key.startswith("v3") else x
-
-
-def set_process_threads(engine: str, threads: int) -> None:
-    """The thread settings TensorFlow and PyTorch take per process, before their first op (the other engines take
-    them per session or call, in load_engine)."""
-    if engine.startswith("keras"):
-        quiet_tf()
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    if engine == "pytorch":
-        import torch
-
-        torch.set_num_threads(threads)
-        torch.set_num_interop_threads(1)
 
 
 def serve(engine: str, threads: int, files_path: str) -> None:
@@ -414,20 +336,9 @@ def classify_once(command: list[str], env: dict) -> tuple[float, float]:
     return done["seconds"], done["peak_mb"]
 
 
-# The start-up child of one engine: it imports this file as a module (compiled once and cached, as a library is),
-# which every engine pays alike and first_answer reports as "ready".
-_FIRST_ANSWER = "import sys; sys.path.insert(0, sys.argv[1]); import run; run.first_answer(*sys.argv[2:])"
-
-
-def first_answer(engine: str, threads: str, files_path: str, key: str) -> None:
-    """A start-up child: imports the engine, loads its file for model ``key``, answers one batch-1 input; prints
-    when the harness was ready, when the answer came (time.monotonic) and its top 5."""
-    ready = time.monotonic()
-    set_process_threads(engine, int(threads))
-    run = load_engine(engine, json.loads(Path(files_path).read_text())[key], int(threads))
-    out = np.asarray(run(model_input(key, 1)))
-    answered = time.monotonic()
-    print(json.dumps({"ready": ready, "answered": answered, "top5": np.argsort(-out, 1)[0, :5].tolist()}))
+# The start-up child of one engine: it imports bench/engines.py as a module, compiled beforehand (startup) as an
+# installed library is, and calls engines.first_answer.
+_FIRST_ANSWER = "import sys; sys.path.insert(0, sys.argv[1]); import engines; engines.first_answer(*sys.argv[2:])"
 
 
 def built_kernels(folder: Path) -> dict:
@@ -447,16 +358,21 @@ def startup(files: dict, folder: Path, image: Path, runs: int = 7, threads: int 
     - `python -m npmobile classify IMAGE --weights FILE` on MobileNetV2, whole process: the first-ever run (an
       empty Numba cache: every kernel compiled), then ``runs`` warm runs on the JIT (a warm Numba cache) and on the
       built kernels;
-    - each engine of STARTUP_ENGINES on each model: process start -> engine imported -> its model file loaded ->
-      one answer to a batch-1 input on ``threads`` threads (first_answer), ``runs`` times.
+    - each engine of STARTUP_ENGINES on each model (Keras on one): process start -> engine imported -> its model
+      file loaded -> one answer to a batch-1 input on ``threads`` threads (first_answer), ``runs`` times.
 
     Every round takes each measurement once, in a rotating order; medians, with peak memory."""
     files_path = folder / "files-startup.json"
     files_path.write_text(json.dumps(files))
+    # The children import engines.py compiled, as an installed library is (under PYTHONDONTWRITEBYTECODE each would
+    # compile it again).
+    py_compile.compile(str(REPO / "bench" / "engines.py"), doraise=True)
     available = engines_to_run(files)
     engines = [e for e in STARTUP_ENGINES if e.removesuffix("_trusted") in available]
     jobs = [("classify", kind) for kind in ("jit", "aot") if "v2" in files]
-    jobs += [(engine, key) for key in files for engine in engines]
+    # Keras's start-up is mostly TensorFlow's import, seconds long whatever the model: timed on one model only.
+    keras_key = "v2" if "v2" in files else next(iter(files))
+    jobs += [(engine, key) for key in files for engine in engines if engine != "keras_predict" or key == keras_key]
     classify = [sys.executable, "-m", "npmobile", "classify", str(image), "--weights", files.get("v2", {}).get("keras")]
     jit_env = {**bench_env(), "NPMOBILE_KERNELS": "jit"}
     cold_seconds = None
@@ -491,10 +407,11 @@ def startup(files: dict, folder: Path, image: Path, runs: int = 7, threads: int 
     result["engines"] = {
         "threads": threads, "batch": 1,
         "ready_seconds": statistics.median(d["ready_seconds"] for d in firsts),
-        "same_top5": all(len({tuple(d["top5"]) for e in engines for d in done[(e, key)]}) == 1 for key in files),
+        "same_top5": all(len({tuple(d["top5"]) for job in jobs if job[1] == key for d in done[job]}) == 1
+                         for key in files),
         "models": {key: {engine: {"seconds": statistics.median(d["seconds"] for d in done[(engine, key)]),
                                   "peak_mb": statistics.median(d["peak_mb"] for d in done[(engine, key)])}
-                         for engine in engines} for key in files}}
+                         for engine in engines if (engine, key) in done} for key in files}}
     return result
 
 
@@ -696,23 +613,26 @@ def startup_engine_lines(report: dict) -> list[str]:
     measured = startup.get("engines")
     if not measured:
         return []
-    engines = list(next(iter(measured["models"].values())))
+    engines = [e for e in STARTUP_ENGINES if any(e in by_engine for by_engine in measured["models"].values())]
     lines = ["| start-up | " + " | ".join(TITLES[e] for e in engines) + " |", "|---" * (1 + len(engines)) + "|"]
     for key, by_engine in measured["models"].items():
         ort = by_engine.get("onnxruntime", {}).get("seconds")
         row = [key]
         for engine in engines:
+            if engine not in by_engine:
+                row.append("n/a")
+                continue
             seconds = by_engine[engine]["seconds"]
             ratio = f" ({seconds / ort:.2f}×)" if ort and engine.startswith("npmobile") else ""
             row.append(f"{seconds:.2f} s, {by_engine[engine]['peak_mb']:.0f} MB{ratio}")
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Start-up: a fresh process imports the engine, loads its file (npmobile and Keras the .keras, "
               "npmobile on kernels built ahead of time; ONNX Runtime the .onnx; LiteRT the .tflite; PyTorch the "
-              "TorchScript) "
-              f"and answers one batch-{measured['batch']} input on {thread_text(measured['threads'])}: seconds from "
-              f"process start to that answer (median of {startup['runs']}, interleaved) and peak memory; in brackets "
-              f"npmobile / ONNX Runtime. Python, NumPy and the harness take {measured['ready_seconds']:.2f} s of each; "
-              f"the first answers {'have the same' if measured['same_top5'] else 'DO NOT have the same'} top 5."]
+              f"TorchScript) and answers one batch-{measured['batch']} input on {thread_text(measured['threads'])}: "
+              f"seconds from process start to that answer (median of {startup['runs']}, interleaved) and peak memory; "
+              "in brackets npmobile / ONNX Runtime. Keras, mostly TensorFlow's import, on one model. Python, NumPy "
+              f"and the harness take {measured['ready_seconds']:.2f} s of each; the first answers "
+              f"{'have the same' if measured['same_top5'] else 'DO NOT have the same'} top 5."]
     return lines
 
 

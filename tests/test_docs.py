@@ -90,9 +90,10 @@ def test_tutorial_quotes_the_headline_costs(computed):
     assert computed["864"] == "toy standard MACs" and computed["384"] == "toy separable MACs"
 
 
-def test_readme_benchmark_table_is_the_latest_run():
+def test_readme_benchmark_table_is_the_latest_run(monkeypatch):
     """README's benchmark block is bench/results/latest.json as `python bench/run.py --markdown` renders it,
     so the table a reader sees is the newest full run, with its date and machine."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # run.py imports engines.py from beside it, as a script does
     spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
     bench_run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_run)
