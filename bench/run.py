@@ -754,8 +754,9 @@ def main() -> None:
                 f"{k} {v:.0f}" for k, v in report["peak_rss_mb"].items() if v))
         if report["startup"] and "seconds" in report["startup"]:
             print(startup_text(report["startup"]))
-        for line in peak_share_lines(report) + [""] + startup_engine_lines(report):
-            print(line)
+        for lines in (peak_share_lines(report), startup_engine_lines(report)):
+            if lines:
+                print("\n" + "\n".join(lines))
         RESULTS.mkdir(parents=True, exist_ok=True)
         # A quick or partial run is a smoke test: it never replaces latest.json, which the README shows.
         partial = args.quick or set(args.models) != set(MODELS) or args.batches != [1, 8] or args.threads != [1, 2]
