@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -434,8 +435,6 @@ def bench_env() -> dict:
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    import importlib.metadata  # here, not at the top: the start-up children import this file
-
     versions = {}
     for module in ("numpy", "numba", "tensorflow", "keras", "onnxruntime", "ai_edge_litert", "torch"):
         try:  # the installed distribution's version: ai_edge_litert has no __version__
