@@ -18,7 +18,8 @@ def quiet_tf() -> None:
 
 
 def load_engine(engine: str, files: dict, threads: int):
-    """A callable x -> output for one engine and model file, using ``threads`` threads."""
+    """A callable x -> output for one engine and model file, using ``threads`` threads. "npmobile" reads its file
+    in a child process, as ``load_model`` does by default; "npmobile_trusted" reads it here (``trusted=True``)."""
     if engine in ("npmobile", "npmobile_trusted"):
         import npmobile
 
