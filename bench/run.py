@@ -14,11 +14,14 @@ delegate). Each engine runs in a process of its own (thread settings are per pro
 engine would steal cores from another), and the parent interleaves them: each round asks every
 engine in turn, in rotating order, for a few timed predictions, so drift on this shared machine
 hits all engines alike. Reported: medians (ms) with interquartile range, npmobile/peer ratios
-(below 1: npmobile faster), output agreement with Keras per engine, peak RSS per engine (a separate
-process each) and `python -m npmobile classify` as a whole process: wall time and peak memory with a warm
-Numba cache, and the first-ever run's (every kernel compiled). Results are
+(below 1: npmobile faster), each engine's GFLOP/s and share of the machine's measured compute peak
+(npmobile.profiling.measure_machine, the roof `npmobile profile --roofline` draws), output agreement with Keras
+per engine, peak RSS per engine (a separate process each), `python -m npmobile classify` as a whole process (wall
+time and peak memory with a warm Numba cache, with the kernels built ahead of time, and the first-ever run's: every
+kernel compiled) and each engine's start-up: a fresh process, from its start to its first answer, with its peak
+memory (npmobile on built kernels, its file read in a child and with trusted=True). Results are
 written to bench/results/<date>-<host>.json and bench/results/latest.json. No timing is ever
-asserted in tests; goals live here.
+asserted in tests; goals live in bench/README.md.
 
 PyTorch is optional: `pip install torch` (here: `torch==2.13.0`, the CPU wheel on disk); when
 importable, it is benchmarked. bench/torch_model.py builds a torch module from the same .keras file
@@ -37,6 +40,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import py_compile
 import shutil
 import socket
 import statistics
@@ -47,12 +51,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+from engines import load_engine, model_input, quiet_tf, set_process_threads  # bench/engines.py, beside this file
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 MODELS = {"v1": "MobileNet", "v2": "MobileNetV2", "v3s": "MobileNetV3Small", "v3l": "MobileNetV3Large"}
 ENGINES = ("npmobile", "keras_predict", "keras_tf_function", "onnxruntime", "litert", "pytorch")
 PEERS = ENGINES[1:]
+# Start-up: npmobile reading its file in a child (the default) and in its own process (trusted=True), against the
+# peers that load a file of their own; Keras as `model.predict` (its tf.function twin starts the same way).
+STARTUP_ENGINES = ("npmobile", "npmobile_trusted", "onnxruntime", "litert", "keras_predict", "pytorch")
 
 
 def torch_installed() -> bool:
@@ -73,10 +81,6 @@ def engines_to_run(files: dict) -> list[str]:
     if not all(f["torchscript"] for f in files.values()):
         skip.add("pytorch")
     return [e for e in ENGINES if e not in skip]
-
-
-def quiet_tf() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,82 +155,9 @@ def torchscript_file(key: str, keras_path: Path, folder: Path) -> str | None:
 # engine in turn (rotating the order) for a few timed predictions.
 
 
-def load_engine(engine: str, files: dict, threads: int):
-    """A callable x -> output for one engine and model file, using ``threads`` threads."""
-    if engine == "npmobile":
-        import npmobile
-
-        model = npmobile.load_model(files["keras"])
-        return lambda x: model.predict(x, threads=threads)
-    if engine == "onnxruntime":
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(files["onnx"], options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {name: x})[0]
-    if engine == "litert":
-        return litert_runner(files["litert"], threads)
-    if engine == "pytorch":
-        import torch
-
-        module = torch.jit.freeze(torch.jit.load(files["torchscript"]).eval())  # inlines weights, folds BN
-
-        def run(x: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                return module(torch.from_numpy(x)).numpy()
-
-        return run
-    import keras
-    import tensorflow as tf
-
-    model = keras.saving.load_model(files["keras"])
-    if engine == "keras_predict":
-        return lambda x: model.predict(x, verbose=0, batch_size=len(x))
-    compiled = tf.function(lambda t: model(t, training=False), jit_compile=False, reduce_retracing=True)
-    return lambda x: compiled(tf.constant(x)).numpy()
-
-
-def litert_runner(path: str, threads: int):
-    """LiteRT's interpreter with its default XNNPACK delegate; resized to the batch it is given."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=path, num_threads=threads)
-    source = interpreter.get_input_details()[0]["index"]
-    state = {"shape": None}
-
-    def run(x: np.ndarray) -> np.ndarray:
-        if state["shape"] != x.shape:
-            interpreter.resize_tensor_input(source, x.shape)
-            interpreter.allocate_tensors()
-            state["shape"] = x.shape
-        interpreter.set_tensor(source, x)
-        interpreter.invoke()
-        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-
-    return run
-
-
-def model_input(key: str, batch: int) -> np.ndarray:
-    x = np.random.default_rng(batch).uniform(-1, 1, (batch, 224, 224, 3)).astype(np.float32)
-    return (x + 1) * np.float32(127.5) if key.startswith("v3") else x
-
-
 def serve(engine: str, threads: int, files_path: str) -> None:
     """An engine process: reads commands on stdin, answers one JSON line each on stdout."""
-    if engine.startswith("keras"):
-        quiet_tf()
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    if engine == "pytorch":
-        import torch
-
-        torch.set_num_threads(threads)
-        torch.set_num_interop_threads(1)
+    set_process_threads(engine, threads)
     files = json.loads(Path(files_path).read_text())
     loaded: dict[str, object] = {}
     for line in sys.stdin:
@@ -307,12 +238,15 @@ def summary(seconds: list[float]) -> dict:
 
 
 def measure(files: dict, folder: Path, models: list[str], batches: list[int], threads_list: list[int],
-            rounds: int, per_round: int) -> list[dict]:
+            rounds: int, per_round: int) -> tuple[list[dict], dict[str, float]]:
+    """The cells, and the machine's compute peak per thread count (GFLOP/s, keyed by the count as text, as JSON
+    keeps it): measured before the engines' processes start and after they end, the higher of the two."""
     files_path = folder / "files.json"
     files_path.write_text(json.dumps(files))
     engines = engines_to_run(files)
-    cells = []
+    cells, roofs = [], {}
     for threads in threads_list:
+        roofs[str(threads)] = measure_roof(threads)
         procs = {e: EngineProcess(e, threads, files_path) for e in engines}
         try:
             for key in models:
@@ -325,7 +259,34 @@ def measure(files: dict, folder: Path, models: list[str], batches: list[int], th
         finally:
             for proc in procs.values():
                 proc.close()
-    return cells
+        roofs[str(threads)] = max(roofs[str(threads)], measure_roof(threads))  # a busy neighbour only lowers it
+    return cells, roofs
+
+
+def measure_roof(threads: int) -> float:
+    """The machine's measured compute peak on ``threads`` threads, GFLOP/s: npmobile.profiling.measure_machine (the
+    roof `npmobile profile --roofline` draws) in a process of its own."""
+    done = subprocess.run([sys.executable, __file__, "--roof", "--threads", str(threads)], capture_output=True,
+                          text=True, check=True, env=bench_env())
+    return float(done.stdout.split()[-1])
+
+
+def model_flops(files: dict) -> dict[str, int]:
+    """Floating-point operations of one image through each model: 2 x its multiply-accumulates, as npmobile.costs
+    counts them (convolutions, depthwise, dense; squeeze-excite's 1x1 layers included)."""
+    import npmobile
+    from npmobile.costs import layer_costs, total_macs
+
+    return {key: 2 * total_macs(layer_costs(npmobile.load_model(f["keras"], trusted=True))) for key, f in files.items()}
+
+
+def add_peak_shares(cells: list[dict], flops: dict[str, int], roofs: dict[str, float]) -> None:
+    """Each engine's GFLOP/s in each cell (the model's FLOPs x batch / its median time) and that over the peak
+    measured on the cell's thread count."""
+    for cell in cells:
+        work = flops[cell["model"]] * cell["batch"]
+        cell["gflops"] = {e: work / (r["median"] * 1e-3) / 1e9 for e, r in cell["ms"].items()}
+        cell["peak_share"] = {e: g / roofs[str(cell["threads"])] for e, g in cell["gflops"].items()}
 
 
 def peak_rss(files: dict, folder: Path, key: str = "v2") -> dict[str, float]:
@@ -343,55 +304,116 @@ def peak_rss(files: dict, folder: Path, key: str = "v2") -> dict[str, float]:
     return result
 
 
-# Runs COMMAND and prints its wall seconds and peak resident KB. A process started from this bench's
-# big parent inherits the parent's high-water mark (Linux records the pre-exec RSS in ru_maxrss), so the
-# command is started from this small trampoline instead; wait4's rusage then covers the command and
-# every process it started and waited for (the bounded reader's child included).
+# Runs COMMAND and prints, as JSON, when it started (time.monotonic: CLOCK_MONOTONIC on Linux, one clock for every
+# process, so the command can say when it answered), its wall seconds to its exit, its peak resident KB and what it
+# printed. A process started from this bench's big parent inherits the parent's high-water mark (Linux records the
+# pre-exec RSS in ru_maxrss), so the command is started from this small trampoline instead; RUSAGE_CHILDREN then
+# covers the command and every process it started and waited for (the bounded reader's child included).
 _MEASURE = """
-import os, subprocess, sys, time
-start = time.perf_counter()
-process = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-_, status, usage = os.wait4(process.pid, 0)
-print(time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+import json, resource, subprocess, sys, time
+start = time.monotonic()
+process = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+out, err = process.communicate()
+seconds = time.monotonic() - start
+print(json.dumps({"start": start, "seconds": seconds, "code": process.returncode, "stdout": out, "stderr": err,
+                  "peak_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
 """
 
 
-def classify_once(command: list[str], env: dict) -> tuple[float, float]:
-    """Wall seconds and peak resident MB of one whole process (the largest of it and its children)."""
+def measured_run(command: list[str], env: dict) -> dict:
+    """One whole process through _MEASURE: its start, wall seconds, peak resident MB (the largest of it and its
+    children) and what it printed."""
     result = subprocess.run([sys.executable, "-c", _MEASURE, *command], capture_output=True, text=True, env=env,
                             check=True)
-    seconds, peak_kb, code = result.stdout.split()
-    if int(code) != 0:
-        raise RuntimeError(f"{' '.join(command)} exited {code}")
-    return float(seconds), int(peak_kb) / 1024
+    done = json.loads(result.stdout)
+    if done["code"] != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {done['code']}: {done['stderr'][-2000:]}")
+    return {**done, "peak_mb": done["peak_kb"] / 1024}
 
 
-def startup(keras_file: str, image: Path, runs: int = 7) -> dict:
-    """`python -m npmobile classify IMAGE --weights FILE`, whole process: the first-ever run (an empty
-    Numba cache: every kernel compiled), then ``runs`` warm runs on the JIT (a warm Numba cache) and on the
-    kernels built ahead of time (``npmobile build-kernels``, into a temporary kernel cache), taken in
-    turns; medians, with peak memory. The build's time and the module's size too."""
-    command = [sys.executable, "-m", "npmobile", "classify", str(image), "--weights", keras_file]
+def classify_once(command: list[str], env: dict) -> tuple[float, float]:
+    """Wall seconds and peak resident MB of one whole process."""
+    done = measured_run(command, env)
+    return done["seconds"], done["peak_mb"]
+
+
+# The start-up child of one engine: it imports bench/engines.py as a module, compiled beforehand (startup) as an
+# installed library is, and calls engines.first_answer.
+_FIRST_ANSWER = "import sys; sys.path.insert(0, sys.argv[1]); import engines; engines.first_answer(*sys.argv[2:])"
+
+
+def built_kernels(folder: Path) -> dict:
+    """`npmobile build-kernels` into ``folder`` (a kernel cache of its own); the environment that runs on it, the
+    build's seconds and the module's MB."""
+    env = {**bench_env(), "NPMOBILE_KERNELS": "", "NPMOBILE_KERNELS_DIR": str(folder)}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "npmobile", "build-kernels"], env=env, check=True, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    return {"env": env, "seconds": seconds, "module_mb": sum(f.stat().st_size for f in folder.rglob("*.so")) / 2**20}
+
+
+def startup(files: dict, folder: Path, image: Path, runs: int = 7, threads: int = 1) -> dict:
+    """Start-up, each a fresh process, with the kernels built ahead of time (``npmobile build-kernels``, into a
+    temporary kernel cache; the build's time and the module's size too):
+
+    - `python -m npmobile classify IMAGE --weights FILE` on MobileNetV2, whole process: the first-ever run (an
+      empty Numba cache: every kernel compiled), then ``runs`` warm runs on the JIT (a warm Numba cache) and on the
+      built kernels;
+    - each engine of STARTUP_ENGINES on each model (Keras on one): process start -> engine imported -> its model
+      file loaded -> one answer to a batch-1 input on ``threads`` threads (first_answer), ``runs`` times.
+
+    Every round takes each measurement once, in a rotating order; medians, with peak memory."""
+    files_path = folder / "files-startup.json"
+    files_path.write_text(json.dumps(files))
+    # The children import engines.py compiled, as an installed library is (under PYTHONDONTWRITEBYTECODE each would
+    # compile it again).
+    py_compile.compile(str(REPO / "bench" / "engines.py"), doraise=True)
+    available = engines_to_run(files)
+    engines = [e for e in STARTUP_ENGINES if e.removesuffix("_trusted") in available]
+    jobs = [("classify", kind) for kind in ("jit", "aot") if "v2" in files]
+    # Keras's start-up is mostly TensorFlow's import, seconds long whatever the model: timed on one model only.
+    keras_key = "v2" if "v2" in files else next(iter(files))
+    jobs += [(engine, key) for key in files for engine in engines if engine != "keras_predict" or key == keras_key]
+    classify = [sys.executable, "-m", "npmobile", "classify", str(image), "--weights", files.get("v2", {}).get("keras")]
     jit_env = {**bench_env(), "NPMOBILE_KERNELS": "jit"}
-    with tempfile.TemporaryDirectory(prefix="npmobile-numba-cache-") as cache:
-        cold_seconds, _ = classify_once(command, {**jit_env, "NUMBA_CACHE_DIR": cache})
-    classify_once(command, jit_env)  # warm the usual cache
+    cold_seconds = None
+    if "v2" in files:
+        with tempfile.TemporaryDirectory(prefix="npmobile-numba-cache-") as cache:
+            cold_seconds, _ = classify_once(classify, {**jit_env, "NUMBA_CACHE_DIR": cache})
+        classify_once(classify, jit_env)  # warm the usual cache
     with tempfile.TemporaryDirectory(prefix="npmobile-kernels-") as kernels:
-        aot_env = {**bench_env(), "NPMOBILE_KERNELS": "", "NPMOBILE_KERNELS_DIR": kernels}
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "npmobile", "build-kernels"], env=aot_env, check=True,
-                       stdout=subprocess.DEVNULL)
-        build_seconds = time.perf_counter() - start
-        module_bytes = sum(f.stat().st_size for f in Path(kernels).rglob("*.so"))
-        classify_once(command, aot_env)  # the module into the page cache
-        jit, aot = [], []
-        for _ in range(runs):
-            jit.append(classify_once(command, jit_env))
-            aot.append(classify_once(command, aot_env))
-    return {"first_run_seconds": cold_seconds, "seconds": statistics.median(s for s, _ in jit),
-            "peak_mb": statistics.median(m for _, m in jit), "runs": runs,
-            "aot_seconds": statistics.median(s for s, _ in aot), "aot_peak_mb": statistics.median(m for _, m in aot),
-            "build_kernels_seconds": build_seconds, "aot_module_mb": module_bytes / 2**20}
+        build = built_kernels(Path(kernels))
+        if "v2" in files:
+            classify_once(classify, build["env"])  # the module into the page cache
+        done: dict[tuple, list[dict]] = {job: [] for job in jobs}
+        for r in range(runs):
+            for job in jobs[r % len(jobs):] + jobs[: r % len(jobs)]:
+                if job[0] == "classify":
+                    done[job].append(measured_run(classify, jit_env if job[1] == "jit" else build["env"]))
+                    continue
+                engine, key = job
+                run = measured_run([sys.executable, "-c", _FIRST_ANSWER, str(REPO / "bench"), engine, str(threads),
+                                    str(files_path), key], build["env"])
+                said = json.loads(run["stdout"].strip().splitlines()[-1])
+                done[job].append({**said, "seconds": said["answered"] - run["start"],
+                                  "ready_seconds": said["ready"] - run["start"], "peak_mb": run["peak_mb"]})
+    result = {"runs": runs, "build_kernels_seconds": build["seconds"], "aot_module_mb": build["module_mb"]}
+    if "v2" in files:
+        jit, aot = done[("classify", "jit")], done[("classify", "aot")]
+        result.update(first_run_seconds=cold_seconds, seconds=statistics.median(d["seconds"] for d in jit),
+                      peak_mb=statistics.median(d["peak_mb"] for d in jit),
+                      aot_seconds=statistics.median(d["seconds"] for d in aot),
+                      aot_peak_mb=statistics.median(d["peak_mb"] for d in aot))
+    firsts = [d for job in jobs if job[0] != "classify" for d in done[job]]
+    result["engines"] = {
+        "threads": threads, "batch": 1,
+        "ready_seconds": statistics.median(d["ready_seconds"] for d in firsts),
+        "same_top5": all(len({tuple(d["top5"]) for job in jobs if job[1] == key for d in done[job]}) == 1
+                         for key in files),
+        "models": {key: {engine: {"seconds": statistics.median(d["seconds"] for d in done[(engine, key)]),
+                                  "peak_mb": statistics.median(d["peak_mb"] for d in done[(engine, key)])}
+                         for engine in engines if (engine, key) in done} for key in files}}
+    return result
 
 
 def bench_env() -> dict:
@@ -550,6 +572,67 @@ def profile(models: list[str], threads: int) -> None:
 
 PEER_TITLES = {"keras_predict": "Keras predict", "keras_tf_function": "Keras tf.function",
                "onnxruntime": "ONNX Runtime", "litert": "LiteRT", "pytorch": "PyTorch"}
+TITLES = {"npmobile": "npmobile", "npmobile_trusted": "npmobile trusted", **PEER_TITLES}
+
+
+def thread_text(threads: int) -> str:
+    return f"{threads} thread{'s' if threads > 1 else ''}"
+
+
+def peak_share_lines(report: dict) -> list[str]:
+    """Each engine's share of the machine's measured compute peak, % per model and batch (one figure per thread
+    count), as a Markdown table and the line that says what it is; nothing for results written before it."""
+    cells = [cell for cell in report["cells"] if "peak_share" in cell]
+    if not cells:
+        return []
+    threads = sorted({cell["threads"] for cell in cells})
+    engines = [e for e in ENGINES if any(e in cell["peak_share"] for cell in cells)]
+    rows: dict[tuple, dict[int, dict]] = {}  # (model, batch) -> thread count -> share per engine
+    for cell in cells:
+        rows.setdefault((cell["model"], cell["batch"]), {})[cell["threads"]] = cell["peak_share"]
+    lines = [f"Share of the machine's measured compute peak, % on {' / '.join(thread_text(t) for t in threads)}:", "",
+             "| model | batch | " + " | ".join(TITLES[e] for e in engines) + " |", "|---" * (2 + len(engines)) + "|"]
+    for (model, batch), shares in rows.items():
+        row = [model, str(batch)]
+        row += [" / ".join(f"{shares[t][e] * 100:.0f}" if e in shares.get(t, {}) else "n/a" for t in threads)
+                for e in engines]
+        lines.append("| " + " | ".join(row) + " |")
+    roofs = ", ".join(f"{report['roof_gflops'][str(t)]:.0f} GFLOP/s on {thread_text(t)}" for t in threads)
+    work = ", ".join(f"{key} {flops / 1e9:.2f}" for key, flops in report["model_flops"].items())
+    lines += ["", f"An engine's GFLOP/s (2 × MACs per image × batch / its median time; GFLOP per image: {work}) over "
+              "the peak `npmobile.profiling.measure_machine` measures, the roof `npmobile profile --roofline` draws "
+              f"(npmobile's pointwise kernel on cache-resident products): {roofs}."]
+    return lines
+
+
+def startup_engine_lines(report: dict) -> list[str]:
+    """Each engine's start-up per model (seconds to the first answer, peak MB; npmobile's over ONNX Runtime's) as a
+    Markdown table and the line that says what it is; nothing for results without it."""
+    startup = report.get("startup") or {}
+    measured = startup.get("engines")
+    if not measured:
+        return []
+    engines = [e for e in STARTUP_ENGINES if any(e in by_engine for by_engine in measured["models"].values())]
+    lines = ["| start-up | " + " | ".join(TITLES[e] for e in engines) + " |", "|---" * (1 + len(engines)) + "|"]
+    for key, by_engine in measured["models"].items():
+        ort = by_engine.get("onnxruntime", {}).get("seconds")
+        row = [key]
+        for engine in engines:
+            if engine not in by_engine:
+                row.append("n/a")
+                continue
+            seconds = by_engine[engine]["seconds"]
+            ratio = f" ({seconds / ort:.2f}×)" if ort and engine.startswith("npmobile") else ""
+            row.append(f"{seconds:.2f} s, {by_engine[engine]['peak_mb']:.0f} MB{ratio}")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Start-up: a fresh process imports the engine, loads its file (npmobile and Keras the .keras, "
+              "npmobile on kernels built ahead of time; ONNX Runtime the .onnx; LiteRT the .tflite; PyTorch the "
+              f"TorchScript) and answers one batch-{measured['batch']} input on {thread_text(measured['threads'])}: "
+              f"seconds from process start to that answer (median of {startup['runs']}, interleaved) and peak memory; "
+              "in brackets npmobile / ONNX Runtime. Keras, mostly TensorFlow's import, on one model. Python, NumPy "
+              f"and the harness take {measured['ready_seconds']:.2f} s of each; the first answers "
+              f"{'have the same' if measured['same_top5'] else 'DO NOT have the same'} top 5."]
+    return lines
 
 
 def startup_text(measured: dict) -> str:
@@ -597,15 +680,16 @@ def markdown(report: dict) -> str:
               f"(same top-5: {'yes' if same else 'NO'}; npmobile's max |difference| {worst:.1e} on these "
               "random-weight models)."]
     if report.get("peak_rss_mb"):
-        rss = ", ".join(f"{'npmobile' if k == 'npmobile' else PEER_TITLES[k]} {v:.0f} MB"
-                        for k, v in report["peak_rss_mb"].items() if v)
+        rss = ", ".join(f"{TITLES[k]} {v:.0f} MB" for k, v in report["peak_rss_mb"].items() if v)
         lines.append(f"Peak memory, MobileNetV2 batch 1: {rss}.")
-    if report.get("startup"):
+    if report.get("startup") and "seconds" in report["startup"]:
         lines.append(startup_text(report["startup"]) + ".")
     elif report.get("startup_seconds"):  # results written before the start-up measurement grew
         lines.append("Process start → first prediction (`python -m npmobile classify`, warm Numba cache): "
                      f"{report['startup_seconds']:.2f} s.")
-    return "\n".join(lines)
+    share = peak_share_lines(report)
+    engines = startup_engine_lines(report)
+    return "\n".join(lines + [""] * bool(share) + share + [""] * bool(engines) + engines)
 
 
 def main() -> None:
@@ -616,16 +700,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--per-round", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="3 rounds of 2, no memory/start-up measurements")
+    parser.add_argument("--startup", action="store_true",
+                        help="with --quick: measure start-up all the same (3 rounds; it builds the kernels, ~1 min)")
     parser.add_argument("--profile", action="store_true",
                         help="npmobile's time per kind of layer, beside ONNX Runtime's")
     parser.add_argument("--onnx-profile", help=argparse.SUPPRESS)
     parser.add_argument("--markdown", nargs="?", const=str(RESULTS / "latest.json"), metavar="RESULTS_JSON",
                         help="print the README's benchmark block for a results file (default: latest.json)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--roof", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--files", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         return serve(args.serve, args.threads[0], args.files)
+    if args.roof:
+        from npmobile.profiling import measure_machine
+
+        return print(measure_machine(args.threads[0], memory=False).peak_gflops)
     if args.markdown:
         return print(markdown(json.loads(Path(args.markdown).read_text())))
     if args.onnx_profile:
@@ -639,14 +730,17 @@ def main() -> None:
     try:
         print(f"preparing {', '.join(args.models)} (Keras models, .keras files, ONNX exports)...", file=sys.stderr)
         files = prepare(args.models, folder)
-        cells = measure(files, folder, args.models, args.batches, args.threads, args.rounds, args.per_round)
+        cells, roofs = measure(files, folder, args.models, args.batches, args.threads, args.rounds, args.per_round)
+        flops = model_flops(files)
+        add_peak_shares(cells, flops, roofs)
         report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
-                  "cells": cells, "peak_rss_mb": {}, "startup": None}
+                  "cells": cells, "roof_gflops": roofs, "model_flops": flops, "peak_rss_mb": {}, "startup": None}
         if not args.quick and "v2" in files:
-            print("measuring peak RSS and start-up...", file=sys.stderr)
+            print("measuring peak RSS...", file=sys.stderr)
             report["peak_rss_mb"] = peak_rss(files, folder)
-            image = REPO / "samples" / "chelsea.jpg"
-            report["startup"] = startup(files["v2"]["keras"], image)
+        if not args.quick or args.startup:
+            print("measuring start-up...", file=sys.stderr)
+            report["startup"] = startup(files, folder, REPO / "samples" / "chelsea.jpg", runs=3 if args.quick else 7)
         print(table(cells))
         for cell in cells:
             bad = [k for k, v in cell["agreement"].items() if not v["same_top5"]]
@@ -657,8 +751,11 @@ def main() -> None:
         if report["peak_rss_mb"]:
             print("peak RSS, MobileNetV2 b1 (MB): " + ", ".join(
                 f"{k} {v:.0f}" for k, v in report["peak_rss_mb"].items() if v))
-        if report["startup"]:
+        if report["startup"] and "seconds" in report["startup"]:
             print(startup_text(report["startup"]))
+        for lines in (peak_share_lines(report), startup_engine_lines(report)):
+            if lines:
+                print("\n" + "\n".join(lines))
         RESULTS.mkdir(parents=True, exist_ok=True)
         # A quick or partial run is a smoke test: it never replaces latest.json, which the README shows.
         partial = args.quick or set(args.models) != set(MODELS) or args.batches != [1, 8] or args.threads != [1, 2]

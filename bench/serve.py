@@ -1,10 +1,10 @@
-"""A MobileNet behind a web server: the README's "Serving" example (FastAPI + uvicorn), and a loopback
+"""A MobileNet behind a web server: the example of docs/serving.md (FastAPI + uvicorn), and a loopback
 load test of it.
 
     .venv/bin/pip install -e ".[bench]"           # fastapi, uvicorn and httpx among the rest
     .venv/bin/python bench/serve.py                # 1 and 2 workers x 1 and 2 threads, concurrency 1, 4, 16
     .venv/bin/python bench/serve.py --requests 40  # fewer requests per cell
-    .venv/bin/python bench/serve.py --markdown     # the README's table from bench/results/serve-latest.json
+    .venv/bin/python bench/serve.py --markdown     # docs/serving.md's table from bench/results/serve-latest.json
     SERVE_THREADS=1 .venv/bin/uvicorn serve_app:app --app-dir bench --workers 2 --port 8000   # the server alone
 
 The server (bench/serve_app.py) opens the model, calls ``Model.warmup`` and runs one request's path in
@@ -202,7 +202,7 @@ def machine() -> dict:
 
 
 def markdown(results: dict) -> str:
-    """The README's table of a run: per configuration, its ready time, its first request after warm-up against
+    """docs/serving.md's table of a run: per configuration, its ready time, its first request after warm-up against
     steady state, and per concurrency the median (best) round's rate with p50 / p99 latency."""
     concurrency = [c["concurrency"] for c in results["runs"][0]["load"]]
     lines = ["| workers × threads | ready | first request after warm-up | "
@@ -230,7 +230,8 @@ def main() -> None:
                         help="each configuration's server started this many times, the configurations alternated")
     parser.add_argument("--model", default="mobilenet_v2")
     parser.add_argument("--image", default=str(REPO / "samples" / "chelsea.jpg"))
-    parser.add_argument("--markdown", action="store_true", help="print the README's table of the latest run and stop")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print docs/serving.md's table of the latest run and stop")
     args = parser.parse_args()
     if args.markdown:
         print(markdown(json.loads((HERE / "results" / "serve-latest.json").read_text())))

@@ -1,4 +1,4 @@
-"""The server bench/serve.py measures: the README's "Serving" example, with the model and the threads per
+"""The server bench/serve.py measures: the example of docs/serving.md, with the model and the threads per
 worker taken from the environment (SERVE_MODEL, SERVE_WEIGHTS, SERVE_THREADS).
 
     SERVE_THREADS=1 .venv/bin/uvicorn serve_app:app --app-dir bench --workers 2 --port 8000

@@ -124,25 +124,16 @@ def bias_act_row(row, bias, act):
             row[c] = apply_activation(row[c] + bias[c], act)
 
 
+_NO_OPERAND = np.zeros(0, np.float32)  # ``_elementwise``'s b for act(a) alone
+
+
 @entry
 def activate(x, out, act) -> Callable[[], None]:
     """out = act(x), elementwise, any shape; ``out`` may be ``x``."""
     # Numba does not check indices: sizes that do not fit would run past an array, not raise.
     if out.size != x.size:
         raise ValueError(f"activate: out {out.shape} does not fit x {x.shape}")
-    return partial(_activate, x, out, act)
-
-
-@njit(parallel=True, cache=True)
-def _activate(x, out, act):
-    """out = act(x), elementwise, any shape; ``out`` may be ``x``."""
-    xf = x.reshape(-1)
-    of = out.reshape(-1)
-    n = xf.shape[0]
-    block = 16384
-    for b in prange((n + block - 1) // block):
-        for i in range(b * block, min(n, (b + 1) * block)):
-            of[i] = apply_activation(xf[i], act)
+    return partial(_elementwise, x, _NO_OPERAND, out, act)
 
 
 @entry
@@ -151,20 +142,27 @@ def add(a, b, out, act) -> Callable[[], None]:
     # Numba does not check indices: sizes that do not fit would run past an array, not raise.
     if not a.size == b.size == out.size:
         raise ValueError(f"add: shapes do not fit: {a.shape} + {b.shape} -> {out.shape}")
-    return partial(_add, a, b, out, act)
+    return partial(_elementwise, a, b, out, act)
 
 
 @njit(parallel=True, cache=True)
-def _add(a, b, out, act):
-    """out = act(a + b), elementwise, same shapes; ``out`` may be ``a`` or ``b``."""
+def _elementwise(a, b, out, act):
+    """out = act(a + b), or act(a) where ``b`` is empty (``_NO_OPERAND``), elementwise; ``out`` may be ``a`` or
+    ``b``. Blocks of 16384 values spread over Numba's threads; the choice of form is made per block, outside
+    the loop over its values."""
     af = a.reshape(-1)
     bf = b.reshape(-1)
     of = out.reshape(-1)
     n = af.shape[0]
     block = 16384
     for blk in prange((n + block - 1) // block):
-        for i in range(blk * block, min(n, (blk + 1) * block)):
-            of[i] = apply_activation(af[i] + bf[i], act)
+        lo, hi = blk * block, min(n, (blk + 1) * block)
+        if bf.shape[0] == 0:
+            for i in range(lo, hi):
+                of[i] = apply_activation(af[i], act)
+        else:
+            for i in range(lo, hi):
+                of[i] = apply_activation(af[i] + bf[i], act)
 
 
 @entry

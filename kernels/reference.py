@@ -58,19 +58,36 @@ def zero_pad(x: np.ndarray, padding: Padding) -> np.ndarray:
     return np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
 
 
+def _tap_windows(xp: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int],
+                dilation: tuple[int, int] = (1, 1)) -> dict[tuple[int, int], np.ndarray]:
+    """What each kernel tap sees: for tap (di, dj), the padded input's pixel (i*sh + di*dh, j*sw + dj*dw)
+    at every output position (i, j), as one [N, OH, OW, C] view of ``xp``; taps in the order (0, 0), (0, 1), ...
+
+    A convolution is the sum over taps of each window times its tap's weights; the pooling windows are
+    these views side by side.
+    """
+    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilation
+    oh = (xp.shape[1] - (kh - 1) * dh - 1) // sh + 1
+    ow = (xp.shape[2] - (kw - 1) * dw - 1) // sw + 1
+    if oh < 0 or ow < 0:
+        raise ValueError(f"a {kh}x{kw} window does not fit the padded input {xp.shape[1:3]}")
+    windows = {}
+    for di in range(kh):
+        for dj in range(kw):
+            # The padded rows i*sh + di*dh for every output row i = 0..oh-1 (and likewise columns).
+            rows = slice(di * dh, di * dh + oh * sh, sh)
+            cols = slice(dj * dw, dj * dw + ow * sw, sw)
+            windows[di, dj] = xp[:, rows, cols, :]
+    return windows
+
+
 # --------------------------------------------------------------------------------------------------
 # Convolutions
 # --------------------------------------------------------------------------------------------------
 
 
-def conv2d(
-    x: np.ndarray,
-    kernel: np.ndarray,
-    bias: np.ndarray | None = None,
-    strides: tuple[int, int] = (1, 1),
-    padding: Padding = NO_PADDING,
-    dilation: tuple[int, int] = (1, 1),
-) -> np.ndarray:
+def conv2d(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None = None, strides: tuple[int, int] = (1, 1),
+           padding: Padding = NO_PADDING, dilation: tuple[int, int] = (1, 1)) -> np.ndarray:
     """Standard convolution: every output channel looks at every input channel.
 
     out[n, i, j, co] = bias[co] + sum over (di, dj, ci) of
@@ -83,21 +100,11 @@ def conv2d(
     Cost: kh*kw*Cin*Cout multiply-adds per output pixel: every output channel reads every input channel.
     """
     kh, kw, _cin, cout = kernel.shape
-    sh, sw = strides
-    dh, dw = dilation
-    xp = zero_pad(x, padding)
-    n, hp, wp, _ = xp.shape
-    oh = (hp - (kh - 1) * dh - 1) // sh + 1
-    ow = (wp - (kw - 1) * dw - 1) // sw + 1
-    out = np.zeros((n, oh, ow, cout), dtype=np.result_type(x, kernel))
-    for di in range(kh):
-        for dj in range(kw):
-            # The padded rows i*sh + di*dh for every output row i = 0..oh-1 (and likewise columns):
-            # the pixel each output position sees through tap (di, dj).
-            rows = slice(di * dh, di * dh + (oh - 1) * sh + 1, sh)
-            cols = slice(dj * dw, dj * dw + (ow - 1) * sw + 1, sw)
-            # [n, oh, ow, Cin] @ [Cin, Cout]: this tap's contribution, summed over input channels.
-            out += xp[:, rows, cols, :] @ kernel[di, dj]
+    windows = _tap_windows(zero_pad(x, padding), (kh, kw), strides, dilation)
+    out = np.zeros(windows[0, 0].shape[:3] + (cout,), dtype=np.result_type(x, kernel))
+    for (di, dj), window in windows.items():
+        # [n, oh, ow, Cin] @ [Cin, Cout]: this tap's contribution, summed over input channels.
+        out += window @ kernel[di, dj]
     if bias is not None:
         out += bias
     return out
@@ -124,14 +131,9 @@ def indirect_conv2d(x: np.ndarray, table: np.ndarray, kernel: np.ndarray, bias: 
     return out
 
 
-def depthwise_conv2d(
-    x: np.ndarray,
-    kernel: np.ndarray,
-    bias: np.ndarray | None = None,
-    strides: tuple[int, int] = (1, 1),
-    padding: Padding = NO_PADDING,
-    dilation: tuple[int, int] = (1, 1),
-) -> np.ndarray:
+def depthwise_conv2d(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None = None,
+                     strides: tuple[int, int] = (1, 1), padding: Padding = NO_PADDING,
+                     dilation: tuple[int, int] = (1, 1)) -> np.ndarray:
     """Depthwise convolution: each channel is filtered on its own, with its own small kernel.
 
     out[n, i, j, c*M + m] = bias[c*M + m] + sum over (di, dj) of
@@ -145,21 +147,13 @@ def depthwise_conv2d(
     sum over channels, which is the whole saving.
     """
     kh, kw, c, multiplier = kernel.shape
-    sh, sw = strides
-    dh, dw = dilation
-    xp = zero_pad(x, padding)
-    n, hp, wp, _ = xp.shape
-    oh = (hp - (kh - 1) * dh - 1) // sh + 1
-    ow = (wp - (kw - 1) * dw - 1) // sw + 1
+    windows = _tap_windows(zero_pad(x, padding), (kh, kw), strides, dilation)
+    n, oh, ow, _ = windows[0, 0].shape
     # Channel c's M outputs are kept on their own axis, then flattened to c*M + m (Keras's order).
     out = np.zeros((n, oh, ow, c, multiplier), dtype=np.result_type(x, kernel))
-    for di in range(kh):
-        for dj in range(kw):
-            # The same shifted window as in conv2d: the input pixels tap (di, dj) sees.
-            rows = slice(di * dh, di * dh + (oh - 1) * sh + 1, sh)
-            cols = slice(dj * dw, dj * dw + (ow - 1) * sw + 1, sw)
-            # [n, oh, ow, c, 1] * [c, M]: each channel times its own weights, summed over taps.
-            out += xp[:, rows, cols, :, None] * kernel[di, dj]
+    for (di, dj), window in windows.items():
+        # The same windows as in conv2d. [n, oh, ow, c, 1] * [c, M]: each channel times its own weights.
+        out += window[..., None] * kernel[di, dj]
     out = out.reshape(n, oh, ow, c * multiplier)
     if bias is not None:
         out += bias
@@ -338,16 +332,7 @@ def _pool_windows(x: np.ndarray, pool: tuple[int, int], strides: tuple[int, int]
     """All pooling windows as one array [N, OH, OW, C, ph*pw], padding filled with ``fill``."""
     (top, bottom), (left, right) = padding
     xp = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=fill)
-    ph, pw = pool
-    sh, sw = strides
-    oh = (xp.shape[1] - ph) // sh + 1
-    ow = (xp.shape[2] - pw) // sw + 1
-    taps = [
-        xp[:, di : di + (oh - 1) * sh + 1 : sh, dj : dj + (ow - 1) * sw + 1 : sw, :]
-        for di in range(ph)
-        for dj in range(pw)
-    ]
-    return np.stack(taps, axis=-1)
+    return np.stack(list(_tap_windows(xp, pool, strides).values()), axis=-1)
 
 
 def max_pool2d(x: np.ndarray, pool: tuple[int, int], strides: tuple[int, int], padding: Padding = NO_PADDING):

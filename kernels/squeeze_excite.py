@@ -49,6 +49,7 @@ from functools import partial
 
 import numpy as np
 
+from .activations import ACT_RELU, bias_act_row
 from .backend import intrinsic, njit, prange
 from .entry import entry
 from .threads import jit_thread_count
@@ -185,11 +186,8 @@ def _dense_block(a, kernel, o0, o1, acc):
 def _reduce_block(pooled, reduce_kernel, reduce_bias, o0, o1, reduced):
     """reduced[:, o0:o1] = relu(pooled @ W1 + b1) on those outputs."""
     _dense_block(pooled, reduce_kernel, o0, o1, reduced)
-    bias = reduce_bias[o0:o1]
     for n in range(reduced.shape[0]):
-        z = reduced[n, o0:o1]
-        for o in range(o1 - o0):
-            z[o] = max(z[o] + bias[o], np.float32(0.0))
+        bias_act_row(reduced[n, o0:o1], reduce_bias[o0:o1], ACT_RELU)
 
 
 @njit(cache=True)

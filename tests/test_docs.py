@@ -90,12 +90,19 @@ def test_tutorial_quotes_the_headline_costs(computed):
     assert computed["864"] == "toy standard MACs" and computed["384"] == "toy separable MACs"
 
 
-def test_readme_benchmark_table_is_the_latest_run():
+@pytest.fixture
+def bench_run(monkeypatch):
+    """bench/run.py as a module."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # run.py imports engines.py from beside it, as a script does
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_benchmark_table_is_the_latest_run(bench_run):
     """README's benchmark block is bench/results/latest.json as `python bench/run.py --markdown` renders it,
     so the table a reader sees is the newest full run, with its date and machine."""
-    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
-    bench_run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_run)
     report = json.loads((REPO / "bench" / "results" / "latest.json").read_text())
     readme = (REPO / "README.md").read_text()
     start = readme.index("\n", readme.index("<!-- bench-table")) + 1
@@ -103,6 +110,35 @@ def test_readme_benchmark_table_is_the_latest_run():
     assert block == bench_run.markdown(report)
     assert {(c["model"], c["batch"], c["threads"]) for c in report["cells"]} == {
         (m, b, t) for m in ("v1", "v2", "v3s", "v3l") for b in (1, 8) for t in (1, 2)}
+
+
+def test_benchmark_block_shows_each_engines_share_of_peak_and_start_up(bench_run):
+    """With a run's peaks and start-up per engine, the block adds the share-of-peak table (a model's FLOPs x batch
+    over the median time, over the peak on the cell's thread count; one figure per thread count) and the start-up
+    table (npmobile over ONNX Runtime in brackets)."""
+    report = json.loads((REPO / "bench" / "results" / "latest.json").read_text())
+    flops = {key: 2 * costs.total_macs(costs.layer_costs(getattr(applications, name)(weights=None), 224))
+             for key, name in bench_run.MODELS.items()}
+    roofs = {"1": 100.0, "2": 170.0}
+    bench_run.add_peak_shares(report["cells"], flops, roofs)
+    report.update(roof_gflops=roofs, model_flops=flops)
+    seconds = {"npmobile": 0.5, "npmobile_trusted": 0.4, "onnxruntime": 0.25}
+    report["startup"]["engines"] = {"threads": 1, "batch": 1, "ready_seconds": 0.1, "same_top5": True, "models": {
+        "v2": {engine: {"seconds": s, "peak_mb": 90.0} for engine, s in seconds.items()}}}
+    block = bench_run.markdown(report)
+
+    def share(model: str, batch: int, threads: int, engine: str) -> float:
+        cell = next(c for c in report["cells"] if (c["model"], c["batch"], c["threads"]) == (model, batch, threads))
+        return flops[model] * batch / (cell["ms"][engine]["median"] / 1e3) / 1e9 / roofs[str(threads)] * 100
+
+    ours, ort = share("v2", 8, 1, "npmobile"), share("v2", 8, 2, "onnxruntime")
+    row = next(line for line in block.splitlines() if line.startswith("| v2 | 8 | ") and "/" in line)
+    assert row.split(" | ")[2] == f"{ours:.0f} / {share('v2', 8, 2, 'npmobile'):.0f}"
+    assert row.split(" | ")[5].endswith(f" / {ort:.0f}")
+    assert "on 1 thread, 170 GFLOP/s on 2 threads" in block
+    assert (f"| v2 | 0.50 s, 90 MB ({0.5 / 0.25:.2f}×) | 0.40 s, 90 MB ({0.4 / 0.25:.2f}×) | 0.25 s, 90 MB |"
+            in block)
+    assert block.startswith(bench_run.markdown(json.loads((REPO / "bench" / "results" / "latest.json").read_text())))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -62,28 +62,23 @@ def test_nested_model_is_inlined_with_its_names_and_addressable():
     np.testing.assert_allclose(out["pool"], out["inner_conv"].mean(axis=(1, 2)), rtol=1e-5)
 
 
-def test_cycle_is_refused():
-    layers = [_input(), _layer("a", "ReLU", {}, "b"), _layer("b", "ReLU", {}, "a")]
-    with pytest.raises(ModelFileError, match="cycle"):
-        Graph.from_spec(_spec(layers, "b"))
+# Graphs refused as they are built: (the layers after the input, the output, the error, what it says).
+REFUSED = {
+    "cycle": ([_layer("a", "ReLU", {}, "b"), _layer("b", "ReLU", {}, "a")], "b", ModelFileError, "cycle"),
+    "dangling-input-names-both-layers": ([_layer("a", "ReLU", {}, "ghost")], "a", ModelFileError,
+                                         "'a' takes input from 'ghost'"),
+    "lambda-without-running-anything": ([_layer("evil", "Lambda", {"function": "4wEAAAAAAAAA"}, "img")], "evil",
+                                        UnsupportedLayerError, "never executes code"),
+    "unknown-layer-names-class-and-name": ([_layer("attn", "MultiHeadAttention", {}, "img")], "attn",
+                                           UnsupportedLayerError, "'attn' has class 'MultiHeadAttention'"),
+}
 
 
-def test_dangling_input_is_refused_naming_both_layers():
-    layers = [_input(), _layer("a", "ReLU", {}, "ghost")]
-    with pytest.raises(ModelFileError, match="'a' takes input from 'ghost'"):
-        Graph.from_spec(_spec(layers, "a"))
-
-
-def test_lambda_is_refused_without_running_anything():
-    layers = [_input(), _layer("evil", "Lambda", {"function": "4wEAAAAAAAAA"}, "img")]
-    with pytest.raises(UnsupportedLayerError, match="never executes code"):
-        Graph.from_spec(_spec(layers, "evil"))
-
-
-def test_unknown_layer_names_its_class_and_name():
-    layers = [_input(), _layer("attn", "MultiHeadAttention", {}, "img")]
-    with pytest.raises(UnsupportedLayerError, match="'attn' has class 'MultiHeadAttention'"):
-        Graph.from_spec(_spec(layers, "attn"))
+@pytest.mark.parametrize("case", REFUSED, ids=list(REFUSED))
+def test_a_graph_that_cannot_run_is_refused_saying_why(case):
+    layers, output, error, message = REFUSED[case]
+    with pytest.raises(error, match=message):
+        Graph.from_spec(_spec([_input(), *layers], output))
 
 
 def test_weight_shape_disagreeing_with_config_fails_at_load():

@@ -75,6 +75,15 @@ def _load_error(path: Path, error=ModelFileError) -> str:
     return message
 
 
+def _load_error_and_peak(path: Path) -> tuple[str, int]:
+    """``_load_error``'s message, and the most memory Python's allocations held before the refusal."""
+    tracemalloc.start()
+    try:
+        return _load_error(path), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 # --------------------------------------------------------------------------------------------------
 # Graph structure
 # --------------------------------------------------------------------------------------------------
@@ -136,12 +145,7 @@ ABSURD = {
 def test_absurd_sizes_are_refused_before_allocation(tmp_path, case):
     layers, weights, layer = ABSURD[case]
     path = write_h5(tmp_path / f"{case}.h5", layers, layers[-1]["name"], weights)
-    tracemalloc.start()
-    try:
-        message = _load_error(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    message, peak = _load_error_and_peak(path)
     assert layer in message
     assert peak < 50 * 2**20, f"{peak:,} bytes allocated before refusing"
 
@@ -327,12 +331,7 @@ def test_zip_bomb_whose_header_understates_its_size_is_refused(keras_files, tmp_
     bomb = config[:-1] + b" " * (200 * 2**20) + b"}"  # 200 MB of JSON that deflates to ~200 KB
     path = _copy_keras(source, tmp_path / "bomb.keras", {"config.json": bomb})
     _patch_sizes(path, "config.json", len(config))
-    tracemalloc.start()
-    try:
-        _load_error(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    _, peak = _load_error_and_peak(path)
     assert peak < 50 * 2**20, f"{peak:,} bytes read from the bomb"
 
 
@@ -385,12 +384,7 @@ def test_many_empty_datasets_cannot_add_up_to_gigabytes(tmp_path):
         for name in names:
             group.create_dataset(name, shape=(60 * 2**20,), dtype="f4", chunks=(2**20,))
     assert path.stat().st_size < 2**20
-    tracemalloc.start()
-    try:
-        message = _load_error(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    message, peak = _load_error_and_peak(path)
     assert "'d'" in message and "add up to" in message
     assert peak < 2**31, f"{peak:,} bytes read"
 

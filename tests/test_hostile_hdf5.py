@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import h5py
@@ -68,21 +69,15 @@ def _root_is_a_link(folder: Path, secret: Path) -> Path:
     return path
 
 
-def _layer_is_a_soft_link_through_an_external_one(folder: Path, secret: Path) -> Path:
-    path = _legacy(folder / "soft-link.h5", np.zeros(KERNEL_SHAPE, np.float32))
+def _soft_link_through_an_external_one(folder: Path, secret: Path, member: str) -> Path:
+    """A model whose model_weights/``member`` (a layer group, or one weight) is a soft link into /elsewhere, an
+    external link to the same place in ``secret``."""
+    parent, _, leaf = f"/model_weights/{member}".rpartition("/")
+    path = _legacy(folder / f"soft-{leaf}.h5", np.zeros(KERNEL_SHAPE, np.float32))
     with h5py.File(path, "r+") as f:
-        f["elsewhere"] = h5py.ExternalLink(str(secret), "/model_weights")
-        del f["model_weights/c"]
-        f["model_weights/c"] = h5py.SoftLink("/elsewhere/c")
-    return path
-
-
-def _weight_is_a_soft_link_through_an_external_one(folder: Path, secret: Path) -> Path:
-    path = _legacy(folder / "soft-weight.h5", np.zeros(KERNEL_SHAPE, np.float32))
-    with h5py.File(path, "r+") as f:
-        f["elsewhere"] = h5py.ExternalLink(str(secret), "/model_weights/c/c")
-        del f["model_weights/c/c/kernel"]
-        f["model_weights/c/c/kernel"] = h5py.SoftLink("/elsewhere/kernel")
+        f["elsewhere"] = h5py.ExternalLink(str(secret), parent)
+        del f[f"model_weights/{member}"]
+        f[f"model_weights/{member}"] = h5py.SoftLink(f"/elsewhere/{leaf}")
     return path
 
 
@@ -115,8 +110,9 @@ def _keras3_vars_is_a_link(folder: Path, secret: Path) -> Path:
 # The four files of issue 23 and two more: each took every weight from the other file before.
 LINKED = {
     "model_weights-external": (_root_is_a_link, "model", "'model_weights' links to another file"),
-    "layer-soft-through-external": (_layer_is_a_soft_link_through_an_external_one, "model", "'c' is a soft link"),
-    "weight-soft-through-external": (_weight_is_a_soft_link_through_an_external_one, "model",
+    "layer-soft-through-external": (partial(_soft_link_through_an_external_one, member="c"), "model",
+                                    "'c' is a soft link"),
+    "weight-soft-through-external": (partial(_soft_link_through_an_external_one, member="c/c/kernel"), "model",
                                      "'kernel' is a soft link"),
     "keras3-layers-external": (_keras3_root_is_a_link, "weights", "'layers' links to another file"),
     "keras3-vars-external": (_keras3_vars_is_a_link, "weights", "'vars' links to another file"),
@@ -157,7 +153,7 @@ def test_libhdf5_itself_follows_no_external_link_through_the_readers_link_access
         assert isinstance(f["model_weights"], h5py.Group)  # h5py's own default follows it
         with pytest.raises(KeyError, match="signature"):
             h5py.h5o.open(f.id, b"model_weights", lapl=hdf5.NO_EXTERNAL_FILES)
-    path = _layer_is_a_soft_link_through_an_external_one(tmp_path, secret_model)
+    path = _soft_link_through_an_external_one(tmp_path, secret_model, "c")
     with h5py.File(path, "r") as f:
         with pytest.raises(KeyError, match="signature"):
             h5py.h5o.open(f["model_weights"].id, b"c", lapl=hdf5.NO_EXTERNAL_FILES)

@@ -1,5 +1,5 @@
 """What a server needs: ``Model.warmup`` leaves nothing to compile for the first request, and concurrent
-``predict`` calls are safe (the README's "Serving" section promises both)."""
+``predict`` calls are safe (docs/serving.md promises both)."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def test_warmup_of_a_model_of_any_size_needs_sizes():
 
 
 def test_concurrent_predicts_are_safe_and_each_gets_its_own_answer():
-    """The guarantee the README states: predict may be called from many threads at once (they run one
+    """The guarantee docs/serving.md states: predict may be called from many threads at once (they run one
     at a time in a process), and each caller gets the answer for its own input."""
     model = MobileNetV2(alpha=0.35, input_shape=(64, 64, 3), weights=None)
     inputs = [np.random.default_rng(seed).uniform(-1, 1, (1, 64, 64, 3)).astype(np.float32) for seed in range(6)]

@@ -6,6 +6,7 @@ hashes for the MobileNetV3 files only; V1/V2 files are checked as complete HDF5 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from npmobile.errors import WeightsError
@@ -57,15 +58,11 @@ def official_file(family: str, alpha: float, rows: int, include_top: bool,
     """
     alpha = float(alpha)
     if family == "mobilenet":
-        if alpha not in V1_ALPHAS or rows not in V1_SIZES:
-            raise WeightsError(f"Keras publishes MobileNet weights for alpha in {sorted(V1_ALPHAS)} and sizes "
-                               f"{V1_SIZES}; not alpha={alpha}, size={rows}")
+        _check_published("MobileNet", alpha, rows, sorted(V1_ALPHAS), V1_SIZES)
         name = f"mobilenet_{V1_ALPHAS[alpha]}_{rows}_tf{'' if include_top else '_no_top'}.h5"
         return WeightsFileInfo(name, "mobilenet/" + name, None)
     if family == "mobilenet_v2":
-        if alpha not in V2_ALPHAS or rows not in V2_SIZES:
-            raise WeightsError(f"Keras publishes MobileNetV2 weights for alpha in {V2_ALPHAS} and sizes {V2_SIZES}; "
-                               f"not alpha={alpha}, size={rows}")
+        _check_published("MobileNetV2", alpha, rows, V2_ALPHAS, V2_SIZES)
         name = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{rows}{'' if include_top else '_no_top'}.h5"
         return WeightsFileInfo(name, "mobilenet_v2/" + name, None)
     if family in ("mobilenet_v3_small", "mobilenet_v3_large"):
@@ -77,6 +74,13 @@ def official_file(family: str, alpha: float, rows: int, include_top: bool,
         name = f"weights_mobilenet_v3_{key}{'' if include_top else '_no_top_v2'}.h5"
         return WeightsFileInfo(name, "mobilenet_v3/" + name, V3_HASHES[key][0 if include_top else 1])
     raise WeightsError(f"no official weights for {family!r} (families: {', '.join(FAMILIES)})")
+
+
+def _check_published(family: str, alpha: float, rows: int, alphas: Sequence[float], sizes: Sequence[int]) -> None:
+    """WeightsError, saying what Keras publishes, unless it has ``family``'s weights for this alpha and size."""
+    if alpha not in alphas or rows not in sizes:
+        raise WeightsError(f"Keras publishes {family} weights for alpha in {alphas} and sizes {sizes}; "
+                           f"not alpha={alpha}, size={rows}")
 
 
 def torchvision_file(family: str) -> WeightsFileInfo:

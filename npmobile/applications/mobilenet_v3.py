@@ -105,89 +105,77 @@ def _inverted_res_block(b: Builder, x: Tensor, expansion: float, filters: int, k
     return x
 
 
-def _mobilenet_v3(blocks, last_point_ch: int, model_type: str, input_shape, alpha: float, minimalistic: bool,
-                  include_top: bool, weights, classes: int, pooling, dropout_rate: float,
-                  classifier_activation, include_preprocessing: bool, name: str, timeout: float | None,
-                  trusted: bool) -> Model:
-    check_top_arguments(weights, include_top, classes, classifier_activation)
-    input_shape = (None, None, 3) if input_shape is None else tuple(input_shape)
-    rows, cols = input_shape[0], input_shape[1]
-    if (rows and rows < 32) or (cols and cols < 32):
-        raise NpmobileError(f"input size must be at least 32x32; got input_shape={input_shape}")
-    if weights == "imagenet" and ((not minimalistic and alpha not in (0.75, 1.0))
-                                  or (minimalistic and alpha != 1.0)):
-        raise NpmobileError("imagenet weights exist for alpha 0.75 and 1.0 (minimalistic: 1.0 only); "
-                            f"got alpha={alpha}, minimalistic={minimalistic}")
+def _keras_builder(blocks, last_point_channels: int, model_type: str) -> Callable[..., Model]:
+    """keras.applications.MobileNetV3Small or MobileNetV3Large (``model_type`` "small" or "large"): one builder,
+    with Keras's arguments, run on that model's table of ``blocks``."""
+    title = f"MobileNetV3{model_type.title()}"
 
-    # Keras passes se_ratio=None (minimalistic) or 0.25 (SE_RATIO, used by _se_block).
-    if minimalistic:
-        kernel, activation, use_se = 3, _relu, False
-    else:
-        kernel, activation, use_se = 5, _hard_swish, True
+    def build(input_shape=None, alpha: float = 1.0, minimalistic: bool = False, include_top: bool = True,
+              weights="imagenet", classes: int = 1000, pooling: str | None = None,
+              dropout_rate: float = 0.2, classifier_activation="softmax",
+              include_preprocessing: bool = True, name: str = title, *,
+              timeout: float | None = DEFAULT_TIMEOUT, trusted: bool = False) -> Model:
+        check_top_arguments(weights, include_top, classes, classifier_activation)
+        input_shape = (None, None, 3) if input_shape is None else tuple(input_shape)
+        rows, cols = input_shape[0], input_shape[1]
+        if (rows and rows < 32) or (cols and cols < 32):
+            raise NpmobileError(f"input size must be at least 32x32; got input_shape={input_shape}")
+        if weights == "imagenet" and ((not minimalistic and alpha not in (0.75, 1.0))
+                                      or (minimalistic and alpha != 1.0)):
+            raise NpmobileError("imagenet weights exist for alpha 0.75 and 1.0 (minimalistic: 1.0 only); "
+                                f"got alpha={alpha}, minimalistic={minimalistic}")
 
-    b = Builder()
-    inputs = b.input(input_shape)
-    x = inputs
-    if include_preprocessing:
-        x = b.rescaling(x, scale=1.0 / 127.5, offset=-1.0)
-    x = b.conv2d(x, 16, 3, strides=2, use_bias=False, name="conv")
-    x = b.batch_norm(x, name="conv_bn")
-    x = activation(b, x)
+        # Keras passes se_ratio=None (minimalistic) or 0.25 (SE_RATIO, used by _se_block).
+        if minimalistic:
+            kernel, activation, use_se = 3, _relu, False
+        else:
+            kernel, activation, use_se = 5, _hard_swish, True
 
-    for block_id, (expansion, filters, k, stride, se, act) in enumerate(blocks):
-        x = _inverted_res_block(
-            b, x, expansion, make_divisible(filters * alpha), kernel if k == "k" else k, stride,
-            se and use_se, _relu if act == "relu" else activation, block_id,
-        )
-
-    last_conv_ch = make_divisible(x.channels * 6)
-    if alpha > 1.0:
-        last_point_ch = make_divisible(last_point_ch * alpha)
-    x = b.conv2d(x, last_conv_ch, 1, use_bias=False, name="conv_1")
-    x = b.batch_norm(x, name="conv_1_bn")
-    x = activation(b, x)
-    if include_top:
-        x = b.global_average_pool(x, keepdims=True)
-        x = b.conv2d(x, last_point_ch, 1, use_bias=True, name="conv_2")
+        b = Builder()
+        inputs = b.input(input_shape)
+        x = inputs
+        if include_preprocessing:
+            x = b.rescaling(x, scale=1.0 / 127.5, offset=-1.0)
+        x = b.conv2d(x, 16, 3, strides=2, use_bias=False, name="conv")
+        x = b.batch_norm(x, name="conv_bn")
         x = activation(b, x)
-        if dropout_rate > 0:
-            x = b.dropout(x, dropout_rate)
-        x = b.conv2d(x, classes, 1, name="logits")
-        x = b.flatten(x)
-        x = b.activation(x, classifier_activation, name="predictions")
-    else:
-        x = b.pooling(x, pooling, names={"avg": "avg_pool", "max": "max_pool"})
 
-    spec = b.spec(inputs, x, name)
+        for block_id, (expansion, filters, k, stride, se, act) in enumerate(blocks):
+            x = _inverted_res_block(
+                b, x, expansion, make_divisible(filters * alpha), kernel if k == "k" else k, stride,
+                se and use_se, _relu if act == "relu" else activation, block_id,
+            )
 
-    return finish_model(spec, b.in_channels, weights,
-                        official=(f"mobilenet_v3_{model_type}", alpha, 224, include_top, minimalistic),
-                        timeout=timeout, trusted=trusted)
+        last_conv_ch = make_divisible(x.channels * 6)
+        last_point_ch = make_divisible(last_point_channels * alpha) if alpha > 1.0 else last_point_channels
+        x = b.conv2d(x, last_conv_ch, 1, use_bias=False, name="conv_1")
+        x = b.batch_norm(x, name="conv_1_bn")
+        x = activation(b, x)
+        if include_top:
+            x = b.global_average_pool(x, keepdims=True)
+            x = b.conv2d(x, last_point_ch, 1, use_bias=True, name="conv_2")
+            x = activation(b, x)
+            if dropout_rate > 0:
+                x = b.dropout(x, dropout_rate)
+            x = b.conv2d(x, classes, 1, name="logits")
+            x = b.flatten(x)
+            x = b.activation(x, classifier_activation, name="predictions")
+        else:
+            x = b.pooling(x, pooling, names={"avg": "avg_pool", "max": "max_pool"})
 
+        spec = b.spec(inputs, x, name)
 
-def MobileNetV3Small(input_shape=None, alpha: float = 1.0, minimalistic: bool = False, include_top: bool = True,
-                     weights="imagenet", classes: int = 1000, pooling: str | None = None,
-                     dropout_rate: float = 0.2, classifier_activation="softmax",
-                     include_preprocessing: bool = True, name: str = "MobileNetV3Small", *,
-                     timeout: float | None = DEFAULT_TIMEOUT, trusted: bool = False) -> Model:
-    """keras.applications.MobileNetV3Small, with the same arguments, layer names and numbers.
+        return finish_model(spec, b.in_channels, weights,
+                            official=(f"mobilenet_v3_{model_type}", alpha, 224, include_top, minimalistic),
+                            timeout=timeout, trusted=trusted)
 
-    ``timeout`` and ``trusted`` apply to reading a ``weights`` file, as in ``npmobile.load_model``.
-    """
-    return _mobilenet_v3(SMALL_BLOCKS, 1024, "small", input_shape, alpha, minimalistic, include_top, weights,
-                         classes, pooling, dropout_rate, classifier_activation, include_preprocessing, name,
-                         timeout, trusted)
-
-
-def MobileNetV3Large(input_shape=None, alpha: float = 1.0, minimalistic: bool = False, include_top: bool = True,
-                     weights="imagenet", classes: int = 1000, pooling: str | None = None,
-                     dropout_rate: float = 0.2, classifier_activation="softmax",
-                     include_preprocessing: bool = True, name: str = "MobileNetV3Large", *,
-                     timeout: float | None = DEFAULT_TIMEOUT, trusted: bool = False) -> Model:
-    """keras.applications.MobileNetV3Large, with the same arguments, layer names and numbers.
+    build.__name__ = build.__qualname__ = title
+    build.__doc__ = f"""keras.applications.{title}, with the same arguments, layer names and numbers.
 
     ``timeout`` and ``trusted`` apply to reading a ``weights`` file, as in ``npmobile.load_model``.
     """
-    return _mobilenet_v3(LARGE_BLOCKS, 1280, "large", input_shape, alpha, minimalistic, include_top, weights,
-                         classes, pooling, dropout_rate, classifier_activation, include_preprocessing, name,
-                         timeout, trusted)
+    return build
+
+
+MobileNetV3Small = _keras_builder(SMALL_BLOCKS, 1024, "small")
+MobileNetV3Large = _keras_builder(LARGE_BLOCKS, 1280, "large")

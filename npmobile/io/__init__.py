@@ -13,7 +13,8 @@ from __future__ import annotations
 import io
 import os
 import zipfile
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -146,30 +147,28 @@ class _KerasArchive:
 _CORRUPT = (OSError, RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError, UnicodeDecodeError)
 
 
-def _corrupt(path: str, error: Exception) -> ModelFileError:
-    return ModelFileError(f"{path}: the file is corrupt ({type(error).__name__}: {str(error)[:160]})")
+_Read = TypeVar("_Read")
+
+
+def _read_reporting_corruption(read: Callable[[str], _Read], path: str | os.PathLike) -> _Read:
+    """``read(path)``, with whatever h5py or HDF5 raise on a corrupt file turned into one ModelFileError."""
+    path = os.fspath(path)
+    try:
+        return read(path)
+    except NpmobileError:
+        raise
+    except _CORRUPT as error:
+        raise ModelFileError(f"{path}: the file is corrupt ({type(error).__name__}: {str(error)[:160]})") from None
 
 
 def read_model(path: str | os.PathLike) -> ModelSpec:
     """A whole Keras model (architecture and weights) from a legacy .h5 or a .keras file."""
-    path = os.fspath(path)
-    try:
-        return _read_model(path)
-    except NpmobileError:
-        raise
-    except _CORRUPT as error:
-        raise _corrupt(path, error) from None
+    return _read_reporting_corruption(_read_model, path)
 
 
 def read_weights(path: str | os.PathLike) -> WeightsFile:
     """The weights of any Keras file npmobile reads, by layer, in file order."""
-    path = os.fspath(path)
-    try:
-        return _read_weights(path)
-    except NpmobileError:
-        raise
-    except _CORRUPT as error:
-        raise _corrupt(path, error) from None
+    return _read_reporting_corruption(_read_weights, path)
 
 
 def _read_model(path: str) -> ModelSpec:
