@@ -15,6 +15,8 @@ import numpy as np
 _SCALAR_KEYS = {float: "float64", bool: "bool", np.float32: "float32", np.float64: "float64",
                 np.int64: "int64", np.int32: "int32", np.bool_: "bool"}
 
+_DTYPE_NAMES: dict[np.dtype, str] = {}
+
 
 def type_key(value) -> str | None:
     """The exported-signature spelling of an argument's Numba type, or None for a type no export takes."""
@@ -24,7 +26,9 @@ def type_key(value) -> str | None:
         if not flags.aligned:
             return None
         layout = "C" if flags.c_contiguous else "F" if flags.f_contiguous else "A"
-        return f"{value.dtype.name}:{value.ndim}:{layout}:{'w' if flags.writeable else 'r'}"
+        dtype = value.dtype
+        name = _DTYPE_NAMES.get(dtype) or _DTYPE_NAMES.setdefault(dtype, dtype.name)  # .name is slow Python
+        return f"{name}:{value.ndim}:{layout}:{'w' if flags.writeable else 'r'}"
     if kind is int:
         return "int64" if -(2**63) <= value < 2**63 else None
     return _SCALAR_KEYS.get(kind)

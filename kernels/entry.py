@@ -17,6 +17,8 @@ import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
+
 from . import backend
 
 
@@ -81,12 +83,73 @@ def needs_blas(call) -> bool:
 no_work.calls_blas = False
 
 
-def in_order(first: Callable[[], None], then: Callable[[], None]) -> Callable[[], None]:
+class InOrder(NamedTuple):
     """One call that makes two, in this order (a scratch filled, then the product that reads it)."""
 
-    def both() -> None:
-        first()
-        then()
+    first: Callable[[], None]
+    then: Callable[[], None]
 
-    both.calls_blas = needs_blas(first) or needs_blas(then)
-    return both
+    def __call__(self) -> None:
+        self.first()
+        self.then()
+
+    @property
+    def calls_blas(self) -> bool:
+        return needs_blas(self.first) or needs_blas(self.then)
+
+
+in_order = InOrder
+
+
+def rebinder(call, old: np.ndarray) -> Callable[[np.ndarray], Callable[[], None]] | None:
+    """A function ``new -> call'``: ``call`` with every array argument that is ``old``'s memory, in any shape,
+    read from ``new`` instead (``new``: the same shape, dtype and layout as ``old``). None when ``call`` is not
+    made of the bound calls this module knows (a kernel's partial, ``ByThreads``, ``InOrder``), whose arguments
+    it can see.
+
+    The plan binds the steps that read the model's input once, to a placeholder, and gives each prediction's
+    input this way: binding again (checks, choosing a kernel) would cost more than the smallest steps run."""
+    if isinstance(call, (ByThreads, InOrder)):
+        parts = [rebinder(part, old) for part in call]
+        if any(part is None for part in parts):
+            return None
+        kind = type(call)
+        return lambda new: kind(*(part(new) for part in parts))
+    if not isinstance(call, functools.partial) or call.keywords:
+        return None
+    start, size = old.ctypes.data, old.nbytes
+    seen = [(i, a.shape) for i, a in enumerate(call.args)
+            if isinstance(a, np.ndarray) and a.ctypes.data == start and a.nbytes == size]
+    func, args, blas = call.func, list(call.args), getattr(call, "calls_blas", None)
+
+    def rebound(new: np.ndarray) -> functools.partial:
+        given = args.copy()
+        for i, shape in seen:
+            given[i] = new.reshape(shape)
+        made = functools.partial(func, *given)
+        if blas is not None:
+            made.calls_blas = blas
+        return made
+
+    return rebound
+
+
+def same_call(a, b) -> bool:
+    """Whether two bound calls run the same kernels on the same memory with the same arguments."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (ByThreads, InOrder)):
+        return all(same_call(x, y) for x, y in zip(a, b))
+    if not isinstance(a, functools.partial):
+        return a is b
+    return a.func is b.func and not a.keywords and not b.keywords and len(a.args) == len(b.args) and all(
+        _same_argument(x, y) for x, y in zip(a.args, b.args))
+
+
+def _same_argument(x, y) -> bool:
+    if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+        return (isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.ctypes.data == y.ctypes.data
+                and x.shape == y.shape and x.strides == y.strides and x.dtype == y.dtype)
+    if isinstance(x, (int, float, np.number, str)) or x is None:
+        return type(x) is type(y) and x == y
+    return x is y

@@ -26,7 +26,7 @@ import numpy as np
 from npmobile.errors import ModelFileError
 from npmobile.graph import Graph, Node, last_readers
 from npmobile.kernels.backend import get_num_threads
-from npmobile.kernels.entry import ByThreads, needs_blas
+from npmobile.kernels.entry import ByThreads, needs_blas, rebinder, same_call
 from npmobile.kernels.threads import hold_blas
 from npmobile.layers import check_plan_total, checked_shapes
 from npmobile.ops import Binder, layer_type
@@ -82,15 +82,55 @@ class BoundPlan:
         # Whether a step calls BLAS, so that runs hold it to one thread (kernels/entry.py ``needs_blas``);
         # known once every step is bound, at the first run.
         self.calls_blas: bool | None = None
+        # The steps that read a model input are bound here too, to a placeholder of the input's shape that is
+        # never written (np.empty: no memory is touched), and each run gives them its input through a
+        # rebinder (kernels/entry.py); the first run checks that this makes the very call binding would, and a
+        # step whose call it does not (a binder that keeps something made from the input) is bound at each run.
+        self.placeholders = {v: np.empty(plan.slot_shapes[v], np.float32) for v in plan.input_values}
+        self.rebinders: dict[int, Callable | None] = {}
+        self.rebinders_checked = False
+        for v, placeholder in self.placeholders.items():
+            self.values[v] = placeholder
         for k in range(len(plan.steps)):
-            if k not in self.feed_steps:
-                self._bind(k)
+            self._bind(k)
+        for k in self.feed_steps:
+            self.rebinders[k] = self._rebinder(k)
+        for v in plan.input_values:
+            self.values[v] = None
 
-    def _bind(self, k: int) -> None:
-        call = _bind(self.plan.steps[k], self.values)
+    def _bind(self, k: int, call=None) -> None:
+        call = call if call is not None else _bind(self.plan.steps[k], self.values)
         # The plan picks the form itself, once per run: a ByThreads would ask Numba at every call.
         self.calls[k] = call.many if isinstance(call, ByThreads) else call
         self.one_thread_calls[k] = call.one if isinstance(call, ByThreads) else call
+
+    def _rebinder(self, k: int):
+        """Step ``k``'s call bound to the placeholder, as a function of the one model input it reads."""
+        read = [i for i in self.plan.steps[k].inputs if isinstance(i, int) and i in self.placeholders]
+        if len(set(read)) != 1:
+            return None
+        call = self.calls[k] if self.calls[k] is self.one_thread_calls[k] else ByThreads(self.one_thread_calls[k],
+                                                                                          self.calls[k])
+        return rebinder(call, self.placeholders[read[0]])
+
+    def _feed(self, feeds: list[np.ndarray]) -> None:
+        """Bind the steps that read the model's inputs to this run's ``feeds``."""
+        # The placeholders' kinds of array: the kernels' exported signatures chosen for them fit.
+        quick = all(f.dtype == np.float32 and f.flags.c_contiguous and f.flags.writeable and f.flags.aligned
+                    for f in feeds)
+        for k in self.feed_steps:
+            rebind = self.rebinders.get(k) if quick else None
+            if rebind is None:
+                self._bind(k)
+                continue
+            read = next(i for i in self.plan.steps[k].inputs if isinstance(i, int) and i in self.placeholders)
+            call = rebind(feeds[self.plan.input_values.index(read)])
+            if not self.rebinders_checked:
+                bound = _bind(self.plan.steps[k], self.values)
+                if not same_call(call, bound):
+                    self.rebinders[k], call = None, bound
+            self._bind(k, call)
+        self.rebinders_checked = self.rebinders_checked or quick
 
     def _run_calls(self, calls: list, timings: list | None) -> None:
         k = 0
@@ -112,8 +152,7 @@ class BoundPlan:
         for v, feed in zip(plan.input_values, feeds):
             values[v] = feed
         try:
-            for k in self.feed_steps:
-                self._bind(k)
+            self._feed(feeds)
             calls = self.one_thread_calls if get_num_threads() == 1 else self.calls
             if self.calls_blas is None:
                 self.calls_blas = any(needs_blas(call) for call in self.calls + self.one_thread_calls)

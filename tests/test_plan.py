@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import weakref
 
@@ -13,6 +14,7 @@ from npmobile import applications
 from npmobile.errors import ModelFileError
 from npmobile.kernels import reference as ref
 from npmobile.kernels.activations import ACT_RELU6
+from npmobile.kernels.entry import in_order
 from npmobile.kernels.pointwise import pointwise_conv2d, prepare_weights
 from npmobile.ops import LAYER_TYPES
 
@@ -69,6 +71,53 @@ def test_a_run_lets_go_of_the_callers_arrays():
     del x
     gc.collect()
     assert alive() is None
+
+
+def _bound_plan(model):
+    return next(iter(model._runners[None].plans.values()))
+
+
+@pytest.mark.parametrize("family", ["MobileNetV3Small", "MobileNetV2"])
+def test_the_steps_that_read_the_input_are_bound_once_and_given_each_input(family):
+    """V3's stem rescales its input (an indirect product reading a rescaled copy), V2's reads it as it is."""
+    model = getattr(applications, family)(weights=None, input_shape=(32, 40, 3))
+    x1, x2 = _images(1), _images(2)
+    model.predict(x1)
+    second = model.predict(x2)
+    bound = _bound_plan(model)
+    assert bound.feed_steps and all(bound.rebinders[k] is not None for k in bound.feed_steps)  # the quick way
+    np.testing.assert_array_equal(type(model)(model.graph).predict(x2), second)  # bound from scratch
+    read_only = x2.copy()
+    read_only.flags.writeable = False  # another kind of array: another kernel signature, bound as before
+    np.testing.assert_array_equal(model.predict(read_only), second)
+    np.testing.assert_array_equal(model.predict(x2), second)
+
+
+def test_a_step_whose_binder_keeps_a_copy_of_the_input_is_bound_at_each_run(monkeypatch):
+    """The first run compares the quick way's call with a fresh binding; where they differ, the step is bound
+    at every run as before."""
+    original = LAYER_TYPES["Conv2D"]
+    kept = []
+
+    def prepare(node, in_shapes, out_shape, keras_version):
+        bind = original.prepare(node, in_shapes, out_shape, keras_version)
+
+        def bind_keeping_a_copy(args, out):
+            kept.append(args[0].copy())  # something made from the input at binding
+            return in_order(functools.partial(np.copyto, np.empty_like(kept[-1]), kept[-1]), bind(args, out))
+
+        return bind_keeping_a_copy
+
+    monkeypatch.setitem(LAYER_TYPES, "Conv2D", dataclasses.replace(original, prepare=prepare))
+    model = _model()
+    x1, x2 = _images(1), _images(2)
+    model.predict(x1)
+    second = model.predict(x2)
+    bound = _bound_plan(model)
+    assert bound.feed_steps and all(bound.rebinders[k] is None for k in bound.feed_steps)
+    np.testing.assert_array_equal(kept[-1], x2)
+    monkeypatch.setitem(LAYER_TYPES, "Conv2D", original)
+    np.testing.assert_array_equal(_model().predict(x2), second)
 
 
 def _failing_depthwise(at: str):
