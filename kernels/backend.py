@@ -22,8 +22,8 @@ so they give the same bits (tests/test_aot.py). A C function a kernel calls by a
 kernels) comes from ``int64_cfunc``: numba.cfunc's, or the module's copy of it.
 
 Also here, because they too depend on which is in use: the thread count (``get_num_threads``,
-``set_num_threads``, ``max_threads``, ``jit_thread_count`` in compiled code), the AVX-512 decision the
-tiles are chosen by (``target_has_avx512``), where compiled code finds NumPy's sgemm (``add_symbol``), and
+``set_num_threads``, ``max_threads``, ``jit_thread_count`` in compiled code), the CPU facts the tiles are
+chosen by (``target_has_avx512``, ``target_cpu_name``), where compiled code finds NumPy's sgemm (``add_symbol``), and
 whether a kernel is compiled already (``is_cached``).
 
 Set ``NPMOBILE_KERNELS=jit`` to use the JIT regardless (then nothing is built in the background either). Any
@@ -206,6 +206,10 @@ if AOT:
         """The AVX-512 decision the module was built with (kernels/gemm.py's tiles depend on it)."""
         return bool(_loaded.manifest["avx512"])
 
+    def target_cpu_name() -> str:
+        """LLVM's name for the CPU the module was built for (kernels/gemm_rules.py's choices may depend on it)."""
+        return str(_loaded.manifest.get("cpu_name", ""))
+
     def int64_cfunc(function, nargs: int) -> int:
         """The address of ``function`` as a C function of ``nargs`` int64 arguments returning nothing: the
         AOT module's copy, else the JIT twin's cfunc."""
@@ -311,6 +315,16 @@ else:
         import llvmlite.binding as llvm
 
         return bool(llvm.get_host_cpu_features().get("avx512f", False))
+
+    def target_cpu_name() -> str:
+        """LLVM's name for the CPU Numba compiles for (NUMBA_CPU_NAME, else the host's: "znver4", "rocketlake")."""
+        from numba.core import config
+
+        if config.CPU_NAME and config.CPU_NAME != "host":
+            return config.CPU_NAME
+        import llvmlite.binding as llvm
+
+        return llvm.get_host_cpu_name()
 
     # function -> its numba.cfunc, made on first use (kernels/build.py exports each one made).
     CFUNCS: dict = {}

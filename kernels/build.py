@@ -225,7 +225,8 @@ def build(exercise: Callable[[], None], workload: list[dict], root: Path | None 
         for name, symbol, _sig, keys in table:
             kernels.setdefault(name, []).append([list(keys), symbol])
         manifest = {"key": key, "numba": numba.__version__, "threading_layer": backend.threading_layer(),
-                    "avx512": bool(gemm.AVX512), "kernels": kernels,
+                    "avx512": bool(gemm.AVX512),
+                    "cpu_name": backend.target_cpu_name(), "kernels": kernels,
                     "cfuncs": {name: symbol for name, symbol, _compiled in cfuncs},
                     "workload": workload, "module": module_entry(path)}
         fd = create_new(staging / backend.MANIFEST)

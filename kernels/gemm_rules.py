@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .backend import target_has_avx512
+from .backend import target_cpu_name, target_has_avx512
 
 
 class Tile(NamedTuple):
@@ -41,6 +41,13 @@ AVX512_7X32 = Tile(7, 32, 16)
 # Whether the code may use AVX-512: the JIT's target CPU, or what the AOT module was built for.
 AVX512 = target_has_avx512()
 
+# The 28x16 tile loads one number of A for each of its FMAs (the 8x32 tile one for every two). Where the cores
+# keep up with that (AMD's Zen 4 and Zen 5), it beats padding a width of 32k+16 to 32(k+1); on Intel's cores it
+# does only when the width is 16, where 8x32 would compute twice the columns it keeps (measured on Rocket Lake;
+# its siblings of the same core design, Ice Lake and Tiger Lake, assumed alike). Either tile, the same bits.
+NARROW_TILE_ONLY_AT_16 = ("rocketlake", "icelake-client", "icelake-server", "tigerlake")
+CPU_NAME = target_cpu_name() if AVX512 else ""
+
 # The tiles the drivers are compiled with: those ``choose_tile`` picks on the target CPU only (each costs
 # seconds of compile time on every first run). The target is part of Numba's cache key, so a cache never
 # mixes the two; the tests of the other CPU's tiles run in a process compiled for it (tests/test_gemm.py).
@@ -55,7 +62,7 @@ INDIRECT_CIN = 3
 INDIRECT_TILES = COMPILED_TILES[:2]
 
 
-def choose_tile(m: int, n: int, avx512: bool = AVX512) -> Tile:
+def choose_tile(m: int, n: int, avx512: bool = AVX512, cpu: str = CPU_NAME) -> Tile:
     """The fastest tile for an [m, k] x [k, n] product on this CPU (bench/kernels.py).
 
     Every tile gives bit-identical answers, so the choice is free to follow the whole product's shape,
@@ -65,7 +72,7 @@ def choose_tile(m: int, n: int, avx512: bool = AVX512) -> Tile:
         return AVX2_6X16
     if m == 1:
         return AVX512_1X128
-    if round_up(n, 16) < round_up(n, 32):
+    if round_up(n, 16) < round_up(n, 32) and (n <= 16 or cpu not in NARROW_TILE_ONLY_AT_16):
         return AVX512_28X16
     return AVX512_7X32 if round_up(m, 7) < round_up(m, 8) else AVX512_8X32  # the tile that pads fewer rows
 

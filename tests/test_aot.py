@@ -103,6 +103,17 @@ def test_aot_module_gives_the_jit_bits_without_importing_numba(kernel_cache, tmp
     assert_aot_gives_the_jit_bits(kernel_cache, tmp_path, "96", "1", "mobilenet_v2,mobilenet_v3_small")
 
 
+def test_the_module_chooses_tiles_for_the_cpu_the_jit_would(kernel_cache):
+    """The tile rules (kernels/gemm_rules.py) follow the target CPU's AVX-512 and LLVM name: a module answers them
+    from its manifest without Numba, as the JIT does from Numba's target."""
+    code = ("import sys; from npmobile.kernels import backend, gemm_rules as R; "
+            "print(backend.AOT, R.AVX512, R.CPU_NAME or '-', 'numba' in sys.modules)")
+    aot = run_python(code, **aot_env(kernel_cache)).split()
+    jit = run_python(code, NPMOBILE_KERNELS="jit").split()
+    assert aot[0] == "True" and aot[3] == "False" and jit[0] == "False"
+    assert aot[1:3] == jit[1:3]
+
+
 @pytest.mark.slow
 def test_the_full_build_covers_every_family_at_224(tmp_path):
     build_into(tmp_path / "kernels")

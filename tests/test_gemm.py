@@ -98,7 +98,12 @@ def test_choose_tile_follows_the_shape_and_the_cpu():
     assert G.choose_tile(12544, 96, avx512=False) == gemm_rules.AVX2_6X16
     assert G.choose_tile(1, 1000, avx512=True) == gemm_rules.AVX512_1X128  # a matrix-vector product
     assert G.choose_tile(3136, 24, avx512=True) == gemm_rules.AVX512_8X32
-    assert G.choose_tile(784, 40, avx512=True) == gemm_rules.AVX512_28X16  # 48 columns in panels of 16, 64 of 32
+    # 48 columns in panels of 16, 64 of 32: on AMD's cores the narrow tile, on Intel's the wide one but for a width
+    # of 16 (kernels/gemm_rules.py NARROW_TILE_ONLY_AT_16)
+    assert G.choose_tile(784, 40, avx512=True, cpu="znver5") == gemm_rules.AVX512_28X16
+    assert G.choose_tile(784, 40, avx512=True, cpu="rocketlake") == gemm_rules.AVX512_8X32
+    assert G.choose_tile(12544, 16, avx512=True, cpu="rocketlake") == gemm_rules.AVX512_28X16
+    assert G.choose_tile(196, 80, avx512=True, cpu="icelake-server") == gemm_rules.AVX512_7X32
     assert G.choose_tile(49, 960, avx512=True) == gemm_rules.AVX512_7X32  # a 7x7 map: 7-row tiles pad no row
     assert G.choose_tile(392, 960, avx512=True) == gemm_rules.AVX512_8X32  # a batch of 8: 8-row tiles pad none
 
