@@ -134,13 +134,12 @@ def notice_first_compile(model) -> None:
     """Say so when ``model``'s kernels are about to be compiled (first run after install: about 13 s for MobileNetV2);
     afterwards Numba loads them from its cache in milliseconds."""
     from npmobile.kernels.first_run import kernels_cached
+    from npmobile.ops import layer_type
 
-    nodes = model.graph.nodes
-    sizes = tuple(sorted({int(n.weights["depthwise_kernel"].shape[0]) for n in nodes
-                          if n.op == "DepthwiseConv2D" and "depthwise_kernel" in n.weights}))
-    squeeze_excite = any(n.op == "GlobalAveragePooling2D" and n.config.get("keepdims") for n in nodes)
-    rescaled_input = any(n.op == "Rescaling" for n in nodes)
-    fused = tuple(sorted({int(n.weights["depthwise_kernel"].shape[0]) for n in model.optimized_graph().nodes
-                          if n.op == "ExpandDepthwise"}))
-    if not kernels_cached(sizes, squeeze_excite, rescaled_input, fused):
+    # What the plan's steps compile, each record saying its own: window sizes gathered, flags any of them.
+    wanted = {"depthwise_sizes": (), "squeeze_excite": False, "rescaled_input": False, "expand_depthwise_sizes": ()}
+    for node in model.optimized_graph().nodes:
+        for key, value in layer_type(node.op).first_run_kernels(node).items():
+            wanted[key] = tuple(sorted({*wanted[key], *value})) if isinstance(value, tuple) else wanted[key] or value
+    if not kernels_cached(**wanted):
         print("npmobile: compiling kernels (first run only, about 15 s)...", file=sys.stderr)
