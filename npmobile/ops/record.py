@@ -62,7 +62,8 @@ class LayerType:
     graph_input: bool = False  # True: the model's input (InputLayer), whose values are given, never computed
     # Its spatial window: "convolution" (over every input channel), "separable" (depthwise, then 1x1, in one
     # layer), "depthwise" (one channel each), "pool"; "" without one. The size rules refuse huge windows
-    # (npmobile.layers); the costs cut a network into blocks at its depthwise layers (npmobile.costs).
+    # (npmobile.layers), the costs cut a network into blocks at its depthwise layers (npmobile.costs), the
+    # profiler counts a pooling's work by its input (npmobile.profiling).
     window: str = ""
     global_pool: str = ""  # "average" or "max": pools each channel over the whole map (the head; a gate's squeeze)
     flattens: bool = False  # True: folds every position and channel of a map into one vector (Flatten)
