@@ -298,7 +298,9 @@ def decode(raw: bytes, name: str, size: tuple[int, int], interpolation: str, cro
 
 def pooled_layer(model) -> str:
     """The Keras name of the global average pooling the classifier reads (the embedding)."""
-    pools = [n for n in model.graph.nodes if n.op == "GlobalAveragePooling2D"]
+    from npmobile.ops import layer_type
+
+    pools = [n for n in model.graph.nodes if layer_type(n.op).global_pool == "average"]
     if not pools:
         raise NpmobileError(f"{model.graph.source or model.name}: no GlobalAveragePooling2D layer to embed with")
     return pools[-1].keras_names[0]

@@ -22,11 +22,12 @@ the profiler divides by measured times.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from npmobile.graph import Graph, Node
 from npmobile.layers import infer_shapes
-from npmobile.ops import layer_type
+from npmobile.ops import is_input, layer_type
 from npmobile.ops.common import pair, pixels
 
 CONVENTION = (
@@ -36,9 +37,6 @@ CONVENTION = (
 
 # Block parts, in the order a MobileNet meets them ("conv": a k x k convolution past the stem).
 PARTS = ("stem", "expand", "depthwise", "se", "project", "pointwise", "conv", "head", "classifier")
-
-_POOLS = ("GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten")
-_MULTIPLIES = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Dense")  # the layers whose MACs are counted
 
 
 @dataclass(frozen=True)
@@ -118,32 +116,69 @@ def with_input_size(graph: Graph, size: int | tuple[int, int] | None) -> Graph:
                  graph.keras_version, graph.source)
 
 
+def _is_convolution(node: Node) -> bool:
+    """A standard convolution (Conv2D): the stem, an expand, project or pointwise layer, the head."""
+    return layer_type(node.op).window == "convolution"
+
+
+def _is_depthwise(node: Node) -> bool:
+    return layer_type(node.op).window == "depthwise"
+
+
+def _is_dense(node: Node) -> bool:
+    return layer_type(node.op).kind(node) == "dense"
+
+
 def _is_1x1(node: Node) -> bool:
-    return node.op == "Conv2D" and pair(node.config.get("kernel_size", 1)) == (1, 1)
+    return _is_convolution(node) and pair(node.config.get("kernel_size", 1)) == (1, 1)
+
+
+def _ends_feature_maps(node: Node) -> bool:
+    """A global pooling or a Flatten: past the last one, the classifier."""
+    record = layer_type(node.op)
+    return bool(record.global_pool) or record.flattens
+
+
+def _walk_forward(graph: Graph, start: Node, go_on: Callable[[Node, set[str]], bool],
+                  most: int | None = None) -> tuple[list[Node], list[Node], bool]:
+    """The layers after ``start``, breadth first through the layers that read each, every one once, in the order
+    met; ``go_on(layer, met)`` says whether to walk on past a layer (``met``: the names met so far, ``start`` and
+    ``layer`` included). Stops after a step that brings the names met to ``most``. Returns the layers met, those
+    the walk stopped at, and whether it ran out of layers (rather than out of ``most``)."""
+    readers = graph.consumers()
+    met, frontier = {start.name}, [start.name]
+    reached: list[Node] = []
+    stopped: list[Node] = []
+    while frontier and (most is None or len(met) < most):
+        following = []
+        for name in frontier:
+            for reader in readers.get(name, []):
+                if reader.name in met:
+                    continue
+                met.add(reader.name)
+                reached.append(reader)
+                if go_on(reader, met):
+                    following.append(reader.name)
+                else:
+                    stopped.append(reader)
+        frontier = following
+    return reached, stopped, not frontier
+
+
+def _scales_a_map(node: Node, met: set[str]) -> bool:
+    """A multiply with an input from outside the layers met: where a squeeze-excite gate scales the feature map."""
+    outside = [i for i in node.inputs if isinstance(i, str) and i not in met]
+    return layer_type(node.op).multiplies and bool(outside)
 
 
 def _squeeze_excite_nodes(graph: Graph) -> set[str]:
     """The layers of every squeeze-excite gate: from a global pooling forward (its 1x1 convolutions and
     activations) to the multiply that scales a feature map not computed in the gate."""
-    users = graph.consumers()
     gates: set[str] = set()
-    for pool in (n for n in graph.nodes if n.op in _POOLS[:2]):
-        branch, frontier, closed = {pool.name}, [pool.name], False
-        while frontier and len(branch) < 32:
-            following = []
-            for name in frontier:
-                for user in users.get(name, []):
-                    if user.name in branch:
-                        continue
-                    branch.add(user.name)
-                    outside = [i for i in user.inputs if isinstance(i, str) and i not in branch]
-                    if user.op == "Multiply" and outside:
-                        closed = True  # the gate scales the map: the branch ends here
-                    else:
-                        following.append(user.name)
-            frontier = following
-        if closed and not frontier:
-            gates |= branch
+    for pool in (n for n in graph.nodes if layer_type(n.op).global_pool):
+        branch, scaling, ended = _walk_forward(graph, pool, lambda node, met: not _scales_a_map(node, met), most=32)
+        if scaling and ended:
+            gates |= {pool.name, *(node.name for node in branch)}
     return gates
 
 
@@ -160,14 +195,16 @@ def _parts(graph: Graph) -> dict[str, str]:
     input's part (the input computed last); padding takes the part of the convolution it pads for."""
     nodes = graph.nodes
     gates = _squeeze_excite_nodes(graph)
-    depthwise = [k for k, n in enumerate(nodes) if n.op == "DepthwiseConv2D"]
-    pools = [k for k, n in enumerate(nodes) if n.op in _POOLS and n.name not in gates]
+    depthwise = [k for k, n in enumerate(nodes) if _is_depthwise(n)]
+    pools = [k for k, n in enumerate(nodes) if _ends_feature_maps(n) and n.name not in gates]
     last_pool = pools[-1] if pools and (not depthwise or pools[-1] > depthwise[-1]) else len(nodes)
-    weighted = [k for k, n in enumerate(nodes) if n.op in _MULTIPLIES and n.name not in gates]
+    # The layers whose MACs are counted (convolutions, dense layers).
+    weighted = [k for k, n in enumerate(nodes) if layer_type(n.op).counts_macs and n.name not in gates]
     parts: dict[str, str] = {name: "se" for name in gates}
 
     bounds = [-1, *depthwise, last_pool]
-    segments = [[k for k in weighted if lo < k < hi and nodes[k].op == "Conv2D"] for lo, hi in zip(bounds, bounds[1:])]
+    segments = [[k for k in weighted if lo < k < hi and _is_convolution(nodes[k])]
+                for lo, hi in zip(bounds, bounds[1:])]
     first = segments[0]
     inverted = any(sum(map(_is_1x1, (nodes[k] for k in seg))) >= 2 for seg in segments[1:-1]) or any(
         _is_1x1(nodes[k]) for k in first[1:])
@@ -187,7 +224,7 @@ def _parts(graph: Graph) -> dict[str, str]:
         parts[nodes[k].name] = "depthwise"
     after = [k for k in weighted if k > last_pool]
     for k in after:
-        parts[nodes[k].name] = "classifier" if k == after[-1] or nodes[k].op == "Dense" else "head"
+        parts[nodes[k].name] = "classifier" if k == after[-1] or _is_dense(nodes[k]) else "head"
     for k in weighted:  # layers with weights the rules above did not place (Dense in the middle, ...)
         parts.setdefault(nodes[k].name, "head" if k > last_pool else "conv")
     if last_pool < len(nodes):
@@ -198,7 +235,7 @@ def _parts(graph: Graph) -> dict[str, str]:
     for node in nodes:
         if node.name in parts:
             continue
-        if node.op == "InputLayer":
+        if is_input(node.op):
             parts[node.name] = "input"
             continue
         # The input computed last: a residual add closes the block of its branch, not of its shortcut.
@@ -206,7 +243,7 @@ def _parts(graph: Graph) -> dict[str, str]:
         parts[node.name] = "stem" if not sources or sources[-1][1] == "input" else sources[-1][1]
     for node in reversed(nodes):  # padding belongs to the convolution it pads for
         users = consumers.get(node.name, [])
-        if node.op == "ZeroPadding2D" and len(users) == 1:
+        if layer_type(node.op).pads and len(users) == 1:
             parts[node.name] = parts[users[0].name]
     return parts
 
@@ -215,26 +252,13 @@ def _next_pointwise(graph: Graph, start: Node) -> Node | None:
     """The first 1x1 convolution after ``start``, walking forward through layers that keep channels
     (BatchNorm, activations, padding, the squeeze-excite multiply). The squeeze-excite branch stops at
     its pooling, so its 1x1 convolutions are never taken for the block's pointwise layer."""
-    users = graph.consumers()
-    frontier = [start.name]
-    seen = set(frontier)
-    while frontier:
-        following = []
-        for name in frontier:
-            for user in users.get(name, []):
-                if user.name in seen:
-                    continue
-                seen.add(user.name)
-                if user.op == "Conv2D":
-                    if pair(user.config.get("kernel_size", 1)) == (1, 1):
-                        return user
-                    continue
-                if user.op in ("DepthwiseConv2D", "SeparableConv2D", "Dense", "GlobalAveragePooling2D",
-                               "GlobalMaxPooling2D", "Flatten", "Reshape"):
-                    continue
-                following.append(user.name)
-        frontier = following
-    return None
+
+    def keeps_channels(node: Node, met: set[str]) -> bool:
+        record = layer_type(node.op)  # not a convolution, a dense layer, a pooling or a reshape
+        return not (record.counts_macs or record.global_pool or record.view)
+
+    _, stopped, _ = _walk_forward(graph, start, keeps_channels)
+    return next((node for node in stopped if _is_1x1(node)), None)
 
 
 def layer_costs(model, input_size: int | tuple[int, int] | None = None) -> list[LayerCost]:
@@ -246,18 +270,18 @@ def layer_costs(model, input_size: int | tuple[int, int] | None = None) -> list[
     graph = with_input_size(model.graph, input_size)
     shapes = infer_shapes(graph, check=False) if input_size is not None else model.shapes
     for node in graph.nodes:
-        if node.op != "InputLayer" and any(d is None for d in shapes[node.name][1:]):
+        if not is_input(node.op) and any(d is None for d in shapes[node.name][1:]):
             raise ValueError(f"model {graph.name!r} has an unknown input size {graph.input_shapes[graph.inputs[0]]};"
                              " give an input size to count MACs")
     parts = _parts(graph)
     costs = []
     for node in graph.nodes:
-        if node.op == "InputLayer":
+        if is_input(node.op):
             continue
         ins = [shapes[i] for i in node.inputs if isinstance(i, str)]
         out = shapes[node.name]
         extra = {}
-        if node.op == "DepthwiseConv2D":
+        if _is_depthwise(node):
             extra = _depthwise_comparison(graph, shapes, node, ins[0], out)
         costs.append(LayerCost(node.name, node.op, parts[node.name], out, node_params(node),
                                node_macs(node, ins[0], out), **extra))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from npmobile.errors import ModelFileError, UnsupportedLayerError
 from npmobile.nodes import Input, Node, last_readers  # noqa: F401 (the graph's node types, re-exported)
-from npmobile.ops import canonical_class, file_classes
+from npmobile.ops import INPUT_LAYER, canonical_class, file_classes, is_input
 from npmobile.spec import LayerSpec, ModelSpec, TensorRef
 
 NESTED_MODEL_CLASSES = frozenset({"Functional", "Model", "Sequential"})
@@ -156,7 +156,7 @@ class _GraphBuilder:
 
     def _call_inputs(self, spec: ModelSpec, layer: LayerSpec, call: int) -> list[TensorRef]:
         """The tensors call number ``call`` of ``layer`` takes (none for an input layer)."""
-        if canonical_class(layer.class_name) == "InputLayer":
+        if is_input(layer.class_name):
             return []
         if not 0 <= call < len(layer.inbound):
             raise self._fail(spec, f"layer {layer.name!r} is referenced as call {call} "
@@ -165,7 +165,7 @@ class _GraphBuilder:
 
     def _add_call(self, spec: ModelSpec, layer: LayerSpec, call: int, visit, collect_inputs) -> str:
         cls = canonical_class(layer.class_name)
-        if cls == "InputLayer":
+        if is_input(cls):
             return self._add_input(spec, layer, collect_inputs)
         if not 0 <= call < len(layer.inbound):
             raise self._fail(spec, f"layer {layer.name!r} is referenced as call {call} "
@@ -208,7 +208,7 @@ class _GraphBuilder:
         if shape is None:
             raise self._fail(spec, f"input layer {layer.name!r} has no shape")
         name = self._unique(layer.name)
-        self.nodes.append(Node(name=name, op="InputLayer", config=dict(config), inputs=[]))
+        self.nodes.append(Node(name=name, op=INPUT_LAYER, config=dict(config), inputs=[]))
         if name not in collect_inputs[0]:
             collect_inputs[0].append(name)
             collect_inputs[1][name] = tuple(shape)
@@ -255,5 +255,5 @@ def check_supported(layer: LayerSpec, spec: ModelSpec) -> None:
     if cls not in file_classes():  # every layer type with a record (npmobile.ops), and nothing else
         raise UnsupportedLayerError(
             f"{where} has class {layer.class_name!r}, which npmobile does not support "
-            f"(supported: {', '.join(['InputLayer', *file_classes()])})"
+            f"(supported: {', '.join([INPUT_LAYER, *file_classes()])})"
         )

@@ -17,7 +17,7 @@ from npmobile.errors import InputShapeError
 from npmobile.graph import Graph, last_readers
 from npmobile.kernels.threads import thread_limits
 from npmobile.layers import check_values_alive, checked_shapes, infer_shapes
-from npmobile.ops import layer_type
+from npmobile.ops import is_input, layer_type
 from npmobile.passes import optimize
 from npmobile.plan import PlanCache
 
@@ -278,7 +278,7 @@ class Model:
         keep = set(wanted)
         # The size rules of load time, for this input, and the values alive at once (as a plan's buffers).
         check_values_alive(graph, checked_shapes(graph, [f.shape for f in feeds]), keep, [f.shape for f in feeds])
-        nodes = [n for n in graph.nodes if n.op != "InputLayer"]
+        nodes = [n for n in graph.nodes if not is_input(n.op)]
         last = last_readers(nodes)  # a value is dropped once its last reader has run
 
         values: dict[str, np.ndarray] = dict(zip(graph.inputs, feeds))

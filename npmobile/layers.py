@@ -13,7 +13,7 @@ from dataclasses import replace
 from npmobile.errors import ModelFileError, UnsupportedLayerError
 from npmobile.graph import Node, last_readers
 from npmobile.limits import MAX_LAYER_VALUES, MAX_PLAN_VALUES, MAX_WINDOW, MAX_WINDOW_WORK
-from npmobile.ops import layer_type
+from npmobile.ops import is_input, layer_type
 from npmobile.ops.common import check_channels_last, pair
 
 Shape = tuple
@@ -49,21 +49,17 @@ def _check_size(node: Node, shape: Shape, source: str) -> None:
     where = f"{source + ': ' if source else ''}layer {node.name!r} ({node.op})"
     if any(not isinstance(d, int) or d < 1 for d in dims):
         raise ModelFileError(f"{where}: output shape {shape} is impossible (input too small for its kernels?)")
-    size = 1
-    for d in dims:
-        size *= d
+    size = math.prod(dims)
     if size > MAX_ELEMENTS:
         raise ModelFileError(f"{where}: output shape {shape} has {size:,} values per image; refusing it")
 
 
-# MobileNets use 3x3 to 7x7 windows; a file asking for wider ones, or for billions of window values
-# (npmobile.limits), would allocate a huge padded copy, or materialize the windows, at run time.
-_WINDOWED = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "AveragePooling2D", "MaxPooling2D")
-
-
 def _check_window(node: Node, x: Shape, out: Shape, source: str) -> None:
-    """Refuse windows so wide, or so many, that running the layer would exhaust memory or time."""
-    if node.op not in _WINDOWED:
+    """Refuse windows so wide, or so many, that running the layer would exhaust memory or time. MobileNets use
+    3x3 to 7x7 windows; a file asking for wider ones, or for billions of window values (npmobile.limits), would
+    allocate a huge padded copy, or materialize the windows, at run time."""
+    window = layer_type(node.op).window
+    if not window:
         return
     c = node.config
     where = f"{source + ': ' if source else ''}layer {node.name!r} ({node.op})"
@@ -85,7 +81,7 @@ def _check_window(node: Node, x: Shape, out: Shape, source: str) -> None:
     # A convolution's windows laid out as a matrix (im2col: every output pixel's kernel x input channels), the
     # scratch its fast path allocates when the plan is made.
     patches = out[1] * out[2] * kernel[0] * kernel[1] * x[-1]
-    if node.op in ("Conv2D", "SeparableConv2D") and kernel != (1, 1) and patches > MAX_ELEMENTS:
+    if window in ("convolution", "separable") and kernel != (1, 1) and patches > MAX_ELEMENTS:
         raise ModelFileError(f"{where}: its windows as a matrix hold {patches:,} values per image; refusing it")
 
 
@@ -107,7 +103,7 @@ def infer_shapes(graph, check: bool = True, sizes: bool | None = None) -> dict[s
     sizes = check if sizes is None else sizes
     shapes: dict[str, Shape] = {}
     for node in graph.nodes:
-        if node.op == "InputLayer":
+        if is_input(node.op):
             shape = graph.input_shapes[node.name]
             if not isinstance(shape, (list, tuple)) or len(shape) < 2:
                 raise ModelFileError(f"{graph.source}: input {node.name!r} has shape {shape!r}")
@@ -164,7 +160,7 @@ def check_plan_total(graph, buffer_sizes: list[int], input_shapes: list[tuple[in
 def check_values_alive(graph, shapes: dict[str, Shape], keep: set[str], input_shapes: list[tuple[int, ...]]) -> None:
     """The same bound for a run that keeps every value until its last reader has run (the reference path):
     the most values alive at once, per image, at most MAX_PLAN_VALUES."""
-    nodes = [n for n in graph.nodes if n.op != "InputLayer"]
+    nodes = [n for n in graph.nodes if not is_input(n.op)]
     last = last_readers(nodes)
     alive: dict[str, int] = {}
     peak = 0
@@ -198,7 +194,7 @@ def validate_config(node: Node, keras_version: int = 3) -> None:
         if key in c:
             _positive_ints(node, key, c[key])
     padding = c.get("padding")
-    if node.op in _WINDOWED and padding not in ("same", "valid") and not isinstance(padding, (list, tuple)):
+    if layer_type(node.op).window and padding not in ("same", "valid") and not isinstance(padding, (list, tuple)):
         raise ModelFileError(f"layer {node.name!r} ({node.op}): padding={padding!r} is not 'same' or 'valid'")
     for key in ("max_value", "negative_slope", "threshold", "epsilon"):
         value = c.get(key)

@@ -90,24 +90,18 @@ def family_model(family: str, alpha: float, size: int, minimalistic: bool, weigh
     return applications.FAMILIES[family](**kwargs)
 
 
-# Layers that map pixel values: a model with one of these before its first convolution (or dense layer)
-# does its own preprocessing. Arithmetic counts where one operand is a constant (x / 127.5, x - mean).
-VALUE_PREPROCESSING = frozenset({"Rescaling", "Normalization"})
-CONSTANT_ARITHMETIC = frozenset({"Add", "Subtract", "Multiply", "TrueDivide", "Negative"})
-WEIGHTED = frozenset({"Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Dense", "BatchNormalization"})
-
-
 def carries_preprocessing(graph) -> bool:
-    """Whether the graph maps its pixels itself before its first weighted layer: a Rescaling (MobileNetV3),
-    a Normalization, or preprocess_input called on the input tensor (op nodes, TFOpLambda arithmetic)."""
+    """Whether the graph maps its pixels itself before its first layer with weights: a Rescaling (MobileNetV3),
+    a Normalization, or preprocess_input called on the input tensor (op nodes, TFOpLambda arithmetic with a
+    constant): what each layer is, its record says (``preprocessing``, ``weights``)."""
+    from npmobile.ops import layer_type
+
     for node in graph.nodes:  # in an order where every node follows its inputs: the stem comes first
-        if node.op in WEIGHTED:
+        record = layer_type(node.op)
+        if record.is_preprocessing(node):
+            return True
+        if record.weight_names(node.config):
             return False
-        if node.op in VALUE_PREPROCESSING:
-            return True
-        if node.op in CONSTANT_ARITHMETIC and (node.op == "Negative"
-                                               or any(not isinstance(i, str) for i in node.inputs)):
-            return True
     return False
 
 
@@ -143,11 +137,13 @@ def load_torchvision_sized(path, size: int, max_pixels: int | None = None) -> np
 def binary_head(model) -> str | None:
     """A model with one output unit is a binary classifier: "logits" when its output is a raw score (the
     transfer-learning tutorial's ``Dense(1)``), "probability" when a sigmoid ends it; None otherwise."""
+    from npmobile.ops import layer_type
+
     output = model.graph.outputs[0]
     if model.shapes[output][-1] != 1 or len(model.shapes[output]) != 2:
         return None
     node = model.graph.node(output)
-    activation = node.config.get("activation") if node.op in ("Dense", "Activation") else None
+    activation = node.config.get("activation") if layer_type(node.op).activation else None
     return "probability" if activation == "sigmoid" else "logits"
 
 

@@ -29,7 +29,7 @@ from npmobile.kernels.backend import get_num_threads
 from npmobile.kernels.entry import ByThreads, needs_blas, rebinder, same_call
 from npmobile.kernels.threads import hold_blas
 from npmobile.layers import check_plan_total, checked_shapes
-from npmobile.ops import Binder, layer_type
+from npmobile.ops import Binder, is_input, layer_type
 
 
 @dataclass
@@ -219,7 +219,7 @@ def build_plan(graph: Graph, input_shapes: list[tuple[int, ...]], outputs: list[
         value_of[name] = len(slot_shapes)
         slot_shapes.append(concrete[name])
 
-    nodes = [n for n in graph.nodes if n.op != "InputLayer"]
+    nodes = [n for n in graph.nodes if not is_input(n.op)]
     last_use = last_readers(nodes)
     keep = set(outputs)
 

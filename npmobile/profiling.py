@@ -33,9 +33,7 @@ import numpy as np
 from npmobile.costs import node_macs, with_input_size
 from npmobile.graph import Graph, Node
 from npmobile.layers import infer_shapes
-from npmobile.ops import layer_type
-
-_NO_WORK = ("InputLayer", "ZeroPadding2D", "Reshape", "Flatten", "Dropout")
+from npmobile.ops import is_input, layer_type
 
 
 @dataclass(frozen=True)
@@ -110,22 +108,23 @@ def _elements(shape: tuple, batch: int) -> int:
 
 def step_cost(node: Node, in_shapes: list[tuple], out_shape: tuple, batch: int = 1) -> StepCost:
     """FLOPs and compulsory float32 traffic of one plan step (a node of the optimized graph)."""
+    record = layer_type(node.op)
     macs = node_macs(node, in_shapes[0], out_shape) if in_shapes else 0
     out_elems = _elements(out_shape, batch)
     in_elems = sum(_elements(s, batch) for s in in_shapes)
     if macs:
         flops = 2 * macs * batch
-    elif node.op in _NO_WORK:
+    elif record.moves_values_only(node):
         flops = 0
-    elif node.op in ("GlobalAveragePooling2D", "GlobalMaxPooling2D", "AveragePooling2D", "MaxPooling2D"):
+    elif record.global_pool or record.window == "pool":  # pooling: one operation per input element
         flops = in_elems
     else:  # elementwise: about one operation per output element
         flops = out_elems * max(len(in_shapes) - 1, 1)
-    if node.op == "SqueezeExcite":  # pool, gate and rescale every element: ~3 passes over the map
+    kind = step_kind(node)
+    if kind == "se":  # pool, gate and rescale every element: ~3 passes over the map
         flops += 3 * out_elems
     weights = sum(int(w.size) for w in node.weights.values())
-    return StepCost(node.name, node.op, step_kind(node), int(flops), 4 * (in_elems + out_elems + weights),
-                    macs * batch)
+    return StepCost(node.name, node.op, kind, int(flops), 4 * (in_elems + out_elems + weights), macs * batch)
 
 
 def plan_costs(plan: Graph, input_shape: tuple) -> list[StepCost]:
@@ -135,7 +134,7 @@ def plan_costs(plan: Graph, input_shape: tuple) -> list[StepCost]:
     batch = int(input_shape[0])
     out = []
     for node in graph.nodes:
-        if node.op == "InputLayer":
+        if is_input(node.op):
             continue
         ins = [shapes[i] for i in node.inputs if isinstance(i, str)]
         out.append(step_cost(node, ins, shapes[node.name], batch))

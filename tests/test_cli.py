@@ -147,6 +147,21 @@ def test_a_pytorch_file_given_as_weights_is_read_as_one(tmp_path):
     assert result.returncode == 1 and "the pickle is corrupt" in result.stderr and "config.json" not in result.stderr
 
 
+def test_the_compile_notice_asks_for_the_kernels_the_plan_compiles():
+    """The "compiling kernels" notice asks kernels_cached about what each step's record says it compiles: the
+    squeeze-excite kernel only for a plan that has one (V1's head pools with keepdims, and has none), the
+    rescaled input only where a Rescaling is folded into the stem (V3's)."""
+    from npmobile import applications
+    from npmobile.cli.models import first_run_kernels
+
+    v1 = first_run_kernels(applications.MobileNet(weights=None, input_shape=(128, 128, 3)))
+    assert v1 == {"depthwise_sizes": (3,), "squeeze_excite": False, "rescaled_input": False,
+                  "expand_depthwise_sizes": ()}
+    v3 = first_run_kernels(applications.MobileNetV3Large(weights=None, input_shape=(128, 128, 3)))
+    assert v3["squeeze_excite"] and v3["rescaled_input"]
+    assert {*v3["depthwise_sizes"], *v3["expand_depthwise_sizes"]} == {3, 5}
+
+
 def test_custom_object_option_maps_a_tutorial_function(tutorials):
     case = tutorials("MobileNetV3Small", "keras3_keras")
     refused = run_cli("summary", str(case.path))

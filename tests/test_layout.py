@@ -8,8 +8,6 @@ import ast
 from functools import cache
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 # The installed packages and their folders (pyproject.toml: kernels/ and weights/ sit at the repository's top).
 PACKAGES = {"npmobile": ROOT / "npmobile", "npmobile.kernels": ROOT / "kernels", "npmobile.weights": ROOT / "weights"}
@@ -189,9 +187,5 @@ def keras_names_outside_the_records() -> dict[str, list[str]]:
     return found
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Keras class names as strings outside the records today: npmobile/batch.py, cli/models.py (notice_first_compile),"
-    " verify/sides.py, costs.py, graph.py, interpreter.py, layers.py, opening.py, plan.py, profiling.py (InputLayer in"
-    " most): removed as the records say what each of these asks"))
 def test_keras_layer_classes_are_named_only_by_the_records_readers_passes_and_builders():
     assert keras_names_outside_the_records() == {}

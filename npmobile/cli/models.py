@@ -130,17 +130,22 @@ def teaching_model(args):
                       args.trusted, args.custom_objects, args.given_model_options)
 
 
+def first_run_kernels(model) -> dict:
+    """What ``model``'s plan compiles on its first run, as keyword arguments of kernels_cached
+    (kernels/first_run.py): each step's record says its own; window sizes gathered, flags any of them."""
+    from npmobile.ops import layer_type
+
+    wanted = {"depthwise_sizes": (), "squeeze_excite": False, "rescaled_input": False, "expand_depthwise_sizes": ()}
+    for node in model.optimized_graph().nodes:
+        for key, value in layer_type(node.op).first_run_kernels(node).items():
+            wanted[key] = tuple(sorted({*wanted[key], *value})) if isinstance(value, tuple) else wanted[key] or value
+    return wanted
+
+
 def notice_first_compile(model) -> None:
     """Say so when ``model``'s kernels are about to be compiled (first run after install: about 13 s for MobileNetV2);
     afterwards Numba loads them from its cache in milliseconds."""
     from npmobile.kernels.first_run import kernels_cached
 
-    nodes = model.graph.nodes
-    sizes = tuple(sorted({int(n.weights["depthwise_kernel"].shape[0]) for n in nodes
-                          if n.op == "DepthwiseConv2D" and "depthwise_kernel" in n.weights}))
-    squeeze_excite = any(n.op == "GlobalAveragePooling2D" and n.config.get("keepdims") for n in nodes)
-    rescaled_input = any(n.op == "Rescaling" for n in nodes)
-    fused = tuple(sorted({int(n.weights["depthwise_kernel"].shape[0]) for n in model.optimized_graph().nodes
-                          if n.op == "ExpandDepthwise"}))
-    if not kernels_cached(sizes, squeeze_excite, rescaled_input, fused):
+    if not kernels_cached(**first_run_kernels(model)):
         print("npmobile: compiling kernels (first run only, about 15 s)...", file=sys.stderr)

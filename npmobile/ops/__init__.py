@@ -13,7 +13,14 @@ A ``LayerType`` holds everything npmobile knows about one layer class, in one pl
   them once and returns the call with no arguments that computes the step (kernels/entry.py), which
   the plan then makes at every prediction; or None where the reference must run;
 - ``macs(node, in_shape, out_shape)``: multiply-accumulates per image, for ``summary --costs``;
-- ``kind(node)``: its bucket in ``profile`` (pointwise, depthwise, conv, expand+dw, dense, se, other).
+- ``kind(node)``: its bucket in ``profile`` (pointwise, depthwise, conv, expand+dw, dense, se, other);
+- what the rest of the engine asks of a layer type, each in one field (record.py says what each means): whether
+  it is the model's input (``graph_input``), its spatial ``window``, whether it is a ``global_pool``, ``flattens``,
+  ``multiplies``, ``pads``, applies its config's ``activation``, is part of a model's own ``preprocessing``,
+  moves values only (``moves_values_only``: padding, views, the identity), and which kernels its fast path
+  compiles on a model's first run (``first_run_kernels``).
+
+Records are built with keyword arguments: a record reads as the list of what it says.
 
 A layer class without a record is refused when a file is loaded (npmobile.graph.check_supported),
 never given a default. Records are framework-neutral: a PyTorch model built on the same operations
@@ -35,6 +42,7 @@ from npmobile.ops import (  # noqa: E402, F401
     convolution,
     core,
     expand_depthwise,
+    input_layer,
     merge,
     normalization,
     pooling,
@@ -42,6 +50,7 @@ from npmobile.ops import (  # noqa: E402, F401
     reshaping,
     squeeze_excite,
 )
+from npmobile.ops.input_layer import INPUT_LAYER  # noqa: F401
 from npmobile.ops.record import (  # noqa: F401 (the records' public names)
     LAYER_TYPES,
     Binder,
@@ -50,6 +59,7 @@ from npmobile.ops.record import (  # noqa: F401 (the records' public names)
     canonical_class,
     file_classes,
     is_identity,
+    is_input,
     layer_type,
     register,
 )

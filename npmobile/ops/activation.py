@@ -108,7 +108,8 @@ def validate_activation(node: Node, keras_version: int) -> None:
 
 
 register(
-    LayerType("ReLU", relu_reference, prepare=prepare_activation),
-    LayerType("Activation", activation_reference, prepare=prepare_activation, validate=validate_activation),
-    LayerType("Softmax", softmax_reference),
+    LayerType(name="ReLU", reference=relu_reference, prepare=prepare_activation),
+    LayerType(name="Activation", reference=activation_reference, prepare=prepare_activation,
+              validate=validate_activation, activation=True),
+    LayerType(name="Softmax", reference=softmax_reference),
 )

@@ -43,6 +43,12 @@ def constants(node: Node) -> list:
     return [i for i in node.inputs if not isinstance(i, str)]
 
 
+def with_constant(node: Node) -> bool:
+    """Whether one operand is a constant (``x / 127.5``, ``x - mean``): arithmetic on pixel values, as a
+    model's own preprocessing writes it, not between two tensors."""
+    return bool(constants(node))
+
+
 def elementwise_shape(node: Node, inputs: list) -> tuple:
     """Broadcasting of the tensors; a vector constant must hold one value per channel (or one value)."""
     shape = broadcast_shape(node, inputs)
@@ -140,8 +146,10 @@ def cast_validate(node: Node, keras_version: int) -> None:
 
 
 register(
-    LayerType("Subtract", binary_reference(np.subtract), elementwise_shape, prepare=ufunc_prepare(np.subtract)),
-    LayerType("TrueDivide", divide_reference, elementwise_shape, prepare=divide_prepare, aliases=("Divide",)),
-    LayerType("Negative", negative_reference, validate=_check_one_tensor),
-    LayerType("Cast", identity_reference, validate=cast_validate, identity=True),
+    LayerType(name="Subtract", reference=binary_reference(np.subtract), output_shape=elementwise_shape,
+              prepare=ufunc_prepare(np.subtract), preprocessing=with_constant),
+    LayerType(name="TrueDivide", reference=divide_reference, output_shape=elementwise_shape, prepare=divide_prepare,
+              aliases=("Divide",), preprocessing=with_constant),
+    LayerType(name="Negative", reference=negative_reference, validate=_check_one_tensor, preprocessing=True),
+    LayerType(name="Cast", reference=identity_reference, validate=cast_validate, identity=True),
 )

@@ -70,6 +70,11 @@ def conv2d_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
     return apply_activation(y, node, keras_version)
 
 
+def input_rescaling(node: Node) -> tuple[float, float]:
+    """(scale, offset) of the Rescaling the passes folded into the convolution's input; (1.0, 0.0) without one."""
+    return node.config.get("input_scale", 1.0), node.config.get("input_offset", 0.0)
+
+
 def conv2d_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
     from npmobile.kernels.conv import conv2d, fits_indirection, indirection_table
     from npmobile.kernels.gemm import INDIRECT_TILES, pack
@@ -84,7 +89,7 @@ def conv2d_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Bind
         return None
     residual = bool(node.config.get("residual"))
     bias = bias_or_zeros(node, kernel.shape[3])
-    scale, offset = node.config.get("input_scale", 1.0), node.config.get("input_offset", 0.0)
+    scale, offset = input_rescaling(node)
     rescaled_input = (scale, offset) != (1.0, 0.0)
     if kernel.shape[:2] == (1, 1) and strides == (1, 1) and padding == ref.NO_PADDING and not rescaled_input:
         w = prepare_weights(kernel[0, 0], bias, int(np.prod(out_shape[:3])))  # packed once per plan
@@ -204,11 +209,26 @@ def separable_macs(node: Node, in_shape: tuple, out_shape: tuple) -> int:
     return pixels(out_shape) * (kh * kw * mid + mid * out_shape[-1])
 
 
+def conv2d_first_run_kernels(node: Node) -> dict:
+    rescaled = input_rescaling(node) != (1.0, 0.0)
+    return {"rescaled_input": True} if rescaled else {}  # a Rescaling folded in: the rescaled copy of the input
+
+
+def depthwise_first_run_kernels(node: Node) -> dict:
+    kernel = node.weights.get("depthwise_kernel")  # a row kernel of its window's size (kernels/depthwise.py)
+    return {} if kernel is None else {"depthwise_sizes": (int(kernel.shape[0]),)}
+
+
 register(
-    LayerType("Conv2D", conv2d_reference, conv_output_shape, conv2d_weights, conv2d_validate, conv2d_prepare,
-              conv2d_macs, conv2d_kind, aliases=("Convolution2D",)),
-    LayerType("DepthwiseConv2D", depthwise_reference, conv_output_shape, depthwise_weights, validate_activation,
-              depthwise_prepare, depthwise_macs, lambda node: "depthwise"),
-    LayerType("SeparableConv2D", separable_reference, conv_output_shape, separable_weights, validate_activation,
-              None, separable_macs, lambda node: "conv", aliases=("SeparableConvolution2D",)),
+    LayerType(name="Conv2D", reference=conv2d_reference, output_shape=conv_output_shape, weights=conv2d_weights,
+              validate=conv2d_validate, prepare=conv2d_prepare, macs=conv2d_macs, kind=conv2d_kind,
+              aliases=("Convolution2D",), window="convolution", activation=True,
+              first_run_kernels=conv2d_first_run_kernels),
+    LayerType(name="DepthwiseConv2D", reference=depthwise_reference, output_shape=conv_output_shape,
+              weights=depthwise_weights, validate=validate_activation, prepare=depthwise_prepare,
+              macs=depthwise_macs, kind=lambda node: "depthwise", window="depthwise", activation=True,
+              first_run_kernels=depthwise_first_run_kernels),
+    LayerType(name="SeparableConv2D", reference=separable_reference, output_shape=conv_output_shape,
+              weights=separable_weights, validate=validate_activation, macs=separable_macs,
+              kind=lambda node: "conv", aliases=("SeparableConvolution2D",), window="separable", activation=True),
 )

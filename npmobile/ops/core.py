@@ -57,5 +57,6 @@ def dense_macs(node: Node, in_shape: tuple, out_shape: tuple) -> int:
     return pixels(out_shape) * in_shape[-1] * out_shape[-1]
 
 
-register(LayerType("Dense", dense_reference, dense_output_shape, dense_weights, validate_activation, dense_prepare,
-                   dense_macs, lambda node: "dense"))
+register(LayerType(name="Dense", reference=dense_reference, output_shape=dense_output_shape, weights=dense_weights,
+                   validate=validate_activation, prepare=dense_prepare, macs=dense_macs, kind=lambda node: "dense",
+                   activation=True))

@@ -83,6 +83,11 @@ def expand_depthwise_macs(node: Node, in_shape: tuple, out_shape: tuple) -> int:
     return pixels(in_shape) * cin * c + pixels(out_shape) * k[0] * k[1] * c
 
 
-register(LayerType("ExpandDepthwise", expand_depthwise_reference, expand_depthwise_output_shape,
-                   prepare=expand_depthwise_prepare, macs=expand_depthwise_macs,
-                   kind=lambda node: "expand+dw", from_files=False))
+def expand_depthwise_first_run_kernels(node: Node) -> dict:
+    return {"expand_depthwise_sizes": (int(node.weights["depthwise_kernel"].shape[0]),)}  # the fused driver's
+
+
+register(LayerType(name="ExpandDepthwise", reference=expand_depthwise_reference,
+                   output_shape=expand_depthwise_output_shape, prepare=expand_depthwise_prepare,
+                   macs=expand_depthwise_macs, kind=lambda node: "expand+dw", from_files=False,
+                   first_run_kernels=expand_depthwise_first_run_kernels))

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from npmobile.ops.arithmetic import binary_reference, elementwise_shape, ufunc_prepare
+from npmobile.ops.arithmetic import binary_reference, elementwise_shape, ufunc_prepare, with_constant
 from npmobile.ops.record import Binder, LayerType, register
 
 if TYPE_CHECKING:
@@ -63,7 +63,9 @@ def concatenate_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
 
 
 register(
-    LayerType("Add", add_reference, _elementwise_shape, prepare=add_prepare),
-    LayerType("Multiply", multiply_reference, _elementwise_shape, prepare=multiply_prepare),
-    LayerType("Concatenate", concatenate_reference, concatenate_output_shape),
+    LayerType(name="Add", reference=add_reference, output_shape=_elementwise_shape, prepare=add_prepare,
+              preprocessing=with_constant),
+    LayerType(name="Multiply", reference=multiply_reference, output_shape=_elementwise_shape,
+              prepare=multiply_prepare, multiplies=True, preprocessing=with_constant),
+    LayerType(name="Concatenate", reference=concatenate_reference, output_shape=concatenate_output_shape),
 )

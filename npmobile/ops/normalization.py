@@ -36,5 +36,5 @@ def batch_norm_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
                           float(node.config.get("epsilon", 1e-3)))
 
 
-register(LayerType("BatchNormalization", batch_norm_reference, weights=batch_norm_weights,
+register(LayerType(name="BatchNormalization", reference=batch_norm_reference, weights=batch_norm_weights,
                    validate=batch_norm_validate))

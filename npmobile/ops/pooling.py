@@ -71,10 +71,13 @@ def max_pool_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
 
 
 register(
-    LayerType("GlobalAveragePooling2D", global_average_pool_reference, global_pool_output_shape,
-              prepare=global_average_pool_prepare, aliases=("GlobalAvgPool2D",)),
-    LayerType("GlobalMaxPooling2D", global_max_pool_reference, global_pool_output_shape,
-              aliases=("GlobalMaxPool2D",)),
-    LayerType("AveragePooling2D", average_pool_reference, pool_output_shape, aliases=("AvgPool2D",)),
-    LayerType("MaxPooling2D", max_pool_reference, pool_output_shape, aliases=("MaxPool2D",)),
+    LayerType(name="GlobalAveragePooling2D", reference=global_average_pool_reference,
+              output_shape=global_pool_output_shape, prepare=global_average_pool_prepare,
+              aliases=("GlobalAvgPool2D",), global_pool="average"),
+    LayerType(name="GlobalMaxPooling2D", reference=global_max_pool_reference, output_shape=global_pool_output_shape,
+              aliases=("GlobalMaxPool2D",), global_pool="max"),
+    LayerType(name="AveragePooling2D", reference=average_pool_reference, output_shape=pool_output_shape,
+              aliases=("AvgPool2D",), window="pool"),
+    LayerType(name="MaxPooling2D", reference=max_pool_reference, output_shape=pool_output_shape,
+              aliases=("MaxPool2D",), window="pool"),
 )

@@ -267,14 +267,16 @@ def stack_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
 
 
 register(
-    *(LayerType(name, identity_reference, identity=True) for name in IDENTITY_AT_INFERENCE),
-    LayerType("Normalization", normalization_reference, normalization_output_shape, normalization_weights,
-              normalization_validate),
-    LayerType("Resizing", resizing_reference, resized_shape, validate=resizing_validate),
-    LayerType("CenterCrop", center_crop_reference, resized_shape, validate=_window_validate),
-    LayerType("ReverseChannels", reverse_channels_reference),
-    LayerType("GetItem", get_item_reference, get_item_output_shape, validate=get_item_validate),
-    LayerType("Stack", stack_reference, stack_output_shape, validate=stack_validate),
-    LayerType("RandomCrop", random_crop_reference, random_crop_output_shape, validate=_window_validate,
-              identity=lambda node: not _crops_at_inference(node)),
+    *(LayerType(name=name, reference=identity_reference, identity=True) for name in IDENTITY_AT_INFERENCE),
+    LayerType(name="Normalization", reference=normalization_reference, output_shape=normalization_output_shape,
+              weights=normalization_weights, validate=normalization_validate, preprocessing=True),
+    LayerType(name="Resizing", reference=resizing_reference, output_shape=resized_shape, validate=resizing_validate),
+    LayerType(name="CenterCrop", reference=center_crop_reference, output_shape=resized_shape,
+              validate=_window_validate),
+    LayerType(name="ReverseChannels", reference=reverse_channels_reference),
+    LayerType(name="GetItem", reference=get_item_reference, output_shape=get_item_output_shape,
+              validate=get_item_validate),
+    LayerType(name="Stack", reference=stack_reference, output_shape=stack_output_shape, validate=stack_validate),
+    LayerType(name="RandomCrop", reference=random_crop_reference, output_shape=random_crop_output_shape,
+              validate=_window_validate, identity=lambda node: not _crops_at_inference(node)),
 )

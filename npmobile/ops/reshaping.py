@@ -96,11 +96,13 @@ def identity_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
 
 
 register(
-    LayerType("ZeroPadding2D", zero_padding_reference, zero_padding_output_shape),
-    LayerType("Reshape", reshape_reference, reshape_output_shape, view=True),
-    LayerType("Flatten", flatten_reference, flatten_output_shape, view=True),
-    LayerType("Rescaling", rescaling_reference, validate=rescaling_validate),
-    LayerType("Dropout", identity_reference),
+    LayerType(name="ZeroPadding2D", reference=zero_padding_reference, output_shape=zero_padding_output_shape,
+              pads=True),
+    LayerType(name="Reshape", reference=reshape_reference, output_shape=reshape_output_shape, view=True),
+    LayerType(name="Flatten", reference=flatten_reference, output_shape=flatten_output_shape, view=True,
+              flattens=True),
+    LayerType(name="Rescaling", reference=rescaling_reference, validate=rescaling_validate, preprocessing=True),
+    LayerType(name="Dropout", reference=identity_reference, identity=True),
 )
 
 
@@ -133,4 +135,5 @@ def upsampling_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
     return ref.upsample2d(inputs[0], pair(node.config.get("size", 2)), node.config.get("interpolation", "nearest"))
 
 
-register(LayerType("UpSampling2D", upsampling_reference, upsampling_output_shape, validate=upsampling_validate))
+register(LayerType(name="UpSampling2D", reference=upsampling_reference, output_shape=upsampling_output_shape,
+                   validate=upsampling_validate))

@@ -35,5 +35,6 @@ def squeeze_excite_macs(node: Node, in_shape: tuple, out_shape: tuple) -> int:
     return 2 * int(node.weights["reduce_kernel"].size)  # two 1x1 convolutions on the pooled 1x1 map: C -> C_r -> C
 
 
-register(LayerType("SqueezeExcite", squeeze_excite_reference, prepare=squeeze_excite_prepare,
-                   macs=squeeze_excite_macs, kind=lambda node: "se", from_files=False))
+register(LayerType(name="SqueezeExcite", reference=squeeze_excite_reference, prepare=squeeze_excite_prepare,
+                   macs=squeeze_excite_macs, kind=lambda node: "se", from_files=False,
+                   first_run_kernels=lambda node: {"squeeze_excite": True}))

@@ -73,7 +73,7 @@ def drop_identities(graph: Graph, keep: set[str]) -> Graph:
     """Dropout, the random augmentations and a cast to float32 are the identity at inference
     (npmobile.ops.is_identity): their readers read their input instead. A layer asked for by name keeps
     answering, as the node its input comes from (unless that is a model input, which is no node)."""
-    for node in [n for n in graph.nodes if n.op == "Dropout" or is_identity(n)]:
+    for node in [n for n in graph.nodes if is_identity(n)]:
         source = node.inputs[0]
         if not isinstance(source, str) or (source in graph.inputs and _is_kept(node, graph, keep)):
             continue

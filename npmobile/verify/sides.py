@@ -11,6 +11,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from npmobile.ops import is_input
 from npmobile.verify.report import CouldNotRun, UsageProblem
 
 
@@ -51,7 +52,7 @@ class NpmobileReference:
         self.skipped: list[str] = []
 
     def layers(self) -> list[tuple[str, str]]:
-        return [(node.name, node.op) for node in self.model.graph.nodes if node.op != "InputLayer"]
+        return [(node.name, node.op) for node in self.model.graph.nodes if not is_input(node.op)]
 
     def predict_layers(self, x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         return self.model.predict(x, outputs=names, reference=True)
@@ -81,7 +82,7 @@ class KerasSide:
         model = self.keras_model
         found = []
         for op in getattr(model, "operations", None) or model.layers:
-            if type(op).__name__ == "InputLayer":
+            if is_input(type(op).__name__):
                 continue
             nested = isinstance(op, self.framework.Model)
             if nested:
@@ -108,7 +109,7 @@ class KerasSide:
         self._feeds[model.name] = feed
         found = []
         for layer in model.layers:
-            if type(layer).__name__ == "InputLayer" or isinstance(layer, self.framework.Model):
+            if is_input(type(layer).__name__) or isinstance(layer, self.framework.Model):
                 continue
             output = _symbolic_output(layer)
             if output is None:
@@ -250,7 +251,7 @@ def _with_op_modules(keras, layer: dict) -> dict:
             layer["module"], layer["registered_name"] = "keras.src.models.functional", "Functional"
         elif class_name == "Sequential":
             layer["module"] = "keras"
-        elif "trainable" not in config and class_name != "InputLayer":
+        elif "trainable" not in config and not is_input(str(class_name)):
             module = next((m for m in _KERAS3_OP_MODULES if hasattr(import_module(m), str(class_name))), None)
             if module is not None:
                 layer["module"], layer["registered_name"] = module, class_name
