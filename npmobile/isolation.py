@@ -119,7 +119,11 @@ class _InProcess:
                 check_result(header, arrays, self.path)  # an entry holds only what the child could have sent
             except NpmobileError:
                 return value
-            self.entry.store(result_chunks(header, arrays))
+            new = self.entry.new()
+            if new is not None:
+                for chunk in result_chunks(header, arrays):
+                    new.write(chunk)
+                new.keep()
         return value
 
 
@@ -234,19 +238,37 @@ class PendingRead:
 
     def _collect(self):
         """The child's result (``receive``), kept in the read cache once decoded."""
-        stream, deadline = self._process.stdout, self._deadline()
+        new = None if self.entry is None else self.entry.new()
         try:
-            header, message, data = receive(lambda view: _read_into(stream, view, deadline), self.path)
-        except _TimedOut:
-            raise ModelFileError(
-                f"{self.path}: reading the file did not finish in {self.timeout:g} seconds: it is corrupt or "
-                "hostile (for a file you trust, raise the time limit or load it as trusted)") from None
-        except _ChildDied:
-            raise self._death() from None
-        value = decode(message, data, self.path)
-        if self.entry is not None:
-            self.entry.store((_PREFIX.pack(_MAGIC, len(header), len(data)), header, data))
+            value = self._receive(new)
+        except BaseException:
+            if new is not None:
+                new.discard()
+            raise
+        if new is not None:
+            new.keep()
         return value
+
+    def _receive(self, new: read_cache.NewEntry | None):
+        stream, deadline = self._process.stdout, self._deadline()
+        with selectors.DefaultSelector() as selector:
+            selector.register(stream, selectors.EVENT_READ)
+
+            def fill(view: memoryview) -> int:
+                got = _read_some(selector, stream, view, deadline)
+                if new is not None:
+                    new.write(view[:got])  # written as it arrives, while the child is still sending
+                return got
+
+            try:
+                _, message, data = receive(fill, self.path)
+            except _TimedOut:
+                raise ModelFileError(
+                    f"{self.path}: reading the file did not finish in {self.timeout:g} seconds: it is corrupt or "
+                    "hostile (for a file you trust, raise the time limit or load it as trusted)") from None
+            except _ChildDied:
+                raise self._death() from None
+        return decode(message, data, self.path)
 
     def _death(self) -> ModelFileError:
         """Why a child stopped without a result: a signal (a crash inside a C library), or an error."""
@@ -345,27 +367,17 @@ def _reap(process: subprocess.Popen, stderr) -> None:
     stderr.close()
 
 
-def _read_into(stream, view: memoryview, deadline: float | None) -> int:
-    """Fill ``view`` from the child's stdout; stop early only at end of file.
-
-    Waits for the child no later than ``deadline``. A child that finished in time may still be writing
-    into the pipe when the caller gets here late (busy importing the engine): past the deadline, what is
-    ready is still read; only a pipe that stays empty past it is a timeout."""
-    filled = 0
-    with selectors.DefaultSelector() as selector:
-        selector.register(stream, selectors.EVENT_READ)
-        while filled < len(view):
-            left = None if deadline is None else deadline - time.monotonic()
-            ready = selector.select(None if left is None else max(left, 0.0))
-            if not ready:
-                if left is not None and left <= 0:
-                    raise _TimedOut
-                continue
-            n = stream.readinto(view[filled:])
-            if not n:
-                return filled
-            filled += n
-    return filled
+def _read_some(selector, stream, view: memoryview, deadline: float | None) -> int:
+    """What the child's stdout (registered with ``selector``) has for ``view`` once it has anything (0: the
+    end), waiting no later than ``deadline``. A child that finished in time may still be writing into the pipe
+    when the caller gets here late (busy importing the engine): past the deadline, what is ready is still read;
+    only a pipe that stays empty past it is a timeout."""
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if selector.select(None if left is None else max(left, 0.0)):
+            return stream.readinto(view) or 0
+        if left is not None and left <= 0:
+            raise _TimedOut
 
 
 # --------------------------------------------------------------------------------------------------

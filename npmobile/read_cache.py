@@ -27,7 +27,6 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 from npmobile.kernels.aot_module import private_enough
@@ -98,26 +97,56 @@ class Entry:
         except OSError:
             pass
 
-    def store(self, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
-        """Write ``chunks`` (the child's whole message) as this entry, if the file is still the one hashed.
-        Failing to write (a read-only home, a full disk) only means no entry."""
+    def new(self) -> NewEntry | None:
+        """This entry, to be written (``NewEntry``); None when it cannot be (a read-only home, a folder others
+        may write to): then there is only no entry."""
         try:
-            if _identity(os.stat(self.path)) != self.identity or not _private_folder(self.folder):
-                return
+            if not _private_folder(self.folder):
+                return None
             fd, temporary = tempfile.mkstemp(prefix=_TEMPORARY, dir=self.folder)
         except OSError:
+            return None
+        return NewEntry(self, open(fd, "wb", buffering=0), Path(temporary))
+
+
+class NewEntry:
+    """An entry being written under a temporary name, as the child's message arrives (``write``); ``keep`` puts
+    it in place once the message decoded, if the file is still the one hashed. Writing that fails (a full disk)
+    only means no entry."""
+
+    def __init__(self, entry: Entry, stream, temporary: Path):
+        self.entry, self.stream, self.temporary = entry, stream, temporary
+
+    def write(self, chunk: bytes | bytearray | memoryview) -> None:
+        if self.stream is None:
             return
         try:
-            with open(fd, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, self.folder / self.name)
+            self.stream.write(chunk)
         except OSError:
-            Path(temporary).unlink(missing_ok=True)
+            self.discard()
+
+    def keep(self) -> None:
+        if self.stream is None:
             return
-        _trim(self.folder)
+        entry = self.entry
+        try:
+            unchanged = _identity(os.stat(entry.path)) == entry.identity
+            if unchanged:
+                os.fsync(self.stream.fileno())
+            self.stream.close()
+            if unchanged:
+                os.replace(self.temporary, entry.folder / entry.name)
+                _trim(entry.folder)
+        except OSError:
+            pass
+        self.stream = None
+        self.temporary.unlink(missing_ok=True)  # when not renamed into place
+
+    def discard(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+        self.temporary.unlink(missing_ok=True)
 
 
 def entry_for(path: str, kind: str) -> Entry | None:
