@@ -17,7 +17,9 @@ renamed into place. Entries live in a private folder, ``$NPMOBILE_CACHE_DIR/read
 ``~/.cache/npmobile/reads`` (mode 700, entries 600: they hold the weights of files other users may not read);
 a folder that is a symlink, belongs to another user or is writable by others is neither read nor written. The
 least recently used entries go once the folder holds more than ``MAX_BYTES``. ``NPMOBILE_READ_CACHE=0`` turns
-the cache off (the test suite does, but for the tests of the cache itself).
+the cache off (the test suite does, but for the tests of the cache itself). The caller hashes the file with
+no time limit, so only a regular file of at most MAX_FILE_BYTES (512 MB, far above any MobileNet) is looked up:
+a FIFO, a device or a larger file is read by the child as without the cache.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 from npmobile.kernels.aot_module import private_enough
+from npmobile.limits import MAX_FILE_BYTES
 
 # The folder's size past which the least recently used entries are removed (a MobileNet's entry: 10-25 MB).
 MAX_BYTES = 1 << 30
@@ -77,7 +80,8 @@ class Entry:
             folder = os.lstat(self.folder)
             if not stat.S_ISDIR(folder.st_mode) or private_enough(folder) is not None:
                 return None
-            fd = os.open(self.folder / self.name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(self.folder / self.name,
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except OSError:
             return None
         st = os.fstat(fd)
@@ -154,13 +158,13 @@ def entry_for(path: str, kind: str) -> Entry | None:
     cache is off or the file cannot be read here (the reader then says why)."""
     if not enabled():
         return None
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:  # never waiting on a FIFO (nor reading a device): only a regular file is hashed
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return None
     try:
         before = os.fstat(fd)
-        if not stat.S_ISREG(before.st_mode):
+        if not stat.S_ISREG(before.st_mode) or before.st_size > MAX_FILE_BYTES:
             return None
         digest = hashlib.sha256()
         with open(fd, "rb", buffering=0, closefd=False) as f:

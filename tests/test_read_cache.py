@@ -181,3 +181,16 @@ def test_off_means_no_entry(keras_files, tmp_path, cache, children, monkeypatch)
     isolation.read_file(path, "model")
     isolation.read_file(path, "model")
     assert len(children) == 2 and not entries(cache)
+
+
+def test_a_fifo_or_a_huge_file_is_read_without_the_cache(tmp_path, cache, children, monkeypatch):
+    """The caller hashes with no time limit: it must neither wait on a FIFO nor hash a file without bound."""
+    fifo = tmp_path / "model.h5"
+    os.mkfifo(fifo)
+    with pytest.raises(ModelFileError, match="did not finish"):
+        isolation.read_file(fifo, "model", timeout=3)  # the child waits on it, and is stopped
+    monkeypatch.setattr(read_cache, "MAX_FILE_BYTES", 4)
+    big = tmp_path / "big.h5"
+    big.write_bytes(b"hello")
+    assert read_cache.entry_for(str(big), "model") is None
+    assert len(children) == 1 and not entries(cache)
