@@ -135,7 +135,7 @@ def read_entry(entry: read_cache.Entry, path: str):
         return None
     with stream:
         try:
-            return decode(*receive(stream.readinto, path)[1:], path)
+            return decode(*receive(stream.readinto, path), path)
         except (NpmobileError, _ChildDied, OSError, ValueError):
             entry.discard()
             return None
@@ -261,7 +261,7 @@ class PendingRead:
                 return got
 
             try:
-                _, message, data = receive(fill, self.path)
+                message, data = receive(fill, self.path)
             except _TimedOut:
                 raise ModelFileError(
                     f"{self.path}: reading the file did not finish in {self.timeout:g} seconds: it is corrupt or "
@@ -296,12 +296,12 @@ def _data_length(message: dict, path: str) -> int:
         raise ModelFileError(f"{path}: the isolated reader sent a malformed result ({error})") from None
 
 
-def receive(fill, path: str) -> tuple[bytes, dict, bytearray]:
+def receive(fill, path: str) -> tuple[dict, bytearray]:
     """A result as the child writes it (its pipe, or a read cache entry), bounded before anything is allocated
     for it: the header's length first, its JSON (size, number of values, depth) before it is parsed, the table
     of arrays (count, values, layout; the caps of the file at ``path``, npmobile.limits) before the buffer for
     their bytes exists. ``fill(view)`` fills a memoryview and says how many bytes it got (fewer only at the
-    end). Returns the header's bytes, its message, and the arrays' bytes; _ChildDied if the result is cut short."""
+    end). Returns the header's message and the arrays' bytes; _ChildDied if the result is cut short."""
     prefix = bytearray(_PREFIX.size)
     if _fill(fill, memoryview(prefix)) != _PREFIX.size:
         raise _ChildDied
@@ -324,7 +324,7 @@ def receive(fill, path: str) -> tuple[bytes, dict, bytearray]:
     data = bytearray(data_length)
     if _fill(fill, memoryview(data)) != data_length:
         raise _ChildDied
-    return bytes(header), message, data
+    return message, data
 
 
 def _fill(fill, view: memoryview) -> int:
