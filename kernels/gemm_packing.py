@@ -30,9 +30,10 @@ class PackedWeights:
         flat = np.zeros(count * k * nr + 16, np.float32)
         start = (-flat.ctypes.data % 64) // 4
         panels = flat[start:start + count * k * nr].reshape(count, k, nr)
-        padded = np.zeros((k, count * nr), np.float32)
-        padded[:, :n] = kernel
-        panels[...] = padded.reshape(k, count, nr).transpose(1, 0, 2)
+        full = n // nr  # whole panels, then the last one's columns (its zero padding is already there)
+        panels[:full] = kernel[:, :full * nr].reshape(k, full, nr).transpose(1, 0, 2)
+        if full < count:
+            panels[full, :, :n - full * nr] = kernel[:, full * nr:]
         self.panels = panels
         self.bias = np.zeros(count * nr, np.float32)
         self.bias[:n] = bias

@@ -101,16 +101,20 @@ _MODELS: dict[ModelRef, object] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def cached_model(ref: ModelRef, threads: int, before_warming: Callable[[object], None] | None = None):
+def cached_model(ref: ModelRef, threads: int, before_warming: Callable[[object], None] | None = None,
+                 warmed: bool = True):
     """The model ``ref`` names, opened and warmed once per process (a Dask worker runs many tasks).
 
-    ``before_warming(model)`` is called once the model has opened, before its kernels load (or compile)."""
+    ``before_warming(model)`` is called once the model has opened, before its kernels load (or compile).
+    ``warmed=False``: not warmed, for a caller whose first batch comes at once (the command line): warming
+    would run the model one more time before it."""
     with _MODELS_LOCK:
         if ref not in _MODELS:
             model = ref.open()
             if before_warming is not None:
                 before_warming(model)
-            warm(model, ref.size, threads)
+            if warmed:
+                warm(model, ref.size, threads)
             _MODELS[ref] = model
         return _MODELS[ref]
 
@@ -219,22 +223,23 @@ class BatchClassifier:
         state["_loaded"] = None
         return state
 
-    def load(self, before_warming: Callable[[object], None] | None = None):
+    def load(self, before_warming: Callable[[object], None] | None = None, warmed: bool = True):
         """Open and warm the model in this process (once per process), with this worker's threads.
-        ``before_warming(model)``: called once the model has opened, before its kernels load or compile."""
+        ``before_warming(model)``: called once the model has opened, before its kernels load or compile;
+        ``warmed=False``: not warmed (``cached_model``)."""
         if self._loaded is None:
             from npmobile.kernels.threads import set_threads
             from npmobile.opening import binary_head, preprocess_for
 
             threads = set_threads(worker_threads(self.threads))
-            model = cached_model(self.model, threads, before_warming)
+            model = cached_model(self.model, threads, before_warming, warmed)
             classes = model.shapes[model.graph.outputs[0]][-1]
             if binary_head(model) is not None:  # shown as two classes: 1 - p and p
                 classes = 2
             if self.labels is not None and len(self.labels) != classes:
                 raise NpmobileError(f"{len(self.labels)} labels, the model has {classes} classes")
             layer = pooled_layer(model) if self.output == "features" else None
-            if layer is not None:
+            if layer is not None and warmed:
                 warm_outputs(model, self.model.size, threads, [layer])
             self._loaded = (model, threads, preprocess_for(model), layer)
         return self._loaded[0]

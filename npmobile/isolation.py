@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,6 +47,9 @@ from npmobile.errors import ModelFileError, NpmobileError, UnsupportedLayerError
 from npmobile.io.bounds import ALIGN, check_result_arrays, file_bytes, parse_json
 from npmobile.limits import MAX_RESULT_DEPTH, MAX_RESULT_HEADER_BYTES, MAX_RESULT_VALUES
 from npmobile.spec import CallSpec, LayerSpec, ModelSpec, StoredLayer, TensorRef, WeightsFile
+
+if TYPE_CHECKING:
+    from npmobile import read_cache
 
 # Far above any real MobileNet file: a Keras-written MobileNetV3-Large .h5 is read, child start-up
 # included, in about half a second on one core of a shared 2-core AMD EPYC.
@@ -82,18 +85,60 @@ def start_read(path: str | os.PathLike, kind: str, timeout: float | None = DEFAU
     reads while the caller goes on (importing the engine, say); trusted, the reading happens in ``result()``."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
+    from npmobile import read_cache
+
     timeout = check_timeout(timeout)
+    path = os.fspath(path)
+    # The path as the reader is given it: the child gets it absolute (it starts in another folder).
+    entry = read_cache.entry_for(path if trusted else os.path.abspath(path), kind)
+    cached = None if entry is None else read_entry(entry, path)
+    if cached is not None:
+        return _Read(cached)
     if trusted:
-        return _InProcess(os.fspath(path), kind)
-    return PendingRead(os.fspath(path), kind, timeout)
+        return _InProcess(path, kind, entry)
+    return PendingRead(path, kind, timeout, entry)
+
+
+class _Read:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
 
 
 class _InProcess:
-    def __init__(self, path: str, kind: str):
-        self.path, self.kind = path, kind
+    def __init__(self, path: str, kind: str, entry: read_cache.Entry | None):
+        self.path, self.kind, self.entry = path, kind, entry
 
     def result(self):
-        return read_in_process(self.path, self.kind)
+        value = read_in_process(self.path, self.kind)
+        if self.entry is not None:
+            header, arrays = encode(value)
+            try:
+                check_result(header, arrays, self.path)  # an entry holds only what the child could have sent
+            except NpmobileError:
+                return value
+            new = self.entry.new()
+            if new is not None:
+                for chunk in result_chunks(header, arrays):
+                    new.write(chunk)
+                new.keep()
+        return value
+
+
+def read_entry(entry: read_cache.Entry, path: str):
+    """What the read cache's ``entry`` holds, received as the child's pipe is; None when there is no entry or it
+    is not one whole result within the caps (then it is removed, and the file is read)."""
+    stream = entry.open()
+    if stream is None:
+        return None
+    with stream:
+        try:
+            return decode(*receive(stream.readinto, path), path)
+        except (NpmobileError, _ChildDied, OSError, ValueError):
+            entry.discard()
+            return None
 
 
 def read_in_process(path: str, kind: str):
@@ -155,11 +200,11 @@ def _child_env() -> dict[str, str]:
 class PendingRead:
     """A child reading a file. ``result()`` waits for it (until the deadline set when it started)."""
 
-    def __init__(self, path: str, kind: str, timeout: float | None):
+    def __init__(self, path: str, kind: str, timeout: float | None, entry: read_cache.Entry | None = None):
         if not sys.executable:
             raise ModelFileError(f"{path}: cannot start a Python interpreter to read the file in isolation "
                                  "(sys.executable is empty); load a file you trust with trusted=True")
-        self.path, self.kind, self.timeout = path, kind, timeout
+        self.path, self.kind, self.timeout, self.entry = path, kind, timeout, entry
         self._stderr = tempfile.TemporaryFile()
         self._started = time.monotonic()
         try:
@@ -192,38 +237,37 @@ class PendingRead:
         return None if self.timeout is None else self._started + self.timeout
 
     def _collect(self):
-        """The child's result, bounded before anything is allocated for it: the header's length first, its JSON
-        (size, number of values, depth) before it is parsed, the table of arrays (count, values, layout; the
-        caps of the file the child read, npmobile.limits) before the buffer for their bytes exists."""
-        stream = self._process.stdout
+        """The child's result (``receive``), kept in the read cache once decoded."""
+        new = None if self.entry is None else self.entry.new()
         try:
-            prefix = _read_exact(stream, _PREFIX.size, self._deadline())
-            magic, header_length, data_length = _PREFIX.unpack(prefix) if len(prefix) == _PREFIX.size else (b"", 0, 0)
-            if magic != _MAGIC:
-                raise _ChildDied
-            if header_length > MAX_RESULT_HEADER_BYTES:
-                raise ModelFileError(f"{self.path}: the isolated reader sent a {header_length:,}-byte result header, "
-                                     f"more than {MAX_RESULT_HEADER_BYTES:,}; refusing it")
-            header = _read_exact(stream, header_length, self._deadline())
-            if len(header) != header_length:
-                raise _ChildDied
-            message = parse_json(header, f"{self.path}: the isolated reader's result", MAX_RESULT_HEADER_BYTES,
-                                 MAX_RESULT_VALUES, MAX_RESULT_DEPTH)
-            if not isinstance(message, dict):
-                raise ModelFileError(f"{self.path}: the isolated reader sent a malformed result")
-            expected = 0 if "error" in message else _data_length(message, self.path)
-            if data_length != expected:
-                raise ModelFileError(f"{self.path}: the isolated reader sent a malformed result")
-            data = bytearray(data_length)
-            got = _read_into(stream, memoryview(data), self._deadline())
-            if got != data_length:
-                raise _ChildDied
-        except _TimedOut:
-            raise ModelFileError(
-                f"{self.path}: reading the file did not finish in {self.timeout:g} seconds: it is corrupt or "
-                "hostile (for a file you trust, raise the time limit or load it as trusted)") from None
-        except _ChildDied:
-            raise self._death() from None
+            value = self._receive(new)
+        except BaseException:
+            if new is not None:
+                new.discard()
+            raise
+        if new is not None:
+            new.keep()
+        return value
+
+    def _receive(self, new: read_cache.NewEntry | None):
+        stream, deadline = self._process.stdout, self._deadline()
+        with selectors.DefaultSelector() as selector:
+            selector.register(stream, selectors.EVENT_READ)
+
+            def fill(view: memoryview) -> int:
+                got = _read_some(selector, stream, view, deadline)
+                if new is not None:
+                    new.write(view[:got])  # written as it arrives, while the child is still sending
+                return got
+
+            try:
+                message, data = receive(fill, self.path)
+            except _TimedOut:
+                raise ModelFileError(
+                    f"{self.path}: reading the file did not finish in {self.timeout:g} seconds: it is corrupt or "
+                    "hostile (for a file you trust, raise the time limit or load it as trusted)") from None
+            except _ChildDied:
+                raise self._death() from None
         return decode(message, data, self.path)
 
     def _death(self) -> ModelFileError:
@@ -250,6 +294,48 @@ def _data_length(message: dict, path: str) -> int:
         return check_result_arrays(message["arrays"], file_bytes(path), path)
     except (KeyError, TypeError, ValueError) as error:
         raise ModelFileError(f"{path}: the isolated reader sent a malformed result ({error})") from None
+
+
+def receive(fill, path: str) -> tuple[dict, bytearray]:
+    """A result as the child writes it (its pipe, or a read cache entry), bounded before anything is allocated
+    for it: the header's length first, its JSON (size, number of values, depth) before it is parsed, the table
+    of arrays (count, values, layout; the caps of the file at ``path``, npmobile.limits) before the buffer for
+    their bytes exists. ``fill(view)`` fills a memoryview and says how many bytes it got (fewer only at the
+    end). Returns the header's message and the arrays' bytes; _ChildDied if the result is cut short."""
+    prefix = bytearray(_PREFIX.size)
+    if _fill(fill, memoryview(prefix)) != _PREFIX.size:
+        raise _ChildDied
+    magic, header_length, data_length = _PREFIX.unpack(prefix)
+    if magic != _MAGIC:
+        raise _ChildDied
+    if header_length > MAX_RESULT_HEADER_BYTES:
+        raise ModelFileError(f"{path}: the isolated reader sent a {header_length:,}-byte result header, "
+                             f"more than {MAX_RESULT_HEADER_BYTES:,}; refusing it")
+    header = bytearray(header_length)
+    if _fill(fill, memoryview(header)) != header_length:
+        raise _ChildDied
+    message = parse_json(header, f"{path}: the isolated reader's result", MAX_RESULT_HEADER_BYTES,
+                         MAX_RESULT_VALUES, MAX_RESULT_DEPTH)
+    if not isinstance(message, dict):
+        raise ModelFileError(f"{path}: the isolated reader sent a malformed result")
+    expected = 0 if "error" in message else _data_length(message, path)
+    if data_length != expected:
+        raise ModelFileError(f"{path}: the isolated reader sent a malformed result")
+    data = bytearray(data_length)
+    if _fill(fill, memoryview(data)) != data_length:
+        raise _ChildDied
+    return message, data
+
+
+def _fill(fill, view: memoryview) -> int:
+    """Call ``fill`` until ``view`` is full or it gives nothing (the end)."""
+    filled = 0
+    while filled < len(view):
+        n = fill(view[filled:])
+        if not n:
+            break
+        filled += n
+    return filled
 
 
 def check_result(header: bytes, arrays: _Arrays, path: str) -> None:
@@ -281,33 +367,17 @@ def _reap(process: subprocess.Popen, stderr) -> None:
     stderr.close()
 
 
-def _read_exact(stream, size: int, deadline: float | None) -> bytes:
-    buffer = bytearray(size)
-    got = _read_into(stream, memoryview(buffer), deadline)
-    return bytes(buffer[:got])
-
-
-def _read_into(stream, view: memoryview, deadline: float | None) -> int:
-    """Fill ``view`` from the child's stdout; stop early only at end of file.
-
-    Waits for the child no later than ``deadline``. A child that finished in time may still be writing
-    into the pipe when the caller gets here late (busy importing the engine): past the deadline, what is
-    ready is still read; only a pipe that stays empty past it is a timeout."""
-    filled = 0
-    with selectors.DefaultSelector() as selector:
-        selector.register(stream, selectors.EVENT_READ)
-        while filled < len(view):
-            left = None if deadline is None else deadline - time.monotonic()
-            ready = selector.select(None if left is None else max(left, 0.0))
-            if not ready:
-                if left is not None and left <= 0:
-                    raise _TimedOut
-                continue
-            n = stream.readinto(view[filled:])
-            if not n:
-                return filled
-            filled += n
-    return filled
+def _read_some(selector, stream, view: memoryview, deadline: float | None) -> int:
+    """What the child's stdout (registered with ``selector``) has for ``view`` once it has anything (0: the
+    end), waiting no later than ``deadline``. A child that finished in time may still be writing into the pipe
+    when the caller gets here late (busy importing the engine): past the deadline, what is ready is still read;
+    only a pipe that stays empty past it is a timeout."""
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if selector.select(None if left is None else max(left, 0.0)):
+            return stream.readinto(view) or 0
+        if left is not None and left <= 0:
+            raise _TimedOut
 
 
 # --------------------------------------------------------------------------------------------------
@@ -489,14 +559,20 @@ def child_main() -> None:
     except Exception as error:  # noqa: BLE001 -- any other failure on a hostile file is still one clean error
         header, arrays = encode_error(ModelFileError(
             f"{path}: the file cannot be read ({type(error).__name__}: {str(error)[:160]})")), _Arrays()
-    out.write(_PREFIX.pack(_MAGIC, len(header), arrays.size))
-    out.write(header)
+    for chunk in result_chunks(header, arrays):
+        out.write(chunk)
+    out.flush()
+
+
+def result_chunks(header: bytes, arrays: _Arrays):
+    """The result as it crosses the pipe: the prefix, the JSON header, then each array on its boundary."""
+    yield _PREFIX.pack(_MAGIC, len(header), arrays.size)
+    yield header
     written = 0
     for (_, _, offset), array in zip(arrays.table, arrays.arrays):
-        out.write(bytes(offset - written))
-        out.write(array.reshape(-1).view(np.uint8))
+        yield bytes(offset - written)
+        yield array.reshape(-1).view(np.uint8)
         written = offset + array.nbytes
-    out.flush()
 
 
 def _limit_memory(limit: int) -> None:

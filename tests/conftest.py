@@ -21,6 +21,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 AOT_PASS = os.environ.get("NPMOBILE_TEST_KERNELS") == "aot"
 if not AOT_PASS:
     os.environ.setdefault("NPMOBILE_KERNELS", "jit")
+# Every test reads its files (a file read once is otherwise not read again: npmobile/read_cache.py, whose own
+# tests turn it on in a folder of theirs).
+os.environ["NPMOBILE_READ_CACHE"] = "0"
 if "NUMBA_NUM_THREADS" not in os.environ:  # the tests of 1 against 2 threads run them even on one CPU
     from npmobile.kernels.cpus import available_cpus
 

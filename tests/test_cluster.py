@@ -311,6 +311,29 @@ def test_embeddings_are_the_pooled_features_bit_for_bit(model_file, photos, tmp_
     assert np.array_equal(np.asarray([r["features"] for r in good], np.float32), pooled)
 
 
+def test_a_classifier_not_warmed_runs_the_model_once_for_its_batch(model_file, photos, expected, monkeypatch):
+    """The command line's classifier (``load(warmed=False)``): no run on zeros before its first batch, the same
+    answers."""
+    from npmobile.batch import BatchClassifier, ModelRef
+    from npmobile.interpreter import Model
+
+    runs = []
+    predict = Model.predict
+
+    def counting(self, x, *args, **kwargs):
+        runs.append(len(x))
+        return predict(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(Model, "predict", counting)
+    # A reference of its own (another time limit), so that the model is opened here, not found warmed.
+    unwarmed = BatchClassifier(ModelRef(weights=model_file, load_timeout=59.0), output="probabilities", threads=1)
+    unwarmed.load(warmed=False)
+    paths = sorted(str(p) for p in photos.iterdir())
+    rows = unwarmed(paths)
+    assert runs == [len(paths) - len(CORRUPT)]
+    check_rows(rows, expected)
+
+
 def test_output_values_need_json_or_out(model_file, photos):
     result = run_cli("classify", str(photos), "--weights", model_file, "--output", "probabilities")
     assert result.returncode == 2 and "needs --json or --out" in result.stderr  # a usage error

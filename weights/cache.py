@@ -9,18 +9,16 @@ complete and checked, so a broken transfer never leaves a half file that looks w
 that fails its check is skipped and fetched again. Nothing is ever written outside npmobile's cache,
 and a link planted there that points out of it is neither read nor written through.
 
-The standard library's urllib is enough for one HTTP(S) GET, so no download package is needed.
+The standard library's urllib is enough for one HTTP(S) GET, so no download package is needed; it is imported
+only for a download (a run that finds its file does not pay for it).
 """
 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, TextIO
@@ -158,6 +156,9 @@ def download(info: WeightsFileInfo, target_dir: Path, progress: Progress | None 
         target_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise WeightsError(f"cannot create the weights cache {target_dir} ({error.strerror}); {where}") from None
+    import http.client
+    import urllib.error
+
     # mkstemp creates a new file (O_EXCL), so it never opens an existing name or a link.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{info.filename}.", suffix=".part", dir=target_dir)
     try:
@@ -189,6 +190,9 @@ def where_to_put(filename: str) -> str:
 
 
 def _fetch(url: str, out: BinaryIO, progress: Progress | None) -> None:
+    import http.client
+    import urllib.request
+
     if not url.startswith(("https://", "http://")):
         raise WeightsError(f"refusing to fetch weights from {url!r}: only http(s) addresses")
     with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as response:
@@ -208,6 +212,9 @@ def _fetch(url: str, out: BinaryIO, progress: Progress | None) -> None:
 
 
 def _reason(error: BaseException) -> str:
+    import http.client
+    import urllib.error
+
     if isinstance(error, urllib.error.HTTPError):
         reason = f"HTTP {error.code} {error.reason}"
     elif isinstance(error, http.client.IncompleteRead):

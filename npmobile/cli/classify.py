@@ -83,10 +83,29 @@ def find_images(paths: Sequence[str], recursive: bool = False) -> Iterator[Path]
 
 def progress_bar(total: int, label: str):
     """tqdm's bar on stderr, drawn only when stderr is a terminal and there is more than one image."""
+    if total <= 1 or not sys.stderr.isatty():
+        return _NoBar()  # tqdm is not even imported
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=label, unit="img", file=sys.stderr, leave=True,
-                disable=total <= 1 or not sys.stderr.isatty())
+    return tqdm(total=total, desc=label, unit="img", file=sys.stderr, leave=True)
+
+
+class _NoBar:
+    """The calls run makes on a progress bar, when none is drawn."""
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def update(self, count: int) -> None:
+        pass
+
+    @staticmethod
+    def write(text: str, file=None) -> None:
+        print(text, file=file)
+
 
 def image_paths(args) -> list[str]:
     """The images to classify, in the order given (duplicates kept): the arguments, then --from-file's
@@ -219,7 +238,8 @@ def classified_batches(args, classifier, images: list[str]) -> Iterator[list[dic
         yield from engine.classify_paths(images, classifier, address=args.address, workers=args.workers,
                                          batch_size=BATCH)
         return
-    classifier.load(before_warming=notice_first_compile)  # a file that fails to open says only that
+    # A file that fails to open says only that; the first batch, at once, loads the kernels itself.
+    classifier.load(before_warming=notice_first_compile, warmed=False)
     for start in range(0, len(images), BATCH):
         yield classifier(images[start : start + BATCH])
 

@@ -31,17 +31,14 @@ def json_values_at_most(raw: bytes) -> int:
 
 def json_depth(value: Any) -> int:
     """How deeply arrays and objects nest in a parsed JSON value (walked without recursion)."""
+    if not isinstance(value, (dict, list)):
+        return 0
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
-            items = item.values()
-        elif isinstance(item, list):
-            items = item
-        else:
-            continue
         deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in items)
+        items = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in items if isinstance(child, (dict, list)))  # scalars: no depth
     return deepest
 
 

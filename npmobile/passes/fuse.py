@@ -48,7 +48,8 @@ def _producer(graph: Graph, name) -> Node | None:
 
 def _replace_uses(graph: Graph, old: str, new: str) -> None:
     for node in graph.nodes:
-        node.inputs = [new if i == old else i for i in node.inputs]
+        if old in node.inputs:
+            node.inputs = [new if i == old else i for i in node.inputs]
     graph.outputs = [new if o == old else o for o in graph.outputs]
     graph.aliases = {k: (new if v == old else v) for k, v in graph.aliases.items()}
 
@@ -110,13 +111,16 @@ def fold_batchnorm(graph: Graph, keep: set[str]) -> Graph:
         if "beta" in w:
             shift = shift + w["beta"]
         key = "kernel" if conv.op == "Conv2D" else "depthwise_kernel"
-        kernel = conv.weights[key].astype(np.float64)
+        kernel = conv.weights[key]
         if conv.op == "DepthwiseConv2D":  # output channel c * M + m comes from kernel[..., c, m]
-            kernel = kernel * inv.reshape(kernel.shape[2], kernel.shape[3])
+            scale = inv.reshape(kernel.shape[2], kernel.shape[3])
         else:
-            kernel = kernel * inv
+            scale = inv
+        # Each product in float64, rounded to float32 as it is stored (no float64 copy of the whole kernel).
+        folded = np.multiply(kernel, scale, dtype=np.float64, out=np.empty(kernel.shape, np.float32),
+                             casting="same_kind")
         bias = conv.weights.get("bias", np.zeros_like(inv)).astype(np.float64)
-        conv.weights = {key: kernel.astype(np.float32), "bias": (bias * inv + shift).astype(np.float32)}
+        conv.weights = {key: folded, "bias": (bias * inv + shift).astype(np.float32)}
         conv.config = {**conv.config, "use_bias": True}
         _absorb(graph, conv, bn)
     return graph
