@@ -303,14 +303,15 @@ else:
             return None
 
     def target_has_avx512() -> bool:
-        """Whether the code Numba compiles may use AVX-512 (NUMBA_CPU_NAME/FEATURES, else the host)."""
-        from numba.core import config
+        """Whether the code Numba compiles may use AVX-512: the features it compiles for, by Numba's own rule
+        (numba.core.codegen): NUMBA_CPU_FEATURES when set, else this CPU's -- whatever NUMBA_CPU_NAME says, so
+        an AVX2 target on an AVX-512 machine needs both (NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=, its own
+        features). A CPU_NAME whose own features include AVX-512 with NUMBA_CPU_FEATURES not naming
+        ``+avx512f`` takes the AVX2 tiles, which run on it too."""
+        from numba.core import codegen, config
 
-        if config.CPU_NAME and config.CPU_NAME != "host":
-            return "+avx512f" in (config.CPU_FEATURES or "")
-        import llvmlite.binding as llvm
-
-        return bool(llvm.get_host_cpu_features().get("avx512f", False))
+        features = config.CPU_FEATURES if config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
+        return "+avx512f" in features.split(",")
 
     # function -> its numba.cfunc, made on first use (kernels/build.py exports each one made).
     CFUNCS: dict = {}
