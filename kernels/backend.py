@@ -27,9 +27,11 @@ tiles are chosen by (``target_has_avx512``), where compiled code finds NumPy's s
 whether a kernel is compiled already (``is_cached``).
 
 Set ``NPMOBILE_KERNELS=jit`` to use the JIT regardless (then nothing is built in the background either). Any
-other ``NUMBA_*`` setting than the thread count and the cache directory (a CPU target, an optimization level,
-...) also means the JIT: the AOT module was built without it. A module that fails its check costs one line on
-stderr (``rejected`` says why, and whether the command line's next background build replaces it); the JIT runs.
+other ``NUMBA_*`` setting than the thread count, the cache directory and the CPU target (an optimization level,
+...) also means the JIT: the AOT module was built without it. A CPU target (NUMBA_CPU_NAME/FEATURES) is in the
+module's key: the module built under it is the one used under it (kernels/module_key.py). A module that fails its
+check costs one line on stderr (``rejected`` says why, and whether the command line's next background build
+replaces it); the JIT runs.
 
 The JIT twin's package (``_JitPackage``) can be imported by any process, not only by an AOT one: the twin and the
 kernels it stands for share Numba's on-disk cache, and an entry the twin compiled names the twin's module.

@@ -35,14 +35,15 @@ REPO = Path(__file__).resolve().parents[1]
 KERNEL_PASSES_REPORT: list[str] = []
 
 
-def build_kernels_into(root: Path) -> None:
-    """``npmobile build-kernels`` (the full build, as a user runs it) into the kernel cache ``root``."""
+def build_kernels_into(root: Path, env: dict[str, str] | None = None) -> None:
+    """``npmobile build-kernels`` (the full build, as a user runs it) into the kernel cache ``root``, in this
+    process's environment or ``env``."""
     from npmobile.kernels import build
 
     missing = build.missing_tools()
     if missing is not None:  # failed, not skipped: a run that cannot prove the built kernels proves less
         pytest.fail(f"the tests of the built kernels cannot run: {missing}")
-    env = {**os.environ, "NPMOBILE_KERNELS_DIR": str(root), "NPMOBILE_AUTO_BUILD": "0"}
+    env = {**(os.environ if env is None else env), "NPMOBILE_KERNELS_DIR": str(root), "NPMOBILE_AUTO_BUILD": "0"}
     done = subprocess.run([sys.executable, "-m", "npmobile", "build-kernels"], capture_output=True, text=True,
                           timeout=1800, env=env, cwd=REPO)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]

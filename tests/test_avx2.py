@@ -19,10 +19,20 @@ CPU, and the first pass proves them) at a small share of the first pass's time:
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
+import numpy as np
+import pytest
 from avx2_target import AVX2_TARGET
-from conftest import AVX2_PASS, KERNEL_PASSES_REPORT, run_test_pass
+from conftest import AVX2_PASS, KERNEL_PASSES_REPORT, build_kernels_into, run_test_pass
+from test_built_kernels import aot_environment
+
+from npmobile.kernels.module_key import MANIFEST
 
 # Whole files, and the tests of test_kernels.py that run a GEMM, a convolution or a depthwise layer (its others:
 # activations, pooling, squeeze-excite, thread pools, and pointwise_conv2d_numba, bench/kernels.py's comparison,
@@ -43,13 +53,67 @@ AVX2_PASS_TESTS = ("test_gemm.py", "test_expand_depthwise.py", "test_concurrency
                        "n1_1x1_1to1", "n1_56x56_24to144", "n1_14x14_576to88", "n1_7x7_320to1280")))
 
 
-def test_the_avx2_tiles_and_rules_pass_their_tests_in_an_avx2_build(tmp_path):
+@pytest.fixture(scope="module")
+def avx2_environment(tmp_path_factory) -> dict[str, str]:
+    """This environment, on the JIT compiled for Haswell, with a Numba cache of its own (shared by this file's
+    tests: the module is built from the kernels the pass compiled)."""
+    numba_cache = tmp_path_factory.mktemp("avx2_numba_cache")
+    return {**os.environ, **AVX2_TARGET, "NPMOBILE_KERNELS": "jit", "NUMBA_CACHE_DIR": str(numba_cache)}
+
+
+def test_the_avx2_tiles_and_rules_pass_their_tests_in_an_avx2_build(avx2_environment, tmp_path):
     assert not AVX2_PASS, "the AVX2 pass runs the tests it is given, not this one"
-    env = {**os.environ, **AVX2_TARGET, "NPMOBILE_KERNELS": "jit", "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
-    tests, seconds, said = run_test_pass("avx2", AVX2_PASS_TESTS, env, tmp_path)
+    tests, seconds, said = run_test_pass("avx2", AVX2_PASS_TESTS, avx2_environment, tmp_path)
     assert tests > 100, said[-6000:]
     KERNEL_PASSES_REPORT.append(f"AVX2 build: the AVX2 pass ran {tests} tests in {seconds:.0f} s, all passed")
     pass_report = ("AVX2 pass", "  AVX2 pass", "  deselected")  # its lines of tests/conftest.py KERNEL_PASSES_REPORT
     read = [line for line in said.splitlines() if line.startswith(pass_report)]
     assert any("0 with AVX-512 instructions" in line for line in read), said[-6000:]
     KERNEL_PASSES_REPORT.extend("  " + line for line in read)
+
+
+# Every family on the kernels of an AVX2 process, at 224 px and at a non-square size in a batch of 3, on one thread
+# and on all; saves the outputs and says whether the module ran them, whether the target has AVX-512 and whether
+# Numba was imported (the JIT twin ran what the module lacks). argv: out.npz
+FAMILIES_RUN = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from npmobile.applications import FAMILIES
+    from npmobile.kernels import backend
+    from npmobile.kernels.threads import max_threads
+
+    outs = {}
+    for name, family in FAMILIES.items():
+        for h, w, batch in ((224, 224, 1), (97, 129, 3)):
+            model = family(weights=None, input_shape=(h, w, 3))
+            x = np.random.default_rng(h + batch).uniform(0, 255, (batch, h, w, 3)).astype(np.float32)
+            for n in sorted({1, max_threads()}):
+                outs[f"{name} {h}x{w} batch {batch} threads {n}"] = model.predict(x, threads=n)
+    np.savez(sys.argv[1], **outs)
+    print(backend.AOT, backend.target_has_avx512(), "numba" in sys.modules)
+""")
+
+
+def run_families(out: Path, env: dict[str, str]) -> str:
+    done = subprocess.run([sys.executable, "-c", FAMILIES_RUN, str(out)], capture_output=True, text=True,
+                          timeout=1200, env=env, cwd=out.parent)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_a_module_built_for_avx2_holds_every_family_and_answers_with_the_avx2_jit_bits(avx2_environment, tmp_path):
+    """``npmobile build-kernels`` under the AVX2 target builds a module for it (the target is in its key), which an
+    AVX2 process loads and runs every family on without Numba, with the bits of the AVX2 JIT."""
+    kernels = tmp_path / "kernels"
+    build_kernels_into(kernels, avx2_environment)
+    (manifest,) = kernels.glob(f"*/{MANIFEST}")
+    assert json.loads(manifest.read_text())["avx512"] is False
+    on_module = {**aot_environment(kernels), **AVX2_TARGET, "NUMBA_CACHE_DIR": avx2_environment["NUMBA_CACHE_DIR"]}
+    assert run_families(tmp_path / "aot.npz", on_module) == "True False False"
+    assert run_families(tmp_path / "jit.npz", {**avx2_environment, "NPMOBILE_AUTO_BUILD": "0"}) == "False False True"
+    aot, jit = np.load(tmp_path / "aot.npz"), np.load(tmp_path / "jit.npz")
+    assert aot.files == jit.files and len(aot.files) >= 4 * 2  # families x sizes (x thread counts)
+    differ = [name for name in aot.files if not np.array_equal(aot[name], jit[name])]
+    assert not differ, f"{len(differ)} of {len(aot.files)} outputs differ from the AVX2 JIT's: {differ[:5]}"
+    KERNEL_PASSES_REPORT.append(f"AVX2 build: a module built for Haswell ran every family without Numba, "
+                                f"{len(aot.files)} outputs with the AVX2 JIT's bits")
