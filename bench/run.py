@@ -629,7 +629,9 @@ def startup_engine_lines(report: dict) -> list[str]:
               "npmobile on kernels built ahead of time; ONNX Runtime the .onnx; LiteRT the .tflite; PyTorch the "
               f"TorchScript) and answers one batch-{measured['batch']} input on {thread_text(measured['threads'])}: "
               f"seconds from process start to that answer (median of {startup['runs']}, interleaved) and peak memory; "
-              "in brackets npmobile / ONNX Runtime. Keras, mostly TensorFlow's import, on one model. Python, NumPy "
+              "in brackets npmobile / ONNX Runtime. npmobile reads a file it has read before from its read cache "
+              "(npmobile/read_cache.py), as a user's second run does: no reader child, so isolated and trusted meet. "
+              "Keras, mostly TensorFlow's import, on one model. Python, NumPy "
               f"and the harness take {measured['ready_seconds']:.2f} s of each; the first answers "
               f"{'have the same' if measured['same_top5'] else 'DO NOT have the same'} top 5."]
     return lines

@@ -27,9 +27,11 @@ chosen by (``target_has_avx512``, ``target_cpu_name``), where compiled code find
 whether a kernel is compiled already (``is_cached``).
 
 Set ``NPMOBILE_KERNELS=jit`` to use the JIT regardless (then nothing is built in the background either). Any
-other ``NUMBA_*`` setting than the thread count and the cache directory (a CPU target, an optimization level,
-...) also means the JIT: the AOT module was built without it. A module that fails its check costs one line on
-stderr (``rejected`` says why, and whether the command line's next background build replaces it); the JIT runs.
+other ``NUMBA_*`` setting than the thread count, the cache directory and the CPU target (an optimization level,
+...) also means the JIT: the AOT module was built without it. A CPU target (NUMBA_CPU_NAME/FEATURES) is in the
+module's key: the module built under it is the one used under it (kernels/module_key.py). A module that fails its
+check costs one line on stderr (``rejected`` says why, and whether the command line's next background build
+replaces it); the JIT runs.
 
 The JIT twin's package (``_JitPackage``) can be imported by any process, not only by an AOT one: the twin and the
 kernels it stands for share Numba's on-disk cache, and an entry the twin compiled names the twin's module.
@@ -307,14 +309,15 @@ else:
             return None
 
     def target_has_avx512() -> bool:
-        """Whether the code Numba compiles may use AVX-512 (NUMBA_CPU_NAME/FEATURES, else the host)."""
-        from numba.core import config
+        """Whether the code Numba compiles may use AVX-512: the features it compiles for, by Numba's own rule
+        (numba.core.codegen): NUMBA_CPU_FEATURES when set, else this CPU's -- whatever NUMBA_CPU_NAME says, so
+        an AVX2 target on an AVX-512 machine needs both (NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=, its own
+        features). A CPU_NAME whose own features include AVX-512 with NUMBA_CPU_FEATURES not naming
+        ``+avx512f`` takes the AVX2 tiles, which run on it too."""
+        from numba.core import codegen, config
 
-        if config.CPU_NAME and config.CPU_NAME != "host":
-            return "+avx512f" in (config.CPU_FEATURES or "")
-        import llvmlite.binding as llvm
-
-        return bool(llvm.get_host_cpu_features().get("avx512f", False))
+        features = config.CPU_FEATURES if config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
+        return "+avx512f" in features.split(",")
 
     def target_cpu_name() -> str:
         """LLVM's name for the CPU Numba compiles for (NUMBA_CPU_NAME, else the host's: "znver4", "rocketlake")."""

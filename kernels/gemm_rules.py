@@ -50,7 +50,7 @@ CPU_NAME = target_cpu_name() if AVX512 else ""
 
 # The tiles the drivers are compiled with: those ``choose_tile`` picks on the target CPU only (each costs
 # seconds of compile time on every first run). The target is part of Numba's cache key, so a cache never
-# mixes the two; the tests of the other CPU's tiles run in a process compiled for it (tests/test_gemm.py).
+# mixes the two; the tests of AVX2's tiles run in a process compiled for Haswell on any CPU (tests/test_avx2.py).
 # The compiled drivers know a tile by its index in this tuple.
 COMPILED_TILES = (AVX512_8X32, AVX512_28X16, AVX512_1X128, AVX512_7X32) if AVX512 else (AVX2_6X16,)
 

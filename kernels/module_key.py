@@ -1,8 +1,9 @@
 """What a built kernel module must match to be used here, and where it is looked for.
 
 The module is keyed (``cache_key``) on the Numba and llvmlite versions, the Python ABI, the CPU (model and feature
-flags) and the kernel sources (``kernel_sources_hash``, which also keys Numba's on-disk cache: kernels/jit_cache.py),
-and looked for in ``kernel_cache_dir()`` / key. Nothing here imports Numba.
+flags), the CPU Numba is told to compile for (NUMBA_CPU_NAME/FEATURES, when set) and the kernel sources
+(``kernel_sources_hash``, which also keys Numba's on-disk cache: kernels/jit_cache.py), and looked for in
+``kernel_cache_dir()`` / key. Nothing here imports Numba.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ MODULE_NAME = "npmobile_kernels_aot"
 MANIFEST = "exports.json"
 # NUMBA_* settings that leave the compiled code and the threads as the AOT module has them.
 _HARMLESS_NUMBA_SETTINGS = {"NUMBA_NUM_THREADS", "NUMBA_CACHE_DIR"}
+# The CPU Numba compiles for, when not this one (Haswell's AVX2 on an AVX-512 machine): the build compiles for it as
+# the JIT does, and the module's key holds it, so a module is used only where the same target is asked for.
+_TARGET_NUMBA_SETTINGS = ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")
 
 
 def kernel_cache_dir() -> Path:
@@ -78,6 +82,7 @@ def cache_key() -> str:
         "llvmlite": _installed_version("llvmlite"),
         "python": sys.implementation.cache_tag + importlib.machinery.EXTENSION_SUFFIXES[0],
         "cpu": _cpu_identity(),
+        "target": {name: os.environ[name] for name in _TARGET_NUMBA_SETTINGS if name in os.environ},
         "sources": kernel_sources_hash(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
@@ -90,8 +95,9 @@ def module_dir() -> Path:
 
 def aot_wanted() -> bool:
     """False when the environment asks for the JIT (NPMOBILE_KERNELS=jit, or a NUMBA_* setting the AOT module
-    was not built with)."""
+    was not built with; the target CPU's settings are in its key instead)."""
     if os.environ.get("NPMOBILE_KERNELS", "").lower() == "jit":
         return False
-    return not any(k.startswith("NUMBA_") and k not in _HARMLESS_NUMBA_SETTINGS for k in os.environ)
+    return not any(k.startswith("NUMBA_") and k not in _HARMLESS_NUMBA_SETTINGS and k not in _TARGET_NUMBA_SETTINGS
+                   for k in os.environ)
 

@@ -46,7 +46,7 @@ from . import blas
 from .activations import ACT_NONE, bias_act_row
 from .backend import njit, prange
 from .entry import calls_blas, entry, no_work
-from .gemm import AVX512, PackedWeights, gemm_packed, pack
+from .gemm import AVX512, NO_RESIDUAL, PackedWeights, gemm_packed, pack
 
 # np.matmul fallback: rows of the GEMM per block, so that the block's output (rows x Cout floats)
 # is still in L2 when the epilogue reads it back, and blocks are few enough that the per-call
@@ -63,21 +63,23 @@ def add_into(row, other):
 
 @njit(inline="always")
 def epilogue_rows(out, bias, act, residual, row_start, row_stop, col_start, col_stop):
-    """out[r, cols] = act(out[r, cols] + bias[cols]) (+ residual[r, cols]) for rows [row_start, row_stop)."""
+    """out[r, cols] = act(out[r, cols] + bias[cols]) (+ residual[r, cols]) for rows [row_start, row_stop);
+    ``residual`` None or NO_RESIDUAL (no rows) adds nothing."""
     b = bias[col_start:col_stop]
     for r in range(row_start, row_stop):
         row = out[r, col_start:col_stop]
         bias_act_row(row, b, act)
         if residual is not None:
-            add_into(row, residual[r, col_start:col_stop])
+            if residual.shape[0]:
+                add_into(row, residual[r, col_start:col_stop])
 
 
 @njit(parallel=True, cache=True)
 def gemm_tiles(a, w, bias, out, act, residual, rows_per_image, tile_rows, tile_cols):
     """out = act(a @ w + bias) (+ residual), one BLAS call per tile of out, tiles spread over the cores.
 
-    All arrays C-contiguous 2-D; a [M, K], w [K, N], out and residual [M, N]; M is a whole number of
-    images of ``rows_per_image`` rows each, and no tile spans two images (see ``tile_shape``).
+    All arrays C-contiguous 2-D; a [M, K], w [K, N], out and residual [M, N] (or NO_RESIDUAL, or None); M is a
+    whole number of images of ``rows_per_image`` rows each, and no tile spans two images (see ``tile_shape``).
     """
     m, k = a.shape
     n = w.shape[1]
@@ -222,7 +224,9 @@ def gemm(a: np.ndarray, w: np.ndarray | PackedWeights, bias: np.ndarray | None, 
         return gemm_packed.bind(a, packed, out, act, residual)
     if blas.AVAILABLE and _contiguous(a, w, out, residual) and a.dtype == w.dtype == out.dtype == np.float32:
         tile_rows, tile_cols = tile_shape(rows_per_image, a.shape[1], cout)
-        return calls_blas(partial(gemm_tiles, a, w, bias, out, act, residual, rows_per_image, tile_rows, tile_cols))
+        # NO_RESIDUAL, never None: the built module exports no signature with a None argument (kernels/build.py).
+        shortcut = NO_RESIDUAL if residual is None else residual
+        return calls_blas(partial(gemm_tiles, a, w, bias, out, act, shortcut, rows_per_image, tile_rows, tile_cols))
     return calls_blas(partial(gemm_matmul, a, w, bias, out, act, residual, rows_per_image))
 
 

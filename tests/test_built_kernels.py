@@ -17,12 +17,10 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
-from conftest import AOT_PASS, BUILT_KERNELS_REPORT, REPO
+from conftest import AOT_PASS, KERNEL_PASSES_REPORT, REPO, run_test_pass
 
 # What the AOT pass runs: every test of the kernels and of what calls them (the determinism worker with them).
 AOT_PASS_FILES = ("test_kernels.py", "test_gemm.py", "test_expand_depthwise.py", "test_plan.py", "test_parity.py",
@@ -38,22 +36,12 @@ def aot_environment(kernel_cache: Path) -> dict[str, str]:
 
 def test_the_kernel_plan_parity_and_concurrency_tests_pass_on_the_built_module(built_kernels, tmp_path):
     assert not AOT_PASS, "the AOT pass runs the files it is given, not this one"
-    report = tmp_path / "aot-pass.xml"
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'tmp'}",
-               f"--junitxml={report}", *(str(REPO / "tests" / name) for name in AOT_PASS_FILES)]
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=REPO,
-                          env={**aot_environment(built_kernels), "NPMOBILE_TEST_KERNELS": "aot"})
-    seconds = time.perf_counter() - started
-    said = done.stdout[-6000:] + done.stderr[-3000:]
-    assert done.returncode == 0, f"the AOT pass failed (exit {done.returncode}):\n{said}"
-    suite = ET.parse(report).getroot().find("testsuite")
-    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    assert counts["tests"] > 300 and counts["failures"] == counts["errors"] == counts["skipped"] == 0, (counts, said)
-    BUILT_KERNELS_REPORT.append(f"built kernels: the AOT pass ran {counts['tests']} tests of "
-                                f"{', '.join(AOT_PASS_FILES)} in {seconds:.0f} s, all passed")
-    pass_report = ("built", "  the", "  deselected")  # its lines of tests/conftest.py BUILT_KERNELS_REPORT
-    BUILT_KERNELS_REPORT.extend("  " + line for line in done.stdout.splitlines() if line.startswith(pass_report))
+    tests, seconds, said = run_test_pass("aot", AOT_PASS_FILES, aot_environment(built_kernels), tmp_path)
+    assert tests > 300, said
+    KERNEL_PASSES_REPORT.append(f"built kernels: the AOT pass ran {tests} tests of {', '.join(AOT_PASS_FILES)} in "
+                                f"{seconds:.0f} s, all passed")
+    pass_report = ("built", "  the", "  deselected")  # its lines of tests/conftest.py KERNEL_PASSES_REPORT
+    KERNEL_PASSES_REPORT.extend("  " + line for line in said.splitlines() if line.startswith(pass_report))
 
 
 def test_an_aot_pass_that_would_run_the_jit_ends_before_any_test(tmp_path):

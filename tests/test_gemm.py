@@ -18,7 +18,7 @@ from npmobile.kernels import reference as ref
 from npmobile.kernels.activations import ACT_HARD_SWISH, ACT_NONE, ACT_RELU6, ACT_SWISH
 from npmobile.kernels.threads import max_threads, thread_limits
 
-TILES = G.COMPILED_TILES  # this CPU's tiles; the other CPU's: test_the_avx2_build_...
+TILES = G.COMPILED_TILES  # this CPU's tiles; AVX2's on an AVX-512 CPU: tests/test_avx2.py
 
 
 @pytest.fixture
@@ -167,37 +167,3 @@ def test_a_tile_not_compiled_for_this_cpu_is_refused_not_run(rng):
     a, kernel, bias = rand(rng, 8, 16), rand(rng, 16, 16), rand(rng, 16)
     with pytest.raises(ValueError, match="not compiled for this CPU"):
         G.gemm_packed(a, G.PackedWeights(kernel, bias, other), np.empty((8, 16), np.float32), ACT_NONE)
-
-
-@pytest.mark.jit_only
-def test_the_avx2_build_of_the_tiles_matches_the_reference_too(tmp_path):
-    """The drivers hold only the target CPU's tiles: the AVX2 build (6x16 tiles of <8 x float>, plain and
-    indirect) is compiled and checked here in a process that targets Haswell, whatever this CPU is."""
-    import os
-    import subprocess
-    import sys
-
-    script = (
-        "import numpy as np\n"
-        "from npmobile.kernels import gemm as G, reference as ref\n"
-        "from npmobile.kernels.conv import conv2d\n"
-        "assert not G.AVX512 and G.COMPILED_TILES == (G.Tile(6, 16, 8),)\n"
-        "rng = np.random.default_rng(0)\n"
-        "for m, k, n in ((1, 7, 1), (5, 17, 33), (57, 40, 127), (196, 24, 144)):\n"
-        "    a, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (n,)))\n"
-        "    out = np.empty((m, n), np.float32)\n"
-        "    G.gemm_packed(a, G.pack(w, b, m), out, 0)\n"
-        "    np.testing.assert_allclose(out, ref.dense(a, w, b), rtol=1e-5, atol=1e-5)\n"
-        "x = rng.standard_normal((2, 15, 13, 3)).astype(np.float32)\n"
-        "kern = rng.standard_normal((3, 3, 3, 24)).astype(np.float32)\n"
-        "bias = rng.standard_normal(24).astype(np.float32)\n"
-        "out = np.empty((2, 8, 7, 24), np.float32)\n"
-        "conv2d(x, kern, bias, out, 2, 2, 1, 1, 0, packed=G.pack(kern.reshape(27, 24), bias, 112))\n"
-        "expected = ref.conv2d(x, kern, bias, (2, 2), ((1, 1), (1, 1)))\n"
-        "np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)\n"
-        "print('ok')\n"
-    )
-    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CACHE_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["ok"]
