@@ -4,6 +4,7 @@ and, when installed, PyTorch (traced), on the same weights and inputs, in one ru
     .venv/bin/pip install -e ".[bench]"
     .venv/bin/pip install torch                        # optional (here: torch==2.13.0, the CPU wheel on disk)
     .venv/bin/python bench/run.py                      # everything (about 10 minutes on 2 cores)
+    .venv/bin/python bench/run.py --runs 3             # that three times over; each cell the median (issue 27)
     .venv/bin/python bench/run.py --quick --models v2 --batches 1 --threads 1
     .venv/bin/python bench/run.py --profile --models v2 --threads 2     # where the time goes, npmobile beside ORT
 
@@ -13,7 +14,9 @@ LiteRT's .tflite (Keras's own `model.export(format="litert")`; LiteRT runs it wi
 delegate). Each engine runs in a process of its own (thread settings are per process, and idle thread pools of one
 engine would steal cores from another), and the parent interleaves them: each round asks every
 engine in turn, in rotating order, for a few timed predictions, so drift on this shared machine
-hits all engines alike. Reported: medians (ms) with interquartile range, npmobile/peer ratios
+hits all engines alike. With --runs N the whole measurement is made N times, one after another (each run its own
+engine processes and peak), and each cell reports the median of the runs' medians. Reported: medians (ms) with
+interquartile range, npmobile/peer ratios
 (below 1: npmobile faster), each engine's GFLOP/s and share of the machine's measured compute peak
 (npmobile.profiling.measure_machine, the roof `npmobile profile --roofline` draws), output agreement with Keras
 per engine, peak RSS per engine (a separate process each), `python -m npmobile classify` as a whole process (wall
@@ -238,9 +241,10 @@ def summary(seconds: list[float]) -> dict:
 
 
 def measure(files: dict, folder: Path, models: list[str], batches: list[int], threads_list: list[int],
-            rounds: int, per_round: int) -> tuple[list[dict], dict[str, float]]:
+            rounds: int, per_round: int, label: str = "") -> tuple[list[dict], dict[str, float]]:
     """The cells, and the machine's compute peak per thread count (GFLOP/s, keyed by the count as text, as JSON
-    keeps it): measured before the engines' processes start and after they end, the higher of the two."""
+    keeps it): measured before the engines' processes start and after they end, the higher of the two. ``label``
+    heads each progress line (which run of several)."""
     files_path = folder / "files.json"
     files_path.write_text(json.dumps(files))
     engines = engines_to_run(files)
@@ -254,13 +258,51 @@ def measure(files: dict, folder: Path, models: list[str], batches: list[int], th
                     cell = {"model": key, "batch": batch, "threads": threads,
                             **time_cell(procs, key, batch, rounds, per_round, folder)}
                     cells.append(cell)
-                    print(f"  threads {threads} {key} batch {batch}: " + ", ".join(
+                    print(f"  {label}threads {threads} {key} batch {batch}: " + ", ".join(
                         f"{n} {r['median']:.1f}" for n, r in cell["ms"].items()), file=sys.stderr, flush=True)
         finally:
             for proc in procs.values():
                 proc.close()
         roofs[str(threads)] = max(roofs[str(threads)], measure_roof(threads))  # a busy neighbour only lowers it
     return cells, roofs
+
+
+def measure_runs(files: dict, folder: Path, models: list[str], batches: list[int], threads_list: list[int],
+                 rounds: int, per_round: int, runs: int) -> tuple[list[list[dict]], dict[str, float]]:
+    """``runs`` full measurements, one after the other (each every cell, with engine processes of its own), and the
+    machine's peak per thread count: the highest any run measured (a busy neighbour only lowers it)."""
+    cells_of_runs, roofs = [], {}
+    for run in range(runs):
+        label = f"run {run + 1}/{runs}: " if runs > 1 else ""
+        cells, run_roofs = measure(files, folder, models, batches, threads_list, rounds, per_round, label)
+        cells_of_runs.append(cells)
+        roofs = {t: max(roofs.get(t, 0.0), roof) for t, roof in run_roofs.items()}
+    return cells_of_runs, roofs
+
+
+def cell_key(cell: dict) -> tuple[str, int, int]:
+    return cell["model"], cell["batch"], cell["threads"]
+
+
+def median_cells(runs: list[list[dict]]) -> list[dict]:
+    """One cell per (model, batch, threads) of several runs: each engine's ms the median across the runs of its
+    median in each (``iqr`` the median of the runs' interquartile ranges, the spread within a run; ``n`` its calls
+    per run), the outputs' agreement the worst any run saw; in the first run's order, engines that every run
+    measured. One run gives its own figures."""
+    by_key: dict[tuple, list[dict]] = {}
+    for cells in runs:
+        for cell in cells:
+            by_key.setdefault(cell_key(cell), []).append(cell)
+    combined = []
+    for key, cells in by_key.items():
+        engines = [e for e in cells[0]["ms"] if all(e in cell["ms"] for cell in cells)]
+        ms = {e: {"median": statistics.median(cell["ms"][e]["median"] for cell in cells),
+                  "iqr": statistics.median(cell["ms"][e]["iqr"] for cell in cells),
+                  "n": min(cell["ms"][e]["n"] for cell in cells)} for e in engines}
+        agreement = {e: {"max_abs_diff": max(cell["agreement"][e]["max_abs_diff"] for cell in cells),
+                         "same_top5": all(cell["agreement"][e]["same_top5"] for cell in cells)} for e in engines}
+        combined.append({"model": key[0], "batch": key[1], "threads": key[2], "agreement": agreement, "ms": ms})
+    return combined
 
 
 def measure_roof(threads: int) -> float:
@@ -454,6 +496,54 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "host": socket.gethostname(), "python": platform.python_version(),
             "versions": versions, "blas": blas,
             "openblas_env_unset": "OPENBLAS_CORETYPE" in os.environ or "OPENBLAS_L2_SIZE" in os.environ}
+
+
+# Issue 27's measure: npmobile against the faster of these two peers, cell by cell.
+GOAL_PEERS = ("onnxruntime", "litert")
+
+
+def ratio_to_faster_peer(cell: dict) -> float | None:
+    """npmobile's median ms over the faster GOAL_PEERS' in the cell; None where a peer was not measured."""
+    ms = cell["ms"]
+    if not all(peer in ms for peer in GOAL_PEERS):
+        return None
+    return ms["npmobile"]["median"] / min(ms[peer]["median"] for peer in GOAL_PEERS)
+
+
+def goal_text(cells: list[dict]) -> str | None:
+    """Issue 27's figures from the cells: the geometric mean of npmobile / the faster peer and how many cells are at or
+    below both peers; None without both peers."""
+    ratios = [r for r in map(ratio_to_faster_peer, cells) if r is not None]
+    if not ratios:
+        return None
+    cells_text = f"{len(ratios)} cell{'s' * (len(ratios) > 1)}"
+    return (f"Against the faster of {' and '.join(TITLES[p] for p in GOAL_PEERS)} in each cell: npmobile / that peer "
+            f"{statistics.geometric_mean(ratios):.3f} (geometric mean over {cells_text}); at or below both peers in "
+            f"{sum(r <= 1 for r in ratios)} of {len(ratios)} (unrounded ratios).")
+
+
+def runs_text(report: dict) -> str:
+    """How many runs the cells are the median of (a results file without the count is one run)."""
+    runs = report.get("median_of_runs", 1)
+    if runs == 1:
+        return ("One run; issue 27 is judged on `python bench/run.py --runs 3`: three runs, one after another, each "
+                "figure their median.")
+    return (f"Each figure: the median across {runs} runs of `bench/run.py`, one after another (every cell in each, "
+            "with engine processes of its own), of that run's median.")
+
+
+def run_ratio_lines(runs: list[list[dict]]) -> list[str]:
+    """Per cell, npmobile / each of GOAL_PEERS in every run, then the ratio of the runs' medians: the spread behind
+    the median."""
+    lines = []
+    for cell in median_cells(runs):
+        per_run = [next(c for c in cells if cell_key(c) == cell_key(cell)) for cells in runs]
+        parts = [f"/{TITLES[peer]} " + " ".join(f"{c['ms']['npmobile']['median'] / c['ms'][peer]['median']:.2f}"
+                                                  for c in per_run)
+                 + f" (medians {cell['ms']['npmobile']['median'] / cell['ms'][peer]['median']:.2f})"
+                 for peer in GOAL_PEERS if peer in cell["ms"]]
+        lines.append(f"  {cell['model']} b{cell['batch']} t{cell['threads']}: " + "; ".join(parts))
+    return lines
 
 
 def table(cells: list[dict]) -> str:
@@ -676,9 +766,11 @@ def markdown(report: dict) -> str:
             theirs = cell["ms"].get(peer, {}).get("median")
             row.append("n/a" if theirs is None else f"{ms(theirs)} ({ours / theirs:.2f}×)")
         lines.append("| " + " | ".join(row) + " |")
+    goal = goal_text(report["cells"])
+    lines += ["", runs_text(report)] + [goal] * bool(goal)
     worst = max(cell["agreement"]["npmobile"]["max_abs_diff"] for cell in report["cells"])
     same = all(a["same_top5"] for cell in report["cells"] for a in cell["agreement"].values())
-    lines += ["", f"Outputs {'agree' if same else 'DO NOT agree'} with Keras in every cell "
+    lines += [f"Outputs {'agree' if same else 'DO NOT agree'} with Keras in every cell "
               f"(same top-5: {'yes' if same else 'NO'}; npmobile's max |difference| {worst:.1e} on these "
               "random-weight models)."]
     if report.get("peak_rss_mb"):
@@ -701,6 +793,8 @@ def main() -> None:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--per-round", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=1,
+                        help="full runs, one after another; each cell the median of their medians (issue 27: 3)")
     parser.add_argument("--quick", action="store_true", help="3 rounds of 2, no memory/start-up measurements")
     parser.add_argument("--startup", action="store_true",
                         help="with --quick: measure start-up all the same (3 rounds; it builds the kernels, ~1 min)")
@@ -725,6 +819,8 @@ def main() -> None:
         return print(json.dumps(onnx_profile(args.onnx_profile, args.models[0], args.threads[-1])))
     if args.profile:
         return profile(args.models, args.threads[-1])
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     if args.quick:
         args.rounds, args.per_round = min(args.rounds, 3), 2
 
@@ -732,11 +828,15 @@ def main() -> None:
     try:
         print(f"preparing {', '.join(args.models)} (Keras models, .keras files, ONNX exports)...", file=sys.stderr)
         files = prepare(args.models, folder)
-        cells, roofs = measure(files, folder, args.models, args.batches, args.threads, args.rounds, args.per_round)
+        runs, roofs = measure_runs(files, folder, args.models, args.batches, args.threads, args.rounds,
+                                   args.per_round, args.runs)
+        cells = median_cells(runs)
         flops = model_flops(files)
-        add_peak_shares(cells, flops, roofs)
+        for run_cells in [cells, *runs]:
+            add_peak_shares(run_cells, flops, roofs)
         report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
-                  "cells": cells, "roof_gflops": roofs, "model_flops": flops, "peak_rss_mb": {}, "startup": None}
+                  "cells": cells, "median_of_runs": len(runs), "runs": runs, "roof_gflops": roofs,
+                  "model_flops": flops, "peak_rss_mb": {}, "startup": None}
         if not args.quick and "v2" in files:
             print("measuring peak RSS...", file=sys.stderr)
             report["peak_rss_mb"] = peak_rss(files, folder)
@@ -744,6 +844,9 @@ def main() -> None:
             print("measuring start-up...", file=sys.stderr)
             report["startup"] = startup(files, folder, REPO / "samples" / "chelsea.jpg", runs=3 if args.quick else 7)
         print(table(cells))
+        print(runs_text(report))
+        if goal_text(cells):
+            print(goal_text(cells))
         for cell in cells:
             bad = [k for k, v in cell["agreement"].items() if not v["same_top5"]]
             diffs = ", ".join(f"{k} {v['max_abs_diff']:.1e}" for k, v in cell["agreement"].items()
@@ -758,6 +861,8 @@ def main() -> None:
         for lines in (peak_share_lines(report), startup_engine_lines(report)):
             if lines:
                 print("\n" + "\n".join(lines))
+        if len(runs) > 1:
+            print("npmobile / peer in each run:\n" + "\n".join(run_ratio_lines(runs)), file=sys.stderr)
         RESULTS.mkdir(parents=True, exist_ok=True)
         # A quick or partial run is a smoke test: it never replaces latest.json, which the README shows.
         partial = args.quick or set(args.models) != set(MODELS) or args.batches != [1, 8] or args.threads != [1, 2]

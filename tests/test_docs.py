@@ -143,6 +143,52 @@ def test_benchmark_block_shows_each_engines_share_of_peak_and_start_up(bench_run
     assert block.split(head)[0] == timings.split(head)[0]  # the timings table and its lines as without them
 
 
+def _bench_cell(model: str, ms: dict[str, float], max_abs_diff: float = 0.0, same_top5: bool = True) -> dict:
+    """A cell as bench/run.py's time_cell writes it: each engine's median ms (30 calls, an IQR of a tenth of it)."""
+    return {"model": model, "batch": 1, "threads": 1,
+            "agreement": {e: {"max_abs_diff": max_abs_diff, "same_top5": same_top5} for e in ms},
+            "ms": {e: {"median": m, "iqr": m / 10, "n": 30} for e, m in ms.items()}}
+
+
+def test_median_cells_takes_each_engines_median_across_runs(bench_run):
+    """Each cell of several runs: per engine the median of the runs' medians and of their IQRs, the worst
+    agreement any run saw; in the first run's order, engines every run measured; one run is its own figures."""
+    runs = [[_bench_cell("v1", {"npmobile": 3.0, "onnxruntime": 4.0, "litert": 5.0}),
+             _bench_cell("v2", {"npmobile": 1.0, "onnxruntime": 4.0, "litert": 0.5})],
+            [_bench_cell("v2", {"npmobile": 9.0, "onnxruntime": 0.5, "litert": 6.5}, max_abs_diff=1e-6),
+             _bench_cell("v1", {"npmobile": 1.0, "onnxruntime": 6.0, "litert": 4.0})],
+            [_bench_cell("v1", {"npmobile": 8.0, "onnxruntime": 9.0}, same_top5=False),
+             _bench_cell("v2", {"npmobile": 2.0, "onnxruntime": 1.0, "litert": 1.5})]]
+    v1, v2 = bench_run.median_cells(runs)
+    assert (v1["model"], v2["model"]) == ("v1", "v2")
+    assert {e: r["median"] for e, r in v1["ms"].items()} == {"npmobile": 3.0, "onnxruntime": 6.0}  # litert: 2 runs
+    assert {e: r["median"] for e, r in v2["ms"].items()} == {"npmobile": 2.0, "onnxruntime": 1.0, "litert": 1.5}
+    assert v2["ms"]["litert"]["iqr"] == 0.15 and v2["ms"]["litert"]["n"] == 30
+    assert v1["agreement"]["npmobile"]["same_top5"] is False and v2["agreement"]["npmobile"]["same_top5"]
+    assert v2["agreement"]["npmobile"]["max_abs_diff"] == 1e-6
+    assert bench_run.median_cells(runs[:1]) == runs[0]
+
+
+def test_benchmark_block_says_how_many_runs_and_issue_27s_figures(bench_run):
+    """Under the table: how many runs each figure is the median of (a results file without the count is one run)
+    and, from the cells, the geometric mean of npmobile / the faster of ONNX Runtime and LiteRT and how many cells
+    are at or below both."""
+    report = json.loads((REPO / "bench" / "results" / "latest.json").read_text())
+    cells = report["cells"]
+    ratios = [c["ms"]["npmobile"]["median"] / min(c["ms"]["onnxruntime"]["median"], c["ms"]["litert"]["median"])
+              for c in cells]
+    figures = (f"npmobile / that peer {np.exp(np.mean(np.log(ratios))):.3f} (geometric mean over {len(cells)} cells); "
+               f"at or below both peers in {sum(r <= 1 for r in ratios)} of {len(cells)}")
+    one_run = bench_run.markdown(report)
+    assert "\nOne run; " in one_run and figures in one_run
+    # Three runs whose npmobile times are 0.9x, 1x and 1.2x the file's: the medians are the file's own cells.
+    runs = [[{**c, "ms": {**c["ms"], "npmobile": {**c["ms"]["npmobile"], "median": c["ms"]["npmobile"]["median"] * f}}}
+             for c in cells] for f in (0.9, 1.0, 1.2)]
+    report.update(cells=bench_run.median_cells(runs), runs=runs, median_of_runs=3)
+    three_runs = bench_run.markdown(report)
+    assert "\nEach figure: the median across 3 runs of `bench/run.py`" in three_runs and figures in three_runs
+
+
 # --------------------------------------------------------------------------------------------------
 # The tutorial's figures and its "Where to go next" commands
 # --------------------------------------------------------------------------------------------------
