@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from npmobile.errors import UnsupportedLayerError
+from npmobile.kernels import huge_pages
 from npmobile.kernels import reference as ref
 from npmobile.ops.activation import apply_activation, epilogue_code, validate_activation
 from npmobile.ops.common import bias_or_zeros, conv_padding, pair, pixels, spatial_output
@@ -114,9 +115,9 @@ def conv2d_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Bind
         (_, h, w, cin), (_, oh, ow, _) = x_shape, out_shape
         table = indirection_table(h, w, cin, oh, ow, *kernel.shape[:2], *strides, top, left, *dilation,
                                   packed.tile.mr)
-        rescaled = np.empty(int(np.prod(x_shape)), np.float32) if rescaled_input else None
+        rescaled = huge_pages.zeros(int(np.prod(x_shape))) if rescaled_input else None
     else:
-        patches = np.empty(int(np.prod(out_shape[:3])) * int(np.prod(kernel.shape[:3])), dtype=np.float32)
+        patches = huge_pages.zeros(int(np.prod(out_shape[:3])) * int(np.prod(kernel.shape[:3])))
 
     def bind_conv(args, out):
         return conv2d.bind(args[0], k4, bias, out, strides[0], strides[1], top, left, act, dilation[0], dilation[1],
@@ -165,7 +166,7 @@ def depthwise_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> B
         return None
     strides = pair(node.config.get("strides", 1))
     (top, _), (left, _) = conv_padding(node, in_shapes[0][1:3], kernel.shape[:2], strides, (1, 1))
-    k3 = np.ascontiguousarray(kernel[:, :, :, 0])
+    k3 = huge_pages.copy(kernel[:, :, :, 0])
     bias = bias_or_zeros(node, k3.shape[2])
 
     def bind(args, out):

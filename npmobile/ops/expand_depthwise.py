@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from npmobile.kernels import huge_pages
 from npmobile.ops.common import bias_or_zeros, conv_padding, pair, pixels
 from npmobile.ops.record import Binder, LayerType, register
 
@@ -66,7 +67,7 @@ def expand_depthwise_prepare(node: Node, in_shapes, out_shape, keras_version: in
         return None
     kernel = expand.weights["kernel"][0, 0]
     packed = pack(kernel, bias_or_zeros(expand, kernel.shape[1]), 0, TILE)
-    dw_kernel = np.ascontiguousarray(depthwise.weights["depthwise_kernel"][:, :, :, 0])
+    dw_kernel = huge_pages.copy(depthwise.weights["depthwise_kernel"][:, :, :, 0])
     bias = bias_or_zeros(depthwise, c)
     scratch = scratch_for(max_threads(), w, c, k, strides[0])  # made once per plan (one run at a time)
 
