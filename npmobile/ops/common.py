@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from npmobile.errors import ModelFileError, UnsupportedLayerError
-from npmobile.kernels import huge_pages
 from npmobile.kernels import reference as ref
 
 if TYPE_CHECKING:
@@ -61,6 +60,8 @@ def check_channels_last(node: Node) -> None:
 def bias_or_zeros(node: Node, channels: int) -> np.ndarray:
     bias = node.weights.get("bias")
     """The layer's bias (zeros when it has none), where the kernels read their weights from (huge pages)."""
+    from npmobile.kernels import huge_pages  # the engine's memory; the readers, which import this file, need none
+
     return huge_pages.zeros(channels) if bias is None else huge_pages.copy(bias)
 
 

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from npmobile.errors import UnsupportedLayerError
-from npmobile.kernels import huge_pages
 from npmobile.kernels import reference as ref
 from npmobile.ops.activation import apply_activation, epilogue_code, validate_activation
 from npmobile.ops.common import bias_or_zeros, conv_padding, pair, pixels, spatial_output
@@ -77,6 +76,7 @@ def input_rescaling(node: Node) -> tuple[float, float]:
 
 
 def conv2d_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
+    from npmobile.kernels import huge_pages
     from npmobile.kernels.conv import conv2d, fits_indirection, indirection_table
     from npmobile.kernels.gemm import INDIRECT_TILES, pack
     from npmobile.kernels.pointwise import pointwise_conv2d, prepare_weights
@@ -158,6 +158,7 @@ def depthwise_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
 
 
 def depthwise_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
+    from npmobile.kernels import huge_pages
     from npmobile.kernels.depthwise import depthwise_conv2d
 
     kernel = node.weights["depthwise_kernel"]

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from npmobile.kernels import huge_pages
 from npmobile.ops.common import bias_or_zeros, conv_padding, pair, pixels
 from npmobile.ops.record import Binder, LayerType, register
 
@@ -52,6 +51,7 @@ def expand_depthwise_output_shape(node: Node, inputs: list) -> tuple:
 
 
 def expand_depthwise_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
+    from npmobile.kernels import huge_pages
     from npmobile.kernels.expand_depthwise import TILE, expand_depthwise, fits, scratch_for
     from npmobile.kernels.gemm import pack
     from npmobile.kernels.threads import max_threads

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from npmobile.kernels import huge_pages
 from npmobile.kernels import reference as ref
 from npmobile.ops.record import Binder, LayerType, register
 
@@ -21,6 +20,7 @@ def squeeze_excite_reference(node: Node, inputs, keras_version: int) -> np.ndarr
 
 
 def squeeze_excite_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
+    from npmobile.kernels import huge_pages
     from npmobile.kernels.squeeze_excite import squeeze_excite
 
     w = {k: huge_pages.copy(v) for k, v in node.weights.items()}
