@@ -41,6 +41,7 @@ from functools import partial
 
 import numpy as np
 
+from . import huge_pages
 from .backend import njit, prange
 from .depthwise_drivers import RowLayer, vector_row, whole_columns
 from .depthwise_loops import tap_range
@@ -69,7 +70,7 @@ def band_rows(w: int, c: int, k: int, stride: int) -> tuple[int, int]:
 
 def scratch_for(threads: int, w: int, c: int, k: int, stride: int) -> np.ndarray:
     """The scratch ``expand_depthwise`` needs on up to ``threads`` threads."""
-    return np.empty((threads, band_rows(w, c, k, stride)[1] * w, c), np.float32)
+    return huge_pages.zeros(threads * band_rows(w, c, k, stride)[1] * w * c).reshape(threads, -1, c)
 
 
 @njit(inline="always")

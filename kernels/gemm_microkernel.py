@@ -128,29 +128,35 @@ def indirect_rows(cin: int):
     return sums
 
 
-def emit_tile(builder, tile: Tile, read_a, a_args, out: TileOutput, prefetch=None) -> None:
+def emit_tile(builder, tile: Tile, read_a, a_args, out: TileOutput, prefetch=None, streamed=None) -> None:
     """The IR of one ``tile`` (see the module docstring). ``read_a`` emits the loop over K, reading A as
     ``a_args`` locate it (``matrix_rows`` or ``indirect_rows(cin)``). ``prefetch``: an address; step k of the
-    loop also asks for the cache line at prefetch + k * NR floats to be brought into L2 (the drivers say which)."""
+    loop also asks for the cache line at prefetch + k * NR floats to be brought into L2 (the drivers say which).
+    ``streamed``: an i1, true when the panel is too long to stay in L1 while the tile passes over it
+    (``streams_from_l2``); the loop is then emitted a second time, in which step k also asks for row
+    k + L1_AHEAD of the panel to be brought into L1."""
     mr, nr, vw = tile
     vec = vector(vw)
     nv = nr // vw
     multiply_add = fma(builder, vw)
     w = builder.inttoptr(out.w, PTR)
     zero = ir.Constant(vec, [0.0] * vw)
-
+    prefetch_line = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [PTR, ir.IntType(32), ir.IntType(32), ir.IntType(32)]),
+        "llvm.prefetch.p0")
     if prefetch is not None:
-        prefetch_line = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [PTR, ir.IntType(32), ir.IntType(32), ir.IntType(32)]),
-            "llvm.prefetch.p0")
         ahead = builder.inttoptr(prefetch, PTR)
 
-    def weights(kk):
+    def weights(kk, into_l1=False):
         """Row k of the panel: NR / VW vectors."""
         w_row = builder.gep(w, [builder.mul(kk, i64(nr))], source_etype=F32)
         if prefetch is not None:  # a read (0), kept in L2 (locality 2), of data (1)
             line = builder.gep(ahead, [builder.mul(kk, i64(nr))], source_etype=F32)
             builder.call(prefetch_line, [line] + [i32(v) for v in (0, 2, 1)])
+        if into_l1:  # every line of row k + L1_AHEAD, kept in L1 (locality 3)
+            for first in range(0, nr, _LINE_FLOATS):
+                line = builder.gep(w_row, [i64(L1_AHEAD * nr + first)], source_etype=F32)
+                builder.call(prefetch_line, [line] + [i32(v) for v in (0, 3, 1)])
         return [builder.load(builder.gep(w_row, [i64(j * vw)], source_etype=F32), typ=vec, align=4)
                 for j in range(nv)]
 
@@ -159,8 +165,43 @@ def emit_tile(builder, tile: Tile, read_a, a_args, out: TileOutput, prefetch=Non
         xv = splat(builder, builder.load(a_ptr, typ=F32, align=4), vw)
         return [builder.call(multiply_add, [xv, wv[j], acc_row[j]]) for j in range(nv)]
 
-    sums = read_a(builder, a_args, out.rows, weights, fma_row, [[zero] * nv for _ in range(mr)])
+    def sums_with(weights_of):
+        return read_a(builder, a_args, out.rows, weights_of, fma_row, [[zero] * nv for _ in range(mr)])
+
+    if streamed is None:
+        sums = sums_with(weights)
+    else:
+        with builder.if_else(streamed) as (far, near):
+            with far:
+                far_sums, far_end = sums_with(lambda kk: weights(kk, into_l1=True)), builder.block
+            with near:
+                near_sums, near_end = sums_with(weights), builder.block
+        sums = []
+        for far_row, near_row in zip(far_sums, near_sums):
+            sums.append([])
+            for far_v, near_v in zip(far_row, near_row):
+                merged = builder.phi(far_v.type)
+                merged.add_incoming(far_v, far_end)
+                merged.add_incoming(near_v, near_end)
+                sums[-1].append(merged)
     _emit_epilogue(builder, tile, sums, out)
+
+
+# How far ahead (rows of the panel) a tile whose panel streams from L2 asks for its rows in L1; 4 to 12 measured
+# alike (Rocket Lake, bench/README.md "GEMM tiles and cuts").
+L1_AHEAD = 8
+_LINE_FLOATS = 16  # a 64-byte cache line
+# A panel longer than this is not in L1 when the tile's loop comes back to its first row: L1 holds 32 to 48 KB on
+# the AVX-512 cores, beside the tile's MR rows of A.
+_L1_PANEL_BYTES = 32 * 1024
+
+
+def streams_from_l2(builder, k, tile: Tile):
+    """An i1: whether a ``tile`` over K = ``k`` (an i64) reads a panel too long to stay in L1. Only for tiles that
+    reuse their panel (MR > 1): the matrix-vector tile reads each panel once, from memory."""
+    if tile.mr == 1:
+        return None
+    return builder.icmp_signed(">", k, i64(_L1_PANEL_BYTES // (4 * tile.nr)))
 
 
 def _emit_epilogue(builder, tile: Tile, sums: list, out: TileOutput) -> None:
@@ -287,8 +328,8 @@ def tile_kernel(tiles: tuple):
         def codegen(context, builder, signature, args):
             index, a, lda, rows, w, k, *epilogue, prefetch = args
             out = TileOutput(rows, w, *epilogue)
-            _emit_switch(builder, index, tiles,
-                         lambda tile: emit_tile(builder, tile, matrix_rows, (a, lda, k), out, prefetch))
+            _emit_switch(builder, index, tiles, lambda tile: emit_tile(
+                builder, tile, matrix_rows, (a, lda, k), out, prefetch, streams_from_l2(builder, k, tile)))
             return context.get_dummy_value()
 
         return sig, codegen

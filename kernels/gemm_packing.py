@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import huge_pages
 from .gemm_rules import Tile, choose_tile
 
 
@@ -26,16 +27,14 @@ class PackedWeights:
             raise ValueError(f"pack: bias {bias.shape} does not fit kernel {kernel.shape}")
         nr = tile.nr
         count = -(-n // nr)
-        # 64-byte aligned, so that each weight vector is one cache line (or half of one).
-        flat = np.zeros(count * k * nr + 16, np.float32)
-        start = (-flat.ctypes.data % 64) // 4
-        panels = flat[start:start + count * k * nr].reshape(count, k, nr)
+        # 64-byte aligned (each weight vector is one cache line, or half of one), in huge pages where there are.
+        panels = huge_pages.zeros(count * k * nr).reshape(count, k, nr)
         full = n // nr  # whole panels, then the last one's columns (its zero padding is already there)
         panels[:full] = kernel[:, :full * nr].reshape(k, full, nr).transpose(1, 0, 2)
         if full < count:
             panels[full, :, :n - full * nr] = kernel[:, full * nr:]
         self.panels = panels
-        self.bias = np.zeros(count * nr, np.float32)
+        self.bias = huge_pages.zeros(count * nr)
         self.bias[:n] = bias
         self.k, self.n, self.tile = k, n, tile
         self.cuts: dict[int, tuple[int, int]] = {}  # rows of a product -> its cut (gemm_rules.tiling)

@@ -25,6 +25,7 @@ import numpy as np
 
 from npmobile.errors import ModelFileError
 from npmobile.graph import Graph, Node, last_readers
+from npmobile.kernels import huge_pages
 from npmobile.kernels.backend import get_num_threads
 from npmobile.kernels.entry import ByThreads, needs_blas, rebinder, same_call
 from npmobile.kernels.threads import hold_blas
@@ -52,7 +53,7 @@ class Plan:
     def allocate(self) -> list[np.ndarray | None]:
         """The array each value is written to: views into a few reusable buffers, made once per plan
         so that a run only looks them up. Input values are None: the caller's arrays fill them."""
-        buffers = [np.empty(size, dtype=np.float32) for size in self.buffer_sizes]
+        buffers = [huge_pages.zeros(size) for size in self.buffer_sizes]  # in huge pages where there are
         views: list[np.ndarray | None] = [None] * len(self.slot_shapes)
         for value, buffer in enumerate(self.value_slot):
             if buffer >= 0:

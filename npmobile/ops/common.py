@@ -59,7 +59,10 @@ def check_channels_last(node: Node) -> None:
 
 def bias_or_zeros(node: Node, channels: int) -> np.ndarray:
     bias = node.weights.get("bias")
-    return np.zeros(channels, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
+    """The layer's bias (zeros when it has none), where the kernels read their weights from (huge pages)."""
+    from npmobile.kernels import huge_pages  # the engine's memory; the readers, which import this file, need none
+
+    return huge_pages.zeros(channels) if bias is None else huge_pages.copy(bias)
 
 
 def pixels(shape: tuple) -> int:

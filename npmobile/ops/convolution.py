@@ -76,6 +76,7 @@ def input_rescaling(node: Node) -> tuple[float, float]:
 
 
 def conv2d_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
+    from npmobile.kernels import huge_pages
     from npmobile.kernels.conv import conv2d, fits_indirection, indirection_table
     from npmobile.kernels.gemm import INDIRECT_TILES, pack
     from npmobile.kernels.pointwise import pointwise_conv2d, prepare_weights
@@ -114,9 +115,9 @@ def conv2d_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Bind
         (_, h, w, cin), (_, oh, ow, _) = x_shape, out_shape
         table = indirection_table(h, w, cin, oh, ow, *kernel.shape[:2], *strides, top, left, *dilation,
                                   packed.tile.mr)
-        rescaled = np.empty(int(np.prod(x_shape)), np.float32) if rescaled_input else None
+        rescaled = huge_pages.zeros(int(np.prod(x_shape))) if rescaled_input else None
     else:
-        patches = np.empty(int(np.prod(out_shape[:3])) * int(np.prod(kernel.shape[:3])), dtype=np.float32)
+        patches = huge_pages.zeros(int(np.prod(out_shape[:3])) * int(np.prod(kernel.shape[:3])))
 
     def bind_conv(args, out):
         return conv2d.bind(args[0], k4, bias, out, strides[0], strides[1], top, left, act, dilation[0], dilation[1],
@@ -157,6 +158,7 @@ def depthwise_reference(node: Node, inputs, keras_version: int) -> np.ndarray:
 
 
 def depthwise_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
+    from npmobile.kernels import huge_pages
     from npmobile.kernels.depthwise import depthwise_conv2d
 
     kernel = node.weights["depthwise_kernel"]
@@ -165,7 +167,7 @@ def depthwise_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> B
         return None
     strides = pair(node.config.get("strides", 1))
     (top, _), (left, _) = conv_padding(node, in_shapes[0][1:3], kernel.shape[:2], strides, (1, 1))
-    k3 = np.ascontiguousarray(kernel[:, :, :, 0])
+    k3 = huge_pages.copy(kernel[:, :, :, 0])
     bias = bias_or_zeros(node, k3.shape[2])
 
     def bind(args, out):

@@ -51,6 +51,7 @@ def expand_depthwise_output_shape(node: Node, inputs: list) -> tuple:
 
 
 def expand_depthwise_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
+    from npmobile.kernels import huge_pages
     from npmobile.kernels.expand_depthwise import TILE, expand_depthwise, fits, scratch_for
     from npmobile.kernels.gemm import pack
     from npmobile.kernels.threads import max_threads
@@ -66,7 +67,7 @@ def expand_depthwise_prepare(node: Node, in_shapes, out_shape, keras_version: in
         return None
     kernel = expand.weights["kernel"][0, 0]
     packed = pack(kernel, bias_or_zeros(expand, kernel.shape[1]), 0, TILE)
-    dw_kernel = np.ascontiguousarray(depthwise.weights["depthwise_kernel"][:, :, :, 0])
+    dw_kernel = huge_pages.copy(depthwise.weights["depthwise_kernel"][:, :, :, 0])
     bias = bias_or_zeros(depthwise, c)
     scratch = scratch_for(max_threads(), w, c, k, strides[0])  # made once per plan (one run at a time)
 

@@ -20,9 +20,10 @@ def squeeze_excite_reference(node: Node, inputs, keras_version: int) -> np.ndarr
 
 
 def squeeze_excite_prepare(node: Node, in_shapes, out_shape, keras_version: int) -> Binder | None:
+    from npmobile.kernels import huge_pages
     from npmobile.kernels.squeeze_excite import squeeze_excite
 
-    w = {k: np.ascontiguousarray(v, np.float32) for k, v in node.weights.items()}
+    w = {k: huge_pages.copy(v) for k, v in node.weights.items()}
 
     def bind(args, out):
         return squeeze_excite.bind(args[0], w["reduce_kernel"], w["reduce_bias"], w["expand_kernel"],
